@@ -1,0 +1,457 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
+    SESSION_STATE_IDLE: _ClassVar[SessionState]
+    SESSION_STATE_BUSY: _ClassVar[SessionState]
+    SESSION_STATE_RECOVERING: _ClassVar[SessionState]
+    SESSION_STATE_SUSPENDED: _ClassVar[SessionState]
+    SESSION_STATE_CLOSED: _ClassVar[SessionState]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_REASON_END_TURN: _ClassVar[StopReason]
+    STOP_REASON_MAX_TOKENS: _ClassVar[StopReason]
+    STOP_REASON_MAX_TURN_REQUESTS: _ClassVar[StopReason]
+    STOP_REASON_REFUSAL: _ClassVar[StopReason]
+    STOP_REASON_CANCELLED: _ClassVar[StopReason]
+
+class ToolCallStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_CALL_STATUS_UNSPECIFIED: _ClassVar[ToolCallStatus]
+    TOOL_CALL_STATUS_PENDING: _ClassVar[ToolCallStatus]
+    TOOL_CALL_STATUS_IN_PROGRESS: _ClassVar[ToolCallStatus]
+    TOOL_CALL_STATUS_COMPLETED: _ClassVar[ToolCallStatus]
+    TOOL_CALL_STATUS_FAILED: _ClassVar[ToolCallStatus]
+
+class PermissionOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PERMISSION_OUTCOME_UNSPECIFIED: _ClassVar[PermissionOutcome]
+    PERMISSION_OUTCOME_ALLOWED: _ClassVar[PermissionOutcome]
+    PERMISSION_OUTCOME_REJECTED: _ClassVar[PermissionOutcome]
+    PERMISSION_OUTCOME_CANCELLED: _ClassVar[PermissionOutcome]
+SESSION_STATE_UNSPECIFIED: SessionState
+SESSION_STATE_IDLE: SessionState
+SESSION_STATE_BUSY: SessionState
+SESSION_STATE_RECOVERING: SessionState
+SESSION_STATE_SUSPENDED: SessionState
+SESSION_STATE_CLOSED: SessionState
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_REASON_END_TURN: StopReason
+STOP_REASON_MAX_TOKENS: StopReason
+STOP_REASON_MAX_TURN_REQUESTS: StopReason
+STOP_REASON_REFUSAL: StopReason
+STOP_REASON_CANCELLED: StopReason
+TOOL_CALL_STATUS_UNSPECIFIED: ToolCallStatus
+TOOL_CALL_STATUS_PENDING: ToolCallStatus
+TOOL_CALL_STATUS_IN_PROGRESS: ToolCallStatus
+TOOL_CALL_STATUS_COMPLETED: ToolCallStatus
+TOOL_CALL_STATUS_FAILED: ToolCallStatus
+PERMISSION_OUTCOME_UNSPECIFIED: PermissionOutcome
+PERMISSION_OUTCOME_ALLOWED: PermissionOutcome
+PERMISSION_OUTCOME_REJECTED: PermissionOutcome
+PERMISSION_OUTCOME_CANCELLED: PermissionOutcome
+
+class AgentInfo(_message.Message):
+    __slots__ = ("name", "version", "title")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    title: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., title: _Optional[str] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_INFO_FIELD_NUMBER: _ClassVar[int]
+    TURN_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    agent: str
+    cwd: str
+    state: SessionState
+    create_time: _timestamp_pb2.Timestamp
+    last_active_time: _timestamp_pb2.Timestamp
+    labels: _containers.ScalarMap[str, str]
+    agent_session_id: str
+    agent_info: AgentInfo
+    turn_start_time: _timestamp_pb2.Timestamp
+    last_event_time: _timestamp_pb2.Timestamp
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("agent", "cwd", "request_id", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    cwd: str
+    request_id: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TextContent(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class ImageContent(_message.Message):
+    __slots__ = ("data", "mime_type", "uri")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    uri: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., uri: _Optional[str] = ...) -> None: ...
+
+class ResourceLink(_message.Message):
+    __slots__ = ("uri", "name", "mime_type", "title", "description", "size")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    name: str
+    mime_type: str
+    title: str
+    description: str
+    size: int
+    def __init__(self, uri: _Optional[str] = ..., name: _Optional[str] = ..., mime_type: _Optional[str] = ..., title: _Optional[str] = ..., description: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class EmbeddedResource(_message.Message):
+    __slots__ = ("uri", "mime_type", "text", "blob")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    mime_type: str
+    text: str
+    blob: bytes
+    def __init__(self, uri: _Optional[str] = ..., mime_type: _Optional[str] = ..., text: _Optional[str] = ..., blob: _Optional[bytes] = ...) -> None: ...
+
+class ContentBlock(_message.Message):
+    __slots__ = ("text", "image", "resource_link", "resource")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_LINK_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    text: TextContent
+    image: ImageContent
+    resource_link: ResourceLink
+    resource: EmbeddedResource
+    def __init__(self, text: _Optional[_Union[TextContent, _Mapping]] = ..., image: _Optional[_Union[ImageContent, _Mapping]] = ..., resource_link: _Optional[_Union[ResourceLink, _Mapping]] = ..., resource: _Optional[_Union[EmbeddedResource, _Mapping]] = ...) -> None: ...
+
+class PromptRequest(_message.Message):
+    __slots__ = ("session_id", "text", "content", "stall_timeout", "wait_timeout")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    STALL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    content: _containers.RepeatedCompositeFieldContainer[ContentBlock]
+    stall_timeout: _duration_pb2.Duration
+    wait_timeout: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentBlock, _Mapping]]] = ..., stall_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ContentChunk(_message.Message):
+    __slots__ = ("content", "message_id")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    content: ContentBlock
+    message_id: str
+    def __init__(self, content: _Optional[_Union[ContentBlock, _Mapping]] = ..., message_id: _Optional[str] = ...) -> None: ...
+
+class ToolCallLocation(_message.Message):
+    __slots__ = ("path", "line")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    line: int
+    def __init__(self, path: _Optional[str] = ..., line: _Optional[int] = ...) -> None: ...
+
+class Diff(_message.Message):
+    __slots__ = ("path", "old_text", "new_text")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OLD_TEXT_FIELD_NUMBER: _ClassVar[int]
+    NEW_TEXT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    old_text: str
+    new_text: str
+    def __init__(self, path: _Optional[str] = ..., old_text: _Optional[str] = ..., new_text: _Optional[str] = ...) -> None: ...
+
+class ToolCallContent(_message.Message):
+    __slots__ = ("block", "diff", "terminal_id")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_ID_FIELD_NUMBER: _ClassVar[int]
+    block: ContentBlock
+    diff: Diff
+    terminal_id: str
+    def __init__(self, block: _Optional[_Union[ContentBlock, _Mapping]] = ..., diff: _Optional[_Union[Diff, _Mapping]] = ..., terminal_id: _Optional[str] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("tool_call_id", "title", "kind", "status", "content", "locations", "raw_input", "raw_output")
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    RAW_INPUT_FIELD_NUMBER: _ClassVar[int]
+    RAW_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    tool_call_id: str
+    title: str
+    kind: str
+    status: ToolCallStatus
+    content: _containers.RepeatedCompositeFieldContainer[ToolCallContent]
+    locations: _containers.RepeatedCompositeFieldContainer[ToolCallLocation]
+    raw_input: _struct_pb2.Value
+    raw_output: _struct_pb2.Value
+    def __init__(self, tool_call_id: _Optional[str] = ..., title: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[ToolCallStatus, str]] = ..., content: _Optional[_Iterable[_Union[ToolCallContent, _Mapping]]] = ..., locations: _Optional[_Iterable[_Union[ToolCallLocation, _Mapping]]] = ..., raw_input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., raw_output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class ToolCallUpdate(_message.Message):
+    __slots__ = ("tool_call_id", "title", "kind", "status", "content", "locations", "raw_input", "raw_output")
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    RAW_INPUT_FIELD_NUMBER: _ClassVar[int]
+    RAW_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    tool_call_id: str
+    title: str
+    kind: str
+    status: ToolCallStatus
+    content: _containers.RepeatedCompositeFieldContainer[ToolCallContent]
+    locations: _containers.RepeatedCompositeFieldContainer[ToolCallLocation]
+    raw_input: _struct_pb2.Value
+    raw_output: _struct_pb2.Value
+    def __init__(self, tool_call_id: _Optional[str] = ..., title: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[ToolCallStatus, str]] = ..., content: _Optional[_Iterable[_Union[ToolCallContent, _Mapping]]] = ..., locations: _Optional[_Iterable[_Union[ToolCallLocation, _Mapping]]] = ..., raw_input: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., raw_output: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class PlanEntry(_message.Message):
+    __slots__ = ("content", "priority", "status")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    content: str
+    priority: str
+    status: str
+    def __init__(self, content: _Optional[str] = ..., priority: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[PlanEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[PlanEntry, _Mapping]]] = ...) -> None: ...
+
+class PermissionOption(_message.Message):
+    __slots__ = ("option_id", "name", "kind")
+    OPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    option_id: str
+    name: str
+    kind: str
+    def __init__(self, option_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class PermissionEvent(_message.Message):
+    __slots__ = ("tool_call_id", "title", "options", "outcome", "selected_option_id", "policy")
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_OPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    tool_call_id: str
+    title: str
+    options: _containers.RepeatedCompositeFieldContainer[PermissionOption]
+    outcome: PermissionOutcome
+    selected_option_id: str
+    policy: str
+    def __init__(self, tool_call_id: _Optional[str] = ..., title: _Optional[str] = ..., options: _Optional[_Iterable[_Union[PermissionOption, _Mapping]]] = ..., outcome: _Optional[_Union[PermissionOutcome, str]] = ..., selected_option_id: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class Notice(_message.Message):
+    __slots__ = ("kind", "message")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    message: str
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class OtherUpdate(_message.Message):
+    __slots__ = ("kind", "payload")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    payload: _struct_pb2.Struct
+    def __init__(self, kind: _Optional[str] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("input_tokens", "output_tokens", "total_tokens", "thought_tokens", "cached_read_tokens", "cached_write_tokens")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    THOUGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_READ_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_WRITE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    thought_tokens: int
+    cached_read_tokens: int
+    cached_write_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., thought_tokens: _Optional[int] = ..., cached_read_tokens: _Optional[int] = ..., cached_write_tokens: _Optional[int] = ...) -> None: ...
+
+class TurnResult(_message.Message):
+    __slots__ = ("stop_reason", "usage")
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    stop_reason: StopReason
+    usage: Usage
+    def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
+class PromptEvent(_message.Message):
+    __slots__ = ("seq", "message_chunk", "thought_chunk", "tool_call", "tool_call_update", "plan", "permission", "notice", "other", "result")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    THOUGHT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    OTHER_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    message_chunk: ContentChunk
+    thought_chunk: ContentChunk
+    tool_call: ToolCall
+    tool_call_update: ToolCallUpdate
+    plan: Plan
+    permission: PermissionEvent
+    notice: Notice
+    other: OtherUpdate
+    result: TurnResult
+    def __init__(self, seq: _Optional[int] = ..., message_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., thought_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_update: _Optional[_Union[ToolCallUpdate, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., permission: _Optional[_Union[PermissionEvent, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., other: _Optional[_Union[OtherUpdate, _Mapping]] = ..., result: _Optional[_Union[TurnResult, _Mapping]] = ...) -> None: ...
+
+class CancelPromptRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CancelPromptResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "agent")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    agent: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ListAgentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Agent(_message.Message):
+    __slots__ = ("name", "command", "args", "permission_policy", "is_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    permission_policy: str
+    is_default: bool
+    def __init__(self, name: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., permission_policy: _Optional[str] = ..., is_default: _Optional[bool] = ...) -> None: ...
+
+class ListAgentsResponse(_message.Message):
+    __slots__ = ("agents", "default_agent")
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_AGENT_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[Agent]
+    default_agent: str
+    def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., default_agent: _Optional[str] = ...) -> None: ...

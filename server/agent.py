@@ -1,0 +1,358 @@
+"""One agent connection: spawn, initialize, new/load, prompt, cancel, kill.
+
+The agent runs in its own process group with a clean environment, speaking ACP over its
+stdio through the agent-client-protocol SDK. Every request except the turn itself has a
+timeout here; the turn is bounded by the session's watchdog. `terminate()` ends the whole
+process group (SIGTERM, then SIGKILL after a grace), so no agent child outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import acp
+from acp import schema
+
+from server.errors import AgentAuthRequired, AgentUnavailable
+from server.settings import AgentConfig
+
+log = logging.getLogger("sessiongate.agent")
+stderr_log = logging.getLogger("sessiongate.agent.stderr")
+
+# Env vars an agent inherits from the server; everything else it gets from its config.
+INHERITED_ENV = ("HOME", "PATH", "USER", "LANG")
+STDOUT_LINE_LIMIT = 64 * 1024 * 1024  # ACP frames are lines; tool output and diffs can be long
+STDERR_LINE_MAX = 2000  # characters of one stderr line kept for the log
+STDERR_LOG_BUDGET = 256 * 1024  # bytes of stderr logged per agent; the rest is drained, not logged
+STDERR_TAIL_LINES = 20  # kept for error messages
+AUTH_REQUIRED_CODE = -32000
+READ_KINDS = frozenset({"read", "search", "think"})
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionReport:
+    """A permission request the agent made during a turn, and what the policy decided."""
+
+    tool_call_id: str
+    title: str
+    options: tuple[schema.PermissionOption, ...]
+    outcome: str  # "allowed", "rejected" or "cancelled"
+    selected_option_id: str
+    policy: str
+
+
+# What flows from an agent into a turn: ACP updates as the SDK parsed them, or our reports.
+TurnItem = Any
+UpdateSink = Callable[[TurnItem], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What `initialize` told us about the agent."""
+
+    name: str
+    version: str
+    title: str
+    load_session: bool
+    auth_methods: tuple[str, ...]
+
+
+def decide_permission(
+    policy: str, kind: str | None, options: list[schema.PermissionOption]
+) -> tuple[str, str]:
+    """Pick an option under `policy`: returns (outcome, option_id); ("cancelled", "") if none fits."""
+    allow = policy == "approve-all" or (policy == "approve-reads" and kind in READ_KINDS)
+    wanted = ("allow_once", "allow_always") if allow else ("reject_once", "reject_always")
+    for wanted_kind in wanted:
+        for option in options:
+            if option.kind == wanted_kind:
+                return ("allowed" if allow else "rejected"), option.option_id
+    return "cancelled", ""
+
+
+class _GatewayClient:
+    """Our side of ACP: routes updates to the subscribed turn and answers permission requests.
+
+    Only `session/update` and `session/request_permission` are offered: the client
+    capabilities we advertise in `initialize` claim no fs or terminal methods.
+    """
+
+    def __init__(self, connection: AgentConnection) -> None:
+        self._connection = connection
+
+    async def session_update(self, session_id: str, update: Any, **_: Any) -> None:
+        # No await before routing: the SDK starts one task per notification in arrival order,
+        # so routing synchronously keeps the turn's events in order.
+        self._connection.route(session_id, update)
+
+    async def request_permission(
+        self, session_id: str, tool_call: schema.ToolCallUpdate, options: list[schema.PermissionOption], **_: Any
+    ) -> schema.RequestPermissionResponse:
+        config = self._connection.config
+        cancelling = self._connection.is_cancelling(session_id)
+        if cancelling:
+            outcome, option_id = "cancelled", ""
+        else:
+            outcome, option_id = decide_permission(config.permission_policy, tool_call.kind, options)
+        self._connection.route(
+            session_id,
+            PermissionReport(
+                tool_call_id=tool_call.tool_call_id,
+                title=tool_call.title or "",
+                options=tuple(options),
+                outcome=outcome,
+                selected_option_id=option_id,
+                policy=config.permission_policy,
+            ),
+        )
+        if outcome == "cancelled":
+            return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
+        return schema.RequestPermissionResponse(
+            outcome=schema.AllowedOutcome(outcome="selected", option_id=option_id)
+        )
+
+
+class AgentConnection:
+    """One running agent process and its ACP connection."""
+
+    def __init__(self, config: AgentConfig, *, request_timeout: float, kill_grace: float) -> None:
+        self.config = config
+        self.handshake: Handshake | None = None
+        self.exit_code: int | None = None
+        self._request_timeout = request_timeout
+        self._kill_grace = kill_grace
+        self._process: asyncio.subprocess.Process | None = None
+        self._conn: acp.ClientSideConnection | None = None  # type: ignore[attr-defined]
+        self._sinks: dict[str, UpdateSink] = {}
+        self._cancelling: set[str] = set()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._background: set[asyncio.Task[None]] = set()
+        self._exited = asyncio.Event()
+        self._on_exit: Callable[[AgentConnection], None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and not self._exited.is_set()
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    def on_exit(self, callback: Callable[[AgentConnection], None]) -> None:
+        """Call `callback` once when the agent process exits (for whatever reason)."""
+        self._on_exit = callback
+
+    async def open_session(self, cwd: str, timeout: float, resume_id: str = "") -> tuple[str, bool]:
+        """Spawn, `initialize` and open an ACP session, all within `timeout`.
+
+        With `resume_id` and an agent that advertises `loadSession`, the ACP session is
+        resumed with `session/load`; otherwise a new one is opened. Returns the ACP session
+        id and whether it was resumed. On any failure nothing is left running.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self._spawn()
+                handshake = await self._initialize()
+                if resume_id and handshake.load_session:
+                    # History the agent replays while loading is not re-sent to anyone: no sink yet.
+                    await self._call(
+                        self._connection().load_session(cwd=cwd, session_id=resume_id, mcp_servers=[]),
+                        "session/load",
+                    )
+                    return resume_id, True
+                response: schema.NewSessionResponse = await self._call(
+                    self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
+                )
+                return response.session_id, False
+        except TimeoutError:
+            await self.terminate()
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} did not finish starting within {timeout:g}s",
+                metadata={"agent": self.config.name, "stderr": self.stderr_tail()},
+            ) from None
+        except BaseException:
+            await self.terminate()
+            raise
+
+    async def _spawn(self) -> None:
+        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        env.update(self.config.env)
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                self.config.command,
+                *self.config.args,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # own process group: terminate() ends the agent's children too
+                limit=STDOUT_LINE_LIMIT,
+            )
+        except OSError as exc:
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} could not be started: {exc.strerror or exc}",
+                metadata={"agent": self.config.name, "command": self.config.command},
+            ) from exc
+        assert self._process.stdin and self._process.stdout and self._process.stderr
+        self._spawn_background(self._drain_stderr(self._process.stderr))
+        self._spawn_background(self._watch_exit(self._process))
+        self._conn = acp.connect_to_agent(_GatewayClient(self), self._process.stdin, self._process.stdout)
+        log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
+
+    async def _initialize(self) -> Handshake:
+        response: schema.InitializeResponse = await self._call(
+            self._connection().initialize(
+                protocol_version=acp.PROTOCOL_VERSION,
+                client_capabilities=schema.ClientCapabilities(),
+                client_info=schema.Implementation(name="sessiongate", version="0.1.0"),
+            ),
+            "initialize",
+        )
+        info = response.agent_info
+        capabilities = response.agent_capabilities or schema.AgentCapabilities()
+        self.handshake = Handshake(
+            name=info.name if info else self.config.name,
+            version=info.version if info else "",
+            title=(info.title or "") if info else "",
+            load_session=bool(capabilities.load_session),
+            auth_methods=tuple(m.id for m in (response.auth_methods or [])),
+        )
+        return self.handshake
+
+    async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
+        """Run one turn upstream. Unbounded here on purpose: the session's watchdog bounds it."""
+        self._cancelling.discard(session_id)
+        response: schema.PromptResponse = await self._connection().prompt(session_id=session_id, prompt=blocks)
+        return response
+
+    async def cancel(self, session_id: str) -> None:
+        """Send `session/cancel` (a notification: nothing to wait for but the write)."""
+        self._cancelling.add(session_id)
+        with contextlib.suppress(ConnectionError, TimeoutError, OSError):
+            async with asyncio.timeout(self._request_timeout):
+                await self._connection().cancel(session_id=session_id)
+
+    def is_cancelling(self, session_id: str) -> bool:
+        return session_id in self._cancelling
+
+    def subscribe(self, session_id: str, sink: UpdateSink | None) -> None:
+        """Route `session_id`'s updates to `sink`; None drops them (e.g. history replayed on load)."""
+        if sink is None:
+            self._sinks.pop(session_id, None)
+        else:
+            self._sinks[session_id] = sink
+
+    def route(self, session_id: str, item: TurnItem) -> None:
+        sink = self._sinks.get(session_id)
+        if sink is not None:
+            sink(item)
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        """The exit code once the process has exited, or None if it is still running at `timeout`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._exited.wait()
+        return self.exit_code
+
+    async def terminate(self) -> None:
+        """End the whole process group: SIGTERM, then SIGKILL after the grace. Idempotent."""
+        process = self._process
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._kill_grace):
+                    await self._conn.close()
+        if process is not None:
+            self._signal_group(process.pid, signal.SIGTERM)
+            if await self.wait_exit(self._kill_grace) is None:
+                log.warning("agent ignored SIGTERM, killing agent=%s pid=%s", self.config.name, process.pid)
+            # Children may outlive the leader: the group gets SIGKILL whatever the leader did.
+            self._signal_group(process.pid, signal.SIGKILL)
+            await self.wait_exit(self._kill_grace)
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._kill_grace)
+
+    @staticmethod
+    def _signal_group(pgid: int, signum: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signum)
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            raise AgentUnavailable(f"agent {self.config.name!r} is not running")
+        return self._conn
+
+    async def _call(self, request: Awaitable[T], what: str) -> T:
+        """Await an ACP request within the request timeout, translating failures into our errors."""
+        timeout = self._request_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await request
+        except TimeoutError:
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} did not answer {what} within {timeout:g}s",
+                metadata={"agent": self.config.name, "method": what},
+            ) from None
+        except acp.RequestError as exc:
+            if exc.code == AUTH_REQUIRED_CODE:
+                methods = self.handshake.auth_methods if self.handshake else ()
+                raise AgentAuthRequired(
+                    f"agent {self.config.name!r} requires authentication: {exc}",
+                    metadata={"agent": self.config.name, "auth_methods": ",".join(methods)},
+                ) from exc
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} failed {what}: {exc}",
+                metadata={"agent": self.config.name, "method": what, "code": exc.code},
+            ) from exc
+        except (ConnectionError, OSError) as exc:
+            code = await self.wait_exit(self._kill_grace)
+            tail = self.stderr_tail()
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} exited during {what} (exit code {code})"
+                + (f": {tail.splitlines()[-1]}" if tail else ""),
+                metadata={"agent": self.config.name, "method": what, "exit_code": code, "stderr": tail},
+            ) from exc
+
+    def _spawn_background(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
+        """Log the agent's stderr within a byte budget; always keep reading so the agent never blocks."""
+        budget = STDERR_LOG_BUDGET
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line beyond the stream limit: skip it
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()[:STDERR_LINE_MAX]
+            self._stderr_tail.append(text)
+            if budget > 0:
+                budget -= len(text)
+                stderr_log.info("agent=%s pid=%s | %s", self.config.name, self.pid, text)
+                if budget <= 0:
+                    stderr_log.warning("agent=%s stderr log budget spent; further lines dropped", self.config.name)
+
+    async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
+        self.exit_code = await process.wait()
+        self._exited.set()
+        log.info("agent exited agent=%s pid=%s code=%s", self.config.name, process.pid, self.exit_code)
+        if self._on_exit is not None:
+            self._on_exit(self)

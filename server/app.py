@@ -1,0 +1,104 @@
+"""Build and run the grpc.aio server: SessionService, health, reflection, signals, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from server.errors import ShuttingDown
+from server.pool import SessionPool
+from server.service import SessionService
+from server.session import State
+from server.settings import Settings
+
+log = logging.getLogger("sessiongate")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
+SERVER_STOP_GRACE = 2.0  # after sessions are closed, time for final messages to reach clients
+
+
+@dataclass
+class RunningServer:
+    """A started server and the parts tests and the drain logic need."""
+
+    server: grpc.aio.Server
+    port: int
+    pool: SessionPool
+    service: SessionService
+    health: HealthServicer
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking work, let running turns finish within `grace`, then close everything."""
+        self.service.draining = True
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(s.state is State.BUSY for s in self.pool.sessions()):
+            await asyncio.sleep(0.05)
+        await self.pool.shutdown()
+        await self.server.stop(SERVER_STOP_GRACE)
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    """Start serving on `settings.listen` (port 0 picks a free port)."""
+    server = grpc.aio.server()
+    pool = SessionPool(settings.limits)
+    service = SessionService(settings, pool)
+    health = HealthServicer()
+    pb_grpc.add_SessionServiceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
+    return RunningServer(server, port, pool, service, health)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; drain on the first signal, stop at once on the second."""
+    running = await start_server(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+    drain_task: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        log.info("received %s (%d)", signal.Signals(signum).name, signals_seen)
+        stop.set()
+        if signals_seen > 1 and drain_task is not None:
+            drain_task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    drain_task = asyncio.create_task(running.drain(settings.limits.drain_grace))
+    try:
+        await drain_task
+    except asyncio.CancelledError:
+        log.warning("second signal: stopping now")
+        running.service.draining = True
+        await running.pool.shutdown()
+        await running.server.stop(0)
+    log.info("stopped")
+    return 0
+
+
+__all__ = ["RunningServer", "ShuttingDown", "serve", "start_server"]

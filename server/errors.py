@@ -1,0 +1,142 @@
+"""Domain errors and their one mapping to a gRPC status with rich details.
+
+Every failure a client can see is one of these classes. Each class fixes its status code
+and `ErrorInfo.reason`; the instance carries the message and the details. `to_status()`
+is the only place that builds `google.rpc.Status`, so the status table in the
+architecture guide lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "sessiongate"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request (google.rpc.BadRequest.FieldViolation)."""
+
+    field: str
+    description: str
+
+
+class SessionGateError(Exception):
+    """Base of all errors that reach clients as a status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, object] | None = None,
+        retry_after: float | None = None,
+        violations: Iterable[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        # ErrorInfo metadata values must be strings on the wire.
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_after = retry_after
+        self.violations = tuple(violations)
+
+    def to_status(self) -> grpc.Status:
+        """The status with ErrorInfo, RetryInfo and BadRequest details as they apply."""
+        details: list[any_pb2.Any] = []
+        if self.reason is not None:
+            details.append(
+                _pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata))
+            )
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(max(1, round(self.retry_after * 1000)))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        if self.violations:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in self.violations
+                ]
+            )
+            details.append(_pack(bad_request))
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return rpc_status.to_status(status)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+class InvalidArgument(SessionGateError):
+    """Malformed request; always carries field violations."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Iterable[FieldViolation]) -> None:
+        violations = tuple(violations)
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}", violations=violations)
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class SessionBusy(SessionGateError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "SESSION_BUSY"
+
+
+class PoolExhausted(SessionGateError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "POOL_EXHAUSTED"
+
+
+class StreamStalled(SessionGateError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "STREAM_STALLED"
+
+
+class TurnTimeout(SessionGateError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "TURN_TIMEOUT"
+
+
+class SessionNotFound(SessionGateError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "SESSION_NOT_FOUND"
+
+
+class AgentUnavailable(SessionGateError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "AGENT_UNAVAILABLE"
+
+
+class AgentAuthRequired(SessionGateError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AGENT_AUTH_REQUIRED"
+
+
+class AgentExited(SessionGateError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "AGENT_EXITED"
+
+
+class AgentError(SessionGateError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "AGENT_ERROR"
+
+
+class ShuttingDown(SessionGateError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"

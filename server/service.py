@@ -1,0 +1,258 @@
+"""The SessionService servicer: validate requests, call the pool/session, translate results.
+
+Thin on purpose. Every failure leaves through `_abort`, which turns a SessionGateError into
+its status (errors.py) and anything unexpected into a plain INTERNAL without a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from acp import schema
+from google.protobuf import duration_pb2, timestamp_pb2
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from server import translate
+from server.errors import FieldViolation, InvalidArgument, SessionGateError, ShuttingDown
+from server.pool import SessionPool
+from server.session import Session, State
+from server.settings import Settings
+
+log = logging.getLogger("sessiongate.service")
+
+MAX_REQUEST_ID = 128
+MAX_LABELS = 64
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_NANOS = 999_999_999
+
+STATES = {
+    State.IDLE: pb.SESSION_STATE_IDLE,
+    State.BUSY: pb.SESSION_STATE_BUSY,
+    State.RECOVERING: pb.SESSION_STATE_RECOVERING,
+    State.SUSPENDED: pb.SESSION_STATE_SUSPENDED,
+    State.CLOSED: pb.SESSION_STATE_CLOSED,
+}
+
+R = TypeVar("R")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, SessionGateError):
+        status = exc.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    log.exception("unexpected error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def unary(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    """Route every exception of a unary handler through `_abort`."""
+
+    @wraps(method)
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except SessionGateError as exc:
+            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, exc)
+        raise AssertionError("unreachable: abort raises")
+
+    return handler
+
+
+class SessionService(pb_grpc.SessionServiceServicer):
+    def __init__(self, settings: Settings, pool: SessionPool) -> None:
+        self._settings = settings
+        self._limits = settings.limits
+        self._pool = pool
+        self.draining = False
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    @unary
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
+        self._refuse_if_draining()
+        agent_name = request.agent or self._settings.default_agent
+        violations = []
+        config = self._settings.agents.get(agent_name)
+        if config is None:
+            known = ", ".join(sorted(self._settings.agents))
+            violations.append(FieldViolation("agent", f"unknown agent {agent_name!r} (configured: {known})"))
+        cwd, cwd_problem = self._resolve_cwd(request.cwd)
+        if cwd_problem:
+            violations.append(FieldViolation("cwd", cwd_problem))
+        if len(request.request_id) > MAX_REQUEST_ID:
+            violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters"))
+        violations.extend(_label_violations(request.labels))
+        if violations:
+            raise InvalidArgument(violations)
+        assert config is not None
+        session = await self._pool.create(config, str(cwd), request.request_id, dict(request.labels))
+        return session_proto(session)
+
+    async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        try:
+            self._refuse_if_draining()
+            blocks, stall_timeout, wait_timeout = self._validate_prompt(request)
+            session = self._pool.get(request.session_id)
+            seq = 0
+            turn = session.run_turn(blocks, stall_timeout, wait_timeout)
+            async with contextlib.aclosing(turn) as items:
+                async for item in items:
+                    seq += 1
+                    yield translate.to_event(seq, item)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    @unary
+    async def CancelPrompt(self, request: pb.CancelPromptRequest, context: Any) -> pb.CancelPromptResponse:
+        session = self._pool.get(_required_id(request.session_id))
+        return pb.CancelPromptResponse(cancelled=await session.cancel())
+
+    @unary
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
+        return session_proto(self._pool.get(_required_id(request.session_id)))
+
+    @unary
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        page, token = self._pool.list(request.page_size, request.page_token, request.agent)
+        return pb.ListSessionsResponse(sessions=[session_proto(s) for s in page], next_page_token=token)
+
+    @unary
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionResponse:
+        session = await self._pool.close(_required_id(request.session_id))
+        return pb.CloseSessionResponse(session=session_proto(session))
+
+    @unary
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: Any) -> pb.ListAgentsResponse:
+        agents = [
+            pb.Agent(
+                name=a.name,
+                command=a.command,
+                args=list(a.args),
+                permission_policy=a.permission_policy,
+                is_default=a.name == self._settings.default_agent,
+            )
+            for a in sorted(self._settings.agents.values(), key=lambda a: a.name)
+        ]
+        return pb.ListAgentsResponse(agents=agents, default_agent=self._settings.default_agent)
+
+    # ---- validation ----------------------------------------------------------------------
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+
+    def _resolve_cwd(self, requested: str) -> tuple[Path, str | None]:
+        if "\x00" in requested:
+            return self._settings.workdir, "must not contain NUL"
+        path = (self._settings.workdir / requested).resolve() if requested else self._settings.workdir
+        if not any(path.is_relative_to(root) for root in self._settings.roots):
+            roots = ", ".join(str(r) for r in self._settings.roots)
+            return path, f"{path} is outside the allowed roots ({roots})"
+        if not path.is_dir():
+            return path, f"{path} is not an existing directory"
+        return path, None
+
+    def _validate_prompt(self, request: pb.PromptRequest) -> tuple[list[Any], float, float]:
+        violations = []
+        if not request.session_id:
+            violations.append(FieldViolation("session_id", "required"))
+        if not request.text and not request.content:
+            violations.append(FieldViolation("text", "the prompt is empty: set text and/or content"))
+        for index, block in enumerate(request.content):
+            problem = translate.block_problem(block)
+            if problem:
+                violations.append(FieldViolation(f"content[{index}]", problem))
+        size = len(request.text.encode()) + sum(translate.content_size(b) for b in request.content)
+        if size > self._limits.max_prompt_bytes:
+            violations.append(
+                FieldViolation("content", f"the prompt is {size} bytes; the limit is {self._limits.max_prompt_bytes}")
+            )
+        stall = self._limits.stall_timeout
+        if request.HasField("stall_timeout"):
+            seconds, problem = _duration(request.stall_timeout, allow_zero=False)
+            if problem:
+                violations.append(FieldViolation("stall_timeout", problem))
+            else:
+                stall = min(seconds, self._limits.max_stall_timeout)
+        wait = 0.0
+        if request.HasField("wait_timeout"):
+            seconds, problem = _duration(request.wait_timeout, allow_zero=True)
+            if problem:
+                violations.append(FieldViolation("wait_timeout", problem))
+            else:
+                wait = min(seconds, self._limits.max_wait_timeout)
+        if violations:
+            raise InvalidArgument(violations)
+        blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
+        blocks.extend(translate.to_acp_block(b) for b in request.content)
+        return blocks, stall, wait
+
+
+def _required_id(session_id: str) -> str:
+    if not session_id:
+        raise InvalidArgument.field("session_id", "required")
+    return session_id
+
+
+def _duration(value: duration_pb2.Duration, *, allow_zero: bool) -> tuple[float, str | None]:
+    """Seconds of a Duration, or why it is malformed."""
+    if abs(value.nanos) > MAX_NANOS or (value.seconds and value.nanos and (value.seconds > 0) != (value.nanos > 0)):
+        return 0.0, "malformed duration: nanos must be within ±999999999 and share the sign of seconds"
+    seconds = value.seconds + value.nanos / 1e9
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        return 0.0, "must be positive" if not allow_zero else "must not be negative"
+    return seconds, None
+
+
+def _label_violations(labels: Any) -> list[FieldViolation]:
+    out = []
+    if len(labels) > MAX_LABELS:
+        out.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_KEY:
+            out.append(FieldViolation(f"labels[{key!r}]", f"keys must be 1 to {MAX_LABEL_KEY} characters"))
+        if len(value) > MAX_LABEL_VALUE:
+            out.append(FieldViolation(f"labels[{key!r}]", f"values must be at most {MAX_LABEL_VALUE} characters"))
+    return out
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def session_proto(session: Session) -> pb.Session:
+    message = pb.Session(
+        session_id=session.session_id,
+        agent=session.config.name,
+        cwd=session.cwd,
+        state=STATES[session.state],
+        create_time=_timestamp(session.create_time),
+        last_active_time=_timestamp(session.last_active_time),
+        labels=session.labels,
+        agent_session_id=session.agent_session_id,
+        request_id=session.request_id,
+    )
+    if session.handshake is not None:
+        hs = session.handshake
+        message.agent_info.CopyFrom(pb.AgentInfo(name=hs.name, version=hs.version, title=hs.title))
+    turn = session.turn
+    if turn is not None:
+        message.turn_start_time.CopyFrom(_timestamp(turn.started_at))
+        message.last_event_time.CopyFrom(_timestamp(turn.last_event_at))
+    return message

@@ -1,0 +1,217 @@
+"""One Settings object: built-in defaults, then a TOML file, then env vars, then flags.
+
+The TOML file has a `[server]` table with the keys of `ServerLimits` plus `listen`,
+`default_agent`, `workdir` and `allowed_roots`, and one `[agents.NAME]` table per agent
+(`command`, `args`, `env`, `permission_policy`). Env vars are `SESSIONGATE_<KEY>` in upper
+case (e.g. `SESSIONGATE_STALL_TIMEOUT=30`); flags are `--<key-with-dashes>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PERMISSION_POLICIES = ("approve-all", "approve-reads", "deny-all")
+BUILTIN_AGENT = "echo"
+ENV_PREFIX = "SESSIONGATE_"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """How to start one kind of agent."""
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    permission_policy: str = "approve-reads"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Every bound the server enforces. Durations are seconds."""
+
+    stall_timeout: float = 120.0  # no agent event for this long ends the turn: STREAM_STALLED
+    max_stall_timeout: float = 3600.0  # per-request stall_timeout is clamped to this
+    max_turn_duration: float = 3600.0  # a turn running longer ends: TURN_TIMEOUT
+    max_wait_timeout: float = 60.0  # per-request wait_timeout is clamped to this
+    cancel_grace: float = 5.0  # after session/cancel, how long the agent has to end the turn
+    kill_grace: float = 3.0  # after SIGTERM to the agent's group, how long before SIGKILL
+    agent_start_timeout: float = 30.0  # spawn + initialize + session/new (or session/load)
+    agent_request_timeout: float = 30.0  # any other request to the agent except the turn itself
+    max_prompt_bytes: int = 1_048_576  # total size of a prompt's content
+    max_sessions: int = 64  # live sessions (and sessions starting) at once
+    busy_retry_after: float = 1.0  # RetryInfo delay suggested with SESSION_BUSY
+    drain_grace: float = 10.0  # on SIGTERM, how long running turns may go on
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    default_agent: str = BUILTIN_AGENT
+    workdir: Path = field(default_factory=Path.cwd)
+    allowed_roots: tuple[Path, ...] = ()  # empty: only `workdir` and below
+    agents: Mapping[str, AgentConfig] = field(default_factory=dict)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    log_level: str = "INFO"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return self.allowed_roots or (self.workdir,)
+
+
+def builtin_agent() -> AgentConfig:
+    """The reference ACP agent shipped with the server, run by this same interpreter."""
+    return AgentConfig(name=BUILTIN_AGENT, command=sys.executable, args=("-m", "server.echo_agent"))
+
+
+_LIMIT_FIELDS = {f.name: f for f in fields(ServerLimits)}
+_SCALAR_KEYS = ("listen", "default_agent", "workdir", "allowed_roots", "log_level")
+
+
+def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from flags (argv), env vars and the `--config` TOML file."""
+    environ = os.environ if environ is None else environ
+    opts = _parse_flags(argv)
+    raw: dict[str, Any] = {}
+    agents: dict[str, AgentConfig] = {BUILTIN_AGENT: builtin_agent()}
+    config_path = opts.pop("config") or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        document = _read_toml(Path(config_path))
+        raw.update(_table(document, "server"))
+        for name, table in _table(document, "agents").items():
+            agents[name] = _agent_from_toml(name, table)
+        unknown = set(document) - {"server", "agents"}
+        if unknown:
+            raise ConfigError(f"{config_path}: unknown top-level keys {sorted(unknown)}")
+    for key in (*_SCALAR_KEYS, *_LIMIT_FIELDS):
+        env_value = environ.get(ENV_PREFIX + key.upper())
+        if env_value is not None:
+            raw[key] = env_value.split(os.pathsep) if key == "allowed_roots" else env_value
+    raw.update({k: v for k, v in opts.items() if v is not None})
+    return _build(raw, agents)
+
+
+def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="sessiongate-server", description="sessiongate gRPC server")
+    parser.add_argument("--config", help="TOML config file (also SESSIONGATE_CONFIG)")
+    parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
+    parser.add_argument("--default-agent", dest="default_agent", help="agent used when a request names none")
+    parser.add_argument("--workdir", help="default cwd for sessions (default: the current directory)")
+    parser.add_argument(
+        "--allowed-root",
+        dest="allowed_roots",
+        action="append",
+        help="directory sessions may use as cwd, repeatable (default: the workdir)",
+    )
+    parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    for name, spec in _LIMIT_FIELDS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"(default {spec.default})")
+    return vars(parser.parse_args(argv))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+
+
+def _table(document: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _agent_from_toml(name: str, table: Any) -> AgentConfig:
+    where = f"[agents.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - {"command", "args", "env", "permission_policy"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    command = table.get("command")
+    if not isinstance(command, str) or not command:
+        raise ConfigError(f"{where}: `command` must be a non-empty string")
+    args = table.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ConfigError(f"{where}: `args` must be a list of strings")
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where}: `env` must be a table of strings")
+    policy = table.get("permission_policy", "approve-reads")
+    if policy not in PERMISSION_POLICIES:
+        raise ConfigError(f"{where}: `permission_policy` must be one of {', '.join(PERMISSION_POLICIES)}")
+    return AgentConfig(name, command, tuple(args), dict(env), policy)
+
+
+def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
+    unknown = set(raw) - set(_SCALAR_KEYS) - set(_LIMIT_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown server keys {sorted(unknown)}")
+    limits = ServerLimits()
+    for name, spec in _LIMIT_FIELDS.items():
+        if name in raw:
+            limits = replace(limits, **{name: _positive(name, raw[name], int if spec.type == "int" else float)})
+    settings = Settings(agents=agents, limits=limits)
+    if "listen" in raw:
+        settings = replace(settings, listen=str(raw["listen"]))
+    if "default_agent" in raw:
+        settings = replace(settings, default_agent=str(raw["default_agent"]))
+    if "log_level" in raw:
+        settings = replace(settings, log_level=str(raw["log_level"]).upper())
+    if "workdir" in raw:
+        settings = replace(settings, workdir=Path(str(raw["workdir"])))
+    if "allowed_roots" in raw:
+        roots = raw["allowed_roots"]
+        if not isinstance(roots, list | tuple):
+            raise ConfigError("allowed_roots must be a list of directories")
+        settings = replace(settings, allowed_roots=tuple(Path(str(r)) for r in roots))
+    return validate(settings)
+
+
+def _positive(name: str, value: Any, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+    if number <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+    return number
+
+
+def validate(settings: Settings) -> Settings:
+    """Resolve paths and check cross-key rules; returns the resolved Settings."""
+    if settings.default_agent not in settings.agents:
+        raise ConfigError(
+            f"default_agent {settings.default_agent!r} is not configured (agents: {sorted(settings.agents)})"
+        )
+    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {settings.log_level!r}")
+    host, sep, port = settings.listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"listen must be HOST:PORT, got {settings.listen!r}")
+    workdir = settings.workdir.expanduser().resolve()
+    if not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is not a directory")
+    roots = tuple(r.expanduser().resolve() for r in settings.allowed_roots)
+    for root in roots:
+        if not root.is_dir():
+            raise ConfigError(f"allowed root {root} is not a directory")
+    if roots and not any(workdir.is_relative_to(r) for r in roots):
+        raise ConfigError(f"workdir {workdir} is outside the allowed roots")
+    return replace(settings, workdir=workdir, allowed_roots=roots)

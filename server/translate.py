@@ -1,0 +1,252 @@
+"""Translation between the gRPC contract and ACP: prompt content in, turn events out.
+
+Pure functions, no I/O: the service calls them, the session never sees protobufs.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from acp import schema
+from google.protobuf import json_format, struct_pb2
+from sessiongate.v1 import session_service_pb2 as pb
+
+from server.agent import PermissionReport
+from server.session import Notice, TurnEnd
+
+STOP_REASONS = {
+    "end_turn": pb.STOP_REASON_END_TURN,
+    "max_tokens": pb.STOP_REASON_MAX_TOKENS,
+    "max_turn_requests": pb.STOP_REASON_MAX_TURN_REQUESTS,
+    "refusal": pb.STOP_REASON_REFUSAL,
+    "cancelled": pb.STOP_REASON_CANCELLED,
+}
+TOOL_STATUSES = {
+    "pending": pb.TOOL_CALL_STATUS_PENDING,
+    "in_progress": pb.TOOL_CALL_STATUS_IN_PROGRESS,
+    "completed": pb.TOOL_CALL_STATUS_COMPLETED,
+    "failed": pb.TOOL_CALL_STATUS_FAILED,
+}
+PERMISSION_OUTCOMES = {
+    "allowed": pb.PERMISSION_OUTCOME_ALLOWED,
+    "rejected": pb.PERMISSION_OUTCOME_REJECTED,
+    "cancelled": pb.PERMISSION_OUTCOME_CANCELLED,
+}
+
+
+# ---- prompt content: proto -> ACP ----------------------------------------------------------
+
+
+def content_size(block: pb.ContentBlock) -> int:
+    """Bytes a block contributes to the prompt-size limit."""
+    return block.ByteSize()
+
+
+def to_acp_block(block: pb.ContentBlock) -> Any:
+    """One proto ContentBlock as an ACP content block. The caller has validated it."""
+    kind = block.WhichOneof("block")
+    if kind == "text":
+        return schema.TextContentBlock(type="text", text=block.text.text)
+    if kind == "image":
+        image = block.image
+        return schema.ImageContentBlock(
+            type="image",
+            data=base64.b64encode(image.data).decode(),
+            mime_type=image.mime_type,
+            uri=image.uri or None,
+        )
+    if kind == "resource_link":
+        link = block.resource_link
+        return schema.ResourceContentBlock(
+            type="resource_link",
+            uri=link.uri,
+            name=link.name,
+            mime_type=link.mime_type or None,
+            title=link.title or None,
+            description=link.description or None,
+            size=link.size or None,
+        )
+    resource = block.resource
+    contents: Any
+    if resource.WhichOneof("contents") == "blob":
+        contents = schema.BlobResourceContents(
+            uri=resource.uri, blob=base64.b64encode(resource.blob).decode(), mime_type=resource.mime_type or None
+        )
+    else:
+        contents = schema.TextResourceContents(
+            uri=resource.uri, text=resource.text, mime_type=resource.mime_type or None
+        )
+    return schema.EmbeddedResourceContentBlock(type="resource", resource=contents)
+
+
+def block_problem(block: pb.ContentBlock) -> str | None:
+    """Why a content block is unusable, or None when it is fine."""
+    kind = block.WhichOneof("block")
+    if kind is None:
+        return "a content block must set one of text, image, resource_link, resource"
+    if kind == "image" and (not block.image.data or not block.image.mime_type):
+        return "an image needs data and mime_type"
+    if kind == "resource_link" and (not block.resource_link.uri or not block.resource_link.name):
+        return "a resource link needs uri and name"
+    if kind == "resource" and (not block.resource.uri or block.resource.WhichOneof("contents") is None):
+        return "an embedded resource needs uri and text or blob"
+    return None
+
+
+# ---- turn events: ACP -> proto ---------------------------------------------------------
+
+
+def to_event(seq: int, item: Any) -> pb.PromptEvent:
+    """One turn item (an ACP update, a PermissionReport, a Notice or the TurnEnd) as a PromptEvent."""
+    if isinstance(item, TurnEnd):
+        return pb.PromptEvent(seq=seq, result=_result(item))
+    kind = getattr(item, "session_update", None)
+    if kind == "agent_message_chunk":
+        return pb.PromptEvent(seq=seq, message_chunk=_chunk(item))
+    if kind == "agent_thought_chunk":
+        return pb.PromptEvent(seq=seq, thought_chunk=_chunk(item))
+    if kind == "tool_call":
+        return pb.PromptEvent(seq=seq, tool_call=_tool_call(item))
+    if kind == "tool_call_update":
+        return pb.PromptEvent(seq=seq, tool_call_update=_tool_call_update(item))
+    if kind == "plan":
+        entries = [pb.PlanEntry(content=e.content, priority=e.priority, status=e.status) for e in item.entries]
+        return pb.PromptEvent(seq=seq, plan=pb.Plan(entries=entries))
+    if isinstance(item, PermissionReport):
+        return pb.PromptEvent(seq=seq, permission=_permission(item))
+    if isinstance(item, Notice):
+        return pb.PromptEvent(seq=seq, notice=pb.Notice(kind=item.kind, message=item.message))
+    return pb.PromptEvent(seq=seq, other=_other(item))
+
+
+def _chunk(update: Any) -> pb.ContentChunk:
+    return pb.ContentChunk(content=_content_block(update.content), message_id=update.message_id or "")
+
+
+def _content_block(block: Any) -> pb.ContentBlock:
+    kind = getattr(block, "type", None)
+    if kind == "text":
+        return pb.ContentBlock(text=pb.TextContent(text=block.text))
+    if kind == "image":
+        return pb.ContentBlock(
+            image=pb.ImageContent(data=_b64(block.data), mime_type=block.mime_type, uri=block.uri or "")
+        )
+    if kind == "resource_link":
+        return pb.ContentBlock(
+            resource_link=pb.ResourceLink(
+                uri=block.uri,
+                name=block.name,
+                mime_type=block.mime_type or "",
+                title=block.title or "",
+                description=block.description or "",
+                size=block.size or 0,
+            )
+        )
+    if kind == "resource":
+        res = block.resource
+        if getattr(res, "blob", None) is not None:
+            embedded = pb.EmbeddedResource(uri=res.uri, mime_type=res.mime_type or "", blob=_b64(res.blob))
+        else:
+            embedded = pb.EmbeddedResource(uri=res.uri, mime_type=res.mime_type or "", text=res.text)
+        return pb.ContentBlock(resource=embedded)
+    # Audio and future kinds: keep the text form so nothing is silently dropped.
+    return pb.ContentBlock(text=pb.TextContent(text=f"[{kind} content]"))
+
+
+def _b64(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=False)
+    except ValueError:
+        return data.encode()
+
+
+def _tool_content(items: list[Any] | None) -> list[pb.ToolCallContent]:
+    out = []
+    for item in items or []:
+        if item.type == "diff":
+            out.append(
+                pb.ToolCallContent(diff=pb.Diff(path=item.path, old_text=item.old_text or "", new_text=item.new_text))
+            )
+        elif item.type == "terminal":
+            out.append(pb.ToolCallContent(terminal_id=item.terminal_id))
+        else:
+            out.append(pb.ToolCallContent(block=_content_block(item.content)))
+    return out
+
+
+def _locations(items: list[Any] | None) -> list[pb.ToolCallLocation]:
+    return [pb.ToolCallLocation(path=loc.path, line=loc.line or 0) for loc in items or []]
+
+
+def _value(raw: Any) -> struct_pb2.Value | None:
+    if raw is None:
+        return None
+    value = struct_pb2.Value()
+    try:
+        json_format.ParseDict(raw, value)
+    except (json_format.ParseError, TypeError, ValueError):
+        value.string_value = str(raw)
+    return value
+
+
+def _tool_call(update: Any) -> pb.ToolCall:
+    return pb.ToolCall(
+        tool_call_id=update.tool_call_id,
+        title=update.title or "",
+        kind=update.kind or "",
+        status=TOOL_STATUSES.get(update.status or "", pb.TOOL_CALL_STATUS_UNSPECIFIED),
+        content=_tool_content(update.content),
+        locations=_locations(update.locations),
+        raw_input=_value(update.raw_input),
+        raw_output=_value(update.raw_output),
+    )
+
+
+def _tool_call_update(update: Any) -> pb.ToolCallUpdate:
+    return pb.ToolCallUpdate(
+        tool_call_id=update.tool_call_id,
+        title=update.title or "",
+        kind=update.kind or "",
+        status=TOOL_STATUSES.get(update.status or "", pb.TOOL_CALL_STATUS_UNSPECIFIED),
+        content=_tool_content(update.content),
+        locations=_locations(update.locations),
+        raw_input=_value(update.raw_input),
+        raw_output=_value(update.raw_output),
+    )
+
+
+def _permission(report: PermissionReport) -> pb.PermissionEvent:
+    return pb.PermissionEvent(
+        tool_call_id=report.tool_call_id,
+        title=report.title,
+        options=[pb.PermissionOption(option_id=o.option_id, name=o.name, kind=o.kind) for o in report.options],
+        outcome=PERMISSION_OUTCOMES[report.outcome],
+        selected_option_id=report.selected_option_id,
+        policy=report.policy,
+    )
+
+
+def _other(update: Any) -> pb.OtherUpdate:
+    payload = struct_pb2.Struct()
+    if hasattr(update, "model_dump"):
+        data = update.model_dump(mode="json", by_alias=True, exclude_none=True)
+        payload.update(data)
+    return pb.OtherUpdate(kind=str(getattr(update, "session_update", type(update).__name__)), payload=payload)
+
+
+def _result(end: TurnEnd) -> pb.TurnResult:
+    result = pb.TurnResult(stop_reason=STOP_REASONS.get(end.stop_reason, pb.STOP_REASON_UNSPECIFIED))
+    if end.usage is not None:
+        u = end.usage
+        result.usage.CopyFrom(
+            pb.Usage(
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                total_tokens=u.total_tokens,
+                thought_tokens=u.thought_tokens or 0,
+                cached_read_tokens=u.cached_read_tokens or 0,
+                cached_write_tokens=u.cached_write_tokens or 0,
+            )
+        )
+    return result
