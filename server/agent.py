@@ -16,7 +16,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import acp
 from acp import schema
@@ -96,7 +96,11 @@ class _GatewayClient:
         self._connection.route(session_id, update)
 
     async def request_permission(
-        self, session_id: str, tool_call: schema.ToolCallUpdate, options: list[schema.PermissionOption], **_: Any
+        self,
+        session_id: str,
+        tool_call: schema.ToolCallUpdate,
+        options: list[schema.PermissionOption],
+        **_: Any,
     ) -> schema.RequestPermissionResponse:
         config = self._connection.config
         cancelling = self._connection.is_cancelling(session_id)
@@ -132,7 +136,7 @@ class AgentConnection:
         self._request_timeout = request_timeout
         self._kill_grace = kill_grace
         self._process: asyncio.subprocess.Process | None = None
-        self._conn: acp.ClientSideConnection | None = None  # type: ignore[attr-defined]
+        self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
         self._cancelling: set[str] = set()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -209,7 +213,8 @@ class AgentConnection:
         assert self._process.stdin and self._process.stdout and self._process.stderr
         self._spawn_background(self._drain_stderr(self._process.stderr))
         self._spawn_background(self._watch_exit(self._process))
-        self._conn = acp.connect_to_agent(_GatewayClient(self), self._process.stdin, self._process.stdout)
+        client = cast(acp.Client, _GatewayClient(self))
+        self._conn = acp.connect_to_agent(client, self._process.stdin, self._process.stdout)
         log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
 
     async def _initialize(self) -> Handshake:
@@ -235,7 +240,9 @@ class AgentConnection:
     async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
         """Run one turn upstream. Unbounded here on purpose: the session's watchdog bounds it."""
         self._cancelling.discard(session_id)
-        response: schema.PromptResponse = await self._connection().prompt(session_id=session_id, prompt=blocks)
+        response: schema.PromptResponse = await self._connection().prompt(
+            session_id=session_id, prompt=blocks
+        )
         return response
 
     async def cancel(self, session_id: str) -> None:
@@ -348,7 +355,9 @@ class AgentConnection:
                 budget -= len(text)
                 stderr_log.info("agent=%s pid=%s | %s", self.config.name, self.pid, text)
                 if budget <= 0:
-                    stderr_log.warning("agent=%s stderr log budget spent; further lines dropped", self.config.name)
+                    stderr_log.warning(
+                        "agent=%s stderr log budget spent; further lines dropped", self.config.name
+                    )
 
     async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
         self.exit_code = await process.wait()

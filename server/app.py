@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -18,7 +17,6 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 from server.errors import ShuttingDown
 from server.pool import SessionPool
 from server.service import SessionService
-from server.session import State
 from server.settings import Settings
 
 log = logging.getLogger("sessiongate")
@@ -41,9 +39,11 @@ class RunningServer:
         """Stop taking work, let running turns finish within `grace`, then close everything."""
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(s.state is State.BUSY for s in self.pool.sessions()):
-            await asyncio.sleep(0.05)
+        running = [asyncio.create_task(s.turn.finished.wait()) for s in self.pool.sessions() if s.turn]
+        if running:
+            _, unfinished = await asyncio.wait(running, timeout=grace)
+            for task in unfinished:
+                task.cancel()
         await self.pool.shutdown()
         await self.server.stop(SERVER_STOP_GRACE)
 

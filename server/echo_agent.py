@@ -12,6 +12,7 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible
   /permission       ask permission for an edit, report the decision in text
   /error            answer the turn with a JSON-RPC error
+  /env NAME...      reply with each variable's value as the agent sees it ("NAME=value" or "NAME unset")
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
 --state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load, the
 agent's PID is recorded (pids/PID) and received cancels are logged (events.log).
@@ -26,10 +27,11 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import acp
 from acp import helpers, schema
+from acp.schema import StopReason
 
 AGENT_NAME = "sessiongate-echo"
 AGENT_VERSION = "0.1.0"
@@ -61,7 +63,9 @@ class EchoAgent:
             await asyncio.sleep(self.opts.init_delay)
         if self.opts.fail_init:
             raise acp.RequestError(ERROR_CODE, "echo agent: initialize refused (--fail-init)")
-        auth = [schema.AuthMethodAgent(id="echo-login", name="Echo login")] if self.opts.auth_required else []
+        auth: list[Any] = (
+            [schema.AuthMethodAgent(id="echo-login", name="Echo login")] if self.opts.auth_required else []
+        )
         return schema.InitializeResponse(
             protocol_version=acp.PROTOCOL_VERSION,
             agent_capabilities=schema.AgentCapabilities(load_session=not self.opts.no_load_session),
@@ -103,7 +107,7 @@ class EchoAgent:
             raise acp.RequestError.invalid_params({"details": f"unknown session {session_id}"})
         cancel = self.cancelled[session_id] = asyncio.Event()
         text = " ".join(b.text for b in prompt if getattr(b, "type", None) == "text").strip()
-        directive, _, rest = text.partition(" ")
+        directive, _sep, rest = text.partition(" ")
         handler = DIRECTIVES.get(directive) if directive.startswith("/") else None
         if handler is not None:
             reply, stop = await handler(self, session_id, rest, cancel)
@@ -114,11 +118,15 @@ class EchoAgent:
         usage = schema.Usage(input_tokens=words, output_tokens=len(reply.split()), total_tokens=words * 2)
         return schema.PromptResponse(stop_reason=stop, usage=usage)
 
-    async def _normal_turn(self, session_id: str, text: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _normal_turn(self, session_id: str, text: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         # Advertise the directives as slash commands, as real agents advertise theirs.
-        commands = [schema.AvailableCommand(name=name[1:], description=f"echo agent {name}") for name in DIRECTIVES]
+        commands = [
+            schema.AvailableCommand(name=name[1:], description=f"echo agent {name}") for name in DIRECTIVES
+        ]
         await self._send(session_id, helpers.update_available_commands(commands))
-        await self._send(session_id, acp.update_agent_thought_text("Reading the prompt and planning an echo."))
+        await self._send(
+            session_id, acp.update_agent_thought_text("Reading the prompt and planning an echo.")
+        )
         await self._send(
             session_id, acp.start_tool_call("echo-read", "Reading the prompt", kind="read", status="pending")
         )
@@ -142,17 +150,17 @@ class EchoAgent:
             await asyncio.sleep(WORD_DELAY)
         return " ".join(sent), "end_turn"
 
-    async def _stall(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _stall(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         await self._send(session_id, acp.update_agent_message_text("stalling"))
         await cancel.wait()
         return "stalling", "cancelled"
 
-    async def _hang(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _hang(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         await self._send(session_id, acp.update_agent_message_text("hanging"))
         await asyncio.Event().wait()  # forever, whatever cancel says
         return "hanging", "end_turn"
 
-    async def _sleep(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _sleep(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         seconds_text, _, text = rest.partition(" ")
         try:
             seconds = float(seconds_text)
@@ -164,13 +172,13 @@ class EchoAgent:
         except TimeoutError:
             return await self._normal_turn(session_id, text or "slept", cancel)
 
-    async def _crash(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _crash(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         await self._send(session_id, acp.update_agent_message_text("crashing"))
         sys.stderr.write("echo agent: crashing on purpose (/crash)\n")
         sys.stderr.flush()
         os._exit(CRASH_EXIT_CODE)
 
-    async def _flood(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _flood(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         parts = rest.split()
         try:
             count = int(parts[0])
@@ -184,7 +192,7 @@ class EchoAgent:
             await self._send(session_id, acp.update_agent_message_text(chunk))
         return f"flooded {count}", "end_turn"
 
-    async def _permission(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _permission(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         tool = acp.start_edit_tool_call("echo-edit", "Editing notes.txt", path="notes.txt", content="echo")
         await self._send(session_id, tool)
         options = [
@@ -199,12 +207,19 @@ class EchoAgent:
         outcome = response.outcome
         decision = outcome.option_id if getattr(outcome, "outcome", "") == "selected" else "cancelled"
         allowed = decision == "allow"
-        await self._send(session_id, acp.update_tool_call("echo-edit", status="completed" if allowed else "failed"))
+        await self._send(
+            session_id, acp.update_tool_call("echo-edit", status="completed" if allowed else "failed")
+        )
         reply = f"permission {decision}"
         await self._send(session_id, acp.update_agent_message_text(reply))
         return reply, "cancelled" if decision == "cancelled" else "end_turn"
 
-    async def _error(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, str]:
+    async def _env(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        reply = " ".join(f"{n}={os.environ[n]}" if n in os.environ else f"{n} unset" for n in rest.split())
+        await self._send(session_id, acp.update_agent_message_text(reply))
+        return reply, "end_turn"
+
+    async def _error(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         raise acp.RequestError(ERROR_CODE, "echo agent: failing the turn as asked (/error)")
 
     # ---- helpers -----------------------------------------------------------------------
@@ -250,13 +265,18 @@ DIRECTIVES = {
     "/flood": EchoAgent._flood,
     "/permission": EchoAgent._permission,
     "/error": EchoAgent._error,
+    "/env": EchoAgent._env,
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="echo_agent", description="sessiongate's built-in ACP agent")
-    parser.add_argument("--init-delay", type=float, default=0.0, help="seconds to wait before answering initialize")
-    parser.add_argument("--auth-required", action="store_true", help="demand authentication (session/new fails)")
+    parser.add_argument(
+        "--init-delay", type=float, default=0.0, help="seconds to wait before answering initialize"
+    )
+    parser.add_argument(
+        "--auth-required", action="store_true", help="demand authentication (session/new fails)"
+    )
     parser.add_argument("--fail-init", action="store_true", help="answer initialize with a JSON-RPC error")
     parser.add_argument("--no-load-session", action="store_true", help="do not advertise session/load")
     parser.add_argument(
@@ -275,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     pids = opts.state_dir / "pids"
     pids.mkdir(parents=True, exist_ok=True)
     (pids / str(os.getpid())).write_text(str(os.getpgrp()))
-    asyncio.run(acp.run_agent(EchoAgent(opts)))
+    asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts))))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class SessionPool:
             )
         return session
 
-    def list(self, page_size: int, page_token: str, agent: str) -> tuple[list[Session], str]:
+    def page(self, page_size: int, page_token: str, agent: str) -> tuple[list[Session], str]:
         """One page of sessions in creation order, and the token of the next page ("" at the end)."""
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         offset = _decode_token(page_token)

@@ -127,7 +127,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         if request.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
-        page, token = self._pool.list(request.page_size, request.page_token, request.agent)
+        page, token = self._pool.page(request.page_size, request.page_token, request.agent)
         return pb.ListSessionsResponse(sessions=[session_proto(s) for s in page], next_page_token=token)
 
     @unary
@@ -179,7 +179,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
         size = len(request.text.encode()) + sum(translate.content_size(b) for b in request.content)
         if size > self._limits.max_prompt_bytes:
             violations.append(
-                FieldViolation("content", f"the prompt is {size} bytes; the limit is {self._limits.max_prompt_bytes}")
+                FieldViolation(
+                    "content", f"the prompt is {size} bytes; the limit is {self._limits.max_prompt_bytes}"
+                )
             )
         stall = self._limits.stall_timeout
         if request.HasField("stall_timeout"):
@@ -210,7 +212,9 @@ def _required_id(session_id: str) -> str:
 
 def _duration(value: duration_pb2.Duration, *, allow_zero: bool) -> tuple[float, str | None]:
     """Seconds of a Duration, or why it is malformed."""
-    if abs(value.nanos) > MAX_NANOS or (value.seconds and value.nanos and (value.seconds > 0) != (value.nanos > 0)):
+    if abs(value.nanos) > MAX_NANOS or (
+        value.seconds and value.nanos and (value.seconds > 0) != (value.nanos > 0)
+    ):
         return 0.0, "malformed duration: nanos must be within ±999999999 and share the sign of seconds"
     seconds = value.seconds + value.nanos / 1e9
     if seconds < 0 or (seconds == 0 and not allow_zero):
@@ -226,7 +230,9 @@ def _label_violations(labels: Any) -> list[FieldViolation]:
         if not key or len(key) > MAX_LABEL_KEY:
             out.append(FieldViolation(f"labels[{key!r}]", f"keys must be 1 to {MAX_LABEL_KEY} characters"))
         if len(value) > MAX_LABEL_VALUE:
-            out.append(FieldViolation(f"labels[{key!r}]", f"values must be at most {MAX_LABEL_VALUE} characters"))
+            out.append(
+                FieldViolation(f"labels[{key!r}]", f"values must be at most {MAX_LABEL_VALUE} characters")
+            )
     return out
 
 

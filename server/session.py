@@ -16,7 +16,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +166,7 @@ class Session:
 
     async def run_turn(
         self, blocks: list[Any], stall_timeout: float, wait_timeout: float
-    ) -> AsyncIterator[TurnItem]:
+    ) -> AsyncGenerator[TurnItem, None]:
         """Run one turn, yielding ACP updates, Notices, PermissionReports, then a TurnEnd.
 
         Raises SessionBusy (lock not free within `wait_timeout`), StreamStalled, TurnTimeout,
@@ -184,7 +184,9 @@ class Session:
             self.last_active_time = time.time()
             if self._context_reset:
                 self._context_reset = False
-                yield Notice("context_reset", "the agent was restarted without its history; context was reset")
+                yield Notice(
+                    "context_reset", "the agent was restarted without its history; context was reset"
+                )
             agent.subscribe(self.agent_session_id, turn.push)
             turn.prompt_task = asyncio.create_task(agent.prompt(self.agent_session_id, blocks))
             queue = turn.queue
@@ -251,7 +253,10 @@ class Session:
         if now >= turn.deadline:
             raise TurnTimeout(
                 f"turn ran longer than the maximum turn duration ({self.limits.max_turn_duration:g}s)",
-                metadata={"session_id": self.session_id, "max_turn_duration_s": self.limits.max_turn_duration},
+                metadata={
+                    "session_id": self.session_id,
+                    "max_turn_duration_s": self.limits.max_turn_duration,
+                },
             )
         idle = time.time() - turn.last_event_at
         if idle >= turn.stall_timeout:
@@ -279,7 +284,12 @@ class Session:
             data = f" ({exc.data})" if exc.data else ""
             raise AgentError(
                 f"agent {self.config.name!r} failed the turn: {exc}{data}",
-                metadata={"agent": self.config.name, "code": exc.code, "message": str(exc), "data": exc.data or ""},
+                metadata={
+                    "agent": self.config.name,
+                    "code": exc.code,
+                    "message": str(exc),
+                    "data": exc.data or "",
+                },
             ) from exc
         except (ConnectionError, OSError) as exc:
             if self.state is State.CLOSED:

@@ -166,7 +166,9 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
     limits = ServerLimits()
     for name, spec in _LIMIT_FIELDS.items():
         if name in raw:
-            limits = replace(limits, **{name: _positive(name, raw[name], int if spec.type == "int" else float)})
+            limits = replace(
+                limits, **{name: _positive(name, raw[name], int if spec.type == "int" else float)}
+            )
     settings = Settings(agents=agents, limits=limits)
     if "listen" in raw:
         settings = replace(settings, listen=str(raw["listen"]))
@@ -188,7 +190,9 @@ def _positive(name: str, value: Any, kind: type) -> Any:
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        raise ConfigError(
+            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+        ) from None
     if number <= 0:
         raise ConfigError(f"{name} must be positive, got {value!r}")
     return number

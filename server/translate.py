@@ -71,7 +71,9 @@ def to_acp_block(block: pb.ContentBlock) -> Any:
     contents: Any
     if resource.WhichOneof("contents") == "blob":
         contents = schema.BlobResourceContents(
-            uri=resource.uri, blob=base64.b64encode(resource.blob).decode(), mime_type=resource.mime_type or None
+            uri=resource.uri,
+            blob=base64.b64encode(resource.blob).decode(),
+            mime_type=resource.mime_type or None,
         )
     else:
         contents = schema.TextResourceContents(
@@ -111,7 +113,9 @@ def to_event(seq: int, item: Any) -> pb.PromptEvent:
     if kind == "tool_call_update":
         return pb.PromptEvent(seq=seq, tool_call_update=_tool_call_update(item))
     if kind == "plan":
-        entries = [pb.PlanEntry(content=e.content, priority=e.priority, status=e.status) for e in item.entries]
+        entries = [
+            pb.PlanEntry(content=e.content, priority=e.priority, status=e.status) for e in item.entries
+        ]
         return pb.PromptEvent(seq=seq, plan=pb.Plan(entries=entries))
     if isinstance(item, PermissionReport):
         return pb.PromptEvent(seq=seq, permission=_permission(item))
@@ -166,7 +170,9 @@ def _tool_content(items: list[Any] | None) -> list[pb.ToolCallContent]:
     for item in items or []:
         if item.type == "diff":
             out.append(
-                pb.ToolCallContent(diff=pb.Diff(path=item.path, old_text=item.old_text or "", new_text=item.new_text))
+                pb.ToolCallContent(
+                    diff=pb.Diff(path=item.path, old_text=item.old_text or "", new_text=item.new_text)
+                )
             )
         elif item.type == "terminal":
             out.append(pb.ToolCallContent(terminal_id=item.terminal_id))
@@ -220,7 +226,9 @@ def _permission(report: PermissionReport) -> pb.PermissionEvent:
     return pb.PermissionEvent(
         tool_call_id=report.tool_call_id,
         title=report.title,
-        options=[pb.PermissionOption(option_id=o.option_id, name=o.name, kind=o.kind) for o in report.options],
+        options=[
+            pb.PermissionOption(option_id=o.option_id, name=o.name, kind=o.kind) for o in report.options
+        ],
         outcome=PERMISSION_OUTCOMES[report.outcome],
         selected_option_id=report.selected_option_id,
         policy=report.policy,

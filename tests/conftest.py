@@ -1,0 +1,227 @@
+"""Fixtures: a real sessiongate server on an ephemeral loopback port, real echo-agent subprocesses.
+
+Every test that starts a server gets it drained at the end, and then checks by PID that no
+agent process it started is still alive: a leaked agent fails the test that leaked it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from server.app import RunningServer, start_server
+from server.settings import AgentConfig, ServerLimits, Settings, validate
+
+ECHO = (sys.executable, "-m", "server.echo_agent")
+
+
+def echo_agent(name: str, state_dir: Path, *extra: str, policy: str = "approve-reads") -> AgentConfig:
+    return AgentConfig(
+        name=name,
+        command=ECHO[0],
+        args=(*ECHO[1:], *extra),
+        env={"ECHO_AGENT_STATE_DIR": str(state_dir), "SESSIONGATE_TEST_MARKER": "agent-env"},
+        permission_policy=policy,
+    )
+
+
+@dataclass
+class Gate:
+    """A running test server and a client channel to it."""
+
+    running: RunningServer
+    channel: grpc.aio.Channel
+    stub: pb_grpc.SessionServiceStub
+    state_dir: Path
+    workdir: Path
+    settings: Settings
+    extra_channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    async def create(self, **kwargs: Any) -> pb.Session:
+        return await self.stub.CreateSession(pb.CreateSessionRequest(**kwargs), timeout=30)
+
+    async def prompt(
+        self, session_id: str, text: str, timeout: float = 30, **kwargs: Any
+    ) -> list[pb.PromptEvent]:
+        request = pb.PromptRequest(session_id=session_id, text=text, **kwargs)
+        return [event async for event in self.stub.Prompt(request, timeout=timeout)]
+
+    async def state(self, session_id: str) -> int:
+        session = await self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=5)
+        return session.state
+
+    async def wait_state(self, session_id: str, state: int, timeout: float = 15) -> float:
+        """Poll until the session is in `state`; returns the seconds it took."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if await self.state(session_id) == state:
+                return time.monotonic() - start
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"session {session_id} never reached {pb.SessionState.Name(state)}")
+
+    def agent_pids(self) -> set[int]:
+        """Every echo agent process these tests' agents started (they record themselves)."""
+        pid_dir = self.state_dir / "pids"
+        return {int(p.name) for p in pid_dir.iterdir()} if pid_dir.exists() else set()
+
+    def events_log(self) -> list[str]:
+        path = self.state_dir / "events.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie awaiting its parent's wait counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_gone(pids: set[int], timeout: float = 10) -> set[int]:
+    """PIDs still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    left = {p for p in pids if alive(p)}
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = {p for p in left if alive(p)}
+    return left
+
+
+def kill_leftovers(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+GateFactory = Callable[..., Awaitable[Gate]]
+
+
+@pytest.fixture
+async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
+    """Start servers with chosen limits and extra agents; all are drained and checked at the end."""
+    gates: list[Gate] = []
+    state_dir = tmp_path / "agent-state"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    async def factory(agents: dict[str, tuple[str, ...]] | None = None, **limits: Any) -> Gate:
+        configs = {"echo": echo_agent("echo", state_dir)}
+        for name, extra in (agents or {}).items():
+            if extra and extra[0] == "policy":
+                configs[name] = echo_agent(name, state_dir, policy=extra[1])
+            elif extra and extra[0] == "command":
+                configs[name] = AgentConfig(name=name, command=extra[1], args=extra[2:])
+            else:
+                configs[name] = echo_agent(name, state_dir, *extra)
+        defaults = {
+            "stall_timeout": 10.0,
+            "cancel_grace": 2.0,
+            "kill_grace": 2.0,
+            "agent_start_timeout": 15.0,
+        }
+        settings = validate(
+            Settings(
+                listen="127.0.0.1:0",
+                default_agent="echo",
+                workdir=workdir,
+                agents=configs,
+                limits=replace(ServerLimits(), **{**defaults, **limits}),
+            )
+        )
+        running = await start_server(settings)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        gate = Gate(running, channel, pb_grpc.SessionServiceStub(channel), state_dir, workdir, settings)
+        gates.append(gate)
+        return gate
+
+    yield factory
+
+    for gate in gates:
+        await gate.running.drain(0)
+        for extra in gate.extra_channels:
+            await extra.close()
+        await gate.channel.close()
+    pids = gates[0].agent_pids() if gates else set()
+    leaked = await asyncio.to_thread(wait_gone, pids, 10)
+    kill_leftovers(leaked)
+    assert not leaked, f"agent processes outlived the server: {sorted(leaked)}"
+
+
+@pytest.fixture
+async def gate(make_gate: GateFactory) -> Gate:
+    gate: Gate = await make_gate()
+    return gate
+
+
+@dataclass
+class ErrorDetails:
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    domain: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_delay: float | None = None
+    violations: dict[str, str] = field(default_factory=dict)
+
+
+def details_of(error: grpc.aio.AioRpcError) -> ErrorDetails:
+    """Decode `grpc-status-details-bin` the way any client would."""
+    status = rpc_status.from_call(error)
+    out = ErrorDetails(code=error.code(), message=error.details() or "")
+    if status is None:
+        return out
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            out.reason, out.domain, out.metadata = info.reason, info.domain, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            out.retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.violations = {v.field: v.description for v in bad.field_violations}
+    return out
+
+
+async def expect_error(call: Any) -> ErrorDetails:
+    """Await a unary call or drain a stream, expecting it to fail; returns the decoded status."""
+    try:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    except grpc.aio.AioRpcError as error:
+        return details_of(error)
+    raise AssertionError("the call succeeded; an error was expected")
+
+
+def kinds(events: list[pb.PromptEvent]) -> list[str]:
+    return [e.WhichOneof("event") or "" for e in events]
+
+
+def reply_text(events: list[pb.PromptEvent]) -> str:
+    return "".join(e.message_chunk.content.text.text for e in events if e.HasField("message_chunk"))

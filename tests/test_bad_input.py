@@ -1,0 +1,125 @@
+"""Bad input gets a clear status with field violations; the server stays up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sessiongate.v1 import session_service_pb2 as pb
+
+from tests.conftest import Gate, GateFactory, expect_error
+
+
+@pytest.fixture
+async def small_gate(make_gate: GateFactory) -> Gate:
+    gate: Gate = await make_gate(max_prompt_bytes=1000)
+    return gate
+
+
+PROMPT_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("empty prompt", {"text": ""}, "text"),
+    ("oversize prompt", {"text": "x" * 1001}, "content"),
+    ("oversize content", {"content": [pb.ContentBlock(text=pb.TextContent(text="y" * 1200))]}, "content"),
+    ("empty content block", {"content": [pb.ContentBlock()]}, "content[0]"),
+    (
+        "image without mime type",
+        {"content": [pb.ContentBlock(image=pb.ImageContent(data=b"x"))]},
+        "content[0]",
+    ),
+    (
+        "nanos out of range",
+        {"text": "x", "stall_timeout": duration_pb2.Duration(nanos=2_000_000_000)},
+        "stall_timeout",
+    ),
+    (
+        "mixed signs",
+        {"text": "x", "wait_timeout": duration_pb2.Duration(seconds=1, nanos=-5)},
+        "wait_timeout",
+    ),
+    ("zero stall timeout", {"text": "x", "stall_timeout": duration_pb2.Duration()}, "stall_timeout"),
+    ("negative wait", {"text": "x", "wait_timeout": duration_pb2.Duration(seconds=-1)}, "wait_timeout"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "field"), PROMPT_CASES, ids=[c[0] for c in PROMPT_CASES])
+async def test_malformed_prompt_is_invalid_argument_with_a_field_violation(
+    small_gate: Gate, case: str, fields: dict[str, Any], field: str
+) -> None:
+    session = await small_gate.create()
+    error = await expect_error(
+        small_gate.stub.Prompt(pb.PromptRequest(session_id=session.session_id, **fields))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, case
+    assert field in error.violations, error.violations
+    assert error.violations[field] in error.message
+
+
+async def test_prompt_without_session_id_names_the_field(gate: Gate) -> None:
+    error = await expect_error(gate.stub.Prompt(pb.PromptRequest(text="hello")))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.violations == {"session_id": "required"}
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["unknown", "closed"])
+async def test_unknown_or_closed_session_is_not_found(gate: Gate, closed: bool) -> None:
+    session_id = "no-such-session"
+    if closed:
+        session_id = (await gate.create()).session_id
+        await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
+    for call in (
+        gate.stub.Prompt(pb.PromptRequest(session_id=session_id, text="hi")),
+        gate.stub.GetSession(pb.GetSessionRequest(session_id=session_id)),
+        gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=session_id)),
+        gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)),
+    ):
+        error = await expect_error(call)
+        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+
+async def test_create_with_bad_agent_cwd_and_labels_lists_every_violation(gate: Gate, tmp_path: Path) -> None:
+    outside = tmp_path.parent
+    error = await expect_error(
+        gate.stub.CreateSession(
+            pb.CreateSessionRequest(
+                agent="nope", cwd=str(outside), labels={"k" * 100: "v"}, request_id="r" * 200
+            )
+        )
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown agent 'nope'" in error.violations["agent"]
+    assert "outside the allowed roots" in error.violations["cwd"]
+    assert "request_id" in error.violations
+    assert any(name.startswith("labels[") for name in error.violations)
+
+
+async def test_cwd_that_is_not_a_directory_is_invalid(gate: Gate) -> None:
+    (gate.workdir / "file.txt").write_text("not a dir")
+    for cwd in ("file.txt", "missing-dir", "../../.."):
+        error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(cwd=cwd)))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT, cwd
+        assert "cwd" in error.violations
+
+
+async def test_malformed_page_token_and_page_size_are_invalid(gate: Gate) -> None:
+    for request, field in (
+        (pb.ListSessionsRequest(page_token="garbage!"), "page_token"),
+        (pb.ListSessionsRequest(page_size=-1), "page_size"),
+    ):
+        error = await expect_error(gate.stub.ListSessions(request))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.violations
+
+
+async def test_server_is_healthy_and_serving_after_bad_input(small_gate: Gate) -> None:
+    for bad in (pb.PromptRequest(), pb.PromptRequest(session_id="x", text="y")):
+        await expect_error(small_gate.stub.Prompt(bad))
+    health = health_pb2_grpc.HealthStub(small_gate.channel)
+    for service in ("", "sessiongate.v1.SessionService"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    session = await small_gate.create()
+    assert (await small_gate.prompt(session.session_id, "ok"))[-1].HasField("result")

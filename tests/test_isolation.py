@@ -1,0 +1,88 @@
+"""The bug class sessiongate exists to fix: one stuck agent must never stall other sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+from sessiongate.v1 import session_service_pb2 as pb
+
+from tests.conftest import Gate, GateFactory, expect_error, reply_text
+
+
+async def test_create_whose_agent_never_initializes_does_not_delay_other_sessions(
+    make_gate: GateFactory,
+) -> None:
+    gate: Gate = await make_gate(agents={"stuck": ("--init-delay", "3600")}, agent_start_timeout=4.0)
+    started = time.monotonic()
+    stuck = asyncio.create_task(expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="stuck"))))
+    await asyncio.sleep(0.3)  # the stuck agent is now spawned and waiting in initialize
+
+    for n in range(3):
+        t0 = time.monotonic()
+        session = await gate.create()
+        events = await gate.prompt(session.session_id, f"turn {n}", timeout=5)
+        assert reply_text(events) == f"turn {n}"
+        assert time.monotonic() - t0 < 3.0, "another session was slowed by the stuck start"
+    assert not stuck.done(), "the stuck create should still be starting"
+
+    error = await stuck
+    took = time.monotonic() - started
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "AGENT_UNAVAILABLE")
+    assert "within 4s" in error.message
+    assert 4.0 <= took < 7.0, f"the stuck create ended after {took:.2f}s"
+
+
+async def test_map_lock_is_never_held_across_agent_start_up(make_gate: GateFactory) -> None:
+    """Agent starts that never finish must not delay any pool operation of other sessions.
+
+    If the pool held its map lock across spawn/initialize, every create, get, list and close
+    below would queue behind starts that only end at the 15 s start timeout.
+    """
+    gate: Gate = await make_gate(agents={"slow": ("--init-delay", "3600")}, agent_start_timeout=15.0)
+    existing = await gate.create()
+    slow = [asyncio.create_task(gate.create(agent="slow")) for _ in range(3)]
+    await asyncio.sleep(0.3)
+
+    async def worker(n: int) -> float:
+        t0 = time.monotonic()
+        session = await gate.create(labels={"worker": str(n)})
+        await gate.stub.GetSession(pb.GetSessionRequest(session_id=existing.session_id), timeout=5)
+        await gate.stub.ListSessions(pb.ListSessionsRequest(), timeout=5)
+        events = await gate.prompt(session.session_id, "quick", timeout=5)
+        assert reply_text(events) == "quick"
+        await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=5)
+        return time.monotonic() - t0
+
+    durations = await asyncio.gather(*(worker(n) for n in range(4)))
+    assert not any(task.done() for task in slow), "slow starts finished: the test proves nothing"
+    # Generous: start-ups of 7 Python agents share 2 cores. A held lock would mean >= 15 s.
+    assert max(durations) < 10.0, f"pool operations waited behind slow starts: {durations}"
+    # Abandoning a start (client cancels) must not leave its agent behind: the fixture checks PIDs.
+    for task in slow:
+        task.cancel()
+    await asyncio.gather(*slow, return_exceptions=True)
+    await asyncio.sleep(0.5)
+    listed = await gate.stub.ListSessions(pb.ListSessionsRequest(agent="slow"), timeout=5)
+    assert not listed.sessions
+
+
+async def test_a_busy_session_never_blocks_get_list_or_cancel_of_itself_or_others(gate: Gate) -> None:
+    busy = await gate.create()
+    other = await gate.create()
+    call = gate.stub.Prompt(pb.PromptRequest(session_id=busy.session_id, text="/stall"), timeout=30)
+    await asyncio.wait_for(call.read(), 10)
+
+    t0 = time.monotonic()
+    got = await gate.stub.GetSession(pb.GetSessionRequest(session_id=busy.session_id), timeout=2)
+    listed = await gate.stub.ListSessions(pb.ListSessionsRequest(), timeout=2)
+    assert reply_text(await gate.prompt(other.session_id, "free", timeout=5)) == "free"
+    assert time.monotonic() - t0 < 2.0
+    assert got.state == pb.SESSION_STATE_BUSY
+    assert got.HasField("turn_start_time") and got.HasField("last_event_time")
+    assert {s.session_id for s in listed.sessions} == {busy.session_id, other.session_id}
+    assert (
+        await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=busy.session_id), timeout=2)
+    ).cancelled
+    call.cancel()

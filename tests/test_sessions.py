@@ -1,0 +1,118 @@
+"""Creating, listing, closing sessions, and agent start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sessiongate.v1 import session_service_pb2 as pb
+
+from tests.conftest import Gate, GateFactory, expect_error, wait_gone
+
+
+async def test_auth_required_agent_fails_create_with_failed_precondition(make_gate: GateFactory) -> None:
+    gate: Gate = await make_gate(agents={"locked": ("--auth-required",)})
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="locked")))
+    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "AGENT_AUTH_REQUIRED")
+    assert error.metadata["auth_methods"] == "echo-login"
+    health = health_pb2_grpc.HealthStub(gate.channel)
+    response = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert not await asyncio.to_thread(wait_gone, gate.agent_pids(), 5), "the refused agent was left running"
+
+
+async def test_agent_that_cannot_start_is_agent_unavailable(make_gate: GateFactory) -> None:
+    gate: Gate = await make_gate(agents={"missing": ("command", "/nonexistent/agent-binary")})
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="missing")))
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "AGENT_UNAVAILABLE")
+    assert "could not be started" in error.message
+
+
+async def test_agent_that_refuses_initialize_is_agent_unavailable_with_its_message(
+    make_gate: GateFactory,
+) -> None:
+    gate: Gate = await make_gate(agents={"refuses": ("--fail-init",)})
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="refuses")))
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "AGENT_UNAVAILABLE")
+    assert "initialize refused" in error.message
+
+
+async def test_concurrent_creates_with_one_request_id_start_one_agent(gate: Gate) -> None:
+    sessions = await asyncio.gather(*(gate.create(request_id="req-1", labels={"n": "1"}) for _ in range(5)))
+    assert len({s.session_id for s in sessions}) == 1
+    assert len(gate.agent_pids()) == 1
+    retried = await gate.create(request_id="req-1")
+    assert retried.session_id == sessions[0].session_id
+    assert retried.request_id == "req-1"
+    assert len(gate.agent_pids()) == 1
+
+
+async def test_request_id_reused_for_another_cwd_is_invalid(gate: Gate) -> None:
+    (gate.workdir / "sub").mkdir()
+    await gate.create(request_id="req-2")
+    error = await expect_error(
+        gate.stub.CreateSession(pb.CreateSessionRequest(request_id="req-2", cwd="sub"))
+    )
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in error.violations
+
+
+async def test_pool_at_its_limit_fails_pool_exhausted_with_retry_info(make_gate: GateFactory) -> None:
+    gate: Gate = await make_gate(max_sessions=2)
+    await gate.create()
+    await gate.create()
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest()))
+    assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED")
+    assert error.retry_delay is not None
+
+
+async def test_get_list_paginate_filter_and_close(make_gate: GateFactory) -> None:
+    gate: Gate = await make_gate(agents={"second": ()})
+    first = await gate.create(labels={"team": "a"}, cwd=str(gate.workdir))
+    created = [first, await gate.create(), await gate.create(agent="second")]
+
+    got = await gate.stub.GetSession(pb.GetSessionRequest(session_id=first.session_id))
+    assert (got.agent, got.cwd, dict(got.labels)) == ("echo", str(gate.workdir), {"team": "a"})
+    assert got.agent_session_id.startswith("echo-") and got.create_time.seconds > 0
+
+    page1 = await gate.stub.ListSessions(pb.ListSessionsRequest(page_size=2))
+    page2 = await gate.stub.ListSessions(
+        pb.ListSessionsRequest(page_size=2, page_token=page1.next_page_token)
+    )
+    assert [s.session_id for s in [*page1.sessions, *page2.sessions]] == [s.session_id for s in created]
+    assert page1.next_page_token and not page2.next_page_token
+    only_second = await gate.stub.ListSessions(pb.ListSessionsRequest(agent="second"))
+    assert [s.session_id for s in only_second.sessions] == [created[2].session_id]
+
+    pids_before = gate.agent_pids()
+    closed = await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=first.session_id))
+    assert closed.session.state == pb.SESSION_STATE_CLOSED
+    gone = await expect_error(gate.stub.GetSession(pb.GetSessionRequest(session_id=first.session_id)))
+    assert (gone.code, gone.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    left = await asyncio.to_thread(wait_gone, pids_before, 5)
+    assert len(left) == 2, "closing one session must end exactly its own agent"
+
+
+async def test_close_during_a_turn_cancels_the_turn_and_ends_the_agent(gate: Gate) -> None:
+    session = await gate.create()
+    call = gate.stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="/hang"), timeout=30)
+    await asyncio.wait_for(call.read(), 10)
+    await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=15)
+    last = None
+    while (event := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+        last = event
+    assert last is not None and last.result.stop_reason == pb.STOP_REASON_CANCELLED
+    assert not await asyncio.to_thread(wait_gone, gate.agent_pids(), 5)
+
+
+async def test_list_agents_names_every_agent_and_the_default(make_gate: GateFactory) -> None:
+    gate: Gate = await make_gate(agents={"other": ("policy", "deny-all")})
+    response = await gate.stub.ListAgents(pb.ListAgentsRequest())
+    assert response.default_agent == "echo"
+    by_name = {a.name: a for a in response.agents}
+    assert set(by_name) == {"echo", "other"}
+    assert by_name["echo"].is_default and not by_name["other"].is_default
+    assert by_name["other"].permission_policy == "deny-all"
+    assert os.path.basename(by_name["echo"].command).startswith("python")

@@ -1,0 +1,80 @@
+"""Settings: defaults, TOML, env vars and flags, in that order of precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.settings import BUILTIN_AGENT, ConfigError, load_settings
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_need_no_config_and_use_the_builtin_agent(tmp_path: Path) -> None:
+    settings = load_settings(["--workdir", str(tmp_path)], environ={})
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.default_agent == BUILTIN_AGENT
+    assert settings.agents[BUILTIN_AGENT].args == ("-m", "server.echo_agent")
+    assert settings.roots == (tmp_path.resolve(),)
+
+
+def test_toml_then_env_then_flags(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "c.toml",
+        f"""
+[server]
+stall_timeout = 30
+max_sessions = 8
+allowed_roots = ["{tmp_path}"]
+default_agent = "claude"
+
+[agents.claude]
+command = "npx"
+args = ["@zed-industries/claude-code-acp"]
+env = {{ ANTHROPIC_API_KEY = "k" }}
+permission_policy = "approve-all"
+""",
+    )
+    env = {"SESSIONGATE_STALL_TIMEOUT": "20", "SESSIONGATE_MAX_SESSIONS": "4"}
+    settings = load_settings(
+        ["--config", config, "--max-sessions", "2", "--workdir", str(tmp_path)], environ=env
+    )
+    assert settings.limits.stall_timeout == 20.0  # env beats TOML
+    assert settings.limits.max_sessions == 2  # flag beats env
+    assert settings.default_agent == "claude"
+    claude = settings.agents["claude"]
+    assert (claude.command, claude.args, dict(claude.env)) == (
+        "npx",
+        ("@zed-industries/claude-code-acp",),
+        {"ANTHROPIC_API_KEY": "k"},
+    )
+    assert BUILTIN_AGENT in settings.agents
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nstall_timeout = -1\n", "stall_timeout must be positive"),
+        ("[server]\nmax_sessions = 'many'\n", "max_sessions must be an integer"),
+        ("[server]\nnonsense = 1\n", "unknown server keys"),
+        ("[server]\ndefault_agent = 'ghost'\n", "default_agent 'ghost' is not configured"),
+        ("[agents.x]\nargs = []\n", "`command` must be a non-empty string"),
+        ("[agents.x]\ncommand = 'x'\nextra = 1\n", "unknown keys"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_bad_config_raises_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    config = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
+
+
+def test_workdir_outside_allowed_roots_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="outside the allowed roots"):
+        load_settings(["--workdir", str(tmp_path / "a"), "--allowed-root", str(tmp_path / "b")], environ={})
