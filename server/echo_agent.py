@@ -12,10 +12,12 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible
   /permission       ask permission for an edit, report the decision in text
   /error            answer the turn with a JSON-RPC error
+  /commands         advertise the directives as slash commands (ACP available_commands_update)
   /env NAME...      reply with each variable's value as the agent sees it ("NAME=value" or "NAME unset")
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
---state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load, the
-agent's PID is recorded (pids/PID) and received cancels are logged (events.log).
+--state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load and
+received cancels are logged (events.log); when given, the agent also records its PID there
+(pids/PID). Default: $XDG_STATE_HOME/sessiongate/echo-agent.
 """
 
 from __future__ import annotations
@@ -119,11 +121,6 @@ class EchoAgent:
         return schema.PromptResponse(stop_reason=stop, usage=usage)
 
     async def _normal_turn(self, session_id: str, text: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
-        # Advertise the directives as slash commands, as real agents advertise theirs.
-        commands = [
-            schema.AvailableCommand(name=name[1:], description=f"echo agent {name}") for name in DIRECTIVES
-        ]
-        await self._send(session_id, helpers.update_available_commands(commands))
         await self._send(
             session_id, acp.update_agent_thought_text("Reading the prompt and planning an echo.")
         )
@@ -219,6 +216,14 @@ class EchoAgent:
         await self._send(session_id, acp.update_agent_message_text(reply))
         return reply, "end_turn"
 
+    async def _commands(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        # Advertise the directives as slash commands, as real agents advertise theirs.
+        commands = [
+            schema.AvailableCommand(name=name[1:], description=f"echo agent {name}") for name in DIRECTIVES
+        ]
+        await self._send(session_id, helpers.update_available_commands(commands))
+        return "", "end_turn"
+
     async def _error(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         raise acp.RequestError(ERROR_CODE, "echo agent: failing the turn as asked (/error)")
 
@@ -266,6 +271,7 @@ DIRECTIVES = {
     "/permission": EchoAgent._permission,
     "/error": EchoAgent._error,
     "/env": EchoAgent._env,
+    "/commands": EchoAgent._commands,
 }
 
 
@@ -286,15 +292,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where sessions, pids and events are kept (env ECHO_AGENT_STATE_DIR)",
     )
     opts = parser.parse_args(argv)
+    opts.record_pid = opts.state_dir is not None
     opts.state_dir = opts.state_dir or default_state_dir()
     return opts
 
 
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
-    pids = opts.state_dir / "pids"
-    pids.mkdir(parents=True, exist_ok=True)
-    (pids / str(os.getpid())).write_text(str(os.getpgrp()))
+    if opts.record_pid:  # only where someone asked for a state dir: tests check PIDs there
+        pids = opts.state_dir / "pids"
+        pids.mkdir(parents=True, exist_ok=True)
+        (pids / str(os.getpid())).write_text(str(os.getpgrp()))
     asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts))))
 
 

@@ -61,8 +61,6 @@ def unary(
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except SessionGateError as exc:
-            await _abort(context, exc)
         except Exception as exc:
             await _abort(context, exc)
         raise AssertionError("unreachable: abort raises")

@@ -40,18 +40,26 @@ async def test_normal_turn_streams_every_update_kind_in_order_and_ends_with_resu
     events = await gate.prompt(session.session_id, "hello brave new world")
 
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert kinds(events)[:5] == ["other", "thought_chunk", "tool_call", "tool_call_update", "plan"]
-    assert events[0].other.kind == "available_commands_update"
-    assert "availableCommands" in events[0].other.payload
-    assert events[2].tool_call.status == pb.TOOL_CALL_STATUS_PENDING
-    assert events[3].tool_call_update.status == pb.TOOL_CALL_STATUS_COMPLETED
-    assert [e.status for e in events[4].plan.entries] == ["completed", "in_progress"]
-    assert kinds(events)[5:-1] == ["message_chunk"] * 4
+    assert kinds(events)[:4] == ["thought_chunk", "tool_call", "tool_call_update", "plan"]
+    assert events[1].tool_call.status == pb.TOOL_CALL_STATUS_PENDING
+    assert events[1].tool_call.kind == "read"
+    assert events[2].tool_call_update.status == pb.TOOL_CALL_STATUS_COMPLETED
+    assert [e.status for e in events[3].plan.entries] == ["completed", "in_progress"]
+    assert kinds(events)[4:-1] == ["message_chunk"] * 4
     assert reply_text(events) == "hello brave new world"
     result = events[-1].result
     assert result.stop_reason == pb.STOP_REASON_END_TURN
     assert result.usage.input_tokens == 4
     assert await gate.state(session.session_id) == pb.SESSION_STATE_IDLE
+
+
+async def test_unmapped_update_kinds_pass_through_as_other_with_their_json(gate: Gate) -> None:
+    session = await gate.create()
+    events = await gate.prompt(session.session_id, "/commands")
+    assert kinds(events) == ["other", "result"]
+    assert events[0].other.kind == "available_commands_update"
+    commands = events[0].other.payload["availableCommands"]
+    assert {c["name"] for c in commands} >= {"stall", "hang", "flood", "commands"}
 
 
 async def test_content_blocks_are_sent_after_text(gate: Gate) -> None:
