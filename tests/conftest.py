@@ -107,6 +107,15 @@ def wait_gone(pids: set[int], timeout: float = 10) -> set[int]:
     return left
 
 
+async def eventually(predicate: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
+    """Poll `predicate` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
 def kill_leftovers(pids: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):

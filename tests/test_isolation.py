@@ -8,7 +8,7 @@ import time
 import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import Gate, GateFactory, expect_error, reply_text
+from tests.conftest import Gate, GateFactory, eventually, expect_error, reply_text
 
 
 async def test_create_whose_agent_never_initializes_does_not_delay_other_sessions(
@@ -17,7 +17,7 @@ async def test_create_whose_agent_never_initializes_does_not_delay_other_session
     gate: Gate = await make_gate(agents={"stuck": ("--init-delay", "3600")}, agent_start_timeout=4.0)
     started = time.monotonic()
     stuck = asyncio.create_task(expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="stuck"))))
-    await asyncio.sleep(0.3)  # the stuck agent is now spawned and waiting in initialize
+    await eventually(lambda: len(gate.agent_pids()) == 1, what="the stuck agent's spawn")
 
     for n in range(3):
         t0 = time.monotonic()
@@ -43,7 +43,7 @@ async def test_map_lock_is_never_held_across_agent_start_up(make_gate: GateFacto
     gate: Gate = await make_gate(agents={"slow": ("--init-delay", "3600")}, agent_start_timeout=15.0)
     existing = await gate.create()
     slow = [asyncio.create_task(gate.create(agent="slow")) for _ in range(3)]
-    await asyncio.sleep(0.3)
+    await eventually(lambda: len(gate.agent_pids()) == 4, what="the slow agents' spawn")
 
     async def worker(n: int) -> float:
         t0 = time.monotonic()
@@ -63,7 +63,6 @@ async def test_map_lock_is_never_held_across_agent_start_up(make_gate: GateFacto
     for task in slow:
         task.cancel()
     await asyncio.gather(*slow, return_exceptions=True)
-    await asyncio.sleep(0.5)
     listed = await gate.stub.ListSessions(pb.ListSessionsRequest(agent="slow"), timeout=5)
     assert not listed.sessions
 

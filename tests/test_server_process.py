@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import expect_error, kill_leftovers, reply_text, wait_gone
+from tests.conftest import eventually, expect_error, kill_leftovers, reply_text, wait_gone
 
 CONFIG = """
 [server]
@@ -116,9 +116,9 @@ async def test_sigterm_drains_exits_zero_and_leaves_no_agent_behind(server_proce
         )
         stalled = stub.Prompt(pb.PromptRequest(session_id=sessions[1].session_id, text="/stall"), timeout=30)
         await asyncio.wait_for(stalled.read(), 10)
-        await asyncio.sleep(0.5)  # the slow agent is spawned and stuck in initialize
+        # Wait until the slow agent is spawned (it records its PID) and stuck in initialize.
+        await eventually(lambda: len(server_process.agent_pids()) == 3, what="the third agent start")
         pids = server_process.agent_pids()
-        assert len(pids) == 3
 
         server_process.process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(server_process.process.wait, 20)

@@ -83,7 +83,7 @@ async def test_second_prompt_on_busy_session_fails_fast_while_first_turn_complet
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (error.reason, error.domain) == ("SESSION_BUSY", "sessiongate")
     assert error.retry_delay is not None and error.retry_delay > 0
-    assert rejected_in < 0.5, f"busy rejection took {rejected_in:.3f}s"
+    assert rejected_in < 1.0, f"busy rejection took {rejected_in:.3f}s"  # fail-fast, not after the 2 s turn
     events = await first
     assert reply_text(events) == "still here"
     assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
