@@ -24,7 +24,15 @@ import acp
 from acp import schema
 
 from server.agent import AgentConnection, Handshake, TurnItem
-from server.errors import AgentAuthRequired, AgentError, AgentExited, SessionBusy, StreamStalled, TurnTimeout
+from server.errors import (
+    AgentAuthRequired,
+    AgentError,
+    AgentExited,
+    SessionBusy,
+    SessionNotFound,
+    StreamStalled,
+    TurnTimeout,
+)
 from server.settings import AgentConfig, ServerLimits
 
 log = logging.getLogger("sessiongate.session")
@@ -133,8 +141,10 @@ class Session:
 
     async def _ensure_agent(self) -> None:
         """Under the turn lock: make sure an agent runs this session, resuming it if it can."""
+        self._check_open()
         if self.agent is not None and self.agent.alive:
             return
+        await self._stop_agent()  # a dead agent's group may still hold children: end them
         agent = AgentConnection(
             self.config, request_timeout=self.limits.agent_request_timeout, kill_grace=self.limits.kill_grace
         )
@@ -142,14 +152,16 @@ class Session:
         acp_session_id, resumed = await agent.open_session(
             self.cwd, self.limits.agent_start_timeout, resume_id=resume_id
         )
+        if self.state is State.CLOSED:  # closed while we were starting: do not leak the new agent
+            await agent.terminate()
+            self._check_open()
         if resume_id and not resumed:
             self._context_reset = True
         self.agent = agent
         self.handshake = agent.handshake
         self.agent_session_id = acp_session_id
         agent.on_exit(self._agent_exited)
-        if self.state is not State.CLOSED:
-            self.state = State.IDLE
+        self.state = State.IDLE
 
     def _agent_exited(self, agent: AgentConnection) -> None:
         """The agent process ended; an idle session becomes SUSPENDED (resumed by the next prompt)."""
@@ -161,6 +173,12 @@ class Session:
         agent, self.agent = self.agent, None
         if agent is not None:
             await agent.terminate()
+
+    def _check_open(self) -> None:
+        if self.state is State.CLOSED:
+            raise SessionNotFound(
+                f"session {self.session_id} was closed", metadata={"session_id": self.session_id}
+            )
 
     # ---- turns -----------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
@@ -116,3 +117,26 @@ async def test_list_agents_names_every_agent_and_the_default(make_gate: GateFact
     assert by_name["echo"].is_default and not by_name["other"].is_default
     assert by_name["other"].permission_policy == "deny-all"
     assert os.path.basename(by_name["echo"].command).startswith("python")
+
+
+async def test_a_prompt_waiting_on_a_session_that_gets_closed_is_not_found_and_starts_no_agent(
+    gate: Gate,
+) -> None:
+    session = await gate.create()
+    call = gate.stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="/stall"), timeout=30)
+    await asyncio.wait_for(call.read(), 10)
+    waiting = asyncio.create_task(
+        expect_error(
+            gate.stub.Prompt(
+                pb.PromptRequest(
+                    session_id=session.session_id, text="late", wait_timeout=Duration(seconds=20)
+                )
+            )
+        )
+    )
+    await asyncio.sleep(0.2)  # let it queue on the session lock
+    await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=15)
+    error = await asyncio.wait_for(waiting, 15)
+    assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert len(gate.agent_pids()) == 1, "the closed session's waiting prompt respawned an agent"
+    call.cancel()
