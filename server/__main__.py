@@ -8,6 +8,7 @@ import sys
 
 from server.app import serve
 from server.settings import ConfigError, load_settings
+from server.store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return asyncio.run(serve(settings))
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         print(f"sessiongate-server: {exc}", file=sys.stderr)
         return 1
 

@@ -192,6 +192,11 @@ class AgentConnection:
             raise
 
     async def _spawn(self) -> None:
+        if not self.config.command:
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} is not configured on this server",
+                metadata={"agent": self.config.name},
+            )
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env.update(self.config.env)
         try:
@@ -362,6 +367,8 @@ class AgentConnection:
     async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
         self.exit_code = await process.wait()
         self._exited.set()
+        # The leader is gone; children it left in its group (tool runs, shells) go with it.
+        self._signal_group(process.pid, signal.SIGKILL)
         log.info("agent exited agent=%s pid=%s code=%s", self.config.name, process.pid, self.exit_code)
         if self._on_exit is not None:
             self._on_exit(self)

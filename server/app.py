@@ -18,6 +18,7 @@ from server.errors import ShuttingDown
 from server.pool import SessionPool
 from server.service import SessionService
 from server.settings import Settings
+from server.store import SessionStore
 
 log = logging.getLogger("sessiongate")
 
@@ -36,7 +37,10 @@ class RunningServer:
     health: HealthServicer
 
     async def drain(self, grace: float) -> None:
-        """Stop taking work, let running turns finish within `grace`, then close everything."""
+        """Stop taking work, let running turns finish within `grace`, then end them (CANCELLED).
+
+        Every agent process group is ended and every session stays stored, SUSPENDED.
+        """
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
         running = [asyncio.create_task(s.turn.finished.wait()) for s in self.pool.sessions() if s.turn]
@@ -49,9 +53,11 @@ class RunningServer:
 
 
 async def start_server(settings: Settings) -> RunningServer:
-    """Start serving on `settings.listen` (port 0 picks a free port)."""
+    """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
+    pool = SessionPool(settings.limits, SessionStore(settings.state_db))
+    restored = await pool.load(settings.agents)
+    log.info("session store %s: %d sessions restored (SUSPENDED)", settings.state_db, restored)
     server = grpc.aio.server()
-    pool = SessionPool(settings.limits)
     service = SessionService(settings, pool)
     health = HealthServicer()
     pb_grpc.add_SessionServiceServicer_to_server(service, server)
@@ -95,7 +101,7 @@ async def serve(settings: Settings) -> int:
     except asyncio.CancelledError:
         log.warning("second signal: stopping now")
         running.service.draining = True
-        await running.pool.shutdown()
+        await running.pool.terminate()
         await running.server.stop(0)
     log.info("stopped")
     return 0

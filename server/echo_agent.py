@@ -6,13 +6,14 @@ going pending -> completed, a plan, then the prompt echoed back word by word.
 
 Directives at the start of the prompt text (used by tests, benchmarks and demos):
   /stall            one chunk, then silence; honours session/cancel
-  /hang             one chunk, then silence; ignores session/cancel
+  /hang [N [BYTES]] (N chunks of BYTES first, then) one chunk, then silence; ignores session/cancel
   /sleep SECONDS    sleep (cancellable), then a normal turn
   /crash            one chunk, then exit with code 3
   /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible
   /permission       ask permission for an edit, report the decision in text
   /error            answer the turn with a JSON-RPC error
   /commands         advertise the directives as slash commands (ACP available_commands_update)
+  /history          reply with the prompts this ACP session remembers (kept across session/load)
   /env NAME...      reply with each variable's value as the agent sees it ("NAME=value" or "NAME unset")
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
 --state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load and
@@ -35,16 +36,13 @@ import acp
 from acp import helpers, schema
 from acp.schema import StopReason
 
+from server.settings import default_state_dir
+
 AGENT_NAME = "sessiongate-echo"
 AGENT_VERSION = "0.1.0"
 WORD_DELAY = 0.005  # seconds between echoed words: plausible streaming, fast tests
 CRASH_EXIT_CODE = 3
 ERROR_CODE = -32603
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "sessiongate" / "echo-agent"
 
 
 class EchoAgent:
@@ -153,6 +151,9 @@ class EchoAgent:
         return "stalling", "cancelled"
 
     async def _hang(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        count, size = _counts(rest, default_count=0)
+        for _ in range(count):  # optional flood first: fills a client that stopped reading
+            await self._send(session_id, acp.update_agent_message_text("h" * size))
         await self._send(session_id, acp.update_agent_message_text("hanging"))
         await asyncio.Event().wait()  # forever, whatever cancel says
         return "hanging", "end_turn"
@@ -176,12 +177,7 @@ class EchoAgent:
         os._exit(CRASH_EXIT_CODE)
 
     async def _flood(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
-        parts = rest.split()
-        try:
-            count = int(parts[0])
-            size = int(parts[1]) if len(parts) > 1 else 64
-        except (IndexError, ValueError):
-            raise acp.RequestError.invalid_params({"details": "/flood needs N [BYTES]"}) from None
+        count, size = _counts(rest, default_count=None)
         chunk = "x" * size
         for sent in range(count):
             if cancel.is_set():
@@ -210,6 +206,13 @@ class EchoAgent:
         reply = f"permission {decision}"
         await self._send(session_id, acp.update_agent_message_text(reply))
         return reply, "cancelled" if decision == "cancelled" else "end_turn"
+
+    async def _history(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        record = self._load(session_id) or {"history": []}
+        turns = [user for user, _ in record["history"]]
+        reply = f"{len(turns)} earlier turns: " + " | ".join(turns)
+        await self._send(session_id, acp.update_agent_message_text(reply))
+        return reply, "end_turn"
 
     async def _env(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         reply = " ".join(f"{n}={os.environ[n]}" if n in os.environ else f"{n} unset" for n in rest.split())
@@ -272,7 +275,19 @@ DIRECTIVES = {
     "/error": EchoAgent._error,
     "/env": EchoAgent._env,
     "/commands": EchoAgent._commands,
+    "/history": EchoAgent._history,
 }
+
+
+def _counts(rest: str, default_count: int | None) -> tuple[int, int]:
+    """N [BYTES] from a directive's arguments (BYTES defaults to 64)."""
+    parts = rest.split()
+    try:
+        if not parts and default_count is not None:
+            return default_count, 64
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 64
+    except (IndexError, ValueError):
+        raise acp.RequestError.invalid_params({"details": "expected N [BYTES]"}) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -293,7 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     opts = parser.parse_args(argv)
     opts.record_pid = opts.state_dir is not None
-    opts.state_dir = opts.state_dir or default_state_dir()
+    opts.state_dir = opts.state_dir or default_state_dir() / "echo-agent"
     return opts
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from pathlib import Path
@@ -125,7 +126,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         if request.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
-        page, token = self._pool.page(request.page_size, request.page_token, request.agent)
+        page, token = self._pool.page(request.page_size, request.page_token, request.agent, request.labels)
         return pb.ListSessionsResponse(sessions=[session_proto(s) for s in page], next_page_token=token)
 
     @unary
@@ -257,6 +258,9 @@ def session_proto(session: Session) -> pb.Session:
         message.agent_info.CopyFrom(pb.AgentInfo(name=hs.name, version=hs.version, title=hs.title))
     turn = session.turn
     if turn is not None:
+        now = time.time()
         message.turn_start_time.CopyFrom(_timestamp(turn.started_at))
         message.last_event_time.CopyFrom(_timestamp(turn.last_event_at))
+        message.turn_elapsed.FromNanoseconds(int((now - turn.started_at) * 1e9))
+        message.since_last_event.FromNanoseconds(int((now - turn.last_event_at) * 1e9))
     return message

@@ -6,6 +6,10 @@ abnormally (stall, turn timeout, client gone, cancel ignored) hands the lock to 
 task that cancels the turn upstream, kills and respawns the agent if it does not stop
 within the cancel grace, and only then frees the session. The client gets its status at
 once; the cleanup never delays it.
+
+A running agent holds one of the pool's slots. Turn timestamps are plain attributes, so
+the pool's sweeper can see a turn whose handler is itself stuck (a client that stopped
+reading) and reap it from outside, without the lock.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +34,12 @@ from server.errors import (
     AgentExited,
     SessionBusy,
     SessionNotFound,
+    ShuttingDown,
     StreamStalled,
     TurnTimeout,
 )
 from server.settings import AgentConfig, ServerLimits
+from server.slots import Slots
 
 log = logging.getLogger("sessiongate.session")
 
@@ -62,11 +68,12 @@ class TurnEnd:
     usage: schema.Usage | None = None
 
 
-class _PromptDone:
-    """Queued when the upstream `session/prompt` request finished (any outcome)."""
+class _Marker:
+    """Queue items that are not events."""
 
 
-PROMPT_DONE = _PromptDone()
+PROMPT_DONE = _Marker()  # the upstream `session/prompt` request finished (any outcome)
+_WAKE = _Marker()  # only re-arms the turn's wait (cancel, reap)
 
 
 @dataclass(eq=False)
@@ -79,6 +86,7 @@ class Turn:
     last_event_at: float = field(default_factory=time.time)
     last_seq: int = 0
     cancel_deadline: float | None = None  # set by cancel(): loop time by which the agent must stop
+    reaped: bool = False  # the sweeper ended this turn because its handler was stuck
     queue: asyncio.Queue[TurnItem] = field(default_factory=asyncio.Queue)
     prompt_task: asyncio.Task[schema.PromptResponse] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -99,23 +107,35 @@ class Session:
         labels: Mapping[str, str],
         request_id: str,
         limits: ServerLimits,
+        slots: Slots,
+        on_change: Callable[[Session], None] | None = None,
+        session_id: str = "",
+        create_time: float = 0.0,
+        last_active_time: float = 0.0,
+        agent_session_id: str = "",
+        handshake: Handshake | None = None,
     ) -> None:
-        self.session_id = secrets.token_urlsafe(18)
+        self.session_id = session_id or secrets.token_urlsafe(18)
         self.config = config
         self.cwd = cwd
         self.labels = dict(labels)
         self.request_id = request_id
         self.limits = limits
         self.state = State.SUSPENDED
-        self.create_time = time.time()
-        self.last_active_time = self.create_time
+        self.create_time = create_time or time.time()
+        self.last_active_time = last_active_time or self.create_time
         self.agent: AgentConnection | None = None
-        self.handshake: Handshake | None = None  # kept while suspended, for GetSession
-        self.agent_session_id = ""
+        self.handshake = handshake  # kept while suspended and across restarts, for GetSession
+        self.agent_session_id = agent_session_id
         self.turn: Turn | None = None
+        self._slots = slots
+        self._has_slot = False
+        self._on_change = on_change
         self._lock = asyncio.Lock()
         self._context_reset = False  # the agent lost the history: the next turn starts with a notice
         self._recovery: asyncio.Task[None] | None = None
+        self._ending = False  # close or shutdown under way: turns end CANCELLED, nothing respawns
+        self._retired = False  # the server is shutting down: the record stays, the session is unusable
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -125,36 +145,108 @@ class Session:
             await self._ensure_agent()
 
     async def close(self) -> None:
-        """Cancel any turn (giving it the cancel grace to end), then end the agent's process group."""
+        """CloseSession: cancel any turn (it ends CANCELLED), end the agent's group; gone for good."""
         self.state = State.CLOSED
+        await self._end()
+
+    async def retire(self) -> None:
+        """Server shutdown: like close, but the record stays SUSPENDED for the next server."""
+        self._retired = True
+        await self._end()
+        self.state = State.SUSPENDED
+        self._changed()
+
+    async def kill(self) -> None:
+        """Second signal: end the agent's group now, without the cancel grace."""
+        self._retired = self._ending = True
+        await self._stop_agent()
+        if self.state is not State.CLOSED:
+            self.state = State.SUSPENDED
+            self._changed()
+
+    async def _end(self) -> None:
+        self._ending = True
         turn = self.turn
         if turn is not None:
             await self.cancel()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.limits.cancel_grace + self.limits.kill_grace):
                     await turn.finished.wait()
-        if self._recovery is not None:
+        if self._recovery is not None and not self._recovery.done():
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._recovery, self.limits.kill_grace * 2)
         await self._stop_agent()
+
+    def evictable(self) -> bool:
+        """Idle with a running agent and nobody holding the lock: suspend() would not wait."""
+        return self.state is State.IDLE and self._has_slot and not self._lock.locked() and not self._ending
+
+    async def suspend(self) -> bool:
+        """Stop the agent of an idle session, keeping the session (eviction, idle TTL).
+
+        Never waits on the turn lock: returns False at once when the session is in use.
+        """
+        if not self.evictable():
+            return False
+        await self._lock.acquire()  # free (checked above): returns without waiting
+        try:
+            self.state = State.SUSPENDED  # first, so prompts arriving now see it
+            await self._stop_agent()
+            self._changed()
+            log.info("session suspended session=%s", self.session_id)
+        finally:
+            self._lock.release()
+        return True
+
+    def zombie(self) -> bool:
+        """Busy past the turn limit plus the grace: its own watchdog is not running (stuck handler)."""
+        turn = self.turn
+        return (
+            turn is not None
+            and self.state is State.BUSY
+            and not turn.finished.is_set()
+            and asyncio.get_running_loop().time() > turn.deadline + self.limits.zombie_grace
+        )
+
+    async def reap(self) -> None:
+        """Force-recover a zombie turn: cancel it upstream, kill the agent, free slot and lock."""
+        turn = self.turn
+        if turn is None or turn.finished.is_set():
+            return
+        log.warning("reaping a turn whose handler is stuck session=%s", self.session_id)
+        turn.reaped = True
+        turn.queue.put_nowait(_WAKE)
+        agent = self.agent
+        if agent is not None and turn.prompt_task is not None and not turn.prompt_task.done():
+            await agent.cancel(self.agent_session_id)
+            turn.prompt_task.cancel()
+        await self._stop_agent()
+        self._finish(turn)
 
     async def _ensure_agent(self) -> None:
         """Under the turn lock: make sure an agent runs this session, resuming it if it can."""
         self._check_open()
         if self.agent is not None and self.agent.alive:
             return
-        await self._stop_agent()  # a dead agent's group may still hold children: end them
+        await self._stop_agent(keep_slot=True)  # a dead agent's group may still hold children
+        if not self._has_slot:
+            await self._slots.acquire(self)  # may suspend another idle session, or PoolExhausted
+            self._has_slot = True
         agent = AgentConnection(
             self.config, request_timeout=self.limits.agent_request_timeout, kill_grace=self.limits.kill_grace
         )
         resume_id = self.agent_session_id
-        acp_session_id, resumed = await agent.open_session(
-            self.cwd, self.limits.agent_start_timeout, resume_id=resume_id
-        )
-        if self.state is State.CLOSED:  # closed while we were starting: do not leak the new agent
-            await agent.terminate()
-            self._check_open()
+        try:
+            acp_session_id, resumed = await agent.open_session(
+                self.cwd, self.limits.agent_start_timeout, resume_id=resume_id
+            )
+            if self._ending:  # closed or shut down while we were starting: do not leak the agent
+                await agent.terminate()
+                self._check_open()
+        except BaseException:
+            self._release_slot()
+            raise
         if resume_id and not resumed:
             self._context_reset = True
         self.agent = agent
@@ -162,23 +254,39 @@ class Session:
         self.agent_session_id = acp_session_id
         agent.on_exit(self._agent_exited)
         self.state = State.IDLE
-
-    def _agent_exited(self, agent: AgentConnection) -> None:
-        """The agent process ended; an idle session becomes SUSPENDED (resumed by the next prompt)."""
-        if agent is self.agent and self.turn is None and self.state is State.IDLE:
-            log.warning("agent exited while idle session=%s code=%s", self.session_id, agent.exit_code)
-            self.state = State.SUSPENDED
-
-    async def _stop_agent(self) -> None:
-        agent, self.agent = self.agent, None
-        if agent is not None:
-            await agent.terminate()
+        self._changed()
 
     def _check_open(self) -> None:
         if self.state is State.CLOSED:
             raise SessionNotFound(
                 f"session {self.session_id} was closed", metadata={"session_id": self.session_id}
             )
+        if self._retired or self._ending:
+            raise ShuttingDown("the server is shutting down")
+
+    def _agent_exited(self, agent: AgentConnection) -> None:
+        """The agent process ended; an idle session becomes SUSPENDED (resumed by the next prompt)."""
+        if agent is self.agent and self.turn is None and self.state is State.IDLE:
+            log.warning("agent exited while idle session=%s code=%s", self.session_id, agent.exit_code)
+            self.state = State.SUSPENDED
+            self._release_slot()
+            self._changed()
+
+    async def _stop_agent(self, keep_slot: bool = False) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            await agent.terminate()
+        if not keep_slot:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        if self._has_slot:
+            self._has_slot = False
+            self._slots.release()
+
+    def _changed(self) -> None:
+        if self._on_change is not None and self.state is not State.CLOSED:
+            self._on_change(self)
 
     # ---- turns -----------------------------------------------------------------------
 
@@ -188,7 +296,8 @@ class Session:
         """Run one turn, yielding ACP updates, Notices, PermissionReports, then a TurnEnd.
 
         Raises SessionBusy (lock not free within `wait_timeout`), StreamStalled, TurnTimeout,
-        AgentExited, AgentError, AgentAuthRequired, AgentUnavailable (respawn failed).
+        AgentExited, AgentError, AgentAuthRequired, AgentUnavailable or PoolExhausted (resume
+        failed), SessionNotFound or ShuttingDown (closed meanwhile).
         """
         await self._acquire(wait_timeout)
         turn: Turn | None = None
@@ -202,6 +311,7 @@ class Session:
             self.last_active_time = time.time()
             if self._context_reset:
                 self._context_reset = False
+                turn.last_seq += 1
                 yield Notice(
                     "context_reset", "the agent was restarted without its history; context was reset"
                 )
@@ -224,12 +334,17 @@ class Session:
         finally:
             # Whatever ended the turn (result, stall, timeout, client gone), if it still runs
             # upstream a recovery task takes over the lock; otherwise the session is free now.
-            if turn is not None and turn.prompt_task is not None and not turn.prompt_task.done():
-                self._hand_off(turn)
-            else:
-                self._finish(turn)
+            # A reaped turn was already cleaned up by the sweeper: leave the lock alone.
+            if turn is None:
+                self._finish(None)
+            elif not turn.finished.is_set():
+                if turn.prompt_task is not None and not turn.prompt_task.done():
+                    self._hand_off(turn)
+                else:
+                    self._finish(turn)
 
     async def _acquire(self, wait_timeout: float) -> None:
+        self._check_open()
         if self._lock.locked() and wait_timeout <= 0:
             raise self._busy()
         try:
@@ -251,11 +366,12 @@ class Session:
 
     async def _next_item(self, turn: Turn) -> TurnItem:
         """The next queued item, or a watchdog verdict: raises on stall/timeout, None on cancel grace."""
+        if turn.reaped:
+            raise self._turn_timeout()
         if not turn.queue.empty():
             return turn.queue.get_nowait()
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        stall_at = now + turn.stall_timeout - (time.time() - turn.last_event_at)
+        stall_at = loop.time() + turn.stall_timeout - (time.time() - turn.last_event_at)
         wake_at = min(stall_at, turn.deadline)
         if turn.cancel_deadline is not None:
             wake_at = min(wake_at, turn.cancel_deadline)
@@ -269,13 +385,7 @@ class Session:
             log.warning("agent ignored cancel session=%s; recovering", self.session_id)
             return None
         if now >= turn.deadline:
-            raise TurnTimeout(
-                f"turn ran longer than the maximum turn duration ({self.limits.max_turn_duration:g}s)",
-                metadata={
-                    "session_id": self.session_id,
-                    "max_turn_duration_s": self.limits.max_turn_duration,
-                },
-            )
+            raise self._turn_timeout()
         idle = time.time() - turn.last_event_at
         if idle >= turn.stall_timeout:
             raise StreamStalled(
@@ -288,6 +398,12 @@ class Session:
                 },
             )
         return await self._next_item(turn)  # woken early (the turn was cancelled meanwhile)
+
+    def _turn_timeout(self) -> TurnTimeout:
+        return TurnTimeout(
+            f"turn ran longer than the maximum turn duration ({self.limits.max_turn_duration:g}s)",
+            metadata={"session_id": self.session_id, "max_turn_duration_s": self.limits.max_turn_duration},
+        )
 
     async def _turn_result(self, turn: Turn) -> TurnEnd:
         assert turn.prompt_task is not None
@@ -310,7 +426,7 @@ class Session:
                 },
             ) from exc
         except (ConnectionError, OSError) as exc:
-            if self.state is State.CLOSED:
+            if self._ending:  # we ended the agent ourselves (close, shutdown)
                 return TurnEnd("cancelled")
             agent = self.agent
             code = await agent.wait_exit(self.limits.kill_grace) if agent else None
@@ -335,17 +451,23 @@ class Session:
         return asyncio.ensure_future(_cancel_then_true(agent, self.agent_session_id))
 
     def _finish(self, turn: Turn | None) -> None:
-        """The turn is over upstream: free the session (SUSPENDED if the agent is gone)."""
-        if self.agent is not None:
-            self.agent.subscribe(self.agent_session_id, None)
+        """The turn is over upstream: free the session (SUSPENDED, slot freed, if the agent is gone)."""
         if turn is not None:
+            if turn.finished.is_set():
+                return
             turn.finished.set()
+        agent = self.agent
+        if agent is not None:
+            agent.subscribe(self.agent_session_id, None)
+        if agent is None or not agent.alive:
+            self._release_slot()
         self.turn = None
         self.last_active_time = time.time()
         if self.state is not State.CLOSED:
-            self.state = State.IDLE if self.agent is not None and self.agent.alive else State.SUSPENDED
+            self.state = State.IDLE if agent is not None and agent.alive else State.SUSPENDED
         if self._lock.locked():
             self._lock.release()
+        self._changed()
 
     def _hand_off(self, turn: Turn) -> None:
         """Give the lock to a recovery task: the caller's status goes out now, cleanup follows."""
@@ -368,8 +490,8 @@ class Session:
             if not turn.prompt_task.done():
                 log.warning("turn did not stop after cancel; killing agent session=%s", self.session_id)
                 turn.prompt_task.cancel()
-                await self._stop_agent()
-                if self.state is not State.CLOSED:
+                await self._stop_agent(keep_slot=True)
+                if not self._ending:
                     try:
                         await self._ensure_agent()
                     except Exception as exc:  # respawn failure leaves the session SUSPENDED, not broken
@@ -381,13 +503,6 @@ class Session:
             await self._stop_agent()
         finally:
             self._finish(turn)
-
-
-class _Wake:
-    """A queue item that only re-arms the turn's wait (see Session.cancel)."""
-
-
-_WAKE = _Wake()
 
 
 def _done(value: bool) -> asyncio.Future[bool]:

@@ -50,9 +50,12 @@ class ServerLimits:
     agent_start_timeout: float = 30.0  # spawn + initialize + session/new (or session/load)
     agent_request_timeout: float = 30.0  # any other request to the agent except the turn itself
     max_prompt_bytes: int = 1_048_576  # total size of a prompt's content
-    max_sessions: int = 64  # live sessions (and sessions starting) at once
+    max_sessions: int = 64  # sessions with a running (or starting) agent at once
     busy_retry_after: float = 1.0  # RetryInfo delay suggested with SESSION_BUSY
     drain_grace: float = 10.0  # on SIGTERM, how long running turns may go on
+    idle_ttl: float = 1800.0  # an idle session's agent is stopped (SUSPENDED) after this long
+    zombie_grace: float = 30.0  # a turn still BUSY this long past max_turn_duration is reaped
+    sweep_interval: float = 1.0  # how often the sweeper looks for idle and zombie sessions
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +67,17 @@ class Settings:
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
     limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "INFO"
+    state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
 
     @property
     def roots(self) -> tuple[Path, ...]:
         return self.allowed_roots or (self.workdir,)
+
+
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/sessiongate, or ~/.local/state/sessiongate."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "sessiongate"
 
 
 def builtin_agent() -> AgentConfig:
@@ -76,7 +86,7 @@ def builtin_agent() -> AgentConfig:
 
 
 _LIMIT_FIELDS = {f.name: f for f in fields(ServerLimits)}
-_SCALAR_KEYS = ("listen", "default_agent", "workdir", "allowed_roots", "log_level")
+_SCALAR_KEYS = ("listen", "default_agent", "workdir", "allowed_roots", "log_level", "state_db")
 
 
 def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +125,9 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
         help="directory sessions may use as cwd, repeatable (default: the workdir)",
     )
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--state-db", dest="state_db", help="SQLite file sessions are kept in (default under XDG_STATE_HOME)"
+    )
     for name, spec in _LIMIT_FIELDS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"(default {spec.default})")
     return vars(parser.parse_args(argv))
@@ -178,6 +191,8 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, log_level=str(raw["log_level"]).upper())
     if "workdir" in raw:
         settings = replace(settings, workdir=Path(str(raw["workdir"])))
+    if "state_db" in raw:
+        settings = replace(settings, state_db=Path(str(raw["state_db"])).expanduser())
     if "allowed_roots" in raw:
         roots = raw["allowed_roots"]
         if not isinstance(roots, list | tuple):

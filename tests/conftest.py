@@ -133,7 +133,10 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
     workdir = tmp_path / "work"
     workdir.mkdir()
 
-    async def factory(agents: dict[str, tuple[str, ...]] | None = None, **limits: Any) -> Gate:
+    async def factory(
+        agents: dict[str, tuple[str, ...]] | None = None, state_db: Path | None = None, **limits: Any
+    ) -> Gate:
+        state_db = state_db or tmp_path / f"sessions-{len(gates)}.db"
         configs = {"echo": echo_agent("echo", state_dir)}
         for name, extra in (agents or {}).items():
             if extra and extra[0] == "policy":
@@ -155,6 +158,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
                 workdir=workdir,
                 agents=configs,
                 limits=replace(ServerLimits(), **{**defaults, **limits}),
+                state_db=state_db,
             )
         )
         running = await start_server(settings)

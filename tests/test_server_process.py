@@ -1,4 +1,9 @@
-"""The server as users run it: `python -m server` in its own process group."""
+"""The server as users run it: `python -m server` in its own process group.
+
+Signals, drain, restarts on the same database (after SIGTERM and after kill -9), and a
+corrupt database. Each server is started with its own state database and agent state dir
+under the test's tmp_path, and every agent PID it recorded is checked gone at the end.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
@@ -24,7 +28,7 @@ from tests.conftest import eventually, expect_error, kill_leftovers, reply_text,
 CONFIG = """
 [server]
 stall_timeout = 5
-drain_grace = 1
+drain_grace = {drain_grace}
 
 [agents.slow]
 command = "{python}"
@@ -39,105 +43,194 @@ env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
 
 
 class ServerProcess:
-    def __init__(self, process: subprocess.Popen[str], port: int, state_dir: Path) -> None:
+    """One `python -m server` process and a channel to it."""
+
+    def __init__(self, process: subprocess.Popen[str], port: int, state_dir: Path, log: list[str]) -> None:
         self.process = process
         self.port = port
         self.state_dir = state_dir
+        self.log = log
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.SessionServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def agent_pids(self) -> set[int]:
         pid_dir = self.state_dir / "pids"
         return {int(p.name) for p in pid_dir.iterdir()} if pid_dir.exists() else set()
 
+    async def health_status(self) -> int:
+        response = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return response.status
 
-async def read_port(process: subprocess.Popen[str], timeout: float = 20) -> int:
-    assert process.stderr is not None
-
-    def scan() -> int:
-        assert process.stderr is not None
-        for line in process.stderr:
-            match = re.search(r"serving on .* \(port (\d+)\)", line)
-            if match:
-                return int(match.group(1))
-        raise AssertionError("server exited before serving")
-
-    return await asyncio.wait_for(asyncio.to_thread(scan), timeout)
+    async def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(signum)
+        return await asyncio.to_thread(self.process.wait, timeout)
 
 
-@pytest.fixture
-async def server_process(tmp_path: Path) -> AsyncIterator[ServerProcess]:
+@contextlib.asynccontextmanager
+async def server_process(tmp_path: Path, drain_grace: float = 1.0) -> AsyncIterator[ServerProcess]:
+    """Start a server on tmp_path's database; on exit, kill whatever is left of it and its agents."""
     state = tmp_path / "agent-state"
     config = tmp_path / "sessiongate.toml"
-    config.write_text(CONFIG.format(python=sys.executable, state=state))
+    config.write_text(CONFIG.format(python=sys.executable, state=state, drain_grace=drain_grace))
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "server",
-            "--config",
-            str(config),
-            "--listen",
-            "127.0.0.1:0",
-            "--workdir",
-            str(tmp_path),
+            *(sys.executable, "-m", "server", "--config", str(config), "--listen", "127.0.0.1:0"),
+            *("--workdir", str(tmp_path), "--state-db", str(tmp_path / "sessions.db")),
         ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
     )
+    log: list[str] = []
+    reader = asyncio.create_task(asyncio.to_thread(_read_log, process, log))
+    server: ServerProcess | None = None
     try:
-        port = await read_port(process)
-        # Keep draining the log so the server never blocks on a full pipe.
-        drain = asyncio.create_task(asyncio.to_thread(lambda: process.stderr and process.stderr.read()))
-        yield ServerProcess(process, port, state)
+        await eventually(lambda: _port(log) is not None or process.poll() is not None, 30, "server start")
+        port = _port(log)
+        assert port is not None, "server exited before serving:\n" + "".join(log)
+        server = ServerProcess(process, port, state, log)
+        yield server
     finally:
+        if server is not None:
+            await server.channel.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-        kill_leftovers(wait_gone(ServerProcess(process, 0, state).agent_pids(), 0))
-    await drain
+        await asyncio.to_thread(process.wait, 10)
+        await reader
+        if server is not None:
+            kill_leftovers(wait_gone(server.agent_pids(), 0))
 
 
-async def test_sigterm_drains_exits_zero_and_leaves_no_agent_behind(server_process: ServerProcess) -> None:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}")
-    stub = pb_grpc.SessionServiceStub(channel)
-    health = health_pb2_grpc.HealthStub(channel)
-    try:
+def _read_log(process: subprocess.Popen[str], log: list[str]) -> None:
+    assert process.stderr is not None
+    for line in process.stderr:  # keep draining so the server never blocks on a full pipe
+        log.append(line)
+
+
+def _port(log: list[str]) -> int | None:
+    for line in log:
+        match = re.search(r"serving on .* \(port (\d+)\)", line)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+async def test_sigterm_drains_exits_zero_and_leaves_no_agent_behind(tmp_path: Path) -> None:
+    async with server_process(tmp_path, drain_grace=3.0) as server:
         for service in ("", "sessiongate.v1.SessionService"):
-            status = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            status = await server.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
-        sessions = [await stub.CreateSession(pb.CreateSessionRequest(), timeout=20) for _ in range(2)]
+        sessions = [await server.stub.CreateSession(pb.CreateSessionRequest(), timeout=20) for _ in range(3)]
         events = [
-            e async for e in stub.Prompt(pb.PromptRequest(session_id=sessions[0].session_id, text="hi"))
+            e
+            async for e in server.stub.Prompt(pb.PromptRequest(session_id=sessions[0].session_id, text="hi"))
         ]
         assert reply_text(events) == "hi"
         starting = asyncio.create_task(
-            expect_error(stub.CreateSession(pb.CreateSessionRequest(agent="slow")))
+            expect_error(server.stub.CreateSession(pb.CreateSessionRequest(agent="slow")))
         )
-        stalled = stub.Prompt(pb.PromptRequest(session_id=sessions[1].session_id, text="/stall"), timeout=30)
+        stalled = server.stub.Prompt(
+            pb.PromptRequest(session_id=sessions[1].session_id, text="/stall"), timeout=30
+        )
+        short = server.stub.Prompt(pb.PromptRequest(session_id=sessions[2].session_id, text="/sleep 1 done"))
         await asyncio.wait_for(stalled.read(), 10)
         # Wait until the slow agent is spawned (it records its PID) and stuck in initialize.
-        await eventually(lambda: len(server_process.agent_pids()) == 3, what="the third agent start")
-        pids = server_process.agent_pids()
+        await eventually(lambda: len(server.agent_pids()) == 4, what="the fourth agent start")
+        pids = server.agent_pids()
 
-        server_process.process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(server_process.process.wait, 20)
-
-        assert code == 0
+        server.process.send_signal(signal.SIGTERM)
+        # At once: NOT_SERVING, and new work is refused while running turns drain.
+        await eventually(lambda: "received SIGTERM" in "".join(server.log), 10, "the signal")
+        assert await server.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        refused = await expect_error(
+            server.stub.Prompt(pb.PromptRequest(session_id=sessions[0].session_id, text="x"))
+        )
+        assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+        refused = await expect_error(server.stub.CreateSession(pb.CreateSessionRequest()))
+        assert refused.reason == "SHUTTING_DOWN"
+        # A turn that ends within the grace finishes normally; one that does not ends CANCELLED.
+        assert reply_text([e async for e in short]) == "done"
         last = None
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            while (event := await asyncio.wait_for(stalled.read(), 10)) is not grpc.aio.EOF:
-                last = event
+        while (event := await asyncio.wait_for(stalled.read(), 15)) is not grpc.aio.EOF:
+            last = event
         assert last is not None and last.result.stop_reason == pb.STOP_REASON_CANCELLED
+
+        assert await asyncio.to_thread(server.process.wait, 30) == 0
         assert (await starting).code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         assert not await asyncio.to_thread(wait_gone, pids, 10), "agents outlived the server"
-    finally:
-        await channel.close()
 
 
-async def test_reflection_lists_the_services_without_proto_files(server_process: ServerProcess) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server_process.port}") as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+async def test_restart_after_sigterm_lists_every_session_suspended_and_each_resumes(tmp_path: Path) -> None:
+    async with server_process(tmp_path) as first:
+        created = [
+            await first.stub.CreateSession(pb.CreateSessionRequest(request_id=f"r{n}", labels={"n": str(n)}))
+            for n in range(3)
+        ]
+        for session in created:
+            events = [
+                e
+                async for e in first.stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="one"))
+            ]
+            assert reply_text(events) == "one"
+        assert await first.stop() == 0
+
+    async with server_process(tmp_path) as second:
+        listed = (await second.stub.ListSessions(pb.ListSessionsRequest())).sessions
+        assert [s.session_id for s in listed] == [s.session_id for s in created]
+        assert {s.state for s in listed} == {pb.SESSION_STATE_SUSPENDED}
+        assert [dict(s.labels) for s in listed] == [{"n": str(n)} for n in range(3)]
+        assert all(s.agent_info.name == "sessiongate-echo" for s in listed)
+        for session in created:
+            request = pb.PromptRequest(session_id=session.session_id, text="two")
+            events = [e async for e in second.stub.Prompt(request, timeout=30)]
+            # Resumed with session/load: no context-reset notice, history kept agent-side.
+            assert [e.WhichOneof("event") for e in events].count("notice") == 0
+            assert reply_text(events) == "two"
+            resumed = await second.stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+            assert resumed.agent_session_id == session.agent_session_id
+            assert resumed.state == pb.SESSION_STATE_IDLE
+        retried = await second.stub.CreateSession(pb.CreateSessionRequest(request_id="r1"))
+        assert retried.session_id == created[1].session_id
+
+
+async def test_restart_after_kill_9_keeps_every_session_and_request_id(tmp_path: Path) -> None:
+    async with server_process(tmp_path) as first:
+        created = [
+            await first.stub.CreateSession(pb.CreateSessionRequest(request_id=f"k{n}")) for n in range(2)
+        ]
+        orphans = first.agent_pids()
+        assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+        # The agents lost their stdin with the server: they end by themselves.
+        assert not await asyncio.to_thread(wait_gone, orphans, 10)
+
+    async with server_process(tmp_path) as second:
+        listed = (await second.stub.ListSessions(pb.ListSessionsRequest())).sessions
+        assert [s.session_id for s in listed] == [s.session_id for s in created]
+        assert {s.state for s in listed} == {pb.SESSION_STATE_SUSPENDED}
+        retried = await second.stub.CreateSession(pb.CreateSessionRequest(request_id="k0"))
+        assert retried.session_id == created[0].session_id
+        for session in created:
+            request = pb.PromptRequest(session_id=session.session_id, text="after kill")
+            assert reply_text([e async for e in second.stub.Prompt(request, timeout=30)]) == "after kill"
+
+
+async def test_a_corrupt_database_is_moved_aside_and_the_server_starts(tmp_path: Path) -> None:
+    (tmp_path / "sessions.db").write_bytes(b"this is not a sqlite database" * 100)
+    async with server_process(tmp_path) as server:
+        assert await server.health_status() == health_pb2.HealthCheckResponse.SERVING
+        session = await server.stub.CreateSession(pb.CreateSessionRequest())
+        assert session.state == pb.SESSION_STATE_IDLE
+        assert any("could not be read" in line and "moved it to" in line for line in server.log)
+    aside = list(tmp_path.glob("sessions.db.unreadable-*"))
+    assert len(aside) == 1
+    assert aside[0].read_bytes().startswith(b"this is not a sqlite database")
+
+
+async def test_reflection_lists_the_services_without_proto_files(tmp_path: Path) -> None:
+    async with server_process(tmp_path) as server:
+        stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         responses = [r async for r in stub.ServerReflectionInfo(iter([request]), timeout=5)]
         names = {s.name for s in responses[0].list_services_response.service}
@@ -152,3 +245,16 @@ def test_configuration_errors_exit_2_with_a_clear_message(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "permission_policy" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unusable_database_path_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--state-db", str(blocker / "db.sqlite")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot create the directory" in result.stderr and "Traceback" not in result.stderr

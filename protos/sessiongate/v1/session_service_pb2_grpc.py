@@ -78,7 +78,10 @@ class SessionServiceServicer:
 
     def CreateSession(self, request, context):
         """Starts an agent process, initializes it and opens an ACP session (`session/new`).
-        With a `request_id` the call is idempotent: a retry returns the same session.
+        The session is stored durably before the call returns.
+        With a `request_id` the call is idempotent: a retry returns the same session, also
+        after a server restart. When `max_sessions` agents already run, the least recently
+        used idle session is suspended to make room; with none idle: POOL_EXHAUSTED.
         Errors: INVALID_ARGUMENT (unknown agent, bad cwd), UNAVAILABLE/AGENT_UNAVAILABLE
         (start-up failed or timed out), FAILED_PRECONDITION/AGENT_AUTH_REQUIRED,
         RESOURCE_EXHAUSTED/POOL_EXHAUSTED.
@@ -89,6 +92,8 @@ class SessionServiceServicer:
 
     def Prompt(self, request, context):
         """Runs one turn and streams its events; the last event of a turn that ends OK is `result`.
+        A SUSPENDED session is resumed first (its agent restarted; `session/load` when the agent
+        supports it, otherwise the first event is a `notice` that the context was reset).
         A second Prompt on a busy session fails RESOURCE_EXHAUSTED/SESSION_BUSY at once, or
         after `wait_timeout`. No agent event within the stall timeout ends the stream with
         DEADLINE_EXCEEDED/STREAM_STALLED, cancels the turn upstream and frees the session.
@@ -108,13 +113,15 @@ class SessionServiceServicer:
 
     def GetSession(self, request, context):
         """Returns one session's current state. NOT_FOUND/SESSION_NOT_FOUND when unknown or closed.
+        Sessions survive server restarts: after one they are SUSPENDED until their next Prompt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists sessions, oldest first, one page at a time.
+        """Lists sessions (all of them, suspended ones included), oldest first, one page at a time,
+        optionally only those of one agent and/or carrying given labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

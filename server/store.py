@@ -1,0 +1,203 @@
+"""Session records in an embedded SQLite database, so sessions survive restarts.
+
+All SQL runs on one dedicated thread, in submission order: the event loop never waits on
+the disk unless it chooses to (`put` for a CreateSession, which must be durable before it
+is answered). A database that cannot be read is moved aside, never deleted, and a fresh
+one is started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("sessiongate.store")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id       TEXT PRIMARY KEY,
+    agent            TEXT NOT NULL,
+    cwd              TEXT NOT NULL,
+    labels           TEXT NOT NULL,  -- JSON object
+    state            TEXT NOT NULL,
+    agent_session_id TEXT NOT NULL,
+    request_id       TEXT NOT NULL,
+    create_time      REAL NOT NULL,
+    last_active_time REAL NOT NULL,
+    agent_info       TEXT NOT NULL   -- JSON object: name, version, title, load_session
+);
+CREATE INDEX IF NOT EXISTS sessions_request_id ON sessions (request_id) WHERE request_id != '';
+"""
+COLUMNS = ", ".join(
+    (
+        "session_id",
+        "agent",
+        "cwd",
+        "labels",
+        "state",
+        "agent_session_id",
+        "request_id",
+        "create_time",
+        "last_active_time",
+        "agent_info",
+    )
+)
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The database can be neither used nor moved aside; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    session_id: str
+    agent: str
+    cwd: str
+    labels: dict[str, str]
+    state: str
+    agent_session_id: str
+    request_id: str
+    create_time: float
+    last_active_time: float
+    agent_info: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.session_id,
+            self.agent,
+            self.cwd,
+            json.dumps(self.labels, sort_keys=True),
+            self.state,
+            self.agent_session_id,
+            self.request_id,
+            self.create_time,
+            self.last_active_time,
+            json.dumps(self.agent_info, sort_keys=True),
+        )
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> SessionRecord:
+        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info = row
+        return cls(
+            sid, agent, cwd, json.loads(labels), state, acp_id, request_id, created, active, json.loads(info)
+        )
+
+
+class SessionStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sessiongate-db"
+        )
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> list[SessionRecord]:
+        """Open (or create) the database and return every stored session, oldest first."""
+        return await self._run(self._open)
+
+    async def put(self, record: SessionRecord) -> None:
+        """Insert or update a record and wait until it is on disk."""
+        await self._run(self._put, record)
+
+    def put_later(self, record: SessionRecord) -> None:
+        """Queue an insert or update; it runs after every earlier write, off the event loop."""
+        self._thread.submit(self._guarded, self._put, record)
+
+    async def delete(self, session_id: str) -> None:
+        await self._run(self._delete, session_id)
+
+    async def close(self) -> None:
+        """Finish queued writes and close the database."""
+        await self._run(self._close)
+        self._thread.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._thread.submit(fn, *args))
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except sqlite3.Error:
+            log.exception("database write failed path=%s", self.path)
+
+    # ---- on the database thread ------------------------------------------------------
+
+    def _open(self) -> list[SessionRecord]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from exc
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            self._disconnect()
+            aside = self._move_aside(exc)
+            log.error(
+                "session database %s could not be read (%s); moved it to %s and started a fresh one",
+                self.path,
+                exc,
+                aside,
+            )
+            try:
+                return self._connect()
+            except sqlite3.DatabaseError as again:
+                raise StoreError(f"cannot open a fresh session database at {self.path}: {again}") from again
+
+    def _connect(self) -> list[SessionRecord]:
+        db = self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an answered CreateSession survives a crash
+        (check,) = db.execute("PRAGMA quick_check").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this server's {SCHEMA_VERSION}"
+            )
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        rows = db.execute(f"SELECT {COLUMNS} FROM sessions ORDER BY create_time, session_id").fetchall()
+        return [SessionRecord.from_row(row) for row in rows]
+
+    def _disconnect(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _move_aside(self, reason: Exception) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            self.path.replace(aside)
+            for suffix in ("-wal", "-shm"):
+                companion = self.path.with_name(self.path.name + suffix)
+                if companion.exists():
+                    companion.replace(aside.with_name(aside.name + suffix))
+        except OSError as exc:
+            raise StoreError(
+                f"session database {self.path} is unreadable ({reason}) and could not be moved aside: {exc}"
+            ) from exc
+        return aside
+
+    def _put(self, record: SessionRecord) -> None:
+        assert self._db is not None
+        placeholders = ", ".join("?" * len(COLUMNS.split(",")))
+        self._db.execute(f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES ({placeholders})", record.row())
+
+    def _delete(self, session_id: str) -> None:
+        assert self._db is not None
+        self._db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+    def _close(self) -> None:
+        self._disconnect()
