@@ -60,23 +60,6 @@ async def test_request_id_reused_for_another_cwd_is_invalid(gate: Gate) -> None:
     assert "request_id" in error.violations
 
 
-async def test_pool_with_every_agent_busy_fails_pool_exhausted_with_retry_info(
-    make_gate: GateFactory,
-) -> None:
-    gate: Gate = await make_gate(max_sessions=2)
-    calls = []
-    for _ in range(2):
-        session = await gate.create()
-        call = gate.stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="/stall"), timeout=30)
-        await asyncio.wait_for(call.read(), 10)
-        calls.append(call)
-    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest()))
-    assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "POOL_EXHAUSTED")
-    assert error.retry_delay is not None
-    for call in calls:
-        call.cancel()
-
-
 async def test_get_list_paginate_filter_and_close(make_gate: GateFactory) -> None:
     gate: Gate = await make_gate(agents={"second": ()})
     first = await gate.create(labels={"team": "a"}, cwd=str(gate.workdir))
