@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,18 @@ def kill_leftovers(pids: set[int]) -> None:
 
 
 GateFactory = Callable[..., Awaitable[Gate]]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test, and no server or agent a test starts, may touch the real user's state dir."""
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if previous is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
 
 
 @pytest.fixture

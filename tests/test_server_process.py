@@ -258,3 +258,20 @@ def test_an_unusable_database_path_exits_1_with_a_clear_message(tmp_path: Path) 
     )
     assert result.returncode == 1
     assert "cannot create the directory" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_second_signal_stops_at_once_without_waiting_for_the_drain_grace(tmp_path: Path) -> None:
+    async with server_process(tmp_path, drain_grace=60.0) as server:
+        session = await server.stub.CreateSession(pb.CreateSessionRequest())
+        call = server.stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="/hang"), timeout=90)
+        await asyncio.wait_for(call.read(), 10)
+        pids = server.agent_pids()
+        server.process.send_signal(signal.SIGTERM)
+        await eventually(lambda: "received SIGTERM (1)" in "".join(server.log), 10, "the first signal")
+        started = asyncio.get_running_loop().time()
+        code = await server.stop(signal.SIGTERM, timeout=30)
+        took = asyncio.get_running_loop().time() - started
+        assert code == 0
+        assert took < 15.0, f"the second signal took {took:.1f}s (drain grace is 60 s)"
+        assert not await asyncio.to_thread(wait_gone, pids, 10)
+        call.cancel()
