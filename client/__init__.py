@@ -1,0 +1,44 @@
+"""The sessiongate Python SDK.
+
+    from client import AsyncSessionClient, SessionClient, SessionBusy, retry_async
+
+`AsyncSessionClient` (asyncio) and `SessionClient` (blocking) mirror the RPCs; failures
+raise the classes in `client.errors`, one per ErrorInfo reason, with decoded details.
+"""
+
+from client.aio import AsyncSessionClient
+from client.errors import (
+    AgentAuthRequired,
+    AgentError,
+    AgentExited,
+    AgentUnavailable,
+    InvalidRequest,
+    PoolExhausted,
+    SessionBusy,
+    SessionGateError,
+    SessionNotFound,
+    ShuttingDown,
+    StreamStalled,
+    TurnTimeout,
+)
+from client.retry import retry, retry_async
+from client.sync import SessionClient
+
+__all__ = [
+    "AgentAuthRequired",
+    "AgentError",
+    "AgentExited",
+    "AgentUnavailable",
+    "AsyncSessionClient",
+    "InvalidRequest",
+    "PoolExhausted",
+    "SessionBusy",
+    "SessionClient",
+    "SessionGateError",
+    "SessionNotFound",
+    "ShuttingDown",
+    "StreamStalled",
+    "TurnTimeout",
+    "retry",
+    "retry_async",
+]

@@ -33,6 +33,9 @@ class SessionGateError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str | None = None
+    # False for UNAVAILABLE errors that a blind retry would only repeat (an agent that failed to
+    # start): the service commits the RPC first so clients' transparent retries skip them.
+    transparently_retryable = True
 
     def __init__(
         self,
@@ -121,6 +124,7 @@ class SessionNotFound(SessionGateError):
 class AgentUnavailable(SessionGateError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "AGENT_UNAVAILABLE"
+    transparently_retryable = False
 
 
 class AgentAuthRequired(SessionGateError):
@@ -131,6 +135,7 @@ class AgentAuthRequired(SessionGateError):
 class AgentExited(SessionGateError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "AGENT_EXITED"
+    transparently_retryable = False
 
 
 class AgentError(SessionGateError):

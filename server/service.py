@@ -48,6 +48,10 @@ R = TypeVar("R")
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, SessionGateError):
         status = exc.to_status()
+        if not exc.transparently_retryable:
+            # Response headers commit the RPC: gRPC retry policies then leave it alone.
+            with contextlib.suppress(Exception):  # already sent on a stream that yielded events
+                await context.send_initial_metadata(())
         await context.abort(status.code, status.details, status.trailing_metadata)
     log.exception("unexpected error", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")

@@ -1,0 +1,80 @@
+"""What the async and sync clients share: channel options, request builders, event helpers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from google.protobuf import duration_pb2
+from sessiongate.v1 import session_service_pb2 as pb
+
+SERVICE = "sessiongate.v1.SessionService"
+UNARY_METHODS = ("CreateSession", "CancelPrompt", "GetSession", "ListSessions", "CloseSession", "ListAgents")
+
+# Transparent retries of UNAVAILABLE for unary calls. The server commits the RPC before
+# errors a retry cannot fix (AGENT_UNAVAILABLE, AGENT_EXITED), so those are not repeated;
+# CreateSession is made idempotent by a request_id the client fills in when none is given.
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE, "method": method} for method in UNARY_METHODS],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+Metadata = Sequence[tuple[str, str]]
+
+
+def channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    return [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1), *extra]
+
+
+def duration(seconds: float | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def create_request(
+    agent: str, cwd: str, request_id: str | None, labels: Mapping[str, str] | None
+) -> pb.CreateSessionRequest:
+    return pb.CreateSessionRequest(
+        agent=agent,
+        cwd=cwd,
+        request_id=request_id if request_id is not None else f"sdk-{uuid.uuid4().hex}",
+        labels=dict(labels or {}),
+    )
+
+
+def prompt_request(
+    session_id: str,
+    text: str,
+    content: Sequence[pb.ContentBlock],
+    stall_timeout: float | None,
+    wait_timeout: float | None,
+) -> pb.PromptRequest:
+    return pb.PromptRequest(
+        session_id=session_id,
+        text=text,
+        content=list(content),
+        stall_timeout=duration(stall_timeout),
+        wait_timeout=duration(wait_timeout),
+    )
+
+
+def event_text(event: pb.PromptEvent) -> str:
+    """The reply text an event carries ("" for every event but a text message chunk)."""
+    if event.WhichOneof("event") == "message_chunk":
+        return event.message_chunk.content.text.text
+    return ""

@@ -1,0 +1,125 @@
+"""Exceptions raised by the sessiongate client, one class per `ErrorInfo.reason`.
+
+Every exception carries the gRPC status code, the server's message and the decoded rich
+details: `reason` and `metadata` (ErrorInfo), `retry_delay` (RetryInfo, seconds) and
+`violations` (BadRequest: field -> description).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "sessiongate"
+
+
+class SessionGateError(Exception):
+    """A failed call. Subclasses name the server's `ErrorInfo.reason`."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        retry_delay: float | None = None,
+        violations: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}{f' {reason}' if reason else ''}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = metadata or {}
+        self.retry_delay = retry_delay
+        self.violations = violations or {}
+
+
+class SessionBusy(SessionGateError):
+    """RESOURCE_EXHAUSTED: a turn is already running on the session (retry after `retry_delay`)."""
+
+
+class PoolExhausted(SessionGateError):
+    """RESOURCE_EXHAUSTED: every agent slot is busy (retry after `retry_delay`)."""
+
+
+class StreamStalled(SessionGateError):
+    """DEADLINE_EXCEEDED: the agent sent nothing within the stall timeout; the turn was cancelled."""
+
+
+class TurnTimeout(SessionGateError):
+    """DEADLINE_EXCEEDED: the turn ran past the server's maximum turn duration."""
+
+
+class SessionNotFound(SessionGateError):
+    """NOT_FOUND: unknown or closed session."""
+
+
+class InvalidRequest(SessionGateError):
+    """INVALID_ARGUMENT: see `violations` for each bad field."""
+
+
+class AgentUnavailable(SessionGateError):
+    """UNAVAILABLE: the agent failed to start, initialize or open a session."""
+
+
+class AgentAuthRequired(SessionGateError):
+    """FAILED_PRECONDITION: the agent needs credentials (`metadata['auth_methods']`)."""
+
+
+class AgentExited(SessionGateError):
+    """UNAVAILABLE: the agent process exited during the turn (`metadata['exit_code']`)."""
+
+
+class AgentError(SessionGateError):
+    """INTERNAL: the agent answered the turn with a JSON-RPC error (`metadata['code']`)."""
+
+
+class ShuttingDown(SessionGateError):
+    """UNAVAILABLE: the server is draining."""
+
+
+BY_REASON: dict[str, type[SessionGateError]] = {
+    "SESSION_BUSY": SessionBusy,
+    "POOL_EXHAUSTED": PoolExhausted,
+    "STREAM_STALLED": StreamStalled,
+    "TURN_TIMEOUT": TurnTimeout,
+    "SESSION_NOT_FOUND": SessionNotFound,
+    "AGENT_UNAVAILABLE": AgentUnavailable,
+    "AGENT_AUTH_REQUIRED": AgentAuthRequired,
+    "AGENT_EXITED": AgentExited,
+    "AGENT_ERROR": AgentError,
+    "SHUTTING_DOWN": ShuttingDown,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> SessionGateError:
+    """Decode a failed call's status and `grpc-status-details-bin` into our exception classes."""
+    call: Any = error
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or ""
+    reason, metadata, retry_delay, violations = "", {}, None, {}
+    status = rpc_status.from_call(call)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == DOMAIN:
+                reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = {v.field: v.description for v in bad.field_violations}
+    cls = BY_REASON.get(reason) or (
+        InvalidRequest if code == grpc.StatusCode.INVALID_ARGUMENT else SessionGateError
+    )
+    return cls(
+        code, message, reason=reason, metadata=metadata, retry_delay=retry_delay, violations=violations
+    )

@@ -1,0 +1,131 @@
+"""SessionClient: the sessiongate API for plain (blocking) Python code."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from client._common import Metadata, channel_options, create_request, event_text, prompt_request
+from client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
+from client.errors import from_rpc_error
+
+
+class SessionClient:
+    """The blocking twin of `AsyncSessionClient`: same methods, same errors."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        opts = channel_options(options)
+        self._channel = (
+            grpc.secure_channel(target, credentials, opts)
+            if credentials is not None
+            else grpc.insecure_channel(target, opts)
+        )
+        self._stub = pb_grpc.SessionServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = tuple(metadata)
+
+    def __enter__(self) -> SessionClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def create_session(
+        self,
+        agent: str = "",
+        cwd: str = "",
+        *,
+        request_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: float = CREATE_TIMEOUT,
+    ) -> pb.Session:
+        """See AsyncSessionClient.create_session."""
+        return self._call(self._stub.CreateSession, create_request(agent, cwd, request_id, labels), timeout)
+
+    def prompt(
+        self,
+        session_id: str,
+        text: str = "",
+        *,
+        content: Sequence[pb.ContentBlock] = (),
+        stall_timeout: float | None = None,
+        wait_timeout: float | None = None,
+        timeout: float | None = None,
+    ) -> Generator[pb.PromptEvent, None, None]:
+        """See AsyncSessionClient.prompt. Closing the iterator early cancels the turn."""
+        request = prompt_request(session_id, text, content, stall_timeout, wait_timeout)
+        call = self._stub.Prompt(request, metadata=self._metadata, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    def reply(self, session_id: str, text: str = "", **options: Any) -> tuple[str, pb.TurnResult]:
+        """Run one turn and return its whole reply text and its result."""
+        parts: list[str] = []
+        result = pb.TurnResult()
+        for event in self.prompt(session_id, text, **options):
+            parts.append(event_text(event))
+            if event.HasField("result"):
+                result = event.result
+        return "".join(parts), result
+
+    def cancel_prompt(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> bool:
+        response = self._call(self._stub.CancelPrompt, pb.CancelPromptRequest(session_id=session_id), timeout)
+        return bool(response.cancelled)
+
+    def get_session(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
+        return self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id), timeout)
+
+    def list_sessions(
+        self,
+        *,
+        agent: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        timeout: float = UNARY_TIMEOUT,
+    ) -> Iterator[pb.Session]:
+        token = ""
+        while True:
+            request = pb.ListSessionsRequest(
+                agent=agent, labels=dict(labels or {}), page_size=page_size, page_token=token
+            )
+            page = self._call(self._stub.ListSessions, request, timeout)
+            yield from page.sessions
+            token = page.next_page_token
+            if not token:
+                return
+
+    def close_session(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
+        response = self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout)
+        return response.session
+
+    def list_agents(self, *, timeout: float = UNARY_TIMEOUT) -> pb.ListAgentsResponse:
+        return self._call(self._stub.ListAgents, pb.ListAgentsRequest(), timeout)
+
+    def health(self, service: str = "", *, timeout: float = UNARY_TIMEOUT) -> str:
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
