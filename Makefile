@@ -7,10 +7,25 @@ PROTO_DIR := protos
 PROTO_SRC := $(PROTO_DIR)/sessiongate/v1/session_service.proto
 PROTO_GEN := $(PROTO_DIR)/sessiongate/v1/session_service_pb2.py
 ARGS ?=
+# Third-party tools the conformance tests drive (Node gRPC client, buf, codex-acp), from npm.
+NODE_DIR   := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+BUF        := $(NODE_DIR)/node_modules/.bin/buf
+# buf breaking compares the proto with main (on a branch) or with the previous commit (on main).
+BREAKING_BASE ?= $(shell if [ "$$(git rev-parse --abbrev-ref HEAD 2>/dev/null)" != main ] && git rev-parse -q --verify main >/dev/null 2>&1; then echo main; elif git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then echo HEAD~1; fi)
 
-.PHONY: setup proto proto-check run test lint clean
+.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test lint clean
 
 setup: $(STAMP)
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else \
+		echo "npm not found: the Node client, buf and codex-acp tests will be skipped"; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +41,21 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) scripts/gen_proto.py --check $(PROTO_DIR)
 
+proto-lint: $(NODE_STAMP)
+	$(BUF) lint
+
+proto-breaking: $(NODE_STAMP)
+	@if [ -z "$(BREAKING_BASE)" ]; then \
+		echo "buf breaking: no earlier commit to compare with"; \
+	else \
+		$(BUF) breaking --against '.git#ref=$(BREAKING_BASE),subdir=$(PROTO_DIR)' \
+		&& echo "buf breaking: no breaking change against $(BREAKING_BASE)"; \
+	fi
+
 run: $(STAMP)
 	$(PY) -m server $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP)
@@ -38,4 +64,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -146,12 +146,17 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
     workdir.mkdir()
 
     async def factory(
-        agents: dict[str, tuple[str, ...]] | None = None, state_db: Path | None = None, **limits: Any
+        agents: dict[str, tuple[str, ...] | AgentConfig] | None = None,
+        state_db: Path | None = None,
+        **limits: Any,
     ) -> Gate:
+        """`agents` values: echo-agent flags, ("policy", NAME), ("command", PATH, *ARGS), or a config."""
         state_db = state_db or tmp_path / f"sessions-{len(gates)}.db"
         configs = {"echo": echo_agent("echo", state_dir)}
         for name, extra in (agents or {}).items():
-            if extra and extra[0] == "policy":
+            if isinstance(extra, AgentConfig):
+                configs[name] = extra
+            elif extra and extra[0] == "policy":
                 configs[name] = echo_agent(name, state_dir, policy=extra[1])
             elif extra and extra[0] == "command":
                 configs[name] = AgentConfig(name=name, command=extra[1], args=extra[2:])
