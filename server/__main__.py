@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
+from server import logs
 from server.app import serve
 from server.settings import ConfigError, load_settings
 from server.store import StoreError
@@ -17,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sessiongate-server: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         return asyncio.run(serve(settings))
     except (OSError, StoreError) as exc:

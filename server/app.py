@@ -15,6 +15,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server.errors import ShuttingDown
+from server.metrics import Metrics
 from server.pool import SessionPool
 from server.service import SessionService
 from server.settings import Settings
@@ -35,6 +36,8 @@ class RunningServer:
     pool: SessionPool
     service: SessionService
     health: HealthServicer
+    metrics: Metrics
+    metrics_port: int | None
 
     async def drain(self, grace: float) -> None:
         """Stop taking work, let running turns finish within `grace`, then end them (CANCELLED).
@@ -50,15 +53,18 @@ class RunningServer:
                 task.cancel()
         await self.pool.shutdown()
         await self.server.stop(SERVER_STOP_GRACE)
+        self.metrics.stop()
 
 
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
     pool = SessionPool(settings.limits, SessionStore(settings.state_db))
+    metrics = Metrics(pool.sessions)
+    pool.on_agent_start = metrics.agent_started
     restored = await pool.load(settings.agents)
     log.info("session store %s: %d sessions restored (SUSPENDED)", settings.state_db, restored)
     server = grpc.aio.server()
-    service = SessionService(settings, pool)
+    service = SessionService(settings, pool, metrics)
     health = HealthServicer()
     pb_grpc.add_SessionServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -72,8 +78,9 @@ async def start_server(settings: Settings) -> RunningServer:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
-    return RunningServer(server, port, pool, service, health)
+    return RunningServer(server, port, pool, service, health, metrics, metrics_port)
 
 
 async def serve(settings: Settings) -> int:
@@ -103,6 +110,7 @@ async def serve(settings: Settings) -> int:
         running.service.draining = True
         await running.pool.terminate()
         await running.server.stop(0)
+        running.metrics.stop()
     log.info("stopped")
     return 0
 

@@ -17,7 +17,7 @@ import binascii
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from server.agent import Handshake
@@ -54,6 +54,7 @@ class SessionPool:
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self.on_agent_start: Callable[[str, bool], None] | None = None  # (agent name, started ok)
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -85,6 +86,7 @@ class SessionPool:
             limits=self.limits,
             slots=self._slots,
             on_change=self._persist_later,
+            on_agent_start=self.on_agent_start,
             session_id=record.session_id if record else "",
             create_time=record.create_time if record else 0.0,
             last_active_time=record.last_active_time if record else 0.0,

@@ -21,9 +21,10 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import translate
-from server.errors import FieldViolation, InvalidArgument, SessionGateError, ShuttingDown
+from server.errors import FieldViolation, InvalidArgument, SessionBusy, SessionGateError, ShuttingDown
+from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
-from server.session import Session, State
+from server.session import Session, State, TurnEnd
 from server.settings import Settings
 
 log = logging.getLogger("sessiongate.service")
@@ -74,10 +75,11 @@ def unary(
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
-    def __init__(self, settings: Settings, pool: SessionPool) -> None:
+    def __init__(self, settings: Settings, pool: SessionPool, metrics: Metrics) -> None:
         self._settings = settings
         self._limits = settings.limits
         self._pool = pool
+        self._metrics = metrics
         self.draining = False
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -104,18 +106,34 @@ class SessionService(pb_grpc.SessionServiceServicer):
         return session_proto(session)
 
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        started = time.monotonic()
+        agent, seq, outcome = "", 0, "client_gone"
         try:
             self._refuse_if_draining()
             blocks, stall_timeout, wait_timeout = self._validate_prompt(request)
             session = self._pool.get(request.session_id)
-            seq = 0
+            agent = session.config.name
             turn = session.run_turn(blocks, stall_timeout, wait_timeout)
             async with contextlib.aclosing(turn) as items:
                 async for item in items:
                     seq += 1
+                    if seq == 1:
+                        self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
+                    if isinstance(item, TurnEnd):
+                        outcome = "cancelled" if item.stop_reason == "cancelled" else "ok"
                     yield translate.to_event(seq, item)
         except Exception as exc:
+            outcome = _outcome(exc)
+            if isinstance(exc, SessionBusy):
+                self._metrics.busy_rejections.labels(agent).inc()
             await _abort(context, exc)
+        finally:
+            if agent and outcome:  # a turn ran (not refused before it started)
+                took = time.monotonic() - started
+                self._metrics.turns.labels(agent, outcome).inc()
+                self._metrics.events.labels(agent).inc(seq)  # once per turn: nothing per event
+                self._metrics.turn_duration.labels(agent).observe(took)
+                log.info("turn ended outcome=%s events=%d seconds=%.3f", outcome, seq, took)
 
     @unary
     async def CancelPrompt(self, request: pb.CancelPromptRequest, context: Any) -> pb.CancelPromptResponse:
@@ -205,6 +223,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
         blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
         blocks.extend(translate.to_acp_block(b) for b in request.content)
         return blocks, stall, wait
+
+
+def _outcome(exc: Exception) -> str:
+    """The turns outcome of a failed Prompt; "" when it was refused before any turn ran."""
+    if not isinstance(exc, SessionGateError):
+        return "error"
+    # Busy, not found, invalid, draining, pool full: refused up front, not a turn.
+    return OUTCOMES.get(exc.reason or "", "")
 
 
 def _required_id(session_id: str) -> str:

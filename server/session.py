@@ -27,6 +27,7 @@ from typing import Any
 import acp
 from acp import schema
 
+from server import logs
 from server.agent import AgentConnection, Handshake, TurnItem
 from server.errors import (
     AgentAuthRequired,
@@ -109,6 +110,7 @@ class Session:
         limits: ServerLimits,
         slots: Slots,
         on_change: Callable[[Session], None] | None = None,
+        on_agent_start: Callable[[str, bool], None] | None = None,
         session_id: str = "",
         create_time: float = 0.0,
         last_active_time: float = 0.0,
@@ -131,6 +133,8 @@ class Session:
         self._slots = slots
         self._has_slot = False
         self._on_change = on_change
+        self._on_agent_start = on_agent_start
+        self.turns = 0  # turns started on this server, for log lines
         self._lock = asyncio.Lock()
         self._context_reset = False  # the agent lost the history: the next turn starts with a notice
         self._recovery: asyncio.Task[None] | None = None
@@ -141,6 +145,7 @@ class Session:
 
     async def start(self) -> None:
         """Start the agent and open the ACP session (CreateSession). Bounded by the start timeout."""
+        logs.bind(session=self.session_id, agent=self.config.name)
         async with self._lock:
             await self._ensure_agent()
 
@@ -244,9 +249,13 @@ class Session:
             if self._ending:  # closed or shut down while we were starting: do not leak the agent
                 await agent.terminate()
                 self._check_open()
-        except BaseException:
+        except BaseException as exc:
             self._release_slot()
+            if self._on_agent_start is not None and not isinstance(exc, ShuttingDown | SessionNotFound):
+                self._on_agent_start(self.config.name, False)
             raise
+        if self._on_agent_start is not None:
+            self._on_agent_start(self.config.name, True)
         if resume_id and not resumed:
             self._context_reset = True
         self.agent = agent
@@ -299,7 +308,10 @@ class Session:
         AgentExited, AgentError, AgentAuthRequired, AgentUnavailable or PoolExhausted (resume
         failed), SessionNotFound or ShuttingDown (closed meanwhile).
         """
+        logs.bind(session=self.session_id, agent=self.config.name)
         await self._acquire(wait_timeout)
+        self.turns += 1
+        logs.bind(turn=self.turns)
         turn: Turn | None = None
         try:
             await self._ensure_agent()

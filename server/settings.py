@@ -67,6 +67,8 @@ class Settings:
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
     limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "INFO"
+    log_format: str = "text"  # "text" (key=value) or "json"
+    metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
 
     @property
@@ -86,7 +88,16 @@ def builtin_agent() -> AgentConfig:
 
 
 _LIMIT_FIELDS = {f.name: f for f in fields(ServerLimits)}
-_SCALAR_KEYS = ("listen", "default_agent", "workdir", "allowed_roots", "log_level", "state_db")
+_SCALAR_KEYS = (
+    "listen",
+    "default_agent",
+    "workdir",
+    "allowed_roots",
+    "log_level",
+    "log_format",
+    "metrics_listen",
+    "state_db",
+)
 
 
 def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +136,12 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
         help="directory sessions may use as cwd, repeatable (default: the workdir)",
     )
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-format", dest="log_format", help="text (key=value, default) or json")
+    parser.add_argument(
+        "--metrics-listen",
+        dest="metrics_listen",
+        help="HOST:PORT to serve Prometheus /metrics on (default: off)",
+    )
     parser.add_argument(
         "--state-db", dest="state_db", help="SQLite file sessions are kept in (default under XDG_STATE_HOME)"
     )
@@ -189,6 +206,10 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, default_agent=str(raw["default_agent"]))
     if "log_level" in raw:
         settings = replace(settings, log_level=str(raw["log_level"]).upper())
+    if "log_format" in raw:
+        settings = replace(settings, log_format=str(raw["log_format"]).lower())
+    if "metrics_listen" in raw:
+        settings = replace(settings, metrics_listen=str(raw["metrics_listen"]))
     if "workdir" in raw:
         settings = replace(settings, workdir=Path(str(raw["workdir"])))
     if "state_db" in raw:
@@ -221,9 +242,13 @@ def validate(settings: Settings) -> Settings:
         )
     if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {settings.log_level!r}")
-    host, sep, port = settings.listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"listen must be HOST:PORT, got {settings.listen!r}")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format must be text or json, got {settings.log_format!r}")
+    for key in ("listen", "metrics_listen"):
+        value = getattr(settings, key)
+        host, sep, port = value.rpartition(":")
+        if (value or key == "listen") and (not sep or not host or not port.isdigit()):
+            raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
     workdir = settings.workdir.expanduser().resolve()
     if not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} is not a directory")

@@ -148,6 +148,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
     async def factory(
         agents: dict[str, tuple[str, ...] | AgentConfig] | None = None,
         state_db: Path | None = None,
+        metrics: bool = False,
         **limits: Any,
     ) -> Gate:
         """`agents` values: echo-agent flags, ("policy", NAME), ("command", PATH, *ARGS), or a config."""
@@ -176,6 +177,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
                 agents=configs,
                 limits=replace(ServerLimits(), **{**defaults, **limits}),
                 state_db=state_db,
+                metrics_listen="127.0.0.1:0" if metrics else "",
             )
         )
         running = await start_server(settings)

@@ -1,120 +1,21 @@
-"""The server as users run it: `python -m server` in its own process group.
-
-Signals, drain, restarts on the same database (after SIGTERM and after kill -9), and a
-corrupt database. Each server is started with its own state database and agent state dir
-under the test's tmp_path, and every agent PID it recorded is checked gone at the end.
-"""
+"""The server as users run it: signals, drain, restarts on the same database (after
+SIGTERM and after kill -9), a corrupt database, reflection, configuration errors."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
-from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import eventually, expect_error, kill_leftovers, reply_text, wait_gone
-
-CONFIG = """
-[server]
-stall_timeout = 5
-drain_grace = {drain_grace}
-
-[agents.slow]
-command = "{python}"
-args = ["-m", "server.echo_agent", "--init-delay", "3600"]
-env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
-
-[agents.echo]
-command = "{python}"
-args = ["-m", "server.echo_agent"]
-env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
-"""
-
-
-class ServerProcess:
-    """One `python -m server` process and a channel to it."""
-
-    def __init__(self, process: subprocess.Popen[str], port: int, state_dir: Path, log: list[str]) -> None:
-        self.process = process
-        self.port = port
-        self.state_dir = state_dir
-        self.log = log
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.SessionServiceStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def agent_pids(self) -> set[int]:
-        pid_dir = self.state_dir / "pids"
-        return {int(p.name) for p in pid_dir.iterdir()} if pid_dir.exists() else set()
-
-    async def health_status(self) -> int:
-        response = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        return response.status
-
-    async def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
-        self.process.send_signal(signum)
-        return await asyncio.to_thread(self.process.wait, timeout)
-
-
-@contextlib.asynccontextmanager
-async def server_process(tmp_path: Path, drain_grace: float = 1.0) -> AsyncIterator[ServerProcess]:
-    """Start a server on tmp_path's database; on exit, kill whatever is left of it and its agents."""
-    state = tmp_path / "agent-state"
-    config = tmp_path / "sessiongate.toml"
-    config.write_text(CONFIG.format(python=sys.executable, state=state, drain_grace=drain_grace))
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "server", "--config", str(config), "--listen", "127.0.0.1:0"),
-            *("--workdir", str(tmp_path), "--state-db", str(tmp_path / "sessions.db")),
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    log: list[str] = []
-    reader = asyncio.create_task(asyncio.to_thread(_read_log, process, log))
-    server: ServerProcess | None = None
-    try:
-        await eventually(lambda: _port(log) is not None or process.poll() is not None, 30, "server start")
-        port = _port(log)
-        assert port is not None, "server exited before serving:\n" + "".join(log)
-        server = ServerProcess(process, port, state, log)
-        yield server
-    finally:
-        if server is not None:
-            await server.channel.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await asyncio.to_thread(process.wait, 10)
-        await reader
-        if server is not None:
-            kill_leftovers(wait_gone(server.agent_pids(), 0))
-
-
-def _read_log(process: subprocess.Popen[str], log: list[str]) -> None:
-    assert process.stderr is not None
-    for line in process.stderr:  # keep draining so the server never blocks on a full pipe
-        log.append(line)
-
-
-def _port(log: list[str]) -> int | None:
-    for line in log:
-        match = re.search(r"serving on .* \(port (\d+)\)", line)
-        if match:
-            return int(match.group(1))
-    return None
+from tests.conftest import eventually, expect_error, reply_text, wait_gone
+from tests.processes import server_process
 
 
 async def test_sigterm_drains_exits_zero_and_leaves_no_agent_behind(tmp_path: Path) -> None:

@@ -1,0 +1,62 @@
+"""Structured logs: `key=value` text (default) or one JSON object per line.
+
+The session, agent and turn being worked on travel in a context variable, so every log
+line written while handling a session carries them, including the agent's stderr lines
+(its reader task inherits the context of the start that spawned it). Prompt text is
+never logged by sessiongate; agent stderr is logged as the agent wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextvars import ContextVar
+
+_fields: ContextVar[dict[str, str]] = ContextVar("sessiongate_log_fields", default={})  # noqa: B039
+
+
+def bind(**fields: object) -> None:
+    """Add fields to every log line of the current task (and of tasks it starts from now on)."""
+    _fields.set({**_fields.get(), **{k: str(v) for k, v in fields.items()}})
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = _fields.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", {})
+        return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
