@@ -197,7 +197,8 @@ class AgentConnection:
                 f"agent {self.config.name!r} is not configured on this server",
                 metadata={"agent": self.config.name},
             )
-        env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
+        # Clean environment: the basics, the variables this agent may see, its own settings.
+        env = {k: os.environ[k] for k in (*INHERITED_ENV, *self.config.pass_env) if k in os.environ}
         env.update(self.config.env)
         try:
             self._process = await asyncio.create_subprocess_exec(

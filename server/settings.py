@@ -35,6 +35,7 @@ class AgentConfig:
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     permission_policy: str = "approve-reads"
+    pass_env: tuple[str, ...] = ()  # server env vars this agent may see (e.g. its API key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,7 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     where = f"[agents.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(table) - {"command", "args", "env", "permission_policy"}
+    unknown = set(table) - {"command", "args", "env", "permission_policy", "pass_env"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     command = table.get("command")
@@ -186,7 +187,10 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     policy = table.get("permission_policy", "approve-reads")
     if policy not in PERMISSION_POLICIES:
         raise ConfigError(f"{where}: `permission_policy` must be one of {', '.join(PERMISSION_POLICIES)}")
-    return AgentConfig(name, command, tuple(args), dict(env), policy)
+    pass_env = table.get("pass_env", [])
+    if not isinstance(pass_env, list) or not all(isinstance(v, str) and v for v in pass_env):
+        raise ConfigError(f"{where}: `pass_env` must be a list of environment variable names")
+    return AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env))
 
 
 def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:

@@ -78,3 +78,19 @@ def test_workdir_outside_allowed_roots_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     with pytest.raises(ConfigError, match="outside the allowed roots"):
         load_settings(["--workdir", str(tmp_path / "a"), "--allowed-root", str(tmp_path / "b")], environ={})
+
+
+def test_the_example_config_loads_with_every_preset(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "sessiongate.example.toml"
+    settings = load_settings(["--config", str(example), "--workdir", str(tmp_path)], environ={})
+    assert {"echo", "claude", "codex", "gemini", "opencode"} <= set(settings.agents)
+    assert settings.agents["codex"].pass_env == ("OPENAI_API_KEY", "CODEX_API_KEY")
+    assert settings.agents["gemini"].args == ("--experimental-acp",)
+    assert settings.agents["opencode"].args == ("acp",)
+    assert settings.limits.max_sessions == 16
+
+
+def test_pass_env_must_name_variables(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.toml", "[agents.x]\ncommand = 'x'\npass_env = 'KEY'\n")
+    with pytest.raises(ConfigError, match="pass_env"):
+        load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})

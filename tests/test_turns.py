@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2, json_format
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import Gate, GateFactory, alive, expect_error, kinds, reply_text, wait_gone
+from tests.conftest import Gate, GateFactory, alive, echo_agent, expect_error, kinds, reply_text, wait_gone
 
 
 def seconds(value: float) -> duration_pb2.Duration:
@@ -306,6 +308,18 @@ async def test_flood_delivers_every_chunk_in_order(gate: Gate) -> None:
     assert all(len(c.message_chunk.content.text.text) == 32 for c in chunks)
     assert [e.seq for e in events] == list(range(1, 3002))
     assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
+
+
+async def test_only_named_server_variables_reach_an_agent(
+    make_gate: GateFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SESSIONGATE_AGENT_KEY", "for-this-agent")
+    monkeypatch.setenv("SESSIONGATE_SERVER_SECRET", "do-not-leak")
+    keyed = replace(echo_agent("keyed", tmp_path / "agent-state"), pass_env=("SESSIONGATE_AGENT_KEY",))
+    gate: Gate = await make_gate(agents={"keyed": keyed})
+    session = await gate.create(agent="keyed")
+    events = await gate.prompt(session.session_id, "/env SESSIONGATE_AGENT_KEY SESSIONGATE_SERVER_SECRET")
+    assert reply_text(events) == "SESSIONGATE_AGENT_KEY=for-this-agent SESSIONGATE_SERVER_SECRET unset"
 
 
 async def test_agent_environment_is_clean(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> None:
