@@ -148,6 +148,7 @@ class Session:
         logs.bind(session=self.session_id, agent=self.config.name)
         async with self._lock:
             await self._ensure_agent()
+            self.last_active_time = time.time()  # idle from when it is ready, not from when it was asked for
 
     async def close(self) -> None:
         """CloseSession: cancel any turn (it ends CANCELLED), end the agent's group; gone for good."""

@@ -53,8 +53,9 @@ async def test_an_idle_session_is_suspended_after_the_ttl_and_resumes(make_gate:
     gate: Gate = await make_gate(idle_ttl=1.5, sweep_interval=0.2)
     session = await gate.create()
     pids = gate.agent_pids()
-    took = await gate.wait_state(session.session_id, pb.SESSION_STATE_SUSPENDED, timeout=10)
-    assert took >= 1.0, "suspended before the TTL"
+    await gate.wait_state(session.session_id, pb.SESSION_STATE_SUSPENDED, timeout=10)
+    idle_for = time.time() - session.last_active_time.ToNanoseconds() / 1e9
+    assert idle_for >= 1.5, f"suspended after {idle_for:.2f}s idle, before the 1.5 s TTL"
     assert not await asyncio.to_thread(wait_gone, pids, 5)
     assert reply_text(await gate.prompt(session.session_id, "awake")) == "awake"
     assert await gate.state(session.session_id) == pb.SESSION_STATE_IDLE
@@ -89,7 +90,8 @@ async def test_a_pool_full_of_stuck_handlers_recovers_by_itself(make_gate: GateF
     recovered_in = time.monotonic() - started
 
     assert created is not None, "the pool never recovered"
-    assert recovered_in < 3.0 + 2.0 + 3.0, f"recovery took {recovered_in:.1f}s"
+    # Turn limit + grace, then a sweep and a fresh agent start (slow on a loaded 2-core machine).
+    assert recovered_in < 3.0 + 2.0 + 5.0, f"recovery took {recovered_in:.1f}s"
     for session in zombies:
         assert await gate.state(session.session_id) == pb.SESSION_STATE_SUSPENDED
     assert not await asyncio.to_thread(wait_gone, zombie_pids, 5), "zombie agents were not killed"
