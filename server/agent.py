@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -160,31 +160,51 @@ class AgentConnection:
         self._on_exit = callback
 
     async def open_session(self, cwd: str, timeout: float, resume_id: str = "") -> tuple[str, bool]:
-        """Spawn, `initialize` and open an ACP session, all within `timeout`.
+        """Spawn, `initialize` and open an ACP session (see `open`), all within `timeout`."""
+        async with self._bounded(timeout, "finish starting"):
+            await self._spawn()
+            await self._initialize()
+            return await self._open(cwd, resume_id)
+
+    async def start(self, timeout: float) -> Handshake:
+        """Spawn and `initialize` within `timeout`, ready for `open` (a warm spare)."""
+        async with self._bounded(timeout, "finish starting"):
+            await self._spawn()
+            return await self._initialize()
+
+    async def open(self, cwd: str, timeout: float, resume_id: str = "") -> tuple[str, bool]:
+        """Open an ACP session on a started agent within `timeout`.
 
         With `resume_id` and an agent that advertises `loadSession`, the ACP session is
         resumed with `session/load`; otherwise a new one is opened. Returns the ACP session
-        id and whether it was resumed. On any failure nothing is left running.
+        id and whether it was resumed. On any failure the agent is terminated.
         """
+        async with self._bounded(timeout, "open a session"):
+            return await self._open(cwd, resume_id)
+
+    async def _open(self, cwd: str, resume_id: str) -> tuple[str, bool]:
+        assert self.handshake is not None
+        if resume_id and self.handshake.load_session:
+            # History the agent replays while loading is not re-sent to anyone: no sink yet.
+            await self._call(
+                self._connection().load_session(cwd=cwd, session_id=resume_id, mcp_servers=[]), "session/load"
+            )
+            return resume_id, True
+        response: schema.NewSessionResponse = await self._call(
+            self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
+        )
+        return response.session_id, False
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self, timeout: float, what: str) -> AsyncIterator[None]:
+        """Within `timeout`, or AgentUnavailable; on any failure nothing is left running."""
         try:
             async with asyncio.timeout(timeout):
-                await self._spawn()
-                handshake = await self._initialize()
-                if resume_id and handshake.load_session:
-                    # History the agent replays while loading is not re-sent to anyone: no sink yet.
-                    await self._call(
-                        self._connection().load_session(cwd=cwd, session_id=resume_id, mcp_servers=[]),
-                        "session/load",
-                    )
-                    return resume_id, True
-                response: schema.NewSessionResponse = await self._call(
-                    self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
-                )
-                return response.session_id, False
+                yield
         except TimeoutError:
             await self.terminate()
             raise AgentUnavailable(
-                f"agent {self.config.name!r} did not finish starting within {timeout:g}s",
+                f"agent {self.config.name!r} did not {what} within {timeout:g}s",
                 metadata={"agent": self.config.name, "stderr": self.stderr_tail()},
             ) from None
         except BaseException:

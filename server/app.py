@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +21,7 @@ from server.metrics import Metrics
 from server.pool import SessionPool
 from server.service import SessionService
 from server.settings import Settings
+from server.spares import SparePool
 from server.store import SessionStore
 
 log = logging.getLogger("sessiongate")
@@ -56,12 +59,28 @@ class RunningServer:
         self.metrics.stop()
 
 
+def use_pidfd_child_watcher() -> None:
+    """Python 3.11 waits for each child process on a thread of its own; a pidfd watcher needs
+    none (Python 3.12 and later do this by themselves)."""
+    if sys.version_info < (3, 12) and hasattr(asyncio, "PidfdChildWatcher"):
+        try:
+            os.close(os.pidfd_open(os.getpid()))  # the kernel must support pidfds (Linux 5.3+)
+        except OSError:
+            return
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(asyncio.get_running_loop())
+        asyncio.set_child_watcher(watcher)
+
+
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
-    pool = SessionPool(settings.limits, SessionStore(settings.state_db))
-    metrics = Metrics(pool.sessions)
+    use_pidfd_child_watcher()
+    metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
+    spares = SparePool(settings.agents, settings.limits, on_agent_start=metrics.agent_started)
+    pool = SessionPool(settings.limits, SessionStore(settings.state_db), spares)
     pool.on_agent_start = metrics.agent_started
     restored = await pool.load(settings.agents)
+    spares.start()
     log.info("session store %s: %d sessions restored (SUSPENDED)", settings.state_db, restored)
     server = grpc.aio.server()
     service = SessionService(settings, pool, metrics)

@@ -25,6 +25,7 @@ from server.errors import InvalidArgument, SessionNotFound, ShuttingDown
 from server.session import Session
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
+from server.spares import SparePool
 from server.store import SessionRecord, SessionStore
 
 log = logging.getLogger("sessiongate.pool")
@@ -43,9 +44,10 @@ class _Pending:
 
 
 class SessionPool:
-    def __init__(self, limits: ServerLimits, store: SessionStore) -> None:
+    def __init__(self, limits: ServerLimits, store: SessionStore, spares: SparePool | None = None) -> None:
         self.limits = limits
         self._store = store
+        self._spares = spares
         self._map_lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}  # insertion order = creation order
         self._by_request_id: dict[str, Session] = {}
@@ -87,6 +89,7 @@ class SessionPool:
             slots=self._slots,
             on_change=self._persist_later,
             on_agent_start=self.on_agent_start,
+            spares=self._spares,
             session_id=record.session_id if record else "",
             create_time=record.create_time if record else 0.0,
             last_active_time=record.last_active_time if record else 0.0,
@@ -209,6 +212,8 @@ class SessionPool:
         for task in [self._sweeper, *self._background]:
             if task is not None:
                 task.cancel()
+        if self._spares is not None:
+            await self._spares.close()
         return list(self._sessions.values())
 
     # ---- the sweeper -------------------------------------------------------------------

@@ -41,6 +41,7 @@ from server.errors import (
 )
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
+from server.spares import SparePool
 
 log = logging.getLogger("sessiongate.session")
 
@@ -111,6 +112,7 @@ class Session:
         slots: Slots,
         on_change: Callable[[Session], None] | None = None,
         on_agent_start: Callable[[str, bool], None] | None = None,
+        spares: SparePool | None = None,
         session_id: str = "",
         create_time: float = 0.0,
         last_active_time: float = 0.0,
@@ -134,6 +136,7 @@ class Session:
         self._has_slot = False
         self._on_change = on_change
         self._on_agent_start = on_agent_start
+        self._spares = spares
         self.turns = 0  # turns started on this server, for log lines
         self._lock = asyncio.Lock()
         self._context_reset = False  # the agent lost the history: the next turn starts with a notice
@@ -239,23 +242,33 @@ class Session:
         if not self._has_slot:
             await self._slots.acquire(self)  # may suspend another idle session, or PoolExhausted
             self._has_slot = True
-        agent = AgentConnection(
+        spare = self._spares.take(self.config.name) if self._spares is not None else None
+        agent = spare or AgentConnection(
             self.config, request_timeout=self.limits.agent_request_timeout, kill_grace=self.limits.kill_grace
         )
         resume_id = self.agent_session_id
         try:
-            acp_session_id, resumed = await agent.open_session(
-                self.cwd, self.limits.agent_start_timeout, resume_id=resume_id
-            )
+            if spare is not None:  # started and initialized already: only the ACP session is left
+                acp_session_id, resumed = await agent.open(
+                    self.cwd, self.limits.agent_start_timeout, resume_id
+                )
+            else:
+                acp_session_id, resumed = await agent.open_session(
+                    self.cwd, self.limits.agent_start_timeout, resume_id=resume_id
+                )
             if self._ending:  # closed or shut down while we were starting: do not leak the agent
                 await agent.terminate()
                 self._check_open()
         except BaseException as exc:
             self._release_slot()
-            if self._on_agent_start is not None and not isinstance(exc, ShuttingDown | SessionNotFound):
+            if (
+                spare is None
+                and self._on_agent_start is not None
+                and not isinstance(exc, ShuttingDown | SessionNotFound)
+            ):
                 self._on_agent_start(self.config.name, False)
             raise
-        if self._on_agent_start is not None:
+        if spare is None and self._on_agent_start is not None:  # a spare was counted when it started
             self._on_agent_start(self.config.name, True)
         if resume_id and not resumed:
             self._context_reset = True

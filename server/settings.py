@@ -36,6 +36,7 @@ class AgentConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     permission_policy: str = "approve-reads"
     pass_env: tuple[str, ...] = ()  # server env vars this agent may see (e.g. its API key)
+    spares: int = 0  # started, initialized processes kept ready so CreateSession is fast
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class ServerLimits:
     idle_ttl: float = 1800.0  # an idle session's agent is stopped (SUSPENDED) after this long
     zombie_grace: float = 30.0  # a turn still BUSY this long past max_turn_duration is reaped
     sweep_interval: float = 1.0  # how often the sweeper looks for idle and zombie sessions
+    max_spares: int = 16  # warm spare agents kept over all agents (they take no session slot)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +174,7 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     where = f"[agents.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(table) - {"command", "args", "env", "permission_policy", "pass_env"}
+    unknown = set(table) - {"command", "args", "env", "permission_policy", "pass_env", "spares"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     command = table.get("command")
@@ -190,7 +192,10 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     pass_env = table.get("pass_env", [])
     if not isinstance(pass_env, list) or not all(isinstance(v, str) and v for v in pass_env):
         raise ConfigError(f"{where}: `pass_env` must be a list of environment variable names")
-    return AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env))
+    spares = table.get("spares", 0)
+    if not isinstance(spares, int) or isinstance(spares, bool) or spares < 0:
+        raise ConfigError(f"{where}: `spares` must be a whole number, 0 or more")
+    return AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
 
 
 def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
