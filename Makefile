@@ -14,7 +14,7 @@ BUF        := $(NODE_DIR)/node_modules/.bin/buf
 # buf breaking compares the proto with main (on a branch) or with the previous commit (on main).
 BREAKING_BASE ?= $(shell if [ "$$(git rev-parse --abbrev-ref HEAD 2>/dev/null)" != main ] && git rev-parse -q --verify main >/dev/null 2>&1; then echo main; elif git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then echo HEAD~1; fi)
 
-.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test lint clean
+.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test bench lint clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ run: $(STAMP)
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# Benchmarks, never part of `make test`: `make bench` (full, writes docs/benchmarks.md) or
+# `make bench ARGS=--quick` (under a minute, writes bench-results/quick.md).
+bench: $(STAMP)
+	$(PY) -m tests.bench $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -143,6 +143,8 @@ class AgentConnection:
         self._background: set[asyncio.Task[None]] = set()
         self._exited = asyncio.Event()
         self._on_exit: Callable[[AgentConnection], None] | None = None
+        self._stdout: asyncio.ReadTransport | None = None
+        self.reading_paused = False
 
     @property
     def pid(self) -> int | None:
@@ -220,27 +222,35 @@ class AgentConnection:
         # Clean environment: the basics, the variables this agent may see, its own settings.
         env = {k: os.environ[k] for k in (*INHERITED_ENV, *self.config.pass_env) if k in os.environ}
         env.update(self.config.env)
+        # We own the stdout pipe's transport so that a turn can pause reading it (backpressure).
+        read_fd, write_fd = os.pipe()
         try:
             self._process = await asyncio.create_subprocess_exec(
                 self.config.command,
                 *self.config.args,
                 stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=write_fd,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # own process group: terminate() ends the agent's children too
-                limit=STDOUT_LINE_LIMIT,
             )
         except OSError as exc:
+            os.close(read_fd)
             raise AgentUnavailable(
                 f"agent {self.config.name!r} could not be started: {exc.strerror or exc}",
                 metadata={"agent": self.config.name, "command": self.config.command},
             ) from exc
-        assert self._process.stdin and self._process.stdout and self._process.stderr
+        finally:
+            os.close(write_fd)
+        assert self._process.stdin and self._process.stderr
+        stdout = asyncio.StreamReader(limit=STDOUT_LINE_LIMIT)
+        self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_fd, "rb", buffering=0)
+        )
         self._spawn_background(self._drain_stderr(self._process.stderr))
         self._spawn_background(self._watch_exit(self._process))
         client = cast(acp.Client, _GatewayClient(self))
-        self._conn = acp.connect_to_agent(client, self._process.stdin, self._process.stdout)
+        self._conn = acp.connect_to_agent(client, self._process.stdin, stdout)
         log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
 
     async def _initialize(self) -> Handshake:
@@ -281,6 +291,17 @@ class AgentConnection:
     def is_cancelling(self, session_id: str) -> bool:
         return session_id in self._cancelling
 
+    def pause_reading(self) -> None:
+        """Stop reading the agent's output: a full pipe then blocks the agent, not our loop."""
+        if self._stdout is not None and not self.reading_paused:
+            self._stdout.pause_reading()
+            self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._stdout is not None and self.reading_paused and not self._stdout.is_closing():
+            self._stdout.resume_reading()
+        self.reading_paused = False
+
     def subscribe(self, session_id: str, sink: UpdateSink | None) -> None:
         """Route `session_id`'s updates to `sink`; None drops them (e.g. history replayed on load)."""
         if sink is None:
@@ -314,6 +335,8 @@ class AgentConnection:
             # Children may outlive the leader: the group gets SIGKILL whatever the leader did.
             self._signal_group(process.pid, signal.SIGKILL)
             await self.wait_exit(self._kill_grace)
+        if self._stdout is not None:
+            self._stdout.close()
         for task in list(self._background):
             task.cancel()
         if self._background:

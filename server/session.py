@@ -76,6 +76,10 @@ class _Marker:
 
 PROMPT_DONE = _Marker()  # the upstream `session/prompt` request finished (any outcome)
 _WAKE = _Marker()  # only re-arms the turn's wait (cancel, reap)
+# Backpressure: past HIGH queued events the agent's output is no longer read, until the
+# client has taken the queue down to LOW. The agent then waits on its pipe, not our loop.
+HIGH_WATER = 256
+LOW_WATER = 64
 
 
 @dataclass(eq=False)
@@ -92,10 +96,30 @@ class Turn:
     queue: asyncio.Queue[TurnItem] = field(default_factory=asyncio.Queue)
     prompt_task: asyncio.Task[schema.PromptResponse] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    agent: AgentConnection | None = None
 
     def push(self, item: TurnItem) -> None:
         self.last_event_at = time.time()
         self.queue.put_nowait(item)
+        if self.queue.qsize() >= HIGH_WATER and self.agent is not None:
+            self.agent.pause_reading()
+
+    def take(self) -> TurnItem:
+        """The next queued item (the queue must not be empty)."""
+        item = self.queue.get_nowait()
+        self._taken()
+        return item
+
+    async def next(self) -> TurnItem:
+        item = await self.queue.get()
+        self._taken()
+        return item
+
+    def _taken(self) -> None:
+        agent = self.agent
+        if agent is not None and agent.reading_paused and self.queue.qsize() <= LOW_WATER:
+            agent.resume_reading()
+            self.last_event_at = time.time()  # held back by us, not silent: the stall clock restarts
 
 
 class Session:
@@ -332,7 +356,7 @@ class Session:
             agent = self.agent
             assert agent is not None
             deadline = asyncio.get_running_loop().time() + self.limits.max_turn_duration
-            turn = self.turn = Turn(stall_timeout=stall_timeout, deadline=deadline)
+            turn = self.turn = Turn(stall_timeout=stall_timeout, deadline=deadline, agent=agent)
             self.state = State.BUSY
             self.last_active_time = time.time()
             if self._context_reset:
@@ -395,7 +419,7 @@ class Session:
         if turn.reaped:
             raise self._turn_timeout()
         if not turn.queue.empty():
-            return turn.queue.get_nowait()
+            return turn.take()
         loop = asyncio.get_running_loop()
         stall_at = loop.time() + turn.stall_timeout - (time.time() - turn.last_event_at)
         wake_at = min(stall_at, turn.deadline)
@@ -403,7 +427,7 @@ class Session:
             wake_at = min(wake_at, turn.cancel_deadline)
         try:
             async with asyncio.timeout_at(wake_at):
-                return await turn.queue.get()
+                return await turn.next()
         except TimeoutError:
             pass
         now = loop.time()
@@ -485,6 +509,7 @@ class Session:
         agent = self.agent
         if agent is not None:
             agent.subscribe(self.agent_session_id, None)
+            agent.resume_reading()
         if agent is None or not agent.alive:
             self._release_slot()
         self.turn = None
@@ -499,6 +524,9 @@ class Session:
         """Give the lock to a recovery task: the caller's status goes out now, cleanup follows."""
         if self.state is not State.CLOSED:
             self.state = State.RECOVERING
+        if self.agent is not None:  # nobody reads this turn any more: drop its events, unblock the agent
+            self.agent.subscribe(self.agent_session_id, None)
+            self.agent.resume_reading()
         self._recovery = asyncio.create_task(self._recover(turn), name=f"recover-{self.session_id}")
 
     async def _recover(self, turn: Turn) -> None:

@@ -85,3 +85,43 @@ async def test_a_busy_session_never_blocks_get_list_or_cancel_of_itself_or_other
         await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=busy.session_id), timeout=2)
     ).cancelled
     call.cancel()
+
+
+async def test_flooding_agents_never_starve_the_server(gate: Gate) -> None:
+    """Agents that produce faster than clients read are held back on their own pipes
+    (backpressure), so the server keeps answering everyone else. Without it, a unary call
+    behind four floods took up to 10 s."""
+    quiet = await gate.create()
+    floods = [await gate.create() for _ in range(4)]
+    calls = [
+        gate.stub.Prompt(pb.PromptRequest(session_id=s.session_id, text="/flood 100000000 64"), timeout=60)
+        for s in floods
+    ]
+    for call in calls:
+        await asyncio.wait_for(call.read(), 10)
+    worst = 0.0
+    for _ in range(10):
+        t0 = time.monotonic()
+        await gate.stub.GetSession(pb.GetSessionRequest(session_id=quiet.session_id), timeout=30)
+        assert reply_text(await gate.prompt(quiet.session_id, "still served", timeout=30)) == "still served"
+        worst = max(worst, time.monotonic() - t0)
+    for call in calls:
+        call.cancel()
+    assert worst < 2.0, f"a get and a prompt took {worst:.2f}s beside four floods"
+
+
+async def test_a_client_that_stops_reading_holds_back_its_agent_not_server_memory(gate: Gate) -> None:
+    session = await gate.create()
+    call = gate.stub.Prompt(
+        pb.PromptRequest(session_id=session.session_id, text="/flood 200000 64"), timeout=60
+    )
+    await asyncio.wait_for(call.read(), 10)  # then never read again
+    await asyncio.sleep(3)
+    turn = gate.running.pool.get(session.session_id).turn
+    assert turn is not None
+    # Without backpressure the whole flood would pile up here; with it, the queue stays near
+    # the high-water mark (plus what was already read from the pipe when reading paused).
+    assert turn.queue.qsize() < 2000, f"{turn.queue.qsize()} events queued for a client that stopped reading"
+    assert turn.agent is not None and turn.agent.reading_paused
+    call.cancel()
+    await gate.wait_state(session.session_id, pb.SESSION_STATE_IDLE)

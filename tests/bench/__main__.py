@@ -1,0 +1,32 @@
+"""`python -m tests.bench [--quick] [--only FIGURE...] [--out FILE]`: run the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from tests.bench.harness import FIGURES, FULL, QUICK, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description="sessiongate benchmark")
+    parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
+    parser.add_argument(
+        "--only", nargs="*", choices=[f.__name__ for f in FIGURES], help="run only these figures"
+    )
+    parser.add_argument("--out", type=Path, help="markdown file to write (default: by scale)")
+    opts = parser.parse_args()
+    scale = QUICK if opts.quick else FULL
+    report = asyncio.run(run(scale, opts.only))
+    table = report.markdown()
+    out = opts.out or (Path("bench-results/quick.md") if opts.quick else Path("docs/benchmarks.md"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# sessiongate benchmark ({scale.name})\n\n{table}")
+    print()
+    print(table)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

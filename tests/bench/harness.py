@@ -1,0 +1,540 @@
+"""The benchmark: each figure next to its baseline, measured in the same run.
+
+The gateway (`python -m server`), the bare gRPC baseline server and the load generator
+(this process) are separate processes. Every figure checks its inputs (each stream really
+delivered N events), so a broken run fails instead of reporting a good ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from tests.bench.direct_acp import DirectAgent
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a run is: `quick` finishes in under a minute, `full` is the reference."""
+
+    name: str
+    reps: int
+    stream_events: int
+    concurrent: int
+    concurrent_events: int
+    ttfe_turns: int
+    busy_samples: int
+    stalled: int
+    creates: int
+    memory_sessions: int
+
+
+QUICK = Scale("quick", 2, 4000, 16, 300, 40, 60, 16, 5, 40)
+FULL = Scale("full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200)
+
+
+@dataclass
+class Row:
+    figure: str
+    unit: str
+    baseline: float
+    ours: float
+    target: str
+    met: bool
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline else float("inf")
+
+
+@dataclass
+class Report:
+    scale: Scale
+    rows: list[Row] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [
+            f"Run: `make bench{'' if self.scale.name == 'full' else ' ARGS=--quick'}` ({self.scale.name}), "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+            f"Python {sys.version.split()[0]}. Medians of {self.scale.reps} repetitions where repeated.",
+            "",
+            "| figure | baseline | sessiongate | ratio | target | met |",
+            "| --- | ---: | ---: | ---: | --- | --- |",
+        ]
+        for r in self.rows:
+            met = "yes" if r.met else "**no**"
+            lines.append(
+                f"| {r.figure} | {r.baseline:,.2f} {r.unit} | {r.ours:,.2f} {r.unit} | {r.ratio:.2f} "
+                f"| {r.target} | {met} |"
+            )
+        notes = [f"- {r.figure}: {r.note}" for r in self.rows if r.note]
+        return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
+
+
+# ---- processes -----------------------------------------------------------------------------
+
+
+class Gateway:
+    """A `python -m server` process with its own config, database and agent state."""
+
+    def __init__(self, workdir: Path, spares: int = 0, max_sessions: int = 400) -> None:
+        self.workdir = workdir
+        state = workdir / "agent-state"
+        config = workdir / "bench.toml"
+        config.write_text(
+            "[server]\n"
+            f"max_sessions = {max_sessions}\nstall_timeout = 600\nidle_ttl = 36000\nlog_level = 'WARNING'\n"
+            f"[agents.echo]\ncommand = '{sys.executable}'\nargs = ['-m', 'server.echo_agent']\n"
+            f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\n"
+            f"[agents.warm]\ncommand = '{sys.executable}'\nargs = ['-m', 'server.echo_agent']\n"
+            f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\nspares = {spares}\n"
+        )
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "server", "--config", str(config), "--listen", "127.0.0.1:0"),
+                *(
+                    "--workdir",
+                    str(workdir),
+                    "--state-db",
+                    str(workdir / "sessions.db"),
+                    "--log-level",
+                    "INFO",
+                ),
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        self.port = 0
+        ready = threading.Event()
+
+        def read_log() -> None:
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                match = re.search(r"serving on .* \(port (\d+)\)", line)
+                if match:
+                    self.port = int(match.group(1))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read_log, daemon=True).start()
+        if not ready.wait(60) or not self.port:
+            raise RuntimeError("the gateway did not start")
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.SessionServiceStub(self.channel)
+
+    def rss_kib(self) -> int:
+        return _rss_kib(self.process.pid)
+
+    async def stop(self) -> None:
+        await self.channel.close()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.process.wait, 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            await asyncio.to_thread(self.process.wait, 10)
+
+
+@contextlib.asynccontextmanager
+async def gateway(scratch: Path, **options: Any) -> AsyncIterator[Gateway]:
+    workdir = Path(tempfile.mkdtemp(dir=scratch))
+    gate = Gateway(workdir, **options)
+    try:
+        yield gate
+    finally:
+        await gate.stop()
+
+
+@contextlib.asynccontextmanager
+async def bare_server() -> AsyncIterator[pb_grpc.SessionServiceStub]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.bare_server", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert process.stdout and process.stdin
+    port = int((await process.stdout.readline()).decode())
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield pb_grpc.SessionServiceStub(channel)
+    finally:
+        await channel.close()
+        process.stdin.close()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no RSS for {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the gateway's agents)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+    return out
+
+
+# ---- measuring helpers ---------------------------------------------------------------------
+
+
+async def stream(stub: pb_grpc.SessionServiceStub, request: pb.PromptRequest) -> tuple[int, float, float]:
+    """(message chunks, seconds to first event, seconds in all) of one Prompt stream."""
+    started = time.perf_counter()
+    first = 0.0
+    chunks = 0
+    last: pb.PromptEvent | None = None
+    async for event in stub.Prompt(request, timeout=600):
+        if not first:
+            first = time.perf_counter() - started
+        if event.HasField("message_chunk"):
+            chunks += 1
+        last = event
+    if last is None or not last.HasField("result"):
+        raise RuntimeError("a stream ended without its result")
+    return chunks, first, time.perf_counter() - started
+
+
+def expect(count: int, wanted: int, what: str) -> None:
+    if count != wanted:
+        raise RuntimeError(f"{what}: got {count} events, expected {wanted}: the run is broken")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def agent_env(workdir: Path) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ("HOME", "PATH", "USER", "LANG") if k in os.environ}
+    env["ECHO_AGENT_STATE_DIR"] = str(workdir / "direct-agent-state")
+    return env
+
+
+async def sessions(gate: Gateway, count: int, agent: str = "echo") -> list[str]:
+    ids = []
+    for _ in range(count):  # one at a time: the machine has 2 cores
+        ids.append(
+            (await gate.stub.CreateSession(pb.CreateSessionRequest(agent=agent), timeout=120)).session_id
+        )
+    return ids
+
+
+async def repeat(reps: int, measure: Callable[[], Awaitable[float]]) -> float:
+    return statistics.median([await measure() for _ in range(reps)])
+
+
+# ---- the figures -----------------------------------------------------------------------------
+
+
+async def single_stream(scale: Scale, scratch: Path) -> Row:
+    n = scale.stream_events
+
+    async def bare() -> float:
+        async with bare_server() as stub:
+            chunks, _, took = await stream(stub, pb.PromptRequest(text=f"{n} 64"))
+        expect(chunks, n, "bare server stream")
+        return n / took
+
+    async with gateway(scratch) as gate:
+        (sid,) = await sessions(gate, 1)
+
+        async def ours() -> float:
+            chunks, _, took = await stream(gate.stub, pb.PromptRequest(session_id=sid, text=f"/flood {n} 64"))
+            expect(chunks, n, "gateway stream")
+            return n / took
+
+        baseline, measured = await repeat(scale.reps, bare), await repeat(scale.reps, ours)
+    return Row(
+        "events/s, one Prompt stream (/flood, 64-byte chunks)",
+        "ev/s",
+        baseline,
+        measured,
+        ">= 0.8 x baseline",
+        measured >= 0.8 * baseline,
+    )
+
+
+async def concurrent_streams(scale: Scale, scratch: Path) -> Row:
+    k, n = scale.concurrent, scale.concurrent_events
+
+    async def bare() -> float:
+        async with bare_server() as stub:
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(stream(stub, pb.PromptRequest(text=f"{n} 64")) for _ in range(k))
+            )
+            took = time.perf_counter() - started
+        expect(sum(r[0] for r in results), k * n, "bare server, concurrent streams")
+        return k * n / took
+
+    agents = [DirectAgent(agent_env(scratch)) for _ in range(k)]
+    for agent in agents:
+        await agent.start(str(scratch))
+    try:
+
+        async def direct() -> float:
+            started = time.perf_counter()
+            results = await asyncio.gather(*(a.turn(f"/flood {n} 64") for a in agents))
+            took = time.perf_counter() - started
+            expect(sum(r[0] for r in results), k * n, "direct ACP clients")
+            return k * n / took
+
+        direct_rate = await repeat(scale.reps, direct)
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents))
+    bare_rate = await repeat(scale.reps, bare)
+
+    async with gateway(scratch) as gate:
+        ids = await sessions(gate, k)
+
+        async def ours() -> float:
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(stream(gate.stub, pb.PromptRequest(session_id=s, text=f"/flood {n} 64")) for s in ids)
+            )
+            took = time.perf_counter() - started
+            expect(sum(r[0] for r in results), k * n, "gateway, concurrent streams")
+            return k * n / took
+
+        measured = await repeat(scale.reps, ours)
+    baseline = min(bare_rate, direct_rate)
+    return Row(
+        f"events/s summed over {k} concurrent sessions",
+        "ev/s",
+        baseline,
+        measured,
+        ">= 0.7 x baseline",
+        measured >= 0.7 * baseline,
+        f"baseline = min(bare gRPC {bare_rate:,.0f}, direct ACP clients {direct_rate:,.0f})",
+    )
+
+
+async def time_to_first_event(scale: Scale, scratch: Path) -> list[Row]:
+    direct_agent = DirectAgent(agent_env(scratch))
+    await direct_agent.start(str(scratch))
+    direct: list[float] = []
+    ours: list[float] = []
+    try:
+        async with gateway(scratch) as gate:
+            (sid,) = await sessions(gate, 1)
+            for _ in range(scale.ttfe_turns):  # interleaved, so drift on the machine hits both
+                _, first, _ = await direct_agent.turn("hi")
+                direct.append(first * 1000)
+                _, first, _ = await stream(gate.stub, pb.PromptRequest(session_id=sid, text="hi"))
+                ours.append(first * 1000)
+    finally:
+        await direct_agent.stop()
+    rows = []
+    for p, budget in ((50, 1.0), (99, 3.0)):
+        base, mine = percentile(direct, p), percentile(ours, p)
+        rows.append(
+            Row(
+                f"time to first event, p{p} (added by the gateway)",
+                "ms",
+                base,
+                mine,
+                f"<= +{budget:g} ms",
+                mine - base <= budget,
+                f"p{p} added {mine - base:+.2f} ms",
+            )
+        )
+    return rows
+
+
+async def busy_rejection(scale: Scale, scratch: Path) -> Row:
+    k = scale.concurrent
+    async with gateway(scratch) as gate:
+        ids = await sessions(gate, k + 1)
+        busy_id, streaming = ids[0], ids[1:]
+        stall = duration_pb2.Duration(seconds=600)
+        hold = gate.stub.Prompt(pb.PromptRequest(session_id=busy_id, text="/stall", stall_timeout=stall))
+        await hold.read()
+        floods = [
+            asyncio.create_task(stream(gate.stub, pb.PromptRequest(session_id=s, text="/flood 100000000 64")))
+            for s in streaming
+        ]
+        await asyncio.sleep(2)  # the 64 turns are streaming
+        rejected: list[float] = []
+        unary: list[float] = []
+        for _ in range(scale.busy_samples):
+            started = time.perf_counter()
+            try:
+                async for _event in gate.stub.Prompt(
+                    pb.PromptRequest(session_id=busy_id, text="x"), timeout=30
+                ):
+                    pass
+                raise RuntimeError("the busy session accepted a prompt: the run is broken")
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+            rejected.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            await gate.stub.GetSession(pb.GetSessionRequest(session_id=busy_id), timeout=30)
+            unary.append((time.perf_counter() - started) * 1000)
+        for task in floods:
+            task.cancel()
+        await asyncio.gather(*floods, return_exceptions=True)
+        hold.cancel()
+    base, mine = percentile(unary, 99), percentile(rejected, 99)
+    return Row(
+        f"SESSION_BUSY rejection p99 while {k} turns stream",
+        "ms",
+        base,
+        mine,
+        "<= 2 x GetSession p99",
+        mine <= 2 * base,
+        f"p50: GetSession {percentile(unary, 50):.2f} ms, rejection {percentile(rejected, 50):.2f} ms",
+    )
+
+
+async def isolation(scale: Scale, scratch: Path) -> Row:
+    healthy = 10
+    async with gateway(scratch) as gate:
+        ids = await sessions(gate, healthy)
+
+        async def ttfe_p99() -> float:
+            firsts = []
+            for _ in range(max(1, scale.ttfe_turns // healthy)):
+                for sid in ids:
+                    _, first, _ = await stream(gate.stub, pb.PromptRequest(session_id=sid, text="hi"))
+                    firsts.append(first * 1000)
+            return percentile(firsts, 99)
+
+        without = await ttfe_p99()
+        stalled_ids = await sessions(gate, scale.stalled)
+        stall = duration_pb2.Duration(seconds=600)
+        stalls = [
+            gate.stub.Prompt(pb.PromptRequest(session_id=s, text="/stall", stall_timeout=stall))
+            for s in stalled_ids
+        ]
+        for call in stalls:
+            await call.read()
+        busy = 0
+        for s in stalled_ids:
+            state = (await gate.stub.GetSession(pb.GetSessionRequest(session_id=s))).state
+            busy += state == pb.SESSION_STATE_BUSY
+        if busy != scale.stalled:
+            raise RuntimeError(f"only {busy} of {scale.stalled} sessions are stalled: the run is broken")
+        with_stalled = await ttfe_p99()
+        for call in stalls:
+            call.cancel()
+    return Row(
+        f"time to first event p99, healthy sessions, {scale.stalled} sessions stalled",
+        "ms",
+        without,
+        with_stalled,
+        "ratio <= 1.2",
+        with_stalled <= 1.2 * without,
+    )
+
+
+async def create_latency(scale: Scale, scratch: Path) -> Row:
+    async with gateway(scratch, spares=2) as gate:
+
+        async def create_p50(agent: str) -> float:
+            took = []
+            for _ in range(scale.creates):
+                if agent == "warm":
+                    await asyncio.sleep(1.5)  # the spare taken last time is replaced
+                started = time.perf_counter()
+                session = await gate.stub.CreateSession(pb.CreateSessionRequest(agent=agent), timeout=120)
+                took.append((time.perf_counter() - started) * 1000)
+                await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+            return statistics.median(took)
+
+        cold = await create_p50("echo")
+        warm = await create_p50("warm")
+    return Row(
+        "CreateSession p50, warm spares vs cold start",
+        "ms",
+        cold,
+        warm,
+        "<= 10 ms and <= 0.05 x cold",
+        warm <= 10 and warm <= 0.05 * cold,
+    )
+
+
+async def memory(scale: Scale, scratch: Path) -> Row:
+    n = scale.memory_sessions
+    async with gateway(scratch) as gate:
+        warmup = await sessions(gate, 2)  # imports, first-use allocations
+        for sid in warmup:
+            await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+        await asyncio.sleep(1)
+        before = gate.rss_kib()
+        await sessions(gate, n)
+        await asyncio.sleep(1)
+        after = gate.rss_kib()
+        agents = _children(gate.process.pid)
+        if len(agents) != n:
+            raise RuntimeError(f"{len(agents)} agent processes for {n} sessions: the run is broken")
+        agent_rss = sum(_rss_kib(pid) for pid in agents) / n
+    per_session = (after - before) / n
+    return Row(
+        f"gateway memory per idle session ({n} sessions, agents excluded)",
+        "KiB",
+        before,
+        per_session,
+        "<= 64 KiB per session",
+        per_session <= 64,
+        f"gateway RSS {before:,} KiB with none, {after:,} KiB with {n}; "
+        f"each agent process: {agent_rss:,.0f} KiB RSS",
+    )
+
+
+FIGURES: list[Callable[[Scale, Path], Awaitable[Row | list[Row]]]] = [
+    single_stream,
+    concurrent_streams,
+    time_to_first_event,
+    busy_rejection,
+    isolation,
+    create_latency,
+    memory,
+]
+
+
+async def run(scale: Scale, only: list[str] | None = None) -> Report:
+    report = Report(scale)
+    with tempfile.TemporaryDirectory(prefix="sessiongate-bench-") as tmp:
+        for figure in FIGURES:
+            if only and figure.__name__ not in only:
+                continue
+            started = time.monotonic()
+            result = await figure(scale, Path(tmp))
+            rows = result if isinstance(result, list) else [result]
+            report.rows.extend(rows)
+            for row in rows:
+                verdict = "met" if row.met else "MISSED"
+                print(
+                    f"{row.figure}: baseline {row.baseline:,.2f} {row.unit}, ours {row.ours:,.2f} {row.unit},"
+                    f" ratio {row.ratio:.2f} ({verdict}) [{time.monotonic() - started:.0f}s]",
+                    flush=True,
+                )
+    return report
