@@ -9,7 +9,8 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /hang [N [BYTES]] (N chunks of BYTES first, then) one chunk, then silence; ignores session/cancel
   /sleep SECONDS    sleep (cancellable), then a normal turn
   /crash            one chunk, then exit with code 3
-  /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible
+  /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible,
+                    each starting with its number ("0:xxx", "1:xxx", ...) so order is checkable
   /permission       ask permission for an edit, report the decision in text
   /error            answer the turn with a JSON-RPC error
   /commands         advertise the directives as slash commands (ACP available_commands_update)
@@ -178,11 +179,10 @@ class EchoAgent:
 
     async def _flood(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         count, size = _counts(rest, default_count=None)
-        chunk = "x" * size
         for sent in range(count):
             if cancel.is_set():
                 return f"flooded {sent}", "cancelled"
-            await self._send(session_id, acp.update_agent_message_text(chunk))
+            await self._send(session_id, acp.update_agent_message_text(flood_chunk(sent, size)))
         return f"flooded {count}", "end_turn"
 
     async def _permission(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
@@ -277,6 +277,11 @@ DIRECTIVES = {
     "/commands": EchoAgent._commands,
     "/history": EchoAgent._history,
 }
+
+
+def flood_chunk(index: int, size: int) -> str:
+    """Chunk `index` of a /flood: its number, padded with x to `size` (so order is checkable)."""
+    return f"{index}:".ljust(size, "x")
 
 
 def _counts(rest: str, default_count: int | None) -> tuple[int, int]:

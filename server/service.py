@@ -24,8 +24,9 @@ from server import translate
 from server.errors import FieldViolation, InvalidArgument, SessionBusy, SessionGateError, ShuttingDown
 from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
-from server.session import Session, State, TurnEnd
+from server.session import Session, State
 from server.settings import Settings
+from server.turn import TurnEnd
 
 log = logging.getLogger("sessiongate.service")
 

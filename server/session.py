@@ -21,11 +21,9 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import acp
-from acp import schema
 
 from server import logs
 from server.agent import AgentConnection, Handshake, TurnItem
@@ -42,6 +40,7 @@ from server.errors import (
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
 from server.spares import SparePool
+from server.turn import PROMPT_DONE, WAKE, Notice, Turn, TurnEnd
 
 log = logging.getLogger("sessiongate.session")
 
@@ -52,74 +51,6 @@ class State(enum.Enum):
     RECOVERING = "recovering"
     SUSPENDED = "suspended"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """A message from sessiongate itself, streamed as a turn event."""
-
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class TurnEnd:
-    """The last item of a turn that ended OK."""
-
-    stop_reason: str
-    usage: schema.Usage | None = None
-
-
-class _Marker:
-    """Queue items that are not events."""
-
-
-PROMPT_DONE = _Marker()  # the upstream `session/prompt` request finished (any outcome)
-_WAKE = _Marker()  # only re-arms the turn's wait (cancel, reap)
-# Backpressure: past HIGH queued events the agent's output is no longer read, until the
-# client has taken the queue down to LOW. The agent then waits on its pipe, not our loop.
-HIGH_WATER = 256
-LOW_WATER = 64
-
-
-@dataclass(eq=False)
-class Turn:
-    """One running turn. Its timestamps are readable without the session lock."""
-
-    stall_timeout: float
-    deadline: float  # loop time at which the turn times out
-    started_at: float = field(default_factory=time.time)
-    last_event_at: float = field(default_factory=time.time)
-    last_seq: int = 0
-    cancel_deadline: float | None = None  # set by cancel(): loop time by which the agent must stop
-    reaped: bool = False  # the sweeper ended this turn because its handler was stuck
-    queue: asyncio.Queue[TurnItem] = field(default_factory=asyncio.Queue)
-    prompt_task: asyncio.Task[schema.PromptResponse] | None = None
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    agent: AgentConnection | None = None
-
-    def push(self, item: TurnItem) -> None:
-        self.last_event_at = time.time()
-        self.queue.put_nowait(item)
-        if self.queue.qsize() >= HIGH_WATER and self.agent is not None:
-            self.agent.pause_reading()
-
-    def take(self) -> TurnItem:
-        """The next queued item (the queue must not be empty)."""
-        item = self.queue.get_nowait()
-        self._taken()
-        return item
-
-    async def next(self) -> TurnItem:
-        item = await self.queue.get()
-        self._taken()
-        return item
-
-    def _taken(self) -> None:
-        agent = self.agent
-        if agent is not None and agent.reading_paused and self.queue.qsize() <= LOW_WATER:
-            agent.resume_reading()
-            self.last_event_at = time.time()  # held back by us, not silent: the stall clock restarts
 
 
 class Session:
@@ -249,7 +180,7 @@ class Session:
             return
         log.warning("reaping a turn whose handler is stuck session=%s", self.session_id)
         turn.reaped = True
-        turn.queue.put_nowait(_WAKE)
+        turn.mark(WAKE)
         agent = self.agent
         if agent is not None and turn.prompt_task is not None and not turn.prompt_task.done():
             await agent.cancel(self.agent_session_id)
@@ -367,11 +298,10 @@ class Session:
                 )
             agent.subscribe(self.agent_session_id, turn.push)
             turn.prompt_task = asyncio.create_task(agent.prompt(self.agent_session_id, blocks))
-            queue = turn.queue
-            turn.prompt_task.add_done_callback(lambda _: queue.put_nowait(PROMPT_DONE))
+            turn.prompt_task.add_done_callback(lambda _: turn.mark(PROMPT_DONE))
             while True:
                 item = await self._next_item(turn)
-                if item is _WAKE:
+                if item is WAKE:
                     continue
                 turn.last_seq += 1
                 if item is PROMPT_DONE:
@@ -418,7 +348,7 @@ class Session:
         """The next queued item, or a watchdog verdict: raises on stall/timeout, None on cancel grace."""
         if turn.reaped:
             raise self._turn_timeout()
-        if not turn.queue.empty():
+        if turn.buffered():
             return turn.take()
         loop = asyncio.get_running_loop()
         stall_at = loop.time() + turn.stall_timeout - (time.time() - turn.last_event_at)
@@ -427,7 +357,8 @@ class Session:
             wake_at = min(wake_at, turn.cancel_deadline)
         try:
             async with asyncio.timeout_at(wake_at):
-                return await turn.next()
+                await turn.wait()
+            return turn.take()
         except TimeoutError:
             pass
         now = loop.time()
@@ -497,7 +428,7 @@ class Session:
         if turn is None or agent is None or turn.cancel_deadline is not None:
             return _done(turn is not None)
         turn.cancel_deadline = asyncio.get_running_loop().time() + self.limits.cancel_grace
-        turn.queue.put_nowait(_WAKE)  # re-arm the turn's wait with the cancel deadline
+        turn.mark(WAKE)  # re-arm the turn's wait with the cancel deadline
         return asyncio.ensure_future(_cancel_then_true(agent, self.agent_session_id))
 
     def _finish(self, turn: Turn | None) -> None:

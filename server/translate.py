@@ -13,7 +13,7 @@ from google.protobuf import json_format, struct_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.agent import PermissionReport
-from server.session import Notice, TurnEnd
+from server.turn import Notice, TextRun, TurnEnd
 
 STOP_REASONS = {
     "end_turn": pb.STOP_REASON_END_TURN,
@@ -103,6 +103,13 @@ def to_event(seq: int, item: Any) -> pb.PromptEvent:
     """One turn item (an ACP update, a PermissionReport, a Notice or the TurnEnd) as a PromptEvent."""
     if isinstance(item, TurnEnd):
         return pb.PromptEvent(seq=seq, result=_result(item))
+    if isinstance(item, TextRun):
+        chunk = pb.ContentChunk(
+            content=pb.ContentBlock(text=pb.TextContent(text=item.text)), message_id=item.message_id
+        )
+        if item.kind == "agent_message_chunk":
+            return pb.PromptEvent(seq=seq, message_chunk=chunk)
+        return pb.PromptEvent(seq=seq, thought_chunk=chunk)
     kind = getattr(item, "session_update", None)
     if kind == "agent_message_chunk":
         return pb.PromptEvent(seq=seq, message_chunk=_chunk(item))

@@ -121,7 +121,7 @@ async def test_a_client_that_stops_reading_holds_back_its_agent_not_server_memor
     assert turn is not None
     # Without backpressure the whole flood would pile up here; with it, the queue stays near
     # the high-water mark (plus what was already read from the pipe when reading paused).
-    assert turn.queue.qsize() < 2000, f"{turn.queue.qsize()} events queued for a client that stopped reading"
+    assert turn.buffered() < 2000, f"{turn.buffered()} events queued for a client that stopped reading"
     assert turn.agent is not None and turn.agent.reading_paused
     call.cancel()
     await gate.wait_state(session.session_id, pb.SESSION_STATE_IDLE)
