@@ -35,7 +35,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = getattr(record, "fields", {})
-        return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
+        # Fields the message already names (e.g. "session=...") are not repeated.
+        return line + "".join(f" {k}={v}" for k, v in fields.items() if f" {k}=" not in line)
 
 
 class JsonFormatter(logging.Formatter):

@@ -94,3 +94,12 @@ def test_pass_env_must_name_variables(tmp_path: Path) -> None:
     config = write(tmp_path / "c.toml", "[agents.x]\ncommand = 'x'\npass_env = 'KEY'\n")
     with pytest.raises(ConfigError, match="pass_env"):
         load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
+
+
+def test_spares_are_a_whole_number_per_agent(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.toml", "[agents.x]\ncommand = 'x'\nspares = 3\n")
+    assert load_settings(["--config", good, "--workdir", str(tmp_path)], environ={}).agents["x"].spares == 3
+    for bad in ("-1", "1.5", "true"):
+        config = write(tmp_path / "bad.toml", f"[agents.x]\ncommand = 'x'\nspares = {bad}\n")
+        with pytest.raises(ConfigError, match="spares"):
+            load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})

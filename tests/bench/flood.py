@@ -1,7 +1,9 @@
-"""Load from its own process: stream `/flood` turns on the given sessions until stdin closes.
+"""Load from its own process: keep streaming turns on the given sessions until stdin closes.
 
-`python -m tests.bench.flood TARGET SESSION_ID...`; prints "streaming" once every stream has
-its first event, so latency probes in the harness do not share a loop with this load.
+`python -m tests.bench.flood TARGET SESSION_ID...`. Each session runs normal echo turns of
+3000 words back to back, at the agent's own pace (a word every few milliseconds), like a
+coding agent writing a long answer. Prints "streaming" once every session's first turn has
+produced an event, so that latency probes in the harness do not share a loop with the load.
 """
 
 from __future__ import annotations
@@ -13,26 +15,36 @@ import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
+TURN_TEXT = " ".join(f"w{i}" for i in range(3000))
+
 
 async def main(target: str, session_ids: list[str]) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.SessionServiceStub(channel)
-        calls = [
-            stub.Prompt(pb.PromptRequest(session_id=s, text="/flood 1000000000 64")) for s in session_ids
-        ]
-        for call in calls:
-            await call.read()
+        started = asyncio.Semaphore(0)
+        stop = asyncio.Event()
+
+        async def keep_streaming(session_id: str) -> None:
+            first = True
+            while not stop.is_set():
+                # Every stream is read as it arrives: unread streams would fill the
+                # connection's flow-control window and starve the others.
+                async for _ in stub.Prompt(pb.PromptRequest(session_id=session_id, text=TURN_TEXT)):
+                    if first:
+                        first = False
+                        started.release()
+                    if stop.is_set():
+                        return
+
+        tasks = [asyncio.ensure_future(keep_streaming(s)) for s in session_ids]
+        for _ in session_ids:
+            await started.acquire()
         print("streaming", flush=True)
-
-        async def drain(call: grpc.aio.UnaryStreamCall) -> None:
-            while await call.read() is not grpc.aio.EOF:
-                pass
-
-        drains = [asyncio.ensure_future(drain(c)) for c in calls]
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until stdin closes
-        for call in calls:
-            call.cancel()
-        await asyncio.gather(*drains, return_exceptions=True)
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,13 @@ class Gateway:
             start_new_session=True,
         )
         self.port = 0
+        self.log: list[str] = []  # the gateway's log, shown when a figure fails
         ready = threading.Event()
 
         def read_log() -> None:
             assert self.process.stderr is not None
             for line in self.process.stderr:
+                self.log.append(line)
                 match = re.search(r"serving on .* \(port (\d+)\)", line)
                 if match:
                     self.port = int(match.group(1))
@@ -163,6 +165,9 @@ async def gateway(scratch: Path, **options: Any) -> AsyncIterator[Gateway]:
     gate = Gateway(workdir, **options)
     try:
         yield gate
+    except BaseException:
+        print("".join(gate.log[-40:]), file=sys.stderr)
+        raise
     finally:
         await gate.stop()
 
@@ -400,7 +405,7 @@ async def busy_rejection(scale: Scale, scratch: Path) -> Row:
             stdout=subprocess.PIPE,
         )
         assert load.stdin and load.stdout
-        if (await asyncio.wait_for(load.stdout.readline(), 60)).strip() != b"streaming":
+        if (await asyncio.wait_for(load.stdout.readline(), 180)).strip() != b"streaming":
             raise RuntimeError("the flood load did not start: the run is broken")
         await asyncio.sleep(1)  # the turns are streaming, from another process
         rejected: list[float] = []
