@@ -8,6 +8,7 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /stall            one chunk, then silence; honours session/cancel
   /hang [N [BYTES]] (N chunks of BYTES first, then) one chunk, then silence; ignores session/cancel
   /sleep SECONDS    sleep (cancellable), then a normal turn
+  /pace MS TEXT     TEXT's words as chunks, MS milliseconds apart
   /crash            one chunk, then exit with code 3
   /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible,
                     each starting with its number ("0:xxx", "1:xxx", ...) so order is checkable
@@ -171,6 +172,21 @@ class EchoAgent:
         except TimeoutError:
             return await self._normal_turn(session_id, text or "slept", cancel)
 
+    async def _pace(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        milliseconds, _, text = rest.partition(" ")
+        try:
+            delay = float(milliseconds) / 1000
+        except ValueError:
+            raise acp.RequestError.invalid_params({"details": "/pace needs MS TEXT"}) from None
+        sent: list[str] = []
+        for word in text.split():  # one chunk per word, MS apart: a model writing at its pace
+            if cancel.is_set():
+                return " ".join(sent), "cancelled"
+            await self._send(session_id, acp.update_agent_message_text(word if not sent else " " + word))
+            sent.append(word)
+            await asyncio.sleep(delay)
+        return " ".join(sent), "end_turn"
+
     async def _crash(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         await self._send(session_id, acp.update_agent_message_text("crashing"))
         sys.stderr.write("echo agent: crashing on purpose (/crash)\n")
@@ -271,6 +287,7 @@ DIRECTIVES = {
     "/sleep": EchoAgent._sleep,
     "/crash": EchoAgent._crash,
     "/flood": EchoAgent._flood,
+    "/pace": EchoAgent._pace,
     "/permission": EchoAgent._permission,
     "/error": EchoAgent._error,
     "/env": EchoAgent._env,

@@ -348,3 +348,11 @@ async def test_a_client_that_fell_behind_gets_buffered_text_chunks_coalesced_in_
     assert len(chunks) < 5000, "nothing was coalesced"
     assert reply_text(events) == "".join(flood_chunk(i, 32) for i in range(5000))
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_paced_turns_stream_each_word_as_it_comes(gate: Gate) -> None:
+    session = await gate.create()
+    started = time.monotonic()
+    events = await gate.prompt(session.session_id, "/pace 100 one two three four")
+    assert reply_text(events) == "one two three four"
+    assert time.monotonic() - started >= 0.35  # the agent really paced its words

@@ -1,9 +1,9 @@
 """Load from its own process: keep streaming turns on the given sessions until stdin closes.
 
-`python -m tests.bench.flood TARGET SESSION_ID...`. Each session runs normal echo turns of
-3000 words back to back, at the agent's own pace (a word every few milliseconds), like a
-coding agent writing a long answer. Prints "streaming" once every session's first turn has
-produced an event, so that latency probes in the harness do not share a loop with the load.
+`python -m tests.bench.flood TARGET SESSION_ID...`. Each session runs long turns back to
+back, a word every 50 ms (20 chunks/s: a model writing a long answer). Prints "streaming"
+once every session's first turn has produced an event, so that latency probes in the
+harness do not share a loop with the load.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-TURN_TEXT = " ".join(f"w{i}" for i in range(3000))
+TURN_TEXT = "/pace 50 " + " ".join(f"w{i}" for i in range(2000))
 
 
 async def main(target: str, session_ids: list[str]) -> None:
