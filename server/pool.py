@@ -245,6 +245,8 @@ class SessionPool:
         task.add_done_callback(self._background.discard)
 
     def _persist_later(self, session: Session) -> None:
+        if session.session_id not in self._sessions:
+            return  # still being created: _start writes it, durably, once it is ready
         with contextlib.suppress(RuntimeError):  # the store's thread is gone after shutdown
             self._store.put_later(_record(session))
 
