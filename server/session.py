@@ -53,6 +53,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+def new_session_id() -> str:
+    """144 random bits, URL-safe, never starting with "-" (it would read as an option in a shell)."""
+    while (session_id := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return session_id
+
+
 class Session:
     """A gateway session: one ACP session on one agent process (respawned as needed)."""
 
@@ -74,7 +81,7 @@ class Session:
         agent_session_id: str = "",
         handshake: Handshake | None = None,
     ) -> None:
-        self.session_id = session_id or secrets.token_urlsafe(18)
+        self.session_id = session_id or new_session_id()
         self.config = config
         self.cwd = cwd
         self.labels = dict(labels)

@@ -10,6 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server.session import new_session_id
 from tests.conftest import Gate, GateFactory, expect_error, wait_gone
 
 
@@ -131,3 +132,10 @@ async def test_a_prompt_waiting_on_a_session_that_gets_closed_is_not_found_and_s
     assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
     assert len(gate.agent_pids()) == 1, "the closed session's waiting prompt respawned an agent"
     call.cancel()
+
+
+def test_session_ids_are_unguessable_and_never_read_as_command_line_options() -> None:
+    ids = {new_session_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert not any(i.startswith("-") for i in ids)  # 1 in 64 would, drawn plainly
+    assert all(len(i) == 24 for i in ids)
