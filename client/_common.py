@@ -73,8 +73,28 @@ def prompt_request(
     )
 
 
-def event_text(event: pb.PromptEvent) -> str:
-    """The reply text an event carries ("" for every event but a text message chunk)."""
-    if event.WhichOneof("event") == "message_chunk":
-        return event.message_chunk.content.text.text
-    return ""
+def list_request(
+    agent: str, labels: Mapping[str, str] | None, page_size: int, token: str
+) -> pb.ListSessionsRequest:
+    return pb.ListSessionsRequest(
+        agent=agent, labels=dict(labels or {}), page_size=page_size, page_token=token
+    )
+
+
+class Reply:
+    """Collects one turn's reply text and result, event by event (for `reply()`)."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.result = pb.TurnResult()
+
+    def add(self, event: pb.PromptEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "message_chunk":
+            self._parts.append(event.message_chunk.content.text.text)
+        elif kind == "result":
+            self.result = event.result
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)

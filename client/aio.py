@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from client._common import Metadata, channel_options, create_request, event_text, prompt_request
+from client._common import Metadata, Reply, channel_options, create_request, list_request, prompt_request
 from client.errors import from_rpc_error
 
 UNARY_TIMEOUT = 30.0  # seconds, for calls that do no agent work
@@ -102,13 +102,10 @@ class AsyncSessionClient:
 
     async def reply(self, session_id: str, text: str = "", **options: Any) -> tuple[str, pb.TurnResult]:
         """Run one turn and return its whole reply text and its result."""
-        parts: list[str] = []
-        result = pb.TurnResult()
+        reply = Reply()
         async for event in self.prompt(session_id, text, **options):
-            parts.append(event_text(event))
-            if event.HasField("result"):
-                result = event.result
-        return "".join(parts), result
+            reply.add(event)
+        return reply.text, reply.result
 
     async def cancel_prompt(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> bool:
         """Cancel the running turn; False when none was running."""
@@ -131,9 +128,7 @@ class AsyncSessionClient:
         """Every matching session, oldest first, fetching pages as needed."""
         token = ""
         while True:
-            request = pb.ListSessionsRequest(
-                agent=agent, labels=dict(labels or {}), page_size=page_size, page_token=token
-            )
+            request = list_request(agent, labels, page_size, token)
             page = await self._call(self._stub.ListSessions, request, timeout)
             for session in page.sessions:
                 yield session

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from client._common import Metadata, channel_options, create_request, event_text, prompt_request
+from client._common import Metadata, Reply, channel_options, create_request, list_request, prompt_request
 from client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
 from client.errors import from_rpc_error
 
@@ -85,13 +85,10 @@ class SessionClient:
 
     def reply(self, session_id: str, text: str = "", **options: Any) -> tuple[str, pb.TurnResult]:
         """Run one turn and return its whole reply text and its result."""
-        parts: list[str] = []
-        result = pb.TurnResult()
+        reply = Reply()
         for event in self.prompt(session_id, text, **options):
-            parts.append(event_text(event))
-            if event.HasField("result"):
-                result = event.result
-        return "".join(parts), result
+            reply.add(event)
+        return reply.text, reply.result
 
     def cancel_prompt(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> bool:
         response = self._call(self._stub.CancelPrompt, pb.CancelPromptRequest(session_id=session_id), timeout)
@@ -110,9 +107,7 @@ class SessionClient:
     ) -> Iterator[pb.Session]:
         token = ""
         while True:
-            request = pb.ListSessionsRequest(
-                agent=agent, labels=dict(labels or {}), page_size=page_size, page_token=token
-            )
+            request = list_request(agent, labels, page_size, token)
             page = self._call(self._stub.ListSessions, request, timeout)
             yield from page.sessions
             token = page.next_page_token
