@@ -364,24 +364,34 @@ class AgentConnection:
                 metadata={"agent": self.config.name, "method": what},
             ) from None
         except acp.RequestError as exc:
-            if exc.code == AUTH_REQUIRED_CODE:
-                methods = self.handshake.auth_methods if self.handshake else ()
-                raise AgentAuthRequired(
-                    f"agent {self.config.name!r} requires authentication: {exc}",
-                    metadata={"agent": self.config.name, "auth_methods": ",".join(methods)},
-                ) from exc
+            auth = self.auth_required(exc)
+            if auth is not None:
+                raise auth from exc
             raise AgentUnavailable(
                 f"agent {self.config.name!r} failed {what}: {exc}",
                 metadata={"agent": self.config.name, "method": what, "code": exc.code},
             ) from exc
         except (ConnectionError, OSError) as exc:
-            code = await self.wait_exit(self._kill_grace)
-            tail = self.stderr_tail()
+            code, tail = await self.exit_info()
             raise AgentUnavailable(
                 f"agent {self.config.name!r} exited during {what} (exit code {code})"
                 + (f": {tail.splitlines()[-1]}" if tail else ""),
                 metadata={"agent": self.config.name, "method": what, "exit_code": code, "stderr": tail},
             ) from exc
+
+    def auth_required(self, error: acp.RequestError) -> AgentAuthRequired | None:
+        """The AGENT_AUTH_REQUIRED error for an ACP auth-required answer, else None."""
+        if error.code != AUTH_REQUIRED_CODE:
+            return None
+        methods = self.handshake.auth_methods if self.handshake else ()
+        return AgentAuthRequired(
+            f"agent {self.config.name!r} requires authentication: {error}",
+            metadata={"agent": self.config.name, "auth_methods": ",".join(methods)},
+        )
+
+    async def exit_info(self) -> tuple[int | None, str]:
+        """After the connection broke: exit code (None if still running after the grace), stderr tail."""
+        return await self.wait_exit(self._kill_grace), self.stderr_tail()
 
     def _spawn_background(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha import reflection
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.errors import ShuttingDown
 from server.metrics import Metrics
 from server.pool import SessionPool
 from server.service import SessionService
@@ -134,4 +133,4 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-__all__ = ["RunningServer", "ShuttingDown", "serve", "start_server"]
+__all__ = ["RunningServer", "serve", "start_server"]

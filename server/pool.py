@@ -155,9 +155,7 @@ class SessionPool:
         """A plain dict lookup: needs no lock in one event loop, and never waits."""
         session = self._sessions.get(session_id)
         if session is None:
-            raise SessionNotFound(
-                f"session {session_id!r} not found (unknown or closed)", metadata={"session_id": session_id}
-            )
+            raise _not_found(session_id)
         return session
 
     def page(
@@ -181,9 +179,7 @@ class SessionPool:
             if session is not None and self._by_request_id.get(session.request_id) is session:
                 del self._by_request_id[session.request_id]
         if session is None:
-            raise SessionNotFound(
-                f"session {session_id!r} not found (unknown or closed)", metadata={"session_id": session_id}
-            )
+            raise _not_found(session_id)
         await session.close()
         await self._store.delete(session_id)
         log.info("session closed session=%s", session_id)
@@ -279,6 +275,12 @@ def _handshake(info: Mapping[str, object]) -> Handshake | None:
         title=str(info.get("title", "")),
         load_session=bool(info.get("load_session", False)),
         auth_methods=(),
+    )
+
+
+def _not_found(session_id: str) -> SessionNotFound:
+    return SessionNotFound(
+        f"session {session_id!r} not found (unknown or closed)", metadata={"session_id": session_id}
     )
 
 

@@ -28,7 +28,6 @@ import acp
 from server import logs
 from server.agent import AgentConnection, Handshake, TurnItem
 from server.errors import (
-    AgentAuthRequired,
     AgentError,
     AgentExited,
     SessionBusy,
@@ -398,11 +397,9 @@ class Session:
         try:
             response = turn.prompt_task.result()
         except acp.RequestError as exc:
-            if exc.code == -32000:
-                raise AgentAuthRequired(
-                    f"agent {self.config.name!r} requires authentication: {exc}",
-                    metadata={"agent": self.config.name},
-                ) from exc
+            auth = self.agent.auth_required(exc) if self.agent else None
+            if auth is not None:
+                raise auth from exc
             data = f" ({exc.data})" if exc.data else ""
             raise AgentError(
                 f"agent {self.config.name!r} failed the turn: {exc}{data}",
@@ -416,9 +413,7 @@ class Session:
         except (ConnectionError, OSError) as exc:
             if self._ending:  # we ended the agent ourselves (close, shutdown)
                 return TurnEnd("cancelled")
-            agent = self.agent
-            code = await agent.wait_exit(self.limits.kill_grace) if agent else None
-            tail = agent.stderr_tail() if agent else ""
+            code, tail = await self.agent.exit_info() if self.agent else (None, "")
             raise AgentExited(
                 f"agent {self.config.name!r} exited during the turn (exit code {code})",
                 metadata={"agent": self.config.name, "exit_code": code, "stderr": tail},

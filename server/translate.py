@@ -116,9 +116,9 @@ def to_event(seq: int, item: Any) -> pb.PromptEvent:
     if kind == "agent_thought_chunk":
         return pb.PromptEvent(seq=seq, thought_chunk=_chunk(item))
     if kind == "tool_call":
-        return pb.PromptEvent(seq=seq, tool_call=_tool_call(item))
+        return pb.PromptEvent(seq=seq, tool_call=pb.ToolCall(**_tool_fields(item)))
     if kind == "tool_call_update":
-        return pb.PromptEvent(seq=seq, tool_call_update=_tool_call_update(item))
+        return pb.PromptEvent(seq=seq, tool_call_update=pb.ToolCallUpdate(**_tool_fields(item)))
     if kind == "plan":
         entries = [
             pb.PlanEntry(content=e.content, priority=e.priority, status=e.status) for e in item.entries
@@ -203,30 +203,18 @@ def _value(raw: Any) -> struct_pb2.Value | None:
     return value
 
 
-def _tool_call(update: Any) -> pb.ToolCall:
-    return pb.ToolCall(
-        tool_call_id=update.tool_call_id,
-        title=update.title or "",
-        kind=update.kind or "",
-        status=TOOL_STATUSES.get(update.status or "", pb.TOOL_CALL_STATUS_UNSPECIFIED),
-        content=_tool_content(update.content),
-        locations=_locations(update.locations),
-        raw_input=_value(update.raw_input),
-        raw_output=_value(update.raw_output),
-    )
-
-
-def _tool_call_update(update: Any) -> pb.ToolCallUpdate:
-    return pb.ToolCallUpdate(
-        tool_call_id=update.tool_call_id,
-        title=update.title or "",
-        kind=update.kind or "",
-        status=TOOL_STATUSES.get(update.status or "", pb.TOOL_CALL_STATUS_UNSPECIFIED),
-        content=_tool_content(update.content),
-        locations=_locations(update.locations),
-        raw_input=_value(update.raw_input),
-        raw_output=_value(update.raw_output),
-    )
+def _tool_fields(update: Any) -> dict[str, Any]:
+    """The fields a tool call start and a tool call update share (ACP ToolCall/ToolCallUpdate)."""
+    return {
+        "tool_call_id": update.tool_call_id,
+        "title": update.title or "",
+        "kind": update.kind or "",
+        "status": TOOL_STATUSES.get(update.status or "", pb.TOOL_CALL_STATUS_UNSPECIFIED),
+        "content": _tool_content(update.content),
+        "locations": _locations(update.locations),
+        "raw_input": _value(update.raw_input),
+        "raw_output": _value(update.raw_output),
+    }
 
 
 def _permission(report: PermissionReport) -> pb.PermissionEvent:
