@@ -17,7 +17,10 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /commands         advertise the directives as slash commands (ACP available_commands_update)
   /history          reply with the prompts this ACP session remembers (kept across session/load)
   /env NAME...      reply with each variable's value as the agent sees it ("NAME=value" or "NAME unset")
+  /badresult        answer the turn with a stopReason that is not an ACP stop reason ("bogus"),
+                    so the client's SDK fails validating the response
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
+--ignore-sigterm (SIGTERM is ignored: stopping the agent takes SIGKILL),
 --state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load and
 received cancels are logged (events.log); when given, the agent also records its PID there
 (pids/PID). Default: $XDG_STATE_HOME/sessiongate/echo-agent.
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -111,6 +115,8 @@ class EchoAgent:
         text = " ".join(b.text for b in prompt if getattr(b, "type", None) == "text").strip()
         directive, _sep, rest = text.partition(" ")
         handler = DIRECTIVES.get(directive) if directive.startswith("/") else None
+        if directive == "/badresult":  # a dict is sent as is: the SDK validates only models
+            return cast(schema.PromptResponse, {"stopReason": "bogus"})
         if handler is not None:
             reply, stop = await handler(self, session_id, rest, cancel)
         else:
@@ -323,6 +329,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-init", action="store_true", help="answer initialize with a JSON-RPC error")
     parser.add_argument("--no-load-session", action="store_true", help="do not advertise session/load")
     parser.add_argument(
+        "--ignore-sigterm", action="store_true", help="ignore SIGTERM: stopping the agent takes SIGKILL"
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(os.environ["ECHO_AGENT_STATE_DIR"]) if os.environ.get("ECHO_AGENT_STATE_DIR") else None,
@@ -336,6 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(argv)
+    if opts.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if opts.record_pid:  # only where someone asked for a state dir: tests check PIDs there
         pids = opts.state_dir / "pids"
         pids.mkdir(parents=True, exist_ok=True)
