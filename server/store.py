@@ -2,8 +2,10 @@
 
 All SQL runs on one dedicated thread, in submission order: the event loop never waits on
 the disk unless it chooses to (`put` for a CreateSession, which must be durable before it
-is answered). A database that cannot be read is moved aside, never deleted, and a fresh
-one is started.
+is answered). State changes (`put_later`) are coalesced per session, latest wins, so the
+backlog is bounded by the number of sessions however slow the disk. A database that cannot
+be read is moved aside, never deleted, and a fresh one is started. Once closed, writes are
+refused with SHUTTING_DOWN (awaited ones) or dropped (background ones).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import concurrent.futures
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from server.errors import ShuttingDown
 
 log = logging.getLogger("sessiongate.store")
 
@@ -51,6 +56,8 @@ COLUMNS = ", ".join(
         "agent_info",
     )
 )
+
+INSERT = f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS.split(',')))})"
 
 T = TypeVar("T")
 
@@ -101,6 +108,10 @@ class SessionStore:
             max_workers=1, thread_name_prefix="sessiongate-db"
         )
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # guards the three below, shared with the database thread
+        self._dirty: dict[str, SessionRecord] = {}  # latest unwritten state per session
+        self._flush_queued = False
+        self._closed = False
 
     async def open(self) -> list[SessionRecord]:
         """Open (or create) the database and return every stored session, oldest first."""
@@ -111,19 +122,51 @@ class SessionStore:
         await self._run(self._put, record)
 
     def put_later(self, record: SessionRecord) -> None:
-        """Queue an insert or update; it runs after every earlier write, off the event loop."""
-        self._thread.submit(self._guarded, self._put, record)
+        """Write a record soon, off the event loop; a newer one for the session replaces it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._dirty[record.session_id] = record
+            if not self._flush_queued:
+                self._flush_queued = True
+                self._thread.submit(self._guarded, self._flush)
+
+    def backlog(self) -> int:
+        """Records waiting to be written by `put_later` (at most one per session)."""
+        with self._lock:
+            return len(self._dirty)
 
     async def delete(self, session_id: str) -> None:
+        """Delete a record (after every write queued before) and wait until it is on disk."""
         await self._run(self._delete, session_id)
 
+    def _delete(self, session_id: str) -> None:  # on the database thread
+        with self._lock:  # a state change queued meanwhile must not bring the record back
+            self._dirty.pop(session_id, None)
+        assert self._db is not None
+        self._db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+    def delete_later(self, session_id: str) -> None:
+        """Delete a record soon, after every write queued before (a cancelled `put` included)."""
+        with self._lock:
+            if not self._closed:
+                self._thread.submit(self._guarded, self._delete, session_id)
+
     async def close(self) -> None:
-        """Finish queued writes and close the database."""
-        await self._run(self._close)
-        self._thread.shutdown(wait=True)
+        """Finish queued writes and close the database; later writes are refused."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        await asyncio.wrap_future(self._thread.submit(self._close))
+        self._thread.shutdown(wait=True)  # idle by now: returns at once
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wrap_future(self._thread.submit(fn, *args))
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down: the session store is closed")
+            future = self._thread.submit(fn, *args)
+        return await asyncio.wrap_future(future)
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -192,12 +235,21 @@ class SessionStore:
 
     def _put(self, record: SessionRecord) -> None:
         assert self._db is not None
-        placeholders = ", ".join("?" * len(COLUMNS.split(",")))
-        self._db.execute(f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES ({placeholders})", record.row())
+        self._db.execute(INSERT, record.row())
 
-    def _delete(self, session_id: str) -> None:
-        assert self._db is not None
-        self._db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+    def _flush(self) -> None:
+        with self._lock:
+            records, self._dirty = list(self._dirty.values()), {}
+            self._flush_queued = False
+        if records and self._db is not None:
+            self._db.execute("BEGIN")  # one transaction (one fsync) for the batch
+            try:
+                self._db.executemany(INSERT, [r.row() for r in records])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _close(self) -> None:
+        self._flush()
         self._disconnect()
