@@ -16,12 +16,19 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import acp
 from acp import schema
 
-from server.errors import AgentAuthRequired, AgentUnavailable
+from server.errors import (
+    AgentAuthRequired,
+    AgentError,
+    AgentExited,
+    AgentProtocolError,
+    AgentUnavailable,
+    clip,
+)
 from server.settings import AgentConfig
 
 log = logging.getLogger("sessiongate.agent")
@@ -33,6 +40,7 @@ STDOUT_LINE_LIMIT = 64 * 1024 * 1024  # ACP frames are lines; tool output and di
 STDERR_LINE_MAX = 2000  # characters of one stderr line kept for the log
 STDERR_LOG_BUDGET = 256 * 1024  # bytes of stderr logged per agent; the rest is drained, not logged
 STDERR_TAIL_LINES = 20  # kept for error messages
+STDERR_TAIL_CHARS = 2000  # of those, at most this much goes into a status
 AUTH_REQUIRED_CODE = -32000
 READ_KINDS = frozenset({"read", "search", "think"})
 
@@ -65,6 +73,14 @@ class Handshake:
     title: str
     load_session: bool
     auth_methods: tuple[str, ...]
+
+
+def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolError:
+    """An agent's answer to `method` that does not fit the ACP schema (bounded description)."""
+    return AgentProtocolError(
+        f"agent {agent!r} answered {method} with an invalid result: {clip(str(exc))}",
+        metadata={"agent": agent, "method": method, "error": clip(str(exc))},
+    )
 
 
 def decide_permission(
@@ -126,6 +142,44 @@ class _GatewayClient:
         )
 
 
+class AgentProcess(Protocol):
+    """An agent process and its ACP connection, as the session core uses it.
+
+    `AgentConnection` is the real one; tests drive the core with fakes of this shape.
+    """
+
+    config: AgentConfig
+    handshake: Handshake | None
+    exit_code: int | None
+    reading_paused: bool
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def on_exit(self, callback: Callable[[Any], None]) -> None: ...
+
+    async def start(self, timeout: float) -> Handshake: ...
+
+    async def load(self, cwd: str, session_id: str, timeout: float) -> None: ...
+
+    async def new_session(self, cwd: str, timeout: float) -> str: ...
+
+    async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse: ...
+
+    async def cancel(self, session_id: str) -> None: ...
+
+    def subscribe(self, session_id: str, sink: UpdateSink | None) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    async def terminate(self, force: bool = False) -> None: ...
+
+
 class AgentConnection:
     """One running agent process and its ACP connection."""
 
@@ -136,6 +190,7 @@ class AgentConnection:
         self._request_timeout = request_timeout
         self._kill_grace = kill_grace
         self._process: asyncio.subprocess.Process | None = None
+        self._pidfd: int | None = None  # the leader's pidfd: tells whether its PID is still ours
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
         self._cancelling: set[str] = set()
@@ -144,6 +199,8 @@ class AgentConnection:
         self._exited = asyncio.Event()
         self._on_exit: Callable[[AgentConnection], None] | None = None
         self._stdout: asyncio.ReadTransport | None = None
+        self._terminating: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()  # a forced terminate() skips what is left of the SIGTERM grace
         self.reading_paused = False
 
     @property
@@ -155,63 +212,50 @@ class AgentConnection:
         return self._process is not None and not self._exited.is_set()
 
     def stderr_tail(self) -> str:
-        return "\n".join(self._stderr_tail)
+        """The last lines of stderr, at most STDERR_TAIL_CHARS (they go into statuses)."""
+        return "\n".join(self._stderr_tail)[-STDERR_TAIL_CHARS:]
 
     def on_exit(self, callback: Callable[[AgentConnection], None]) -> None:
         """Call `callback` once when the agent process exits (for whatever reason)."""
         self._on_exit = callback
 
-    async def open_session(self, cwd: str, timeout: float, resume_id: str = "") -> tuple[str, bool]:
-        """Spawn, `initialize` and open an ACP session (see `open`), all within `timeout`."""
-        async with self._bounded(timeout, "finish starting"):
-            await self._spawn()
-            await self._initialize()
-            return await self._open(cwd, resume_id)
-
     async def start(self, timeout: float) -> Handshake:
-        """Spawn and `initialize` within `timeout`, ready for `open` (a warm spare)."""
+        """Spawn and `initialize` within `timeout`. On failure the caller terminates the agent."""
         async with self._bounded(timeout, "finish starting"):
             await self._spawn()
             return await self._initialize()
 
-    async def open(self, cwd: str, timeout: float, resume_id: str = "") -> tuple[str, bool]:
-        """Open an ACP session on a started agent within `timeout`.
+    async def load(self, cwd: str, session_id: str, timeout: float) -> None:
+        """Resume an ACP session with `session/load` within `timeout`.
 
-        With `resume_id` and an agent that advertises `loadSession`, the ACP session is
-        resumed with `session/load`; otherwise a new one is opened. Returns the ACP session
-        id and whether it was resumed. On any failure the agent is terminated.
+        The history the agent replays while loading reaches no sink (nobody subscribed yet),
+        so it is not re-sent to any client.
         """
-        async with self._bounded(timeout, "open a session"):
-            return await self._open(cwd, resume_id)
-
-    async def _open(self, cwd: str, resume_id: str) -> tuple[str, bool]:
-        assert self.handshake is not None
-        if resume_id and self.handshake.load_session:
-            # History the agent replays while loading is not re-sent to anyone: no sink yet.
+        async with self._bounded(timeout, "load the session"):
             await self._call(
-                self._connection().load_session(cwd=cwd, session_id=resume_id, mcp_servers=[]), "session/load"
+                self._connection().load_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
+                "session/load",
             )
-            return resume_id, True
-        response: schema.NewSessionResponse = await self._call(
-            self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
-        )
-        return response.session_id, False
+
+    async def new_session(self, cwd: str, timeout: float) -> str:
+        """Open a new ACP session within `timeout`; returns its id."""
+        async with self._bounded(timeout, "open a session"):
+            response: schema.NewSessionResponse = await self._call(
+                self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
+            )
+            return response.session_id
 
     @contextlib.asynccontextmanager
     async def _bounded(self, timeout: float, what: str) -> AsyncIterator[None]:
-        """Within `timeout`, or AgentUnavailable; on any failure nothing is left running."""
+        """Within `timeout`, or AgentUnavailable."""
         try:
             async with asyncio.timeout(timeout):
                 yield
         except TimeoutError:
-            await self.terminate()
             raise AgentUnavailable(
                 f"agent {self.config.name!r} did not {what} within {timeout:g}s",
                 metadata={"agent": self.config.name, "stderr": self.stderr_tail()},
             ) from None
-        except BaseException:
-            await self.terminate()
-            raise
 
     async def _spawn(self) -> None:
         if not self.config.command:
@@ -223,7 +267,13 @@ class AgentConnection:
         env = {k: os.environ[k] for k in (*INHERITED_ENV, *self.config.pass_env) if k in os.environ}
         env.update(self.config.env)
         # We own the stdout pipe's transport so that a turn can pause reading it (backpressure).
-        read_fd, write_fd = os.pipe()
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as exc:  # out of file descriptors
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} could not be started: {exc.strerror or exc}",
+                metadata={"agent": self.config.name},
+            ) from exc
         try:
             self._process = await asyncio.create_subprocess_exec(
                 self.config.command,
@@ -243,6 +293,8 @@ class AgentConnection:
         finally:
             os.close(write_fd)
         assert self._process.stdin and self._process.stderr
+        with contextlib.suppress(AttributeError, OSError):  # no pidfds: fall back on returncode
+            self._pidfd = os.pidfd_open(self._process.pid)
         stdout = asyncio.StreamReader(limit=STDOUT_LINE_LIMIT)
         self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_fd, "rb", buffering=0)
@@ -274,17 +326,40 @@ class AgentConnection:
         return self.handshake
 
     async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
-        """Run one turn upstream. Unbounded here on purpose: the session's watchdog bounds it."""
+        """Run one turn upstream. Unbounded here on purpose: the turn's runner bounds it.
+
+        Raises AgentError (a JSON-RPC error answer), AgentAuthRequired, AgentExited (the
+        connection broke) or AgentProtocolError (an answer that is not a valid result).
+        """
         self._cancelling.discard(session_id)
-        response: schema.PromptResponse = await self._connection().prompt(
-            session_id=session_id, prompt=blocks
-        )
+        name = self.config.name
+        try:
+            response: schema.PromptResponse = await self._connection().prompt(
+                session_id=session_id, prompt=blocks
+            )
+        except acp.RequestError as exc:
+            auth = self.auth_required(exc)
+            if auth is not None:
+                raise auth from exc
+            data = clip(str(exc.data)) if exc.data else ""
+            raise AgentError(
+                f"agent {name!r} failed the turn: {clip(str(exc))}" + (f" ({data})" if data else ""),
+                metadata={"agent": name, "code": exc.code, "message": clip(str(exc)), "data": data},
+            ) from exc
+        except (ConnectionError, OSError) as exc:
+            code, tail = await self.exit_info()
+            raise AgentExited(
+                f"agent {name!r} exited during the turn (exit code {code})",
+                metadata={"agent": name, "exit_code": code, "stderr": tail},
+            ) from exc
+        except ValueError as exc:  # pydantic's ValidationError: the answer is not a PromptResponse
+            raise protocol_error(name, "session/prompt", exc) from None
         return response
 
     async def cancel(self, session_id: str) -> None:
-        """Send `session/cancel` (a notification: nothing to wait for but the write)."""
+        """Send `session/cancel` (a notification: nothing to wait for but the write). Never raises."""
         self._cancelling.add(session_id)
-        with contextlib.suppress(ConnectionError, TimeoutError, OSError):
+        with contextlib.suppress(ConnectionError, TimeoutError, OSError, AgentUnavailable):
             async with asyncio.timeout(self._request_timeout):
                 await self._connection().cancel(session_id=session_id)
 
@@ -321,31 +396,82 @@ class AgentConnection:
                 await self._exited.wait()
         return self.exit_code
 
-    async def terminate(self) -> None:
-        """End the whole process group: SIGTERM, then SIGKILL after the grace. Idempotent."""
+    async def terminate(self, force: bool = False) -> None:
+        """End the whole process group: SIGTERM, then SIGKILL after the grace (at once if `force`).
+
+        Idempotent, and safe to cancel: the work runs in a task of its own that every caller
+        shares, so a caller that goes away never leaves the group half-stopped.
+        """
+        if force:
+            self._hurry.set()
+        if self._terminating is None:
+            self._terminating = asyncio.get_running_loop().create_task(
+                self._terminate(), name=f"terminate-{self.config.name}-{self.pid}"
+            )
+        await asyncio.shield(self._terminating)
+
+    async def _terminate(self) -> None:
         process = self._process
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self._kill_grace):
-                    await self._conn.close()
-        if process is not None:
-            self._signal_group(process.pid, signal.SIGTERM)
-            if await self.wait_exit(self._kill_grace) is None:
-                log.warning("agent ignored SIGTERM, killing agent=%s pid=%s", self.config.name, process.pid)
-            # Children may outlive the leader: the group gets SIGKILL whatever the leader did.
-            self._signal_group(process.pid, signal.SIGKILL)
-            await self.wait_exit(self._kill_grace)
-        if self._stdout is not None:
-            self._stdout.close()
-        for task in list(self._background):
-            task.cancel()
+        try:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._kill_grace):
+                        await self._conn.close()
+            if process is not None:
+                self._signal_group(signal.SIGTERM)
+                if not await self._exit_or_hurry(self._kill_grace):
+                    log.warning(
+                        "agent ignored SIGTERM, killing agent=%s pid=%s", self.config.name, process.pid
+                    )
+                # Children may outlive the leader: the group gets SIGKILL whatever the leader did.
+                self._signal_group(signal.SIGKILL)
+                await self.wait_exit(self._kill_grace)
+        finally:
+            # Reached even when this task is cancelled (shutdown): the group never outlives us.
+            self._signal_group(signal.SIGKILL)
+            self._close_pidfd()
+            if self._stdout is not None:
+                self._stdout.close()
+            for task in list(self._background):
+                task.cancel()
         if self._background:
             await asyncio.wait(self._background, timeout=self._kill_grace)
 
-    @staticmethod
-    def _signal_group(pgid: int, signum: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signum)
+    async def _exit_or_hurry(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the process to exit or a forced terminate; True if it exited."""
+        if not self._hurry.is_set():
+            waits = [asyncio.ensure_future(self._exited.wait()), asyncio.ensure_future(self._hurry.wait())]
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        return self._exited.is_set()
+
+    def _leader_unreaped(self) -> bool:
+        """True while the leader's PID is still ours: running, or exited but not yet reaped."""
+        if self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, 0)
+                return True
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+        return self._process is not None and self._process.returncode is None
+
+    def _signal_group(self, signum: signal.Signals) -> None:
+        """Signal the agent's process group, but only while its id is provably ours.
+
+        The group id is the leader's PID. While the leader is unreaped that PID cannot be
+        reused, so the group is ours. Once it is reaped, a later signal could hit whoever got
+        the PID next (PID space here can be as small as 32768): the group was killed the
+        moment the leader was reaped (`_watch_exit`) and is never signalled again.
+        """
+        process = self._process
+        if process is not None and self._leader_unreaped():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signum)
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -368,7 +494,7 @@ class AgentConnection:
             if auth is not None:
                 raise auth from exc
             raise AgentUnavailable(
-                f"agent {self.config.name!r} failed {what}: {exc}",
+                f"agent {self.config.name!r} failed {what}: {clip(str(exc))}",
                 metadata={"agent": self.config.name, "method": what, "code": exc.code},
             ) from exc
         except (ConnectionError, OSError) as exc:
@@ -378,6 +504,9 @@ class AgentConnection:
                 + (f": {tail.splitlines()[-1]}" if tail else ""),
                 metadata={"agent": self.config.name, "method": what, "exit_code": code, "stderr": tail},
             ) from exc
+        except ValueError as exc:  # pydantic's ValidationError: not a valid answer to `what`
+            error = protocol_error(self.config.name, what, exc)
+            raise AgentUnavailable(error.message, metadata=error.metadata) from None
 
     def auth_required(self, error: acp.RequestError) -> AgentAuthRequired | None:
         """The AGENT_AUTH_REQUIRED error for an ACP auth-required answer, else None."""
@@ -385,7 +514,7 @@ class AgentConnection:
             return None
         methods = self.handshake.auth_methods if self.handshake else ()
         return AgentAuthRequired(
-            f"agent {self.config.name!r} requires authentication: {error}",
+            f"agent {self.config.name!r} requires authentication: {clip(str(error))}",
             metadata={"agent": self.config.name, "auth_methods": ",".join(methods)},
         )
 
@@ -422,7 +551,16 @@ class AgentConnection:
         self.exit_code = await process.wait()
         self._exited.set()
         # The leader is gone; children it left in its group (tool runs, shells) go with it.
-        self._signal_group(process.pid, signal.SIGKILL)
+        # Right after the reap the id is still ours: members keep a group id reserved, and an
+        # empty group's id could only be reused after the PID space wrapped around.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        self._close_pidfd()
         log.info("agent exited agent=%s pid=%s code=%s", self.config.name, process.pid, self.exit_code)
         if self._on_exit is not None:
             self._on_exit(self)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None

@@ -40,19 +40,32 @@ class RunningServer:
     health: HealthServicer
     metrics: Metrics
     metrics_port: int | None
+    _draining: asyncio.Future[None] | None = None
 
     async def drain(self, grace: float) -> None:
         """Stop taking work, let running turns finish within `grace`, then end them (CANCELLED).
 
         Every agent process group is ended and every session stays stored, SUSPENDED.
+        Idempotent: a second call waits for the first.
         """
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain(grace))
+        await asyncio.shield(self._draining)
+
+    async def stop_now(self) -> None:
+        """Second signal: abandon the drain's graces; agents are killed at once, sessions kept."""
+        if self._draining is not None:
+            self._draining.cancel()
         self.service.draining = True
+        await self.pool.terminate()
+        await self.server.stop(0)
+        self.metrics.stop()
+
+    async def _drain(self, grace: float) -> None:
+        self.service.draining = True
+        self.pool.refuse_turns()
         await self.health.enter_graceful_shutdown()
-        running = [asyncio.create_task(s.turn.finished.wait()) for s in self.pool.sessions() if s.turn]
-        if running:
-            _, unfinished = await asyncio.wait(running, timeout=grace)
-            for task in unfinished:
-                task.cancel()
+        await asyncio.gather(*(s.wait_turn_over(grace) for s in self.pool.sessions()))
         await self.pool.shutdown()
         await self.server.stop(SERVER_STOP_GRACE)
         self.metrics.stop()
@@ -125,10 +138,7 @@ async def serve(settings: Settings) -> int:
         await drain_task
     except asyncio.CancelledError:
         log.warning("second signal: stopping now")
-        running.service.draining = True
-        await running.pool.terminate()
-        await running.server.stop(0)
-        running.metrics.stop()
+        await running.stop_now()
     log.info("stopped")
     return 0
 

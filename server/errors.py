@@ -18,6 +18,30 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "sessiongate"
+# A status travels in HTTP/2 trailers, which peers cap (8 KiB by default): the message goes
+# out twice (grpc-message, percent-encoded, and inside the details), so every part is bounded
+# in bytes here, whatever an agent or a client put into it.
+CLIP = 300  # bytes of one client's or agent's string quoted in a message or detail
+MAX_MESSAGE_BYTES = 400
+MAX_METADATA_BYTES = 1500  # all ErrorInfo metadata values together
+MAX_VIOLATIONS = 10
+TAIL_KEYS = frozenset({"stderr"})  # metadata whose end matters more than its start
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    """`text` cut to `limit` UTF-8 bytes (marked): agents and clients never size our statuses."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode(errors="ignore") + f"… ({len(data) - limit} more bytes)"
+
+
+def clip_tail(text: str, limit: int) -> str:
+    """The last `limit` UTF-8 bytes of `text` (marked), for logs and stderr tails."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return f"({len(data) - limit} bytes before) …" + data[-limit:].decode(errors="ignore")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +69,16 @@ class SessionGateError(Exception):
         retry_after: float | None = None,
         violations: Iterable[FieldViolation] = (),
     ) -> None:
+        message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
-        # ErrorInfo metadata values must be strings on the wire.
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.metadata = _bounded_metadata(metadata or {})
         self.retry_after = retry_after
-        self.violations = tuple(violations)
+        violations = tuple(violations)
+        if len(violations) > MAX_VIOLATIONS:
+            more = FieldViolation("(more)", f"{len(violations) - MAX_VIOLATIONS + 1} more violations")
+            violations = (*violations[: MAX_VIOLATIONS - 1], more)
+        self.violations = tuple(FieldViolation(clip(v.field, 100), clip(v.description)) for v in violations)
 
     def to_status(self) -> grpc.Status:
         """The status with ErrorInfo, RetryInfo and BadRequest details as they apply."""
@@ -73,6 +101,18 @@ class SessionGateError(Exception):
             details.append(_pack(bad_request))
         status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(status)
+
+
+def _bounded_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
+    """ErrorInfo metadata as strings (the wire type), within MAX_METADATA_BYTES in all."""
+    out: dict[str, str] = {}
+    budget = MAX_METADATA_BYTES
+    for key, value in metadata.items():
+        limit = max(0, min(budget, 1000))
+        text = str(value)
+        out[key] = clip_tail(text, limit) if key in TAIL_KEYS else clip(text, limit)
+        budget -= len(out[key].encode())
+    return out
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -141,6 +181,21 @@ class AgentExited(SessionGateError):
 class AgentError(SessionGateError):
     code = grpc.StatusCode.INTERNAL
     reason = "AGENT_ERROR"
+
+
+class AgentProtocolError(SessionGateError):
+    """The agent answered with something that is not valid ACP (e.g. an unknown stop reason)."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "AGENT_PROTOCOL_ERROR"
+
+
+class StoreUnavailable(SessionGateError):
+    """The session database could not be written in time (disk full, I/O error, stuck disk)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_UNAVAILABLE"
+    transparently_retryable = False
 
 
 class ShuttingDown(SessionGateError):

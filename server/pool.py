@@ -1,12 +1,20 @@
 """The lock map: create, get, list, close and sweep sessions; their records in the store.
 
 The map lock guards the dicts below and nothing else: no `await` on I/O ever happens while
-it is held. Agent start-up runs outside it. Concurrent creates with one `request_id` share
-a single start (the first caller's), so one request id never spawns two agents.
+it is held. Everything slow runs in tasks of the pool's supervisor, outside it, and callers
+await those tasks shielded, so a client that goes away never cuts a create or a close in
+half:
+- a create runs in its own task; concurrent creates with one `request_id` all await that one
+  task (one request id never spawns two agents), and it finishes even if its first caller
+  leaves, so a retry finds the session. A create without a request id nobody else can ask
+  for is abandoned with its caller, and cleaned up (agent, slot, row).
+- a close runs in its own task: the record is deleted first, then the agent is ended.
+  Recently closed sessions are remembered, so closing one again answers the same (a retried
+  CloseSession is safe).
 
-The sweeper suspends sessions idle past the TTL and reaps turns whose handler is stuck
-past the turn limit plus a grace. It only reads lock-free attributes and never waits on a
-busy session's lock.
+The sweeper suspends sessions idle past the TTL, deletes suspended sessions idle past the
+retention, and reaps turns whose runner outlived its own bounds (a safety net). It reads
+lock-free attributes only, never waits on a session, and survives its own errors.
 """
 
 from __future__ import annotations
@@ -14,24 +22,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
+import bisect
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from server.agent import Handshake
-from server.errors import InvalidArgument, SessionNotFound, ShuttingDown
-from server.session import Session
+from server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
+from server.holder import AgentFactory, real_agent
+from server.session import Session, State
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
 from server.spares import SparePool
-from server.store import SessionRecord, SessionStore
+from server.store import WRITE_TIMEOUT, SessionRecord, SessionStore
+from server.supervisor import Supervisor, joined
 
 log = logging.getLogger("sessiongate.pool")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_TOKEN = 256  # characters of a page token (ours are about 80)
+CLOSED_KEPT = 1024  # recently closed sessions remembered for an idempotent CloseSession
+
+SortKey = tuple[float, str]  # (create_time, session_id): the listing order, and page tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,35 +57,48 @@ class _Pending:
 
     agent: str
     cwd: str
-    done: asyncio.Future[Session]
+    task: asyncio.Task[Session]
 
 
 class SessionPool:
-    def __init__(self, limits: ServerLimits, store: SessionStore, spares: SparePool | None = None) -> None:
+    def __init__(
+        self,
+        limits: ServerLimits,
+        store: SessionStore,
+        spares: SparePool | None = None,
+        agent_factory: AgentFactory = real_agent,
+    ) -> None:
         self.limits = limits
         self._store = store
         self._spares = spares
+        self._agent_factory = agent_factory
         self._map_lock = asyncio.Lock()
-        self._sessions: dict[str, Session] = {}  # insertion order = creation order
+        self._sessions: dict[str, Session] = {}
+        self._order: list[SortKey] = []  # sorted: creation order for ListSessions
         self._by_request_id: dict[str, Session] = {}
         self._pending: dict[str, _Pending] = {}
+        self._starting: set[asyncio.Task[Session]] = set()
+        self._closing: dict[str, tuple[Session, asyncio.Task[Session]]] = {}
+        self._recently_closed: OrderedDict[str, Session] = OrderedDict()
         self._slots = Slots(limits.max_sessions, self._sessions.values)
-        self._background: set[asyncio.Task[None]] = set()
+        self._supervisor = Supervisor()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._shutdown: asyncio.Future[None] | None = None
         self.on_agent_start: Callable[[str, bool], None] | None = None  # (agent name, started ok)
 
     # ---- start-up ----------------------------------------------------------------------
 
     async def load(self, agents: Mapping[str, AgentConfig]) -> int:
         """Bring back every stored session as SUSPENDED; start the sweeper. Returns the count."""
+        now = time.time()
         for record in await self._store.open():
+            if now - record.last_active_time > self.limits.session_retention:
+                self._store.delete_later(record.session_id)
+                continue
             # An agent no longer configured keeps its sessions listed; resuming them fails clearly.
             config = agents.get(record.agent) or AgentConfig(name=record.agent, command="")
-            session = self._new_session(config, record.cwd, record.request_id, record.labels, record)
-            self._sessions[session.session_id] = session
-            if record.request_id:
-                self._by_request_id[record.request_id] = session
+            self._publish(self._new_session(config, record.cwd, record.request_id, record.labels, record))
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sessiongate-sweeper")
         return len(self._sessions)
 
@@ -87,9 +117,11 @@ class SessionPool:
             request_id=request_id,
             limits=self.limits,
             slots=self._slots,
+            supervisor=self._supervisor,
             on_change=self._persist_later,
             on_agent_start=self.on_agent_start,
             spares=self._spares,
+            agent_factory=self._agent_factory,
             session_id=record.session_id if record else "",
             create_time=record.create_time if record else 0.0,
             last_active_time=record.last_active_time if record else 0.0,
@@ -106,50 +138,72 @@ class SessionPool:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
             existing = self._by_request_id.get(request_id) if request_id else None
-            pending = self._pending.get(request_id) if request_id else None
             if existing is not None:
                 _check_same_request(request_id, existing.config.name, existing.cwd, config.name, cwd)
                 return existing
-            if pending is None:
+            pending = self._pending.get(request_id) if request_id else None
+            if pending is not None:
+                _check_same_request(request_id, pending.agent, pending.cwd, config.name, cwd)
+                task = pending.task
+            else:
                 session = self._new_session(config, cwd, request_id, labels)
+                task = self._spawn(self._start(session), f"create-{session.session_id}")
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
                 if request_id:
-                    done: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
-                    self._pending[request_id] = _Pending(config.name, cwd, done)
-        if pending is not None:
-            # Another caller is starting this request's session: share its outcome (bounded by
-            # its start timeout). shield() keeps our cancellation from cancelling theirs.
-            _check_same_request(request_id, pending.agent, pending.cwd, config.name, cwd)
-            return await asyncio.shield(pending.done)
-        return await self._start(session)
+                    self._pending[request_id] = _Pending(config.name, cwd, task)
+        try:
+            return await joined(task)
+        except asyncio.CancelledError:
+            if not request_id:  # nobody else can ever ask for this session: abandon it
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    self._spawn(self.close(task.result().session_id), "close-abandoned")  # made, unseen
+                else:
+                    task.cancel()
+            raise
 
     async def _start(self, session: Session) -> Session:
-        """Start the agent and store the record, outside the map lock; then publish the session."""
+        """The create task: start the agent, store the record durably, then publish the session."""
+        written = False
         try:
             await session.start()
+            self._refuse_if_closed()
+            written = True  # from here on a row may exist, even if the write below is cancelled
             await self._store.put(_record(session))  # durable before CreateSession answers
+            self._refuse_if_closed()
         except BaseException as exc:
-            async with self._map_lock:
-                waiter = self._pending.pop(session.request_id, None)
-            if waiter is not None and not waiter.done.done():
-                waiter.done.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                waiter.done.exception()  # mark retrieved: nobody else may be waiting
-            if session.agent is not None:
-                await asyncio.shield(session.close())  # stored failed: do not leak the agent
+            self._pending.pop(session.request_id, None)
+            if written:
+                self._store.delete_later(session.session_id)  # queued after the put: no ghost row
+            await session.close()  # nothing of a failed create stays behind: agent, slot
+            if isinstance(exc, asyncio.CancelledError) and self._closed:
+                raise ShuttingDown("the server is shutting down") from None
             raise
         async with self._map_lock:
-            waiter = self._pending.pop(session.request_id, None)
-            closed = self._closed
-            if not closed:
-                self._sessions[session.session_id] = session
-                if session.request_id:
-                    self._by_request_id[session.request_id] = session
-        if closed:  # shutdown began while we were starting: do not leak the agent
-            await session.retire()
-            raise ShuttingDown("the server is shutting down")
-        if waiter is not None:
-            waiter.done.set_result(session)
+            self._pending.pop(session.request_id, None)
+            self._publish(session)
         log.info("session created session=%s agent=%s", session.session_id, session.config.name)
         return session
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+
+    def _publish(self, session: Session) -> None:
+        self._sessions[session.session_id] = session
+        bisect.insort(self._order, _key(session))
+        if session.request_id:
+            self._by_request_id[session.request_id] = session
+
+    def _unpublish(self, session: Session) -> None:
+        """Under the map lock (or synchronously): the session leaves every index."""
+        self._sessions.pop(session.session_id, None)
+        key = _key(session)
+        index = bisect.bisect_left(self._order, key)
+        if index < len(self._order) and self._order[index] == key:
+            del self._order[index]
+        if self._by_request_id.get(session.request_id) is session:
+            del self._by_request_id[session.request_id]
 
     def get(self, session_id: str) -> Session:
         """A plain dict lookup: needs no lock in one event loop, and never waits."""
@@ -161,28 +215,69 @@ class SessionPool:
     def page(
         self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str]
     ) -> tuple[list[Session], str]:
-        """One page of sessions in creation order, and the token of the next page ("" at the end)."""
+        """One page of sessions in creation order, and the token of the next page ("" at the end).
+
+        The token is the position after the page's last session (keyset), so sessions closed
+        or created between two calls never shift the pages: none is skipped or repeated.
+        """
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
-        offset = _decode_token(page_token)
-        matching = [
-            s
-            for s in self._sessions.values()
-            if (not agent or s.config.name == agent) and all(s.labels.get(k) == v for k, v in labels.items())
-        ]
-        page = matching[offset : offset + size]
-        more = offset + size < len(matching)
-        return page, _encode_token(offset + size) if more else ""
+        after = _decode_token(page_token)
+        start = bisect.bisect_right(self._order, after) if after is not None else 0
+        page: list[Session] = []
+        more = False
+        for index in range(start, len(self._order)):
+            session = self._sessions[self._order[index][1]]
+            if (agent and session.config.name != agent) or any(
+                session.labels.get(k) != v for k, v in labels.items()
+            ):
+                continue
+            if len(page) == size:
+                more = True
+                break
+            page.append(session)
+        return page, _encode_token(_key(page[-1])) if more else ""
 
     async def close(self, session_id: str) -> Session:
+        """End a session for good; closing one that is already closed answers the same."""
         async with self._map_lock:
-            session = self._sessions.pop(session_id, None)
-            if session is not None and self._by_request_id.get(session.request_id) is session:
-                del self._by_request_id[session.request_id]
-        if session is None:
-            raise _not_found(session_id)
-        await session.close()
-        await self._store.delete(session_id)
-        log.info("session closed session=%s", session_id)
+            closing = self._closing.get(session_id)
+            if closing is None:
+                closed = self._recently_closed.get(session_id)
+                if closed is not None:
+                    return closed
+                self._refuse_if_closed()
+                session = self._sessions.get(session_id)
+                if session is None:
+                    raise _not_found(session_id)
+                self._unpublish(session)
+                session.closed = True  # from now on nothing new starts on it
+                closing = (session, self._spawn(self._close(session), f"close-{session_id}"))
+                self._closing[session_id] = closing
+        return await joined(closing[1])
+
+    async def _close(self, session: Session) -> Session:
+        """The close task: forget the record first (a crash now cannot bring it back), then end it.
+
+        The session ends whatever the store says: a record that cannot be deleted now is
+        deleted later (logged), never a reason to keep an agent running.
+        """
+        try:
+            try:
+                await self._store.delete(session.session_id)
+            except SessionGateError as exc:
+                log.error(
+                    "could not delete a closed session's record now session=%s: %s", session.session_id, exc
+                )
+                self._store.delete_later(session.session_id)
+        finally:
+            try:
+                await session.close()
+            finally:
+                self._closing.pop(session.session_id, None)
+                self._recently_closed[session.session_id] = session
+                while len(self._recently_closed) > CLOSED_KEPT:
+                    self._recently_closed.popitem(last=False)
+        log.info("session closed session=%s", session.session_id)
         return session
 
     def sessions(self) -> list[Session]:
@@ -191,60 +286,96 @@ class SessionPool:
     # ---- shutdown ------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Refuse new sessions, end every turn (CANCELLED) and agent; keep every record."""
-        sessions = await self._stop_taking_work()
-        await asyncio.gather(*(s.retire() for s in sessions), return_exceptions=True)
-        await self._store.close()
+        """Refuse new sessions, end every turn (CANCELLED) and agent; keep every record.
+
+        Idempotent: a second call waits for the first.
+        """
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._shut_down(hurry=False))
+        await asyncio.shield(self._shutdown)
 
     async def terminate(self) -> None:
-        """Like shutdown, but agents are ended at once, without the cancel grace."""
-        sessions = await self._stop_taking_work()
-        await asyncio.gather(*(s.kill() for s in sessions), return_exceptions=True)
-        await self._store.close()
+        """Like shutdown, but agents are ended at once, without the graces (also mid-shutdown)."""
+        await self._shut_down(hurry=True)
 
-    async def _stop_taking_work(self) -> list[Session]:
+    async def _shut_down(self, hurry: bool) -> None:
+        sessions = await self._stop_taking_work(hurry)
+        ending = (s.kill() if hurry else s.retire() for s in sessions)
+        await asyncio.gather(*ending, return_exceptions=True)
+        await self._finish(patient=not hurry)
+
+    def refuse_turns(self) -> None:
+        """Drain: no new turn starts, not even for prompts already waiting for their session."""
+        for session in self._sessions.values():
+            session.draining = True
+
+    async def _stop_taking_work(self, hurry: bool) -> list[Session]:
         async with self._map_lock:
             self._closed = True
-        for task in [self._sweeper, *self._background]:
-            if task is not None:
-                task.cancel()
+        self.refuse_turns()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._starting):
+            task.cancel()  # their callers get SHUTTING_DOWN
         if self._spares is not None:
-            await self._spares.close()
-        return list(self._sessions.values())
+            await self._spares.close(force=hurry)
+        return [*self._sessions.values(), *(session for session, _ in self._closing.values())]
+
+    async def _finish(self, patient: bool) -> None:
+        """Let creates and closes under way end (each is bounded) unless in a hurry; close the store.
+
+        Whatever is still running then is cancelled: agents being stopped still get SIGKILL.
+        """
+        limits = self.limits
+        bound = WRITE_TIMEOUT + 4 * limits.kill_grace  # a close's delete; a cancelled create's stop
+        work = [*self._starting, *(task for _, task in self._closing.values())]
+        if work and patient:
+            await asyncio.wait(work, timeout=bound)
+        await self._supervisor.shutdown(timeout=2 * limits.kill_grace)
+        await self._store.close()
 
     # ---- the sweeper -------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.limits.sweep_interval)
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # one bad pass must not end sweeping for good
+                log.exception("sweep failed; trying again in %gs", self.limits.sweep_interval)
 
     def sweep(self) -> None:
-        """Suspend sessions idle past the TTL; reap turns stuck past the turn limit plus grace."""
+        """Reap stuck turns; suspend sessions idle past the TTL; delete those past the retention."""
         now = time.time()
         for session in list(self._sessions.values()):
+            idle_for = now - session.last_active_time
             if session.zombie():
-                self._run(session.reap())
-            elif session.evictable() and now - session.last_active_time > self.limits.idle_ttl:
+                session.reap()
+            elif session.evictable() and idle_for > self.limits.idle_ttl:
                 log.info("idle TTL passed session=%s", session.session_id)
-                self._run(session.suspend())
+                self._spawn(session.suspend(), f"suspend-{session.session_id}")
+            elif idle_for > self.limits.session_retention and _expirable(session):
+                log.info("retention passed; deleting session=%s", session.session_id)
+                self._unpublish(session)
+                session.closed = True  # synchronously with the check: no prompt starts on it now
+                self._spawn(self._close(session), f"expire-{session.session_id}")
 
-    def _run(self, work: Awaitable[object]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except Exception:
-                log.exception("sweeper task failed")
-
-        task = asyncio.create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        return self._supervisor.spawn(work, name)
 
     def _persist_later(self, session: Session) -> None:
-        if session.session_id not in self._sessions:
-            return  # still being created: _start writes it, durably, once it is ready
-        with contextlib.suppress(RuntimeError):  # the store's thread is gone after shutdown
+        if session.session_id in self._sessions:
+            # (A session being created is written by _start, durably, once it is ready.)
             self._store.put_later(_record(session))
+
+
+def _expirable(session: Session) -> bool:
+    """Suspended, and nobody works on it or is stopping its agent."""
+    return session.state is State.SUSPENDED and not session.owner.busy and not session.holder.stopping
+
+
+def _key(session: Session) -> SortKey:
+    return (session.create_time, session.session_id)
 
 
 def _record(session: Session) -> SessionRecord:
@@ -279,33 +410,30 @@ def _handshake(info: Mapping[str, object]) -> Handshake | None:
 
 
 def _not_found(session_id: str) -> SessionNotFound:
-    return SessionNotFound(
-        f"session {session_id!r} not found (unknown or closed)", metadata={"session_id": session_id}
-    )
+    shown = clip(session_id, 64)  # a client's string: never echoed unbounded
+    return SessionNotFound(f"session {shown!r} not found (unknown or closed)", metadata={"session_id": shown})
 
 
 def _check_same_request(request_id: str, agent: str, cwd: str, new_agent: str, new_cwd: str) -> None:
     if (agent, cwd) != (new_agent, new_cwd):
         raise InvalidArgument.field(
             "request_id",
-            f"request_id {request_id!r} was already used for agent {agent!r} in {cwd!r}",
+            f"request_id {request_id!r} was already used for agent {agent!r} in {clip(cwd)!r}",
         )
 
 
-_TOKEN_PREFIX = "offset:"
+def _encode_token(key: SortKey) -> str:
+    return base64.urlsafe_b64encode(json.dumps(["after", key[0], key[1]]).encode()).decode()
 
 
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"{_TOKEN_PREFIX}{offset}".encode()).decode()
-
-
-def _decode_token(token: str) -> int:
+def _decode_token(token: str) -> SortKey | None:
     if not token:
-        return 0
+        return None
     try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-        if text.startswith(_TOKEN_PREFIX) and text[len(_TOKEN_PREFIX) :].isdigit():
-            return int(text[len(_TOKEN_PREFIX) :])
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        if len(token) <= MAX_TOKEN:
+            tag, create_time, session_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+            if tag == "after" and isinstance(create_time, int | float) and isinstance(session_id, str):
+                return (float(create_time), session_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError, RecursionError):
         pass
     raise InvalidArgument.field("page_token", "not a token returned by ListSessions")

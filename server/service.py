@@ -6,6 +6,7 @@ its status (errors.py) and anything unexpected into a plain INTERNAL without a t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -21,7 +22,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import translate
-from server.errors import FieldViolation, InvalidArgument, SessionBusy, SessionGateError, ShuttingDown
+from server.errors import FieldViolation, InvalidArgument, SessionBusy, SessionGateError, ShuttingDown, clip
 from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
 from server.session import Session, State
@@ -35,6 +36,8 @@ MAX_LABELS = 64
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 MAX_NANOS = 999_999_999
+MAX_CWD = 4096  # characters (PATH_MAX)
+CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
 
 STATES = {
     State.IDLE: pb.SESSION_STATE_IDLE,
@@ -93,8 +96,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         config = self._settings.agents.get(agent_name)
         if config is None:
             known = ", ".join(sorted(self._settings.agents))
-            violations.append(FieldViolation("agent", f"unknown agent {agent_name!r} (configured: {known})"))
-        cwd, cwd_problem = self._resolve_cwd(request.cwd)
+            violations.append(
+                FieldViolation("agent", f"unknown agent {clip(agent_name, 100)!r} (configured: {known})")
+            )
+        cwd, cwd_problem = await self._resolve_cwd(request.cwd)
         if cwd_problem:
             violations.append(FieldViolation("cwd", cwd_problem))
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -114,15 +119,22 @@ class SessionService(pb_grpc.SessionServiceServicer):
             blocks, stall_timeout, wait_timeout = self._validate_prompt(request)
             session = self._pool.get(request.session_id)
             agent = session.config.name
-            turn = session.run_turn(blocks, stall_timeout, wait_timeout)
-            async with contextlib.aclosing(turn) as items:
-                async for item in items:
+            turn = await session.begin_turn(blocks, stall_timeout, wait_timeout)
+            try:
+                # The turn runs in its own task; this handler only relays its events.
+                while True:
+                    item = await turn.next()
                     seq += 1
                     if seq == 1:
                         self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
                     if isinstance(item, TurnEnd):
                         outcome = "cancelled" if item.stop_reason == "cancelled" else "ok"
                     yield translate.to_event(seq, item)
+                    if isinstance(item, TurnEnd):
+                        break
+            finally:
+                if not turn.ended:  # the client left (cancel, deadline): cancel the turn upstream
+                    session.cancel(turn)
         except Exception as exc:
             outcome = _outcome(exc)
             if isinstance(exc, SessionBusy):
@@ -139,7 +151,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     @unary
     async def CancelPrompt(self, request: pb.CancelPromptRequest, context: Any) -> pb.CancelPromptResponse:
         session = self._pool.get(_required_id(request.session_id))
-        return pb.CancelPromptResponse(cancelled=await session.cancel())
+        return pb.CancelPromptResponse(cancelled=session.cancel())
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
@@ -177,15 +189,28 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another instance")
 
-    def _resolve_cwd(self, requested: str) -> tuple[Path, str | None]:
+    async def _resolve_cwd(self, requested: str) -> tuple[Path, str | None]:
+        """The session's cwd, checked on a worker thread: a slow file system never stalls the loop."""
         if "\x00" in requested:
             return self._settings.workdir, "must not contain NUL"
-        path = (self._settings.workdir / requested).resolve() if requested else self._settings.workdir
-        if not any(path.is_relative_to(root) for root in self._settings.roots):
-            roots = ", ".join(str(r) for r in self._settings.roots)
-            return path, f"{path} is outside the allowed roots ({roots})"
-        if not path.is_dir():
-            return path, f"{path} is not an existing directory"
+        if len(requested) > MAX_CWD:
+            return self._settings.workdir, f"at most {MAX_CWD} characters"
+        try:
+            async with asyncio.timeout(CWD_CHECK_TIMEOUT):
+                return await asyncio.to_thread(self._check_cwd, requested)
+        except TimeoutError:
+            return self._settings.workdir, f"could not be checked within {CWD_CHECK_TIMEOUT:g}s"
+
+    def _check_cwd(self, requested: str) -> tuple[Path, str | None]:
+        try:
+            path = (self._settings.workdir / requested).resolve() if requested else self._settings.workdir
+            if not any(path.is_relative_to(root) for root in self._settings.roots):
+                roots = ", ".join(str(r) for r in self._settings.roots)
+                return path, f"{clip(str(path))} is outside the allowed roots ({roots})"
+            if not path.is_dir():
+                return path, f"{clip(str(path))} is not an existing directory"
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a directory we may not search
+            return self._settings.workdir, f"cannot be resolved: {clip(str(exc))}"
         return path, None
 
     def _validate_prompt(self, request: pb.PromptRequest) -> tuple[list[Any], float, float]:
@@ -257,12 +282,11 @@ def _label_violations(labels: Any) -> list[FieldViolation]:
     if len(labels) > MAX_LABELS:
         out.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
     for key, value in labels.items():
+        where = f"labels[{clip(key, MAX_LABEL_KEY)!r}]"
         if not key or len(key) > MAX_LABEL_KEY:
-            out.append(FieldViolation(f"labels[{key!r}]", f"keys must be 1 to {MAX_LABEL_KEY} characters"))
+            out.append(FieldViolation(where, f"keys must be 1 to {MAX_LABEL_KEY} characters"))
         if len(value) > MAX_LABEL_VALUE:
-            out.append(
-                FieldViolation(f"labels[{key!r}]", f"values must be at most {MAX_LABEL_VALUE} characters")
-            )
+            out.append(FieldViolation(where, f"values must be at most {MAX_LABEL_VALUE} characters"))
     return out
 
 
@@ -289,9 +313,8 @@ def session_proto(session: Session) -> pb.Session:
         message.agent_info.CopyFrom(pb.AgentInfo(name=hs.name, version=hs.version, title=hs.title))
     turn = session.turn
     if turn is not None:
-        now = time.time()
-        message.turn_start_time.CopyFrom(_timestamp(turn.started_at))
-        message.last_event_time.CopyFrom(_timestamp(turn.last_event_at))
-        message.turn_elapsed.FromNanoseconds(int((now - turn.started_at) * 1e9))
-        message.since_last_event.FromNanoseconds(int((now - turn.last_event_at) * 1e9))
+        message.turn_start_time.CopyFrom(_timestamp(turn.started_wall))
+        message.last_event_time.CopyFrom(_timestamp(turn.last_event_wall()))
+        message.turn_elapsed.FromNanoseconds(int(turn.elapsed() * 1e9))
+        message.since_last_event.FromNanoseconds(int(turn.since_last_event() * 1e9))
     return message

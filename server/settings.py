@@ -56,7 +56,8 @@ class ServerLimits:
     busy_retry_after: float = 1.0  # RetryInfo delay suggested with SESSION_BUSY
     drain_grace: float = 10.0  # on SIGTERM, how long running turns may go on
     idle_ttl: float = 1800.0  # an idle session's agent is stopped (SUSPENDED) after this long
-    zombie_grace: float = 30.0  # a turn still BUSY this long past max_turn_duration is reaped
+    zombie_grace: float = 30.0  # a turn's runner this long past its own bounds is reaped (a safety net)
+    session_retention: float = 30 * 86400.0  # a SUSPENDED session idle this long is deleted
     sweep_interval: float = 1.0  # how often the sweeper looks for idle and zombie sessions
     max_spares: int = 16  # warm spare agents kept over all agents (they take no session slot)
 

@@ -59,8 +59,8 @@ class SparePool:
                 return spare
         return None
 
-    async def close(self) -> None:
-        """End every spare (drain); none are started after this."""
+    async def close(self, force: bool = False) -> None:
+        """End every spare (drain; `force`: without the SIGTERM grace); none start after this."""
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
@@ -68,7 +68,7 @@ class SparePool:
             await asyncio.wait(self._tasks, timeout=self._limits.kill_grace * 2)
         spares = [spare for ready in self._ready.values() for spare in ready]
         self._ready = {name: [] for name in self._ready}
-        await asyncio.gather(*(spare.terminate() for spare in spares), return_exceptions=True)
+        await asyncio.gather(*(spare.terminate(force=force) for spare in spares), return_exceptions=True)
 
     def _refill(self, agent: str, delay: float = 0.0) -> None:
         missing = self._wanted.get(agent, 0) - len(self._ready[agent]) - self._starting[agent]
@@ -96,6 +96,7 @@ class SparePool:
             raise
         except Exception as exc:
             log.warning("could not start a spare agent=%s: %s", agent, exc)
+            await spare.terminate()  # nothing of a failed start is left running
         finally:
             self._starting[agent] -= 1
         if self._on_agent_start is not None:

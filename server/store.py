@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.errors import ShuttingDown
+from server.errors import ShuttingDown, StoreUnavailable, clip
 
 log = logging.getLogger("sessiongate.store")
 
@@ -60,6 +60,7 @@ COLUMNS = ", ".join(
 INSERT = f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS.split(',')))})"
 
 T = TypeVar("T")
+WRITE_TIMEOUT = 30.0  # seconds an awaited write may take before the request fails STORE_UNAVAILABLE
 
 
 class StoreError(Exception):
@@ -115,7 +116,7 @@ class SessionStore:
 
     async def open(self) -> list[SessionRecord]:
         """Open (or create) the database and return every stored session, oldest first."""
-        return await self._run(self._open)
+        return await self._run(self._open, timeout=None)
 
     async def put(self, record: SessionRecord) -> None:
         """Insert or update a record and wait until it is on disk."""
@@ -161,12 +162,19 @@ class SessionStore:
         await asyncio.wrap_future(self._thread.submit(self._close))
         self._thread.shutdown(wait=True)  # idle by now: returns at once
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, timeout: float | None = WRITE_TIMEOUT) -> T:
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down: the session store is closed")
             future = self._thread.submit(fn, *args)
-        return await asyncio.wrap_future(future)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            raise StoreUnavailable(f"the session database did not answer within {timeout:g}s") from None
+        except sqlite3.Error as exc:
+            log.error("database write failed path=%s: %s", self.path, exc)
+            raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
         try:

@@ -1,12 +1,16 @@
-"""One running turn: its timestamps, and the buffer between the agent and the client.
+"""One turn's events on their way from the agent to the client, and the turn's clocks.
 
-The agent connection pushes updates in; the session takes them out for the client. Two
-things happen in between:
+The agent connection pushes updates in, the turn's runner pushes the turn's last item (its
+result or its error), and the RPC handler takes them out. Two things happen in between:
 - backpressure: past HIGH_WATER buffered events the agent's output is no longer read, until
   the client has taken the buffer down to LOW_WATER, so a fast agent waits on its own pipe
-  instead of filling the server's memory and event loop;
+  instead of filling the server's memory and event loop. Once nobody will read the rest
+  (the client left, or asked to cancel) the agent is never held back again: the buffer
+  keeps at most HIGH_WATER events and drops the others, so the agent's answer gets through.
 - coalescing: when the client is behind, consecutive text chunks of one message that are
   already buffered leave as one event. Nothing is reordered and nothing waits for more.
+
+Clocks are the event loop's monotonic clock; wall-clock times are only for display.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 from acp import schema
 
-from server.agent import AgentConnection, TurnItem
+from server.agent import AgentProcess, TurnItem
+from server.errors import SessionGateError
 
 HIGH_WATER = 256
 LOW_WATER = 64
@@ -52,42 +57,91 @@ class TextRun:
     message_id: str
 
 
-class Marker:
-    """Buffer items that are not events."""
+@dataclass(frozen=True, slots=True)
+class _Last:
+    """The turn's last item: a TurnEnd, or the error the client's stream ends with."""
+
+    outcome: TurnEnd | BaseException
 
 
-PROMPT_DONE = Marker()  # the upstream `session/prompt` request finished (any outcome)
-WAKE = Marker()  # only re-arms the turn's wait (cancel, reap)
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 @dataclass(eq=False)
 class Turn:
-    """One running turn. Its timestamps are readable without the session lock."""
+    """One turn: a buffer between agent and client, and clocks readable without any lock."""
 
     stall_timeout: float
-    deadline: float  # loop time at which the turn times out
-    agent: AgentConnection | None = None
-    started_at: float = field(default_factory=time.time)
-    last_event_at: float = field(default_factory=time.time)
-    last_seq: int = 0
-    cancel_deadline: float | None = None  # set by cancel(): loop time by which the agent must stop
-    reaped: bool = False  # the sweeper ended this turn because its handler was stuck
-    prompt_task: asyncio.Task[schema.PromptResponse] | None = None
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-    _items: deque[TurnItem] = field(default_factory=deque)
+    max_duration: float
+    agent: AgentProcess | None = None
+    started_at: float = field(default_factory=_now)  # loop time
+    started_wall: float = field(default_factory=time.time)  # for display only
+    last_event_at: float = field(default_factory=_now)  # loop time of the agent's last update
+    delivered: int = 0  # events taken by the client so far (the last one's seq)
+    dropped: int = 0  # updates dropped because nobody will read them
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # the session is free again
+    _items: deque[TurnItem | _Last] = field(default_factory=deque)
     _waiter: asyncio.Future[None] | None = None
+    _ended: bool = False
+    _holding_back: bool = True  # backpressure on; off once nobody will read the rest
+
+    @property
+    def deadline(self) -> float:
+        """Loop time at which the turn times out."""
+        return self.started_at + self.max_duration
+
+    @property
+    def ended(self) -> bool:
+        """The last item is in: the client's stream ends once it has read what is buffered."""
+        return self._ended
+
+    def elapsed(self) -> float:
+        return _now() - self.started_at
+
+    def since_last_event(self) -> float:
+        return _now() - self.last_event_at
+
+    def last_event_wall(self) -> float:
+        return time.time() - self.since_last_event()
 
     # ---- the agent side --------------------------------------------------------------
 
     def push(self, item: TurnItem) -> None:
         """An update from the agent (the connection's sink for this turn)."""
-        self.last_event_at = time.time()
-        self.mark(item)
-        if len(self._items) >= HIGH_WATER and self.agent is not None:
+        self.last_event_at = _now()
+        if self._ended:
+            return
+        if not self._holding_back and len(self._items) >= HIGH_WATER:
+            self.dropped += 1
+            return
+        self._append(item)
+        if self._holding_back and len(self._items) >= HIGH_WATER and self.agent is not None:
             self.agent.pause_reading()
 
-    def mark(self, item: TurnItem) -> None:
-        """Buffer an item without counting it as agent activity (markers)."""
+    def stop_holding_back(self) -> None:
+        """Nobody will read the rest (client gone, or cancelling): never pause the agent again."""
+        self._holding_back = False
+        if self.agent is not None and self.agent.reading_paused:
+            self.agent.resume_reading()
+            self.last_event_at = _now()
+
+    # ---- the runner side -------------------------------------------------------------
+
+    def notice(self, notice: Notice) -> None:
+        if not self._ended:
+            self._append(notice)
+
+    def end(self, outcome: TurnEnd | BaseException) -> None:
+        """The turn's last item; anything pushed after it is ignored. Only the first counts."""
+        if self._ended:
+            return
+        if self.dropped:
+            self._append(Notice("events_dropped", f"{self.dropped} agent updates were dropped after cancel"))
+        self._ended = True
+        self._append(_Last(outcome))
+
+    def _append(self, item: TurnItem | _Last) -> None:
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -98,24 +152,38 @@ class Turn:
     def buffered(self) -> int:
         return len(self._items)
 
-    async def wait(self) -> None:
-        """Until something is buffered (bound it with a timeout)."""
+    async def next(self) -> TurnItem:
+        """The next event: updates, Notices, then the TurnEnd; a failed turn raises its error.
+
+        Waits for the runner, which always ends the turn within its bounds (stall, turn
+        duration, cancel grace), with the sweeper's reaper behind it.
+        """
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        item = self._take()
+        if isinstance(item, _Last):
+            if isinstance(item.outcome, BaseException):
+                if isinstance(item.outcome, SessionGateError) and "last_seq" in item.outcome.metadata:
+                    item.outcome.metadata["last_seq"] = str(self.delivered)  # what this client saw
+                raise item.outcome
+            item = item.outcome
+        self.delivered += 1
+        return item
 
-    def take(self) -> TurnItem:
-        """The next item (something must be buffered), with already-buffered text merged in."""
+    def _take(self) -> TurnItem | _Last:
+        """The next item, with already-buffered text merged in."""
         item = self._items.popleft()
         if self._items and getattr(item, "session_update", None) in TEXT_CHUNKS:
             item = self._coalesce(item)
         agent = self.agent
-        if agent is not None and agent.reading_paused and len(self._items) <= LOW_WATER:
+        # An ended turn's agent may already serve the next turn: its pauses are not ours to undo.
+        if not self._ended and agent is not None and agent.reading_paused and len(self._items) <= LOW_WATER:
             agent.resume_reading()
-            self.last_event_at = time.time()  # held back by us, not silent: the stall clock restarts
+            self.last_event_at = _now()  # held back by us, not silent: the stall clock restarts
         return item
 
     def _coalesce(self, first: Any) -> TurnItem:
@@ -126,7 +194,9 @@ class Turn:
         parts, size = [text], len(text)
         while self._items and size < MAX_COALESCED_CHARS:
             following = self._items[0]
-            if getattr(following, "session_update", None) != kind or following.message_id != message_id:
+            if isinstance(following, _Last) or getattr(following, "session_update", None) != kind:
+                break
+            if following.message_id != message_id:
                 break
             more = _text(following)
             if more is None:

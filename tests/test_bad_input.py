@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,14 @@ async def test_unknown_or_closed_session_is_not_found(gate: Gate, closed: bool) 
     if closed:
         session_id = (await gate.create()).session_id
         await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id))
-    for call in (
+    calls = [
         gate.stub.Prompt(pb.PromptRequest(session_id=session_id, text="hi")),
         gate.stub.GetSession(pb.GetSessionRequest(session_id=session_id)),
         gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=session_id)),
-        gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)),
-    ):
+    ]
+    if not closed:  # closing a closed session again answers it again (a retried close is safe)
+        calls.append(gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id)))
+    for call in calls:
         error = await expect_error(call)
         assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
 
@@ -104,9 +107,30 @@ async def test_cwd_that_is_not_a_directory_is_invalid(gate: Gate) -> None:
         assert "cwd" in error.violations
 
 
+async def test_a_cwd_that_cannot_be_resolved_is_invalid_not_internal(gate: Gate) -> None:
+    (gate.workdir / "loop").symlink_to(gate.workdir / "loop")  # resolving it never ends
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(cwd="loop/sub")))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot be resolved" in error.violations["cwd"]
+
+
+async def test_many_oversized_non_ascii_violations_still_fit_in_one_status(gate: Gate) -> None:
+    """Statuses travel in trailers that peers cap at 8 KiB: every part is bounded in bytes, so
+    a request full of long non-ASCII mistakes still gets its INVALID_ARGUMENT, not a transport error."""
+    labels = {f"{'é' * 70}{n}": "ü" * 300 for n in range(64)}
+    cwd = "ö" * 4000
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(labels=labels, cwd=cwd)))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error.violations) <= 10 and "(more)" in error.violations
+    assert len(error.message.encode()) < 1000
+
+
 async def test_malformed_page_token_and_page_size_are_invalid(gate: Gate) -> None:
+    deep = base64.urlsafe_b64encode(b"[" * 100_000).decode()  # too deep for a JSON parser
     for request, field in (
         (pb.ListSessionsRequest(page_token="garbage!"), "page_token"),
+        (pb.ListSessionsRequest(page_token=deep), "page_token"),
+        (pb.ListSessionsRequest(page_token=base64.urlsafe_b64encode(b"[" * 50).decode()), "page_token"),
         (pb.ListSessionsRequest(page_size=-1), "page_size"),
     ):
         error = await expect_error(gate.stub.ListSessions(request))

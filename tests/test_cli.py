@@ -12,7 +12,7 @@ from pathlib import Path
 from sessiongate.v1 import session_service_pb2 as pb
 
 from client.render import CLEAR_LINE, DIM, LiveRenderer
-from tests.conftest import Gate
+from tests.conftest import Gate, eventually
 
 
 async def cli(
@@ -72,14 +72,20 @@ async def test_errors_print_status_reason_and_hint_and_set_the_exit_code(gate: G
     assert "error: NOT_FOUND SESSION_NOT_FOUND" in err and "hint: see the sessions" in err
 
     session = await gate.create()
-    turn = asyncio.create_task(gate.prompt(session.session_id, "/sleep 2 busy"))
+    turn = asyncio.create_task(gate.prompt(session.session_id, "/stall"))  # busy until cancelled
     await gate.wait_state(session.session_id, pb.SESSION_STATE_BUSY)
     code, _, err = await cli(gate, "prompt", "--session", session.session_id, "again")
     assert code == 4
     assert "RESOURCE_EXHAUSTED SESSION_BUSY" in err and "--wait SECONDS" in err
-    code, out, _ = await cli(gate, "prompt", "--wait", "10", "--session", session.session_id, "waited")
+    waiting = asyncio.create_task(
+        cli(gate, "prompt", "--wait", "30", "--session", session.session_id, "waited")
+    )
+    live = gate.running.pool.get(session.session_id)
+    await eventually(lambda: live.owner.waiting == 1, 30, "the CLI to wait for the session")
+    await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=session.session_id), timeout=5)
+    code, out, _ = await waiting
     assert code == 0 and "waited" in out
-    await turn
+    assert (await turn)[-1].result.stop_reason == pb.STOP_REASON_CANCELLED
 
     code, out, err = await cli(gate, "prompt", "--json", "--session", session.session_id, "")
     assert code == 2 and json.loads(out)["error"]["violations"]["text"]

@@ -100,7 +100,7 @@ async def test_grpcurl_creates_a_session_and_streams_a_prompt(gate: Gate, grpcur
 
 async def test_grpcurl_prints_the_details_of_a_session_busy_error(gate: Gate, grpcurl: str) -> None:
     session = await gate.create()
-    turn = asyncio.create_task(gate.prompt(session.session_id, "/sleep 2 long"))
+    turn = asyncio.create_task(gate.prompt(session.session_id, "/stall"))  # busy until cancelled
     await gate.wait_state(session.session_id, pb.SESSION_STATE_BUSY)
     request = json.dumps({"session_id": session.session_id, "text": "again"})
     code, out, err = await run(
@@ -111,6 +111,7 @@ async def test_grpcurl_prints_the_details_of_a_session_busy_error(gate: Gate, gr
     assert "Code: ResourceExhausted" in printed
     assert '"reason":"SESSION_BUSY"' in printed and '"domain":"sessiongate"' in printed
     assert "google.rpc.RetryInfo" in printed and '"retry_delay":"1s"' in printed
+    await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=session.session_id), timeout=5)
     await turn
 
 

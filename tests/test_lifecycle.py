@@ -61,20 +61,24 @@ async def test_an_idle_session_is_suspended_after_the_ttl_and_resumes(make_gate:
     assert await gate.state(session.session_id) == pb.SESSION_STATE_IDLE
 
 
-async def test_a_pool_full_of_stuck_handlers_recovers_by_itself(make_gate: GateFactory) -> None:
-    """Two /hang turns whose clients stopped reading: their handlers block on flow control, so
-    their own watchdogs never run. The sweeper must reap them past the turn limit plus grace."""
+async def test_a_pool_full_of_turns_whose_clients_stopped_reading_recovers_at_the_turn_limit(
+    make_gate: GateFactory,
+) -> None:
+    """Two /hang turns whose clients stopped reading: their handlers block on flow control and
+    their agents are held back by backpressure. Each turn's runner still ends it at the turn
+    limit, kills the agent that ignores cancel and respawns it; the reaper (its grace is ten
+    minutes here) has nothing to do with it."""
     gate: Gate = await make_gate(
-        max_sessions=2, max_turn_duration=3.0, zombie_grace=2.0, sweep_interval=0.2, stall_timeout=60.0
+        max_sessions=2, max_turn_duration=3.0, zombie_grace=600.0, stall_timeout=60.0, cancel_grace=1.0
     )
-    zombies = [await gate.create() for _ in range(2)]
-    zombie_pids = gate.agent_pids()
+    stuck = [await gate.create() for _ in range(2)]
+    stuck_pids = gate.agent_pids()
     calls = []
-    for session in zombies:
+    for session in stuck:
         # 12 MB the client never reads: the handler blocks in its write, the agent hangs after.
         request = pb.PromptRequest(session_id=session.session_id, text="/hang 3000 4096")
         calls.append(gate.stub.Prompt(request, timeout=60))
-    for session in zombies:
+    for session in stuck:
         await gate.wait_state(session.session_id, pb.SESSION_STATE_BUSY)
     started = time.monotonic()
     refused = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest()))
@@ -90,16 +94,14 @@ async def test_a_pool_full_of_stuck_handlers_recovers_by_itself(make_gate: GateF
     recovered_in = time.monotonic() - started
 
     assert created is not None, "the pool never recovered"
-    # Turn limit + grace, then a sweep and a fresh agent start (slow on a loaded 2-core machine).
-    assert recovered_in < 3.0 + 2.0 + 5.0, f"recovery took {recovered_in:.1f}s"
-    for session in zombies:
-        assert await gate.state(session.session_id) == pb.SESSION_STATE_SUSPENDED
-    assert not await asyncio.to_thread(wait_gone, zombie_pids, 5), "zombie agents were not killed"
-    print(f"zombie-filled pool recovered in {recovered_in:.2f}s (turn limit 3 s + grace 2 s)")
+    # Turn limit + cancel grace + a kill, then fresh agent starts (slow on a loaded 2-core machine).
+    assert recovered_in < 3.0 + 1.0 + 8.0, f"recovery took {recovered_in:.1f}s"
+    assert not await asyncio.to_thread(wait_gone, stuck_pids, 5), "the hung agents were not killed"
+    print(f"pool of stuck turns recovered in {recovered_in:.2f}s (turn limit 3 s + cancel grace 1 s)")
     for call in calls:
         call.cancel()
-    # The reaped sessions are usable again.
-    assert reply_text(await gate.prompt(zombies[0].session_id, "alive")) == "alive"
+    for session in stuck:  # each was respawned (one since evicted for the new session): usable
+        assert reply_text(await gate.prompt(session.session_id, "alive", timeout=30)) == "alive"
 
 
 async def test_resume_with_session_load_keeps_the_agent_side_history(make_gate: GateFactory) -> None:

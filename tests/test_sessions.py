@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.session import new_session_id
-from tests.conftest import Gate, GateFactory, expect_error, wait_gone
+from tests.conftest import Gate, GateFactory, eventually, expect_error, wait_gone
 
 
 async def test_auth_required_agent_fails_create_with_failed_precondition(make_gate: GateFactory) -> None:
@@ -126,7 +126,8 @@ async def test_a_prompt_waiting_on_a_session_that_gets_closed_is_not_found_and_s
             )
         )
     )
-    await asyncio.sleep(0.2)  # let it queue on the session lock
+    live = gate.running.pool.get(session.session_id)
+    await eventually(lambda: live.owner.waiting == 1, what="the late prompt to queue for the session")
     await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=15)
     error = await asyncio.wait_for(waiting, 15)
     assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")

@@ -13,7 +13,17 @@ from google.protobuf import duration_pb2, json_format
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.echo_agent import flood_chunk
-from tests.conftest import Gate, GateFactory, alive, echo_agent, expect_error, kinds, reply_text, wait_gone
+from tests.conftest import (
+    Gate,
+    GateFactory,
+    alive,
+    echo_agent,
+    eventually,
+    expect_error,
+    kinds,
+    reply_text,
+    wait_gone,
+)
 
 
 def seconds(value: float) -> duration_pb2.Duration:
@@ -337,22 +347,35 @@ async def test_agent_environment_is_clean(gate: Gate, monkeypatch: pytest.Monkey
 async def test_a_client_that_fell_behind_gets_buffered_text_chunks_coalesced_in_order(gate: Gate) -> None:
     session = await gate.create()
     call = gate.stub.Prompt(
-        pb.PromptRequest(session_id=session.session_id, text="/flood 5000 32"), timeout=60
+        pb.PromptRequest(session_id=session.session_id, text="/flood 20000 256"), timeout=60
     )
     first = await asyncio.wait_for(call.read(), 10)
-    await asyncio.sleep(1.0)  # fall behind: the agent's chunks pile up in the gateway's buffer
+    # Fall behind: read nothing until the transport's windows are full (5 MB exceeds them)
+    # and the agent's chunks pile up in the gateway's buffer.
+    turn = gate.running.pool.get(session.session_id).turn
+    assert turn is not None
+    await eventually(lambda: turn.buffered() >= 100, 15, "chunks to pile up")
     events = [first]
     while (event := await asyncio.wait_for(call.read(), 15)) is not grpc.aio.EOF:
         events.append(event)
     chunks = [e for e in events if e.HasField("message_chunk")]
-    assert len(chunks) < 5000, "nothing was coalesced"
-    assert reply_text(events) == "".join(flood_chunk(i, 32) for i in range(5000))
+    assert len(chunks) < 20000, "nothing was coalesced"
+    assert reply_text(events) == "".join(flood_chunk(i, 256) for i in range(20000))
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
 async def test_paced_turns_stream_each_word_as_it_comes(gate: Gate) -> None:
     session = await gate.create()
-    started = time.monotonic()
-    events = await gate.prompt(session.session_id, "/pace 100 one two three four")
+    arrivals: list[float] = []
+    events = []
+    call = gate.stub.Prompt(
+        pb.PromptRequest(session_id=session.session_id, text="/pace 400 one two three four")
+    )
+    async for event in call:
+        events.append(event)
+        if event.HasField("message_chunk"):
+            arrivals.append(time.monotonic())
     assert reply_text(events) == "one two three four"
-    assert time.monotonic() - started >= 0.35  # the agent really paced its words
+    # One event per word, each sent on when the agent wrote it: neither held back nor merged.
+    assert len(arrivals) == 4
+    assert arrivals[-1] - arrivals[0] >= 0.9, f"the words arrived together: {arrivals}"

@@ -1,0 +1,168 @@
+"""One session's agent, from start to the end of its process group (asyncpg's holder idea).
+
+The holder is the only code that starts or stops a session's agent, and the only code that
+takes or gives back its slot, so "a slot is held exactly while an agent process of ours may
+be alive" is decided in one place:
+
+- `ensure()` (called by whoever owns the session) starts an agent if none runs: it waits for
+  a previous stop to finish, takes a slot, uses a warm spare or spawns, and resumes the ACP
+  session with `session/load`, falling back to `session/new` when the load is refused.
+- `stop()` ends the agent in a task of its own: a caller cancelled half-way (a client gone,
+  a second signal) never leaves a process group running or a slot taken. The slot is given
+  back when the group is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from server.agent import AgentConnection, AgentProcess
+from server.errors import AgentAuthRequired, AgentUnavailable, SessionGateError
+from server.settings import AgentConfig, ServerLimits
+from server.slots import Slots
+from server.spares import SparePool
+from server.supervisor import Supervisor, joined
+
+log = logging.getLogger("sessiongate.holder")
+
+AgentFactory = Callable[[AgentConfig, ServerLimits], AgentProcess]
+
+
+def real_agent(config: AgentConfig, limits: ServerLimits) -> AgentProcess:
+    return AgentConnection(config, request_timeout=limits.agent_request_timeout, kill_grace=limits.kill_grace)
+
+
+class AgentHolder:
+    def __init__(
+        self,
+        config: AgentConfig,
+        limits: ServerLimits,
+        slots: Slots,
+        supervisor: Supervisor,
+        *,
+        spares: SparePool | None = None,
+        factory: AgentFactory = real_agent,
+        on_agent_start: Callable[[str, bool], None] | None = None,
+        on_exit: Callable[[AgentProcess], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.agent: AgentProcess | None = None
+        self.has_slot = False
+        self._slots = slots
+        self._supervisor = supervisor
+        self._spares = spares
+        self._factory = factory
+        self._on_agent_start = on_agent_start
+        self._on_exit = on_exit
+        self._stopping: asyncio.Task[None] | None = None
+        self._dying: AgentProcess | None = None  # the agent a running stop is ending
+
+    @property
+    def alive(self) -> bool:
+        return self.agent is not None and self.agent.alive
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and not self._stopping.done()
+
+    async def ensure(self, cwd: str, resume_id: str, requester: object) -> tuple[str, bool]:
+        """Make sure an agent runs with the ACP session open; returns (ACP session id, resumed).
+
+        A running agent is kept. Otherwise one is started within the start timeout, and
+        `resume_id` (if any) is loaded; a refused load opens a new session (resumed=False,
+        the caller tells the client its context was reset). On any failure, or if the caller
+        is cancelled, nothing is left running and the slot is free again.
+        """
+        if self.alive:
+            return resume_id, True
+        await self.stop()  # a dead agent's group may still hold children; an earlier stop may still run
+        await self._slots.acquire(requester)  # may suspend another idle session, or PoolExhausted
+        self.has_slot = True
+        spare = self._spares.take(self.config.name) if self._spares is not None else None
+        agent = spare or self._factory(self.config, self.limits)
+        self.agent = agent  # from here on, stop() ends it whatever happens
+        started = spare is not None
+        try:
+            async with asyncio.timeout(self.limits.agent_start_timeout):
+                if spare is None:
+                    await agent.start(self.limits.agent_start_timeout)
+                    started = True
+                    if self._on_agent_start is not None:
+                        self._on_agent_start(self.config.name, True)
+                acp_session_id, resumed = await self._open(agent, cwd, resume_id)
+        except BaseException as exc:
+            if not started and self._on_agent_start is not None and isinstance(exc, SessionGateError):
+                self._on_agent_start(self.config.name, False)
+            await self.stop()
+            if isinstance(exc, TimeoutError):
+                raise AgentUnavailable(
+                    f"agent {self.config.name!r} did not finish starting within "
+                    f"{self.limits.agent_start_timeout:g}s",
+                    metadata={"agent": self.config.name},
+                ) from None
+            raise
+        if self._on_exit is not None:
+            agent.on_exit(self._on_exit)
+        if not agent.alive:  # died right after opening: do not hand out a dead agent
+            await self.stop()
+            raise AgentUnavailable(
+                f"agent {self.config.name!r} exited while starting", metadata={"agent": self.config.name}
+            )
+        return acp_session_id, resumed
+
+    async def _open(self, agent: AgentProcess, cwd: str, resume_id: str) -> tuple[str, bool]:
+        """Load `resume_id` if the agent can; else, or if the load is refused, a new session."""
+        timeout = self.limits.agent_start_timeout
+        if resume_id and agent.handshake is not None and agent.handshake.load_session:
+            try:
+                await agent.load(cwd, resume_id, timeout)
+                return resume_id, True
+            except AgentAuthRequired:
+                raise
+            except AgentUnavailable as exc:
+                if not agent.alive:
+                    raise
+                log.warning(
+                    "session/load refused; opening a new ACP session agent=%s: %s", self.config.name, exc
+                )
+        return await agent.new_session(cwd, timeout), False
+
+    async def stop(self, force: bool = False) -> None:
+        """End the agent's process group and give back the slot; idempotent and safe to cancel.
+
+        The work runs in a task of its own: a caller cancelled half-way never leaves the group
+        running or the slot taken. `force` skips the SIGTERM grace (a second signal), also for
+        a stop already under way. Bounded by the agent's terminate (two kill graces).
+        """
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            self._dying = agent
+            self._stopping = self._supervisor.spawn(self._stop(agent, force), name=f"stop-{self.config.name}")
+        elif force and self._dying is not None:
+            self._supervisor.spawn(self._dying.terminate(force=True), name=f"kill-{self.config.name}")
+        elif self.has_slot and not self.stopping:  # a slot without an agent: nothing to wait for
+            self._give_back_slot()
+        stopping = self._stopping
+        if stopping is not None:
+            try:
+                await joined(stopping)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we are cancelled ourselves
+                # The stop task was cancelled (shutdown); its agent still gets SIGKILL.
+
+    async def _stop(self, agent: AgentProcess, force: bool) -> None:
+        try:
+            await agent.terminate(force=force)
+        finally:
+            self._dying = None
+            self._give_back_slot()
+
+    def _give_back_slot(self) -> None:
+        if self.has_slot:
+            self.has_slot = False
+            self._slots.release()

@@ -1,0 +1,210 @@
+"""An in-process fake agent, and a pool/session built on it, for unit tests of the session core.
+
+The fake has the shape of `server.agent.AgentProcess` and does what the prompt text says:
+  echo WORDS   one message chunk per word, then end_turn
+  wait         nothing until the test calls `finish_turn()` (end_turn), or a cancel (cancelled)
+  hang         one chunk, then nothing, whatever cancel says
+Its start, load and terminate take as long as the test wants, and it can be made to refuse
+`session/load` or to "crash" (exit by itself), so every cancellation window of the core can
+be hit on purpose, without timing luck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import acp
+from acp import schema
+
+from server.agent import AgentProcess, Handshake, UpdateSink
+from server.errors import AgentUnavailable
+from server.pool import SessionPool
+from server.settings import AgentConfig, ServerLimits
+from server.store import SessionStore
+
+_pids = itertools.count(1_000_000)
+
+
+@dataclass
+class FakeBehaviour:
+    """What every fake agent of one factory does; tests change it as they go."""
+
+    start_delay: float = 0.0
+    terminate_delay: float = 0.0  # how long a terminate takes (SIGTERM ignored, say)
+    killable: bool = True  # False: a forced terminate takes terminate_delay too (D state)
+    refuse_load: bool = False
+    load_session: bool = True
+
+
+class FakeAgent:
+    def __init__(self, config: AgentConfig, behaviour: FakeBehaviour) -> None:
+        self.config = config
+        self.behaviour = behaviour
+        self.handshake: Handshake | None = None
+        self.exit_code: int | None = None
+        self.reading_paused = False
+        self.pid_value = next(_pids)
+        self.started = False
+        self.exited = False
+        self.cancels: list[str] = []
+        self.terminate_calls = 0
+        self.terminated = asyncio.Event()  # terminate() finished: the "process group" is gone
+        self.sinks: dict[str, UpdateSink] = {}
+        self.sessions: list[str] = []
+        self._on_exit: Callable[[Any], None] | None = None
+        self._cancelled = asyncio.Event()
+        self._finish = asyncio.Event()
+        self._terminating: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
+
+    # ---- AgentProcess --------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.pid_value if self.started else None
+
+    @property
+    def alive(self) -> bool:
+        return self.started and not self.exited
+
+    def on_exit(self, callback: Callable[[Any], None]) -> None:
+        self._on_exit = callback
+
+    async def start(self, timeout: float) -> Handshake:
+        self.started = True
+        await asyncio.sleep(self.behaviour.start_delay)
+        self.handshake = Handshake("fake", "1", "Fake", self.behaviour.load_session, ())
+        return self.handshake
+
+    async def load(self, cwd: str, session_id: str, timeout: float) -> None:
+        if self.behaviour.refuse_load:
+            raise AgentUnavailable(f"fake agent: unknown session {session_id}")
+        self.sessions.append(session_id)
+
+    async def new_session(self, cwd: str, timeout: float) -> str:
+        session_id = f"fake-{self.pid_value}-{len(self.sessions)}"
+        self.sessions.append(session_id)
+        return session_id
+
+    async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
+        self._cancelled.clear()
+        self._finish.clear()
+        command, _, rest = " ".join(b.text for b in blocks).partition(" ")
+        if command == "echo":
+            for word in rest.split():
+                self.send(session_id, word)
+                await asyncio.sleep(0)
+            return schema.PromptResponse(stop_reason="end_turn")
+        if command == "wait":
+            finish = asyncio.ensure_future(self._finish.wait())
+            cancel = asyncio.ensure_future(self._cancelled.wait())
+            try:
+                await asyncio.wait({finish, cancel}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finish.cancel()
+                cancel.cancel()
+            return schema.PromptResponse(stop_reason="cancelled" if self._cancelled.is_set() else "end_turn")
+        if command == "hang":
+            self.send(session_id, "hanging")
+            await asyncio.Event().wait()
+        raise AssertionError(f"the fake agent has no command {command!r}")
+
+    async def cancel(self, session_id: str) -> None:
+        self.cancels.append(session_id)
+        self._cancelled.set()
+
+    def subscribe(self, session_id: str, sink: UpdateSink | None) -> None:
+        if sink is None:
+            self.sinks.pop(session_id, None)
+        else:
+            self.sinks[session_id] = sink
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+
+    async def terminate(self, force: bool = False) -> None:
+        """Like the real one: one shared termination that a forced call hurries."""
+        self.terminate_calls += 1
+        if force:
+            self._hurry.set()
+        if self._terminating is None:
+            self._terminating = asyncio.get_running_loop().create_task(self._terminate())
+        await asyncio.shield(self._terminating)
+
+    async def _terminate(self) -> None:
+        if self.behaviour.terminate_delay and not (self._hurry.is_set() and self.behaviour.killable):
+            hurry = asyncio.ensure_future(
+                self._hurry.wait() if self.behaviour.killable else asyncio.Event().wait()
+            )
+            await asyncio.wait({hurry}, timeout=self.behaviour.terminate_delay)
+            hurry.cancel()
+        self.exited = True
+        self.terminated.set()
+
+    # ---- test controls -------------------------------------------------------------------
+
+    def send(self, session_id: str, text: str) -> None:
+        sink = self.sinks.get(session_id)
+        if sink is not None:
+            sink(acp.update_agent_message_text(text))
+
+    def finish_turn(self) -> None:
+        self._finish.set()
+
+    def crash(self, code: int = 3) -> None:
+        self.exited = True
+        self.exit_code = code
+        self.terminated.set()
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+
+@dataclass
+class FakeAgents:
+    """A factory of fake agents that remembers every agent it made."""
+
+    behaviour: FakeBehaviour = field(default_factory=FakeBehaviour)
+    made: list[FakeAgent] = field(default_factory=list)
+
+    def __call__(self, config: AgentConfig, limits: ServerLimits) -> AgentProcess:
+        agent = FakeAgent(config, self.behaviour)
+        self.made.append(agent)
+        return agent
+
+    @property
+    def last(self) -> FakeAgent:
+        return self.made[-1]
+
+    def running(self) -> list[FakeAgent]:
+        return [a for a in self.made if a.alive]
+
+
+FAST = ServerLimits(
+    stall_timeout=5.0,
+    cancel_grace=0.5,
+    kill_grace=0.5,
+    agent_start_timeout=5.0,
+    agent_request_timeout=1.0,
+    sweep_interval=3600.0,  # tests sweep by hand
+)
+FAKE = AgentConfig(name="fake", command="fake-agent")
+
+
+async def fake_pool(
+    tmp_path: Path, agents: FakeAgents, limits: ServerLimits = FAST, store: SessionStore | None = None
+) -> SessionPool:
+    pool = SessionPool(limits, store or SessionStore(tmp_path / "sessions.db"), agent_factory=agents)
+    await pool.load({FAKE.name: FAKE})
+    return pool
+
+
+def text(value: str) -> list[Any]:
+    return [schema.TextContentBlock(type="text", text=value)]
