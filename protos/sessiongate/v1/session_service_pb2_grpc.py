@@ -129,6 +129,7 @@ class SessionServiceServicer:
 
     def CloseSession(self, request, context):
         """Cancels any running turn, ends the ACP session and stops its agent process group.
+        Idempotent: closing a session this server recently closed returns it again (CLOSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
