@@ -250,6 +250,9 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "AGENT_EXITED": f"the agent exited (code {error.metadata.get('exit_code', '?')}); "
         "the next prompt restarts it",
         "AGENT_ERROR": "the agent rejected the turn; see the message above",
+        "AGENT_PROTOCOL_ERROR": "the agent broke the ACP protocol (a bug in the agent); "
+        "the session is usable again",
+        "STORE_UNAVAILABLE": "the server could not write its session database: see its log; retry later",
         "SHUTTING_DOWN": "the server is draining: retry shortly, or against another instance",
     }
     if error.reason in hints:

@@ -78,6 +78,14 @@ class AgentError(SessionGateError):
     """INTERNAL: the agent answered the turn with a JSON-RPC error (`metadata['code']`)."""
 
 
+class AgentProtocolError(SessionGateError):
+    """INTERNAL: the agent answered with something that is not valid ACP (`metadata['method']`)."""
+
+
+class StoreUnavailable(SessionGateError):
+    """UNAVAILABLE: the server could not write its session database in time."""
+
+
 class ShuttingDown(SessionGateError):
     """UNAVAILABLE: the server is draining."""
 
@@ -92,6 +100,8 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "AGENT_AUTH_REQUIRED": AgentAuthRequired,
     "AGENT_EXITED": AgentExited,
     "AGENT_ERROR": AgentError,
+    "AGENT_PROTOCOL_ERROR": AgentProtocolError,
+    "STORE_UNAVAILABLE": StoreUnavailable,
     "SHUTTING_DOWN": ShuttingDown,
 }
 

@@ -11,6 +11,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 
 from client import (
     AgentAuthRequired,
+    AgentProtocolError,
     AgentUnavailable,
     AsyncSessionClient,
     InvalidRequest,
@@ -41,10 +42,15 @@ async def test_async_client_mirrors_the_rpcs(gate: Gate) -> None:
         assert [s.session_id async for s in client.list_sessions(labels={"k": "v"})] == [session.session_id]
         assert not await client.cancel_prompt(session.session_id)
         assert (await client.close_session(session.session_id)).state == pb.SESSION_STATE_CLOSED
+        assert (await client.close_session(session.session_id)).state == pb.SESSION_STATE_CLOSED  # safe again
         with pytest.raises(SessionNotFound) as raised:
             await client.get_session(session.session_id)
         assert raised.value.code == grpc.StatusCode.NOT_FOUND
         assert raised.value.metadata["session_id"] == session.session_id
+        other = await client.create_session()
+        with pytest.raises(AgentProtocolError) as broken:
+            await client.reply(other.session_id, "/badresult")
+        assert broken.value.metadata["method"] == "session/prompt"
 
 
 async def test_errors_are_typed_with_their_decoded_details(make_gate: GateFactory) -> None:
