@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +29,7 @@ from tests.conftest import eventually
 from tests.fakes import FAKE, FAST, FakeAgents, fake_pool, text
 
 PoolFactory = Callable[..., Awaitable[SessionPool]]
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -57,6 +58,33 @@ async def drain(turn: Turn) -> list[Any]:
 
 async def new_session(pool: SessionPool, request_id: str = "") -> Session:
     return await pool.create(FAKE, "/", request_id, {})
+
+
+async def a_turn_and_a_waiter(session: Session, second: str = "wait") -> tuple[Turn, asyncio.Task[Turn]]:
+    """A running "wait" turn, and a second prompt queued behind it (wait_timeout 30 s)."""
+    first = await session.begin_turn(text("wait"), 5, 0)
+    waiting = asyncio.create_task(session.begin_turn(text(second), 5, 30))
+    await eventually(lambda: session.owner.waiting == 1, what="the second prompt to queue")
+    return first, waiting
+
+
+async def finish_and_probe_the_hand_off(
+    session: Session, agents: FakeAgents, first: Turn, probe: Callable[[], T], monkeypatch: pytest.MonkeyPatch
+) -> T:
+    """End the running turn; `probe()` runs the instant it lets the session go, before the
+    waiter it was handed to runs again. Returns what the probe returned."""
+    seen: list[T] = []
+    release = session.owner.release
+
+    def releasing() -> None:
+        release()
+        if not seen:
+            seen.append(probe())
+
+    monkeypatch.setattr(session.owner, "release", releasing)
+    agents.last.finish_turn()
+    assert (await drain(first))[-1].stop_reason == "end_turn"
+    return seen[0]
 
 
 def stored_ids(path: Path) -> set[str]:
@@ -97,23 +125,16 @@ async def test_during_a_hand_off_a_fail_fast_prompt_is_busy_and_the_session_is_n
     agents = FakeAgents()
     pool = await pools(agents)
     session = await new_session(pool)
-    first = await session.begin_turn(text("wait"), 5, 0)
-    waiting = asyncio.create_task(session.begin_turn(text("wait"), 5, 30))
-    await eventually(lambda: session.owner.waiting == 1, what="the second prompt to queue")
+    first, waiting = await a_turn_and_a_waiter(session)
 
-    at_hand_off: dict[str, Any] = {}
-    release = session.owner.release
+    def probe() -> dict[str, Any]:
+        return {
+            "busy": session.owner.busy,
+            "evictable": session.evictable(),
+            "fail_fast": asyncio.ensure_future(session.begin_turn(text("echo c"), 5, 0)),
+        }
 
-    def probe() -> None:
-        release()
-        if not at_hand_off:  # the instant the first turn lets go
-            at_hand_off["busy"] = session.owner.busy
-            at_hand_off["evictable"] = session.evictable()
-            at_hand_off["fail_fast"] = asyncio.ensure_future(session.begin_turn(text("echo c"), 5, 0))
-
-    monkeypatch.setattr(session.owner, "release", probe)
-    agents.last.finish_turn()
-    assert (await drain(first))[-1].stop_reason == "end_turn"
+    at_hand_off = await finish_and_probe_the_hand_off(session, agents, first, probe, monkeypatch)
 
     assert at_hand_off["busy"] and not at_hand_off["evictable"]
     with pytest.raises(SessionBusy):
@@ -465,22 +486,9 @@ async def test_cancel_prompt_during_a_hand_off_cancels_the_turn_about_to_start(
     agents = FakeAgents()
     pool = await pools(agents)
     session = await new_session(pool)
-    first = await session.begin_turn(text("wait"), 5, 0)
-    waiting = asyncio.create_task(session.begin_turn(text("wait"), 5, 30))
-    await eventually(lambda: session.owner.waiting == 1, what="the second prompt to queue")
-    answers: list[bool] = []
-    release = session.owner.release
-
-    def cancel_at_hand_off() -> None:
-        release()
-        if not answers:
-            answers.append(session.cancel())  # CancelPrompt lands before the waiter runs again
-
-    monkeypatch.setattr(session.owner, "release", cancel_at_hand_off)
-    agents.last.finish_turn()
-    await drain(first)
-
-    assert answers == [True]
+    first, waiting = await a_turn_and_a_waiter(session)
+    # CancelPrompt lands before the waiter runs again.
+    assert await finish_and_probe_the_hand_off(session, agents, first, session.cancel, monkeypatch)
     assert (await drain(await waiting))[-1].stop_reason == "cancelled"
 
 
@@ -490,9 +498,7 @@ async def test_prompts_waiting_for_their_session_do_not_start_turns_once_the_ser
     agents = FakeAgents()
     pool = await pools(agents)
     session = await new_session(pool)
-    first = await session.begin_turn(text("wait"), 5, 0)
-    waiting = asyncio.create_task(session.begin_turn(text("echo late"), 5, 30))
-    await eventually(lambda: session.owner.waiting == 1, what="the second prompt to queue")
+    first, waiting = await a_turn_and_a_waiter(session, "echo late")
 
     pool.refuse_turns()
     agents.last.finish_turn()
