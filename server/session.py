@@ -276,6 +276,8 @@ class Session:
     async def prepare_agent(self) -> None:
         """By the owner: make sure an agent runs this session, resuming it if it can."""
         self._check_open()
+        if self.holder.alive:  # the usual case: nothing to start, nothing to store
+            return
         acp_session_id, resumed = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
         if self.agent_session_id and not resumed:
             self._context_reset = True
