@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.agent import AgentConnection
@@ -25,6 +26,7 @@ from tests.conftest import (
     Gate,
     GateFactory,
     alive,
+    details_of,
     echo_agent,
     eventually,
     expect_error,
@@ -331,3 +333,23 @@ async def test_an_agents_group_is_never_signalled_after_its_leader_was_reaped(
     finally:
         for agent in agents:
             await agent.terminate(force=True)
+
+
+async def test_a_wall_clock_stepped_back_does_not_postpone_a_stall(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stall clock is monotonic: NTP stepping the wall clock back two hours mid-turn must
+    not turn a 1 s stall timeout into a two-hour hang."""
+    session = await gate.create()
+    call = gate.stub.Prompt(
+        pb.PromptRequest(session_id=session.session_id, text="/stall", stall_timeout=Duration(seconds=1)),
+        timeout=30,
+    )
+    await asyncio.wait_for(call.read(), 10)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 7200)
+
+    with pytest.raises(grpc.aio.AioRpcError) as stalled:
+        await asyncio.wait_for(call.read(), 5)
+
+    assert details_of(stalled.value).reason == "STREAM_STALLED"
