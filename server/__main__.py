@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     try:
         return asyncio.run(serve(settings))
+    except ConfigError as exc:  # found while starting (a tokens file, say)
+        print(f"sessiongate-server: configuration error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, StoreError) as exc:
         print(f"sessiongate-server: {exc}", file=sys.stderr)
         return 1

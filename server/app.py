@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
+from server.auth import AuthInterceptor
 from server.metrics import Metrics
 from server.pool import SessionPool
+from server.principals import TokenTable
 from server.service import SessionService
 from server.settings import Settings
 from server.spares import SparePool
@@ -40,6 +42,7 @@ class RunningServer:
     health: HealthServicer
     metrics: Metrics
     metrics_port: int | None
+    tokens: TokenTable | None = None
     _draining: asyncio.Future[None] | None = None
 
     async def drain(self, grace: float) -> None:
@@ -59,7 +62,12 @@ class RunningServer:
         self.service.draining = True
         await self.pool.terminate()
         await self.server.stop(0)
+        await self._stop_watching_tokens()
         self.metrics.stop()
+
+    async def _stop_watching_tokens(self) -> None:
+        if self.tokens is not None:
+            await self.tokens.stop_watching()
 
     async def _drain(self, grace: float) -> None:
         self.service.draining = True
@@ -68,6 +76,7 @@ class RunningServer:
         await asyncio.gather(*(s.wait_turn_over(grace) for s in self.pool.sessions()))
         await self.pool.shutdown()
         await self.server.stop(SERVER_STOP_GRACE)
+        await self._stop_watching_tokens()
         self.metrics.stop()
 
 
@@ -87,6 +96,9 @@ def use_pidfd_child_watcher() -> None:
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
     use_pidfd_child_watcher()
+    tokens = TokenTable(settings.auth_tokens_file) if settings.auth_tokens_file else None
+    if tokens is not None:
+        tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
     metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
     spares = SparePool(settings.agents, settings.limits, on_agent_start=metrics.agent_started)
     pool = SessionPool(settings.limits, SessionStore(settings.state_db), spares)
@@ -94,7 +106,8 @@ async def start_server(settings: Settings) -> RunningServer:
     restored = await pool.load(settings.agents)
     spares.start()
     log.info("session store %s: %d sessions restored (SUSPENDED)", settings.state_db, restored)
-    server = grpc.aio.server()
+    interceptors = [AuthInterceptor(tokens, settings.reflection == "public")] if tokens else []
+    server = grpc.aio.server(interceptors=interceptors)
     service = SessionService(settings, pool, metrics)
     health = HealthServicer()
     pb_grpc.add_SessionServiceServicer_to_server(service, server)
@@ -107,11 +120,17 @@ async def start_server(settings: Settings) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
+    if tokens is not None:
+        tokens.start_watching()
+    else:
+        log.warning(
+            "serving without authentication: whoever reaches %s can use every session", settings.listen
+        )
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
-    return RunningServer(server, port, pool, service, health, metrics, metrics_port)
+    return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens)
 
 
 async def serve(settings: Settings) -> int:

@@ -190,6 +190,18 @@ class AgentProtocolError(SessionGateError):
     reason = "AGENT_PROTOCOL_ERROR"
 
 
+class Unauthenticated(SessionGateError):
+    """No usable credentials; deliberately says nothing about which part was wrong."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class AgentNotAllowed(SessionGateError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "AGENT_NOT_ALLOWED"
+
+
 class StoreUnavailable(SessionGateError):
     """The session database could not be written in time (disk full, I/O error, stuck disk)."""
 

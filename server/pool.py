@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server import principals
 from server.agent import Handshake
 from server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
 from server.holder import AgentFactory, real_agent
@@ -75,8 +76,9 @@ class SessionPool:
         self._map_lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self._order: list[SortKey] = []  # sorted: creation order for ListSessions
-        self._by_request_id: dict[str, Session] = {}
-        self._pending: dict[str, _Pending] = {}
+        # request_id idempotency is per principal: keys are (owner, request_id).
+        self._by_request_id: dict[tuple[str, str], Session] = {}
+        self._pending: dict[tuple[str, str], _Pending] = {}
         self._starting: set[asyncio.Task[Session]] = set()
         self._closing: dict[str, tuple[Session, asyncio.Task[Session]]] = {}
         self._recently_closed: OrderedDict[str, Session] = OrderedDict()
@@ -98,7 +100,10 @@ class SessionPool:
                 continue
             # An agent no longer configured keeps its sessions listed; resuming them fails clearly.
             config = agents.get(record.agent) or AgentConfig(name=record.agent, command="")
-            self._publish(self._new_session(config, record.cwd, record.request_id, record.labels, record))
+            session = self._new_session(
+                config, record.cwd, record.request_id, record.labels, record.owner, record
+            )
+            self._publish(session)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sessiongate-sweeper")
         return len(self._sessions)
 
@@ -108,6 +113,7 @@ class SessionPool:
         cwd: str,
         request_id: str,
         labels: Mapping[str, str],
+        owner: str,
         record: SessionRecord | None = None,
     ) -> Session:
         return Session(
@@ -115,6 +121,7 @@ class SessionPool:
             cwd=cwd,
             labels=labels,
             request_id=request_id,
+            owner=owner,
             limits=self.limits,
             slots=self._slots,
             supervisor=self._supervisor,
@@ -134,24 +141,26 @@ class SessionPool:
     async def create(
         self, config: AgentConfig, cwd: str, request_id: str, labels: Mapping[str, str]
     ) -> Session:
+        owner = principals.current().name
+        key = (owner, request_id)
         async with self._map_lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            existing = self._by_request_id.get(request_id) if request_id else None
+            existing = self._by_request_id.get(key) if request_id else None
             if existing is not None:
                 _check_same_request(request_id, existing.config.name, existing.cwd, config.name, cwd)
                 return existing
-            pending = self._pending.get(request_id) if request_id else None
+            pending = self._pending.get(key) if request_id else None
             if pending is not None:
                 _check_same_request(request_id, pending.agent, pending.cwd, config.name, cwd)
                 task = pending.task
             else:
-                session = self._new_session(config, cwd, request_id, labels)
+                session = self._new_session(config, cwd, request_id, labels, owner)
                 task = self._spawn(self._start(session), f"create-{session.session_id}")
                 self._starting.add(task)
                 task.add_done_callback(self._starting.discard)
                 if request_id:
-                    self._pending[request_id] = _Pending(config.name, cwd, task)
+                    self._pending[key] = _Pending(config.name, cwd, task)
         try:
             return await joined(task)
         except asyncio.CancelledError:
@@ -172,7 +181,7 @@ class SessionPool:
             await self._store.put(_record(session))  # durable before CreateSession answers
             self._refuse_if_closed()
         except BaseException as exc:
-            self._pending.pop(session.request_id, None)
+            self._pending.pop(_request_key(session), None)
             if written:
                 self._store.delete_later(session.session_id)  # queued after the put: no ghost row
             await session.close()  # nothing of a failed create stays behind: agent, slot
@@ -180,7 +189,7 @@ class SessionPool:
                 raise ShuttingDown("the server is shutting down") from None
             raise
         async with self._map_lock:
-            self._pending.pop(session.request_id, None)
+            self._pending.pop(_request_key(session), None)
             self._publish(session)
         log.info("session created session=%s agent=%s", session.session_id, session.config.name)
         return session
@@ -193,7 +202,7 @@ class SessionPool:
         self._sessions[session.session_id] = session
         bisect.insort(self._order, _key(session))
         if session.request_id:
-            self._by_request_id[session.request_id] = session
+            self._by_request_id[_request_key(session)] = session
 
     def _unpublish(self, session: Session) -> None:
         """Under the map lock (or synchronously): the session leaves every index."""
@@ -202,18 +211,21 @@ class SessionPool:
         index = bisect.bisect_left(self._order, key)
         if index < len(self._order) and self._order[index] == key:
             del self._order[index]
-        if self._by_request_id.get(session.request_id) is session:
-            del self._by_request_id[session.request_id]
+        if self._by_request_id.get(_request_key(session)) is session:
+            del self._by_request_id[_request_key(session)]
 
     def get(self, session_id: str) -> Session:
-        """A plain dict lookup: needs no lock in one event loop, and never waits."""
+        """A plain dict lookup: needs no lock in one event loop, and never waits.
+
+        Another principal's session is not found, exactly as an unknown id is.
+        """
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or not principals.current().may_see(session.owner_name):
             raise _not_found(session_id)
         return session
 
     def page(
-        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str]
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str = ""
     ) -> tuple[list[Session], str]:
         """One page of sessions in creation order, and the token of the next page ("" at the end).
 
@@ -225,8 +237,11 @@ class SessionPool:
         start = bisect.bisect_right(self._order, after) if after is not None else 0
         page: list[Session] = []
         more = False
+        caller = principals.current()
         for index in range(start, len(self._order)):
             session = self._sessions[self._order[index][1]]
+            if not caller.may_see(session.owner_name) or (owner and session.owner_name != owner):
+                continue
             if (agent and session.config.name != agent) or any(
                 session.labels.get(k) != v for k, v in labels.items()
             ):
@@ -241,13 +256,16 @@ class SessionPool:
         """End a session for good; closing one that is already closed answers the same."""
         async with self._map_lock:
             closing = self._closing.get(session_id)
+            caller = principals.current()
+            if closing is not None and not caller.may_see(closing[0].owner_name):
+                raise _not_found(session_id)
             if closing is None:
                 closed = self._recently_closed.get(session_id)
-                if closed is not None:
+                if closed is not None and caller.may_see(closed.owner_name):
                     return closed
                 self._refuse_if_closed()
                 session = self._sessions.get(session_id)
-                if session is None:
+                if session is None or not caller.may_see(session.owner_name):
                     raise _not_found(session_id)
                 self._unpublish(session)
                 session.closed = True  # from now on nothing new starts on it
@@ -374,6 +392,10 @@ def _expirable(session: Session) -> bool:
     return session.state is State.SUSPENDED and not session.owner.busy and not session.holder.stopping
 
 
+def _request_key(session: Session) -> tuple[str, str]:
+    return (session.owner_name, session.request_id)
+
+
 def _key(session: Session) -> SortKey:
     return (session.create_time, session.session_id)
 
@@ -394,6 +416,7 @@ def _record(session: Session) -> SessionRecord:
         create_time=session.create_time,
         last_active_time=session.last_active_time,
         agent_info=info,
+        owner=session.owner_name,
     )
 
 

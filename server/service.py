@@ -21,8 +21,16 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server import translate
-from server.errors import FieldViolation, InvalidArgument, SessionBusy, SessionGateError, ShuttingDown, clip
+from server import principals, translate
+from server.errors import (
+    AgentNotAllowed,
+    FieldViolation,
+    InvalidArgument,
+    SessionBusy,
+    SessionGateError,
+    ShuttingDown,
+    clip,
+)
 from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
 from server.session import Session, State
@@ -32,6 +40,7 @@ from server.turn import TurnEnd
 log = logging.getLogger("sessiongate.service")
 
 MAX_REQUEST_ID = 128
+MAX_SESSION_ID = 128
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
@@ -108,6 +117,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         assert config is not None
+        _check_agent_allowed(config.name)
         session = await self._pool.create(config, str(cwd), request.request_id, dict(request.labels))
         return session_proto(session)
 
@@ -118,6 +128,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             self._refuse_if_draining()
             blocks, stall_timeout, wait_timeout = self._validate_prompt(request)
             session = self._pool.get(request.session_id)
+            _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
             agent = session.config.name
             turn = await session.begin_turn(blocks, stall_timeout, wait_timeout)
             try:
@@ -161,7 +172,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         if request.page_size < 0:
             raise InvalidArgument.field("page_size", "must not be negative")
-        page, token = self._pool.page(request.page_size, request.page_token, request.agent, request.labels)
+        page, token = self._pool.page(
+            request.page_size, request.page_token, request.agent, request.labels, request.owner
+        )
         return pb.ListSessionsResponse(sessions=[session_proto(s) for s in page], next_page_token=token)
 
     @unary
@@ -217,6 +230,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
         violations = []
         if not request.session_id:
             violations.append(FieldViolation("session_id", "required"))
+        elif id_problem := _session_id_problem(request.session_id):
+            violations.append(FieldViolation("session_id", id_problem))
         if not request.text and not request.content:
             violations.append(FieldViolation("text", "the prompt is empty: set text and/or content"))
         for index, block in enumerate(request.content):
@@ -259,10 +274,28 @@ def _outcome(exc: Exception) -> str:
     return OUTCOMES.get(exc.reason or "", "")
 
 
+def _check_agent_allowed(agent: str) -> None:
+    principal = principals.current()
+    if not principal.may_use(agent):
+        raise AgentNotAllowed(
+            f"principal {principal.name!r} may not use agent {agent!r}",
+            metadata={"principal": principal.name, "agent": agent},
+        )
+
+
 def _required_id(session_id: str) -> str:
-    if not session_id:
-        raise InvalidArgument.field("session_id", "required")
+    problem = _session_id_problem(session_id)
+    if problem:
+        raise InvalidArgument.field("session_id", problem)
     return session_id
+
+
+def _session_id_problem(session_id: str) -> str:
+    if not session_id:
+        return "required"
+    if len(session_id) > MAX_SESSION_ID:
+        return f"at most {MAX_SESSION_ID} characters (ids are 24)"
+    return ""
 
 
 def _duration(value: duration_pb2.Duration, *, allow_zero: bool) -> tuple[float, str | None]:
@@ -307,6 +340,7 @@ def session_proto(session: Session) -> pb.Session:
         labels=session.labels,
         agent_session_id=session.agent_session_id,
         request_id=session.request_id,
+        owner=session.owner_name,
     )
     if session.handshake is not None:
         hs = session.handshake

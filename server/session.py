@@ -70,6 +70,7 @@ class Session:
         labels: Mapping[str, str],
         request_id: str,
         limits: ServerLimits,
+        owner: str = "",
         slots: Slots,
         supervisor: Supervisor,
         on_change: Callable[[Session], None] | None = None,
@@ -87,6 +88,7 @@ class Session:
         self.cwd = cwd
         self.labels = dict(labels)
         self.request_id = request_id
+        self.owner_name = owner  # the principal that created it (empty without authentication)
         self.limits = limits
         self.create_time = create_time or time.time()
         self.last_active_time = last_active_time or self.create_time

@@ -9,6 +9,7 @@ case (e.g. `SESSIONGATE_STALL_TIMEOUT=30`); flags are `--<key-with-dashes>`.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 import tomllib
@@ -74,6 +75,13 @@ class Settings:
     log_format: str = "text"  # "text" (key=value) or "json"
     metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
+    auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
+    reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
+    insecure: bool = False  # serve a non-loopback address without authentication, on purpose
+
+    @property
+    def authenticated(self) -> bool:
+        return self.auth_tokens_file is not None
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -101,6 +109,9 @@ _SCALAR_KEYS = (
     "log_format",
     "metrics_listen",
     "state_db",
+    "auth_tokens_file",
+    "reflection",
+    "insecure",
 )
 
 
@@ -114,9 +125,10 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     if config_path:
         document = _read_toml(Path(config_path))
         raw.update(_table(document, "server"))
+        raw.update(_auth_from_toml(_table(document, "auth")))
         for name, table in _table(document, "agents").items():
             agents[name] = _agent_from_toml(name, table)
-        unknown = set(document) - {"server", "agents"}
+        unknown = set(document) - {"server", "agents", "auth"}
         if unknown:
             raise ConfigError(f"{config_path}: unknown top-level keys {sorted(unknown)}")
     for key in (*_SCALAR_KEYS, *_LIMIT_FIELDS):
@@ -148,6 +160,18 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--state-db", dest="state_db", help="SQLite file sessions are kept in (default under XDG_STATE_HOME)"
+    )
+    parser.add_argument(
+        "--auth-tokens-file", dest="auth_tokens_file", help="TOML file of principals and their token hashes"
+    )
+    parser.add_argument(
+        "--reflection", help="who may use server reflection: authenticated (default) or public"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="allow serving a non-loopback address without authentication",
     )
     for name, spec in _LIMIT_FIELDS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"(default {spec.default})")
@@ -199,6 +223,13 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     return AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
 
 
+def _auth_from_toml(table: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(table) - {"tokens_file", "reflection"}
+    if unknown:
+        raise ConfigError(f"[auth]: unknown keys {sorted(unknown)}")
+    return {("auth_" + k if k == "tokens_file" else k): v for k, v in table.items()}
+
+
 def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
     unknown = set(raw) - set(_SCALAR_KEYS) - set(_LIMIT_FIELDS)
     if unknown:
@@ -222,6 +253,12 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, metrics_listen=str(raw["metrics_listen"]))
     if "workdir" in raw:
         settings = replace(settings, workdir=Path(str(raw["workdir"])))
+    if raw.get("auth_tokens_file"):
+        settings = replace(settings, auth_tokens_file=Path(str(raw["auth_tokens_file"])).expanduser())
+    if "reflection" in raw:
+        settings = replace(settings, reflection=str(raw["reflection"]))
+    if raw.get("insecure") in (True, "1", "true", "yes"):
+        settings = replace(settings, insecure=True)
     if "state_db" in raw:
         settings = replace(settings, state_db=Path(str(raw["state_db"])).expanduser())
     if "allowed_roots" in raw:
@@ -230,6 +267,17 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
             raise ConfigError("allowed_roots must be a list of directories")
         settings = replace(settings, allowed_roots=tuple(Path(str(r)) for r in roots))
     return validate(settings)
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether HOST:PORT binds only this machine's loopback interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _positive(name: str, value: Any, kind: type) -> Any:
@@ -254,6 +302,13 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {settings.log_level!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be text or json, got {settings.log_format!r}")
+    if settings.reflection not in ("authenticated", "public"):
+        raise ConfigError(f"reflection must be authenticated or public, got {settings.reflection!r}")
+    if not settings.authenticated and not settings.insecure and not is_loopback(settings.listen):
+        raise ConfigError(
+            f"listen {settings.listen!r} is not a loopback address and no authentication is configured: "
+            "set [auth] tokens_file (--auth-tokens-file), or pass --insecure to serve it without"
+        )
     for key in ("listen", "metrics_listen"):
         value = getattr(settings, key)
         host, sep, port = value.rpartition(":")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -26,7 +28,7 @@ from server.errors import ShuttingDown, StoreUnavailable, clip
 
 log = logging.getLogger("sessiongate.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id       TEXT PRIMARY KEY,
@@ -42,6 +44,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_request_id ON sessions (request_id) WHERE request_id != '';
 """
+# Each schema version's step from the one before; a database is brought up to date at open.
+MIGRATIONS = {
+    2: "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';",  # the principal's name
+}
 COLUMNS = ", ".join(
     (
         "session_id",
@@ -54,6 +60,7 @@ COLUMNS = ", ".join(
         "create_time",
         "last_active_time",
         "agent_info",
+        "owner",
     )
 )
 
@@ -79,6 +86,7 @@ class SessionRecord:
     create_time: float
     last_active_time: float
     agent_info: dict[str, Any] = field(default_factory=dict)
+    owner: str = ""
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -92,13 +100,24 @@ class SessionRecord:
             self.create_time,
             self.last_active_time,
             json.dumps(self.agent_info, sort_keys=True),
+            self.owner,
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> SessionRecord:
-        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info = row
+        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info, owner = row
         return cls(
-            sid, agent, cwd, json.loads(labels), state, acp_id, request_id, created, active, json.loads(info)
+            sid,
+            agent,
+            cwd,
+            json.loads(labels),
+            state,
+            acp_id,
+            request_id,
+            created,
+            active,
+            json.loads(info),
+            owner,
         )
 
 
@@ -186,7 +205,7 @@ class SessionStore:
 
     def _open(self) -> list[SessionRecord]:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: ours alone
         except OSError as exc:
             raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from exc
         try:
@@ -217,8 +236,14 @@ class SessionStore:
             raise sqlite3.DatabaseError(
                 f"schema version {version} is newer than this server's {SCHEMA_VERSION}"
             )
-        db.executescript(SCHEMA)
+        if version < 1:
+            db.executescript(SCHEMA)
+        for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+            db.executescript(MIGRATIONS[step])
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for suffix in ("", "-wal", "-shm"):  # sessions' cwds, labels and owners: ours to read only
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.path.with_name(self.path.name + suffix), 0o600)
         rows = db.execute(f"SELECT {COLUMNS} FROM sessions ORDER BY create_time, session_id").fetchall()
         return [SessionRecord.from_row(row) for row in rows]
 

@@ -149,6 +149,8 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
         agents: dict[str, tuple[str, ...] | AgentConfig] | None = None,
         state_db: Path | None = None,
         metrics: bool = False,
+        auth_tokens_file: Path | None = None,
+        reflection: str = "authenticated",
         **limits: Any,
     ) -> Gate:
         """`agents` values: echo-agent flags, ("policy", NAME), ("command", PATH, *ARGS), or a config."""
@@ -178,6 +180,8 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
                 limits=replace(ServerLimits(), **{**defaults, **limits}),
                 state_db=state_db,
                 metrics_listen="127.0.0.1:0" if metrics else "",
+                auth_tokens_file=auth_tokens_file,
+                reflection=reflection,
             )
         )
         running = await start_server(settings)

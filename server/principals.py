@@ -1,0 +1,183 @@
+"""Who is calling: principals, the bearer-token table they come from, and the current one.
+
+The tokens file is TOML, one table per principal; only SHA-256 hashes of tokens are stored:
+
+    [principals.alice]
+    token_sha256 = "<64 hex digits>"   # printf %s "$TOKEN" | sha256sum
+    admin = false                      # an admin sees and may act on every session
+    agents = ["claude"]                # agents this principal may use; empty or absent: all
+
+A presented token is hashed and compared with every stored hash in constant time. The file
+is re-read when it changes; a file that no longer parses keeps the last good table (logged).
+
+The principal of the call being served travels in a context variable set by the auth
+interceptor, never as a parameter: `current()` is ANONYMOUS when no authentication is
+configured: sessions created then have no owner, and every session is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import hmac
+import logging
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.settings import ConfigError
+
+log = logging.getLogger("sessiongate.auth")
+
+RELOAD_INTERVAL = 2.0  # seconds between checks of the tokens file for changes
+
+
+class TokensFileError(ConfigError):
+    """The tokens file cannot be used; the message says which entry and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    name: str
+    admin: bool = False
+    agents: tuple[str, ...] = ()  # empty: every agent
+
+    def may_use(self, agent: str) -> bool:
+        return not self.agents or agent in self.agents
+
+    def may_see(self, owner: str) -> bool:
+        return self.admin or owner == self.name
+
+
+# No authentication configured: one trust domain. Its sessions have no owner, and it sees every
+# session (also those owned by principals of an earlier run with authentication).
+ANONYMOUS = Principal(name="", admin=True)
+
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "sessiongate_principal", default=ANONYMOUS
+)
+
+
+def current() -> Principal:
+    """The principal of the call being served (ANONYMOUS without authentication)."""
+    return _current.get()
+
+
+def acting_as(principal: Principal) -> contextvars.Token[Principal]:
+    return _current.set(principal)
+
+
+def restore(token: contextvars.Token[Principal]) -> None:
+    _current.reset(token)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenTable:
+    """The principals of a tokens file, kept in step with the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._hashes: list[tuple[bytes, Principal]] = []
+        self._stamp: tuple[int, int, int] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        """Read the file now (at start: an unusable file is a configuration error)."""
+        stamp = _stamp(self.path)
+        self._hashes = _parse(self.path)
+        self._stamp = stamp
+
+    def principal(self, token: str) -> Principal | None:
+        """The principal whose token this is, or None; the comparison is constant-time."""
+        presented = token_hash(token).encode()
+        found = None
+        for stored, principal in self._hashes:  # no early exit: the time says nothing
+            if hmac.compare_digest(presented, stored):
+                found = principal
+        return found
+
+    def start_watching(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="sessiongate-tokens")
+
+    async def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            try:
+                await asyncio.to_thread(self._reload_if_changed)
+            except Exception:  # keep watching whatever happened
+                log.exception("checking the tokens file failed path=%s", self.path)
+
+    def _reload_if_changed(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+        except OSError as exc:
+            log.error("tokens file unreadable, keeping the last good one path=%s: %s", self.path, exc)
+            return
+        if stamp == self._stamp:
+            return
+        try:
+            hashes = _parse(self.path)
+        except TokensFileError as exc:
+            log.error("tokens file rejected, keeping the last good one: %s", exc)
+            return
+        self._hashes, self._stamp = hashes, stamp
+        log.info("tokens file reloaded path=%s principals=%d", self.path, len(hashes))
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    stat = os.stat(path)
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def _parse(path: Path) -> list[tuple[bytes, Principal]]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TokensFileError(f"tokens file {path} is not valid TOML: {exc}") from exc
+    principals = document.get("principals", {})
+    if set(document) - {"principals"} or not isinstance(principals, dict):
+        raise TokensFileError(f"tokens file {path}: expected only [principals.NAME] tables")
+    out = []
+    for name, table in principals.items():
+        out.append((_hash_of(name, table).encode(), _principal(name, table)))
+    return out
+
+
+def _hash_of(name: str, table: Any) -> str:
+    where = f"[principals.{name}]"
+    if not isinstance(table, dict):
+        raise TokensFileError(f"{where} must be a table")
+    unknown = set(table) - {"token_sha256", "admin", "agents"}
+    if unknown:
+        raise TokensFileError(f"{where}: unknown keys {sorted(unknown)}")
+    digest = table.get("token_sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise TokensFileError(f"{where}: token_sha256 must be 64 lower-case hex digits (sha256sum)")
+    return digest
+
+
+def _principal(name: str, table: dict[str, Any]) -> Principal:
+    where = f"[principals.{name}]"
+    admin = table.get("admin", False)
+    agents = table.get("agents", [])
+    if not isinstance(admin, bool):
+        raise TokensFileError(f"{where}: admin must be true or false")
+    if not isinstance(agents, list) or not all(isinstance(a, str) and a for a in agents):
+        raise TokensFileError(f"{where}: agents must be a list of agent names")
+    if not name:
+        raise TokensFileError("a principal needs a name")
+    return Principal(name=name, admin=admin, agents=tuple(agents))
