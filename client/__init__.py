@@ -11,6 +11,7 @@ from client.errors import (
     AgentAuthRequired,
     AgentError,
     AgentExited,
+    AgentNotAllowed,
     AgentProtocolError,
     AgentUnavailable,
     InvalidRequest,
@@ -22,6 +23,7 @@ from client.errors import (
     StoreUnavailable,
     StreamStalled,
     TurnTimeout,
+    Unauthenticated,
 )
 from client.retry import retry, retry_async
 from client.sync import SessionClient
@@ -30,6 +32,7 @@ __all__ = [
     "AgentAuthRequired",
     "AgentError",
     "AgentExited",
+    "AgentNotAllowed",
     "AgentProtocolError",
     "AgentUnavailable",
     "AsyncSessionClient",
@@ -43,6 +46,7 @@ __all__ = [
     "StoreUnavailable",
     "StreamStalled",
     "TurnTimeout",
+    "Unauthenticated",
     "retry",
     "retry_async",
 ]

@@ -34,6 +34,11 @@ SERVICE_CONFIG = {
 Metadata = Sequence[tuple[str, str]]
 
 
+def bearer(token: str | None) -> Metadata:
+    """The metadata that authenticates calls with `token` (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     return [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1), *extra]
 

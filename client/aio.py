@@ -10,7 +10,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from client._common import Metadata, Reply, channel_options, create_request, list_request, prompt_request
+from client._common import (
+    Metadata,
+    Reply,
+    bearer,
+    channel_options,
+    create_request,
+    list_request,
+    prompt_request,
+)
 from client.errors import from_rpc_error
 
 UNARY_TIMEOUT = 30.0  # seconds, for calls that do no agent work
@@ -22,7 +30,8 @@ class AsyncSessionClient:
 
     `target` is a gRPC target ("localhost:50051", "dns:///gate.internal:443"). Pass
     `credentials` (grpc.ssl_channel_credentials(...)) for TLS, and `metadata` to send with
-    every call (e.g. an authorization header for a proxy in front of the server). Failed
+    every call (e.g. a header for a proxy in front of the server), and `token` for a server
+    with authentication (sent as `authorization: Bearer <token>`). Failed
     calls raise the subclasses of `client.errors.SessionGateError`.
     """
 
@@ -33,6 +42,7 @@ class AsyncSessionClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata = (),
         options: Iterable[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
         opts = channel_options(options)
         self._channel = (
@@ -42,7 +52,7 @@ class AsyncSessionClient:
         )
         self._stub = pb_grpc.SessionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = tuple(metadata)
+        self._metadata = (*metadata, *bearer(token))
 
     async def __aenter__(self) -> AsyncSessionClient:
         return self

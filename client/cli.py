@@ -33,6 +33,8 @@ EXIT_CODES = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
     grpc.StatusCode.UNAVAILABLE: 6,
     grpc.StatusCode.FAILED_PRECONDITION: 7,
+    grpc.StatusCode.UNAUTHENTICATED: 8,
+    grpc.StatusCode.PERMISSION_DENIED: 9,
 }
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other Unix tools
@@ -40,7 +42,7 @@ EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other Unix tools
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
-    with SessionClient(opts.target) as client:
+    with SessionClient(opts.target, token=opts.token or None) as client:
         try:
             return int(opts.run(client, opts) or 0)
         except SessionGateError as error:
@@ -62,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         "--target",
         default=os.environ.get("SESSIONGATE_TARGET", DEFAULT_TARGET),
         help=f"server address (env SESSIONGATE_TARGET, default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SESSIONGATE_TOKEN", ""),
+        help="bearer token for a server with authentication (env SESSIONGATE_TOKEN)",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -253,6 +260,8 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "AGENT_PROTOCOL_ERROR": "the agent broke the ACP protocol (a bug in the agent); "
         "the session is usable again",
         "STORE_UNAVAILABLE": "the server could not write its session database: see its log; retry later",
+        "UNAUTHENTICATED": "the server wants a valid token: pass --token or set SESSIONGATE_TOKEN",
+        "AGENT_NOT_ALLOWED": "your principal may not use this agent; see `sessiongate agents` for others",
         "SHUTTING_DOWN": "the server is draining: retry shortly, or against another instance",
     }
     if error.reason in hints:

@@ -82,6 +82,14 @@ class AgentProtocolError(SessionGateError):
     """INTERNAL: the agent answered with something that is not valid ACP (`metadata['method']`)."""
 
 
+class Unauthenticated(SessionGateError):
+    """UNAUTHENTICATED: missing or invalid credentials (pass `token=`)."""
+
+
+class AgentNotAllowed(SessionGateError):
+    """PERMISSION_DENIED: the caller's principal may not use this agent."""
+
+
 class StoreUnavailable(SessionGateError):
     """UNAVAILABLE: the server could not write its session database in time."""
 
@@ -102,6 +110,8 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "AGENT_ERROR": AgentError,
     "AGENT_PROTOCOL_ERROR": AgentProtocolError,
     "STORE_UNAVAILABLE": StoreUnavailable,
+    "UNAUTHENTICATED": Unauthenticated,
+    "AGENT_NOT_ALLOWED": AgentNotAllowed,
     "SHUTTING_DOWN": ShuttingDown,
 }
 

@@ -10,7 +10,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from client._common import Metadata, Reply, channel_options, create_request, list_request, prompt_request
+from client._common import (
+    Metadata,
+    Reply,
+    bearer,
+    channel_options,
+    create_request,
+    list_request,
+    prompt_request,
+)
 from client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
 from client.errors import from_rpc_error
 
@@ -25,6 +33,7 @@ class SessionClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata = (),
         options: Iterable[tuple[str, Any]] = (),
+        token: str | None = None,
     ) -> None:
         opts = channel_options(options)
         self._channel = (
@@ -34,7 +43,7 @@ class SessionClient:
         )
         self._stub = pb_grpc.SessionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = tuple(metadata)
+        self._metadata = (*metadata, *bearer(token))
 
     def __enter__(self) -> SessionClient:
         return self
