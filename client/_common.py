@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
@@ -32,6 +34,24 @@ SERVICE_CONFIG = {
 }
 
 Metadata = Sequence[tuple[str, str]]
+
+
+def tls_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    tls_ca: str | Path | None,
+    client_cert: str | Path | None,
+    client_key: str | Path | None,
+) -> grpc.ChannelCredentials | None:
+    """Channel credentials from PEM files: the CA to trust, and a client certificate for mTLS."""
+    if credentials is not None or not (tls_ca or client_cert):
+        return credentials
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("client_cert and client_key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+        private_key=Path(client_key).read_bytes() if client_key else None,
+        certificate_chain=Path(client_cert).read_bytes() if client_cert else None,
+    )
 
 
 def bearer(token: str | None) -> Metadata:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from client._common import (
     create_request,
     list_request,
     prompt_request,
+    tls_credentials,
 )
 from client.errors import from_rpc_error
 
@@ -29,7 +31,8 @@ class AsyncSessionClient:
     """A connection to one sessiongate server.
 
     `target` is a gRPC target ("localhost:50051", "dns:///gate.internal:443"). Pass
-    `credentials` (grpc.ssl_channel_credentials(...)) for TLS, and `metadata` to send with
+    `credentials` (grpc.ssl_channel_credentials(...)), or `tls_ca` (a PEM file of the CA to
+    trust) and for mTLS `client_cert`/`client_key`, for TLS, and `metadata` to send with
     every call (e.g. a header for a proxy in front of the server), and `token` for a server
     with authentication (sent as `authorization: Bearer <token>`). Failed
     calls raise the subclasses of `client.errors.SessionGateError`.
@@ -43,8 +46,12 @@ class AsyncSessionClient:
         metadata: Metadata = (),
         options: Iterable[tuple[str, Any]] = (),
         token: str | None = None,
+        tls_ca: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
         opts = channel_options(options)
+        credentials = tls_credentials(credentials, tls_ca, client_cert, client_key)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, opts)
             if credentials is not None

@@ -42,7 +42,8 @@ EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other Unix tools
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
-    with SessionClient(opts.target, token=opts.token or None) as client:
+    tls = {"tls_ca": opts.tls_ca, "client_cert": opts.tls_cert, "client_key": opts.tls_key}
+    with SessionClient(opts.target, token=opts.token or None, **tls) as client:
         try:
             return int(opts.run(client, opts) or 0)
         except SessionGateError as error:
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("SESSIONGATE_TOKEN", ""),
         help="bearer token for a server with authentication (env SESSIONGATE_TOKEN)",
+    )
+    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS)")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS), with --tls-key")
+    parser.add_argument(
+        "--tls-key",
+        help="PEM private key of --tls-cert",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from client._common import (
     create_request,
     list_request,
     prompt_request,
+    tls_credentials,
 )
 from client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
 from client.errors import from_rpc_error
@@ -34,8 +36,12 @@ class SessionClient:
         metadata: Metadata = (),
         options: Iterable[tuple[str, Any]] = (),
         token: str | None = None,
+        tls_ca: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
         opts = channel_options(options)
+        credentials = tls_credentials(credentials, tls_ca, client_cert, client_key)
         self._channel = (
             grpc.secure_channel(target, credentials, opts)
             if credentials is not None

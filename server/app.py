@@ -24,6 +24,7 @@ from server.service import SessionService
 from server.settings import Settings
 from server.spares import SparePool
 from server.store import SessionStore
+from server.tls import CertificateFiles
 
 log = logging.getLogger("sessiongate")
 
@@ -106,7 +107,11 @@ async def start_server(settings: Settings) -> RunningServer:
     restored = await pool.load(settings.agents)
     spares.start()
     log.info("session store %s: %d sessions restored (SUSPENDED)", settings.state_db, restored)
-    interceptors = [AuthInterceptor(tokens, settings.reflection == "public")] if tokens else []
+    interceptors = (
+        [AuthInterceptor(tokens, settings.tls_client_ca is not None, settings.reflection == "public")]
+        if settings.authenticated
+        else []
+    )
     server = grpc.aio.server(interceptors=interceptors)
     service = SessionService(settings, pool, metrics)
     health = HealthServicer()
@@ -116,13 +121,19 @@ async def start_server(settings: Settings) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(settings.listen)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        port = server.add_secure_port(settings.listen, files.credentials())
+    else:
+        port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
+    if settings.listen.startswith("unix://"):  # local clients, authenticated by the file mode
+        os.chmod(settings.listen.removeprefix("unix://"), 0o600)
     if tokens is not None:
         tokens.start_watching()
-    else:
+    if not settings.authenticated:
         log.warning(
             "serving without authentication: whoever reaches %s can use every session", settings.listen
         )

@@ -12,7 +12,7 @@ never a token or a prompt.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ import grpc
 from server import principals
 from server.errors import Unauthenticated, clip
 from server.principals import Principal, TokenTable
+from server.tls import certificate_name
 
 audit = logging.getLogger("sessiongate.audit")
 
@@ -28,8 +29,13 @@ REFLECTION = "/grpc.reflection."
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: TokenTable, public_reflection: bool = False) -> None:
+    """Authenticates by bearer token (`tokens`) and, with `mtls`, by client certificate."""
+
+    def __init__(
+        self, tokens: TokenTable | None, mtls: bool = False, public_reflection: bool = False
+    ) -> None:
         self._tokens = tokens
+        self._mtls = mtls
         self._public_reflection = public_reflection
 
     async def intercept_service(
@@ -43,22 +49,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._public_reflection and method.startswith(REFLECTION):
             return handler
-        principal = self._authenticate(details.invocation_metadata or ())
-        return _wrapped(handler, method, principal)
+        return _wrapped(handler, method, self.principal)
 
-    def _authenticate(self, metadata: Iterable[Any]) -> Principal | None:
-        for key, value in metadata:
-            if key == "authorization" and isinstance(value, str):
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    return self._tokens.principal(token.strip())
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        """The caller: a known bearer token first, else a verified client certificate's name."""
+        if self._tokens is not None:
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization" and isinstance(value, str):
+                    scheme, _, token = value.partition(" ")
+                    if scheme.lower() == "bearer" and token.strip():
+                        return self._tokens.principal(token.strip())
+        if self._mtls:
+            certificates = context.auth_context().get("x509_pem_cert") or []
+            if certificates:  # grpc verified it against the client CA
+                name = certificate_name(certificates[0])
+                if self._tokens is None:
+                    return Principal(name=name) if name else None
+                return self._tokens.by_name(name)  # the same table, by name
         return None
 
 
+Authenticate = Callable[[grpc.aio.ServicerContext], "Principal | None"]
+
+
 def _wrapped(
-    handler: grpc.RpcMethodHandler, method: str, principal: Principal | None
+    handler: grpc.RpcMethodHandler, method: str, authenticate: Authenticate
 ) -> grpc.RpcMethodHandler:
-    """The same handler, run as `principal` (or refused), and audited."""
+    """The same handler, run as the caller's principal (or refused), and audited."""
     options = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -67,8 +84,8 @@ def _wrapped(
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _Call(method, principal, request, context):
-                await _admit(principal, context)
+            with _Call(method, request, context) as call:
+                await _admit(call, authenticate(context), context)
                 return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
@@ -76,8 +93,8 @@ def _wrapped(
         inner_stream = handler.unary_stream
 
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with _Call(method, principal, request, context):
-                await _admit(principal, context)
+            with _Call(method, request, context) as call:
+                await _admit(call, authenticate(context), context)
                 async for response in inner_stream(request, context):
                     yield response
 
@@ -86,8 +103,8 @@ def _wrapped(
         inner_bidi = handler.stream_stream
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with _Call(method, principal, None, context):
-                await _admit(principal, context)
+            with _Call(method, None, context) as call:
+                await _admit(call, authenticate(context), context)
                 async for response in inner_bidi(requests, context):
                     yield response
 
@@ -95,14 +112,15 @@ def _wrapped(
     inner_upload = handler.stream_unary
 
     async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-        with _Call(method, principal, None, context):
-            await _admit(principal, context)
+        with _Call(method, None, context) as call:
+            await _admit(call, authenticate(context), context)
             return await inner_upload(requests, context)
 
     return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
 
 
-async def _admit(principal: Principal | None, context: grpc.aio.ServicerContext) -> None:
+async def _admit(call: _Call, principal: Principal | None, context: grpc.aio.ServicerContext) -> None:
+    call.who = "-" if principal is None else principal.name or "-"
     if principal is None:
         status = Unauthenticated("missing or invalid credentials").to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
@@ -113,16 +131,14 @@ async def _admit(principal: Principal | None, context: grpc.aio.ServicerContext)
 class _Call:
     """Audits one call when it ends: who, what, which session, how it ended."""
 
-    def __init__(
-        self, method: str, principal: Principal | None, request: Any, context: grpc.aio.ServicerContext
-    ) -> None:
+    def __init__(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         self._method = method
-        self._who = "-" if principal is None else principal.name or "-"
+        self.who = "-"
         self._session = clip(getattr(request, "session_id", "") or "-", 64)
         self._context = context
 
-    def __enter__(self) -> None:
-        return None
+    def __enter__(self) -> _Call:
+        return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         code = self._context.code()
@@ -132,6 +148,4 @@ class _Call:
             name = "CANCELLED" if kind is not None and kind.__name__ == "CancelledError" else "OK"
         else:
             name = str(code)
-        audit.info(
-            "call principal=%s rpc=%s session=%s code=%s", self._who, self._method, self._session, name
-        )
+        audit.info("call principal=%s rpc=%s session=%s code=%s", self.who, self._method, self._session, name)

@@ -102,6 +102,10 @@ class TokenTable:
                 found = principal
         return found
 
+    def by_name(self, name: str) -> Principal | None:
+        """The principal of this name (an mTLS client's certificate names it), or None."""
+        return next((p for _, p in self._hashes if p.name == name), None)
+
     def start_watching(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="sessiongate-tokens")
 

@@ -78,10 +78,13 @@ class Settings:
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
     insecure: bool = False  # serve a non-loopback address without authentication, on purpose
+    tls_cert: Path | None = None  # [tls] cert: PEM certificate chain (TLS when set, with tls_key)
+    tls_key: Path | None = None  # [tls] key
+    tls_client_ca: Path | None = None  # [tls] client_ca: require and verify client certificates (mTLS)
 
     @property
     def authenticated(self) -> bool:
-        return self.auth_tokens_file is not None
+        return self.auth_tokens_file is not None or self.tls_client_ca is not None
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -112,6 +115,9 @@ _SCALAR_KEYS = (
     "auth_tokens_file",
     "reflection",
     "insecure",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
 )
 
 
@@ -126,9 +132,10 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         document = _read_toml(Path(config_path))
         raw.update(_table(document, "server"))
         raw.update(_auth_from_toml(_table(document, "auth")))
+        raw.update(_tls_from_toml(_table(document, "tls")))
         for name, table in _table(document, "agents").items():
             agents[name] = _agent_from_toml(name, table)
-        unknown = set(document) - {"server", "agents", "auth"}
+        unknown = set(document) - {"server", "agents", "auth", "tls"}
         if unknown:
             raise ConfigError(f"{config_path}: unknown top-level keys {sorted(unknown)}")
     for key in (*_SCALAR_KEYS, *_LIMIT_FIELDS):
@@ -166,6 +173,13 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--reflection", help="who may use server reflection: authenticated (default) or public"
+    )
+    parser.add_argument(
+        "--tls-cert", dest="tls_cert", help="PEM certificate chain: serve TLS (with --tls-key)"
+    )
+    parser.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", dest="tls_client_ca", help="PEM CA bundle: require and verify client certificates"
     )
     parser.add_argument(
         "--insecure",
@@ -230,6 +244,13 @@ def _auth_from_toml(table: dict[str, Any]) -> dict[str, Any]:
     return {("auth_" + k if k == "tokens_file" else k): v for k, v in table.items()}
 
 
+def _tls_from_toml(table: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(table) - {"cert", "key", "client_ca"}
+    if unknown:
+        raise ConfigError(f"[tls]: unknown keys {sorted(unknown)}")
+    return {f"tls_{k}": v for k, v in table.items()}
+
+
 def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
     unknown = set(raw) - set(_SCALAR_KEYS) - set(_LIMIT_FIELDS)
     if unknown:
@@ -255,6 +276,17 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, workdir=Path(str(raw["workdir"])))
     if raw.get("auth_tokens_file"):
         settings = replace(settings, auth_tokens_file=Path(str(raw["auth_tokens_file"])).expanduser())
+    paths = {
+        key: Path(str(raw[key])).expanduser()
+        for key in ("tls_cert", "tls_key", "tls_client_ca")
+        if raw.get(key)
+    }
+    settings = replace(
+        settings,
+        tls_cert=paths.get("tls_cert"),
+        tls_key=paths.get("tls_key"),
+        tls_client_ca=paths.get("tls_client_ca"),
+    )
     if "reflection" in raw:
         settings = replace(settings, reflection=str(raw["reflection"]))
     if raw.get("insecure") in (True, "1", "true", "yes"):
@@ -270,7 +302,9 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
 
 
 def is_loopback(listen: str) -> bool:
-    """Whether HOST:PORT binds only this machine's loopback interface."""
+    """Whether HOST:PORT binds only this machine's loopback interface (or a Unix socket)."""
+    if listen.startswith("unix:"):
+        return True
     host = listen.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True
@@ -302,6 +336,13 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {settings.log_level!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be text or json, got {settings.log_format!r}")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("TLS needs a certificate and its key: set both (--tls-cert, --tls-key)")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("a client CA (mTLS) needs TLS: set the tls cert and key too")
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.auth_tokens_file):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path} is not a readable file")
     if settings.reflection not in ("authenticated", "public"):
         raise ConfigError(f"reflection must be authenticated or public, got {settings.reflection!r}")
     if not settings.authenticated and not settings.insecure and not is_loopback(settings.listen):
@@ -311,6 +352,8 @@ def validate(settings: Settings) -> Settings:
         )
     for key in ("listen", "metrics_listen"):
         value = getattr(settings, key)
+        if key == "listen" and value.startswith("unix://") and len(value) > len("unix://"):
+            continue  # unix:///path/to/socket
         host, sep, port = value.rpartition(":")
         if (value or key == "listen") and (not sep or not host or not port.isdigit()):
             raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")

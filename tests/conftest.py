@@ -151,6 +151,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
         metrics: bool = False,
         auth_tokens_file: Path | None = None,
         reflection: str = "authenticated",
+        settings: dict[str, Any] | None = None,
         **limits: Any,
     ) -> Gate:
         """`agents` values: echo-agent flags, ("policy", NAME), ("command", PATH, *ARGS), or a config."""
@@ -171,22 +172,25 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
             "kill_grace": 2.0,
             "agent_start_timeout": 15.0,
         }
-        settings = validate(
-            Settings(
-                listen="127.0.0.1:0",
-                default_agent="echo",
-                workdir=workdir,
-                agents=configs,
-                limits=replace(ServerLimits(), **{**defaults, **limits}),
-                state_db=state_db,
-                metrics_listen="127.0.0.1:0" if metrics else "",
-                auth_tokens_file=auth_tokens_file,
-                reflection=reflection,
+        validated = validate(
+            replace(
+                Settings(
+                    listen="127.0.0.1:0",
+                    default_agent="echo",
+                    workdir=workdir,
+                    agents=configs,
+                    limits=replace(ServerLimits(), **{**defaults, **limits}),
+                    state_db=state_db,
+                    metrics_listen="127.0.0.1:0" if metrics else "",
+                    auth_tokens_file=auth_tokens_file,
+                    reflection=reflection,
+                ),
+                **(settings or {}),
             )
         )
-        running = await start_server(settings)
+        running = await start_server(validated)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        gate = Gate(running, channel, pb_grpc.SessionServiceStub(channel), state_dir, workdir, settings)
+        gate = Gate(running, channel, pb_grpc.SessionServiceStub(channel), state_dir, workdir, validated)
         gates.append(gate)
         return gate
 
