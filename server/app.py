@@ -21,7 +21,7 @@ from server.metrics import Metrics
 from server.pool import SessionPool
 from server.principals import TokenTable
 from server.service import SessionService
-from server.settings import Settings
+from server.settings import ServerLimits, Settings
 from server.spares import SparePool
 from server.store import SessionStore
 from server.tls import CertificateFiles
@@ -81,6 +81,20 @@ class RunningServer:
         self.metrics.stop()
 
 
+def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    """Explicit transport limits: message size, streams, keepalive enforcement, idle connections."""
+    return [
+        # A request is at most a prompt and its framing: anything larger is refused by grpc.
+        ("grpc.max_receive_message_length", limits.max_prompt_bytes + 64 * 1024),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", int(limits.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(limits.keepalive_timeout * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(limits.min_client_ping_interval * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", int(limits.max_connection_idle * 1000)),
+    ]
+
+
 def use_pidfd_child_watcher() -> None:
     """Python 3.11 waits for each child process on a thread of its own; a pidfd watcher needs
     none (Python 3.12 and later do this by themselves)."""
@@ -112,7 +126,11 @@ async def start_server(settings: Settings) -> RunningServer:
         if settings.authenticated
         else []
     )
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=server_options(settings.limits),
+        maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
+    )
     service = SessionService(settings, pool, metrics)
     health = HealthServicer()
     pb_grpc.add_SessionServiceServicer_to_server(service, server)

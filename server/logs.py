@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -28,15 +29,33 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+# Characters that would break a text log line or forge a new one: C0/C1 controls, DEL, and
+# Unicode's own line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """One log line's worth of `text`: control characters and line breaks escaped."""
+    return _UNSAFE.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
 class TextFormatter(logging.Formatter):
+    """`key=value` lines. The message and the fields are escaped (agent stderr, paths and ids
+    come from outside: none of them can break or forge a line); tracebacks are our own."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        original = record.msg, record.args
+        record.msg, record.args = escape(record.getMessage()), None
+        try:
+            line = super().format(record)
+        finally:
+            record.msg, record.args = original
         fields = getattr(record, "fields", {})
-        # Fields the message already names (e.g. "session=...") are not repeated.
-        return line + "".join(f" {k}={v}" for k, v in fields.items() if f" {k}=" not in line)
+        return line + "".join(f" {k}={escape(str(v))}" for k, v in fields.items())
 
 
 class JsonFormatter(logging.Formatter):

@@ -45,7 +45,9 @@ class ServerLimits:
     """Every bound the server enforces. Durations are seconds."""
 
     stall_timeout: float = 120.0  # no agent event for this long ends the turn: STREAM_STALLED
-    max_stall_timeout: float = 3600.0  # per-request stall_timeout is clamped to this
+    # Per-request stall_timeout is clamped to this: ten minutes of silence is plenty for an agent
+    # at work, and one client cannot hold slots with silent turns for an hour.
+    max_stall_timeout: float = 600.0
     max_turn_duration: float = 3600.0  # a turn running longer ends: TURN_TIMEOUT
     max_wait_timeout: float = 60.0  # per-request wait_timeout is clamped to this
     cancel_grace: float = 5.0  # after session/cancel, how long the agent has to end the turn
@@ -61,6 +63,12 @@ class ServerLimits:
     session_retention: float = 30 * 86400.0  # a SUSPENDED session idle this long is deleted
     sweep_interval: float = 1.0  # how often the sweeper looks for idle and zombie sessions
     max_spares: int = 16  # warm spare agents kept over all agents (they take no session slot)
+    max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED from grpc
+    max_streams_per_connection: int = 100  # HTTP/2 streams one client connection may open at once
+    keepalive_time: float = 60.0  # the server pings an idle connection this often to find dead clients
+    keepalive_timeout: float = 20.0  # ...and drops it when a ping goes unanswered this long
+    min_client_ping_interval: float = 10.0  # clients pinging more often (with no call) are cut off
+    max_connection_idle: float = 3600.0  # a connection with no call for this long is closed (GOAWAY)
 
 
 @dataclass(frozen=True, slots=True)

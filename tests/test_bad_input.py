@@ -147,3 +147,20 @@ async def test_server_is_healthy_and_serving_after_bad_input(small_gate: Gate) -
         assert response.status == health_pb2.HealthCheckResponse.SERVING
     session = await small_gate.create()
     assert (await small_gate.prompt(session.session_id, "ok"))[-1].HasField("result")
+
+
+async def test_a_huge_session_id_gets_a_receivable_invalid_argument(gate: Gate) -> None:
+    error = await expect_error(gate.stub.GetSession(pb.GetSessionRequest(session_id="s" * 1_000_000)))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 128 characters" in error.violations["session_id"]
+
+
+async def test_a_request_far_over_the_prompt_limit_is_refused_by_the_transport(small_gate: Gate) -> None:
+    """grpc's receive limit sits just above max_prompt_bytes: a 1 MB request for a 1000-byte
+    limit is never read into memory, and the server goes on serving."""
+    session = await small_gate.create()
+    error = await expect_error(
+        small_gate.stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="x" * 1_000_000))
+    )
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await small_gate.prompt(session.session_id, "ok"))[-1].HasField("result")
