@@ -268,6 +268,7 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "the session is usable again",
         "STORE_UNAVAILABLE": "the server could not write its session database: see its log; retry later",
         "UNAUTHENTICATED": "the server wants a valid token: pass --token or set SESSIONGATE_TOKEN",
+        "QUOTA_EXCEEDED": f"a quota is used up: close sessions you no longer need, or {retry}",
         "AGENT_NOT_ALLOWED": "your principal may not use this agent; see `sessiongate agents` for others",
         "SHUTTING_DOWN": "the server is draining: retry shortly, or against another instance",
     }

@@ -90,6 +90,10 @@ class AgentNotAllowed(SessionGateError):
     """PERMISSION_DENIED: the caller's principal may not use this agent."""
 
 
+class QuotaExceeded(SessionGateError):
+    """RESOURCE_EXHAUSTED: a quota is used up (`metadata` names it; `retry_delay` if waiting helps)."""
+
+
 class StoreUnavailable(SessionGateError):
     """UNAVAILABLE: the server could not write its session database in time."""
 
@@ -110,6 +114,7 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "AGENT_ERROR": AgentError,
     "AGENT_PROTOCOL_ERROR": AgentProtocolError,
     "STORE_UNAVAILABLE": StoreUnavailable,
+    "QUOTA_EXCEEDED": QuotaExceeded,
     "UNAUTHENTICATED": Unauthenticated,
     "AGENT_NOT_ALLOWED": AgentNotAllowed,
     "SHUTTING_DOWN": ShuttingDown,

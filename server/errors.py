@@ -68,6 +68,7 @@ class SessionGateError(Exception):
         metadata: Mapping[str, object] | None = None,
         retry_after: float | None = None,
         violations: Iterable[FieldViolation] = (),
+        quota: tuple[str, str] | None = None,
     ) -> None:
         message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
@@ -79,6 +80,7 @@ class SessionGateError(Exception):
             more = FieldViolation("(more)", f"{len(violations) - MAX_VIOLATIONS + 1} more violations")
             violations = (*violations[: MAX_VIOLATIONS - 1], more)
         self.violations = tuple(FieldViolation(clip(v.field, 100), clip(v.description)) for v in violations)
+        self.quota = quota  # (subject, description) of a QuotaFailure
 
     def to_status(self) -> grpc.Status:
         """The status with ErrorInfo, RetryInfo and BadRequest details as they apply."""
@@ -91,6 +93,12 @@ class SessionGateError(Exception):
             delay = duration_pb2.Duration()
             delay.FromMilliseconds(max(1, round(self.retry_after * 1000)))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        if self.quota is not None:
+            subject, description = self.quota
+            violation = error_details_pb2.QuotaFailure.Violation(
+                subject=clip(subject, 200), description=clip(description)
+            )
+            details.append(_pack(error_details_pb2.QuotaFailure(violations=[violation])))
         if self.violations:
             bad_request = error_details_pb2.BadRequest(
                 field_violations=[
@@ -200,6 +208,13 @@ class Unauthenticated(SessionGateError):
 class AgentNotAllowed(SessionGateError):
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = "AGENT_NOT_ALLOWED"
+
+
+class QuotaExceeded(SessionGateError):
+    """A principal's (or the server's) quota is used up; QuotaFailure names which."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
 
 
 class StoreUnavailable(SessionGateError):

@@ -35,6 +35,7 @@ from server import principals
 from server.agent import Handshake
 from server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
 from server.holder import AgentFactory, real_agent
+from server.quotas import PromptRate, check_room
 from server.session import Session, State
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
@@ -79,7 +80,8 @@ class SessionPool:
         # request_id idempotency is per principal: keys are (owner, request_id).
         self._by_request_id: dict[tuple[str, str], Session] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
-        self._starting: set[asyncio.Task[Session]] = set()
+        self._starting: dict[asyncio.Task[Session], Session] = {}
+        self._prompt_rate = PromptRate()
         self._closing: dict[str, tuple[Session, asyncio.Task[Session]]] = {}
         self._recently_closed: OrderedDict[str, Session] = OrderedDict()
         self._slots = Slots(limits.max_sessions, self._sessions.values)
@@ -155,10 +157,12 @@ class SessionPool:
                 _check_same_request(request_id, pending.agent, pending.cwd, config.name, cwd)
                 task = pending.task
             else:
+                owners = (s.owner_name for s in (*self._sessions.values(), *self._starting.values()))
+                check_room(owners, principals.current(), self.limits.max_stored_sessions)
                 session = self._new_session(config, cwd, request_id, labels, owner)
                 task = self._spawn(self._start(session), f"create-{session.session_id}")
-                self._starting.add(task)
-                task.add_done_callback(self._starting.discard)
+                self._starting[task] = session
+                task.add_done_callback(lambda done: self._starting.pop(done, None))
                 if request_id:
                     self._pending[key] = _Pending(config.name, cwd, task)
         try:
@@ -191,6 +195,9 @@ class SessionPool:
         async with self._map_lock:
             self._pending.pop(_request_key(session), None)
             self._publish(session)
+            current = asyncio.current_task()
+            if current is not None:
+                self._starting.pop(current, None)  # counted once, as published (quotas)
         log.info("session created session=%s agent=%s", session.session_id, session.config.name)
         return session
 
@@ -297,6 +304,10 @@ class SessionPool:
                     self._recently_closed.popitem(last=False)
         log.info("session closed session=%s", session.session_id)
         return session
+
+    def admit_prompt(self) -> None:
+        """Count a prompt against its principal's rate (QUOTA_EXCEEDED past it)."""
+        self._prompt_rate.admit(principals.current())
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())

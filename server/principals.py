@@ -6,6 +6,8 @@ The tokens file is TOML, one table per principal; only SHA-256 hashes of tokens 
     token_sha256 = "<64 hex digits>"   # printf %s "$TOKEN" | sha256sum
     admin = false                      # an admin sees and may act on every session
     agents = ["claude"]                # agents this principal may use; empty or absent: all
+    max_sessions = 20                  # sessions it may keep; absent: no limit
+    max_prompts_per_minute = 30        # absent: no limit
 
 A presented token is hashed and compared with every stored hash in constant time. The file
 is re-read when it changes; a file that no longer parses keeps the last good table (logged).
@@ -44,6 +46,8 @@ class Principal:
     name: str
     admin: bool = False
     agents: tuple[str, ...] = ()  # empty: every agent
+    max_sessions: int | None = None  # sessions it may keep (suspended ones too); None: no limit
+    max_prompts_per_minute: int | None = None  # prompts it may send in any 60 s; None: no limit
 
     def may_use(self, agent: str) -> bool:
         return not self.agents or agent in self.agents
@@ -165,7 +169,7 @@ def _hash_of(name: str, table: Any) -> str:
     where = f"[principals.{name}]"
     if not isinstance(table, dict):
         raise TokensFileError(f"{where} must be a table")
-    unknown = set(table) - {"token_sha256", "admin", "agents"}
+    unknown = set(table) - {"token_sha256", "admin", "agents", "max_sessions", "max_prompts_per_minute"}
     if unknown:
         raise TokensFileError(f"{where}: unknown keys {sorted(unknown)}")
     digest = table.get("token_sha256")
@@ -184,4 +188,10 @@ def _principal(name: str, table: dict[str, Any]) -> Principal:
         raise TokensFileError(f"{where}: agents must be a list of agent names")
     if not name:
         raise TokensFileError("a principal needs a name")
-    return Principal(name=name, admin=admin, agents=tuple(agents))
+    limits = {}
+    for key in ("max_sessions", "max_prompts_per_minute"):
+        value = table.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise TokensFileError(f"{where}: {key} must be a whole number, 1 or more")
+        limits[key] = value
+    return Principal(name=name, admin=admin, agents=tuple(agents), **limits)

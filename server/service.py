@@ -129,6 +129,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             blocks, stall_timeout, wait_timeout = self._validate_prompt(request)
             session = self._pool.get(request.session_id)
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
+            self._pool.admit_prompt()
             agent = session.config.name
             turn = await session.begin_turn(blocks, stall_timeout, wait_timeout)
             try:

@@ -63,6 +63,7 @@ class ServerLimits:
     session_retention: float = 30 * 86400.0  # a SUSPENDED session idle this long is deleted
     sweep_interval: float = 1.0  # how often the sweeper looks for idle and zombie sessions
     max_spares: int = 16  # warm spare agents kept over all agents (they take no session slot)
+    max_stored_sessions: int = 10_000  # sessions kept in all (suspended ones too): QUOTA_EXCEEDED past it
     max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED from grpc
     max_streams_per_connection: int = 100  # HTTP/2 streams one client connection may open at once
     keepalive_time: float = 60.0  # the server pings an idle connection this often to find dead clients

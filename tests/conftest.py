@@ -222,6 +222,7 @@ class ErrorDetails:
     metadata: dict[str, str] = field(default_factory=dict)
     retry_delay: float | None = None
     violations: dict[str, str] = field(default_factory=dict)
+    quota: dict[str, str] = field(default_factory=dict)  # QuotaFailure: subject -> description
 
 
 def details_of(error: grpc.aio.AioRpcError) -> ErrorDetails:
@@ -239,6 +240,10 @@ def details_of(error: grpc.aio.AioRpcError) -> ErrorDetails:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             out.retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            out.quota = {v.subject: v.description for v in quota.violations}
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)

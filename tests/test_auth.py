@@ -259,3 +259,45 @@ def test_a_network_address_without_authentication_needs_insecure_to_start(tmp_pa
     assert result.returncode == 2
     assert "--auth-tokens-file" in result.stderr and "--insecure" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_quotas_bound_each_principals_sessions_and_prompt_rate_and_the_servers_sessions(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens.toml"
+    tokens_file(path)
+    path.write_text(
+        path.read_text().replace(
+            "[principals.bob]\n", "[principals.bob]\nmax_sessions = 2\nmax_prompts_per_minute = 3\n"
+        )
+    )
+    gate: Gate = await make_gate(auth_tokens_file=path, max_stored_sessions=4)
+    stub = gate.stub
+    kept = [
+        await stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("bob"), timeout=30) for _ in range(2)
+    ]
+    over = await expect_error(stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("bob"), timeout=30))
+    assert (over.code, over.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+    assert over.quota == {"principal:bob": "max_sessions is 2"}
+    await stub.CreateSession(
+        pb.CreateSessionRequest(), metadata=as_("alice"), timeout=30
+    )  # others unaffected
+
+    for n in range(3):
+        events = stub.Prompt(
+            pb.PromptRequest(session_id=kept[0].session_id, text=f"p{n}"), metadata=as_("bob")
+        )
+        assert reply_text([e async for e in events]) == f"p{n}"
+    fast = await expect_error(
+        stub.Prompt(pb.PromptRequest(session_id=kept[0].session_id, text="too fast"), metadata=as_("bob"))
+    )
+    assert fast.reason == "QUOTA_EXCEEDED" and fast.quota == {"principal:bob": "max_prompts_per_minute is 3"}
+    assert fast.retry_delay is not None and 0 < fast.retry_delay <= 60
+
+    await stub.CloseSession(
+        pb.CloseSessionRequest(session_id=kept[1].session_id), metadata=as_("bob"), timeout=15
+    )
+    await stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("bob"), timeout=30)  # room again
+    await stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("alice"), timeout=30)  # 4 kept now
+    full = await expect_error(stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("root"), timeout=30))
+    assert full.quota == {"server": "max_stored_sessions is 4"}
