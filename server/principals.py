@@ -70,12 +70,9 @@ def current() -> Principal:
     return _current.get()
 
 
-def acting_as(principal: Principal) -> contextvars.Token[Principal]:
-    return _current.set(principal)
-
-
-def restore(token: contextvars.Token[Principal]) -> None:
-    _current.reset(token)
+def acting_as(principal: Principal) -> None:
+    """The caller of the current task's call (set once per call by the auth interceptor)."""
+    _current.set(principal)
 
 
 def token_hash(token: str) -> str:

@@ -311,7 +311,6 @@ class Session:
         if self.runner is runner:
             self.runner = None
         self.last_active_time = time.time()
-        runner.turn.released.set()
         self._release()
 
     def gone_error(self) -> SessionGateError:

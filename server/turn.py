@@ -80,7 +80,6 @@ class Turn:
     last_event_at: float = field(default_factory=_now)  # loop time of the agent's last update
     delivered: int = 0  # events taken by the client so far (the last one's seq)
     dropped: int = 0  # updates dropped because nobody will read them
-    released: asyncio.Event = field(default_factory=asyncio.Event)  # the session is free again
     _items: deque[TurnItem | _Last] = field(default_factory=deque)
     _waiter: asyncio.Future[None] | None = None
     _ended: bool = False
