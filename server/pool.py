@@ -227,7 +227,7 @@ class SessionPool:
         Another principal's session is not found, exactly as an unknown id is.
         """
         session = self._sessions.get(session_id)
-        if session is None or not principals.current().may_see(session.owner_name):
+        if session is None or not _visible(session):
             raise _not_found(session_id)
         return session
 
@@ -244,10 +244,9 @@ class SessionPool:
         start = bisect.bisect_right(self._order, after) if after is not None else 0
         page: list[Session] = []
         more = False
-        caller = principals.current()
         for index in range(start, len(self._order)):
             session = self._sessions[self._order[index][1]]
-            if not caller.may_see(session.owner_name) or (owner and session.owner_name != owner):
+            if not _visible(session) or (owner and session.owner_name != owner):
                 continue
             if (agent and session.config.name != agent) or any(
                 session.labels.get(k) != v for k, v in labels.items()
@@ -263,17 +262,14 @@ class SessionPool:
         """End a session for good; closing one that is already closed answers the same."""
         async with self._map_lock:
             closing = self._closing.get(session_id)
-            caller = principals.current()
-            if closing is not None and not caller.may_see(closing[0].owner_name):
+            if closing is not None and not _visible(closing[0]):
                 raise _not_found(session_id)
             if closing is None:
                 closed = self._recently_closed.get(session_id)
-                if closed is not None and caller.may_see(closed.owner_name):
+                if closed is not None and _visible(closed):
                     return closed
                 self._refuse_if_closed()
-                session = self._sessions.get(session_id)
-                if session is None or not caller.may_see(session.owner_name):
-                    raise _not_found(session_id)
+                session = self.get(session_id)  # unknown and not the caller's alike: not found
                 self._unpublish(session)
                 session.closed = True  # from now on nothing new starts on it
                 closing = (session, self._spawn(self._close(session), f"close-{session_id}"))
@@ -396,6 +392,11 @@ class SessionPool:
         if session.session_id in self._sessions:
             # (A session being created is written by _start, durably, once it is ready.)
             self._store.put_later(_record(session))
+
+
+def _visible(session: Session) -> bool:
+    """Whether the caller may see `session` at all: its owner, or an admin."""
+    return principals.current().may_see(session.owner_name)
 
 
 def _expirable(session: Session) -> bool:
