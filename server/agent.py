@@ -29,7 +29,9 @@ from server.errors import (
     AgentUnavailable,
     clip,
 )
+from server.sandbox import Launcher
 from server.settings import AgentConfig
+from server.workdir import WorkDir
 
 log = logging.getLogger("sessiongate.agent")
 stderr_log = logging.getLogger("sessiongate.agent.stderr")
@@ -183,8 +185,18 @@ class AgentProcess(Protocol):
 class AgentConnection:
     """One running agent process and its ACP connection."""
 
-    def __init__(self, config: AgentConfig, *, request_timeout: float, kill_grace: float) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        request_timeout: float,
+        kill_grace: float,
+        launcher: Launcher | None = None,
+        workdir: WorkDir | None = None,
+    ) -> None:
         self.config = config
+        self._launcher = launcher or Launcher()
+        self._workdir = workdir  # the session's checked directory; open until the spawn
         self.handshake: Handshake | None = None
         self.exit_code: int | None = None
         self._request_timeout = request_timeout
@@ -266,6 +278,7 @@ class AgentConnection:
         # Clean environment: the basics, the variables this agent may see, its own settings.
         env = {k: os.environ[k] for k in (*INHERITED_ENV, *self.config.pass_env) if k in os.environ}
         env.update(self.config.env)
+        spawn = self._launcher.spawn(self.config, env, self._workdir)
         # We own the stdout pipe's transport so that a turn can pause reading it (backpressure).
         try:
             read_fd, write_fd = os.pipe()
@@ -276,12 +289,16 @@ class AgentConnection:
             ) from exc
         try:
             self._process = await asyncio.create_subprocess_exec(
-                self.config.command,
-                *self.config.args,
+                *spawn.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=write_fd,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env=spawn.env,
+                cwd=spawn.cwd,
+                pass_fds=spawn.pass_fds,
+                user=spawn.user,
+                group=spawn.group,
+                extra_groups=[] if spawn.user is not None else None,
                 start_new_session=True,  # own process group: terminate() ends the agent's children too
             )
         except OSError as exc:

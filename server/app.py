@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -17,11 +18,13 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server.auth import AuthInterceptor
+from server.holder import real_agents
 from server.metrics import Metrics
 from server.pool import SessionPool
 from server.principals import TokenTable
+from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
-from server.settings import ServerLimits, Settings
+from server.settings import AgentConfig, ServerLimits, Settings
 from server.spares import SparePool
 from server.store import SessionStore
 from server.tls import CertificateFiles
@@ -108,6 +111,24 @@ def use_pidfd_child_watcher() -> None:
         asyncio.set_child_watcher(watcher)
 
 
+def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
+    """One line per agent at start: how it runs, and what is wrong if it cannot."""
+    for config in agents:
+        problem = launcher.problem(config)
+        if problem is not None:
+            log.error("%s; its sessions fail AGENT_UNAVAILABLE", problem)
+        elif launcher.sandboxed(config):
+            log.info("agent=%s runs in a bubblewrap sandbox (network=%s)", config.name, config.network)
+        elif config.sandbox == "none":
+            log.info("agent=%s runs unconfined (sandbox = none)", config.name)
+        else:
+            log.warning(
+                "agent=%s runs unconfined: bwrap is not installed (install the %s package to sandbox it)",
+                config.name,
+                BWRAP_PACKAGE,
+            )
+
+
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
     use_pidfd_child_watcher()
@@ -115,8 +136,16 @@ async def start_server(settings: Settings) -> RunningServer:
     if tokens is not None:
         tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
     metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
-    spares = SparePool(settings.agents, settings.limits, on_agent_start=metrics.agent_started)
-    pool = SessionPool(settings.limits, SessionStore(settings.state_db), spares)
+    launcher = Launcher.for_server(settings.state_db, (settings.auth_tokens_file, settings.tls_key))
+    say_sandboxes(launcher, settings.agents.values())
+    spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher)
+    pool = SessionPool(
+        settings.limits,
+        SessionStore(settings.state_db),
+        spares,
+        agent_factory=real_agents(launcher),
+        roots=settings.roots,
+    )
     pool.on_agent_start = metrics.agent_started
     restored = await pool.load(settings.agents)
     spares.start()

@@ -17,6 +17,8 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /commands         advertise the directives as slash commands (ACP available_commands_update)
   /history          reply with the prompts this ACP session remembers (kept across session/load)
   /env NAME...      reply with each variable's value as the agent sees it ("NAME=value" or "NAME unset")
+  /read PATH        reply with the file's first 2000 bytes, or "cannot read: <why>" (sandbox checks)
+  /write PATH TEXT  write TEXT to PATH (relative: in the cwd); reply "wrote PATH" or "cannot write: <why>"
   /badresult        answer the turn with a stopReason that is not an ACP stop reason ("bogus"),
                     so the client's SDK fails validating the response
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
@@ -241,6 +243,24 @@ class EchoAgent:
         await self._send(session_id, acp.update_agent_message_text(reply))
         return reply, "end_turn"
 
+    async def _read(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        try:
+            reply = (await asyncio.to_thread(_head, rest.strip(), 2000)).decode(errors="replace")
+        except OSError as exc:
+            reply = f"cannot read: {exc.strerror}"
+        await self._send(session_id, acp.update_agent_message_text(reply))
+        return reply, "end_turn"
+
+    async def _write(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        path, _, text = rest.strip().partition(" ")
+        try:
+            await asyncio.to_thread(Path(path).write_text, text)
+            reply = f"wrote {path}"
+        except OSError as exc:
+            reply = f"cannot write: {exc.strerror}"
+        await self._send(session_id, acp.update_agent_message_text(reply))
+        return reply, "end_turn"
+
     async def _commands(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         # Advertise the directives as slash commands, as real agents advertise theirs.
         commands = [
@@ -297,9 +317,16 @@ DIRECTIVES = {
     "/permission": EchoAgent._permission,
     "/error": EchoAgent._error,
     "/env": EchoAgent._env,
+    "/read": EchoAgent._read,
+    "/write": EchoAgent._write,
     "/commands": EchoAgent._commands,
     "/history": EchoAgent._history,
 }
+
+
+def _head(path: str, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(size)
 
 
 def flood_chunk(index: int, size: int) -> str:

@@ -217,6 +217,14 @@ class QuotaExceeded(SessionGateError):
     reason = "QUOTA_EXCEEDED"
 
 
+class CwdNotAllowed(SessionGateError):
+    """The session's directory is no longer one it may use: outside the roots in force now (a
+    symlink swapped in, roots narrowed before a restart), or gone. The session stays listed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "CWD_NOT_ALLOWED"
+
+
 class StoreUnavailable(SessionGateError):
     """The session database could not be written in time (disk full, I/O error, stuck disk)."""
 

@@ -17,21 +17,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from server.agent import AgentConnection, AgentProcess
 from server.errors import AgentAuthRequired, AgentUnavailable, SessionGateError
+from server.sandbox import Launcher
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
 from server.spares import SparePool
 from server.supervisor import Supervisor, joined
+from server.workdir import WorkDir, open_workdir
 
 log = logging.getLogger("sessiongate.holder")
 
-AgentFactory = Callable[[AgentConfig, ServerLimits], AgentProcess]
+# Makes an agent for a config, to be started in a session's checked directory (None: a spare).
+AgentFactory = Callable[[AgentConfig, ServerLimits, "WorkDir | None"], AgentProcess]
 
 
-def real_agent(config: AgentConfig, limits: ServerLimits) -> AgentProcess:
-    return AgentConnection(config, request_timeout=limits.agent_request_timeout, kill_grace=limits.kill_grace)
+def real_agents(launcher: Launcher) -> AgentFactory:
+    """Agents started by `launcher` (sandboxed or not, as each agent's config says)."""
+
+    def make(config: AgentConfig, limits: ServerLimits, workdir: WorkDir | None) -> AgentProcess:
+        return AgentConnection(
+            config,
+            request_timeout=limits.agent_request_timeout,
+            kill_grace=limits.kill_grace,
+            launcher=launcher,
+            workdir=workdir,
+        )
+
+    return make
+
+
+real_agent = real_agents(Launcher())  # unconfined unless an agent asks for bwrap
 
 
 class AgentHolder:
@@ -44,6 +62,7 @@ class AgentHolder:
         *,
         spares: SparePool | None = None,
         factory: AgentFactory = real_agent,
+        roots: tuple[Path, ...] = (),
         on_agent_start: Callable[[str, bool], None] | None = None,
         on_exit: Callable[[AgentProcess], None] | None = None,
     ) -> None:
@@ -55,6 +74,7 @@ class AgentHolder:
         self._supervisor = supervisor
         self._spares = spares
         self._factory = factory
+        self._roots = roots
         self._on_agent_start = on_agent_start
         self._on_exit = on_exit
         self._stopping: asyncio.Task[None] | None = None
@@ -79,10 +99,19 @@ class AgentHolder:
         if self.alive:
             return resume_id, True
         await self.stop()  # a dead agent's group may still hold children; an earlier stop may still run
+        # The directory is checked against the roots in force now, and the agent is started in
+        # exactly the directory checked: CwdNotAllowed leaves the session as it was.
+        workdir = await open_workdir(cwd, self._roots)
+        try:
+            return await self._start(workdir, resume_id, requester)
+        finally:
+            workdir.close()  # the agent has its own hold on the directory by now
+
+    async def _start(self, workdir: WorkDir, resume_id: str, requester: object) -> tuple[str, bool]:
         await self._slots.acquire(requester)  # may suspend another idle session, or PoolExhausted
         self.has_slot = True
         spare = self._spares.take(self.config.name) if self._spares is not None else None
-        agent = spare or self._factory(self.config, self.limits)
+        agent = spare or self._factory(self.config, self.limits, workdir)
         self.agent = agent  # from here on, stop() ends it whatever happens
         started = spare is not None
         try:
@@ -92,7 +121,7 @@ class AgentHolder:
                     started = True
                     if self._on_agent_start is not None:
                         self._on_agent_start(self.config.name, True)
-                acp_session_id, resumed = await self._open(agent, cwd, resume_id)
+                acp_session_id, resumed = await self._open(agent, workdir.path, resume_id)
         except BaseException as exc:
             if not started and self._on_agent_start is not None and isinstance(exc, SessionGateError):
                 self._on_agent_start(self.config.name, False)

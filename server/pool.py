@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from server import principals
@@ -69,8 +70,10 @@ class SessionPool:
         store: SessionStore,
         spares: SparePool | None = None,
         agent_factory: AgentFactory = real_agent,
+        roots: tuple[Path, ...] = (),
     ) -> None:
         self.limits = limits
+        self._roots = roots  # a session's cwd must be inside one of these at every agent start
         self._store = store
         self._spares = spares
         self._agent_factory = agent_factory
@@ -131,6 +134,7 @@ class SessionPool:
             on_agent_start=self.on_agent_start,
             spares=self._spares,
             agent_factory=self._agent_factory,
+            roots=self._roots,
             session_id=record.session_id if record else "",
             create_time=record.create_time if record else 0.0,
             last_active_time=record.last_active_time if record else 0.0,

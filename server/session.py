@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from server import logs
@@ -77,6 +78,7 @@ class Session:
         on_agent_start: Callable[[str, bool], None] | None = None,
         spares: SparePool | None = None,
         agent_factory: AgentFactory = real_agent,
+        roots: tuple[Path, ...] = (),
         session_id: str = "",
         create_time: float = 0.0,
         last_active_time: float = 0.0,
@@ -102,6 +104,7 @@ class Session:
             supervisor,
             spares=spares,
             factory=agent_factory,
+            roots=roots,
             on_agent_start=on_agent_start,
             on_exit=self._agent_exited,
         )

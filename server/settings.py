@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import pwd
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -38,6 +39,14 @@ class AgentConfig:
     permission_policy: str = "approve-reads"
     pass_env: tuple[str, ...] = ()  # server env vars this agent may see (e.g. its API key)
     spares: int = 0  # started, initialized processes kept ready so CreateSession is fast
+    # "bwrap": in a bubblewrap sandbox; "none": as the server's user, unconfined; "": bwrap
+    # where it is installed, else none (said at start). See server/sandbox.py.
+    sandbox: str = ""
+    network: bool = True  # sandboxed: may the agent use the network (most agents call an API)
+    ro_paths: tuple[str, ...] = ()  # sandboxed: extra paths the agent may read
+    rw_paths: tuple[str, ...] = ()  # sandboxed: extra paths the agent may write
+    home: str = ""  # the agent's HOME, read-write (sandboxed default: <state dir>/homes/NAME)
+    user: str = ""  # run the agent as this user (and its group); needs the server to run as root
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +231,15 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     where = f"[agents.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(table) - {"command", "args", "env", "permission_policy", "pass_env", "spares"}
+    unknown = set(table) - {
+        "command",
+        "args",
+        "env",
+        "permission_policy",
+        "pass_env",
+        "spares",
+        *SANDBOX_KEYS,
+    }
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     command = table.get("command")
@@ -243,7 +260,37 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     spares = table.get("spares", 0)
     if not isinstance(spares, int) or isinstance(spares, bool) or spares < 0:
         raise ConfigError(f"{where}: `spares` must be a whole number, 0 or more")
-    return AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
+    config = AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
+    return replace(config, **_sandbox_from_toml(where, table))
+
+
+SANDBOX_KEYS = ("sandbox", "network", "ro_paths", "rw_paths", "home", "user")
+
+
+def _sandbox_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    sandbox = table.get("sandbox", "")
+    if sandbox not in ("", "bwrap", "none"):
+        raise ConfigError(f'{where}: `sandbox` must be "bwrap" or "none"')
+    found["sandbox"] = sandbox
+    network = table.get("network", True)
+    if not isinstance(network, bool):
+        raise ConfigError(f"{where}: `network` must be true or false")
+    found["network"] = network
+    for key in ("ro_paths", "rw_paths"):
+        paths = table.get(key, [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
+            raise ConfigError(f"{where}: `{key}` must be a list of absolute paths")
+        found[key] = tuple(paths)
+    for key in ("home", "user"):
+        value = table.get(key, "")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: `{key}` must be a string")
+        found[key] = value
+    if found["home"] and not os.path.isabs(os.path.expanduser(found["home"])):
+        raise ConfigError(f"{where}: `home` must be an absolute path")
+    found["home"] = os.path.expanduser(found["home"]) if found["home"] else ""
+    return found
 
 
 def _auth_from_toml(table: dict[str, Any]) -> dict[str, Any]:
@@ -366,6 +413,8 @@ def validate(settings: Settings) -> Settings:
         host, sep, port = value.rpartition(":")
         if (value or key == "listen") and (not sep or not host or not port.isdigit()):
             raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+    for config in settings.agents.values():
+        _check_user(config)
     workdir = settings.workdir.expanduser().resolve()
     if not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} is not a directory")
@@ -376,3 +425,17 @@ def validate(settings: Settings) -> Settings:
     if roots and not any(workdir.is_relative_to(r) for r in roots):
         raise ConfigError(f"workdir {workdir} is outside the allowed roots")
     return replace(settings, workdir=workdir, allowed_roots=roots)
+
+
+def _check_user(config: AgentConfig) -> None:
+    if not config.user:
+        return
+    try:
+        pwd.getpwnam(config.user)
+    except KeyError:
+        raise ConfigError(f"[agents.{config.name}] user {config.user!r} does not exist") from None
+    if os.geteuid() != 0:
+        raise ConfigError(
+            f"[agents.{config.name}] user {config.user!r}: the server must run as root to start agents "
+            "as another user"
+        )

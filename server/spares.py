@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from server.agent import AgentConnection
+from server.sandbox import Launcher
 from server.settings import AgentConfig, ServerLimits
 
 log = logging.getLogger("sessiongate.spares")
@@ -27,13 +28,20 @@ class SparePool:
         agents: Mapping[str, AgentConfig],
         limits: ServerLimits,
         on_agent_start: Callable[[str, bool], None] | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self._limits = limits
+        self._launcher = launcher or Launcher()
         self._configs = dict(agents)
         self._on_agent_start = on_agent_start
         self._wanted: dict[str, int] = {}
         budget = limits.max_spares
         for name, config in sorted(agents.items()):
+            if config.spares and self._launcher.sandboxed(config):
+                # A sandbox is made for one cwd, which a spare does not know yet.
+                log.warning("no spares for agent=%s: it runs in a sandbox", name)
+                self._wanted[name] = 0
+                continue
             self._wanted[name] = min(config.spares, budget)
             budget -= self._wanted[name]
         self._ready: dict[str, list[AgentConnection]] = {name: [] for name in agents}
@@ -83,7 +91,10 @@ class SparePool:
     async def _start_one(self, agent: str, delay: float) -> None:
         config = self._configs[agent]
         spare = AgentConnection(
-            config, request_timeout=self._limits.agent_request_timeout, kill_grace=self._limits.kill_grace
+            config,
+            request_timeout=self._limits.agent_request_timeout,
+            kill_grace=self._limits.kill_grace,
+            launcher=self._launcher,
         )
         ok = False
         try:

@@ -37,6 +37,9 @@ def echo_agent(name: str, state_dir: Path, *extra: str, policy: str = "approve-r
         args=(*ECHO[1:], *extra),
         env={"ECHO_AGENT_STATE_DIR": str(state_dir), "SESSIONGATE_TEST_MARKER": "agent-env"},
         permission_policy=policy,
+        # Unconfined: tests read the agents' PIDs from their state dir, which a PID namespace
+        # would hide; tests/test_sandbox.py runs agents in the sandbox.
+        sandbox="none",
     )
 
 
@@ -163,7 +166,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
             elif extra and extra[0] == "policy":
                 configs[name] = echo_agent(name, state_dir, policy=extra[1])
             elif extra and extra[0] == "command":
-                configs[name] = AgentConfig(name=name, command=extra[1], args=extra[2:])
+                configs[name] = AgentConfig(name=name, command=extra[1], args=extra[2:], sandbox="none")
             else:
                 configs[name] = echo_agent(name, state_dir, *extra)
         defaults = {

@@ -26,6 +26,7 @@ from server.errors import AgentUnavailable
 from server.pool import SessionPool
 from server.settings import AgentConfig, ServerLimits
 from server.store import SessionStore
+from server.workdir import WorkDir
 
 _pids = itertools.count(1_000_000)
 
@@ -174,7 +175,7 @@ class FakeAgents:
     behaviour: FakeBehaviour = field(default_factory=FakeBehaviour)
     made: list[FakeAgent] = field(default_factory=list)
 
-    def __call__(self, config: AgentConfig, limits: ServerLimits) -> AgentProcess:
+    def __call__(self, config: AgentConfig, limits: ServerLimits, workdir: WorkDir | None) -> AgentProcess:
         agent = FakeAgent(config, self.behaviour)
         self.made.append(agent)
         return agent

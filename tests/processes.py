@@ -31,11 +31,13 @@ drain_grace = {drain_grace}
 command = "{python}"
 args = ["-m", "server.echo_agent", "--init-delay", "3600"]
 env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
+sandbox = "none"
 
 [agents.echo]
 command = "{python}"
 args = ["-m", "server.echo_agent"]
 env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
+sandbox = "none"
 """
 
 

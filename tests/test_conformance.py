@@ -181,7 +181,9 @@ async def test_real_codex_acp_without_credentials_fails_create_cleanly(
     codex = tool(NODE_BIN / "codex-acp", "codex-acp (npm @zed-industries/codex-acp, tests/node)")
     (tmp_path / "codex-home").mkdir()
     # An empty CODEX_HOME: no credentials, whatever this machine has.
-    config = AgentConfig(name="codex", command=codex, env={"CODEX_HOME": str(tmp_path / "codex-home")})
+    config = AgentConfig(
+        name="codex", command=codex, env={"CODEX_HOME": str(tmp_path / "codex-home")}, sandbox="none"
+    )
     gate: Gate = await make_gate(agents={"codex": config})
     error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="codex"), timeout=60))
     assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "AGENT_AUTH_REQUIRED")

@@ -529,7 +529,7 @@ async def test_a_create_whose_caller_leaves_just_as_it_succeeds_is_closed_not_or
 
 async def test_an_ended_turn_read_late_never_resumes_an_agent_paused_for_the_next_turn() -> None:
     agents = FakeAgents()
-    agent = agents(FAKE, FAST)
+    agent = agents(FAKE, FAST, None)
     old = Turn(stall_timeout=5, max_duration=60, agent=agent)
     for n in range(3):
         old.push(n)

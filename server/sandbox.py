@@ -1,0 +1,179 @@
+"""How an agent process is started: unconfined, or in a bubblewrap sandbox.
+
+An agent runs tools a model chose, with whatever its process can reach. Sandboxed
+(`sandbox = "bwrap"`, the default where Debian's `bubblewrap` is installed), it sees:
+- the root file system read-only, a private `/tmp`, its own `/dev` and `/proc`;
+- its own PID namespace, so `/proc` shows no server process (no `/proc/<pid>/environ`);
+- the session's cwd read-write (bound through the checked directory's descriptor, so a
+  symlink swapped in after the check cannot move it), its home read-write, and the extra
+  `ro_paths`/`rw_paths` configured for it;
+- none of the server's secrets: the state directory (other sessions, the database) is an
+  empty tmpfs, the tokens file and TLS key are /dev/null;
+- no network when `network = false`; no capabilities, even when the server runs as root;
+- `--die-with-parent`: it ends with the server.
+The process is the leader of its own process group, as unsandboxed agents are, so stopping
+it (SIGTERM, then SIGKILL to the group) works the same way. A sandbox is made for one cwd,
+so sandboxed agents get no warm spares.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import AgentUnavailable
+from server.settings import AgentConfig
+from server.workdir import WorkDir
+
+BWRAP_PACKAGE = "bubblewrap"  # Debian's package, `apt-get install bubblewrap`
+
+
+def find_bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+PRIVATE_TMP = "/tmp"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the built-in agent's code
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    """Everything `create_subprocess_exec` needs for one agent process."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str | None = None
+    pass_fds: tuple[int, ...] = ()
+    user: int | None = None
+    group: int | None = None
+
+
+class Launcher:
+    """Turns an agent's config (and its session's checked directory) into a `Spawn`."""
+
+    def __init__(
+        self, bwrap: str | None = None, hidden: Iterable[Path] = (), homes: Path | None = None
+    ) -> None:
+        self.bwrap = bwrap  # the bwrap executable, or None where it is not installed
+        self._hidden = tuple(Path(p) for p in hidden)  # the server's secrets, kept from agents
+        self._homes = homes  # where sandboxed agents without `home` get one of their own
+
+    @classmethod
+    def for_server(cls, state_db: Path, secrets: Iterable[Path | None]) -> Launcher:
+        """Hides the state dir and database (wherever they are) and `secrets` from agents."""
+        state_dir = state_db.parent
+        database = (state_db, Path(f"{state_db}-wal"), Path(f"{state_db}-shm"))
+        hidden = (state_dir, *database, *(p for p in secrets if p))
+        return cls(find_bwrap(), hidden, state_dir / "homes")
+
+    def sandboxed(self, config: AgentConfig) -> bool:
+        """Whether `config`'s agents run in bwrap here (the default: when it is installed)."""
+        if config.sandbox == "none":
+            return False
+        return config.sandbox == "bwrap" or self.bwrap is not None
+
+    def problem(self, config: AgentConfig) -> str | None:
+        """Why `config`'s agents cannot start here, or None."""
+        if config.sandbox == "bwrap" and self.bwrap is None:
+            return (
+                f"agent {config.name!r} must run in a bubblewrap sandbox, and bwrap is not installed "
+                f'(install the {BWRAP_PACKAGE} package, or set sandbox = "none" for it)'
+            )
+        return None
+
+    def home(self, config: AgentConfig) -> str | None:
+        """The agent's HOME: configured, or (sandboxed) one of its own under the state dir."""
+        if config.home:
+            return config.home
+        if self._homes is not None and self.sandboxed(config):
+            return str(self._homes / config.name)
+        return None
+
+    def spawn(self, config: AgentConfig, env: Mapping[str, str], workdir: WorkDir | None) -> Spawn:
+        problem = self.problem(config)
+        if problem is not None:
+            raise AgentUnavailable(problem, metadata={"agent": config.name})
+        env = dict(env)
+        user, group = _identity(config.user)
+        home = self.home(config)
+        if home is not None:
+            _make_home(home, user, group)
+            env["HOME"] = home
+        command = (config.command, *config.args)
+        if not self.sandboxed(config):
+            cwd = workdir.fd_path if workdir is not None else None  # chdir in the child, by descriptor
+            return Spawn(command, env, cwd=cwd, user=user, group=group)
+        assert self.bwrap is not None
+        argv = [self.bwrap, *self._bwrap_options(config, home, workdir), "--", *command]
+        fds = (workdir.fd,) if workdir is not None else ()
+        return Spawn(tuple(argv), env, pass_fds=fds, user=user, group=group)
+
+    def _bwrap_options(self, config: AgentConfig, home: str | None, workdir: WorkDir | None) -> list[str]:
+        options = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        options += ["--cap-drop", "ALL"]  # no capabilities, even when the server runs as root
+        if not config.network:
+            options.append("--unshare-net")
+        options += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", PRIVATE_TMP]
+        covered = [Path(PRIVATE_TMP)]  # what the agent sees empty
+        for secret in self._hidden:
+            if secret.is_dir() and not any(secret.is_relative_to(c) for c in covered):
+                options += ["--tmpfs", str(secret)]
+                covered.append(secret)
+        # What the agent's own command needs, where a private /tmp or a hidden dir covered it
+        # (e.g. a virtualenv under /tmp); read-only.
+        for path in _runtime_paths(config.command):
+            if any(path.is_relative_to(c) for c in covered):
+                options += ["--ro-bind-try", str(path), str(path)]
+        exposed = [Path(p) for p in (*config.ro_paths, *config.rw_paths)]
+        for extra in config.ro_paths:
+            options += ["--ro-bind", extra, extra]
+        for extra in config.rw_paths:
+            options += ["--bind", extra, extra]
+        if home is not None:
+            options += ["--bind", home, home]
+            exposed.append(Path(home))
+        if workdir is not None:
+            options += ["--bind-fd", str(workdir.fd), workdir.path, "--chdir", workdir.path]
+            exposed.append(Path(workdir.path))
+        # Last, so that no bind above shows them again: secret files become /dev/null.
+        for secret in self._hidden:
+            hidden = any(secret.is_relative_to(c) for c in covered)
+            shown = any(secret.is_relative_to(e) for e in exposed)
+            if secret.is_file() and (shown or not hidden):
+                options += ["--ro-bind", "/dev/null", str(secret)]
+        return options
+
+
+def _runtime_paths(command: str) -> set[Path]:
+    """The command's directory (and its target's), and this interpreter's, with our code."""
+    paths = {Path(sys.prefix), Path(sys.base_prefix), SOURCE_ROOT}
+    found = shutil.which(command)
+    if found:
+        paths |= {Path(found).parent, Path(os.path.realpath(found)).parent}
+    return {p.resolve() if p.exists() else p for p in paths}
+
+
+def _identity(user: str) -> tuple[int | None, int | None]:
+    if not user:
+        return None, None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise AgentUnavailable(f"user {user!r} does not exist", metadata={"user": user}) from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _make_home(home: str, user: int | None, group: int | None) -> None:
+    try:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        if user is not None:
+            os.chown(home, user, group if group is not None else -1)
+    except OSError as exc:
+        raise AgentUnavailable(
+            f"the agent's home {home} cannot be made: {exc.strerror or exc}", metadata={"home": home}
+        ) from None

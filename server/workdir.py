@@ -1,0 +1,82 @@
+"""A session's working directory, opened and checked against the allowed roots.
+
+The directory is opened once (`O_DIRECTORY`), and its real path is read back from the open
+file descriptor, not from the name: a symlink swapped in between the check and the spawn
+cannot move the agent, because the agent is started in exactly the directory that was
+checked (`chdir` through the descriptor, or bubblewrap's `--bind-fd`). The check runs on
+every agent start (create, resume after suspend or restart), against the roots in force then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import CwdNotAllowed, clip
+
+CHECK_TIMEOUT = 10.0  # seconds to open and resolve a directory: a hung file system never hangs us
+
+
+@dataclass(frozen=True, slots=True)
+class WorkDir:
+    """An open, checked directory: `path` is its real path, `fd` keeps that exact directory."""
+
+    path: str
+    fd: int
+
+    @property
+    def fd_path(self) -> str:
+        """A name for this exact directory in this process and in a child it forks."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def open_checked(path: str, roots: tuple[Path, ...]) -> WorkDir:
+    """Open `path` and check its real path against `roots` (empty: no check); blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CwdNotAllowed(
+            f"the session's directory {clip(path)} cannot be opened: {exc.strerror or exc}",
+            metadata={"cwd": path},
+        ) from None
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the best we have is the name's resolution now
+        real = os.path.realpath(path)
+    if roots and not any(Path(real).is_relative_to(root) for root in roots):
+        os.close(fd)
+        where = ", ".join(str(r) for r in roots)
+        raise CwdNotAllowed(
+            f"the session's directory {clip(path)} is {clip(real)} now, "
+            f"outside the allowed roots ({clip(where)})",
+            metadata={"cwd": path, "real_path": real},
+        )
+    return WorkDir(real, fd)
+
+
+async def open_workdir(path: str, roots: tuple[Path, ...]) -> WorkDir:
+    """`open_checked` on a worker thread, within CHECK_TIMEOUT; a late result is closed, not leaked."""
+    future = asyncio.get_running_loop().run_in_executor(None, open_checked, path, roots)
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            return await asyncio.shield(future)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        future.add_done_callback(_close_result)
+        if isinstance(exc, TimeoutError):
+            raise CwdNotAllowed(
+                f"the session's directory {clip(path)} could not be opened within {CHECK_TIMEOUT:g}s",
+                metadata={"cwd": path},
+            ) from None
+        raise
+
+
+def _close_result(future: asyncio.Future[WorkDir]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
