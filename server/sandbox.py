@@ -87,9 +87,12 @@ class Launcher:
         return None
 
     def home(self, config: AgentConfig) -> str | None:
-        """The agent's HOME: configured, or (sandboxed) one of its own under the state dir."""
+        """The agent's HOME: configured; else its user's; else (sandboxed) its own under the
+        state dir; else the server's."""
         if config.home:
             return config.home
+        if config.user:
+            return _passwd(config.user).pw_dir
         if self._homes is not None and self.sandboxed(config):
             return str(self._homes / config.name)
         return None
@@ -102,7 +105,8 @@ class Launcher:
         user, group = _identity(config.user)
         home = self.home(config)
         if home is not None:
-            _make_home(home, user, group)
+            if config.home or not config.user:  # a user's own home is theirs to make
+                _make_home(home, user, group)
             env["HOME"] = home
         command = (config.command, *config.args)
         if not self.sandboxed(config):
@@ -110,7 +114,10 @@ class Launcher:
             return Spawn(command, env, cwd=cwd, user=user, group=group)
         assert self.bwrap is not None
         argv = [self.bwrap, *self._bwrap_options(config, home, workdir), "--", *command]
-        fds = (workdir.fd,) if workdir is not None else ()
+        # With `user`, bwrap itself runs as that user (in a user namespace), which cannot use
+        # our descriptor: it binds the cwd by the real path just checked.
+        by_fd = workdir is not None and not config.user
+        fds = (workdir.fd,) if workdir is not None and by_fd else ()
         return Spawn(tuple(argv), env, pass_fds=fds, user=user, group=group)
 
     def _bwrap_options(self, config: AgentConfig, home: str | None, workdir: WorkDir | None) -> list[str]:
@@ -135,10 +142,11 @@ class Launcher:
         for extra in config.rw_paths:
             options += ["--bind", extra, extra]
         if home is not None:
-            options += ["--bind", home, home]
+            options += ["--bind-try", home, home]
             exposed.append(Path(home))
         if workdir is not None:
-            options += ["--bind-fd", str(workdir.fd), workdir.path, "--chdir", workdir.path]
+            source = ["--bind", workdir.path] if config.user else ["--bind-fd", str(workdir.fd)]
+            options += [*source, workdir.path, "--chdir", workdir.path]
             exposed.append(Path(workdir.path))
         # Last, so that no bind above shows them again: secret files become /dev/null.
         for secret in self._hidden:
@@ -161,11 +169,15 @@ def _runtime_paths(command: str) -> set[Path]:
 def _identity(user: str) -> tuple[int | None, int | None]:
     if not user:
         return None, None
+    entry = _passwd(user)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _passwd(user: str) -> pwd.struct_passwd:
     try:
-        entry = pwd.getpwnam(user)
+        return pwd.getpwnam(user)
     except KeyError:
         raise AgentUnavailable(f"user {user!r} does not exist", metadata={"user": user}) from None
-    return entry.pw_uid, entry.pw_gid
 
 
 def _make_home(home: str, user: int | None, group: int | None) -> None:

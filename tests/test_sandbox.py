@@ -8,6 +8,7 @@ without it is tested everywhere.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -144,3 +145,31 @@ async def test_without_bwrap_a_bwrap_agent_is_refused_and_others_run_unconfined(
     assert "bubblewrap" in error.message
     session = await gate.stub.CreateSession(pb.CreateSessionRequest(agent="plain"), timeout=30)
     assert await say(gate, session.session_id, "unconfined works") == "unconfined works"
+
+
+@needs_bwrap
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="starting an agent as another user needs the server to run as root"
+)
+async def test_an_agent_with_a_user_runs_as_that_user_in_the_sandbox(
+    make_gate: GateFactory, state_outside_tmp: Path
+) -> None:
+    # The built-in agent's interpreter may live where another user cannot reach it (/root), so
+    # this agent is a shell that records who it runs as, and where, then exits: the create
+    # fails, the record stays. Its directories must be reachable by that user (not /tmp/pytest-of-root).
+    state_outside_tmp.chmod(0o755)
+    workdir, home = state_outside_tmp / "work", state_outside_tmp / "home-of-nobody"
+    (workdir / "shared").mkdir(parents=True)
+    (workdir / "shared").chmod(0o777)
+    record = 'echo "$(id -u) $(id -g) $HOME $PWD" > who.txt; ls /proc | grep -c "^[0-9]" >> who.txt'
+    agent = AgentConfig(
+        name="shell", command="/bin/sh", args=("-c", record), sandbox="bwrap", user="nobody", home=str(home)
+    )
+    gate = await make_gate(agents={"shell": agent}, settings={"workdir": workdir})
+    error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="shell", cwd="shared")))
+    assert error.reason == "AGENT_UNAVAILABLE"
+    identity, processes = (workdir / "shared" / "who.txt").read_text().splitlines()
+    nobody = pwd.getpwnam("nobody")
+    assert identity.split() == [str(nobody.pw_uid), str(nobody.pw_gid), str(home), str(workdir / "shared")]
+    assert home.stat().st_uid == nobody.pw_uid
+    assert int(processes) <= 5, "its own PID namespace: bwrap's init, sh, ls, grep"
