@@ -14,10 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.settings import AgentConfig
 from tests.conftest import Gate, GateFactory, expect_error
+from tests.pki import Pki
+from tests.test_auth import TOKENS, tokens_file
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"
@@ -142,6 +145,90 @@ async def test_a_node_grpc_js_client_streams_a_turn_and_decodes_session_busy(gat
     busy = summary["busy"]
     assert busy["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert (busy["reason"], busy["domain"], busy["retry_delay_s"]) == ("SESSION_BUSY", "sessiongate", 1)
+
+
+# ---- over TLS, with a token -------------------------------------------------------------
+
+
+async def tls_gate(make_gate: GateFactory, tmp_path: Path) -> tuple[Gate, Path]:
+    """A server on TLS (a certificate for 127.0.0.1) with a tokens file; returns it and its CA."""
+    pki = Pki.make(tmp_path, "conformance")
+    cert, key = pki.issue("server", ip="127.0.0.1")
+    gate: Gate = await make_gate(
+        auth_tokens_file=tokens_file(tmp_path / "tokens.toml"), settings={"tls_cert": cert, "tls_key": key}
+    )
+    return gate, pki.path("ca.pem")
+
+
+async def test_grpcurl_over_tls_with_a_token_and_not_without(
+    make_gate: GateFactory, tmp_path: Path, grpcurl: str
+) -> None:
+    gate, ca = await tls_gate(make_gate, tmp_path)
+    method = "sessiongate.v1.SessionService"
+    tls = ("-cacert", str(ca), "-connect-timeout", "10")
+    bearer = ("-H", f"authorization: Bearer {TOKENS['alice']}")
+    alice = (*tls, *bearer)
+
+    code, out, err = await run(grpcurl, *alice, gate.target, "list")  # reflection, authenticated
+    assert code == 0, err
+    assert "sessiongate.v1.SessionService" in out.split()
+    code, out, err = await run(
+        grpcurl, *alice, "-d", '{"labels":{"via":"tls"}}', gate.target, f"{method}/CreateSession"
+    )
+    assert code == 0, err
+    session = json.loads(out)
+    assert (session["owner"], session["labels"]) == ("alice", {"via": "tls"})
+    request = json.dumps({"session_id": session["session_id"], "text": "streamed over tls"})
+    code, out, err = await run(grpcurl, *alice, "-d", request, gate.target, f"{method}/Prompt")
+    assert code == 0, err
+    events = [json.loads(chunk) for chunk in _json_objects(out)]
+    reply = "".join(e["message_chunk"]["content"]["text"]["text"] for e in events if "message_chunk" in e)
+    assert reply == "streamed over tls"
+    assert events[-1]["result"]["stop_reason"] == "STOP_REASON_END_TURN"
+    code, out, err = await run(grpcurl, *alice, gate.target, f"{method}/ListSessions")
+    assert code == 0, err
+    assert [s["session_id"] for s in json.loads(out)["sessions"]] == [session["session_id"]]
+
+    # No token: reflection is refused, and a call made from the proto files is UNAUTHENTICATED.
+    code, out, err = await run(grpcurl, *tls, gate.target, "list")
+    assert code != 0 and "Unauthenticated" in out + err
+    from_protos = (
+        *("-import-path", str(ROOT / "protos"), "-proto", "sessiongate/v1/session_service.proto"),
+        # googleapis' error_details.proto (shipped with googleapis-common-protos), to print ErrorInfo
+        *("-import-path", str(Path(error_details_pb2.__file__).parents[2])),
+        *("-proto", "google/rpc/error_details.proto"),
+    )
+    for headers in ((), ("-H", "authorization: Bearer wrong")):
+        code, out, err = await run(
+            grpcurl, *tls, *from_protos, *headers, gate.target, f"{method}/ListSessions"
+        )
+        printed = out + err
+        assert code != 0 and "Code: Unauthenticated" in printed, printed
+        assert '"reason":"UNAUTHENTICATED"' in printed and session["session_id"] not in printed
+    # The certificate is checked, and the TLS port does not speak plaintext (grpcurl retries the
+    # handshake until its connect timeout: keep that short).
+    code, _, err = await run(grpcurl, *bearer, gate.target, "list")
+    assert code != 0 and "certificate signed by unknown authority" in err, err
+    code, _, err = await run(grpcurl, "-plaintext", "-connect-timeout", "1", *bearer, gate.target, "list")
+    assert code != 0 and "Failed to dial target host" in err, err
+
+
+async def test_a_node_grpc_js_client_over_tls_with_a_token_and_not_without(
+    make_gate: GateFactory, tmp_path: Path, node: str
+) -> None:
+    gate, ca = await tls_gate(make_gate, tmp_path)
+    client = (node, str(NODE_DIR / "client.mjs"), gate.target, str(ROOT / "protos"), "--tls-ca", str(ca))
+    code, out, err = await run(*client, "--token", TOKENS["bob"])
+    assert code == 0, out + err
+    summary = json.loads(out)
+    assert (summary["reply"], summary["stop_reason"]) == ("hello from node", "STOP_REASON_END_TURN")
+    assert summary["busy"]["reason"] == "SESSION_BUSY"
+    for token in ((), ("--token", "wrong")):
+        code, out, err = await run(*client, *token)
+        assert code == 1, out + err
+        error = json.loads(out)["error"]
+        assert error["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+        assert (error["reason"], error["domain"]) == ("UNAUTHENTICATED", "sessiongate")
 
 
 # ---- buf -------------------------------------------------------------------------------------
