@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
+import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server import metrics
+from server.metrics import Metrics, metrics_address
 from tests.conftest import Gate, GateFactory, expect_error
 from tests.processes import server_process
 
@@ -70,6 +76,61 @@ async def test_metrics_count_sessions_turns_outcomes_rejections_starts_and_event
 
 async def test_metrics_are_off_unless_asked_for(gate: Gate) -> None:
     assert gate.running.metrics_port is None
+
+
+def test_a_bare_metrics_port_binds_loopback_not_every_interface() -> None:
+    assert metrics_address("9464") == metrics_address(":9464") == ("127.0.0.1", 9464)
+    assert metrics_address("0.0.0.0:9464") == ("0.0.0.0", 9464)  # every interface: only when named
+    assert metrics_address("[::1]:9464") == ("::1", 9464)
+    with pytest.raises(ValueError):
+        metrics_address("localhost")
+    exporter = Metrics(lambda: [])
+    port = exporter.serve(":0")
+    try:
+        assert exporter._httpd is not None
+        assert exporter._httpd.server_address[:2] == ("127.0.0.1", port)
+    finally:
+        exporter.stop()
+
+
+async def test_the_metrics_endpoint_drops_silent_and_trickling_clients_and_serves_others_meanwhile(
+    make_gate: GateFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(metrics, "REQUEST_DEADLINE", 1.5)
+    gate: Gate = await make_gate(metrics=True)
+    port = gate.running.metrics_port
+    assert port
+
+    def silent() -> float:
+        """Connect and send nothing: seconds until the server hangs up."""
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert sock.recv(1024) == b""
+        return time.monotonic() - start
+
+    def trickle() -> float:
+        """Send a request a byte every 0.2s (well within the idle timeout): seconds until cut off."""
+        start = time.monotonic()
+        request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"." * 100
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            for byte in request:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break  # reset: the server has closed it
+                if select.select([sock], [], [], 0.2)[0]:
+                    break  # an answer or end-of-file: the server is done with it
+            else:
+                raise AssertionError("the server held a trickling client past its request deadline")
+        return time.monotonic() - start
+
+    idle = asyncio.create_task(asyncio.to_thread(silent))
+    slow = asyncio.create_task(asyncio.to_thread(trickle))
+    await asyncio.sleep(0.1)
+    assert ("sessiongate_sessions", (("state", "idle"),)) in await scrape(port)  # others are served
+    assert 0.4 < await idle < 3
+    assert 1.4 < await slow < 5
 
 
 async def test_json_logs_carry_session_agent_and_turn_and_never_the_prompt(tmp_path: Path) -> None:
