@@ -75,6 +75,7 @@ class Handshake:
     title: str
     load_session: bool
     auth_methods: tuple[str, ...]
+    close_session: bool = False  # it advertised `session/close`
 
 
 def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolError:
@@ -169,6 +170,8 @@ class AgentProcess(Protocol):
 
     async def new_session(self, cwd: str, timeout: float) -> str: ...
 
+    async def close_session(self, session_id: str, timeout: float) -> None: ...
+
     async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse: ...
 
     async def cancel(self, session_id: str) -> None: ...
@@ -248,6 +251,11 @@ class AgentConnection:
                 self._connection().load_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
                 "session/load",
             )
+
+    async def close_session(self, session_id: str, timeout: float) -> None:
+        """`session/close` within `timeout`: the agent may free (and forget) what it kept for it."""
+        async with self._bounded(timeout, "close the session"):
+            await self._call(self._connection().close_session(session_id=session_id), "session/close")
 
     async def new_session(self, cwd: str, timeout: float) -> str:
         """Open a new ACP session within `timeout`; returns its id."""
@@ -339,6 +347,9 @@ class AgentConnection:
             title=(info.title or "") if info else "",
             load_session=bool(capabilities.load_session),
             auth_methods=tuple(m.id for m in (response.auth_methods or [])),
+            close_session=bool(
+                capabilities.session_capabilities and capabilities.session_capabilities.close is not None
+            ),
         )
         return self.handshake
 

@@ -76,7 +76,10 @@ class EchoAgent:
         )
         return schema.InitializeResponse(
             protocol_version=acp.PROTOCOL_VERSION,
-            agent_capabilities=schema.AgentCapabilities(load_session=not self.opts.no_load_session),
+            agent_capabilities=schema.AgentCapabilities(
+                load_session=not self.opts.no_load_session,
+                session_capabilities=schema.SessionCapabilities(close=schema.SessionCloseCapabilities()),
+            ),
             auth_methods=auth,
             agent_info=schema.Implementation(name=AGENT_NAME, version=AGENT_VERSION, title="Echo agent"),
         )
@@ -103,6 +106,13 @@ class EchoAgent:
             await self._send(session_id, acp.update_agent_message_text(reply))
         self.known.add(session_id)
         return schema.LoadSessionResponse()
+
+    async def close_session(self, session_id: str, **_: Any) -> schema.CloseSessionResponse:
+        """The gateway closed the session for good: forget it, and delete what was stored."""
+        self.known.discard(session_id)
+        if "/" not in session_id and not session_id.startswith("."):
+            self._path(session_id).unlink(missing_ok=True)
+        return schema.CloseSessionResponse()
 
     async def cancel(self, session_id: str, **_: Any) -> None:
         self._log_event(f"cancel {session_id}")
@@ -378,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         pids = opts.state_dir / "pids"
         pids.mkdir(parents=True, exist_ok=True)
         (pids / str(os.getpid())).write_text(str(os.getpgrp()))
-    asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts))))
+    # session/close is stable in ACP 1.21; this SDK still routes it only as "unstable".
+    asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts)), use_unstable_protocol=True))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.agent import AgentConnection, AgentProcess
-from server.errors import AgentAuthRequired, AgentUnavailable, SessionGateError
+from server.errors import AgentAuthRequired, AgentUnavailable, CwdNotAllowed, SessionGateError
 from server.sandbox import Launcher
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
@@ -141,6 +141,31 @@ class AgentHolder:
                 f"agent {self.config.name!r} exited while starting", metadata={"agent": self.config.name}
             )
         return acp_session_id, resumed
+
+    async def start_for_cleanup(self, cwd: str) -> AgentProcess | None:
+        """An agent started only to tidy up after its session (no ACP session opened), or None
+        when no slot is free right now or the directory is no longer allowed: this never
+        suspends another session. The caller stops it."""
+        if self.alive:
+            return self.agent
+        await self.stop()
+        try:
+            workdir = await open_workdir(cwd, self._roots)
+        except CwdNotAllowed:
+            return None
+        try:
+            if not self._slots.try_acquire():
+                return None
+            self.has_slot = True
+            agent = self.agent = self._factory(self.config, self.limits, workdir)
+            try:
+                await agent.start(self.limits.agent_start_timeout)
+            except BaseException:
+                await self.stop()
+                raise
+            return agent
+        finally:
+            workdir.close()
 
     async def _open(self, agent: AgentProcess, cwd: str, resume_id: str) -> tuple[str, bool]:
         """Load `resume_id` if the agent can; else, or if the load is refused, a new session."""

@@ -420,7 +420,13 @@ def _record(session: Session) -> SessionRecord:
     info: dict[str, object] = {}
     if session.handshake is not None:
         hs = session.handshake
-        info = {"name": hs.name, "version": hs.version, "title": hs.title, "load_session": hs.load_session}
+        info = {
+            "name": hs.name,
+            "version": hs.version,
+            "title": hs.title,
+            "load_session": hs.load_session,
+            "close_session": hs.close_session,
+        }
     return SessionRecord(
         session_id=session.session_id,
         agent=session.config.name,
@@ -445,6 +451,7 @@ def _handshake(info: Mapping[str, object]) -> Handshake | None:
         title=str(info.get("title", "")),
         load_session=bool(info.get("load_session", False)),
         auth_methods=(),
+        close_session=bool(info.get("close_session", False)),
     )
 
 

@@ -157,7 +157,7 @@ class Session:
     async def close(self) -> None:
         """CloseSession: cancel any turn (it ends CANCELLED), end the agent's group; gone for good."""
         self.closed = True
-        await self._end()
+        await self._end(forget=True)
 
     async def retire(self) -> None:
         """Server shutdown: like close, but the record stays SUSPENDED for the next server."""
@@ -172,7 +172,7 @@ class Session:
         await self.holder.stop(force=True)
         self._changed()
 
-    async def _end(self) -> None:
+    async def _end(self, forget: bool = False) -> None:
         self.ending = True
         runner = self.runner
         if runner is not None:
@@ -184,7 +184,25 @@ class Session:
                 log.warning("turn did not end in time for close session=%s; aborting it", self.session_id)
                 runner.abort(self.gone_error())
                 await runner.wait_done(3 * limits.kill_grace)
+        if forget:
+            await self._forget_upstream()
         await self.holder.stop()
+
+    async def _forget_upstream(self) -> None:
+        """Ask the agent to close the ACP session (`session/close`: the built-in agent deletes
+        what it stored for it). A suspended session's agent is started for this when a slot is
+        free. Bounded by the start and request timeouts; a failure is logged, never fatal."""
+        handshake = self.handshake
+        if not self.agent_session_id or handshake is None or not handshake.close_session:
+            return
+        try:
+            agent = self.holder.agent if self.holder.alive else await self.holder.start_for_cleanup(self.cwd)
+            if agent is None:
+                log.info("agent not started to close its session (no free slot) session=%s", self.session_id)
+            elif agent.handshake is not None and agent.handshake.close_session:
+                await agent.close_session(self.agent_session_id, self.limits.agent_request_timeout)
+        except SessionGateError as exc:
+            log.warning("the agent could not close its session session=%s: %s", self.session_id, exc)
 
     def evictable(self) -> bool:
         """Idle with a running agent and nobody working on it: suspend() would not wait."""

@@ -51,6 +51,13 @@ class Slots:
             await victims[0].suspend()
         self.used += 1
 
+    def try_acquire(self) -> bool:
+        """Take a free slot if there is one; never suspends anyone (tidying up after a close)."""
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
     def release(self) -> None:
         assert self.used > 0, "slot released twice"
         self.used -= 1

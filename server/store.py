@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     request_id       TEXT NOT NULL,
     create_time      REAL NOT NULL,
     last_active_time REAL NOT NULL,
-    agent_info       TEXT NOT NULL   -- JSON object: name, version, title, load_session
+    agent_info       TEXT NOT NULL   -- JSON object: name, version, title, load_session, close_session
 );
 CREATE INDEX IF NOT EXISTS sessions_request_id ON sessions (request_id) WHERE request_id != '';
 """

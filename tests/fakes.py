@@ -57,6 +57,7 @@ class FakeAgent:
         self.terminated = asyncio.Event()  # terminate() finished: the "process group" is gone
         self.sinks: dict[str, UpdateSink] = {}
         self.sessions: list[str] = []
+        self.closed_sessions: list[str] = []  # session/close calls
         self._on_exit: Callable[[Any], None] | None = None
         self._cancelled = asyncio.Event()
         self._finish = asyncio.Event()
@@ -86,6 +87,9 @@ class FakeAgent:
         if self.behaviour.refuse_load:
             raise AgentUnavailable(f"fake agent: unknown session {session_id}")
         self.sessions.append(session_id)
+
+    async def close_session(self, session_id: str, timeout: float) -> None:
+        self.closed_sessions.append(session_id)
 
     async def new_session(self, cwd: str, timeout: float) -> str:
         session_id = f"fake-{self.pid_value}-{len(self.sessions)}"

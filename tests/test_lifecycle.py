@@ -187,3 +187,28 @@ async def test_get_and_list_report_turn_timing_and_filter_by_label(gate: Gate) -
     none = await gate.stub.ListSessions(pb.ListSessionsRequest(labels={"team": "a", "tier": "2"}))
     assert not none.sessions
     call.cancel()
+
+
+async def test_closing_a_session_deletes_what_the_built_in_agent_stored_live_or_suspended(
+    make_gate: GateFactory,
+) -> None:
+    gate: Gate = await make_gate(idle_ttl=1.5, sweep_interval=0.2)
+    stored = gate.state_dir / "sessions"
+    live, suspended, kept = [await gate.create() for _ in range(3)]
+    for session in (live, suspended, kept):
+        await gate.prompt(session.session_id, "remember me")
+    assert len(list(stored.iterdir())) == 3
+
+    await gate.wait_state(suspended.session_id, pb.SESSION_STATE_SUSPENDED, timeout=10)
+    await gate.prompt(live.session_id, "still here")  # keeps its agent running
+    pids = gate.agent_pids()
+    await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=live.session_id), timeout=30)
+    await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=suspended.session_id), timeout=30)
+
+    # The running agent was asked to close its session; the suspended one's agent was started
+    # just for that, and is gone again. Only the untouched session's record is left.
+    assert len(list(stored.iterdir())) == 1
+    cleanup = gate.agent_pids() - pids
+    assert len(cleanup) == 1, "one agent was started to close the suspended session"
+    assert await asyncio.to_thread(wait_gone, cleanup, 10) == set()
+    assert reply_text(await gate.prompt(kept.session_id, "/history")).startswith("1 earlier turns")
