@@ -410,8 +410,10 @@ def validate(settings: Settings) -> Settings:
         value = getattr(settings, key)
         if key == "listen" and value.startswith("unix://") and len(value) > len("unix://"):
             continue  # unix:///path/to/socket
+        if key == "metrics_listen" and value.isdigit():
+            continue  # a bare port: 127.0.0.1 (server/metrics.py metrics_address)
         host, sep, port = value.rpartition(":")
-        if (value or key == "listen") and (not sep or not host or not port.isdigit()):
+        if (value or key == "listen") and (not sep or (not host and key == "listen") or not port.isdigit()):
             raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
     for config in settings.agents.values():
         _check_user(config)

@@ -103,3 +103,36 @@ def test_spares_are_a_whole_number_per_agent(tmp_path: Path) -> None:
         config = write(tmp_path / "bad.toml", f"[agents.x]\ncommand = 'x'\nspares = {bad}\n")
         with pytest.raises(ConfigError, match="spares"):
             load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
+
+
+def test_sandbox_keys_per_agent_are_read_and_checked(tmp_path: Path) -> None:
+    good = write(
+        tmp_path / "good.toml",
+        "[agents.x]\ncommand = 'x'\nsandbox = 'bwrap'\nnetwork = false\n"
+        "ro_paths = ['/opt/tools']\nrw_paths = ['/var/cache/x']\nhome = '/var/lib/x'\n",
+    )
+    x = load_settings(["--config", good, "--workdir", str(tmp_path)], environ={}).agents["x"]
+    assert (x.sandbox, x.network, x.ro_paths, x.rw_paths, x.home) == (
+        "bwrap",
+        False,
+        ("/opt/tools",),
+        ("/var/cache/x",),
+        "/var/lib/x",
+    )
+    for text, message in [
+        ("sandbox = 'docker'", "`sandbox` must be"),
+        ("network = 'yes'", "`network` must be true or false"),
+        ("ro_paths = ['relative']", "`ro_paths` must be a list of absolute paths"),
+        ("user = 'no-such-user-here'", "user 'no-such-user-here' does not exist"),
+    ]:
+        config = write(tmp_path / "bad.toml", f"[agents.x]\ncommand = 'x'\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
+
+
+def test_a_bare_metrics_port_is_accepted(tmp_path: Path) -> None:
+    for value in ("9464", ":9464", "127.0.0.1:9464"):
+        settings = load_settings(["--metrics-listen", value, "--workdir", str(tmp_path)], environ={})
+        assert settings.metrics_listen == value
+    with pytest.raises(ConfigError, match="metrics_listen must be HOST:PORT"):
+        load_settings(["--metrics-listen", "host:", "--workdir", str(tmp_path)], environ={})
