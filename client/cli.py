@@ -270,6 +270,8 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "UNAUTHENTICATED": "the server wants a valid token: pass --token or set SESSIONGATE_TOKEN",
         "QUOTA_EXCEEDED": f"a quota is used up: close sessions you no longer need, or {retry}",
         "AGENT_NOT_ALLOWED": "your principal may not use this agent; see `sessiongate agents` for others",
+        "CWD_NOT_ALLOWED": "the session's directory is outside the server's allowed roots now (or gone); "
+        "the session is kept: restore the directory, or close it",
         "SHUTTING_DOWN": "the server is draining: retry shortly, or against another instance",
     }
     if error.reason in hints:

@@ -94,6 +94,10 @@ class QuotaExceeded(SessionGateError):
     """RESOURCE_EXHAUSTED: a quota is used up (`metadata` names it; `retry_delay` if waiting helps)."""
 
 
+class CwdNotAllowed(SessionGateError):
+    """FAILED_PRECONDITION: the session's directory is outside the allowed roots now, or gone."""
+
+
 class StoreUnavailable(SessionGateError):
     """UNAVAILABLE: the server could not write its session database in time."""
 
@@ -117,6 +121,7 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "QUOTA_EXCEEDED": QuotaExceeded,
     "UNAUTHENTICATED": Unauthenticated,
     "AGENT_NOT_ALLOWED": AgentNotAllowed,
+    "CWD_NOT_ALLOWED": CwdNotAllowed,
     "SHUTTING_DOWN": ShuttingDown,
 }
 
