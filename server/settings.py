@@ -426,7 +426,13 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"allowed root {root} is not a directory")
     if roots and not any(workdir.is_relative_to(r) for r in roots):
         raise ConfigError(f"workdir {workdir} is outside the allowed roots")
-    return replace(settings, workdir=workdir, allowed_roots=roots)
+    # Absolute from here on: the sandbox hides these files from agents by their path.
+    files = {
+        key: getattr(settings, key).expanduser().absolute()
+        for key in ("state_db", "auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+        if getattr(settings, key) is not None
+    }
+    return replace(settings, workdir=workdir, allowed_roots=roots, **files)
 
 
 def _check_user(config: AgentConfig) -> None:

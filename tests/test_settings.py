@@ -136,3 +136,10 @@ def test_a_bare_metrics_port_is_accepted(tmp_path: Path) -> None:
         assert settings.metrics_listen == value
     with pytest.raises(ConfigError, match="metrics_listen must be HOST:PORT"):
         load_settings(["--metrics-listen", "host:", "--workdir", str(tmp_path)], environ={})
+
+
+def test_file_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "tokens.toml", "")
+    settings = load_settings(["--state-db", "s.db", "--auth-tokens-file", "tokens.toml"], environ={})
+    assert settings.state_db == tmp_path / "s.db" and settings.auth_tokens_file == tmp_path / "tokens.toml"
