@@ -21,7 +21,7 @@ from server.auth import AuthInterceptor
 from server.holder import real_agents
 from server.metrics import Metrics
 from server.pool import SessionPool
-from server.principals import TokenTable
+from server.principals import TokenTable, live_limits
 from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
 from server.settings import AgentConfig, ServerLimits, Settings
@@ -145,6 +145,7 @@ async def start_server(settings: Settings) -> RunningServer:
         spares,
         agent_factory=real_agents(launcher),
         roots=settings.roots,
+        live_limit=live_limits(tokens, settings.authenticated),
     )
     pool.on_agent_start = metrics.agent_started
     restored = await pool.load(settings.agents)

@@ -39,7 +39,7 @@ from server.holder import AgentFactory, real_agent
 from server.quotas import PromptRate, check_room
 from server.session import Session, State
 from server.settings import AgentConfig, ServerLimits
-from server.slots import Slots
+from server.slots import LiveLimit, Slots
 from server.spares import SparePool
 from server.store import WRITE_TIMEOUT, SessionRecord, SessionStore
 from server.supervisor import Supervisor, joined
@@ -71,7 +71,11 @@ class SessionPool:
         spares: SparePool | None = None,
         agent_factory: AgentFactory = real_agent,
         roots: tuple[Path, ...] = (),
+        live_limit: LiveLimit | None = None,
     ) -> None:
+        """`live_limit`: each principal's max_live_sessions by name, given when authentication is
+        configured (agent slots are then shared fairly between principals, see server/slots.py);
+        None: one trust domain, plain least-recently-used eviction."""
         self.limits = limits
         self._roots = roots  # a session's cwd must be inside one of these at every agent start
         self._store = store
@@ -87,7 +91,7 @@ class SessionPool:
         self._prompt_rate = PromptRate()
         self._closing: dict[str, tuple[Session, asyncio.Task[Session]]] = {}
         self._recently_closed: OrderedDict[str, Session] = OrderedDict()
-        self._slots = Slots(limits.max_sessions, self._sessions.values)
+        self._slots = Slots(limits.max_sessions, self._slot_holders, live_limit)
         self._supervisor = Supervisor()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -311,6 +315,17 @@ class SessionPool:
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
+
+    def _slot_holders(self) -> list[Session]:
+        """Every session that may hold a slot, once each: published, being created, being closed.
+
+        The slots count each principal's live agents from these (a create's agent counts from
+        its start, a closing one until its agent is gone); only published ones are ever idle.
+        """
+        holders = {s.session_id: s for s in self._starting.values()}
+        holders.update(self._sessions)
+        holders.update((session_id, s) for session_id, (s, _) in self._closing.items())
+        return list(holders.values())
 
     # ---- shutdown ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ The tokens file is TOML, one table per principal; only SHA-256 hashes of tokens 
     admin = false                      # an admin sees and may act on every session
     agents = ["claude"]                # agents this principal may use; empty or absent: all
     max_sessions = 20                  # sessions it may keep; absent: no limit
+    max_live_sessions = 4              # of them with a running agent at once; absent: no own limit
     max_prompts_per_minute = 30        # absent: no limit
 
 A presented token is hashed and compared with every stored hash in constant time. The file
@@ -26,6 +27,7 @@ import hmac
 import logging
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from server.settings import ConfigError
 log = logging.getLogger("sessiongate.auth")
 
 RELOAD_INTERVAL = 2.0  # seconds between checks of the tokens file for changes
+LIMIT_KEYS = ("max_sessions", "max_live_sessions", "max_prompts_per_minute")  # whole numbers >= 1
 
 
 class TokensFileError(ConfigError):
@@ -47,6 +50,9 @@ class Principal:
     admin: bool = False
     agents: tuple[str, ...] = ()  # empty: every agent
     max_sessions: int | None = None  # sessions it may keep (suspended ones too); None: no limit
+    # Its sessions with a running agent (holding an agent slot) at once; None: no limit of its
+    # own, only the fair share of the slots (server/slots.py).
+    max_live_sessions: int | None = None
     max_prompts_per_minute: int | None = None  # prompts it may send in any 60 s; None: no limit
 
     def may_use(self, agent: str) -> bool:
@@ -73,6 +79,19 @@ def current() -> Principal:
 def acting_as(principal: Principal) -> None:
     """The caller of the current task's call (set once per call by the auth interceptor)."""
     _current.set(principal)
+
+
+def live_limits(tokens: TokenTable | None, authenticated: bool) -> Callable[[str], int | None] | None:
+    """For the slots: each principal's max_live_sessions by name, or None without authentication
+    (one trust domain: nothing to share fairly). mTLS without a tokens file names principals
+    that have no limits of their own (they still get only a fair share)."""
+    if not authenticated:
+        return None
+    return tokens.live_limit if tokens is not None else _no_limit
+
+
+def _no_limit(name: str) -> int | None:
+    return None
 
 
 def token_hash(token: str) -> str:
@@ -106,6 +125,12 @@ class TokenTable:
     def by_name(self, name: str) -> Principal | None:
         """The principal of this name (an mTLS client's certificate names it), or None."""
         return next((p for _, p in self._hashes if p.name == name), None)
+
+    def live_limit(self, name: str) -> int | None:
+        """The max_live_sessions of the principal of this name (None: none, or no such principal),
+        as the table says now: the slots ask at every agent start, so a reload applies at once."""
+        principal = self.by_name(name)
+        return principal.max_live_sessions if principal is not None else None
 
     def start_watching(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="sessiongate-tokens")
@@ -166,7 +191,7 @@ def _hash_of(name: str, table: Any) -> str:
     where = f"[principals.{name}]"
     if not isinstance(table, dict):
         raise TokensFileError(f"{where} must be a table")
-    unknown = set(table) - {"token_sha256", "admin", "agents", "max_sessions", "max_prompts_per_minute"}
+    unknown = set(table) - {"token_sha256", "admin", "agents", *LIMIT_KEYS}
     if unknown:
         raise TokensFileError(f"{where}: unknown keys {sorted(unknown)}")
     digest = table.get("token_sha256")
@@ -186,7 +211,7 @@ def _principal(name: str, table: dict[str, Any]) -> Principal:
     if not name:
         raise TokensFileError("a principal needs a name")
     limits = {}
-    for key in ("max_sessions", "max_prompts_per_minute"):
+    for key in LIMIT_KEYS:
         value = table.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise TokensFileError(f"{where}: {key} must be a whole number, 1 or more")

@@ -1,7 +1,8 @@
 """Quotas: how many sessions a principal and the server keep, and how fast a principal prompts.
 
 Over a quota is RESOURCE_EXHAUSTED / QUOTA_EXCEEDED with a QuotaFailure naming it, and
-RetryInfo where waiting helps (the prompt rate). Live agents are bounded by the slots.
+RetryInfo where waiting helps (the prompt rate). Live agents per principal (`max_live_sessions`
+and a fair share of the agent slots) are bounded by server/slots.py, which raises the same.
 """
 
 from __future__ import annotations

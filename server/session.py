@@ -204,9 +204,17 @@ class Session:
         except SessionGateError as exc:
             log.warning("the agent could not close its session session=%s: %s", self.session_id, exc)
 
+    @property
+    def holds_slot(self) -> bool:
+        """Whether an agent slot is counted against this session (and so its owner) now."""
+        return self.holder.has_slot
+
     def evictable(self) -> bool:
-        """Idle with a running agent and nobody working on it: suspend() would not wait."""
-        return not self.owner.busy and self.holder.alive and not self.ending
+        """Idle with a running agent and nobody working on it: suspend() would not wait.
+
+        Not once closed: a closing session's agent is its close's to end.
+        """
+        return not self.owner.busy and self.holder.alive and not self.ending and not self.closed
 
     async def suspend(self) -> bool:
         """Stop the agent of an idle session, keeping the session (eviction, idle TTL).
