@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import acp
 from acp import schema
 
+from server.descendants import Descendants
 from server.errors import (
     AgentAuthRequired,
     AgentError,
@@ -206,6 +207,7 @@ class AgentConnection:
         self._kill_grace = kill_grace
         self._process: asyncio.subprocess.Process | None = None
         self._pidfd: int | None = None  # the leader's pidfd: tells whether its PID is still ours
+        self._descendants: Descendants | None = None  # unsandboxed: finds what left the group
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
         self._cancelling: set[str] = set()
@@ -286,6 +288,9 @@ class AgentConnection:
         # Clean environment: the basics, the variables this agent may see, its own settings.
         env = {k: os.environ[k] for k in (*INHERITED_ENV, *self.config.pass_env) if k in os.environ}
         env.update(self.config.env)
+        if not self._launcher.sandboxed(self.config):  # a sandbox's PID namespace ends them instead
+            self._descendants = Descendants()
+            self._descendants.mark(env)  # so what leaves the process group is still found
         spawn = self._launcher.spawn(self.config, env, self._workdir)
         # We own the stdout pipe's transport so that a turn can pause reading it (backpressure).
         try:
@@ -339,6 +344,19 @@ class AgentConnection:
             ),
             "initialize",
         )
+        if response.protocol_version != acp.PROTOCOL_VERSION:
+            # ACP version negotiation: the agent answers the version it chose; a client that
+            # does not support it closes the connection (the caller then ends the process).
+            name = self.config.name
+            raise AgentUnavailable(
+                f"agent {name!r} speaks ACP protocol version {response.protocol_version}; "
+                f"sessiongate speaks {acp.PROTOCOL_VERSION}",
+                metadata={
+                    "agent": name,
+                    "agent_protocol_version": response.protocol_version,
+                    "protocol_version": acp.PROTOCOL_VERSION,
+                },
+            )
         info = response.agent_info
         capabilities = response.agent_capabilities or schema.AgentCapabilities()
         self.handshake = Handshake(
@@ -440,6 +458,7 @@ class AgentConnection:
 
     async def _terminate(self) -> None:
         process = self._process
+        swept = False
         try:
             if self._conn is not None:
                 with contextlib.suppress(Exception):
@@ -454,9 +473,16 @@ class AgentConnection:
                 # Children may outlive the leader: the group gets SIGKILL whatever the leader did.
                 self._signal_group(signal.SIGKILL)
                 await self.wait_exit(self._kill_grace)
+                # Then what left the group (setsid), unless the exit watch did already. No await
+                # before the scan is handed to its thread: it completes even if we are cancelled.
+                swept = True
+                if not self._exited.is_set():
+                    await self._end_descendants()
         finally:
             # Reached even when this task is cancelled (shutdown): the group never outlives us.
             self._signal_group(signal.SIGKILL)
+            if not swept and process is not None and self._descendants is not None:
+                self._descendants.end_in_background()
             self._close_pidfd()
             if self._stdout is not None:
                 self._stdout.close()
@@ -576,17 +602,53 @@ class AgentConnection:
                     )
 
     async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
-        self.exit_code = await process.wait()
-        self._exited.set()
+        # `process.wait()` returns only once the agent's pipes are closed as well: a descendant
+        # holding its stderr (one that left the group with setsid) would put that off for ever.
+        # So the leader's exit is seen on its pidfd, what it left is ended, then the pipes close.
+        await self._leader_exit(process)
         # The leader is gone; children it left in its group (tool runs, shells) go with it.
-        # Right after the reap the id is still ours: members keep a group id reserved, and an
-        # empty group's id could only be reused after the PID space wrapped around.
+        # Until its reap, and right after it, the id is still ours: members keep a group id
+        # reserved, and an empty group's id could only be reused after the PID space wrapped.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
+        await self._end_descendants()  # and those that left the group (setsid)
+        with contextlib.suppress(TimeoutError):  # a holder that escaped: the reap gives the code
+            async with asyncio.timeout(self._kill_grace):
+                await process.wait()
+        self.exit_code = process.returncode
+        self._exited.set()
         self._close_pidfd()
         log.info("agent exited agent=%s pid=%s code=%s", self.config.name, process.pid, self.exit_code)
         if self._on_exit is not None:
             self._on_exit(self)
+
+    async def _leader_exit(self, process: asyncio.subprocess.Process) -> None:
+        """Until the agent's leader has exited (reaped or not): its pidfd becomes readable."""
+        try:
+            pidfd = os.dup(self._pidfd) if self._pidfd is not None else None  # ours to close
+        except OSError:
+            pidfd = None
+        if pidfd is None:  # no pidfds here: the exit shows once the pipes are closed too
+            await process.wait()
+            return
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:  # called again while it stays readable, until removed
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+    async def _end_descendants(self) -> None:
+        """SIGKILL the unsandboxed agent's descendants, also those outside its group (descendants.py)."""
+        if self._descendants is not None:
+            await self._descendants.end()
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:

@@ -25,6 +25,8 @@ CLIP = 300  # bytes of one client's or agent's string quoted in a message or det
 MAX_MESSAGE_BYTES = 400
 MAX_METADATA_BYTES = 1500  # all ErrorInfo metadata values together
 MAX_VIOLATIONS = 10
+MAX_FIELD_BYTES = 100  # of one violation's field name (it may quote a client's label key)
+MAX_VIOLATION_BYTES = 1500  # all field violations together (field names and descriptions)
 TAIL_KEYS = frozenset({"stderr"})  # metadata whose end matters more than its start
 
 
@@ -75,11 +77,7 @@ class SessionGateError(Exception):
         self.message = message
         self.metadata = _bounded_metadata(metadata or {})
         self.retry_after = retry_after
-        violations = tuple(violations)
-        if len(violations) > MAX_VIOLATIONS:
-            more = FieldViolation("(more)", f"{len(violations) - MAX_VIOLATIONS + 1} more violations")
-            violations = (*violations[: MAX_VIOLATIONS - 1], more)
-        self.violations = tuple(FieldViolation(clip(v.field, 100), clip(v.description)) for v in violations)
+        self.violations = _bounded_violations(tuple(violations))
         self.quota = quota  # (subject, description) of a QuotaFailure
 
     def to_status(self) -> grpc.Status:
@@ -121,6 +119,24 @@ def _bounded_metadata(metadata: Mapping[str, object]) -> dict[str, str]:
         out[key] = clip_tail(text, limit) if key in TAIL_KEYS else clip(text, limit)
         budget -= len(out[key].encode())
     return out
+
+
+def _bounded_violations(violations: tuple[FieldViolation, ...]) -> tuple[FieldViolation, ...]:
+    """At most MAX_VIOLATIONS, each clipped, all within MAX_VIOLATION_BYTES; a last "(more)"
+    entry counts what was left out. The first always fits (one is at most ~450 bytes)."""
+    kept: list[FieldViolation] = []
+    used = 0
+    for violation in violations:
+        clipped = FieldViolation(clip(violation.field, MAX_FIELD_BYTES), clip(violation.description))
+        cost = len(clipped.field.encode()) + len(clipped.description.encode())
+        room_left = len(kept) < (MAX_VIOLATIONS if len(violations) <= MAX_VIOLATIONS else MAX_VIOLATIONS - 1)
+        if kept and (not room_left or used + cost > MAX_VIOLATION_BYTES):
+            break
+        kept.append(clipped)
+        used += cost
+    if len(kept) < len(violations):
+        kept.append(FieldViolation("(more)", f"{len(violations) - len(kept)} more violations"))
+    return tuple(kept)
 
 
 def _pack(message: Message) -> any_pb2.Any:

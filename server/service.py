@@ -46,6 +46,7 @@ MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 MAX_NANOS = 999_999_999
 MAX_CWD = 4096  # characters (PATH_MAX)
+MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
 
 STATES = {
@@ -171,8 +172,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+        violations = _label_violations(request.labels)  # lengths first: nothing unbounded is echoed
         if request.page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        for name, value in (("agent", request.agent), ("owner", request.owner)):
+            if len(value) > MAX_FILTER_NAME:
+                violations.append(FieldViolation(name, f"at most {MAX_FILTER_NAME} characters"))
+        if violations:
+            raise InvalidArgument(violations)
         page, token = self._pool.page(
             request.page_size, request.page_token, request.agent, request.labels, request.owner
         )
