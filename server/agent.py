@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import acp
 from acp import schema
 
+from server.agent_transport import LINE_LIMIT, AgentTransport
 from server.descendants import Descendants
 from server.errors import (
     AgentAuthRequired,
@@ -39,7 +40,7 @@ stderr_log = logging.getLogger("sessiongate.agent.stderr")
 
 # Env vars an agent inherits from the server; everything else it gets from its config.
 INHERITED_ENV = ("HOME", "PATH", "USER", "LANG")
-STDOUT_LINE_LIMIT = 64 * 1024 * 1024  # ACP frames are lines; tool output and diffs can be long
+EOF_EXIT_GRACE = 1.0  # an agent whose stdout ended and that has not exited by then is ended
 STDERR_LINE_MAX = 2000  # characters of one stderr line kept for the log
 STDERR_LOG_BUDGET = 256 * 1024  # bytes of stderr logged per agent; the rest is drained, not logged
 STDERR_TAIL_LINES = 20  # kept for error messages
@@ -60,6 +61,14 @@ class PermissionReport:
     outcome: str  # "allowed", "rejected" or "cancelled"
     selected_option_id: str
     policy: str
+
+
+@dataclass(frozen=True, slots=True)
+class RawUpdate:
+    """A `session/update` of a kind this SDK does not know (a newer agent's), as JSON."""
+
+    kind: str
+    payload: dict[str, Any]
 
 
 # What flows from an agent into a turn: ACP updates as the SDK parsed them, or our reports.
@@ -145,6 +154,23 @@ class _GatewayClient:
             outcome=schema.AllowedOutcome(outcome="selected", option_id=option_id)
         )
 
+    # Terminals are not offered (no `terminal` client capability): the SDK would answer these
+    # with empty successes, so they are refused as JSON-RPC "method not found" (-32601).
+    async def create_terminal(self, **_: Any) -> None:
+        raise acp.RequestError.method_not_found("terminal/create")
+
+    async def terminal_output(self, **_: Any) -> None:
+        raise acp.RequestError.method_not_found("terminal/output")
+
+    async def release_terminal(self, **_: Any) -> None:
+        raise acp.RequestError.method_not_found("terminal/release")
+
+    async def wait_for_terminal_exit(self, **_: Any) -> None:
+        raise acp.RequestError.method_not_found("terminal/wait_for_exit")
+
+    async def kill_terminal(self, **_: Any) -> None:
+        raise acp.RequestError.method_not_found("terminal/kill")
+
 
 class AgentProcess(Protocol):
     """An agent process and its ACP connection, as the session core uses it.
@@ -218,6 +244,9 @@ class AgentConnection:
         self._stdout: asyncio.ReadTransport | None = None
         self._terminating: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()  # a forced terminate() skips what is left of the SIGTERM grace
+        self._ending: asyncio.Task[None] | None = None  # ending the agent after a protocol violation
+        self.broken: AgentProtocolError | None = None  # why its connection became unusable
+        self._transport: AgentTransport | None = None
         self.reading_paused = False
 
     @property
@@ -325,14 +354,17 @@ class AgentConnection:
         assert self._process.stdin and self._process.stderr
         with contextlib.suppress(AttributeError, OSError):  # no pidfds: fall back on returncode
             self._pidfd = os.pidfd_open(self._process.pid)
-        stdout = asyncio.StreamReader(limit=STDOUT_LINE_LIMIT)
+        stdout = asyncio.StreamReader(limit=LINE_LIMIT)
         self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_fd, "rb", buffering=0)
         )
         self._spawn_background(self._drain_stderr(self._process.stderr))
         self._spawn_background(self._watch_exit(self._process))
         client = cast(acp.Client, _GatewayClient(self))
-        self._conn = acp.connect_to_agent(client, self._process.stdin, stdout)
+        self._transport = AgentTransport(
+            self.config.name, stdout, self._process.stdin, self._connection_ended, self._raw_update
+        )
+        self._conn = acp.connect_to_agent(client, self._transport)
         log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
 
     async def _initialize(self) -> Handshake:
@@ -394,6 +426,8 @@ class AgentConnection:
             ) from exc
         except (ConnectionError, OSError) as exc:
             code, tail = await self.exit_info()
+            if self.broken is not None:
+                raise self.broken from None
             raise AgentExited(
                 f"agent {name!r} exited during the turn (exit code {code})",
                 metadata={"agent": name, "exit_code": code, "stderr": tail},
@@ -416,11 +450,15 @@ class AgentConnection:
         """Stop reading the agent's output: a full pipe then blocks the agent, not our loop."""
         if self._stdout is not None and not self.reading_paused:
             self._stdout.pause_reading()
+            if self._transport is not None:
+                self._transport.pause()  # lines already read from the pipe wait too
             self.reading_paused = True
 
     def resume_reading(self) -> None:
         if self._stdout is not None and self.reading_paused and not self._stdout.is_closing():
             self._stdout.resume_reading()
+        if self._transport is not None:
+            self._transport.resume()
         self.reading_paused = False
 
     def subscribe(self, session_id: str, sink: UpdateSink | None) -> None:
@@ -553,6 +591,8 @@ class AgentConnection:
             ) from exc
         except (ConnectionError, OSError) as exc:
             code, tail = await self.exit_info()
+            if self.broken is not None:
+                raise AgentUnavailable(self.broken.message, metadata=self.broken.metadata) from None
             raise AgentUnavailable(
                 f"agent {self.config.name!r} exited during {what} (exit code {code})"
                 + (f": {tail.splitlines()[-1]}" if tail else ""),
@@ -575,6 +615,29 @@ class AgentConnection:
     async def exit_info(self) -> tuple[int | None, str]:
         """After the connection broke: exit code (None if still running after the grace), stderr tail."""
         return await self.wait_exit(self._kill_grace), self.stderr_tail()
+
+    def _connection_ended(self, why: str, eof: bool) -> None:
+        """The transport will read no more: a violation ends the agent at once; an end of
+        output does if the process has not exited by itself shortly (a crash is no violation)."""
+        if self._ending is None:
+            self._ending = asyncio.get_running_loop().create_task(self._end_broken(why, eof))
+
+    async def _end_broken(self, why: str, eof: bool) -> None:
+        if eof and await self.wait_exit(EOF_EXIT_GRACE) is not None:
+            return  # it exited: reported as an exit, not as a violation
+        name = self.config.name
+        self.broken = AgentProtocolError(
+            f"agent {name!r} {why}: its connection cannot be used any more, so it was ended",
+            metadata={"agent": name, "error": why},
+        )
+        log.warning("agent=%s pid=%s %s; ending it", name, self.pid, why)
+        await self.terminate()
+
+    def _raw_update(self, session_id: str, update: dict[str, Any]) -> None:
+        # Scheduled, not routed now: updates the SDK parsed before this one are routed by tasks
+        # it already created, which run first (the ready queue is FIFO), so order is kept.
+        kind = str(update.get("sessionUpdate", ""))
+        asyncio.get_running_loop().call_soon(self.route, session_id, RawUpdate(kind, update))
 
     def _spawn_background(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

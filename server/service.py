@@ -142,7 +142,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
                         self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
                     if isinstance(item, TurnEnd):
                         outcome = "cancelled" if item.stop_reason == "cancelled" else "ok"
-                    yield translate.to_event(seq, item)
+                    sent = translate.events(seq, item, self._settings.limits.max_event_bytes)
+                    for event in sent:
+                        yield event
+                    seq += len(sent) - 1
+                    turn.delivered += len(sent) - 1  # the notices of cut events count as events
                     if isinstance(item, TurnEnd):
                         break
             finally:

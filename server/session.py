@@ -272,7 +272,11 @@ class Session:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         self.turns += 1
         logs.bind(turn=self.turns)
-        turn = Turn(stall_timeout=stall_timeout, max_duration=self.limits.max_turn_duration)
+        turn = Turn(
+            stall_timeout=stall_timeout,
+            max_duration=self.limits.max_turn_duration,
+            max_event_bytes=self.limits.max_event_bytes,
+        )
         runner = self.runner = TurnRunner(self, turn, blocks)
         runner.task = self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}")
         if self._cancel_pending:  # cancelled while it was handed to us: it ends at once, CANCELLED

@@ -64,6 +64,9 @@ class ServerLimits:
     agent_start_timeout: float = 30.0  # spawn + initialize + session/new (or session/load)
     agent_request_timeout: float = 30.0  # any other request to the agent except the turn itself
     max_prompt_bytes: int = 1_048_576  # total size of a prompt's content
+    # Largest event sent to a client (stock gRPC clients receive at most 4 MiB): longer text is
+    # split into several events, other events are cut with a marker and a notice.
+    max_event_bytes: int = 1_048_576
     max_sessions: int = 64  # sessions with a running (or starting) agent at once
     busy_retry_after: float = 1.0  # RetryInfo delay suggested with SESSION_BUSY
     drain_grace: float = 10.0  # on SIGTERM, how long running turns may go on

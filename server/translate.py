@@ -12,7 +12,7 @@ from acp import schema
 from google.protobuf import json_format, struct_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.agent import PermissionReport
+from server.agent import PermissionReport, RawUpdate
 from server.turn import Notice, TextRun, TurnEnd
 
 STOP_REASONS = {
@@ -98,9 +98,72 @@ def block_problem(block: pb.ContentBlock) -> str | None:
 
 # ---- turn events: ACP -> proto ---------------------------------------------------------
 
+MAX_JSON_DEPTH = 20  # JSON an agent sends is carried this deep (each level is ~3 protobuf levels
+# of the 100 a message may have); deeper parts become a marker
+DEEP_MARKER = f"[cut: nested deeper than {MAX_JSON_DEPTH} levels]"
 
-def to_event(seq: int, item: Any) -> pb.PromptEvent:
-    """One turn item (an ACP update, a PermissionReport, a Notice or the TurnEnd) as a PromptEvent."""
+
+def events(seq: int, item: Any, max_bytes: int) -> list[pb.PromptEvent]:
+    """`item` as the event(s) a client gets, numbered from `seq`: the event, cut to fit
+    `max_bytes` and to the depth a protobuf can carry, followed by a `notice` when it was cut.
+    One bad update never ends a turn: what cannot be carried is replaced, and said so."""
+    event, cut = _bounded_event(seq, item)
+    if event.ByteSize() > max_bytes:
+        size = event.ByteSize()
+        event = _fit(event, max_bytes)
+        cut.append(f"a {_kind(item)} update of {size} bytes was cut to fit max_event_bytes ({max_bytes})")
+    if not cut:
+        return [event]
+    notice = pb.Notice(kind="event_truncated", message="; ".join(cut))
+    return [event, pb.PromptEvent(seq=seq + 1, notice=notice)]
+
+
+def _bounded_event(seq: int, item: Any) -> tuple[pb.PromptEvent, list[str]]:
+    try:
+        return to_event(seq, item), []
+    except DeepJson:
+        return to_event(seq, item, bounded=True), [
+            f"a {_kind(item)} update nested deeper than {MAX_JSON_DEPTH} levels was cut"
+        ]
+
+
+class DeepJson(Exception):
+    """JSON nested deeper than MAX_JSON_DEPTH (protobuf's own limit is 100, and a whole
+    message counts): carried only up to the marker."""
+
+
+def _fit(event: pb.PromptEvent, max_bytes: int) -> pb.PromptEvent:
+    """`event` without what made it too large: raw tool input/output, tool content, payloads.
+    Whatever is still too large is replaced by the marker alone."""
+    marker = struct_pb2.Value(string_value=f"[cut: over max_event_bytes ({max_bytes})]")
+    which = event.WhichOneof("event")
+    if which in ("tool_call", "tool_call_update"):
+        body = getattr(event, which)
+        for name in ("raw_input", "raw_output"):
+            if body.HasField(name):
+                getattr(body, name).CopyFrom(marker)
+        if event.ByteSize() > max_bytes:
+            del body.content[:]
+            body.content.add().block.text.text = marker.string_value
+        body.title = body.title[:1024]
+    elif which == "other":
+        event.other.payload.Clear()
+        event.other.payload["cut"] = marker.string_value
+    if event.ByteSize() <= max_bytes:
+        return event
+    return pb.PromptEvent(seq=event.seq, notice=pb.Notice(kind="event_dropped", message=marker.string_value))
+
+
+def _kind(item: Any) -> str:
+    if isinstance(item, RawUpdate):
+        return item.kind[:64]
+    return str(getattr(item, "session_update", type(item).__name__))
+
+
+def to_event(seq: int, item: Any, bounded: bool = False) -> pb.PromptEvent:
+    """One turn item (an ACP update, a PermissionReport, a Notice or the TurnEnd) as a PromptEvent.
+
+    JSON from the agent deeper than MAX_JSON_DEPTH raises DeepJson, or with `bounded` is cut."""
     if isinstance(item, TurnEnd):
         return pb.PromptEvent(seq=seq, result=_result(item))
     if isinstance(item, TextRun):
@@ -116,9 +179,9 @@ def to_event(seq: int, item: Any) -> pb.PromptEvent:
     if kind == "agent_thought_chunk":
         return pb.PromptEvent(seq=seq, thought_chunk=_chunk(item))
     if kind == "tool_call":
-        return pb.PromptEvent(seq=seq, tool_call=pb.ToolCall(**_tool_fields(item)))
+        return pb.PromptEvent(seq=seq, tool_call=pb.ToolCall(**_tool_fields(item, bounded)))
     if kind == "tool_call_update":
-        return pb.PromptEvent(seq=seq, tool_call_update=pb.ToolCallUpdate(**_tool_fields(item)))
+        return pb.PromptEvent(seq=seq, tool_call_update=pb.ToolCallUpdate(**_tool_fields(item, bounded)))
     if kind == "plan":
         entries = [
             pb.PlanEntry(content=e.content, priority=e.priority, status=e.status) for e in item.entries
@@ -128,7 +191,7 @@ def to_event(seq: int, item: Any) -> pb.PromptEvent:
         return pb.PromptEvent(seq=seq, permission=_permission(item))
     if isinstance(item, Notice):
         return pb.PromptEvent(seq=seq, notice=pb.Notice(kind=item.kind, message=item.message))
-    return pb.PromptEvent(seq=seq, other=_other(item))
+    return pb.PromptEvent(seq=seq, other=_other(item, bounded))
 
 
 def _chunk(update: Any) -> pb.ContentChunk:
@@ -192,18 +255,33 @@ def _locations(items: list[Any] | None) -> list[pb.ToolCallLocation]:
     return [pb.ToolCallLocation(path=loc.path, line=loc.line or 0) for loc in items or []]
 
 
-def _value(raw: Any) -> struct_pb2.Value | None:
+def _value(raw: Any, bounded: bool = False) -> struct_pb2.Value | None:
     if raw is None:
         return None
     value = struct_pb2.Value()
     try:
-        json_format.ParseDict(raw, value)
+        json_format.ParseDict(_depth_checked(raw, bounded), value)
     except (json_format.ParseError, TypeError, ValueError):
         value.string_value = str(raw)
     return value
 
 
-def _tool_fields(update: Any) -> dict[str, Any]:
+def _depth_checked(raw: Any, bounded: bool, depth: int = 0) -> Any:
+    """`raw` as plain JSON; deeper than MAX_JSON_DEPTH: DeepJson, or (`bounded`) the marker."""
+    if isinstance(raw, dict | list):
+        if depth >= MAX_JSON_DEPTH:
+            if not bounded:
+                raise DeepJson
+            return DEEP_MARKER
+        if isinstance(raw, dict):
+            return {str(k): _depth_checked(v, bounded, depth + 1) for k, v in raw.items()}
+        return [_depth_checked(v, bounded, depth + 1) for v in raw]
+    if raw is None or isinstance(raw, str | int | float | bool):
+        return raw
+    return str(raw)
+
+
+def _tool_fields(update: Any, bounded: bool = False) -> dict[str, Any]:
     """The fields a tool call start and a tool call update share (ACP ToolCall/ToolCallUpdate)."""
     return {
         "tool_call_id": update.tool_call_id,
@@ -212,8 +290,8 @@ def _tool_fields(update: Any) -> dict[str, Any]:
         "status": TOOL_STATUSES.get(update.status or "", pb.TOOL_CALL_STATUS_UNSPECIFIED),
         "content": _tool_content(update.content),
         "locations": _locations(update.locations),
-        "raw_input": _value(update.raw_input),
-        "raw_output": _value(update.raw_output),
+        "raw_input": _value(update.raw_input, bounded),
+        "raw_output": _value(update.raw_output, bounded),
     }
 
 
@@ -230,12 +308,18 @@ def _permission(report: PermissionReport) -> pb.PermissionEvent:
     )
 
 
-def _other(update: Any) -> pb.OtherUpdate:
+def _other(update: Any, bounded: bool = False) -> pb.OtherUpdate:
+    """An update without an event of its own: a kind we carry as JSON, or one this SDK does not
+    know (a newer agent's, read below the SDK's validation)."""
     payload = struct_pb2.Struct()
-    if hasattr(update, "model_dump"):
+    if isinstance(update, RawUpdate):
+        data: Any = update.payload
+    elif hasattr(update, "model_dump"):
         data = update.model_dump(mode="json", by_alias=True, exclude_none=True)
-        payload.update(data)
-    return pb.OtherUpdate(kind=str(getattr(update, "session_update", type(update).__name__)), payload=payload)
+    else:
+        data = {}
+    payload.update(_depth_checked(data, bounded))
+    return pb.OtherUpdate(kind=_kind(update), payload=payload)
 
 
 def _result(end: TurnEnd) -> pb.TurnResult:

@@ -29,6 +29,7 @@ from server.errors import SessionGateError
 HIGH_WATER = 256
 LOW_WATER = 64
 MAX_COALESCED_CHARS = 64 * 1024  # one event carries at most this much merged text
+EVENT_OVERHEAD = 1024  # bytes of an event besides its text (ids, tags), kept free when splitting
 TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
 
 
@@ -75,6 +76,7 @@ class Turn:
     stall_timeout: float
     max_duration: float
     agent: AgentProcess | None = None
+    max_event_bytes: int = 1_048_576  # a longer text chunk goes out as several events, in order
     started_at: float = field(default_factory=_now)  # loop time
     started_wall: float = field(default_factory=time.time)  # for display only
     last_event_at: float = field(default_factory=_now)  # loop time of the agent's last update
@@ -178,12 +180,32 @@ class Turn:
         item = self._items.popleft()
         if self._items and getattr(item, "session_update", None) in TEXT_CHUNKS:
             item = self._coalesce(item)
+        item = self._split(item)
         agent = self.agent
         # An ended turn's agent may already serve the next turn: its pauses are not ours to undo.
         if not self._ended and agent is not None and agent.reading_paused and len(self._items) <= LOW_WATER:
             agent.resume_reading()
             self.last_event_at = _now()  # held back by us, not silent: the stall clock restarts
         return item
+
+    def _split(self, item: Any) -> Any:
+        """A text chunk over `max_event_bytes` as its first part; the rest goes back in front."""
+        found: str | None
+        if isinstance(item, TextRun):
+            kind, found, message_id = item.kind, item.text, item.message_id
+        elif getattr(item, "session_update", None) in TEXT_CHUNKS:
+            kind, found, message_id = item.session_update, _text(item), item.message_id or ""
+        else:
+            return item
+        if found is None:
+            return item
+        text = found
+        budget = max(self.max_event_bytes - EVENT_OVERHEAD, 1024)
+        if len(text) * 4 <= budget or len(data := text.encode()) <= budget:
+            return item
+        head = data[:budget].decode(errors="ignore")  # whole characters only
+        self._items.appendleft(TextRun(kind, text[len(head) :], message_id))
+        return TextRun(kind, head, message_id)
 
     def _coalesce(self, first: Any) -> TurnItem:
         kind, message_id = first.session_update, first.message_id

@@ -10,7 +10,7 @@ from typing import Any
 import acp
 from acp import schema
 
-from server.agent import STDOUT_LINE_LIMIT
+from server.agent_transport import LINE_LIMIT
 
 
 class _Counter:
@@ -48,7 +48,7 @@ class DirectAgent:
             stdout=asyncio.subprocess.PIPE,
             env=self._env,
             start_new_session=True,
-            limit=STDOUT_LINE_LIMIT,
+            limit=LINE_LIMIT,
         )
         assert self.process.stdin and self.process.stdout
         self.conn = acp.connect_to_agent(self.counter, self.process.stdin, self.process.stdout)  # type: ignore[arg-type]
