@@ -84,8 +84,8 @@ class AgentTransport:
     async def close(self) -> None:
         self._ended = True
         self._flowing.set()  # a paused receive() returns None now
-        if not self._writer.is_closing():
-            self._writer.close()
+        # The agent's stdin stays open (as with the SDK's own transport): the agent is ended by
+        # signals to its group, within the kill grace, not by an end of input it may ignore.
 
     # ---- from the agent --------------------------------------------------------------------
 
