@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -136,7 +137,11 @@ async def start_server(settings: Settings) -> RunningServer:
     if tokens is not None:
         tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
     metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
-    launcher = Launcher.for_server(settings.state_db, (settings.auth_tokens_file, settings.tls_key))
+    # What agents must not see: the tokens, the TLS key, the config (other agents' env), and
+    # our own Unix socket (an agent could use the API over it as the server's user).
+    socket = Path(settings.listen.removeprefix("unix://")) if settings.listen.startswith("unix://") else None
+    secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, socket)
+    launcher = Launcher.for_server(settings.state_db, secrets)
     say_sandboxes(launcher, settings.agents.values())
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher)
     pool = SessionPool(

@@ -142,7 +142,7 @@ class AgentHolder:
             )
         return acp_session_id, resumed
 
-    async def start_for_cleanup(self, cwd: str) -> AgentProcess | None:
+    async def start_for_cleanup(self, cwd: str, requester: object) -> AgentProcess | None:
         """An agent started only to tidy up after its session (no ACP session opened), or None
         when no slot is free right now or the directory is no longer allowed: this never
         suspends another session. The caller stops it."""
@@ -154,7 +154,7 @@ class AgentHolder:
         except CwdNotAllowed:
             return None
         try:
-            if not self._slots.try_acquire():
+            if not self._slots.try_acquire(requester):
                 return None
             self.has_slot = True
             agent = self.agent = self._factory(self.config, self.limits, workdir)

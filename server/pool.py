@@ -357,6 +357,8 @@ class SessionPool:
         async with self._map_lock:
             self._closed = True
         self.refuse_turns()
+        for session, _ in self._closing.values():
+            session.draining = True  # a close under way starts no agent to tidy up after itself
         if self._sweeper is not None:
             self._sweeper.cancel()
         for task in list(self._starting):

@@ -114,10 +114,7 @@ class Launcher:
             return Spawn(command, env, cwd=cwd, user=user, group=group)
         assert self.bwrap is not None
         argv = [self.bwrap, *self._bwrap_options(config, home, workdir), "--", *command]
-        # With `user`, bwrap itself runs as that user (in a user namespace), which cannot use
-        # our descriptor: it binds the cwd by the real path just checked.
-        by_fd = workdir is not None and not config.user
-        fds = (workdir.fd,) if workdir is not None and by_fd else ()
+        fds = (workdir.fd,) if workdir is not None else ()
         return Spawn(tuple(argv), env, pass_fds=fds, user=user, group=group)
 
     def _bwrap_options(self, config: AgentConfig, home: str | None, workdir: WorkDir | None) -> list[str]:
@@ -126,34 +123,43 @@ class Launcher:
         if not config.network:
             options.append("--unshare-net")
         options += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", PRIVATE_TMP]
-        covered = [Path(PRIVATE_TMP)]  # what the agent sees empty
-        for secret in self._hidden:
-            if secret.is_dir() and not any(secret.is_relative_to(c) for c in covered):
-                options += ["--tmpfs", str(secret)]
-                covered.append(secret)
-        # What the agent's own command needs, where a private /tmp or a hidden dir covered it
-        # (e.g. a virtualenv under /tmp); read-only.
-        for path in _runtime_paths(config.command):
-            if any(path.is_relative_to(c) for c in covered):
-                options += ["--ro-bind-try", str(path), str(path)]
-        exposed = [Path(p) for p in (*config.ro_paths, *config.rw_paths)]
-        for extra in config.ro_paths:
-            options += ["--ro-bind", extra, extra]
-        for extra in config.rw_paths:
-            options += ["--bind", extra, extra]
+        # What the agent's own command needs where the private /tmp covered it (e.g. a
+        # virtualenv under /tmp), read-only; then its paths, home and cwd.
+        binds = [
+            (p, "--ro-bind-try", str(p))
+            for p in _runtime_paths(config.command)
+            if p.is_relative_to(PRIVATE_TMP)
+        ]
+        binds += [(Path(p), "--ro-bind", p) for p in config.ro_paths]
+        binds += [(Path(p), "--bind", p) for p in config.rw_paths]
+        own = []  # the agent's own home and cwd
         if home is not None:
-            options += ["--bind-try", home, home]
-            exposed.append(Path(home))
+            own.append((Path(home), "--bind-try", home))
         if workdir is not None:
-            source = ["--bind", workdir.path] if config.user else ["--bind-fd", str(workdir.fd)]
-            options += [*source, workdir.path, "--chdir", workdir.path]
-            exposed.append(Path(workdir.path))
-        # Last, so that no bind above shows them again: secret files become /dev/null.
-        for secret in self._hidden:
-            hidden = any(secret.is_relative_to(c) for c in covered)
-            shown = any(secret.is_relative_to(e) for e in exposed)
-            if secret.is_file() and (shown or not hidden):
+            own.append((Path(workdir.path), "--bind-fd", str(workdir.fd)))
+        for target, how, source in (*binds, *own):
+            options += [how, source, str(target)]
+        # The server's secrets last, so that no bind above shows them again (a cwd or an extra
+        # path that contains the state dir): directories become an empty tmpfs, files /dev/null.
+        exposed = [target for target, _, _ in (*binds, *own)]
+        masked: list[Path] = []
+        for secret in sorted(self._hidden, key=lambda p: not p.is_dir()):  # directories first
+            if secret.is_relative_to(PRIVATE_TMP) and not any(secret.is_relative_to(e) for e in exposed):
+                continue  # not visible at all: the private /tmp covers it
+            if any(secret.is_relative_to(m) for m in masked):
+                continue  # inside a masked directory already
+            if secret.is_dir():
+                options += ["--tmpfs", str(secret)]
+                masked.append(secret)
+            elif secret.exists():
                 options += ["--ro-bind", "/dev/null", str(secret)]
+        # The agent's own home and cwd stay its own, even inside a masked directory (the
+        # default home is under the state dir).
+        for target, how, source in own:
+            if any(target.is_relative_to(m) for m in masked):
+                options += [how, source, str(target)]
+        if workdir is not None:
+            options += ["--chdir", workdir.path]
         return options
 
 
@@ -184,7 +190,14 @@ def _make_home(home: str, user: int | None, group: int | None) -> None:
     try:
         os.makedirs(home, mode=0o700, exist_ok=True)
         if user is not None:
-            os.chown(home, user, group if group is not None else -1)
+            # Never through a symlink: whoever can write next to the home could point it at
+            # /etc and have root hand it over.
+            fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_uid != user:
+                    os.fchown(fd, user, group if group is not None else -1)
+            finally:
+                os.close(fd)
     except OSError as exc:
         raise AgentUnavailable(
             f"the agent's home {home} cannot be made: {exc.strerror or exc}", metadata={"home": home}

@@ -184,9 +184,11 @@ class Session:
                 log.warning("turn did not end in time for close session=%s; aborting it", self.session_id)
                 runner.abort(self.gone_error())
                 await runner.wait_done(3 * limits.kill_grace)
-        if forget:
-            await self._forget_upstream()
-        await self.holder.stop()
+        try:
+            if forget:
+                await self._forget_upstream()
+        finally:
+            await self.holder.stop()
 
     async def _forget_upstream(self) -> None:
         """Ask the agent to close the ACP session (`session/close`: the built-in agent deletes
@@ -196,7 +198,12 @@ class Session:
         if not self.agent_session_id or handshake is None or not handshake.close_session:
             return
         try:
-            agent = self.holder.agent if self.holder.alive else await self.holder.start_for_cleanup(self.cwd)
+            if self.holder.alive:
+                agent = self.holder.agent
+            elif self.draining:  # the server is going away: start nothing more
+                agent = None
+            else:
+                agent = await self.holder.start_for_cleanup(self.cwd, self)
             if agent is None:
                 log.info("agent not started to close its session (no free slot) session=%s", self.session_id)
             elif agent.handshake is not None and agent.handshake.close_session:

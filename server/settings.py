@@ -102,6 +102,7 @@ class Settings:
     tls_cert: Path | None = None  # [tls] cert: PEM certificate chain (TLS when set, with tls_key)
     tls_key: Path | None = None  # [tls] key
     tls_client_ca: Path | None = None  # [tls] client_ca: require and verify client certificates (mTLS)
+    config_file: Path | None = None  # where these settings were read from (hidden from agents)
 
     @property
     def authenticated(self) -> bool:
@@ -164,7 +165,8 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         if env_value is not None:
             raw[key] = env_value.split(os.pathsep) if key == "allowed_roots" else env_value
     raw.update({k: v for k, v in opts.items() if v is not None})
-    return _build(raw, agents)
+    settings = _build(raw, agents)
+    return replace(settings, config_file=Path(config_path)) if config_path else settings
 
 
 def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
@@ -431,8 +433,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"workdir {workdir} is outside the allowed roots")
     # Absolute from here on: the sandbox hides these files from agents by their path.
     files = {
-        key: getattr(settings, key).expanduser().absolute()
-        for key in ("state_db", "auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+        key: getattr(settings, key).expanduser().resolve()
+        for key in ("state_db", "auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca", "config_file")
         if getattr(settings, key) is not None
     }
     return replace(settings, workdir=workdir, allowed_roots=roots, **files)

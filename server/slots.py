@@ -122,10 +122,19 @@ class Slots:
             # taken meanwhile it answers False at once and the next pass picks again.
             await victims[0].suspend()
 
-    def try_acquire(self) -> bool:
-        """Take a free slot if there is one; never suspends anyone (tidying up after a close)."""
+    def try_acquire(self, requester: object) -> bool:
+        """Take a free slot if there is one and the requester's principal is within its cap;
+        never suspends anyone (tidying up after a close)."""
         if self.used >= self.limit:
             return False
+        owner = requester.owner_name if isinstance(requester, Evictable) else ""
+        cap = self._cap(owner)
+        if cap is not None:
+            held = sum(
+                1 for s in self._candidates() if s is not requester and s.holds_slot and s.owner_name == owner
+            )
+            if held >= cap.limit:
+                return False
         self.used += 1
         return True
 

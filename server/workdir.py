@@ -10,6 +10,7 @@ every agent start (create, resume after suspend or restart), against the roots i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from pathlib import Path
 from server.errors import CwdNotAllowed, clip
 
 CHECK_TIMEOUT = 10.0  # seconds to open and resolve a directory: a hung file system never hangs us
+# Threads of their own: checks stuck on a hung mount never starve the loop's default executor
+# (token reloads, the descendants sweep, other sessions' cwd checks on healthy file systems).
+_CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwd-check")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,9 @@ def open_checked(path: str, roots: tuple[Path, ...]) -> WorkDir:
         real = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # no /proc: the best we have is the name's resolution now
         real = os.path.realpath(path)
+    if os.fstat(fd).st_nlink == 0:  # removed after we opened it ("... (deleted)")
+        os.close(fd)
+        raise CwdNotAllowed(f"the session's directory {clip(path)} was removed", metadata={"cwd": path})
     if roots and not any(Path(real).is_relative_to(root) for root in roots):
         os.close(fd)
         where = ", ".join(str(r) for r in roots)
@@ -63,7 +70,7 @@ def open_checked(path: str, roots: tuple[Path, ...]) -> WorkDir:
 
 async def open_workdir(path: str, roots: tuple[Path, ...]) -> WorkDir:
     """`open_checked` on a worker thread, within CHECK_TIMEOUT; a late result is closed, not leaked."""
-    future = asyncio.get_running_loop().run_in_executor(None, open_checked, path, roots)
+    future = asyncio.get_running_loop().run_in_executor(_CHECKS, open_checked, path, roots)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
             return await asyncio.shield(future)

@@ -173,3 +173,26 @@ async def test_an_agent_with_a_user_runs_as_that_user_in_the_sandbox(
     assert identity.split() == [str(nobody.pw_uid), str(nobody.pw_gid), str(home), str(workdir / "shared")]
     assert home.stat().st_uid == nobody.pw_uid
     assert int(processes) <= 5, "its own PID namespace: bwrap's init, sh, ls, grep"
+
+
+@needs_bwrap
+async def test_a_cwd_that_contains_the_state_dir_does_not_show_it_again(
+    make_gate: GateFactory, state_outside_tmp: Path
+) -> None:
+    # The server runs in the project whose tree holds its state (a server started in $HOME
+    # with its state under ~/.local/state is the common case).
+    project = state_outside_tmp / "project"
+    state_db = project / "state" / "sessions.db"
+    project.mkdir()
+    gate = await make_gate(
+        agents={"boxed": boxed()}, state_db=state_db, settings={"workdir": project, "allowed_roots": ()}
+    )
+    session = await gate.stub.CreateSession(pb.CreateSessionRequest(agent="boxed"), timeout=30)
+    sid = session.session_id
+    assert state_db.exists()
+    assert await say(gate, sid, "/read state/sessions.db") == "cannot read: No such file or directory"
+    await say(gate, sid, "/write state/planted.txt x")  # into an empty tmpfs, if anywhere
+    assert not (project / "state" / "planted.txt").exists()
+    # Its own home, under the state dir, is still its own and works.
+    assert await say(gate, sid, "/write made-here.txt y") == "wrote made-here.txt"
+    assert (await say(gate, sid, "/history")).startswith("3 earlier turns")
