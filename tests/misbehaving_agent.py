@@ -6,6 +6,8 @@ prompt text back as one `agent_message_chunk` and ends with `end_turn`. The prom
 first word picks a misbehaviour (issue 9):
 
   /garbage N       N lines that are not JSON in one write, then a normal reply "after garbage"
+  /garbageforever  one chunk "garbage follows", then lines that are not JSON as fast as it can
+                   until session/cancel; then `cancelled` (the benchmark's noisy neighbour)
   /closeout        close stdout and stay alive (stdin still read): the connection is gone,
                    the process is not
   /nonobject VALUE one line VALUE (valid JSON that is not an object: null, [1,2], 5), then silence
@@ -23,9 +25,10 @@ first word picks a misbehaviour (issue 9):
   /grandchild      starts `sleep 300` in a new session (it leaves the process group), replies
                    "spawned PID"
 
-The silent directives (/nonobject, /listid) answer a session/cancel with `cancelled`;
-/planflood ignores it; received cancels are noted on stderr. With MISBEHAVING_PID_FILE set,
-the agent appends "agent PID" at start and "grandchild PID" for each grandchild.
+The silent directives (/nonobject, /listid) and /garbageforever answer a session/cancel
+with `cancelled`; /planflood ignores it; received cancels are noted on stderr. With
+MISBEHAVING_PID_FILE set, the agent appends "agent PID" at start and "grandchild PID" for
+each grandchild.
 Start-up option: --protocol-version N (what `initialize` answers; default 1).
 """
 
@@ -47,6 +50,7 @@ MIB = 1024 * 1024
 METHOD_NOT_FOUND = -32601
 ANSWER_TIMEOUT = 10.0  # seconds to wait for the client's answer to one of our requests
 FLOOD_BATCH = 256  # plan updates per write: as fast as a pipe takes them
+GARBAGE_BATCH = 4096  # lines per write of /garbageforever
 SILENCE = 3600.0  # how long a silent directive waits (for a cancel) before giving up
 
 
@@ -191,6 +195,13 @@ class Agent:
             count = int(arg or 100_000)
             self.write_raw("".join(f"this is not json {n}\n" for n in range(count)))
             self.say(turn, "after garbage")
+        elif directive == "/garbageforever":
+            self.say(turn, "garbage follows")
+            block = "".join(f"this is not json {n}\n" for n in range(GARBAGE_BATCH))
+            while not turn.cancelled.is_set() and not self._stdout_closed:
+                self.write_raw(block)
+            self.end_turn(turn, "cancelled")
+            return
         elif directive == "/closeout":
             with self._write_lock:
                 os.close(1)

@@ -30,10 +30,12 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from tests.bench.direct_acp import DirectAgent
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the misbehaving agent's code
+
 
 @dataclass(frozen=True)
 class Scale:
-    """How big a run is: `quick` finishes in under a minute, `full` is the reference."""
+    """How big a run is: `quick` takes about a minute and a half, `full` is the reference."""
 
     name: str
     reps: int
@@ -46,10 +48,13 @@ class Scale:
     creates: int
     memory_sessions: int
     healthy: int  # sessions whose first events are timed in the isolation figure
+    noisy_healthy: int  # healthy sessions prompting beside the noisy neighbours...
+    noisy_turns: int  # ...this many short turns each, per phase
+    noisy_flood: int  # chunks of one flooding turn (restarted when it ends)
 
 
-QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4)
-FULL = Scale("full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10)
+QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000)
+FULL = Scale("full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000)
 
 
 @dataclass
@@ -101,13 +106,19 @@ class Gateway:
         self.workdir = workdir
         state = workdir / "agent-state"
         config = workdir / "bench.toml"
+        # Agents run unsandboxed, as in the runs before the sandbox existed: the gateway is what
+        # is measured, and warm spares are only for unsandboxed agents. The harness holds more
+        # than the default 100 streams on its one connection (100 stalled turns and GetSession).
         config.write_text(
             "[server]\n"
             f"max_sessions = {max_sessions}\nstall_timeout = 600\nidle_ttl = 36000\nlog_level = 'WARNING'\n"
+            "max_streams_per_connection = 1000\n"
             f"[agents.echo]\ncommand = '{sys.executable}'\nargs = ['-m', 'server.echo_agent']\n"
-            f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\n"
+            f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\nsandbox = 'none'\n"
             f"[agents.warm]\ncommand = '{sys.executable}'\nargs = ['-m', 'server.echo_agent']\n"
-            f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\nspares = {spares}\n"
+            f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\nspares = {spares}\nsandbox = 'none'\n"
+            f"[agents.misbehaving]\ncommand = '{sys.executable}'\nargs = ['-m', 'tests.misbehaving_agent']\n"
+            f"env = {{ PYTHONPATH = '{ROOT}' }}\nsandbox = 'none'\n"
         )
         self.process = subprocess.Popen(
             [
@@ -264,6 +275,47 @@ async def repeat(reps: int, measure: Callable[[], Awaitable[float]]) -> float:
     return statistics.median([await measure() for _ in range(reps)])
 
 
+@dataclass
+class LoadTotals:
+    """What a load's client received: filled in once the load has ended."""
+
+    events: int = 0
+    chars: int = 0  # of message text
+    turns: int = 0
+    seconds: float = 0.0  # from its first event on every session to its end
+
+
+@contextlib.asynccontextmanager
+async def load(gate: Gateway, ids: list[str], text: str = "") -> AsyncIterator[LoadTotals]:
+    """Turns of `text` (default: long paced answers) kept running on `ids` during the block,
+    restarted when they end, from a process of their own (tests/bench/flood.py)."""
+    options = ("--text", text) if text else ()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tests.bench.flood", *options, f"127.0.0.1:{gate.port}", *ids),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdin and process.stdout
+    totals = LoadTotals()
+    try:
+        if (await asyncio.wait_for(process.stdout.readline(), 180)).strip() != b"streaming":
+            raise RuntimeError(f"the load {text!r} did not start: the run is broken")
+        started = time.perf_counter()
+        await asyncio.sleep(1)  # the turns are streaming, from another process
+        yield totals
+        process.stdin.close()
+        totals.seconds = time.perf_counter() - started
+        out = (await asyncio.wait_for(process.stdout.read(), 60)).decode().split()
+        await asyncio.wait_for(process.wait(), 30)
+        if len(out) != 5 or out[0] != "done" or out[4] != "0":
+            raise RuntimeError(f"the load {text!r} ended badly ({' '.join(out)}): the run is broken")
+        totals.events, totals.chars, totals.turns = (int(n) for n in out[1:4])
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 # ---- the figures -----------------------------------------------------------------------------
 
 
@@ -399,34 +451,24 @@ async def busy_rejection(scale: Scale, scratch: Path) -> Row:
         stall = duration_pb2.Duration(seconds=600)
         hold = gate.stub.Prompt(pb.PromptRequest(session_id=busy_id, text="/stall", stall_timeout=stall))
         await hold.read()
-        load = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "tests.bench.flood", f"127.0.0.1:{gate.port}", *streaming),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert load.stdin and load.stdout
-        if (await asyncio.wait_for(load.stdout.readline(), 180)).strip() != b"streaming":
-            raise RuntimeError("the flood load did not start: the run is broken")
-        await asyncio.sleep(1)  # the turns are streaming, from another process
         rejected: list[float] = []
         unary: list[float] = []
-        for _ in range(scale.busy_samples):
-            started = time.perf_counter()
-            try:
-                async for _event in gate.stub.Prompt(
-                    pb.PromptRequest(session_id=busy_id, text="x"), timeout=30
-                ):
-                    pass
-                raise RuntimeError("the busy session accepted a prompt: the run is broken")
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-            rejected.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            await gate.stub.GetSession(pb.GetSessionRequest(session_id=busy_id), timeout=30)
-            unary.append((time.perf_counter() - started) * 1000)
-        load.stdin.close()
-        await asyncio.wait_for(load.wait(), 30)
+        async with load(gate, streaming):
+            for _ in range(scale.busy_samples):
+                started = time.perf_counter()
+                try:
+                    async for _event in gate.stub.Prompt(
+                        pb.PromptRequest(session_id=busy_id, text="x"), timeout=30
+                    ):
+                        pass
+                    raise RuntimeError("the busy session accepted a prompt: the run is broken")
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                rejected.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                await gate.stub.GetSession(pb.GetSessionRequest(session_id=busy_id), timeout=30)
+                unary.append((time.perf_counter() - started) * 1000)
         hold.cancel()
     base, mine = percentile(unary, 99), percentile(rejected, 99)
     return Row(
@@ -481,6 +523,149 @@ async def isolation(scale: Scale, scratch: Path) -> Row:
         "ratio <= 1.2",
         with_stalled <= 1.2 * without,
     )
+
+
+NOISY_FLOODS = 8  # agents flooding valid events at full speed beside the healthy sessions
+PROBE_GAP = 0.01  # seconds between one healthy session's turns (and between GetSession probes)
+
+
+async def probe(gate: Gateway, ids: list[str], turns: int) -> tuple[list[float], list[float]]:
+    """(times to first event, GetSession latencies), in ms: `turns` short turns on each of the
+    healthy sessions `ids`, prompting concurrently, and GetSession calls meanwhile."""
+    done = asyncio.Event()
+
+    async def prompting(sid: str) -> list[float]:
+        firsts = []
+        for _ in range(turns):
+            _, first, _ = await stream(gate.stub, pb.PromptRequest(session_id=sid, text="hi"), chunk_size=1)
+            firsts.append(first * 1000)
+            await asyncio.sleep(PROBE_GAP)
+        return firsts
+
+    async def getting() -> list[float]:
+        took = []
+        while not done.is_set():
+            started = time.perf_counter()
+            await gate.stub.GetSession(pb.GetSessionRequest(session_id=ids[0]), timeout=30)
+            took.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(PROBE_GAP)
+        return took
+
+    getter = asyncio.create_task(getting())
+    try:
+        results = await asyncio.gather(*(prompting(s) for s in ids))
+    finally:
+        done.set()
+        unary = await getter
+    return [first for firsts in results for first in firsts], unary
+
+
+async def settle(gate: Gateway, ids: list[str]) -> None:
+    """Until the turns of `ids` (cancelled by a load's end) are over and their agents settled
+    (an agent that did not answer the cancel in time is ended and restarted), and a moment more."""
+    deadline = time.monotonic() + 120
+    settled = (pb.SESSION_STATE_IDLE, pb.SESSION_STATE_SUSPENDED)
+    for sid in ids:
+        while (
+            await gate.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30)
+        ).state not in settled:
+            if time.monotonic() > deadline:
+                raise RuntimeError("a cancelled load's turn did not end: the run is broken")
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(2)
+
+
+def garbage_counts(gate: Gateway) -> list[tuple[float, int]]:
+    """(log time, lines dropped so far) from the gateway's garbage summaries (one per 100,000)."""
+    counts = []
+    for line in gate.log:
+        match = re.match(r"\S+ (\d\d):(\d\d):(\d\d),(\d+) .*has written (\d+) lines", line)
+        if match:
+            hours, minutes, seconds, millis, lines = (int(g) for g in match.groups())
+            counts.append((hours * 3600 + minutes * 60 + seconds + millis / 1000, lines))
+    return counts
+
+
+async def noisy_neighbours(scale: Scale, scratch: Path) -> list[Row]:
+    """Healthy sessions' first events beside agents that flood, as a ratio to the same sessions
+    with no noisy agent, on one server: quiet, one agent writing garbage, quiet again, 8
+    full-speed floods of valid events. The baseline pools both quiet phases, each measured
+    right before a noisy one."""
+    turns = scale.noisy_turns
+    async with gateway(scratch) as gate:
+        ids = await sessions(gate, scale.noisy_healthy)
+        flooders = await sessions(gate, NOISY_FLOODS)
+        (garbage_id,) = await sessions(gate, 1, agent="misbehaving")
+        await probe(gate, ids, 2)  # warm-up: first-use costs are not measured
+        quiet, quiet_unary = await probe(gate, ids, turns)
+        rss_before = gate.rss_kib()
+        async with load(gate, [garbage_id], "/garbageforever") as garbage:
+            garbaged, garbaged_unary = await probe(gate, ids, turns)
+            rss_garbage = gate.rss_kib()
+        counts = garbage_counts(gate)
+        await settle(gate, [garbage_id])
+        killed = any("agent ignored cancel" in line and garbage_id in line for line in gate.log)
+        quiet_after, quiet_after_unary = await probe(gate, ids, turns)
+        async with load(gate, flooders, f"/flood {scale.noisy_flood} 64") as floods:
+            flooded, flooded_unary = await probe(gate, ids, turns)
+    expected = turns * scale.noisy_healthy
+    for samples, phase in (
+        (quiet, "quiet"),
+        (garbaged, "garbage"),
+        (quiet_after, "quiet"),
+        (flooded, "floods"),
+    ):
+        expect(len(samples), expected, f"healthy first events ({phase})")
+    if floods.chars < NOISY_FLOODS * 64 or not garbage.events or not counts:
+        raise RuntimeError("the floods delivered nothing, or no garbage was dropped: the run is broken")
+    if len(counts) > 1:
+        (t0, n0), (t1, n1) = counts[0], counts[-1]
+        garbage_rate = f"{(n1 - n0) / (t1 - t0):,.0f} lines/s"
+    else:
+        garbage_rate = f"at least {counts[-1][1]:,} lines"
+    baseline = percentile(quiet + quiet_after, 99)
+    quiet_get = statistics.median(quiet_unary + quiet_after_unary)
+    before_p99, after_p99 = percentile(quiet, 99), percentile(quiet_after, 99)
+    rows = []
+    for noisy, label, note in (
+        (
+            flooded,
+            f"{NOISY_FLOODS} agents flooding valid events",
+            f"GetSession p50 {statistics.median(flooded_unary):.2f} ms beside the floods ({quiet_get:.2f} ms "
+            f"quiet; issue 9 saw ~160 ms before its transport); healthy p50 "
+            f"{percentile(quiet + quiet_after, 50):.2f} ms quiet, {percentile(flooded, 50):.2f} ms beside "
+            f"the floods; quiet p99 {after_p99:.2f} ms right before the floods; the "
+            f"floods' client received {floods.chars // 64 / floods.seconds:,.0f} chunks/s "
+            f"({floods.events / floods.seconds:,.0f} events/s, {floods.turns} turns)",
+        ),
+        (
+            garbaged,
+            "one agent flooding garbage",
+            f"GetSession p50 {statistics.median(garbaged_unary):.2f} ms ({quiet_get:.2f} ms quiet); healthy "
+            f"p50 {percentile(garbaged, 50):.2f} ms; quiet p99 {before_p99:.2f} ms right before; the "
+            f"gateway dropped {garbage_rate} (its log's summaries); its RSS {rss_before / 1024:,.0f} MiB "
+            f"before, {rss_garbage / 1024:,.0f} MiB during"
+            + (
+                "; the agent's answer to the cancel waited behind the garbage the gateway had "
+                "buffered, so it was ended as ignoring the cancel"
+                if killed
+                else ""
+            ),
+        ),
+    ):
+        p99 = percentile(noisy, 99)
+        rows.append(
+            Row(
+                f"time to first event p99, {scale.noisy_healthy} healthy sessions, {label}",
+                "ms",
+                baseline,
+                p99,
+                "ratio <= 2.0",
+                p99 <= 2.0 * baseline,
+                note,
+            )
+        )
+    return rows
 
 
 async def create_latency(scale: Scale, scratch: Path) -> Row:
@@ -550,6 +735,7 @@ FIGURES: list[Callable[[Scale, Path], Awaitable[Row | list[Row]]]] = [
     time_to_first_event,
     busy_rejection,
     isolation,
+    noisy_neighbours,
     create_latency,
     memory,
 ]
