@@ -254,8 +254,8 @@ def details_of(error: grpc.aio.AioRpcError) -> ErrorDetails:
     return out
 
 
-async def expect_error(call: Any) -> ErrorDetails:
-    """Await a unary call or drain a stream, expecting it to fail; returns the decoded status."""
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError | None:
+    """The error a unary call or a stream ends with; None if it succeeds."""
     try:
         if hasattr(call, "__aiter__"):
             async for _ in call:
@@ -263,8 +263,16 @@ async def expect_error(call: Any) -> ErrorDetails:
         else:
             await call
     except grpc.aio.AioRpcError as error:
-        return details_of(error)
-    raise AssertionError("the call succeeded; an error was expected")
+        return error
+    return None
+
+
+async def expect_error(call: Any) -> ErrorDetails:
+    """Await a unary call or drain a stream, expecting it to fail; returns the decoded status."""
+    error = await rpc_error(call)
+    if error is None:
+        raise AssertionError("the call succeeded; an error was expected")
+    return details_of(error)
 
 
 def kinds(events: list[pb.PromptEvent]) -> list[str]:

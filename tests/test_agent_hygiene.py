@@ -22,7 +22,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 
 from server.errors import FieldViolation, InvalidArgument, SessionGateError
 from server.settings import AgentConfig
-from tests.conftest import GateFactory, echo_agent, eventually, expect_error, wait_gone
+from tests.conftest import GateFactory, echo_agent, eventually, expect_error, rpc_error, wait_gone
 
 TRAILER_LIMIT = 8 * 1024  # grpc's default soft limit on received metadata (the hard one is 16 KiB)
 
@@ -164,19 +164,6 @@ async def test_every_client_string_is_length_checked_and_never_echoed_unbounded(
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.code(), error.details())
         assert len((error.details() or "").encode()) < 1000, name
         assert trailer_bytes(error) < TRAILER_LIMIT, (name, trailer_bytes(error))
-
-
-async def rpc_error(call: Any) -> grpc.aio.AioRpcError | None:
-    """The error a unary call or a stream ends with; None if it succeeds."""
-    try:
-        if hasattr(call, "__aiter__"):
-            async for _ in call:
-                pass
-        else:
-            await call
-    except grpc.aio.AioRpcError as error:
-        return error
-    return None
 
 
 def test_any_error_fits_the_trailers_whatever_went_into_it() -> None:
