@@ -132,35 +132,45 @@ class Launcher:
         ]
         binds += [(Path(p), "--ro-bind", p) for p in config.ro_paths]
         binds += [(Path(p), "--bind", p) for p in config.rw_paths]
-        own = []  # the agent's own home and cwd
-        if home is not None:
-            own.append((Path(home), "--bind-try", home))
-        if workdir is not None:
-            own.append((Path(workdir.path), "--bind-fd", str(workdir.fd)))
-        for target, how, source in (*binds, *own):
+        for target, how, source in binds:
             options += [how, source, str(target)]
-        # The server's secrets last, so that no bind above shows them again (a cwd or an extra
-        # path that contains the state dir): directories become an empty tmpfs, files /dev/null.
-        exposed = [target for target, _, _ in (*binds, *own)]
-        masked: list[Path] = []
-        for secret in sorted(self._hidden, key=lambda p: not p.is_dir()):  # directories first
-            if secret.is_relative_to(PRIVATE_TMP) and not any(secret.is_relative_to(e) for e in exposed):
-                continue  # not visible at all: the private /tmp covers it
-            if any(secret.is_relative_to(m) for m in masked):
-                continue  # inside a masked directory already
-            if secret.is_dir():
-                options += ["--tmpfs", str(secret)]
-                masked.append(secret)
-            elif secret.exists():
-                options += ["--ro-bind", "/dev/null", str(secret)]
-        # The agent's own home and cwd stay its own, even inside a masked directory (the
-        # default home is under the state dir).
-        for target, how, source in own:
-            if any(target.is_relative_to(m) for m in masked):
-                options += [how, source, str(target)]
+        options += self._own_and_masks(binds, home, workdir)
         if workdir is not None:
             options += ["--chdir", workdir.path]
         return options
+
+    def _own_and_masks(
+        self, binds: list[tuple[Path, str, str]], home: str | None, workdir: WorkDir | None
+    ) -> list[str]:
+        """The agent's home and cwd, and the masks over the server's secrets, shallowest first so
+        that the deeper mount wins: a cwd containing the state dir does not show it (its mask
+        comes after), a home or cwd inside it stays the agent's own (it comes after the mask).
+        Directories become an empty tmpfs, files /dev/null; each only where it is visible."""
+        own = []
+        if home is not None:
+            own.append((Path(home), ["--bind-try", home, home]))
+        if workdir is not None:
+            own.append((Path(workdir.path), ["--bind-fd", str(workdir.fd), workdir.path]))
+        shown = [Path("/"), *(target for target, _, _ in binds), *(target for target, _ in own)]
+        empty = [Path(PRIVATE_TMP)]
+        mounts: list[tuple[int, int, list[str]]] = []  # (depth, order on a tie, arguments)
+        for secret in sorted((p for p in self._hidden if p.is_dir()), key=lambda p: len(p.parts)):
+            if _visible(secret, shown, empty):
+                empty.append(secret)
+                mounts.append((len(secret.parts), 0, ["--tmpfs", str(secret)]))
+        mounts += [(len(target.parts), 1, arguments) for target, arguments in own]
+        for secret in self._hidden:
+            if not secret.is_dir() and secret.exists() and _visible(secret, shown, empty):
+                mounts.append((len(secret.parts), 2, ["--ro-bind", "/dev/null", str(secret)]))
+        return [argument for _, _, arguments in sorted(mounts, key=lambda m: m[:2]) for argument in arguments]
+
+
+def _visible(path: Path, shown: list[Path], empty: list[Path]) -> bool:
+    """Whether the deepest mount over `path` shows the host (a bind, the root) or not (a tmpfs)."""
+    covering = max(
+        (p for p in (*shown, *empty) if path.is_relative_to(p) and p != path), key=lambda p: len(p.parts)
+    )
+    return covering not in empty
 
 
 def _runtime_paths(command: str) -> set[Path]:

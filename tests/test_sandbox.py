@@ -196,3 +196,22 @@ async def test_a_cwd_that_contains_the_state_dir_does_not_show_it_again(
     # Its own home, under the state dir, is still its own and works.
     assert await say(gate, sid, "/write made-here.txt y") == "wrote made-here.txt"
     assert (await say(gate, sid, "/history")).startswith("3 earlier turns")
+
+
+@needs_bwrap
+async def test_a_cwd_inside_the_state_dir_is_the_agents_own_and_the_rest_stays_hidden(
+    make_gate: GateFactory, state_outside_tmp: Path
+) -> None:
+    state = state_outside_tmp / "state"
+    workdir = state / "work"
+    workdir.mkdir(parents=True)
+    gate = await make_gate(
+        agents={"boxed": boxed()},
+        state_db=state / "sessions.db",
+        settings={"workdir": workdir, "allowed_roots": ()},
+    )
+    session = await gate.stub.CreateSession(pb.CreateSessionRequest(agent="boxed"), timeout=30)
+    sid = session.session_id
+    assert await say(gate, sid, "/write mine.txt z") == "wrote mine.txt"
+    assert (workdir / "mine.txt").read_text() == "z"
+    assert await say(gate, sid, f"/read {state / 'sessions.db'}") == "cannot read: No such file or directory"
