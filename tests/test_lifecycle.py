@@ -8,6 +8,7 @@ import signal
 import time
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import Gate, GateFactory, expect_error, kinds, reply_text, wait_gone
@@ -192,15 +193,19 @@ async def test_get_and_list_report_turn_timing_and_filter_by_label(gate: Gate) -
 async def test_closing_a_session_deletes_what_the_built_in_agent_stored_live_or_suspended(
     make_gate: GateFactory,
 ) -> None:
-    gate: Gate = await make_gate(idle_ttl=1.5, sweep_interval=0.2)
+    # A prompt that meets the sweeper suspending its session waits for it (wait_timeout) rather
+    # than failing SESSION_BUSY; the idle TTL leaves seconds between the steps below.
+    gate: Gate = await make_gate(idle_ttl=3, sweep_interval=0.2)
     stored = gate.state_dir / "sessions"
     live, suspended, kept = [await gate.create() for _ in range(3)]
     for session in (live, suspended, kept):
-        await gate.prompt(session.session_id, "remember me")
+        await gate.prompt(session.session_id, "remember me", wait_timeout=Duration(seconds=10))
     assert len(list(stored.iterdir())) == 3
 
     await gate.wait_state(suspended.session_id, pb.SESSION_STATE_SUSPENDED, timeout=10)
-    await gate.prompt(live.session_id, "still here")  # keeps its agent running
+    await gate.prompt(
+        live.session_id, "still here", wait_timeout=Duration(seconds=10)
+    )  # keeps its agent running
     pids = gate.agent_pids()
     await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=live.session_id), timeout=30)
     await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=suspended.session_id), timeout=30)
@@ -211,4 +216,6 @@ async def test_closing_a_session_deletes_what_the_built_in_agent_stored_live_or_
     cleanup = gate.agent_pids() - pids
     assert len(cleanup) == 1, "one agent was started to close the suspended session"
     assert await asyncio.to_thread(wait_gone, cleanup, 10) == set()
-    assert reply_text(await gate.prompt(kept.session_id, "/history")).startswith("1 earlier turns")
+    assert reply_text(
+        await gate.prompt(kept.session_id, "/history", wait_timeout=Duration(seconds=10))
+    ).startswith("1 earlier turns")
