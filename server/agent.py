@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import acp
 from acp import schema
 
-from server.agent_transport import LINE_LIMIT, AgentTransport
+from server.agent_transport import READ_BUFFER, AgentTransport
 from server.descendants import Descendants
 from server.errors import (
     AgentAuthRequired,
@@ -61,14 +61,6 @@ class PermissionReport:
     outcome: str  # "allowed", "rejected" or "cancelled"
     selected_option_id: str
     policy: str
-
-
-@dataclass(frozen=True, slots=True)
-class RawUpdate:
-    """A `session/update` of a kind this SDK does not know (a newer agent's), as JSON."""
-
-    kind: str
-    payload: dict[str, Any]
 
 
 # What flows from an agent into a turn: ACP updates as the SDK parsed them, or our reports.
@@ -120,8 +112,8 @@ class _GatewayClient:
         self._connection = connection
 
     async def session_update(self, session_id: str, update: Any, **_: Any) -> None:
-        # No await before routing: the SDK starts one task per notification in arrival order,
-        # so routing synchronously keeps the turn's events in order.
+        # Only reached by a `session/update` sent as a request (with an id): the transport
+        # routes the notifications itself, in order.
         self._connection.route(session_id, update)
 
     async def request_permission(
@@ -321,7 +313,6 @@ class AgentConnection:
             self._descendants = Descendants()
             self._descendants.mark(env)  # so what leaves the process group is still found
         spawn = self._launcher.spawn(self.config, env, self._workdir)
-        # We own the stdout pipe's transport so that a turn can pause reading it (backpressure).
         try:
             read_fd, write_fd = os.pipe()
         except OSError as exc:  # out of file descriptors
@@ -354,7 +345,7 @@ class AgentConnection:
         assert self._process.stdin and self._process.stderr
         with contextlib.suppress(AttributeError, OSError):  # no pidfds: fall back on returncode
             self._pidfd = os.pidfd_open(self._process.pid)
-        stdout = asyncio.StreamReader(limit=LINE_LIMIT)
+        stdout = asyncio.StreamReader(limit=READ_BUFFER)
         self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_fd, "rb", buffering=0)
         )
@@ -362,7 +353,7 @@ class AgentConnection:
         self._spawn_background(self._watch_exit(self._process))
         client = cast(acp.Client, _GatewayClient(self))
         self._transport = AgentTransport(
-            self.config.name, stdout, self._process.stdin, self._connection_ended, self._raw_update
+            self.config.name, stdout, self._process.stdin, self._connection_ended, self.route
         )
         self._conn = acp.connect_to_agent(client, self._transport)
         log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
@@ -447,16 +438,12 @@ class AgentConnection:
         return session_id in self._cancelling
 
     def pause_reading(self) -> None:
-        """Stop reading the agent's output: a full pipe then blocks the agent, not our loop."""
-        if self._stdout is not None and not self.reading_paused:
-            self._stdout.pause_reading()
-            if self._transport is not None:
-                self._transport.pause()  # lines already read from the pipe wait too
-            self.reading_paused = True
+        """Stop reading the agent's output: its pipe fills and blocks the agent, not our loop."""
+        if self._transport is not None:
+            self._transport.pause()
+        self.reading_paused = True
 
     def resume_reading(self) -> None:
-        if self._stdout is not None and self.reading_paused and not self._stdout.is_closing():
-            self._stdout.resume_reading()
         if self._transport is not None:
             self._transport.resume()
         self.reading_paused = False
@@ -632,12 +619,6 @@ class AgentConnection:
         )
         log.warning("agent=%s pid=%s %s; ending it", name, self.pid, why)
         await self.terminate()
-
-    def _raw_update(self, session_id: str, update: dict[str, Any]) -> None:
-        # Scheduled, not routed now: updates the SDK parsed before this one are routed by tasks
-        # it already created, which run first (the ready queue is FIFO), so order is kept.
-        kind = str(update.get("sessionUpdate", ""))
-        asyncio.get_running_loop().call_soon(self.route, session_id, RawUpdate(kind, update))
 
     def _spawn_background(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -3,16 +3,20 @@
 Everything an agent writes costs the gateway bounded work, memory and log volume:
 - a line that is not JSON (garbage, a stray print) is dropped and counted; only the first
   few are logged (clipped), then a summary now and then, never a traceback per line;
-- a line longer than the line limit is skipped without being held in memory;
+- the pipe is read through a small buffer (READ_BUFFER): an agent that writes faster than
+  it is read fills its pipe and blocks, not our memory; a long line is gathered piece by
+  piece, and one longer than LINE_LIMIT is skipped without being held;
 - a JSON value that is not an object, or a message whose `id` or `method` has the wrong
   type, means the connection cannot be trusted any more: the transport ends (the SDK sees
   end of stream, failing what waits on the agent) and reports the violation, so the agent
   is ended and its session recovers with a fresh one;
 - end of stream while the process still runs (it closed its stdout) is reported the same way;
-- a `session/update` whose kind this SDK does not know (a newer agent) is handed to
-  `on_unknown_update` instead of being dropped by the SDK's validation;
-- at most BATCH messages are handled before the loop gets a turn, so one agent writing as
-  fast as it can never takes more than a bounded slice of the event loop from the others.
+- `session/update` notifications are parsed and handed to `on_update` here, in order, not
+  through the SDK (which starts a task per notification and logs a traceback per invalid
+  one): an update of a kind this SDK does not know (a newer agent's) arrives as a
+  `RawUpdate`, an invalid one is dropped with bounded logging;
+- every line is charged to the loop's shared slice (loop_share.py), so however many agents
+  write as fast as they can, they take a bounded part of each loop pass from the others.
 """
 
 from __future__ import annotations
@@ -22,19 +26,22 @@ import json
 import logging
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from acp import schema
+from pydantic import ValidationError
 
 from server.errors import clip
+from server.loop_share import loop_share
 
 log = logging.getLogger("sessiongate.agent")
 
 LINE_LIMIT = 64 * 1024 * 1024  # one JSON-RPC message; tool output and diffs can be long
-BATCH = 32  # lines handled before yielding to the event loop
-GARBAGE_LOGGED = 5  # garbage lines logged per agent (clipped); then a summary every...
-GARBAGE_SUMMARY_EVERY = 100_000  # ...this many more
-LOGGED_BYTES = 200  # of one garbage line
+READ_BUFFER = 64 * 1024  # the stream reader's limit: it stops reading the pipe past twice this
+DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clipped; then a summary...
+DROP_SUMMARY_EVERY = 100_000  # ...every this many more
+LOGGED_BYTES = 200  # of one dropped line
 
 # The `sessionUpdate` kinds this SDK can parse; others reach the client as `other` events.
 KNOWN_UPDATES = frozenset(
@@ -42,6 +49,14 @@ KNOWN_UPDATES = frozenset(
     for model in typing.get_args(schema.SessionNotification.model_fields["update"].annotation)
     for kind in typing.get_args(model.model_fields["session_update"].annotation)
 )
+
+
+@dataclass(frozen=True, slots=True)
+class RawUpdate:
+    """A `session/update` of a kind this SDK does not know (a newer agent's), as JSON."""
+
+    kind: str
+    payload: dict[str, Any]
 
 
 class Violation(Exception):
@@ -57,18 +72,18 @@ class AgentTransport:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_broken: Callable[[str, bool], None],
-        on_unknown_update: Callable[[str, dict[str, Any]], None],
+        on_update: Callable[[str, Any], None],
     ) -> None:
         self._name = name
         self._reader = reader
         self._writer = writer
         self._on_broken = on_broken
-        self._on_unknown_update = on_unknown_update
+        self._on_update = on_update
+        self._share = loop_share()
         self._write_lock = asyncio.Lock()
-        self._handled = 0  # lines since the loop last got a turn
         self._flowing = asyncio.Event()  # cleared while a turn holds the agent back (backpressure)
         self._flowing.set()
-        self.garbage = 0  # lines dropped as not JSON
+        self.dropped: dict[str, int] = {}  # what was dropped, by kind ("garbage lines", ...)
         self._ended = False
 
     # ---- to the agent ----------------------------------------------------------------------
@@ -90,22 +105,20 @@ class AgentTransport:
     # ---- from the agent --------------------------------------------------------------------
 
     def pause(self) -> None:
-        """Hand the SDK nothing more until `resume()`: what the pipe already delivered waits here."""
+        """Hand on nothing more until `resume()`. The reader's small buffer then fills, it
+        stops reading the pipe, and the agent blocks on its full pipe."""
         self._flowing.clear()
 
     def resume(self) -> None:
         self._flowing.set()
 
     async def receive(self) -> dict[str, Any] | None:
-        """The next valid message, or None at the end (EOF, a violation, or closed by us)."""
+        """The next message for the SDK, or None at the end (EOF, a violation, or closed by us)."""
         while not self._ended:
             if not self._flowing.is_set():
                 await self._flowing.wait()
                 continue  # closed meanwhile?
-            self._handled += 1
-            if self._handled >= BATCH:
-                self._handled = 0
-                await asyncio.sleep(0)  # others' turn: a flooding agent gets a bounded slice
+            await self._share.take(self)
             line = await self._read_line()
             if line is None:
                 self._end("closed its output (stdout)", eof=True)
@@ -116,7 +129,7 @@ class AgentTransport:
             try:
                 message = json.loads(line)
             except (ValueError, RecursionError):
-                self._garbage(line)
+                self._drop("garbage lines", "a line that is not JSON-RPC", line)
                 continue
             try:
                 if self._sorted_out(message):
@@ -141,53 +154,69 @@ class AgentTransport:
         if method is not None and not isinstance(method, str):
             raise Violation("wrote a JSON-RPC message whose method is not a string")
         if method == "session/update" and "id" not in message:
-            params = message.get("params")
-            update = params.get("update") if isinstance(params, dict) else None
-            kind = update.get("sessionUpdate") if isinstance(update, dict) else None
-            session_id = params.get("sessionId") if isinstance(params, dict) else None
-            if isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
-                assert isinstance(update, dict)
-                self._on_unknown_update(session_id, update)
-                return True
+            self._update(message.get("params"))
+            return True
         return False
 
+    def _update(self, params: Any) -> None:
+        """One `session/update`, parsed and handed on now: in order, and within the slice."""
+        update = params.get("update") if isinstance(params, dict) else None
+        kind = update.get("sessionUpdate") if isinstance(update, dict) else None
+        session_id = params.get("sessionId") if isinstance(params, dict) else None
+        item: Any
+        if isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
+            assert isinstance(update, dict)
+            item = RawUpdate(kind, update)
+        else:
+            try:
+                notification = schema.SessionNotification.model_validate(params)
+            except (ValidationError, RecursionError) as exc:
+                self._drop("invalid updates", "a session/update that does not fit the ACP schema", exc)
+                return
+            session_id, item = notification.session_id, notification.update
+        try:
+            self._on_update(session_id, item)
+        except Exception as exc:  # a bug of ours: the agent's connection stays usable
+            self._drop("unroutable updates", "a session/update that could not be handled", exc)
+            if self.dropped["unroutable updates"] == 1:
+                log.exception("agent=%s update handling failed", self._name)
+
     async def _read_line(self) -> bytes | None:
-        """One line (without its end), None at EOF; an overlong line is skipped, not kept."""
+        """One line, None at EOF; gathered a buffer at a time, and skipped past LINE_LIMIT."""
+        parts: list[bytes] = []
+        size = 0
         while True:
             try:
-                return await self._reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as exc:
-                return exc.partial or None  # a last line without its newline, then EOF
-            except asyncio.LimitOverrunError as exc:
-                await self._skip_line(exc.consumed)
-
-    async def _skip_line(self, consumed: int) -> None:
-        """Drop the rest of an overlong line, a buffer at a time."""
-        skipped = 0
-        while True:
-            await self._reader.readexactly(consumed)
-            skipped += consumed
-            try:
-                skipped += len(await self._reader.readuntil(b"\n"))
+                piece = await self._reader.readuntil(b"\n")
+                complete = True
+            except asyncio.IncompleteReadError as exc:  # EOF: a last line without its newline?
+                piece, complete = exc.partial, True
+                if not piece and not parts:
+                    return None
+            except asyncio.LimitOverrunError as exc:  # no newline in the buffer yet
+                piece, complete = await self._reader.readexactly(max(exc.consumed, 1)), False
+            size += len(piece)
+            if size <= LINE_LIMIT:
+                parts.append(piece)
+            elif parts:
+                parts.clear()  # overlong: what was kept goes, the rest is only counted
+            if complete:
                 break
-            except asyncio.LimitOverrunError as exc:
-                consumed = exc.consumed
-            except asyncio.IncompleteReadError as exc:
-                skipped += len(exc.partial)
-                break
-        self._garbage(f"<a line over {LINE_LIMIT} bytes ({skipped} bytes skipped)>".encode())
+        if size > LINE_LIMIT:
+            overlong = f"<a line of {size} bytes, over {LINE_LIMIT}>"
+            self._drop("garbage lines", "a line that is not JSON-RPC", overlong)
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _garbage(self, line: bytes) -> None:
-        self.garbage += 1
-        if self.garbage <= GARBAGE_LOGGED:
-            text = clip(line[: LOGGED_BYTES * 2].decode(errors="replace"), LOGGED_BYTES)
-            log.warning("agent=%s wrote a line that is not JSON-RPC (dropped): %s", self._name, text)
-        elif self.garbage % GARBAGE_SUMMARY_EVERY == 0 or self.garbage == GARBAGE_LOGGED + 1:
-            log.warning(
-                "agent=%s has written %d lines that are not JSON-RPC (dropped, not logged)",
-                self._name,
-                self.garbage,
-            )
+    def _drop(self, kind: str, what: str, detail: object) -> None:
+        """Count something the agent wrote that was dropped; log the first few and a summary now and then."""
+        count = self.dropped[kind] = self.dropped.get(kind, 0) + 1
+        if count <= DROPS_LOGGED:
+            if isinstance(detail, bytes):
+                detail = detail[: LOGGED_BYTES * 2].decode("utf-8", "replace")
+            log.warning("agent=%s wrote %s (dropped): %s", self._name, what, clip(str(detail), LOGGED_BYTES))
+        elif count % DROP_SUMMARY_EVERY == 0 or count == DROPS_LOGGED + 1:
+            log.warning("agent=%s has written %d %s (dropped, not logged)", self._name, count, kind)
 
     def _end(self, why: str, eof: bool) -> None:
         """No more messages: tell the connection why (unless we closed it), and the SDK (None)."""

@@ -12,7 +12,8 @@ from acp import schema
 from google.protobuf import json_format, struct_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.agent import PermissionReport, RawUpdate
+from server.agent import PermissionReport
+from server.agent_transport import RawUpdate
 from server.turn import Notice, TextRun, TurnEnd
 
 STOP_REASONS = {

@@ -25,6 +25,7 @@ from acp import schema
 
 from server.agent import AgentProcess, TurnItem
 from server.errors import SessionGateError
+from server.loop_share import loop_share
 
 HIGH_WATER = 256
 LOW_WATER = 64
@@ -165,6 +166,9 @@ class Turn:
                 await self._waiter
             finally:
                 self._waiter = None
+        # Relaying an event (translating it, writing it to the client) is the agent's output
+        # costing loop time too: it takes from the same slice as reading it (loop_share.py).
+        await loop_share().take(self)
         item = self._take()
         if isinstance(item, _Last):
             if isinstance(item.outcome, BaseException):

@@ -190,6 +190,44 @@ async def test_a_flood_of_garbage_lines_costs_bounded_work_and_log_and_the_turn_
     await assert_next_prompt_works(gate, bad.session_id)
 
 
+def rss_mib() -> float:
+    """This process's resident memory (the server runs in it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def test_an_endless_garbage_writer_is_read_through_a_bounded_buffer_and_its_cancel_gets_through(
+    make_gate: GateFactory, pid_file: Path
+) -> None:
+    """The gateway reads an agent through a small buffer (its pipe fills, not our memory), and
+    the agent's answer to a cancel, written after the garbage, arrives within the cancel grace:
+    the agent is not ended as one that ignores cancels."""
+    gate = await bad_gate(make_gate, pid_file, stall_timeout=10.0)
+    bad = await gate.create(agent="bad")
+    async with healthy_beside(gate):
+        call = prompt_call(gate, bad.session_id, "/garbageforever", timeout=60)
+        first = await asyncio.wait_for(call.read(), 15)
+        assert first.message_chunk.content.text.text == "garbage follows"
+        before = rss_mib()
+        await asyncio.sleep(3)  # garbage as fast as the gateway reads it, beside the healthy turns
+        grown = rss_mib() - before
+        assert await gate.state(bad.session_id) == pb.SESSION_STATE_BUSY
+        await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=bad.session_id), timeout=10)
+        events: list[pb.PromptEvent] = []
+        while not events or not events[-1].HasField("result"):
+            event = await asyncio.wait_for(call.read(), 30)
+            assert event is not grpc.aio.EOF, "the stream ended without its result"
+            events.append(event)
+    assert events[-1].result.stop_reason == pb.STOP_REASON_CANCELLED
+    assert grown < 64, f"the server grew {grown:.0f} MiB while the agent wrote garbage"
+    (pid,) = recorded(pid_file, "agent")  # answered the cancel: not ended, not restarted
+    assert alive(pid)
+    await assert_next_prompt_works(gate, bad.session_id)
+    assert recorded(pid_file, "agent") == [pid]
+
+
 # ---- 2. a connection that ends while the process lives -----------------------------------------
 
 BROKEN_CONNECTIONS = [

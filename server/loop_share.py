@@ -1,0 +1,79 @@
+"""A bounded share of the event loop for all agents' output together.
+
+Handling an agent's output is loop work: reading and parsing a line, validating an update,
+relaying it to the client. An agent that writes as fast as it can always has more ready,
+and a stream reader hands buffered lines over without yielding, so without a bound a few
+flooding agents fill every loop pass: every other session, and every control RPC, waits
+behind them, and the gateway's CPU is spent before the healthy agents' turn comes.
+
+Each agent's reader, and each turn's relay, calls `take()` before each line or event:
+- the first take after a loop pass starts a slice of SLICE seconds, shared by all;
+- once it has run out, output still waiting is queued, and the next slice starts after
+  REST seconds, in which the rest of the loop (RPCs, other sessions' turns) runs, or the
+  loop idles and the agents and clients get the CPU. So sustained output gets at most about
+  SLICE / (SLICE + REST) of the loop, and any other work waits at most about SLICE for it;
+- a queued take, once let through, handles at least one line or event; those that found
+  the slice spent go first, in the order they came, and the one that ran it out last, so
+  an agent with output always ready cannot keep the others waiting slice after slice.
+
+Output that does not fill a slice (the usual case) never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+
+SLICE = 0.001  # seconds of agents' output handled in one go, all agents together
+REST = 0.002  # seconds for everything else after a slice that ran out, before the next one
+
+
+class LoopShare:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._started: float | None = None  # when the current slice began (None: no slice)
+        self._resting = False  # a slice ran out; the next starts after REST
+        self._last: object = None  # who took last: who ran the slice out, when it does
+        self._waiting: list[asyncio.Future[None]] = []  # found the slice spent: first next time
+        self._spent: list[asyncio.Future[None]] = []  # ran it out: after those
+
+    async def take(self, taker: object) -> None:
+        """Returns at once while the slice lasts, else when the next one starts."""
+        now = time.perf_counter()
+        if self._started is None:
+            self._started = now
+            self._loop.call_soon(self._pass_ended)  # a slice not run out ends with its pass
+        elif self._resting or now - self._started >= SLICE:
+            if not self._resting:
+                self._resting = True
+                self._loop.call_later(REST, self._rested)
+            turn = self._loop.create_future()
+            (self._spent if taker is self._last else self._waiting).append(turn)
+            await turn
+        self._last = taker
+
+    def _pass_ended(self) -> None:
+        if not self._resting:
+            self._started = None
+
+    def _rested(self) -> None:
+        self._resting = False
+        self._started = None
+        queue = self._waiting + self._spent
+        self._waiting, self._spent = [], []
+        for turn in queue:
+            if not turn.done():  # a taker cancelled meanwhile (its agent ended) is skipped
+                turn.set_result(None)
+
+
+_shares: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopShare] = weakref.WeakKeyDictionary()
+
+
+def loop_share() -> LoopShare:
+    """The running loop's share (one per loop: the agents on it share its slices)."""
+    loop = asyncio.get_running_loop()
+    share = _shares.get(loop)
+    if share is None:
+        share = _shares[loop] = LoopShare(loop)
+    return share
