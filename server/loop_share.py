@@ -8,10 +8,14 @@ behind them, and the gateway's CPU is spent before the healthy agents' turn come
 
 Each agent's reader, and each turn's relay, calls `take()` before each line or event:
 - the first take after a loop pass starts a slice of SLICE seconds, shared by all;
-- once it has run out, output still waiting is queued, and the next slice starts after
-  REST seconds, in which the rest of the loop (RPCs, other sessions' turns) runs, or the
-  loop idles and the agents and clients get the CPU. So sustained output gets at most about
-  SLICE / (SLICE + REST) of the loop, and any other work waits at most about SLICE for it;
+- once it has run out, output still waiting is queued until the loop's next pass, in
+  which the rest of the loop (RPCs, timers) runs; so other work waits at most about a
+  SLICE for agents' output;
+- when the output of several sessions contends (CONTENDED takers queued in a slice), the
+  next slice starts only REST seconds later: the rest of the server runs, or the loop idles
+  and the agents and clients get the CPU (on a busy machine, healthy agents wait for a CPU
+  more than for the loop). Sustained contended output then gets at most about
+  SLICE / (SLICE + REST) of the loop; a single session streaming alone is not slowed;
 - a queued take, once let through, handles at least one line or event; those that found
   the slice spent go first, in the order they came, and the one that ran it out last, so
   an agent with output always ready cannot keep the others waiting slice after slice.
@@ -26,14 +30,15 @@ import time
 import weakref
 
 SLICE = 0.001  # seconds of agents' output handled in one go, all agents together
-REST = 0.002  # seconds for everything else after a slice that ran out, before the next one
+REST = 0.002  # seconds for everything else after a contended slice, before the next one
+CONTENDED = 3  # takers queued in one slice: more than one session's reader and relay
 
 
 class LoopShare:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._started: float | None = None  # when the current slice began (None: no slice)
-        self._resting = False  # a slice ran out; the next starts after REST
+        self._resting = False  # a contended slice ran out; the next starts after REST
         self._last: object = None  # who took last: who ran the slice out, when it does
         self._waiting: list[asyncio.Future[None]] = []  # found the slice spent: first next time
         self._spent: list[asyncio.Future[None]] = []  # ran it out: after those
@@ -43,21 +48,22 @@ class LoopShare:
         now = time.perf_counter()
         if self._started is None:
             self._started = now
-            self._loop.call_soon(self._pass_ended)  # a slice not run out ends with its pass
+            self._loop.call_soon(self._pass_ended)
         elif self._resting or now - self._started >= SLICE:
-            if not self._resting:
-                self._resting = True
-                self._loop.call_later(REST, self._rested)
             turn = self._loop.create_future()
             (self._spent if taker is self._last else self._waiting).append(turn)
             await turn
         self._last = taker
 
     def _pass_ended(self) -> None:
-        if not self._resting:
-            self._started = None
+        """The slice's pass is over: the next slice may start now, or after a rest."""
+        if len(self._waiting) + len(self._spent) >= CONTENDED:
+            self._resting = True
+            self._loop.call_later(REST, self._next_slice)
+        else:
+            self._next_slice()
 
-    def _rested(self) -> None:
+    def _next_slice(self) -> None:
         self._resting = False
         self._started = None
         queue = self._waiting + self._spent
