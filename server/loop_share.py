@@ -30,7 +30,7 @@ import time
 import weakref
 
 SLICE = 0.001  # seconds of agents' output handled in one go, all agents together
-REST = 0.002  # seconds for everything else after a contended slice, before the next one
+REST = 0.0015  # seconds for everything else after a contended slice, before the next one
 CONTENDED = 3  # takers queued in one slice: more than one session's reader and relay
 
 
