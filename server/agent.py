@@ -313,6 +313,8 @@ class AgentConnection:
             self._descendants = Descendants()
             self._descendants.mark(env)  # so what leaves the process group is still found
         spawn = self._launcher.spawn(self.config, env, self._workdir)
+        # Our own stdout pipe, outside the process transport: its reader gets READ_BUFFER as
+        # its limit, and terminate() closes our end itself, whoever still holds the other.
         try:
             read_fd, write_fd = os.pipe()
         except OSError as exc:  # out of file descriptors

@@ -25,7 +25,7 @@ from acp import schema
 
 from server.agent import AgentProcess, TurnItem
 from server.errors import SessionGateError
-from server.loop_share import loop_share
+from server.loop_share import LoopShare, loop_share
 
 HIGH_WATER = 256
 LOW_WATER = 64
@@ -87,6 +87,7 @@ class Turn:
     _waiter: asyncio.Future[None] | None = None
     _ended: bool = False
     _holding_back: bool = True  # backpressure on; off once nobody will read the rest
+    _share: LoopShare = field(default_factory=loop_share, init=False, repr=False)  # the loop's
 
     @property
     def deadline(self) -> float:
@@ -168,7 +169,7 @@ class Turn:
                 self._waiter = None
         # Relaying an event (translating it, writing it to the client) is the agent's output
         # costing loop time too: it takes from the same slice as reading it (loop_share.py).
-        await loop_share().take(self)
+        await self._share.take(self)
         item = self._take()
         if isinstance(item, _Last):
             if isinstance(item.outcome, BaseException):
