@@ -331,9 +331,6 @@ class AgentConnection:
                 env=spawn.env,
                 cwd=spawn.cwd,
                 pass_fds=spawn.pass_fds,
-                user=spawn.user,
-                group=spawn.group,
-                extra_groups=[] if spawn.user is not None else None,
                 start_new_session=True,  # own process group: terminate() ends the agent's children too
             )
         except OSError as exc:

@@ -38,6 +38,7 @@ def find_bwrap() -> str | None:
 
 
 PRIVATE_TMP = "/tmp"
+SETPRIV = "setpriv"  # util-linux: takes another user's identity, then execs
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the built-in agent's code
 
 
@@ -49,8 +50,6 @@ class Spawn:
     env: Mapping[str, str]
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()
-    user: int | None = None
-    group: int | None = None
 
 
 class Launcher:
@@ -84,6 +83,11 @@ class Launcher:
                 f"agent {config.name!r} must run in a bubblewrap sandbox, and bwrap is not installed "
                 f'(install the {BWRAP_PACKAGE} package, or set sandbox = "none" for it)'
             )
+        if config.user and shutil.which(SETPRIV) is None:
+            return (
+                f"agent {config.name!r} runs as user {config.user!r}, "
+                f"and {SETPRIV} (util-linux) is not installed"
+            )
         return None
 
     def home(self, config: AgentConfig) -> str | None:
@@ -108,14 +112,18 @@ class Launcher:
             if config.home or not config.user:  # a user's own home is theirs to make
                 _make_home(home, user, group)
             env["HOME"] = home
+        # Another user's identity is taken by setpriv after the exec, not by the child between
+        # fork and exec: a uid or groups for subprocess rule out vfork, and a plain fork of this
+        # threaded server (gRPC's threads) can crash the child before it execs.
+        identity = _setpriv(user, group)
         command = (config.command, *config.args)
         if not self.sandboxed(config):
             cwd = workdir.fd_path if workdir is not None else None  # chdir in the child, by descriptor
-            return Spawn(command, env, cwd=cwd, user=user, group=group)
+            return Spawn((*identity, *command), env, cwd=cwd)
         assert self.bwrap is not None
-        argv = [self.bwrap, *self._bwrap_options(config, home, workdir), "--", *command]
+        argv = [*identity, self.bwrap, *self._bwrap_options(config, home, workdir), "--", *command]
         fds = (workdir.fd,) if workdir is not None else ()
-        return Spawn(tuple(argv), env, pass_fds=fds, user=user, group=group)
+        return Spawn(tuple(argv), env, pass_fds=fds)
 
     def _bwrap_options(self, config: AgentConfig, home: str | None, workdir: WorkDir | None) -> list[str]:
         options = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
@@ -180,6 +188,14 @@ def _runtime_paths(command: str) -> set[Path]:
     if found:
         paths |= {Path(found).parent, Path(os.path.realpath(found)).parent}
     return {p.resolve() if p.exists() else p for p in paths}
+
+
+def _setpriv(user: int | None, group: int | None) -> tuple[str, ...]:
+    """The argv prefix that runs a command as `user` and `group` with no other groups."""
+    if user is None:
+        return ()
+    ids = [f"--reuid={user}", *([f"--regid={group}"] if group is not None else []), "--clear-groups"]
+    return (shutil.which(SETPRIV) or SETPRIV, *ids, "--")  # installed: problem() checked
 
 
 def _identity(user: str) -> tuple[int | None, int | None]:
