@@ -44,6 +44,13 @@ class PermissionOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PERMISSION_OUTCOME_ALLOWED: _ClassVar[PermissionOutcome]
     PERMISSION_OUTCOME_REJECTED: _ClassVar[PermissionOutcome]
     PERMISSION_OUTCOME_CANCELLED: _ClassVar[PermissionOutcome]
+
+class ElicitationAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ELICITATION_ACTION_UNSPECIFIED: _ClassVar[ElicitationAction]
+    ELICITATION_ACTION_ACCEPT: _ClassVar[ElicitationAction]
+    ELICITATION_ACTION_DECLINE: _ClassVar[ElicitationAction]
+    ELICITATION_ACTION_CANCEL: _ClassVar[ElicitationAction]
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_IDLE: SessionState
 SESSION_STATE_BUSY: SessionState
@@ -65,6 +72,10 @@ PERMISSION_OUTCOME_UNSPECIFIED: PermissionOutcome
 PERMISSION_OUTCOME_ALLOWED: PermissionOutcome
 PERMISSION_OUTCOME_REJECTED: PermissionOutcome
 PERMISSION_OUTCOME_CANCELLED: PermissionOutcome
+ELICITATION_ACTION_UNSPECIFIED: ElicitationAction
+ELICITATION_ACTION_ACCEPT: ElicitationAction
+ELICITATION_ACTION_DECLINE: ElicitationAction
+ELICITATION_ACTION_CANCEL: ElicitationAction
 
 class AgentInfo(_message.Message):
     __slots__ = ("name", "version", "title")
@@ -77,7 +88,7 @@ class AgentInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., title: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner")
+    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +111,11 @@ class Session(_message.Message):
     TURN_ELAPSED_FIELD_NUMBER: _ClassVar[int]
     SINCE_LAST_EVENT_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    MODES_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     agent: str
     cwd: str
@@ -115,7 +131,84 @@ class Session(_message.Message):
     turn_elapsed: _duration_pb2.Duration
     since_last_event: _duration_pb2.Duration
     owner: str
-    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    modes: SessionModes
+    config_options: _containers.RepeatedCompositeFieldContainer[ConfigOption]
+    available_commands: _containers.RepeatedCompositeFieldContainer[AvailableCommand]
+    title: str
+    usage: SessionUsage
+    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ...) -> None: ...
+
+class SessionMode(_message.Message):
+    __slots__ = ("id", "name", "description")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    description: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class SessionModes(_message.Message):
+    __slots__ = ("current_mode_id", "available_modes")
+    CURRENT_MODE_ID_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_MODES_FIELD_NUMBER: _ClassVar[int]
+    current_mode_id: str
+    available_modes: _containers.RepeatedCompositeFieldContainer[SessionMode]
+    def __init__(self, current_mode_id: _Optional[str] = ..., available_modes: _Optional[_Iterable[_Union[SessionMode, _Mapping]]] = ...) -> None: ...
+
+class ConfigOptionValue(_message.Message):
+    __slots__ = ("value", "name", "description", "group")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    name: str
+    description: str
+    group: str
+    def __init__(self, value: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class ConfigOption(_message.Message):
+    __slots__ = ("id", "name", "description", "category", "type", "current_value", "values")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    description: str
+    category: str
+    type: str
+    current_value: str
+    values: _containers.RepeatedCompositeFieldContainer[ConfigOptionValue]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., category: _Optional[str] = ..., type: _Optional[str] = ..., current_value: _Optional[str] = ..., values: _Optional[_Iterable[_Union[ConfigOptionValue, _Mapping]]] = ...) -> None: ...
+
+class AvailableCommand(_message.Message):
+    __slots__ = ("name", "description", "input_hint")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HINT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    input_hint: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_hint: _Optional[str] = ...) -> None: ...
+
+class SessionUsage(_message.Message):
+    __slots__ = ("context_used", "context_size", "cost_amount", "cost_currency", "last_turn")
+    CONTEXT_USED_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COST_AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    COST_CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    LAST_TURN_FIELD_NUMBER: _ClassVar[int]
+    context_used: int
+    context_size: int
+    cost_amount: float
+    cost_currency: str
+    last_turn: Usage
+    def __init__(self, context_used: _Optional[int] = ..., context_size: _Optional[int] = ..., cost_amount: _Optional[float] = ..., cost_currency: _Optional[str] = ..., last_turn: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("agent", "cwd", "request_id", "labels")
@@ -193,18 +286,22 @@ class ContentBlock(_message.Message):
     def __init__(self, text: _Optional[_Union[TextContent, _Mapping]] = ..., image: _Optional[_Union[ImageContent, _Mapping]] = ..., resource_link: _Optional[_Union[ResourceLink, _Mapping]] = ..., resource: _Optional[_Union[EmbeddedResource, _Mapping]] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
-    __slots__ = ("session_id", "text", "content", "stall_timeout", "wait_timeout")
+    __slots__ = ("session_id", "text", "content", "stall_timeout", "wait_timeout", "permission_policy", "permission_timeout")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     STALL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     content: _containers.RepeatedCompositeFieldContainer[ContentBlock]
     stall_timeout: _duration_pb2.Duration
     wait_timeout: _duration_pb2.Duration
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentBlock, _Mapping]]] = ..., stall_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    permission_policy: str
+    permission_timeout: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentBlock, _Mapping]]] = ..., stall_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., permission_policy: _Optional[str] = ..., permission_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ContentChunk(_message.Message):
     __slots__ = ("content", "message_id")
@@ -309,20 +406,114 @@ class PermissionOption(_message.Message):
     def __init__(self, option_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class PermissionEvent(_message.Message):
-    __slots__ = ("tool_call_id", "title", "options", "outcome", "selected_option_id", "policy")
+    __slots__ = ("tool_call_id", "title", "options", "outcome", "selected_option_id", "policy", "request_id")
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     SELECTED_OPTION_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     tool_call_id: str
     title: str
     options: _containers.RepeatedCompositeFieldContainer[PermissionOption]
     outcome: PermissionOutcome
     selected_option_id: str
     policy: str
-    def __init__(self, tool_call_id: _Optional[str] = ..., title: _Optional[str] = ..., options: _Optional[_Iterable[_Union[PermissionOption, _Mapping]]] = ..., outcome: _Optional[_Union[PermissionOutcome, str]] = ..., selected_option_id: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, tool_call_id: _Optional[str] = ..., title: _Optional[str] = ..., options: _Optional[_Iterable[_Union[PermissionOption, _Mapping]]] = ..., outcome: _Optional[_Union[PermissionOutcome, str]] = ..., selected_option_id: _Optional[str] = ..., policy: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class PermissionRequest(_message.Message):
+    __slots__ = ("request_id", "tool_call", "options", "expire_time")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tool_call: ToolCallUpdate
+    options: _containers.RepeatedCompositeFieldContainer[PermissionOption]
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., tool_call: _Optional[_Union[ToolCallUpdate, _Mapping]] = ..., options: _Optional[_Iterable[_Union[PermissionOption, _Mapping]]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ElicitationRequest(_message.Message):
+    __slots__ = ("request_id", "message", "mode", "requested_schema", "url", "tool_call_id", "expire_time")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    message: str
+    mode: str
+    requested_schema: _struct_pb2.Struct
+    url: str
+    tool_call_id: str
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., message: _Optional[str] = ..., mode: _Optional[str] = ..., requested_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., url: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ElicitationEvent(_message.Message):
+    __slots__ = ("request_id", "action", "policy")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    action: ElicitationAction
+    policy: str
+    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[_Union[ElicitationAction, str]] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class ModeUpdate(_message.Message):
+    __slots__ = ("current_mode_id",)
+    CURRENT_MODE_ID_FIELD_NUMBER: _ClassVar[int]
+    current_mode_id: str
+    def __init__(self, current_mode_id: _Optional[str] = ...) -> None: ...
+
+class ConfigUpdate(_message.Message):
+    __slots__ = ("config_options",)
+    CONFIG_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    config_options: _containers.RepeatedCompositeFieldContainer[ConfigOption]
+    def __init__(self, config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ...) -> None: ...
+
+class CommandsUpdate(_message.Message):
+    __slots__ = ("available_commands",)
+    AVAILABLE_COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    available_commands: _containers.RepeatedCompositeFieldContainer[AvailableCommand]
+    def __init__(self, available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("title", "updated_at")
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    title: str
+    updated_at: str
+    def __init__(self, title: _Optional[str] = ..., updated_at: _Optional[str] = ...) -> None: ...
+
+class FileWrite(_message.Message):
+    __slots__ = ("path", "bytes", "created")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    bytes: int
+    created: bool
+    def __init__(self, path: _Optional[str] = ..., bytes: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class TerminalOutput(_message.Message):
+    __slots__ = ("terminal_id", "output", "truncated", "exited", "exit_code", "signal")
+    TERMINAL_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    EXITED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    terminal_id: str
+    output: str
+    truncated: bool
+    exited: bool
+    exit_code: int
+    signal: str
+    def __init__(self, terminal_id: _Optional[str] = ..., output: _Optional[str] = ..., truncated: _Optional[bool] = ..., exited: _Optional[bool] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("kind", "message")
@@ -365,7 +556,7 @@ class TurnResult(_message.Message):
     def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class PromptEvent(_message.Message):
-    __slots__ = ("seq", "message_chunk", "thought_chunk", "tool_call", "tool_call_update", "plan", "permission", "notice", "other", "result")
+    __slots__ = ("seq", "message_chunk", "thought_chunk", "tool_call", "tool_call_update", "plan", "permission", "notice", "other", "result", "permission_request", "elicitation_request", "elicitation", "mode_update", "config_update", "commands_update", "session_info", "usage_update", "file_write", "terminal_output")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     THOUGHT_CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +567,16 @@ class PromptEvent(_message.Message):
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     OTHER_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ELICITATION_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ELICITATION_FIELD_NUMBER: _ClassVar[int]
+    MODE_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    COMMANDS_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_INFO_FIELD_NUMBER: _ClassVar[int]
+    USAGE_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    FILE_WRITE_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     message_chunk: ContentChunk
     thought_chunk: ContentChunk
@@ -386,7 +587,17 @@ class PromptEvent(_message.Message):
     notice: Notice
     other: OtherUpdate
     result: TurnResult
-    def __init__(self, seq: _Optional[int] = ..., message_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., thought_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_update: _Optional[_Union[ToolCallUpdate, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., permission: _Optional[_Union[PermissionEvent, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., other: _Optional[_Union[OtherUpdate, _Mapping]] = ..., result: _Optional[_Union[TurnResult, _Mapping]] = ...) -> None: ...
+    permission_request: PermissionRequest
+    elicitation_request: ElicitationRequest
+    elicitation: ElicitationEvent
+    mode_update: ModeUpdate
+    config_update: ConfigUpdate
+    commands_update: CommandsUpdate
+    session_info: SessionInfo
+    usage_update: SessionUsage
+    file_write: FileWrite
+    terminal_output: TerminalOutput
+    def __init__(self, seq: _Optional[int] = ..., message_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., thought_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_update: _Optional[_Union[ToolCallUpdate, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., permission: _Optional[_Union[PermissionEvent, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., other: _Optional[_Union[OtherUpdate, _Mapping]] = ..., result: _Optional[_Union[TurnResult, _Mapping]] = ..., permission_request: _Optional[_Union[PermissionRequest, _Mapping]] = ..., elicitation_request: _Optional[_Union[ElicitationRequest, _Mapping]] = ..., elicitation: _Optional[_Union[ElicitationEvent, _Mapping]] = ..., mode_update: _Optional[_Union[ModeUpdate, _Mapping]] = ..., config_update: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., commands_update: _Optional[_Union[CommandsUpdate, _Mapping]] = ..., session_info: _Optional[_Union[SessionInfo, _Mapping]] = ..., usage_update: _Optional[_Union[SessionUsage, _Mapping]] = ..., file_write: _Optional[_Union[FileWrite, _Mapping]] = ..., terminal_output: _Optional[_Union[TerminalOutput, _Mapping]] = ...) -> None: ...
 
 class CancelPromptRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -452,18 +663,24 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("name", "command", "args", "permission_policy", "is_default")
+    __slots__ = ("name", "command", "args", "permission_policy", "is_default", "client_fs", "client_terminal", "auth_method")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     PERMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    AUTH_METHOD_FIELD_NUMBER: _ClassVar[int]
     name: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     permission_policy: str
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., permission_policy: _Optional[str] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    client_fs: bool
+    client_terminal: bool
+    auth_method: str
+    def __init__(self, name: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., permission_policy: _Optional[str] = ..., is_default: _Optional[bool] = ..., client_fs: _Optional[bool] = ..., client_terminal: _Optional[bool] = ..., auth_method: _Optional[str] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "default_agent")
@@ -472,3 +689,69 @@ class ListAgentsResponse(_message.Message):
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
     default_agent: str
     def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., default_agent: _Optional[str] = ...) -> None: ...
+
+class RespondPermissionRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "option_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: str
+    option_id: str
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., option_id: _Optional[str] = ...) -> None: ...
+
+class RespondPermissionResponse(_message.Message):
+    __slots__ = ("outcome",)
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    outcome: PermissionOutcome
+    def __init__(self, outcome: _Optional[_Union[PermissionOutcome, str]] = ...) -> None: ...
+
+class RespondElicitationRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "action", "content")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: str
+    action: ElicitationAction
+    content: _struct_pb2.Struct
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[ElicitationAction, str]] = ..., content: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class RespondElicitationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetSessionModeRequest(_message.Message):
+    __slots__ = ("session_id", "mode_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    mode_id: str
+    def __init__(self, session_id: _Optional[str] = ..., mode_id: _Optional[str] = ...) -> None: ...
+
+class SetSessionConfigOptionRequest(_message.Message):
+    __slots__ = ("session_id", "config_id", "value")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    config_id: str
+    value: str
+    def __init__(self, session_id: _Optional[str] = ..., config_id: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class AuthenticateAgentRequest(_message.Message):
+    __slots__ = ("agent", "method_id")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_ID_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    method_id: str
+    def __init__(self, agent: _Optional[str] = ..., method_id: _Optional[str] = ...) -> None: ...
+
+class AuthenticateAgentResponse(_message.Message):
+    __slots__ = ("agent", "method_id")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    METHOD_ID_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    method_id: str
+    def __init__(self, agent: _Optional[str] = ..., method_id: _Optional[str] = ...) -> None: ...

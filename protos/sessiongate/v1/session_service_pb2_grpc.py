@@ -70,6 +70,31 @@ class SessionServiceStub:
                 request_serializer=sessiongate_dot_v1_dot_session__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.RespondPermission = channel.unary_unary(
+                '/sessiongate.v1.SessionService/RespondPermission',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondPermissionRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondPermissionResponse.FromString,
+                _registered_method=True)
+        self.RespondElicitation = channel.unary_unary(
+                '/sessiongate.v1.SessionService/RespondElicitation',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationResponse.FromString,
+                _registered_method=True)
+        self.SetSessionMode = channel.unary_unary(
+                '/sessiongate.v1.SessionService/SetSessionMode',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.SetSessionModeRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.Session.FromString,
+                _registered_method=True)
+        self.SetSessionConfigOption = channel.unary_unary(
+                '/sessiongate.v1.SessionService/SetSessionConfigOption',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.SetSessionConfigOptionRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.Session.FromString,
+                _registered_method=True)
+        self.AuthenticateAgent = channel.unary_unary(
+                '/sessiongate.v1.SessionService/AuthenticateAgent',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -142,6 +167,54 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RespondPermission(self, request, context):
+        """Answers a permission request the agent made (a `permission_request` event of a turn
+        run with the `ask` policy). Any connection of the session's owner may answer.
+        Errors: NOT_FOUND/REQUEST_NOT_FOUND (unknown request), FAILED_PRECONDITION/
+        REQUEST_ANSWERED (already answered, expired or cancelled), INVALID_ARGUMENT (an
+        `option_id` that was not offered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RespondElicitation(self, request, context):
+        """Answers an elicitation (`elicitation_request` event): accept with content, decline or
+        cancel. Errors as for RespondPermission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSessionMode(self, request, context):
+        """Switches the session's mode (ACP `session/set_mode`) and returns the session. Does not
+        wait for a running turn: the agent decides whether it allows the switch now
+        (FAILED_PRECONDITION/AGENT_REFUSED otherwise). A SUSPENDED session is resumed first.
+        Unknown mode: INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSessionConfigOption(self, request, context):
+        """Sets one of the session's config options (ACP `session/set_config_option`), e.g. the
+        model (the option of category "model"), and returns the session. Like SetSessionMode.
+        Unknown option or value: INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AuthenticateAgent(self, request, context):
+        """Runs ACP `authenticate` with one of the agent's auth methods (e.g. codex-acp's
+        `openai-api-key`, its key from the agent's `pass_env`), on a fresh agent process.
+        On success every later agent process of this agent authenticates the same way, so
+        AGENT_AUTH_REQUIRED clears without a restart. Admins only when authentication is on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +252,31 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=sessiongate_dot_v1_dot_session__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'RespondPermission': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondPermission,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondPermissionRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondPermissionResponse.SerializeToString,
+            ),
+            'RespondElicitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondElicitation,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationResponse.SerializeToString,
+            ),
+            'SetSessionMode': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSessionMode,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.SetSessionModeRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.Session.SerializeToString,
+            ),
+            'SetSessionConfigOption': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSessionConfigOption,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.SetSessionConfigOptionRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.Session.SerializeToString,
+            ),
+            'AuthenticateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthenticateAgent,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -371,6 +469,141 @@ class SessionService:
             '/sessiongate.v1.SessionService/ListAgents',
             sessiongate_dot_v1_dot_session__service__pb2.ListAgentsRequest.SerializeToString,
             sessiongate_dot_v1_dot_session__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondPermission(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/RespondPermission',
+            sessiongate_dot_v1_dot_session__service__pb2.RespondPermissionRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.RespondPermissionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondElicitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/RespondElicitation',
+            sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSessionMode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/SetSessionMode',
+            sessiongate_dot_v1_dot_session__service__pb2.SetSessionModeRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSessionConfigOption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/SetSessionConfigOption',
+            sessiongate_dot_v1_dot_session__service__pb2.SetSessionConfigOptionRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthenticateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/AuthenticateAgent',
+            sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
