@@ -31,6 +31,7 @@ from server.errors import (
     AgentUnavailable,
     clip,
 )
+from server.questions import Decision, ElicitationAnswer, ElicitationReport, TurnAsker, decide_by_policy
 from server.sandbox import Launcher
 from server.settings import AgentConfig
 from server.workdir import WorkDir
@@ -46,7 +47,6 @@ STDERR_LOG_BUDGET = 256 * 1024  # bytes of stderr logged per agent; the rest is 
 STDERR_TAIL_LINES = 20  # kept for error messages
 STDERR_TAIL_CHARS = 2000  # of those, at most this much goes into a status
 AUTH_REQUIRED_CODE = -32000
-READ_KINDS = frozenset({"read", "search", "think"})
 
 T = TypeVar("T")
 
@@ -60,7 +60,8 @@ class PermissionReport:
     options: tuple[schema.PermissionOption, ...]
     outcome: str  # "allowed", "rejected" or "cancelled"
     selected_option_id: str
-    policy: str
+    policy: str  # who decided: a policy name, "client", "timeout" or "cancelled"
+    request_id: str = ""  # the question's id when the client was asked
 
 
 # What flows from an agent into a turn: ACP updates as the SDK parsed them, or our reports.
@@ -88,24 +89,9 @@ def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolErr
     )
 
 
-def decide_permission(
-    policy: str, kind: str | None, options: list[schema.PermissionOption]
-) -> tuple[str, str]:
-    """Pick an option under `policy`: returns (outcome, option_id); ("cancelled", "") if none fits."""
-    allow = policy == "approve-all" or (policy == "approve-reads" and kind in READ_KINDS)
-    wanted = ("allow_once", "allow_always") if allow else ("reject_once", "reject_always")
-    for wanted_kind in wanted:
-        for option in options:
-            if option.kind == wanted_kind:
-                return ("allowed" if allow else "rejected"), option.option_id
-    return "cancelled", ""
-
-
 class _GatewayClient:
-    """Our side of ACP: routes updates to the subscribed turn and answers permission requests.
-
-    Only `session/update` and `session/request_permission` are offered: the client
-    capabilities we advertise in `initialize` claim no fs or terminal methods.
+    """Our side of ACP: routes updates to the subscribed turn, and has the turn's policy (or,
+    under `ask`, the client through questions.py) answer permission requests and elicitations.
     """
 
     def __init__(self, connection: AgentConnection) -> None:
@@ -123,28 +109,58 @@ class _GatewayClient:
         options: list[schema.PermissionOption],
         **_: Any,
     ) -> schema.RequestPermissionResponse:
-        config = self._connection.config
-        cancelling = self._connection.is_cancelling(session_id)
-        if cancelling:
-            outcome, option_id = "cancelled", ""
+        connection = self._connection
+        default = connection.config.permission_policy
+        asker = connection.asker(session_id)
+        if connection.is_cancelling(session_id):
+            decision = Decision("cancelled", "", "cancelled")
+        elif asker is not None:
+            decision = await asker.permission(tool_call, options, default)
+        elif default == "ask":  # no turn runs: nobody could answer
+            decision = Decision("cancelled", "", "cancelled")
         else:
-            outcome, option_id = decide_permission(config.permission_policy, tool_call.kind, options)
-        self._connection.route(
+            decision = decide_by_policy(default, tool_call.kind, options)
+        connection.route(
             session_id,
             PermissionReport(
                 tool_call_id=tool_call.tool_call_id,
                 title=tool_call.title or "",
                 options=tuple(options),
-                outcome=outcome,
-                selected_option_id=option_id,
-                policy=config.permission_policy,
+                outcome=decision.outcome,
+                selected_option_id=decision.option_id,
+                policy=decision.decided_by,
+                request_id=decision.request_id,
             ),
         )
-        if outcome == "cancelled":
+        if decision.outcome == "cancelled":
             return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
         return schema.RequestPermissionResponse(
-            outcome=schema.AllowedOutcome(outcome="selected", option_id=option_id)
+            outcome=schema.AllowedOutcome(outcome="selected", option_id=decision.option_id)
         )
+
+    async def create_elicitation(self, message: str, mode: Any, **_: Any) -> Any:
+        """`elicitation/create`: under `ask` the client answers; otherwise it is declined."""
+        connection = self._connection
+        session_id = getattr(mode, "session_id", None) or ""
+        asker = connection.asker(session_id) if session_id else None
+        if connection.is_cancelling(session_id):
+            answer = ElicitationAnswer("cancel", None, "cancelled")
+        elif asker is not None:
+            answer = await asker.elicitation(message, mode, connection.config.permission_policy)
+        else:  # not tied to a running turn's session: nobody could answer
+            answer = ElicitationAnswer("decline", None, connection.config.permission_policy)
+        if session_id:
+            connection.route(
+                session_id, ElicitationReport(answer.request_id, answer.action, answer.decided_by)
+            )
+        if answer.action == "accept":
+            return schema.AcceptElicitationResponse(action="accept", content=answer.content or {})
+        if answer.action == "cancel":
+            return schema.CancelElicitationResponse(action="cancel")
+        return schema.DeclineElicitationResponse(action="decline")
+
+    async def complete_elicitation(self, elicitation_id: str, **_: Any) -> None:
+        """A URL-mode elicitation finished on the agent's side: nothing waits on it here."""
 
     # Terminals are not offered (no `terminal` client capability): the SDK would answer these
     # with empty successes, so they are refused as JSON-RPC "method not found" (-32601).
@@ -197,6 +213,8 @@ class AgentProcess(Protocol):
 
     def subscribe(self, session_id: str, sink: UpdateSink | None) -> None: ...
 
+    def ask_with(self, session_id: str, asker: TurnAsker | None) -> None: ...
+
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
@@ -228,6 +246,7 @@ class AgentConnection:
         self._descendants: Descendants | None = None  # unsandboxed: finds what left the group
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
+        self._askers: dict[str, TurnAsker] = {}  # the running turn's questions, per ACP session
         self._cancelling: set[str] = set()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._background: set[asyncio.Task[None]] = set()
@@ -354,7 +373,8 @@ class AgentConnection:
         self._transport = AgentTransport(
             self.config.name, stdout, self._process.stdin, self._connection_ended, self.route
         )
-        self._conn = acp.connect_to_agent(client, self._transport)
+        # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
+        self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)
         log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
 
     async def _initialize(self) -> Handshake:
@@ -453,6 +473,16 @@ class AgentConnection:
             self._sinks.pop(session_id, None)
         else:
             self._sinks[session_id] = sink
+
+    def ask_with(self, session_id: str, asker: TurnAsker | None) -> None:
+        """Questions the agent asks about `session_id` go to `asker` (the running turn's)."""
+        if asker is None:
+            self._askers.pop(session_id, None)
+        else:
+            self._askers[session_id] = asker
+
+    def asker(self, session_id: str) -> TurnAsker | None:
+        return self._askers.get(session_id)
 
     def route(self, session_id: str, item: TurnItem) -> None:
         sink = self._sinks.get(session_id)

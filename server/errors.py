@@ -252,3 +252,17 @@ class StoreUnavailable(SessionGateError):
 class ShuttingDown(SessionGateError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+
+
+class RequestNotFound(SessionGateError):
+    """RespondPermission/RespondElicitation: no such request on this session."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "REQUEST_NOT_FOUND"
+
+
+class RequestAnswered(SessionGateError):
+    """RespondPermission/RespondElicitation: the request was answered, expired or cancelled."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "REQUEST_ANSWERED"

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from server.agent import AgentProcess
 from server.errors import AgentExited, SessionGateError, StreamStalled, TurnTimeout
 from server.holder import AgentHolder
+from server.questions import Questions
 from server.settings import ServerLimits
 from server.turn import Notice, Turn, TurnEnd
 
@@ -40,6 +41,7 @@ class TurnHost(Protocol):
     limits: ServerLimits
     holder: AgentHolder
     ending: bool  # closing or shutting down: turns end CANCELLED, nothing respawns
+    questions: Questions  # the session's questions waiting on a client
 
     async def prepare_agent(self) -> None: ...
 
@@ -78,6 +80,7 @@ class TurnRunner:
         if self.turn.ended:
             return False
         self._cancel_requested = True
+        self.host.questions.cancel_all()  # ACP: open questions are answered `cancelled` at once
         self.turn.stop_holding_back()  # the agent's answer must get through
         if self._phase == "starting" and self.host.ending and self.task is not None:
             self.task.cancel()  # a start cannot be cancelled politely; the close must not wait for it
@@ -119,6 +122,7 @@ class TurnRunner:
                 turn.end(await self._prompt_turn())
             except SessionGateError as exc:
                 turn.end(exc)
+            self.host.questions.cancel_all()  # nobody may answer what this turn asked any more
             await self._recover()
         except asyncio.CancelledError:
             turn.end(self._forced or self.host.gone_error())
@@ -132,6 +136,7 @@ class TurnRunner:
             await self.host.holder.stop()
         finally:
             self._stop_prompt()
+            self.host.questions.cancel_all()
             self.host.turn_over(self)
 
     async def _prompt_turn(self) -> TurnEnd:
@@ -146,6 +151,7 @@ class TurnRunner:
         self._bound_at = turn.deadline + self._cleanup_bound()
         turn.last_event_at = self._now()  # the stall clock starts with the prompt
         agent.subscribe(acp_session_id, turn.push)
+        agent.ask_with(acp_session_id, self.host.questions.asker(turn))
         self._prompt = asyncio.get_running_loop().create_task(agent.prompt(acp_session_id, self.blocks))
         self._prompt.add_done_callback(self._prompt_done)
         while True:
@@ -164,8 +170,9 @@ class TurnRunner:
                     f"turn ran longer than the maximum turn duration ({turn.max_duration:g}s)",
                     metadata={"session_id": self.host.session_id, "max_turn_duration_s": turn.max_duration},
                 )
-            # An agent we hold back (backpressure) is not silent: its output waits on us.
-            idle = 0.0 if agent.reading_paused else now - turn.last_event_at
+            # An agent we hold back (backpressure), or one waiting for the client's answer to its
+            # question, is not silent: it waits on us.
+            idle = 0.0 if agent.reading_paused or turn.asking else now - turn.last_event_at
             if idle >= turn.stall_timeout:
                 raise self._stalled(idle)
             wake_at = min(turn.deadline, now + turn.stall_timeout - idle)

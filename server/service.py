@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 from acp import schema
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -34,7 +34,7 @@ from server.errors import (
 from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
 from server.session import Session, State
-from server.settings import Settings
+from server.settings import PERMISSION_POLICIES, Settings
 from server.turn import TurnEnd
 
 log = logging.getLogger("sessiongate.service")
@@ -48,6 +48,13 @@ MAX_NANOS = 999_999_999
 MAX_CWD = 4096  # characters (PATH_MAX)
 MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
+MAX_ANSWER_ID = 256  # characters of a request id or option id in an answer
+MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
+ELICITATION_ACTIONS = {
+    pb.ELICITATION_ACTION_ACCEPT: "accept",
+    pb.ELICITATION_ACTION_DECLINE: "decline",
+    pb.ELICITATION_ACTION_CANCEL: "cancel",
+}
 
 STATES = {
     State.IDLE: pb.SESSION_STATE_IDLE,
@@ -127,12 +134,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         agent, seq, outcome = "", 0, "client_gone"
         try:
             self._refuse_if_draining()
-            blocks, stall_timeout, wait_timeout = self._validate_prompt(request)
+            blocks, stall_timeout, wait_timeout, permissions = self._validate_prompt(request)
             session = self._pool.get(request.session_id)
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
             self._pool.admit_prompt()
             agent = session.config.name
-            turn = await session.begin_turn(blocks, stall_timeout, wait_timeout)
+            turn = await session.begin_turn(blocks, stall_timeout, wait_timeout, *permissions)
             try:
                 # The turn runs in its own task; this handler only relays its events.
                 while True:
@@ -208,6 +215,34 @@ class SessionService(pb_grpc.SessionServiceServicer):
         ]
         return pb.ListAgentsResponse(agents=agents, default_agent=self._settings.default_agent)
 
+    @unary
+    async def RespondPermission(
+        self, request: pb.RespondPermissionRequest, context: Any
+    ) -> pb.RespondPermissionResponse:
+        session_id = _required_id(request.session_id)
+        _check_answer_ids(request.request_id, ("option_id", request.option_id))
+        session = self._pool.get(session_id)
+        outcome = session.questions.answer_permission(request.request_id, request.option_id)
+        return pb.RespondPermissionResponse(outcome=translate.PERMISSION_OUTCOMES[outcome])
+
+    @unary
+    async def RespondElicitation(
+        self, request: pb.RespondElicitationRequest, context: Any
+    ) -> pb.RespondElicitationResponse:
+        session_id = _required_id(request.session_id)
+        _check_answer_ids(request.request_id)
+        action = ELICITATION_ACTIONS.get(request.action)
+        if action is None:
+            raise InvalidArgument.field("action", "must be ACCEPT, DECLINE or CANCEL")
+        if request.HasField("content") and action != "accept":
+            raise InvalidArgument.field("content", "only an ACCEPT answer carries content")
+        if request.content.ByteSize() > MAX_ELICITATION_CONTENT:
+            raise InvalidArgument.field("content", f"at most {MAX_ELICITATION_CONTENT} bytes")
+        session = self._pool.get(session_id)
+        content = json_format.MessageToDict(request.content) if action == "accept" else None
+        session.questions.answer_elicitation(request.request_id, action, content)
+        return pb.RespondElicitationResponse()
+
     # ---- validation ----------------------------------------------------------------------
 
     def _refuse_if_draining(self) -> None:
@@ -238,7 +273,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
             return self._settings.workdir, f"cannot be resolved: {clip(str(exc))}"
         return path, None
 
-    def _validate_prompt(self, request: pb.PromptRequest) -> tuple[list[Any], float, float]:
+    def _validate_prompt(
+        self, request: pb.PromptRequest
+    ) -> tuple[list[Any], float, float, tuple[str, float | None]]:
         violations = []
         if not request.session_id:
             violations.append(FieldViolation("session_id", "required"))
@@ -271,11 +308,25 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 violations.append(FieldViolation("wait_timeout", problem))
             else:
                 wait = min(seconds, self._limits.max_wait_timeout)
+        policy = request.permission_policy
+        if policy and policy not in PERMISSION_POLICIES:
+            violations.append(
+                FieldViolation(
+                    "permission_policy", "must be empty or one of " + ", ".join(PERMISSION_POLICIES)
+                )
+            )
+        permission_timeout: float | None = None
+        if request.HasField("permission_timeout"):
+            seconds, problem = _duration(request.permission_timeout, allow_zero=False)
+            if problem:
+                violations.append(FieldViolation("permission_timeout", problem))
+            else:
+                permission_timeout = min(seconds, self._limits.max_permission_timeout)
         if violations:
             raise InvalidArgument(violations)
         blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
         blocks.extend(translate.to_acp_block(b) for b in request.content)
-        return blocks, stall, wait
+        return blocks, stall, wait, (policy, permission_timeout)
 
 
 def _outcome(exc: Exception) -> str:
@@ -293,6 +344,18 @@ def _check_agent_allowed(agent: str) -> None:
             f"principal {principal.name!r} may not use agent {agent!r}",
             metadata={"principal": principal.name, "agent": agent},
         )
+
+
+def _check_answer_ids(request_id: str, *others: tuple[str, str]) -> None:
+    """A question's request id, and the other ids an answer names: required and bounded."""
+    violations = []
+    for name, value in (("request_id", request_id), *others):
+        if not value:
+            violations.append(FieldViolation(name, "required"))
+        elif len(value) > MAX_ANSWER_ID:
+            violations.append(FieldViolation(name, f"at most {MAX_ANSWER_ID} characters"))
+    if violations:
+        raise InvalidArgument(violations)
 
 
 def _required_id(session_id: str) -> str:

@@ -25,6 +25,7 @@ from server.agent import AgentProcess, Handshake
 from server.errors import SessionBusy, SessionGateError, SessionNotFound, ShuttingDown, TurnTimeout
 from server.holder import AgentFactory, AgentHolder, real_agent
 from server.owner import Owner
+from server.questions import Questions
 from server.runner import TurnRunner
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
@@ -109,6 +110,7 @@ class Session:
             on_exit=self._agent_exited,
         )
         self.runner: TurnRunner | None = None
+        self.questions = Questions(self.session_id)  # the agent's questions waiting on a client
         self.closed = False
         self.ending = False  # close or shutdown under way: turns end CANCELLED, nothing respawns
         self.draining = False  # the server drains: no new turn starts (running ones may finish)
@@ -261,7 +263,14 @@ class Session:
 
     # ---- turns -------------------------------------------------------------------------
 
-    async def begin_turn(self, blocks: list[Any], stall_timeout: float, wait_timeout: float) -> Turn:
+    async def begin_turn(
+        self,
+        blocks: list[Any],
+        stall_timeout: float,
+        wait_timeout: float,
+        permission_policy: str = "",
+        permission_timeout: float | None = None,
+    ) -> Turn:
         """Take the session for a turn and start its runner; the caller drains the Turn.
 
         Raises SessionBusy (not free within `wait_timeout`), SessionNotFound or ShuttingDown
@@ -283,6 +292,8 @@ class Session:
             stall_timeout=stall_timeout,
             max_duration=self.limits.max_turn_duration,
             max_event_bytes=self.limits.max_event_bytes,
+            permission_policy=permission_policy,
+            permission_timeout=permission_timeout or self.limits.permission_timeout,
         )
         runner = self.runner = TurnRunner(self, turn, blocks)
         runner.task = self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}")
@@ -347,6 +358,7 @@ class Session:
         agent = runner.turn.agent
         if agent is not None:
             agent.subscribe(self.agent_session_id, None)
+            agent.ask_with(self.agent_session_id, None)
             agent.resume_reading()
         if self.runner is runner:
             self.runner = None

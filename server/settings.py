@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-PERMISSION_POLICIES = ("approve-all", "approve-reads", "deny-all")
+PERMISSION_POLICIES = ("approve-all", "approve-reads", "deny-all", "ask")
 BUILTIN_AGENT = "echo"
 ENV_PREFIX = "SESSIONGATE_"
 
@@ -59,6 +59,10 @@ class ServerLimits:
     max_stall_timeout: float = 600.0
     max_turn_duration: float = 3600.0  # a turn running longer ends: TURN_TIMEOUT
     max_wait_timeout: float = 60.0  # per-request wait_timeout is clamped to this
+    # Under the `ask` policy: how long a permission request or elicitation waits on the client
+    # before it is rejected (declined); a turn's own permission_timeout is clamped to the maximum.
+    permission_timeout: float = 300.0
+    max_permission_timeout: float = 3600.0
     cancel_grace: float = 5.0  # after session/cancel, how long the agent has to end the turn
     kill_grace: float = 3.0  # after SIGTERM to the agent's group, how long before SIGKILL
     agent_start_timeout: float = 30.0  # spawn + initialize + session/new (or session/load)

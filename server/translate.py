@@ -9,11 +9,12 @@ import base64
 from typing import Any
 
 from acp import schema
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.agent import PermissionReport
 from server.agent_transport import RawUpdate
+from server.questions import ElicitationAsk, ElicitationReport, PermissionAsk
 from server.turn import Notice, TextRun, TurnEnd
 
 STOP_REASONS = {
@@ -28,6 +29,11 @@ TOOL_STATUSES = {
     "in_progress": pb.TOOL_CALL_STATUS_IN_PROGRESS,
     "completed": pb.TOOL_CALL_STATUS_COMPLETED,
     "failed": pb.TOOL_CALL_STATUS_FAILED,
+}
+ELICITATION_ACTIONS = {
+    "accept": pb.ELICITATION_ACTION_ACCEPT,
+    "decline": pb.ELICITATION_ACTION_DECLINE,
+    "cancel": pb.ELICITATION_ACTION_CANCEL,
 }
 PERMISSION_OUTCOMES = {
     "allowed": pb.PERMISSION_OUTCOME_ALLOWED,
@@ -190,6 +196,15 @@ def to_event(seq: int, item: Any, bounded: bool = False) -> pb.PromptEvent:
         return pb.PromptEvent(seq=seq, plan=pb.Plan(entries=entries))
     if isinstance(item, PermissionReport):
         return pb.PromptEvent(seq=seq, permission=_permission(item))
+    if isinstance(item, PermissionAsk):
+        return pb.PromptEvent(seq=seq, permission_request=_permission_request(item, bounded))
+    if isinstance(item, ElicitationAsk):
+        return pb.PromptEvent(seq=seq, elicitation_request=_elicitation_request(item, bounded))
+    if isinstance(item, ElicitationReport):
+        event = pb.ElicitationEvent(
+            request_id=item.request_id, action=ELICITATION_ACTIONS[item.action], policy=item.decided_by
+        )
+        return pb.PromptEvent(seq=seq, elicitation=event)
     if isinstance(item, Notice):
         return pb.PromptEvent(seq=seq, notice=pb.Notice(kind=item.kind, message=item.message))
     return pb.PromptEvent(seq=seq, other=_other(item, bounded))
@@ -300,13 +315,45 @@ def _permission(report: PermissionReport) -> pb.PermissionEvent:
     return pb.PermissionEvent(
         tool_call_id=report.tool_call_id,
         title=report.title,
-        options=[
-            pb.PermissionOption(option_id=o.option_id, name=o.name, kind=o.kind) for o in report.options
-        ],
+        options=_options(report.options),
         outcome=PERMISSION_OUTCOMES[report.outcome],
         selected_option_id=report.selected_option_id,
         policy=report.policy,
+        request_id=report.request_id,
     )
+
+
+def _options(options: tuple[schema.PermissionOption, ...]) -> list[pb.PermissionOption]:
+    return [pb.PermissionOption(option_id=o.option_id, name=o.name, kind=o.kind) for o in options]
+
+
+def _permission_request(ask: PermissionAsk, bounded: bool) -> pb.PermissionRequest:
+    return pb.PermissionRequest(
+        request_id=ask.request_id,
+        tool_call=pb.ToolCallUpdate(**_tool_fields(ask.tool_call, bounded)),
+        options=_options(ask.options),
+        expire_time=_timestamp(ask.expire_wall),
+    )
+
+
+def _elicitation_request(ask: ElicitationAsk, bounded: bool) -> pb.ElicitationRequest:
+    request = pb.ElicitationRequest(
+        request_id=ask.request_id,
+        message=ask.message,
+        mode=ask.mode,
+        url=ask.url,
+        tool_call_id=ask.tool_call_id,
+        expire_time=_timestamp(ask.expire_wall),
+    )
+    if ask.requested_schema is not None:
+        request.requested_schema.update(_depth_checked(ask.requested_schema, bounded))
+    return request
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
 
 
 def _other(update: Any, bounded: bool = False) -> pb.OtherUpdate:

@@ -78,6 +78,9 @@ class Turn:
     max_duration: float
     agent: AgentProcess | None = None
     max_event_bytes: int = 1_048_576  # a longer text chunk goes out as several events, in order
+    permission_policy: str = ""  # this turn's override of the agent's policy ("ask": the client decides)
+    permission_timeout: float = 300.0  # how long a question waits on the client (questions.py)
+    asking: int = 0  # questions waiting on the client now: the stall watchdog does not count
     started_at: float = field(default_factory=_now)  # loop time
     started_wall: float = field(default_factory=time.time)  # for display only
     last_event_at: float = field(default_factory=_now)  # loop time of the agent's last update

@@ -129,6 +129,9 @@ class FakeAgent:
         else:
             self.sinks[session_id] = sink
 
+    def ask_with(self, session_id: str, asker: Any) -> None:
+        pass  # the fake agent asks no questions
+
     def pause_reading(self) -> None:
         self.reading_paused = True
 

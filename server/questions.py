@@ -1,0 +1,285 @@
+"""Questions an agent asks during a turn, and who answers them.
+
+A permission request (`session/request_permission`) or an elicitation (`elicitation/create`)
+is decided by the turn's permission policy. Under `ask` the client decides: the question goes
+into the turn's stream as an event with a request id, and any connection of the session's
+owner answers it (RespondPermission / RespondElicitation) while the agent waits on us.
+
+Every wait is bounded by the turn's permission timeout (then the reject option, or decline),
+and every question still open is answered `cancelled` at once when the turn is cancelled,
+ends, or its session closes, as ACP requires. While a question is open the turn's stall
+watchdog does not count: the agent is silent because it waits on the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from acp import schema
+
+from server.errors import InvalidArgument, RequestAnswered, RequestNotFound, clip
+
+if TYPE_CHECKING:
+    from server.turn import Turn
+
+log = logging.getLogger("sessiongate.questions")
+
+READ_KINDS = frozenset({"read", "search", "think"})
+MAX_OPEN = 64  # questions one session may have open at once; more are cancelled at once
+SETTLED_KEPT = 256  # ids of settled questions remembered, to say "answered" rather than "unknown"
+MAX_SCHEMA_BYTES = 64 * 1024  # an elicitation schema larger than this is declined
+ELICITATION_ACTIONS = ("accept", "decline", "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a permission request got: outcome ("allowed", "rejected", "cancelled"), the
+    option selected, who decided (a policy name, "client", "timeout" or "cancelled")."""
+
+    outcome: str
+    option_id: str
+    decided_by: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionAsk:
+    """Turn item: a permission request waiting for the client's answer."""
+
+    request_id: str
+    tool_call: schema.ToolCallUpdate
+    options: tuple[schema.PermissionOption, ...]
+    expire_wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class ElicitationAsk:
+    """Turn item: an elicitation waiting for the client's answer."""
+
+    request_id: str
+    message: str
+    mode: str  # "form" or "url"
+    requested_schema: dict[str, Any] | None
+    url: str
+    tool_call_id: str
+    expire_wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class ElicitationReport:
+    """Turn item: what became of an elicitation."""
+
+    request_id: str
+    action: str  # accept, decline, cancel
+    decided_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ElicitationAnswer:
+    action: str
+    content: dict[str, Any] | None
+    decided_by: str
+    request_id: str = ""
+
+
+def decide_by_policy(policy: str, kind: str | None, options: list[schema.PermissionOption]) -> Decision:
+    """A decision under a fixed policy; "cancelled" when no offered option fits it."""
+    allow = policy == "approve-all" or (policy == "approve-reads" and kind in READ_KINDS)
+    wanted = ("allow_once", "allow_always") if allow else ("reject_once", "reject_always")
+    option_id = _first_of_kind(options, wanted)
+    if option_id is None:
+        return Decision("cancelled", "", policy)
+    return Decision("allowed" if allow else "rejected", option_id, policy)
+
+
+def _first_of_kind(options: list[schema.PermissionOption], kinds: tuple[str, ...]) -> str | None:
+    for wanted in kinds:
+        for option in options:
+            if option.kind == wanted:
+                return option.option_id
+    return None
+
+
+class _Cancelled:
+    """The answer given to every open question when its turn is cancelled."""
+
+
+CANCELLED = _Cancelled()
+
+
+@dataclass(eq=False)
+class _Open:
+    kind: str  # "permission" or "elicitation"
+    future: asyncio.Future[Any]
+    option_kinds: dict[str, str] = field(default_factory=dict)  # permission: option id -> ACP kind
+
+
+class Questions:
+    """One session's open questions, answerable from any connection of its owner."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self._open: dict[str, _Open] = {}
+        self._settled: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def asker(self, turn: Turn) -> TurnAsker:
+        return TurnAsker(self, turn)
+
+    # ---- answers from clients -----------------------------------------------------------
+
+    def answer_permission(self, request_id: str, option_id: str) -> str:
+        """Answer an open permission request; returns its outcome ("allowed" or "rejected")."""
+        question = self._find(request_id, "permission")
+        kind = question.option_kinds.get(option_id)
+        if kind is None:
+            offered = ", ".join(clip(o, 64) for o in list(question.option_kinds)[:10])
+            raise InvalidArgument.field("option_id", f"not one of the offered options ({offered})")
+        question.future.set_result(option_id)
+        return "allowed" if kind.startswith("allow") else "rejected"
+
+    def answer_elicitation(self, request_id: str, action: str, content: dict[str, Any] | None) -> None:
+        question = self._find(request_id, "elicitation")
+        question.future.set_result((action, content if action == "accept" else None))
+
+    def cancel_all(self) -> int:
+        """Answer every open question `cancelled` (turn cancelled or ended, session closed)."""
+        count = 0
+        for question in self._open.values():
+            if not question.future.done():
+                question.future.set_result(CANCELLED)
+                count += 1
+        return count
+
+    def _find(self, request_id: str, kind: str) -> _Open:
+        question = self._open.get(request_id)
+        if question is not None and question.kind == kind and not question.future.done():
+            return question
+        shown = clip(request_id, 64)
+        how = self._settled.get(request_id)
+        if question is not None or how is not None:
+            how = how or "answered"
+            raise RequestAnswered(
+                f"{kind} request {shown} was already {how}",
+                metadata={"session_id": self.session_id, "request_id": shown, "state": how},
+            )
+        raise RequestNotFound(
+            f"session {self.session_id} has no {kind} request {shown}",
+            metadata={"session_id": self.session_id, "request_id": shown},
+        )
+
+    # ---- the agent's side ----------------------------------------------------------------
+
+    async def _ask(
+        self, turn: Turn, kind: str, make_item: Any, option_kinds: dict[str, str]
+    ) -> tuple[str, Any]:
+        """Put a question to the client: ("client", answer), ("timeout", None) or
+        ("cancelled", None). Bounded by the turn's permission timeout."""
+        if turn.ended or len(self._open) >= MAX_OPEN:
+            if not turn.ended:
+                log.warning("too many open questions session=%s; cancelling one", self.session_id)
+            return "cancelled", None
+        request_id = secrets.token_urlsafe(12)
+        timeout = turn.permission_timeout
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._open[request_id] = _Open(kind, future, option_kinds)
+        turn.asking += 1
+        how = "cancelled"
+        try:
+            turn.push(make_item(request_id, time.time() + timeout))
+            async with asyncio.timeout(timeout):
+                answer = await future
+            if answer is CANCELLED:
+                return "cancelled", None
+            how = "answered"
+            return "client", answer
+        except TimeoutError:
+            how = "expired"
+            return "timeout", None
+        finally:
+            turn.asking -= 1
+            turn.last_event_at = asyncio.get_running_loop().time()  # the agent works again from now
+            self._open.pop(request_id, None)
+            self._settled[request_id] = how
+            while len(self._settled) > SETTLED_KEPT:
+                self._settled.popitem(last=False)
+
+
+class TurnAsker:
+    """The running turn's side of its session's questions: what the agent connection calls."""
+
+    def __init__(self, questions: Questions, turn: Turn) -> None:
+        self._questions = questions
+        self._turn = turn
+
+    def policy(self, default: str) -> str:
+        return self._turn.permission_policy or default
+
+    async def permission(
+        self, tool_call: schema.ToolCallUpdate, options: list[schema.PermissionOption], default: str
+    ) -> Decision:
+        policy = self.policy(default)
+        if policy != "ask":
+            return decide_by_policy(policy, tool_call.kind, options)
+        request_id = ""
+
+        def item(rid: str, expire: float) -> PermissionAsk:
+            nonlocal request_id
+            request_id = rid
+            return PermissionAsk(rid, tool_call, tuple(options), expire)
+
+        kinds: dict[str, str] = {o.option_id: o.kind for o in options}
+        how, answer = await self._questions._ask(self._turn, "permission", item, kinds)
+        if how == "client":
+            outcome = "allowed" if kinds[answer].startswith("allow") else "rejected"
+            return Decision(outcome, answer, "client", request_id)
+        if how == "timeout":
+            reject = _first_of_kind(options, ("reject_once", "reject_always"))
+            if reject is not None:
+                return Decision("rejected", reject, "timeout", request_id)
+            return Decision("cancelled", "", "timeout", request_id)
+        return Decision("cancelled", "", "cancelled", request_id)
+
+    async def elicitation(self, message: str, mode: Any, default: str) -> ElicitationAnswer:
+        policy = self.policy(default)
+        if policy != "ask":
+            return ElicitationAnswer("decline", None, policy)
+        requested = getattr(mode, "requested_schema", None)
+        schema_json = (
+            requested.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if requested is not None
+            else None
+        )
+        if schema_json is not None and len(repr(schema_json)) > MAX_SCHEMA_BYTES:
+            return ElicitationAnswer("decline", None, "too_large")
+        request_id = ""
+
+        def item(rid: str, expire: float) -> ElicitationAsk:
+            nonlocal request_id
+            request_id = rid
+            return ElicitationAsk(
+                request_id=rid,
+                message=message,
+                mode="url" if getattr(mode, "url", None) else "form",
+                requested_schema=schema_json,
+                url=getattr(mode, "url", None) or "",
+                tool_call_id=getattr(mode, "tool_call_id", None) or "",
+                expire_wall=expire,
+            )
+
+        how, answer = await self._questions._ask(self._turn, "elicitation", item, {})
+        if how == "client":
+            action, content = answer
+            return ElicitationAnswer(action, content, "client", request_id)
+        if how == "timeout":
+            return ElicitationAnswer("decline", None, "timeout", request_id)
+        return ElicitationAnswer("cancel", None, "cancelled", request_id)
