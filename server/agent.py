@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import acp
 from acp import schema
 
+from server.agent_logins import AgentLogins
 from server.agent_transport import READ_BUFFER, AgentTransport
 from server.descendants import Descendants
 from server.errors import (
@@ -28,7 +29,9 @@ from server.errors import (
     AgentError,
     AgentExited,
     AgentProtocolError,
+    AgentRefused,
     AgentUnavailable,
+    NotSupported,
     clip,
 )
 from server.questions import Decision, ElicitationAnswer, ElicitationReport, TurnAsker, decide_by_policy
@@ -201,6 +204,8 @@ class AgentProcess(Protocol):
 
     async def start(self, timeout: float) -> Handshake: ...
 
+    async def authenticate(self, method_id: str) -> None: ...
+
     async def load(self, cwd: str, session_id: str, timeout: float) -> None: ...
 
     async def new_session(self, cwd: str, timeout: float) -> str: ...
@@ -233,8 +238,10 @@ class AgentConnection:
         kill_grace: float,
         launcher: Launcher | None = None,
         workdir: WorkDir | None = None,
+        logins: AgentLogins | None = None,
     ) -> None:
         self.config = config
+        self._logins = logins  # the auth method this agent's processes authenticate with
         self._launcher = launcher or Launcher()
         self._workdir = workdir  # the session's checked directory; open until the spawn
         self.handshake: Handshake | None = None
@@ -280,7 +287,32 @@ class AgentConnection:
         """Spawn and `initialize` within `timeout`. On failure the caller terminates the agent."""
         async with self._bounded(timeout, "finish starting"):
             await self._spawn()
-            return await self._initialize()
+            handshake = await self._initialize()
+            method = self._logins.method(self.config.name) if self._logins is not None else ""
+            if method:
+                await self.authenticate(method)
+            return handshake
+
+    async def authenticate(self, method_id: str) -> None:
+        """ACP `authenticate` within the request timeout. A method the agent did not advertise
+        is NotSupported; an error answer is AgentRefused."""
+        name = self.config.name
+        methods = self.handshake.auth_methods if self.handshake is not None else ()
+        if method_id not in methods:
+            raise NotSupported(
+                f"agent {name!r} offers no auth method {clip(method_id, 100)!r}"
+                f" (it offers: {clip(', '.join(methods)) or 'none'})",
+                metadata={"agent": name, "auth_methods": ",".join(methods)},
+            )
+        try:
+            await self._call(self._connection().authenticate(method_id=method_id), "authenticate")
+        except (AgentUnavailable, AgentAuthRequired) as exc:
+            if not self.alive:
+                raise
+            raise AgentRefused(
+                f"agent {name!r} refused authenticate with {clip(method_id, 100)!r}: {exc.message}",
+                metadata={"agent": name, "method_id": clip(method_id, 100)},
+            ) from None
 
     async def load(self, cwd: str, session_id: str, timeout: float) -> None:
         """Resume an ACP session with `session/load` within `timeout`.

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
+from server.agent_logins import AgentLogins
 from server.auth import AuthInterceptor
 from server.holder import real_agents
 from server.metrics import Metrics
@@ -143,12 +144,14 @@ async def start_server(settings: Settings) -> RunningServer:
     secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, socket)
     launcher = Launcher.for_server(settings.state_db, secrets)
     say_sandboxes(launcher, settings.agents.values())
-    spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher)
+    logins = AgentLogins(settings.agents)
+    spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
+    agent_factory = real_agents(launcher, logins)
     pool = SessionPool(
         settings.limits,
         SessionStore(settings.state_db),
         spares,
-        agent_factory=real_agents(launcher),
+        agent_factory=agent_factory,
         roots=settings.roots,
         live_limit=live_limits(tokens, settings.authenticated),
     )
@@ -166,7 +169,9 @@ async def start_server(settings: Settings) -> RunningServer:
         options=server_options(settings.limits),
         maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
     )
-    service = SessionService(settings, pool, metrics)
+    service = SessionService(
+        settings, pool, metrics, logins=logins, agent_factory=agent_factory, spares=spares
+    )
     health = HealthServicer()
     pb_grpc.add_SessionServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -266,3 +266,17 @@ class RequestAnswered(SessionGateError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "REQUEST_ANSWERED"
+
+
+class AgentRefused(SessionGateError):
+    """The agent answered a mode, config option or authenticate call with an error."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AGENT_REFUSED"
+
+
+class NotSupported(SessionGateError):
+    """The agent does not offer what was asked (no modes, no such config option, no auth method)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "NOT_SUPPORTED"

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.agent import AgentConnection, AgentProcess
+from server.agent_logins import AgentLogins
 from server.errors import AgentAuthRequired, AgentUnavailable, CwdNotAllowed, SessionGateError
 from server.sandbox import Launcher
 from server.settings import AgentConfig, ServerLimits
@@ -34,8 +35,9 @@ log = logging.getLogger("sessiongate.holder")
 AgentFactory = Callable[[AgentConfig, ServerLimits, "WorkDir | None"], AgentProcess]
 
 
-def real_agents(launcher: Launcher) -> AgentFactory:
-    """Agents started by `launcher` (sandboxed or not, as each agent's config says)."""
+def real_agents(launcher: Launcher, logins: AgentLogins | None = None) -> AgentFactory:
+    """Agents started by `launcher` (sandboxed or not, as each agent's config says), that
+    authenticate as `logins` says."""
 
     def make(config: AgentConfig, limits: ServerLimits, workdir: WorkDir | None) -> AgentProcess:
         return AgentConnection(
@@ -44,6 +46,7 @@ def real_agents(launcher: Launcher) -> AgentFactory:
             kill_grace=limits.kill_grace,
             launcher=launcher,
             workdir=workdir,
+            logins=logins,
         )
 
     return make

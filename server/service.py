@@ -22,6 +22,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import principals, translate
+from server.agent_logins import AgentLogins
 from server.errors import (
     AgentNotAllowed,
     FieldViolation,
@@ -31,10 +32,12 @@ from server.errors import (
     ShuttingDown,
     clip,
 )
+from server.holder import AgentFactory
 from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
 from server.session import Session, State
 from server.settings import PERMISSION_POLICIES, Settings
+from server.spares import SparePool
 from server.turn import TurnEnd
 
 log = logging.getLogger("sessiongate.service")
@@ -96,11 +99,23 @@ def unary(
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
-    def __init__(self, settings: Settings, pool: SessionPool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: SessionPool,
+        metrics: Metrics,
+        *,
+        logins: AgentLogins,
+        agent_factory: AgentFactory,
+        spares: SparePool,
+    ) -> None:
         self._settings = settings
         self._limits = settings.limits
         self._pool = pool
         self._metrics = metrics
+        self._logins = logins
+        self._agent_factory = agent_factory
+        self._spares = spares
         self.draining = False
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -210,10 +225,43 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 args=list(a.args),
                 permission_policy=a.permission_policy,
                 is_default=a.name == self._settings.default_agent,
+                auth_method=self._logins.method(a.name),
             )
             for a in sorted(self._settings.agents.values(), key=lambda a: a.name)
         ]
         return pb.ListAgentsResponse(agents=agents, default_agent=self._settings.default_agent)
+
+    @unary
+    async def AuthenticateAgent(
+        self, request: pb.AuthenticateAgentRequest, context: Any
+    ) -> pb.AuthenticateAgentResponse:
+        principal = principals.current()
+        if not principal.admin:  # every user of the agent is affected: an operator's call
+            raise AgentNotAllowed(
+                f"principal {principal.name!r} may not authenticate agents (admins only)",
+                metadata={"principal": principal.name},
+            )
+        agent_name = request.agent or self._settings.default_agent
+        config = self._settings.agents.get(agent_name)
+        violations = []
+        if config is None:
+            violations.append(FieldViolation("agent", f"unknown agent {clip(agent_name, 100)!r}"))
+        if not request.method_id:
+            violations.append(FieldViolation("method_id", "required (AGENT_AUTH_REQUIRED lists the methods)"))
+        elif len(request.method_id) > MAX_ANSWER_ID:
+            violations.append(FieldViolation("method_id", f"at most {MAX_ANSWER_ID} characters"))
+        if violations:
+            raise InvalidArgument(violations)
+        assert config is not None
+        self._refuse_if_draining()
+        await self._logins.log_in(
+            config,
+            request.method_id,
+            lambda: self._agent_factory(config, self._limits, None),
+            self._limits,
+            on_success=lambda: self._spares.renew(config.name),
+        )
+        return pb.AuthenticateAgentResponse(agent=config.name, method_id=request.method_id)
 
     @unary
     async def RespondPermission(

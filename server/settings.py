@@ -47,6 +47,7 @@ class AgentConfig:
     rw_paths: tuple[str, ...] = ()  # sandboxed: extra paths the agent may write
     home: str = ""  # the agent's HOME, read-write (sandboxed default: <state dir>/homes/NAME)
     user: str = ""  # run the agent as this user (and its group); needs the server to run as root
+    auth_method: str = ""  # ACP auth method every process of this agent authenticates with first
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +248,7 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
         "permission_policy",
         "pass_env",
         "spares",
+        "auth_method",
         *SANDBOX_KEYS,
     }
     if unknown:
@@ -269,8 +271,11 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     spares = table.get("spares", 0)
     if not isinstance(spares, int) or isinstance(spares, bool) or spares < 0:
         raise ConfigError(f"{where}: `spares` must be a whole number, 0 or more")
+    auth_method = table.get("auth_method", "")
+    if not isinstance(auth_method, str):
+        raise ConfigError(f"{where}: `auth_method` must be a string (one of the agent's auth method ids)")
     config = AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
-    return replace(config, **_sandbox_from_toml(where, table))
+    return replace(config, auth_method=auth_method, **_sandbox_from_toml(where, table))
 
 
 SANDBOX_KEYS = ("sandbox", "network", "ro_paths", "rw_paths", "home", "user")

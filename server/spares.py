@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from server.agent import AgentConnection
+from server.agent_logins import AgentLogins
 from server.sandbox import Launcher
 from server.settings import AgentConfig, ServerLimits
 
@@ -29,8 +30,10 @@ class SparePool:
         limits: ServerLimits,
         on_agent_start: Callable[[str, bool], None] | None = None,
         launcher: Launcher | None = None,
+        logins: AgentLogins | None = None,
     ) -> None:
         self._limits = limits
+        self._logins = logins
         self._launcher = launcher or Launcher()
         self._configs = dict(agents)
         self._on_agent_start = on_agent_start
@@ -78,6 +81,12 @@ class SparePool:
         self._ready = {name: [] for name in self._ready}
         await asyncio.gather(*(spare.terminate(force=force) for spare in spares), return_exceptions=True)
 
+    async def renew(self, agent: str) -> None:
+        """End `agent`'s waiting spares and start new ones (they authenticated the old way)."""
+        stale, self._ready[agent] = self._ready.get(agent, []), []
+        await asyncio.gather(*(spare.terminate() for spare in stale), return_exceptions=True)
+        self._refill(agent)
+
     def _refill(self, agent: str, delay: float = 0.0) -> None:
         missing = self._wanted.get(agent, 0) - len(self._ready[agent]) - self._starting[agent]
         for _ in range(max(0, missing)):
@@ -95,6 +104,7 @@ class SparePool:
             request_timeout=self._limits.agent_request_timeout,
             kill_grace=self._limits.kill_grace,
             launcher=self._launcher,
+            logins=self._logins,
         )
         ok = False
         try:

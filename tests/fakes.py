@@ -129,6 +129,9 @@ class FakeAgent:
         else:
             self.sinks[session_id] = sink
 
+    async def authenticate(self, method_id: str) -> None:
+        pass
+
     def ask_with(self, session_id: str, asker: Any) -> None:
         pass  # the fake agent asks no questions
 
