@@ -21,7 +21,32 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /write PATH TEXT  write TEXT to PATH (relative: in the cwd); reply "wrote PATH" or "cannot write: <why>"
   /badresult        answer the turn with a stopReason that is not an ACP stop reason ("bogus"),
                     so the client's SDK fails validating the response
+  /mode MODE        switch its own mode (as an agent leaving plan mode does): current_mode_update,
+                    reply "mode MODE"; an unknown MODE fails the turn (invalid params)
+  /state            reply "mode=<mode> model=<model> verbose=<true|false>"
+  /title TEXT       session_info_update with title TEXT; reply "title set"
+  /usage USED SIZE  usage_update (USED of SIZE tokens, cost 0.01 USD); reply "usage sent"
+  /elicit           elicitation/create (form, tied to the session) asking "What is your name?";
+                    reply "elicitation accept <content as JSON>", "elicitation decline",
+                    "elicitation cancel", or "elicitation error <code>" (JSON-RPC error)
+  /fs-read PATH [LINE [LIMIT]]
+                    the client's fs/read_text_file (relative PATH: in the session's cwd); reply
+                    the content, or "fs error <code>: <message>" (JSON-RPC error)
+  /fs-write PATH TEXT
+                    the client's fs/write_text_file; reply "fs wrote PATH" or "fs error <code>: <message>"
+  /terminal [--limit N] [--keep] CMD...
+                    the client's terminal/create (sh -c CMD in the session's cwd, output limit N
+                    bytes, default 65536), a tool call (kind execute, id "echo-term-<n>") showing the
+                    terminal, then terminal/wait_for_exit (cancellable), terminal/output and
+                    terminal/release; reply "terminal exit <code|signal> truncated=<true|false>: <output>"
+                    ("terminal cancelled" on session/cancel). With --keep: reply "terminal kept <id>"
+                    right after the create, never waiting nor releasing (the client cleans up).
+                    JSON-RPC errors: "terminal error <code>: <message>"
+Sessions have modes `ask` and `code` (default; session/set_mode, refused during a turn) and
+config options `model` (select: echo-small (default), echo-large) and `verbose` (boolean,
+default false; session/set_config_option, allowed during a turn), kept with the session.
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
+--no-resume-session (do not advertise session/resume),
 --ignore-sigterm (SIGTERM is ignored: stopping the agent takes SIGKILL),
 --state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load and
 received cancels are logged (events.log); when given, the agent also records its PID there
@@ -32,13 +57,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import acp
 from acp import helpers, schema
@@ -51,6 +79,71 @@ AGENT_VERSION = "0.1.0"
 WORD_DELAY = 0.005  # seconds between echoed words: plausible streaming, fast tests
 CRASH_EXIT_CODE = 3
 ERROR_CODE = -32603
+INVALID_REQUEST_CODE = -32600
+TERMINAL_OUTPUT_LIMIT = 65536  # bytes, /terminal's default output_byte_limit
+TERMINAL_CLEANUP_TIMEOUT = 2.0  # seconds for each kill/release after a cancel or an error
+
+MODES = (
+    schema.SessionMode(id="ask", name="Ask", description="answers, changes nothing"),
+    schema.SessionMode(id="code", name="Code", description="may edit files"),
+)
+MODE_IDS = tuple(mode.id for mode in MODES)
+DEFAULT_MODE = "code"
+MODELS = {"echo-small": "Echo small", "echo-large": "Echo large"}
+DEFAULT_MODEL = "echo-small"
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Settings:
+    """A session's cwd (as the last new/load/resume gave it), mode and config option values."""
+
+    cwd: str
+    mode: str = DEFAULT_MODE
+    model: str = DEFAULT_MODEL
+    verbose: bool = False
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], cwd: str) -> Settings:
+        """The values kept in a session record; defaults for what is missing or invalid."""
+        config = record.get("config")
+        config = config if isinstance(config, dict) else {}
+        mode, model, verbose = record.get("mode"), config.get("model"), config.get("verbose")
+        return cls(
+            cwd=cwd,
+            mode=mode if mode in MODE_IDS else DEFAULT_MODE,
+            model=model if isinstance(model, str) and model in MODELS else DEFAULT_MODEL,
+            verbose=verbose if isinstance(verbose, bool) else False,
+        )
+
+    def store(self, record: dict[str, Any]) -> dict[str, Any]:
+        record["mode"] = self.mode
+        record["config"] = {"model": self.model, "verbose": self.verbose}
+        return record
+
+    def modes(self) -> schema.SessionModeState:
+        return schema.SessionModeState(current_mode_id=self.mode, available_modes=list(MODES))
+
+    def config_options(self) -> list[schema.SessionConfigOptionSelect | schema.SessionConfigOptionBoolean]:
+        return [
+            schema.SessionConfigOptionSelect(
+                type="select",
+                id="model",
+                name="Model",
+                category="model",
+                description="which echo model answers",
+                current_value=self.model,
+                options=[schema.SessionConfigSelectOption(value=v, name=n) for v, n in MODELS.items()],
+            ),
+            schema.SessionConfigOptionBoolean(
+                type="boolean",
+                id="verbose",
+                name="Verbose",
+                description="say more",
+                current_value=self.verbose,
+            ),
+        ]
 
 
 class EchoAgent:
@@ -60,6 +153,9 @@ class EchoAgent:
         self.client: Any = None
         self.cancelled: dict[str, asyncio.Event] = {}
         self.known: set[str] = set()
+        self.settings: dict[str, Settings] = {}
+        self.running: set[str] = set()  # sessions with a turn under way
+        self.terminals = 0  # /terminal tool calls so far (their ids: echo-term-<n>)
 
     def on_connect(self, conn: Any) -> None:
         self.client = conn
@@ -78,7 +174,10 @@ class EchoAgent:
             protocol_version=acp.PROTOCOL_VERSION,
             agent_capabilities=schema.AgentCapabilities(
                 load_session=not self.opts.no_load_session,
-                session_capabilities=schema.SessionCapabilities(close=schema.SessionCloseCapabilities()),
+                session_capabilities=schema.SessionCapabilities(
+                    close=schema.SessionCloseCapabilities(),
+                    resume=None if self.opts.no_resume_session else schema.SessionResumeCapabilities(),
+                ),
             ),
             auth_methods=auth,
             agent_info=schema.Implementation(name=AGENT_NAME, version=AGENT_VERSION, title="Echo agent"),
@@ -91,9 +190,12 @@ class EchoAgent:
         if self.opts.auth_required:
             raise acp.RequestError.auth_required({"authMethods": ["echo-login"]})
         session_id = f"echo-{uuid.uuid4().hex}"
-        self._save(session_id, {"cwd": cwd, "history": []})
-        self.known.add(session_id)
-        return schema.NewSessionResponse(session_id=session_id)
+        settings = Settings(cwd=cwd)
+        self._save(session_id, settings.store({"cwd": cwd, "history": []}))
+        self._activate(session_id, settings)
+        return schema.NewSessionResponse(
+            session_id=session_id, modes=settings.modes(), config_options=settings.config_options()
+        )
 
     async def load_session(self, cwd: str, session_id: str, **_: Any) -> schema.LoadSessionResponse:
         if self.opts.no_load_session:
@@ -104,12 +206,54 @@ class EchoAgent:
         for user_text, reply in record["history"]:  # replay, as ACP asks of session/load
             await self._send(session_id, acp.update_user_message_text(user_text))
             await self._send(session_id, acp.update_agent_message_text(reply))
-        self.known.add(session_id)
-        return schema.LoadSessionResponse()
+        settings = self._activate(session_id, Settings.from_record(record, cwd))
+        return schema.LoadSessionResponse(modes=settings.modes(), config_options=settings.config_options())
+
+    async def resume_session(self, cwd: str, session_id: str, **_: Any) -> schema.ResumeSessionResponse:
+        """Like session/load, without replaying the history."""
+        if self.opts.no_resume_session:
+            raise acp.RequestError.method_not_found("session/resume")
+        record = self._load(session_id)
+        if record is None:
+            raise acp.RequestError.invalid_params({"details": f"unknown session {session_id}"})
+        settings = self._activate(session_id, Settings.from_record(record, cwd))
+        return schema.ResumeSessionResponse(modes=settings.modes(), config_options=settings.config_options())
+
+    async def set_session_mode(
+        self, session_id: str, mode_id: str, **_: Any
+    ) -> schema.SetSessionModeResponse:
+        settings = self._settings(session_id)
+        if mode_id not in MODE_IDS:
+            raise acp.RequestError.invalid_params({"details": f"unknown mode {mode_id}"})
+        if session_id in self.running:
+            raise acp.RequestError(
+                INVALID_REQUEST_CODE, "cannot switch mode during a turn", {"sessionId": session_id}
+            )
+        await self._switch_mode(session_id, settings, mode_id)
+        return schema.SetSessionModeResponse()
+
+    async def set_config_option(
+        self, config_id: str, session_id: str, value: str | bool, **_: Any
+    ) -> schema.SetSessionConfigOptionResponse:
+        """Allowed during a turn. The SDK passes a bool for `type: "boolean"`, else a str."""
+        settings = self._settings(session_id)
+        if config_id == "model":
+            if not isinstance(value, str) or value not in MODELS:
+                raise acp.RequestError.invalid_params({"details": f"unknown model {value!r}"})
+            settings.model = value
+        elif config_id == "verbose":
+            if not isinstance(value, bool):
+                raise acp.RequestError.invalid_params({"details": f"verbose takes a boolean, not {value!r}"})
+            settings.verbose = value
+        else:
+            raise acp.RequestError.invalid_params({"details": f"unknown config option {config_id}"})
+        self._persist(session_id, settings)
+        return schema.SetSessionConfigOptionResponse(config_options=settings.config_options())
 
     async def close_session(self, session_id: str, **_: Any) -> schema.CloseSessionResponse:
         """The gateway closed the session for good: forget it, and delete what was stored."""
         self.known.discard(session_id)
+        self.settings.pop(session_id, None)
         if "/" not in session_id and not session_id.startswith("."):
             self._path(session_id).unlink(missing_ok=True)
         return schema.CloseSessionResponse()
@@ -129,10 +273,14 @@ class EchoAgent:
         handler = DIRECTIVES.get(directive) if directive.startswith("/") else None
         if directive == "/badresult":  # a dict is sent as is: the SDK validates only models
             return cast(schema.PromptResponse, {"stopReason": "bogus"})
-        if handler is not None:
-            reply, stop = await handler(self, session_id, rest, cancel)
-        else:
-            reply, stop = await self._normal_turn(session_id, text, cancel)
+        self.running.add(session_id)
+        try:
+            if handler is not None:
+                reply, stop = await handler(self, session_id, rest, cancel)
+            else:
+                reply, stop = await self._normal_turn(session_id, text, cancel)
+        finally:
+            self.running.discard(session_id)
         self._remember(session_id, text, reply)
         words = len(text.split())
         usage = schema.Usage(input_tokens=words, output_tokens=len(reply.split()), total_tokens=words * 2)
@@ -271,6 +419,143 @@ class EchoAgent:
         await self._send(session_id, acp.update_agent_message_text(reply))
         return reply, "end_turn"
 
+    async def _mode(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        mode_id = rest.strip()
+        if mode_id not in MODE_IDS:
+            raise acp.RequestError.invalid_params({"details": f"/mode needs one of {', '.join(MODE_IDS)}"})
+        await self._switch_mode(session_id, self._settings(session_id), mode_id)
+        return await self._reply(session_id, f"mode {mode_id}")
+
+    async def _state(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        settings = self._settings(session_id)
+        verbose = "true" if settings.verbose else "false"
+        return await self._reply(session_id, f"mode={settings.mode} model={settings.model} verbose={verbose}")
+
+    async def _title(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        title = rest.strip()
+        if not title:
+            raise acp.RequestError.invalid_params({"details": "/title needs TEXT"})
+        await self._send(
+            session_id, schema.SessionInfoUpdate(session_update="session_info_update", title=title)
+        )
+        return await self._reply(session_id, "title set")
+
+    async def _usage(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        try:
+            used, size = (int(part) for part in rest.split())
+            update = schema.UsageUpdate(
+                session_update="usage_update",
+                used=used,
+                size=size,
+                cost=schema.Cost(amount=0.01, currency="USD"),
+            )
+        except ValueError:  # also pydantic's, for negative numbers
+            raise acp.RequestError.invalid_params({"details": "/usage needs USED SIZE (tokens)"}) from None
+        await self._send(session_id, update)
+        return await self._reply(session_id, "usage sent")
+
+    async def _elicit(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        mode = schema.ElicitationFormSessionMode(
+            session_id=session_id,
+            requested_schema=schema.ElicitationSchema(
+                type="object",
+                properties={"name": schema.ElicitationStringPropertySchema(type="string")},
+                required=["name"],
+            ),
+        )
+        try:
+            answer = await self.client.create_elicitation(message="What is your name?", mode=mode)
+        except acp.RequestError as exc:
+            return await self._reply(session_id, f"elicitation error {exc.code}")
+        if answer.action == "accept":
+            reply = f"elicitation accept {json.dumps(answer.content or {}, sort_keys=True)}"
+        else:
+            reply = f"elicitation {answer.action}"
+        return await self._reply(session_id, reply, "cancelled" if cancel.is_set() else "end_turn")
+
+    async def _fs_read(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        parts = rest.split()
+        try:
+            path = parts[0]
+            line = int(parts[1]) if len(parts) > 1 else None
+            limit = int(parts[2]) if len(parts) > 2 else None
+        except (IndexError, ValueError):
+            raise acp.RequestError.invalid_params({"details": "/fs-read needs PATH [LINE [LIMIT]]"}) from None
+        try:
+            response = await self.client.read_text_file(
+                session_id=session_id, path=self._in_cwd(session_id, path), line=line, limit=limit
+            )
+        except acp.RequestError as exc:
+            return await self._reply(session_id, f"fs error {exc.code}: {exc}")
+        return await self._reply(session_id, response.content)
+
+    async def _fs_write(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        path, _, text = rest.strip().partition(" ")
+        if not path:
+            raise acp.RequestError.invalid_params({"details": "/fs-write needs PATH TEXT"})
+        try:
+            await self.client.write_text_file(
+                session_id=session_id, path=self._in_cwd(session_id, path), content=text
+            )
+        except acp.RequestError as exc:
+            return await self._reply(session_id, f"fs error {exc.code}: {exc}")
+        return await self._reply(session_id, f"fs wrote {path}")
+
+    async def _terminal(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        limit, keep, command = _terminal_args(rest)
+        cwd = self._settings(session_id).cwd
+        self.terminals += 1
+        tool_call_id = f"echo-term-{self.terminals}"
+        terminal_id: str | None = None  # until released
+        shown = False  # the tool call was sent
+        try:
+            created = await self.client.create_terminal(
+                session_id=session_id,
+                command="sh",
+                args=["-c", command],
+                cwd=cwd or None,
+                output_byte_limit=limit,
+            )
+            terminal_id = created.terminal_id
+            await self._send(
+                session_id,
+                helpers.start_tool_call(
+                    tool_call_id,
+                    f"Running: {command}",
+                    kind="execute",
+                    status="in_progress",
+                    content=[helpers.tool_terminal_ref(terminal_id)],
+                    raw_input={"command": command},
+                ),
+            )
+            shown = True
+            if keep:  # left running for the client to clean up
+                await self._send(session_id, acp.update_tool_call(tool_call_id, status="completed"))
+                return await self._reply(session_id, f"terminal kept {terminal_id}")
+            finished, exited = await _unless_cancelled(
+                self.client.wait_for_terminal_exit(session_id=session_id, terminal_id=terminal_id), cancel
+            )
+            if not finished or exited is None:
+                await self._drop_terminal(session_id, terminal_id, kill=True)
+                await self._send(session_id, acp.update_tool_call(tool_call_id, status="failed"))
+                return await self._reply(session_id, "terminal cancelled", "cancelled")
+            output = await self.client.terminal_output(session_id=session_id, terminal_id=terminal_id)
+            released, terminal_id = terminal_id, None
+            await self.client.release_terminal(session_id=session_id, terminal_id=released)
+        except acp.RequestError as exc:
+            if terminal_id is not None and not keep:
+                await self._drop_terminal(session_id, terminal_id, kill=False)
+            if shown:
+                await self._send(session_id, acp.update_tool_call(tool_call_id, status="failed"))
+            return await self._reply(session_id, f"terminal error {exc.code}: {exc}")
+        status = exited.exit_code if exited.exit_code is not None else exited.signal or "unknown"
+        await self._send(
+            session_id,
+            acp.update_tool_call(tool_call_id, status="completed" if exited.exit_code == 0 else "failed"),
+        )
+        truncated = "true" if output.truncated else "false"
+        return await self._reply(session_id, f"terminal exit {status} truncated={truncated}: {output.output}")
+
     async def _commands(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         # Advertise the directives as slash commands, as real agents advertise theirs.
         commands = [
@@ -286,6 +571,45 @@ class EchoAgent:
 
     async def _send(self, session_id: str, update: Any) -> None:
         await self.client.session_update(session_id=session_id, update=update)
+
+    async def _reply(
+        self, session_id: str, text: str, stop: StopReason = "end_turn"
+    ) -> tuple[str, StopReason]:
+        """Send the turn's reply as one message chunk."""
+        await self._send(session_id, acp.update_agent_message_text(text))
+        return text, stop
+
+    def _activate(self, session_id: str, settings: Settings) -> Settings:
+        self.known.add(session_id)
+        self.settings[session_id] = settings
+        return settings
+
+    def _settings(self, session_id: str) -> Settings:
+        settings = self.settings.get(session_id)
+        if settings is None:
+            raise acp.RequestError.invalid_params({"details": f"unknown session {session_id}"})
+        return settings
+
+    def _persist(self, session_id: str, settings: Settings) -> None:
+        self._save(session_id, settings.store(self._load(session_id) or {"cwd": settings.cwd, "history": []}))
+
+    async def _switch_mode(self, session_id: str, settings: Settings, mode_id: str) -> None:
+        settings.mode = mode_id
+        self._persist(session_id, settings)
+        await self._send(session_id, helpers.update_current_mode(mode_id))
+
+    def _in_cwd(self, session_id: str, path: str) -> str:
+        cwd = self._settings(session_id).cwd
+        return path if os.path.isabs(path) or not cwd else os.path.join(cwd, path)
+
+    async def _drop_terminal(self, session_id: str, terminal_id: str, *, kill: bool) -> None:
+        """Best effort, bounded: kill (when asked) and release a terminal we give up on."""
+        calls = [self.client.kill_terminal] if kill else []
+        for call in [*calls, self.client.release_terminal]:
+            with contextlib.suppress(acp.RequestError, TimeoutError):
+                await asyncio.wait_for(
+                    call(session_id=session_id, terminal_id=terminal_id), TERMINAL_CLEANUP_TIMEOUT
+                )
 
     def _path(self, session_id: str) -> Path:
         return self.state_dir / "sessions" / f"{session_id}.json"
@@ -331,7 +655,53 @@ DIRECTIVES = {
     "/write": EchoAgent._write,
     "/commands": EchoAgent._commands,
     "/history": EchoAgent._history,
+    "/mode": EchoAgent._mode,
+    "/state": EchoAgent._state,
+    "/title": EchoAgent._title,
+    "/usage": EchoAgent._usage,
+    "/elicit": EchoAgent._elicit,
+    "/fs-read": EchoAgent._fs_read,
+    "/fs-write": EchoAgent._fs_write,
+    "/terminal": EchoAgent._terminal,
 }
+
+
+async def _unless_cancelled(call: Awaitable[T], cancel: asyncio.Event) -> tuple[bool, T | None]:
+    """(True, result) of `call`, or (False, None) as soon as `cancel` is set (`call` is cancelled)."""
+    task = asyncio.ensure_future(call)
+    waiter = asyncio.ensure_future(cancel.wait())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return True, task.result()
+    return False, None
+
+
+def _terminal_args(rest: str) -> tuple[int, bool, str]:
+    """[--limit N] [--keep] CMD... from /terminal's arguments."""
+    limit, keep, rest = TERMINAL_OUTPUT_LIMIT, False, rest.strip()
+    while True:
+        head, _, tail = rest.partition(" ")
+        if head == "--keep":
+            keep, rest = True, tail.lstrip()
+        elif head == "--limit":
+            value, _, tail = tail.lstrip().partition(" ")
+            try:
+                limit = int(value)
+            except ValueError:
+                raise acp.RequestError.invalid_params({"details": "/terminal --limit needs N"}) from None
+            if limit < 0:
+                raise acp.RequestError.invalid_params({"details": "/terminal --limit needs N >= 0"})
+            rest = tail.lstrip()
+        else:
+            break
+    if not rest:
+        raise acp.RequestError.invalid_params({"details": "/terminal needs CMD"})
+    return limit, keep, rest
 
 
 def _head(path: str, size: int) -> bytes:
@@ -366,6 +736,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fail-init", action="store_true", help="answer initialize with a JSON-RPC error")
     parser.add_argument("--no-load-session", action="store_true", help="do not advertise session/load")
     parser.add_argument(
+        "--no-resume-session", action="store_true", help="do not advertise (nor answer) session/resume"
+    )
+    parser.add_argument(
         "--ignore-sigterm", action="store_true", help="ignore SIGTERM: stopping the agent takes SIGKILL"
     )
     parser.add_argument(
@@ -388,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
         pids = opts.state_dir / "pids"
         pids.mkdir(parents=True, exist_ok=True)
         (pids / str(os.getpid())).write_text(str(os.getpgrp()))
-    # session/close is stable in ACP 1.21; this SDK still routes it only as "unstable".
+    # session/close is stable in ACP 1.21; this SDK still routes it (and session/resume) only as
+    # "unstable".
     asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts)), use_unstable_protocol=True))
 
 
