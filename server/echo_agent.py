@@ -153,6 +153,7 @@ class EchoAgent:
         self.client: Any = None
         self.cancelled: dict[str, asyncio.Event] = {}
         self.known: set[str] = set()
+        self.logged_in = False  # --auth-required: until `authenticate` with "echo-login"
         self.settings: dict[str, Settings] = {}
         self.running: set[str] = set()  # sessions with a turn under way
         self.terminals = 0  # /terminal tool calls so far (their ids: echo-term-<n>)
@@ -183,11 +184,17 @@ class EchoAgent:
             agent_info=schema.Implementation(name=AGENT_NAME, version=AGENT_VERSION, title="Echo agent"),
         )
 
-    async def authenticate(self, method_id: str, **_: Any) -> None:
-        raise acp.RequestError.auth_required({"details": "the echo agent cannot be logged into"})
+    async def authenticate(self, method_id: str, **_: Any) -> schema.AuthenticateResponse:
+        # With --auth-required, "echo-login" logs this process in (its key, if ECHO_AGENT_KEY is
+        # set, must be "open-sesame": like an API key passed with pass_env); anything else fails.
+        key_ok = os.environ.get("ECHO_AGENT_KEY", "open-sesame") == "open-sesame"
+        if not self.opts.auth_required or method_id != "echo-login" or not key_ok:
+            raise acp.RequestError.auth_required({"details": "echo agent: login refused"})
+        self.logged_in = True
+        return schema.AuthenticateResponse()
 
     async def new_session(self, cwd: str, **_: Any) -> schema.NewSessionResponse:
-        if self.opts.auth_required:
+        if self.opts.auth_required and not self.logged_in:
             raise acp.RequestError.auth_required({"authMethods": ["echo-login"]})
         session_id = f"echo-{uuid.uuid4().hex}"
         settings = Settings(cwd=cwd)

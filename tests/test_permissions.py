@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -298,3 +298,54 @@ async def test_grpcurl_in_another_process_answers_a_permission(gate: Gate, grpcu
     assert "PERMISSION_OUTCOME_ALLOWED" in out.decode()
     events = await asking.finish()
     assert reply_text(events) == "permission allow"
+
+
+async def test_an_elicitation_is_answered_by_the_client_declined_on_timeout_and_without_ask(
+    gate: Gate,
+) -> None:
+    session = await gate.create()
+    asking = Asking(gate, session.session_id, "/elicit")
+    event = await asking.question("elicitation_request")
+    request = event.elicitation_request
+    assert request.mode == "form" and request.message == "What is your name?"
+    assert request.requested_schema["properties"]["name"]["type"] == "string"
+    content = struct_pb2.Struct()
+    content.update({"name": "Ada"})
+    rejected = await expect_error(
+        gate.stub.RespondElicitation(
+            pb.RespondElicitationRequest(
+                session_id=session.session_id,
+                request_id=request.request_id,
+                action=pb.ELICITATION_ACTION_DECLINE,
+                content=content,
+            ),
+            timeout=5,
+        )
+    )
+    assert "content" in rejected.violations  # only an accept carries content
+    await gate.stub.RespondElicitation(
+        pb.RespondElicitationRequest(
+            session_id=session.session_id,
+            request_id=request.request_id,
+            action=pb.ELICITATION_ACTION_ACCEPT,
+            content=content,
+        ),
+        timeout=5,
+    )
+    events = await asking.finish()
+    assert reply_text(events) == 'elicitation accept {"name": "Ada"}'
+    [outcome] = [e.elicitation for e in events if e.HasField("elicitation")]
+    assert outcome.action == pb.ELICITATION_ACTION_ACCEPT and outcome.policy == "client"
+    assert outcome.request_id == request.request_id
+
+    # Nobody answers: declined when the permission timeout passes.
+    asking = Asking(gate, session.session_id, "/elicit", permission_timeout=seconds(1))
+    await asking.question("elicitation_request")
+    events = await asking.finish()
+    assert reply_text(events) == "elicitation decline"
+    assert [e.elicitation.policy for e in events if e.HasField("elicitation")] == ["timeout"]
+
+    # Without `ask` nobody is asked: declined by the policy.
+    events = await gate.prompt(session.session_id, "/elicit")
+    assert reply_text(events) == "elicitation decline"
+    assert "elicitation_request" not in kinds(events)

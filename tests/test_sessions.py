@@ -25,6 +25,38 @@ async def test_auth_required_agent_fails_create_with_failed_precondition(make_ga
     assert not await asyncio.to_thread(wait_gone, gate.agent_pids(), 5), "the refused agent was left running"
 
 
+async def test_authenticate_agent_clears_auth_required_without_a_restart(make_gate: GateFactory) -> None:
+    gate: Gate = await make_gate(agents={"locked": ("--auth-required",)})
+    refused = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="locked")))
+    assert refused.reason == "AGENT_AUTH_REQUIRED"
+    unknown = await expect_error(
+        gate.stub.AuthenticateAgent(pb.AuthenticateAgentRequest(agent="locked", method_id="sso"), timeout=30)
+    )
+    assert (unknown.code, unknown.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NOT_SUPPORTED")
+    assert unknown.metadata["auth_methods"] == "echo-login"
+    bad = await expect_error(
+        gate.stub.AuthenticateAgent(pb.AuthenticateAgentRequest(agent="nobody", method_id=""), timeout=5)
+    )
+    assert set(bad.violations) == {"agent", "method_id"}
+    done = await gate.stub.AuthenticateAgent(
+        pb.AuthenticateAgentRequest(agent="locked", method_id="echo-login"), timeout=30
+    )
+    assert (done.agent, done.method_id) == ("locked", "echo-login")
+    agents = await gate.stub.ListAgents(pb.ListAgentsRequest(), timeout=5)
+    assert {a.name: a.auth_method for a in agents.agents}["locked"] == "echo-login"
+    # Every new process of the agent now authenticates first: sessions open, and turns run.
+    session = await gate.create(agent="locked")
+    events = await gate.prompt(session.session_id, "/state")
+    assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
+    # An agent that refuses the login: AGENT_REFUSED, and nothing changes.
+    refusing = await expect_error(
+        gate.stub.AuthenticateAgent(
+            pb.AuthenticateAgentRequest(agent="echo", method_id="echo-login"), timeout=30
+        )
+    )
+    assert refusing.reason == "NOT_SUPPORTED"  # the plain echo agent offers no auth method
+
+
 async def test_agent_that_cannot_start_is_agent_unavailable(make_gate: GateFactory) -> None:
     gate: Gate = await make_gate(agents={"missing": ("command", "/nonexistent/agent-binary")})
     error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="missing")))
