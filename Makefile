@@ -24,7 +24,7 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
 		cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	else \
-		echo "npm not found: the Node client, buf and codex-acp tests will be skipped"; \
+		echo "npm not found: the Node client, buf, codex-acp and Zed example agent tests will be skipped"; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -308,7 +308,8 @@ async def test_an_elicitation_is_answered_by_the_client_declined_on_timeout_and_
     event = await asking.question("elicitation_request")
     request = event.elicitation_request
     assert request.mode == "form" and request.message == "What is your name?"
-    assert request.requested_schema["properties"]["name"]["type"] == "string"
+    requested = json_format.MessageToDict(request.requested_schema)
+    assert requested["properties"]["name"]["type"] == "string"
     content = struct_pb2.Struct()
     content.update({"name": "Ada"})
     rejected = await expect_error(
