@@ -197,6 +197,10 @@ class TurnRunner:
             if self.host.ending:  # we ended the agent ourselves (close, shutdown)
                 return TurnEnd("cancelled")
             raise
+        if self._cancel_requested and response.stop_reason != "cancelled":
+            # ACP: after session/cancel an agent answers `cancelled`; one that says otherwise
+            # (Zed's example agent does) still ends a cancelled turn, as CancelPrompt promises.
+            return TurnEnd("cancelled", response.usage)
         return TurnEnd(response.stop_reason, response.usage)
 
     def _stalled(self, idle: float) -> StreamStalled:

@@ -253,9 +253,9 @@ async def test_cancel_prompt_while_the_example_waits_for_an_answer(gate: Gate) -
     assert (permission.policy, permission.outcome) == ("cancelled", pb.PERMISSION_OUTCOME_CANCELLED)
     assert permission.request_id == request.request_id and not permission.selected_option_id
     assert ALLOWED_TEXT not in reply_text(events) and REJECTED_TEXT not in reply_text(events)
-    # The example returns `end_turn` after a cancelled permission request (ACP asks an agent for
-    # `cancelled` after session/cancel); sessiongate reports the agent's stop reason as given.
-    assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
+    # The example answers `end_turn` after a cancelled permission request (ACP asks an agent for
+    # `cancelled` after session/cancel): the turn was cancelled, and CancelPrompt says so.
+    assert events[-1].result.stop_reason == pb.STOP_REASON_CANCELLED
     # The session and its agent work on.
     events = await gate.prompt(session.session_id, "again", permission_policy="approve-all")
     assert decision(events).outcome == pb.PERMISSION_OUTCOME_ALLOWED
