@@ -6,7 +6,8 @@ be alive" is decided in one place:
 
 - `ensure()` (called by whoever owns the session) starts an agent if none runs: it waits for
   a previous stop to finish, takes a slot, uses a warm spare or spawns, and resumes the ACP
-  session with `session/load`, falling back to `session/new` when the load is refused.
+  session with `session/resume` (or `session/load` when the agent offers no resume, or
+  refuses it), falling back to `session/new` when both are refused.
 - `stop()` ends the agent in a task of its own: a caller cancelled half-way (a client gone,
   a second signal) never leaves a process group running or a slot taken. The slot is given
   back when the group is gone.
@@ -17,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from server.agent import AgentConnection, AgentProcess
 from server.agent_logins import AgentLogins
@@ -53,6 +56,17 @@ def real_agents(launcher: Launcher, logins: AgentLogins | None = None) -> AgentF
 
 
 real_agent = real_agents(Launcher())  # unconfined unless an agent asks for bwrap
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The ACP session `ensure()` left running."""
+
+    session_id: str
+    resumed: bool  # the session asked for; False: a new one (its context was reset)
+    # The agent's answer to session/new, /resume or /load (its modes and config options);
+    # None when the agent was already running.
+    response: Any = None
 
 
 class AgentHolder:
@@ -91,16 +105,16 @@ class AgentHolder:
     def stopping(self) -> bool:
         return self._stopping is not None and not self._stopping.done()
 
-    async def ensure(self, cwd: str, resume_id: str, requester: object) -> tuple[str, bool]:
-        """Make sure an agent runs with the ACP session open; returns (ACP session id, resumed).
+    async def ensure(self, cwd: str, resume_id: str, requester: object) -> Opened:
+        """Make sure an agent runs with the ACP session open.
 
         A running agent is kept. Otherwise one is started within the start timeout, and
-        `resume_id` (if any) is loaded; a refused load opens a new session (resumed=False,
-        the caller tells the client its context was reset). On any failure, or if the caller
-        is cancelled, nothing is left running and the slot is free again.
+        `resume_id` (if any) is resumed or loaded; if both are refused a new session is opened
+        (resumed=False, the caller tells the client its context was reset). On any failure, or
+        if the caller is cancelled, nothing is left running and the slot is free again.
         """
         if self.alive:
-            return resume_id, True
+            return Opened(resume_id, True)
         await self.stop()  # a dead agent's group may still hold children; an earlier stop may still run
         # The directory is checked against the roots in force now, and the agent is started in
         # exactly the directory checked: CwdNotAllowed leaves the session as it was.
@@ -110,7 +124,7 @@ class AgentHolder:
         finally:
             workdir.close()  # the agent has its own hold on the directory by now
 
-    async def _start(self, workdir: WorkDir, resume_id: str, requester: object) -> tuple[str, bool]:
+    async def _start(self, workdir: WorkDir, resume_id: str, requester: object) -> Opened:
         await self._slots.acquire(requester)  # may suspend another idle session, or PoolExhausted
         self.has_slot = True
         spare = self._spares.take(self.config.name) if self._spares is not None else None
@@ -124,7 +138,7 @@ class AgentHolder:
                     started = True
                     if self._on_agent_start is not None:
                         self._on_agent_start(self.config.name, True)
-                acp_session_id, resumed = await self._open(agent, workdir.path, resume_id)
+                opened = await self._open(agent, workdir.path, resume_id)
         except BaseException as exc:
             if not started and self._on_agent_start is not None and isinstance(exc, SessionGateError):
                 self._on_agent_start(self.config.name, False)
@@ -143,7 +157,7 @@ class AgentHolder:
             raise AgentUnavailable(
                 f"agent {self.config.name!r} exited while starting", metadata={"agent": self.config.name}
             )
-        return acp_session_id, resumed
+        return opened
 
     async def start_for_cleanup(self, cwd: str, requester: object) -> AgentProcess | None:
         """An agent started only to tidy up after its session (no ACP session opened), or None
@@ -170,22 +184,29 @@ class AgentHolder:
         finally:
             workdir.close()
 
-    async def _open(self, agent: AgentProcess, cwd: str, resume_id: str) -> tuple[str, bool]:
-        """Load `resume_id` if the agent can; else, or if the load is refused, a new session."""
+    async def _open(self, agent: AgentProcess, cwd: str, resume_id: str) -> Opened:
+        """Resume `resume_id` with session/resume if the agent offers it (no history replayed),
+        else, or if that is refused, with session/load; else, or if that is refused too, a new
+        session."""
         timeout = self.limits.agent_start_timeout
-        if resume_id and agent.handshake is not None and agent.handshake.load_session:
-            try:
-                await agent.load(cwd, resume_id, timeout)
-                return resume_id, True
-            except AgentAuthRequired:
-                raise
-            except AgentUnavailable as exc:
-                if not agent.alive:
+        handshake = agent.handshake
+        if resume_id and handshake is not None:
+            ways = [("session/resume", agent.resume)] if handshake.resume_session else []
+            if handshake.load_session:
+                ways.append(("session/load", agent.load))
+            for method, way in ways:
+                try:
+                    return Opened(resume_id, True, await way(cwd, resume_id, timeout))
+                except AgentAuthRequired:
                     raise
-                log.warning(
-                    "session/load refused; opening a new ACP session agent=%s: %s", self.config.name, exc
-                )
-        return await agent.new_session(cwd, timeout), False
+                except AgentUnavailable as exc:
+                    if not agent.alive:
+                        raise
+                    log.warning("%s refused agent=%s: %s", method, self.config.name, exc)
+            if ways:
+                log.warning("opening a new ACP session instead agent=%s", self.config.name)
+        response = await agent.new_session(cwd, timeout)
+        return Opened(response.session_id, False, response)
 
     async def stop(self, force: bool = False) -> None:
         """End the agent's process group and give back the slot; idempotent and safe to cancel.

@@ -34,6 +34,7 @@ from typing import Any
 
 from server import principals
 from server.agent import Handshake
+from server.agent_state import AgentState
 from server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
 from server.holder import AgentFactory, real_agent
 from server.quotas import PromptRate, check_room
@@ -144,6 +145,7 @@ class SessionPool:
             last_active_time=record.last_active_time if record else 0.0,
             agent_session_id=record.agent_session_id if record else "",
             handshake=_handshake(record.agent_info) if record else None,
+            agent_state=AgentState.from_json(record.agent_state) if record else None,
         )
 
     # ---- the map -------------------------------------------------------------------------
@@ -443,6 +445,7 @@ def _record(session: Session) -> SessionRecord:
             "title": hs.title,
             "load_session": hs.load_session,
             "close_session": hs.close_session,
+            "resume_session": hs.resume_session,
         }
     return SessionRecord(
         session_id=session.session_id,
@@ -456,6 +459,7 @@ def _record(session: Session) -> SessionRecord:
         last_active_time=session.last_active_time,
         agent_info=info,
         owner=session.owner_name,
+        agent_state=session.agent_state.to_json(),
     )
 
 
@@ -469,6 +473,7 @@ def _handshake(info: Mapping[str, object]) -> Handshake | None:
         load_session=bool(info.get("load_session", False)),
         auth_methods=(),
         close_session=bool(info.get("close_session", False)),
+        resume_session=bool(info.get("resume_session", False)),
     )
 
 

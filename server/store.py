@@ -28,7 +28,7 @@ from server.errors import ShuttingDown, StoreUnavailable, clip
 
 log = logging.getLogger("sessiongate.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id       TEXT PRIMARY KEY,
@@ -40,13 +40,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     request_id       TEXT NOT NULL,
     create_time      REAL NOT NULL,
     last_active_time REAL NOT NULL,
-    agent_info       TEXT NOT NULL   -- JSON object: name, version, title, load_session, close_session
+    agent_info       TEXT NOT NULL   -- JSON object: name, version, title, load_session, close_session,
+                                     -- resume_session
 );
 CREATE INDEX IF NOT EXISTS sessions_request_id ON sessions (request_id) WHERE request_id != '';
 """
 # Each schema version's step from the one before; a database is brought up to date at open.
 MIGRATIONS = {
     2: "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';",  # the principal's name
+    # What the agent reported about the session (agent_state.py), as a JSON object; '' before.
+    3: "ALTER TABLE sessions ADD COLUMN agent_state TEXT NOT NULL DEFAULT '';",
 }
 COLUMNS = ", ".join(
     (
@@ -61,6 +64,7 @@ COLUMNS = ", ".join(
         "last_active_time",
         "agent_info",
         "owner",
+        "agent_state",
     )
 )
 
@@ -87,6 +91,7 @@ class SessionRecord:
     last_active_time: float
     agent_info: dict[str, Any] = field(default_factory=dict)
     owner: str = ""
+    agent_state: dict[str, Any] = field(default_factory=dict)  # AgentState.to_json()
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -101,11 +106,12 @@ class SessionRecord:
             self.last_active_time,
             json.dumps(self.agent_info, sort_keys=True),
             self.owner,
+            json.dumps(self.agent_state, sort_keys=True) if self.agent_state else "",
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> SessionRecord:
-        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info, owner = row
+        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info, owner, agent_state = row
         return cls(
             sid,
             agent,
@@ -118,7 +124,17 @@ class SessionRecord:
             active,
             json.loads(info),
             owner,
+            _json_object(agent_state),
         )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A stored JSON object; an empty or unreadable one (a record from before) is {}."""
+    try:
+        value = json.loads(text) if text else {}
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class SessionStore:
