@@ -22,6 +22,7 @@ import acp
 from acp import schema
 
 from server.agent_logins import AgentLogins
+from server.agent_state import STATE_UPDATES, TurnUsage
 from server.agent_transport import READ_BUFFER, AgentTransport
 from server.descendants import Descendants
 from server.errors import (
@@ -70,6 +71,10 @@ class PermissionReport:
 # What flows from an agent into a turn: ACP updates as the SDK parsed them, or our reports.
 TurnItem = Any
 UpdateSink = Callable[[TurnItem], None]
+StateWatcher = Callable[[Any], None]  # gets a session's STATE_UPDATES items and TurnUsage
+HELD_UPDATES = 32  # state updates kept per session until it is watched (the latest)
+HELD_SESSIONS = 8  # sessions whose state updates are kept until watched
+STALE_ON_OPEN = ("current_mode_update", "config_option_update")  # what an open's answer supersedes
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,7 @@ class Handshake:
     load_session: bool
     auth_methods: tuple[str, ...]
     close_session: bool = False  # it advertised `session/close`
+    resume_session: bool = False  # it advertised `session/resume`
 
 
 def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolError:
@@ -206,9 +212,17 @@ class AgentProcess(Protocol):
 
     async def authenticate(self, method_id: str) -> None: ...
 
-    async def load(self, cwd: str, session_id: str, timeout: float) -> None: ...
+    async def load(self, cwd: str, session_id: str, timeout: float) -> Any: ...
 
-    async def new_session(self, cwd: str, timeout: float) -> str: ...
+    async def resume(self, cwd: str, session_id: str, timeout: float) -> Any: ...
+
+    async def new_session(self, cwd: str, timeout: float) -> schema.NewSessionResponse: ...
+
+    async def set_mode(self, session_id: str, mode_id: str) -> None: ...
+
+    async def set_config_option(
+        self, session_id: str, config_id: str, value: str | bool
+    ) -> schema.SetSessionConfigOptionResponse: ...
 
     async def close_session(self, session_id: str, timeout: float) -> None: ...
 
@@ -217,6 +231,8 @@ class AgentProcess(Protocol):
     async def cancel(self, session_id: str) -> None: ...
 
     def subscribe(self, session_id: str, sink: UpdateSink | None) -> None: ...
+
+    def watch(self, session_id: str, watcher: StateWatcher | None) -> None: ...
 
     def ask_with(self, session_id: str, asker: TurnAsker | None) -> None: ...
 
@@ -253,6 +269,8 @@ class AgentConnection:
         self._descendants: Descendants | None = None  # unsandboxed: finds what left the group
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
+        self._watchers: dict[str, StateWatcher] = {}  # per ACP session, turn or not (agent_state.py)
+        self._held: dict[str, collections.deque[Any]] = {}  # state updates of unwatched sessions
         self._askers: dict[str, TurnAsker] = {}  # the running turn's questions, per ACP session
         self._cancelling: set[str] = set()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -314,30 +332,84 @@ class AgentConnection:
                 metadata={"agent": name, "method_id": clip(method_id, 100)},
             ) from None
 
-    async def load(self, cwd: str, session_id: str, timeout: float) -> None:
-        """Resume an ACP session with `session/load` within `timeout`.
+    async def load(self, cwd: str, session_id: str, timeout: float) -> schema.LoadSessionResponse:
+        """Resume an ACP session with `session/load` within `timeout`; returns the agent's
+        answer (its modes and config options).
 
         The history the agent replays while loading reaches no sink (nobody subscribed yet),
-        so it is not re-sent to any client.
+        so it is not re-sent to any client; modes and options it replays are superseded by
+        the answer.
         """
         async with self._bounded(timeout, "load the session"):
-            await self._call(
+            response: schema.LoadSessionResponse = await self._call(
                 self._connection().load_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
                 "session/load",
             )
+        self._drop_held(session_id, STALE_ON_OPEN)
+        return response
+
+    async def resume(self, cwd: str, session_id: str, timeout: float) -> schema.ResumeSessionResponse:
+        """Resume an ACP session with `session/resume` (no history replayed) within `timeout`;
+        returns the agent's answer (its modes and config options)."""
+        async with self._bounded(timeout, "resume the session"):
+            response: schema.ResumeSessionResponse = await self._call(
+                self._connection().resume_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
+                "session/resume",
+            )
+        self._drop_held(session_id, STALE_ON_OPEN)
+        return response
+
+    async def set_mode(self, session_id: str, mode_id: str) -> None:
+        """`session/set_mode` within the request timeout; an error answer is AgentRefused."""
+        await self._call(
+            self._refusable(
+                self._connection().set_session_mode(session_id=session_id, mode_id=mode_id),
+                "session/set_mode",
+            ),
+            "session/set_mode",
+        )
+
+    async def set_config_option(
+        self, session_id: str, config_id: str, value: str | bool
+    ) -> schema.SetSessionConfigOptionResponse:
+        """`session/set_config_option` within the request timeout; returns every option with its
+        value now. An error answer is AgentRefused."""
+        response: schema.SetSessionConfigOptionResponse = await self._call(
+            self._refusable(
+                self._connection().set_config_option(config_id=config_id, session_id=session_id, value=value),
+                "session/set_config_option",
+            ),
+            "session/set_config_option",
+        )
+        return response
+
+    async def _refusable(self, request: Awaitable[T], method: str) -> T:
+        """A request the agent may refuse (not a failure of the agent): its JSON-RPC error
+        answer is AgentRefused, with the agent's message (clipped)."""
+        try:
+            return await request
+        except acp.RequestError as exc:
+            if self.auth_required(exc) is not None:
+                raise  # _call makes it AGENT_AUTH_REQUIRED
+            name = self.config.name
+            raise AgentRefused(
+                f"agent {name!r} refused {method}: {clip(str(exc))}",
+                metadata={"agent": name, "method": method, "code": exc.code, "message": clip(str(exc))},
+            ) from None
 
     async def close_session(self, session_id: str, timeout: float) -> None:
         """`session/close` within `timeout`: the agent may free (and forget) what it kept for it."""
         async with self._bounded(timeout, "close the session"):
             await self._call(self._connection().close_session(session_id=session_id), "session/close")
 
-    async def new_session(self, cwd: str, timeout: float) -> str:
-        """Open a new ACP session within `timeout`; returns its id."""
+    async def new_session(self, cwd: str, timeout: float) -> schema.NewSessionResponse:
+        """Open a new ACP session within `timeout`; returns the agent's answer (its id, modes
+        and config options)."""
         async with self._bounded(timeout, "open a session"):
             response: schema.NewSessionResponse = await self._call(
                 self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
             )
-            return response.session_id
+            return response
 
     @contextlib.asynccontextmanager
     async def _bounded(self, timeout: float, what: str) -> AsyncIterator[None]:
@@ -442,6 +514,9 @@ class AgentConnection:
             close_session=bool(
                 capabilities.session_capabilities and capabilities.session_capabilities.close is not None
             ),
+            resume_session=bool(
+                capabilities.session_capabilities and capabilities.session_capabilities.resume is not None
+            ),
         )
         return self.handshake
 
@@ -476,6 +551,8 @@ class AgentConnection:
             ) from exc
         except ValueError as exc:  # pydantic's ValidationError: the answer is not a PromptResponse
             raise protocol_error(name, "session/prompt", exc) from None
+        if response.usage is not None:
+            self._to_watcher(session_id, TurnUsage(response.usage))
         return response
 
     async def cancel(self, session_id: str) -> None:
@@ -506,6 +583,16 @@ class AgentConnection:
         else:
             self._sinks[session_id] = sink
 
+    def watch(self, session_id: str, watcher: StateWatcher | None) -> None:
+        """Hand `session_id`'s state updates (modes, options, commands, title, usage), turn or
+        not, to `watcher`, starting with those that came while nobody watched; None stops."""
+        if watcher is None:
+            self._watchers.pop(session_id, None)
+            return
+        self._watchers[session_id] = watcher
+        for item in self._held.pop(session_id, ()):
+            watcher(item)
+
     def ask_with(self, session_id: str, asker: TurnAsker | None) -> None:
         """Questions the agent asks about `session_id` go to `asker` (the running turn's)."""
         if asker is None:
@@ -520,6 +607,29 @@ class AgentConnection:
         sink = self._sinks.get(session_id)
         if sink is not None:
             sink(item)
+        if getattr(item, "session_update", None) in STATE_UPDATES:
+            self._to_watcher(session_id, item)
+
+    def _to_watcher(self, session_id: str, item: Any) -> None:
+        """To the session's watcher; kept (the latest few) while it has none, e.g. the commands
+        an agent announces right after answering session/new, before the session watches."""
+        watcher = self._watchers.get(session_id)
+        if watcher is not None:
+            watcher(item)
+            return
+        held = self._held.get(session_id)
+        if held is None:
+            if len(self._held) >= HELD_SESSIONS:
+                del self._held[next(iter(self._held))]
+            held = self._held[session_id] = collections.deque(maxlen=HELD_UPDATES)
+        held.append(item)
+
+    def _drop_held(self, session_id: str, kinds: tuple[str, ...]) -> None:
+        held = self._held.get(session_id)
+        if held is not None:
+            self._held[session_id] = collections.deque(
+                (i for i in held if getattr(i, "session_update", None) not in kinds), maxlen=HELD_UPDATES
+            )
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit code once the process has exited, or None if it is still running at `timeout`."""

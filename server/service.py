@@ -23,6 +23,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import principals, translate
 from server.agent_logins import AgentLogins
+from server.agent_state import MAX_ID, SessionUsage
 from server.errors import (
     AgentNotAllowed,
     FieldViolation,
@@ -291,6 +292,26 @@ class SessionService(pb_grpc.SessionServiceServicer):
         session.questions.answer_elicitation(request.request_id, action, content)
         return pb.RespondElicitationResponse()
 
+    @unary
+    async def SetSessionMode(self, request: pb.SetSessionModeRequest, context: Any) -> pb.Session:
+        session_id = _required_id(request.session_id)
+        _check_state_ids(("mode_id", request.mode_id))
+        session = self._pool.get(session_id)
+        _check_agent_allowed(session.config.name)
+        await session.set_mode(request.mode_id)
+        return session_proto(session)
+
+    @unary
+    async def SetSessionConfigOption(
+        self, request: pb.SetSessionConfigOptionRequest, context: Any
+    ) -> pb.Session:
+        session_id = _required_id(request.session_id)
+        _check_state_ids(("config_id", request.config_id), ("value", request.value))
+        session = self._pool.get(session_id)
+        _check_agent_allowed(session.config.name)
+        await session.set_config_option(request.config_id, request.value)
+        return session_proto(session)
+
     # ---- validation ----------------------------------------------------------------------
 
     def _refuse_if_draining(self) -> None:
@@ -406,6 +427,18 @@ def _check_answer_ids(request_id: str, *others: tuple[str, str]) -> None:
         raise InvalidArgument(violations)
 
 
+def _check_state_ids(*fields: tuple[str, str]) -> None:
+    """A mode id, config option id or value: required, and no longer than any an agent can offer."""
+    violations = []
+    for name, value in fields:
+        if not value:
+            violations.append(FieldViolation(name, "required"))
+        elif len(value.encode()) > MAX_ID:
+            violations.append(FieldViolation(name, f"at most {MAX_ID} bytes"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
 def _required_id(session_id: str) -> str:
     problem = _session_id_problem(session_id)
     if problem:
@@ -468,6 +501,14 @@ def session_proto(session: Session) -> pb.Session:
     if session.handshake is not None:
         hs = session.handshake
         message.agent_info.CopyFrom(pb.AgentInfo(name=hs.name, version=hs.version, title=hs.title))
+    state = session.agent_state
+    if state.modes:
+        message.modes.CopyFrom(translate.session_modes(state))
+    message.config_options.extend(translate.config_option(o) for o in state.config_options)
+    message.available_commands.extend(translate.available_command(c) for c in state.commands)
+    message.title = state.title
+    if state.usage != SessionUsage():
+        message.usage.CopyFrom(translate.session_usage(state.usage))
     turn = session.turn
     if turn is not None:
         message.turn_start_time.CopyFrom(_timestamp(turn.started_wall))

@@ -12,16 +12,18 @@ task. A client that goes away, or stops reading, only drops its own view of the 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from server import logs
 from server.agent import AgentProcess, Handshake
+from server.agent_state import AgentState
 from server.errors import SessionBusy, SessionGateError, SessionNotFound, ShuttingDown, TurnTimeout
 from server.holder import AgentFactory, AgentHolder, real_agent
 from server.owner import Owner
@@ -85,6 +87,7 @@ class Session:
         last_active_time: float = 0.0,
         agent_session_id: str = "",
         handshake: Handshake | None = None,
+        agent_state: AgentState | None = None,
     ) -> None:
         self.session_id = session_id or new_session_id()
         self.config = config
@@ -97,6 +100,10 @@ class Session:
         self.last_active_time = last_active_time or self.create_time
         self.handshake = handshake  # kept while suspended and across restarts, for GetSession
         self.agent_session_id = agent_session_id
+        # Modes, config options, commands, title, usage: kept up to date by the agent's
+        # connection (watch), also while no turn runs; kept while suspended and across restarts.
+        self.agent_state = agent_state or AgentState()
+        self._agent_calls = 0  # SetSessionMode/SetSessionConfigOption calls on the running agent
         self.owner = Owner(on_release=self._released)
         self.holder = AgentHolder(
             config,
@@ -223,7 +230,13 @@ class Session:
 
         Not once closed: a closing session's agent is its close's to end.
         """
-        return not self.owner.busy and self.holder.alive and not self.ending and not self.closed
+        return (
+            not self.owner.busy
+            and self.holder.alive
+            and not self.ending
+            and not self.closed
+            and not self._agent_calls  # a mode or option being set on it
+        )
 
     async def suspend(self) -> bool:
         """Stop the agent of an idle session, keeping the session (eviction, idle TTL).
@@ -331,17 +344,89 @@ class Session:
         self._check_open()
         if self.holder.alive:  # the usual case: nothing to start, nothing to store
             return
-        acp_session_id, resumed = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
-        if self.agent_session_id and not resumed:
+        opened = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
+        if self.agent_session_id and not opened.resumed:
             self._context_reset = True
-        self.agent_session_id = acp_session_id
+        if not opened.resumed:
+            self.agent_state.forget_session()  # what an old ACP session reported is gone with it
+        self.agent_session_id = opened.session_id
+        if opened.response is not None:
+            self.agent_state.apply_response(opened.response)
         agent = self.holder.agent
-        if agent is not None and agent.handshake is not None:
-            self.handshake = agent.handshake
+        if agent is not None:
+            if agent.handshake is not None:
+                self.handshake = agent.handshake
+            agent.watch(opened.session_id, self._state_watcher(agent))
         if self.ending:  # closed or shut down while we were starting: do not keep the agent
             await self.holder.stop()
             self._check_open()
         self._changed()
+
+    # ---- modes and config options (not waiting for a turn) ------------------------------
+
+    async def set_mode(self, mode_id: str) -> None:
+        """SetSessionMode: `session/set_mode` to the agent, also during a turn (the agent decides:
+        AgentRefused). Unknown mode: InvalidArgument; an agent without modes: NotSupported."""
+        async with self._agent_for_call(lambda: self.agent_state.check_mode(mode_id)) as agent:
+            await agent.set_mode(self.agent_session_id, mode_id)
+            self.agent_state.set_mode(mode_id)
+            self._changed()
+
+    async def set_config_option(self, config_id: str, value: str) -> None:
+        """SetSessionConfigOption: `session/set_config_option`, like set_mode; the agent answers
+        with every option and its value now."""
+
+        def check() -> str | bool:
+            return self.agent_state.check_option(config_id, value)
+
+        async with self._agent_for_call(check) as agent:
+            response = await agent.set_config_option(self.agent_session_id, config_id, check())
+            self.agent_state.apply_response(response)
+            self._changed()
+
+    @contextlib.asynccontextmanager
+    async def _agent_for_call(self, check: Callable[[], object]) -> AsyncIterator[AgentProcess]:
+        """The running agent, for a call that does not take the turn: during a turn, or idle, the
+        agent as it is (not evicted meanwhile); a SUSPENDED session is resumed first, owned as a
+        start owns it. Busy otherwise (starting, stopping, recovering). `check` vets the request
+        against what the agent offers, before anything is started when that is known."""
+        logs.bind(session=self.session_id, agent=self.config.name)
+        self._check_open()
+        if self.agent_state.known or self.holder.alive:
+            check()  # a bad request resumes nothing
+        role, agent, turn = self.owner.role, self.holder.agent, self.turn
+        # Idle, or a turn under way (its agent is ready once the turn has it: not while starting).
+        ready = role is None or (role == "turn" and turn is not None and turn.agent is agent)
+        if ready and agent is not None and agent.alive:
+            self._agent_calls += 1
+            try:
+                yield agent
+            finally:
+                self._agent_calls -= 1
+            return
+        if role is not None or not self.owner.try_take("start"):
+            raise self._busy()
+        try:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down; retry on another instance")
+            await self.prepare_agent()
+            self.last_active_time = time.time()
+            check()  # against what the resumed agent offers
+            agent = self.holder.agent
+            assert agent is not None, "prepare_agent leaves a running agent"
+            yield agent
+        finally:
+            self._release()
+
+    def _state_watcher(self, agent: AgentProcess) -> Callable[[object], None]:
+        """What `agent` reports about the session (modes, options, commands, title, usage), turn
+        or not, kept in the session's state and stored."""
+
+        def on_update(item: object) -> None:
+            if agent is self.holder.agent and self.agent_state.apply_update(item):
+                self._changed()
+
+        return on_update
 
     def take_notice(self) -> Notice | None:
         if not self._context_reset:

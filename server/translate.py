@@ -12,8 +12,10 @@ from acp import schema
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server import agent_state
 from server.agent import PermissionReport
 from server.agent_transport import RawUpdate
+from server.errors import clip
 from server.questions import ElicitationAsk, ElicitationReport, PermissionAsk
 from server.turn import Notice, TextRun, TurnEnd
 
@@ -194,6 +196,23 @@ def to_event(seq: int, item: Any, bounded: bool = False) -> pb.PromptEvent:
             pb.PlanEntry(content=e.content, priority=e.priority, status=e.status) for e in item.entries
         ]
         return pb.PromptEvent(seq=seq, plan=pb.Plan(entries=entries))
+    if kind == "current_mode_update":
+        return pb.PromptEvent(
+            seq=seq, mode_update=pb.ModeUpdate(current_mode_id=agent_state.current_mode_id(item))
+        )
+    if kind == "config_option_update":
+        options = [config_option(o) for o in agent_state.config_options(item.config_options)]
+        return pb.PromptEvent(seq=seq, config_update=pb.ConfigUpdate(config_options=options))
+    if kind == "available_commands_update":
+        commands = [available_command(c) for c in agent_state.commands(item.available_commands)]
+        return pb.PromptEvent(seq=seq, commands_update=pb.CommandsUpdate(available_commands=commands))
+    if kind == "session_info_update":
+        info = pb.SessionInfo(
+            title=agent_state.session_title(item), updated_at=clip(item.updated_at or "", 100)
+        )
+        return pb.PromptEvent(seq=seq, session_info=info)
+    if kind == "usage_update":
+        return pb.PromptEvent(seq=seq, usage_update=session_usage(agent_state.context_usage(item)))
     if isinstance(item, PermissionReport):
         return pb.PromptEvent(seq=seq, permission=_permission(item))
     if isinstance(item, PermissionAsk):
@@ -373,15 +392,57 @@ def _other(update: Any, bounded: bool = False) -> pb.OtherUpdate:
 def _result(end: TurnEnd) -> pb.TurnResult:
     result = pb.TurnResult(stop_reason=STOP_REASONS.get(end.stop_reason, pb.STOP_REASON_UNSPECIFIED))
     if end.usage is not None:
-        u = end.usage
-        result.usage.CopyFrom(
-            pb.Usage(
-                input_tokens=u.input_tokens,
-                output_tokens=u.output_tokens,
-                total_tokens=u.total_tokens,
-                thought_tokens=u.thought_tokens or 0,
-                cached_read_tokens=u.cached_read_tokens or 0,
-                cached_write_tokens=u.cached_write_tokens or 0,
-            )
-        )
+        result.usage.CopyFrom(token_usage(agent_state.token_usage(end.usage)))
     return result
+
+
+# ---- session state (agent_state.py) -> proto: Session fields and the turn's events alike ----
+
+
+def session_modes(state: agent_state.AgentState) -> pb.SessionModes:
+    modes = [pb.SessionMode(id=m.id, name=m.name, description=m.description) for m in state.modes]
+    return pb.SessionModes(current_mode_id=state.current_mode_id, available_modes=modes)
+
+
+def config_option(option: agent_state.ConfigOption) -> pb.ConfigOption:
+    return pb.ConfigOption(
+        id=option.id,
+        name=option.name,
+        description=option.description,
+        category=option.category,
+        type=option.type,
+        current_value=option.current_value,
+        values=[
+            pb.ConfigOptionValue(value=v.value, name=v.name, description=v.description, group=v.group)
+            for v in option.values
+        ],
+    )
+
+
+def available_command(command: agent_state.Command) -> pb.AvailableCommand:
+    return pb.AvailableCommand(
+        name=command.name, description=command.description, input_hint=command.input_hint
+    )
+
+
+def session_usage(usage: agent_state.SessionUsage) -> pb.SessionUsage:
+    message = pb.SessionUsage(
+        context_used=usage.context_used,
+        context_size=usage.context_size,
+        cost_amount=usage.cost_amount,
+        cost_currency=usage.cost_currency,
+    )
+    if usage.last_turn is not None:
+        message.last_turn.CopyFrom(token_usage(usage.last_turn))
+    return message
+
+
+def token_usage(usage: agent_state.TokenUsage) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        total_tokens=usage.total_tokens,
+        thought_tokens=usage.thought_tokens,
+        cached_read_tokens=usage.cached_read_tokens,
+        cached_write_tokens=usage.cached_write_tokens,
+    )

@@ -56,6 +56,7 @@ class FakeAgent:
         self.terminate_calls = 0
         self.terminated = asyncio.Event()  # terminate() finished: the "process group" is gone
         self.sinks: dict[str, UpdateSink] = {}
+        self.watchers: dict[str, Callable[[Any], None]] = {}  # state updates, turn or not
         self.sessions: list[str] = []
         self.closed_sessions: list[str] = []  # session/close calls
         self._on_exit: Callable[[Any], None] | None = None
@@ -83,18 +84,30 @@ class FakeAgent:
         self.handshake = Handshake("fake", "1", "Fake", self.behaviour.load_session, ())
         return self.handshake
 
-    async def load(self, cwd: str, session_id: str, timeout: float) -> None:
+    async def load(self, cwd: str, session_id: str, timeout: float) -> schema.LoadSessionResponse:
         if self.behaviour.refuse_load:
             raise AgentUnavailable(f"fake agent: unknown session {session_id}")
         self.sessions.append(session_id)
+        return schema.LoadSessionResponse()
+
+    async def resume(self, cwd: str, session_id: str, timeout: float) -> schema.ResumeSessionResponse:
+        raise AgentUnavailable("fake agent: no session/resume")  # not advertised either
+
+    async def set_mode(self, session_id: str, mode_id: str) -> None:
+        raise AgentUnavailable("fake agent: no session modes")
+
+    async def set_config_option(
+        self, session_id: str, config_id: str, value: str | bool
+    ) -> schema.SetSessionConfigOptionResponse:
+        raise AgentUnavailable("fake agent: no config options")
 
     async def close_session(self, session_id: str, timeout: float) -> None:
         self.closed_sessions.append(session_id)
 
-    async def new_session(self, cwd: str, timeout: float) -> str:
+    async def new_session(self, cwd: str, timeout: float) -> schema.NewSessionResponse:
         session_id = f"fake-{self.pid_value}-{len(self.sessions)}"
         self.sessions.append(session_id)
-        return session_id
+        return schema.NewSessionResponse(session_id=session_id)
 
     async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
         self._cancelled.clear()
@@ -128,6 +141,12 @@ class FakeAgent:
             self.sinks.pop(session_id, None)
         else:
             self.sinks[session_id] = sink
+
+    def watch(self, session_id: str, watcher: Callable[[Any], None] | None) -> None:
+        if watcher is None:
+            self.watchers.pop(session_id, None)
+        else:
+            self.watchers[session_id] = watcher
 
     async def authenticate(self, method_id: str) -> None:
         pass

@@ -106,8 +106,9 @@ async def test_a_pool_full_of_turns_whose_clients_stopped_reading_recovers_at_th
 
 
 async def test_resume_with_session_load_keeps_the_agent_side_history(make_gate: GateFactory) -> None:
-    gate: Gate = await make_gate(max_sessions=1)
-    session = await gate.create()
+    # An agent without session/resume (the built-in one prefers it: test_session_state.py).
+    gate: Gate = await make_gate(agents={"loader": ("--no-resume-session",)}, max_sessions=1)
+    session = await gate.create(agent="loader")
     await gate.prompt(session.session_id, "remember this")
     await gate.create()  # takes the only slot: the first session is suspended
     assert await gate.state(session.session_id) == pb.SESSION_STATE_SUSPENDED
@@ -124,7 +125,8 @@ async def test_resume_with_session_load_keeps_the_agent_side_history(make_gate: 
 
 
 async def test_resume_without_load_session_starts_with_a_context_reset_notice(make_gate: GateFactory) -> None:
-    gate: Gate = await make_gate(agents={"forgetful": ("--no-load-session",)}, max_sessions=1)
+    forgetful = ("--no-load-session", "--no-resume-session")  # neither resumes nor loads
+    gate: Gate = await make_gate(agents={"forgetful": forgetful}, max_sessions=1)
     session = await gate.create(agent="forgetful")
     await gate.prompt(session.session_id, "remember this")
     await gate.create()  # suspends the forgetful session

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server.echo_agent import flood_chunk
@@ -66,13 +66,13 @@ async def test_normal_turn_streams_every_update_kind_in_order_and_ends_with_resu
     assert await gate.state(session.session_id) == pb.SESSION_STATE_IDLE
 
 
-async def test_unmapped_update_kinds_pass_through_as_other_with_their_json(gate: Gate) -> None:
+async def test_available_commands_arrive_as_a_typed_commands_update(gate: Gate) -> None:
+    # (Update kinds without a typed event still pass through as `other`: test_misbehaving_agents.)
     session = await gate.create()
     events = await gate.prompt(session.session_id, "/commands")
-    assert kinds(events) == ["other", "result"]
-    assert events[0].other.kind == "available_commands_update"
-    payload = json_format.MessageToDict(events[0].other.payload)
-    assert {c["name"] for c in payload["availableCommands"]} >= {"stall", "hang", "flood", "commands"}
+    assert kinds(events) == ["commands_update", "result"]
+    names = {c.name for c in events[0].commands_update.available_commands}
+    assert names >= {"stall", "hang", "flood", "commands"}
 
 
 async def test_content_blocks_are_sent_after_text(gate: Gate) -> None:
