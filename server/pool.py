@@ -268,6 +268,10 @@ class SessionPool:
             page.append(session)
         return page, _encode_token(_key(page[-1])) if more else ""
 
+    def token_after(self, session: Session) -> str:
+        """The page token of the position right after `session` (a page cut short)."""
+        return _encode_token(_key(session))
+
     async def close(self, session_id: str) -> Session:
         """End a session for good; closing one that is already closed answers the same."""
         async with self._map_lock:

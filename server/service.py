@@ -52,6 +52,7 @@ MAX_NANOS = 999_999_999
 MAX_CWD = 4096  # characters (PATH_MAX)
 MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
+MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page at most (one session is far smaller)
 MAX_ANSWER_ID = 256  # characters of a request id or option id in an answer
 MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
 ELICITATION_ACTIONS = {
@@ -210,7 +211,18 @@ class SessionService(pb_grpc.SessionServiceServicer):
         page, token = self._pool.page(
             request.page_size, request.page_token, request.agent, request.labels, request.owner
         )
-        return pb.ListSessionsResponse(sessions=[session_proto(s) for s in page], next_page_token=token)
+        # Sessions carry their agents' modes, options and commands: a page is cut short of what
+        # stock clients receive (4 MiB), and the token goes on after its last session.
+        sessions: list[pb.Session] = []
+        size = 0
+        for index, session in enumerate(page):
+            message = session_proto(session)
+            size += message.ByteSize() + 16
+            if sessions and size > MAX_LIST_BYTES:
+                token = self._pool.token_after(page[index - 1])
+                break
+            sessions.append(message)
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     @unary
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionResponse:

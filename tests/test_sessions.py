@@ -6,10 +6,12 @@ import asyncio
 import os
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server import service
 from server.session import new_session_id
 from tests.conftest import Gate, GateFactory, eventually, expect_error, wait_gone
 
@@ -118,6 +120,26 @@ async def test_get_list_paginate_filter_and_close(make_gate: GateFactory) -> Non
     assert (gone.code, gone.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
     left = await asyncio.to_thread(wait_gone, pids_before, 5)
     assert len(left) == 2, "closing one session must end exactly its own agent"
+
+
+async def test_a_page_too_large_for_one_message_is_cut_and_continued(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions carry their agents' modes and options: a page stops short of the message limit
+    (here made small), and its token goes on from the last session it holds."""
+    created = [await gate.create() for _ in range(3)]
+    one = (await gate.stub.GetSession(pb.GetSessionRequest(session_id=created[0].session_id))).ByteSize()
+    monkeypatch.setattr(service, "MAX_LIST_BYTES", int(one * 1.5))
+    seen: list[str] = []
+    token = ""
+    for _ in range(5):
+        page = await gate.stub.ListSessions(pb.ListSessionsRequest(page_size=10, page_token=token))
+        assert len(page.sessions) == 1
+        seen += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [s.session_id for s in created]
 
 
 async def test_close_during_a_turn_cancels_the_turn_and_ends_the_agent(gate: Gate) -> None:
