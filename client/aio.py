@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +15,21 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from client._common import (
+    GONE,
+    Answer,
+    AsyncElicitationCallback,
+    AsyncPermissionCallback,
     Metadata,
     Reply,
+    answer_request,
     bearer,
     channel_options,
+    config_value,
     create_request,
     list_request,
     prompt_request,
+    question,
+    respond_elicitation_request,
     tls_credentials,
 )
 from client.errors import from_rpc_error
@@ -99,6 +110,10 @@ class AsyncSessionClient:
         content: Sequence[pb.ContentBlock] = (),
         stall_timeout: float | None = None,
         wait_timeout: float | None = None,
+        permission_policy: str | None = None,
+        permission_timeout: float | None = None,
+        on_permission: AsyncPermissionCallback | None = None,
+        on_elicitation: AsyncElicitationCallback | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[pb.PromptEvent, None]:
         """Run one turn, yielding its events; the last is the `result`.
@@ -106,23 +121,140 @@ class AsyncSessionClient:
         Stopping the iteration early cancels the turn upstream. `timeout` is the client's own
         deadline for the whole turn (the server also bounds turns by its stall timeout and
         maximum turn duration).
+
+        `permission_policy` decides this turn's permission requests: "approve-all",
+        "approve-reads", "deny-all" or "ask" (the client answers); None or "" means the
+        agent's own policy, except that passing `on_permission` or `on_elicitation` means
+        "ask". `permission_timeout`: seconds a question waits for an answer under `ask`.
+
+        `on_permission(request: PermissionRequest)` is called for every `permission_request`
+        event (in a task of its own, while the stream goes on; it may be a coroutine
+        function) and returns the option_id to answer with, or None to leave the request
+        to someone else (`respond_permission`, or the timeout). `on_elicitation(request:
+        ElicitationRequest)` likewise returns a dict (accept with that content), an action
+        ("accept", "decline", "cancel"), an (action, content) pair, or None. An answer that
+        comes too late (expired, cancelled) is ignored; any other failure of a callback or
+        of its answer ends the iteration with that error and cancels the turn.
         """
-        request = prompt_request(session_id, text, content, stall_timeout, wait_timeout)
+        request = prompt_request(
+            session_id,
+            text,
+            content,
+            stall_timeout,
+            wait_timeout,
+            permission_policy,
+            permission_timeout,
+            answering=on_permission is not None or on_elicitation is not None,
+        )
         call = self._stub.Prompt(request, metadata=self._metadata, timeout=timeout)
+        answers: set[asyncio.Task[None]] = set()
         try:
-            async for event in call:
+            while True:
+                event = await self._next_event(call, answers)
+                if event is grpc.aio.EOF:
+                    return
+                asked = question(event, on_permission, on_elicitation)
+                if asked is not None:
+                    answers.add(asyncio.create_task(self._ask(session_id, *asked)))
                 yield event
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
         finally:
             call.cancel()  # no-op when the stream already ended
+            for task in answers:  # the turn is over: nobody waits for these answers any more
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # retrieved: a second failure is not logged as unhandled
+
+    @staticmethod
+    async def _next_event(call: Any, answers: set[asyncio.Task[None]]) -> Any:
+        """The stream's next event (or EOF), failing as soon as an answer task fails."""
+        _reap(answers)
+        if not answers:
+            return await call.read()
+        read = asyncio.ensure_future(call.read())
+        try:
+            while not read.done():
+                await asyncio.wait({read, *answers}, return_when=asyncio.FIRST_COMPLETED)
+                _reap(answers)
+        finally:
+            if not read.done():
+                read.cancel()
+        return read.result()
+
+    async def _ask(self, session_id: str, callback: Any, asked: Any) -> None:
+        result = callback(asked)
+        if inspect.isawaitable(result):
+            result = await result
+        answer = answer_request(session_id, asked, result)
+        if answer is not None:
+            await self._answer(answer)
+
+    async def _answer(self, answer: Answer) -> None:
+        method = (
+            self._stub.RespondPermission
+            if isinstance(answer, pb.RespondPermissionRequest)
+            else self._stub.RespondElicitation
+        )
+        with contextlib.suppress(*GONE):
+            await self._call(method, answer, UNARY_TIMEOUT)
 
     async def reply(self, session_id: str, text: str = "", **options: Any) -> tuple[str, pb.TurnResult]:
-        """Run one turn and return its whole reply text and its result."""
+        """Run one turn and return its whole reply text and its result (options as for prompt)."""
         reply = Reply()
         async for event in self.prompt(session_id, text, **options):
             reply.add(event)
         return reply.text, reply.result
+
+    async def respond_permission(
+        self, session_id: str, request_id: str, option_id: str, *, timeout: float = UNARY_TIMEOUT
+    ) -> int:
+        """Answer a `permission_request` event with one of its options; returns the
+        PermissionOutcome (ALLOWED, REJECTED). RequestNotFound for an unknown request,
+        RequestAnswered when it was already answered, expired or cancelled."""
+        request = pb.RespondPermissionRequest(
+            session_id=session_id, request_id=request_id, option_id=option_id
+        )
+        response = await self._call(self._stub.RespondPermission, request, timeout)
+        return int(response.outcome)
+
+    async def respond_elicitation(
+        self,
+        session_id: str,
+        request_id: str,
+        action: str | int,
+        content: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = UNARY_TIMEOUT,
+    ) -> None:
+        """Answer an `elicitation_request` event: "accept" (with `content` fitting its
+        schema), "decline" or "cancel" (or the ElicitationAction enum)."""
+        request = respond_elicitation_request(session_id, request_id, action, content)
+        await self._call(self._stub.RespondElicitation, request, timeout)
+
+    async def set_mode(self, session_id: str, mode_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
+        """Switch the session to one of `session.modes.available_modes`; returns the session."""
+        request = pb.SetSessionModeRequest(session_id=session_id, mode_id=mode_id)
+        return await self._call(self._stub.SetSessionMode, request, timeout)
+
+    async def set_config_option(
+        self, session_id: str, config_id: str, value: bool | str, *, timeout: float = UNARY_TIMEOUT
+    ) -> pb.Session:
+        """Set one of `session.config_options` (a select option's value, or a bool for a
+        boolean option); returns the session."""
+        request = pb.SetSessionConfigOptionRequest(
+            session_id=session_id, config_id=config_id, value=config_value(value)
+        )
+        return await self._call(self._stub.SetSessionConfigOption, request, timeout)
+
+    async def authenticate_agent(
+        self, agent: str, method_id: str, *, timeout: float = CREATE_TIMEOUT
+    ) -> pb.AuthenticateAgentResponse:
+        """Authenticate `agent` ("" = the default) with one of its auth methods; its later
+        processes authenticate the same way (admins only on a server with authentication)."""
+        request = pb.AuthenticateAgentRequest(agent=agent, method_id=method_id)
+        return await self._call(self._stub.AuthenticateAgent, request, timeout)
 
     async def cancel_prompt(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> bool:
         """Cancel the running turn; False when none was running."""
@@ -168,3 +300,12 @@ class AsyncSessionClient:
             self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _reap(answers: set[asyncio.Task[None]]) -> None:
+    """Forget finished answer tasks; raise the first one's failure."""
+    for task in [t for t in answers if t.done()]:
+        answers.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error

@@ -1,10 +1,14 @@
 """`sessiongate`: the command-line client (also `python -m client`).
 
 Exit codes follow the gRPC status of the failure, so scripts can branch on them:
-0 ok, 1 internal or other error, 2 invalid arguments, 3 not found, 4 busy or pool
-exhausted (retry later), 5 stalled or timed out, 6 unavailable (server or agent),
-7 the agent needs credentials, 130 interrupted (the turn was cancelled), 141 output
-closed early (e.g. `| head`; the turn was cancelled).
+0 ok, 1 internal or other error, 2 invalid arguments (also: a turn that would ask you for
+permission, off a terminal), 3 not found, 4 busy or pool exhausted (retry later),
+5 stalled or timed out, 6 unavailable (server or agent), 7 a failed precondition (the
+agent needs credentials, or refused or does not offer a mode, config option or auth
+method), 8 no valid token, 9 not allowed, 130 interrupted (the turn was cancelled),
+141 output closed early (e.g. `| head`; the turn was cancelled).
+
+The shared options (--target, --token, --tls-*, --json) go before or after the command.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from google.protobuf.message import Message
 from sessiongate.v1 import session_service_pb2 as pb
 
 from client.errors import SessionGateError
-from client.render import LiveRenderer
+from client.render import LiveRenderer, usage_text
 from client.sync import SessionClient
+from client.terminal import TerminalAsker, decline
 
 DEFAULT_TARGET = "localhost:50051"
 EXIT_CODES = {
@@ -38,10 +43,20 @@ EXIT_CODES = {
 }
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other Unix tools
+POLICY_FLAGS = "--approve-all, --approve-reads or --deny-all"
+
+
+class UsageError(SessionGateError):
+    """A command that cannot work as given, found out before (or instead of) a call."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+        self.hint = hint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
+    _shared_defaults(opts)
     tls = {"tls_ca": opts.tls_ca, "client_cert": opts.tls_cert, "client_key": opts.tls_key}
     with SessionClient(opts.target, token=opts.token or None, **tls) as client:
         try:
@@ -57,32 +72,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BROKEN_PIPE
 
 
+def _shared_options() -> argparse.ArgumentParser:
+    """Options of every command, accepted before or after the command name. Their defaults are
+    suppressed (filled in by `_shared_defaults`), so one position does not undo the other."""
+    shared = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    shared.add_argument("--target", help=f"server address (env SESSIONGATE_TARGET, default {DEFAULT_TARGET})")
+    shared.add_argument(
+        "--token", help="bearer token for a server with authentication (env SESSIONGATE_TOKEN)"
+    )
+    shared.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS)")
+    shared.add_argument("--tls-cert", help="PEM client certificate (mTLS), with --tls-key")
+    shared.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    shared.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return shared
+
+
+def _shared_defaults(opts: argparse.Namespace) -> None:
+    defaults = {
+        "target": os.environ.get("SESSIONGATE_TARGET", DEFAULT_TARGET),
+        "token": os.environ.get("SESSIONGATE_TOKEN", ""),
+        "tls_ca": None,
+        "tls_cert": None,
+        "tls_key": None,
+        "json": False,
+    }
+    for name, value in defaults.items():
+        if not hasattr(opts, name):
+            setattr(opts, name, value)
+
+
 def _parser() -> argparse.ArgumentParser:
+    shared = _shared_options()
     parser = argparse.ArgumentParser(
-        prog="sessiongate", description="Drive ACP coding agents through sessiongate."
-    )
-    parser.add_argument(
-        "--target",
-        default=os.environ.get("SESSIONGATE_TARGET", DEFAULT_TARGET),
-        help=f"server address (env SESSIONGATE_TARGET, default {DEFAULT_TARGET})",
-    )
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("SESSIONGATE_TOKEN", ""),
-        help="bearer token for a server with authentication (env SESSIONGATE_TOKEN)",
-    )
-    parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS)")
-    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS), with --tls-key")
-    parser.add_argument(
-        "--tls-key",
-        help="PEM private key of --tls-cert",
+        prog="sessiongate", description="Drive ACP coding agents through sessiongate.", parents=[shared]
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+        sub = commands.add_parser(name, help=help, description=help, parents=[shared])
         sub.set_defaults(run=run)
-        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
         return sub
 
     command("agents", _agents, "list the configured agents")
@@ -94,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--file", help="read the prompt from this file ('-' for standard input)")
     prompt.add_argument("--stall-timeout", type=float, help="seconds without an agent event before giving up")
     prompt.add_argument("--wait", type=float, help="seconds to wait for a busy session (default: fail fast)")
+    policy = prompt.add_mutually_exclusive_group()
+    for flag, what in (
+        ("approve-all", "approve every permission request of this turn"),
+        ("approve-reads", "approve reads, reject edits and other changes"),
+        ("deny-all", "reject every permission request of this turn"),
+        ("ask", "ask me on the terminal (needs one); default: the agent's policy"),
+    ):
+        policy.add_argument(f"--{flag}", dest="policy", action="store_const", const=flag, help=what)
+    prompt.add_argument(
+        "--permission-timeout", type=float, help="seconds a question waits for your answer (with ask)"
+    )
     _session_options(prompt)
     command("cancel", _cancel, "cancel the running turn of a session").add_argument("session")
     command("get", _get, "show one session").add_argument("session")
@@ -103,6 +142,16 @@ def _parser() -> argparse.ArgumentParser:
         "--label", action="append", default=[], metavar="KEY=VALUE", help="only with this label"
     )
     command("close", _close, "close a session and stop its agent").add_argument("session")
+    mode = command("mode", _mode, "switch a session's mode (see `get` for its modes)")
+    mode.add_argument("session")
+    mode.add_argument("mode", help="a mode id")
+    config = command("config", _config, "set a session config option, e.g. the model")
+    config.add_argument("session")
+    config.add_argument("key", help="the config option's id")
+    config.add_argument("value", help="one of its values (true/false for a boolean option)")
+    auth = command("auth", _auth, "authenticate an agent with one of its auth methods (admins)")
+    auth.add_argument("agent", help="agent name ('' for the default agent)")
+    auth.add_argument("method", help="auth method id (AGENT_AUTH_REQUIRED lists them)")
     health = command("health", _health, "check the server's health")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     return parser
@@ -138,8 +187,10 @@ def _agents(client: SessionClient, opts: argparse.Namespace) -> None:
         return
     for agent in response.agents:
         default = "  (default)" if agent.is_default else ""
+        auth = f"  (auth: {agent.auth_method})" if agent.auth_method else ""
         print(
-            f"{agent.name:<16} {agent.permission_policy:<14} {agent.command} {' '.join(agent.args)}{default}"
+            f"{agent.name:<16} {agent.permission_policy:<14} {agent.command} {' '.join(agent.args)}"
+            f"{default}{auth}"
         )
 
 
@@ -150,18 +201,49 @@ def _create(client: SessionClient, opts: argparse.Namespace) -> None:
 
 def _prompt(client: SessionClient, opts: argparse.Namespace) -> None:
     text = _prompt_text(opts)
+    interactive = sys.stdin.isatty()  # the person who answers questions is at this terminal
+    if not interactive and _would_ask(client, opts):
+        raise UsageError(
+            "this turn's permission requests would be asked of you (permission policy ask), "
+            "but standard input is not a terminal to answer on",
+            hint=f"pass {POLICY_FLAGS} to decide them without a terminal",
+        )
     session_id = opts.session
     if not session_id:
         session_id = client.create_session(opts.agent, opts.cwd, labels=_labels(opts.label)).session_id
         print(f"session {session_id}", file=sys.stderr)
-    events = client.prompt(session_id, text, stall_timeout=opts.stall_timeout, wait_timeout=opts.wait)
-    if opts.json:
-        for event in events:
-            print(_json(event), flush=True)
-        return
-    renderer = LiveRenderer(sys.stdout, terminal=sys.stdout.isatty())
+    renderer = None if opts.json else LiveRenderer(sys.stdout, terminal=sys.stdout.isatty())
+    asker = TerminalAsker(
+        sys.stdin,
+        sys.stderr,
+        before=renderer.end_line if renderer is not None else sys.stdout.flush,
+        show_question=renderer is None,
+    )
+    events = client.prompt(
+        session_id,
+        text,
+        stall_timeout=opts.stall_timeout,
+        wait_timeout=opts.wait,
+        permission_policy=opts.policy or "",  # "": the agent's own
+        permission_timeout=opts.permission_timeout,
+        on_permission=asker.permission if interactive else None,
+        on_elicitation=asker.elicitation if interactive else decline,
+    )
     for event in events:
-        renderer.event(event)
+        if renderer is None:
+            print(_json(event), flush=True)
+        else:
+            renderer.event(event)
+
+
+def _would_ask(client: SessionClient, opts: argparse.Namespace) -> bool:
+    """Whether the turn runs under `ask`: the flag's policy, else the session's agent's."""
+    if opts.policy:
+        return bool(opts.policy == "ask")
+    agent = client.get_session(opts.session).agent if opts.session else opts.agent
+    agents = client.list_agents()
+    agent = agent or agents.default_agent
+    return any(a.name == agent and a.permission_policy == "ask" for a in agents.agents)
 
 
 def _prompt_text(opts: argparse.Namespace) -> str:
@@ -184,13 +266,44 @@ def _cancel(client: SessionClient, opts: argparse.Namespace) -> None:
     )
 
 
+STATE_FIELDS = ("modes", "config_options", "available_commands", "usage")
+
+
 def _get(client: SessionClient, opts: argparse.Namespace) -> None:
     session = client.get_session(opts.session)
     if opts.json:
         print(_json(session))
         return
     for key, value in json_format.MessageToDict(session, preserving_proto_field_name=True).items():
-        print(f"{key:<18} {value}")
+        if key not in STATE_FIELDS:
+            print(f"{key:<18} {value}")
+    for line in _state_lines(session):
+        print(line)
+
+
+def _state_lines(session: pb.Session) -> list[str]:
+    """The session's modes (current marked *), config options, commands and usage."""
+    lines = []
+    if session.modes.available_modes or session.modes.current_mode_id:
+        lines.append("modes")
+        for m in session.modes.available_modes:
+            mark = "*" if m.id == session.modes.current_mode_id else " "
+            about = " - ".join(part for part in (m.name, m.description) if part)
+            lines.append(f"  {mark} {m.id:<16} {about}".rstrip())
+    if session.config_options:
+        lines.append("config options")
+        for o in session.config_options:
+            allowed = ", ".join(v.value for v in o.values) if o.values else o.type
+            name = f" ({o.name})" if o.name and o.name != o.id else ""
+            lines.append(f"    {o.id:<16} {o.current_value}  [{allowed}]{name}")
+    if session.available_commands:
+        lines.append("commands")
+        for c in session.available_commands:
+            usage = f"/{c.name} <{c.input_hint}>" if c.input_hint else f"/{c.name}"
+            lines.append(f"    {usage:<16} {c.description}".rstrip())
+    if session.HasField("usage"):
+        lines.append(f"{'usage':<18} {usage_text(session.usage)}")
+    return lines
 
 
 def _list(client: SessionClient, opts: argparse.Namespace) -> None:
@@ -210,6 +323,29 @@ def _list(client: SessionClient, opts: argparse.Namespace) -> None:
 def _close(client: SessionClient, opts: argparse.Namespace) -> None:
     session = client.close_session(opts.session)
     print(_json(session) if opts.json else f"closed {session.session_id}")
+
+
+def _mode(client: SessionClient, opts: argparse.Namespace) -> None:
+    session = client.set_mode(opts.session, opts.mode)
+    print(_json(session) if opts.json else f"mode {session.modes.current_mode_id}")
+
+
+def _config(client: SessionClient, opts: argparse.Namespace) -> None:
+    session = client.set_config_option(opts.session, opts.key, opts.value)
+    if opts.json:
+        print(_json(session))
+        return
+    current = next((o.current_value for o in session.config_options if o.id == opts.key), opts.value)
+    print(f"{opts.key} = {current}")
+
+
+def _auth(client: SessionClient, opts: argparse.Namespace) -> None:
+    response = client.authenticate_agent(opts.agent, opts.method)
+    print(
+        _json(response)
+        if opts.json
+        else f"agent {response.agent} authenticated with {response.method_id}; its new processes will be too"
+    )
 
 
 def _health(client: SessionClient, opts: argparse.Namespace) -> int:
@@ -241,7 +377,7 @@ def _report(error: SessionGateError, opts: argparse.Namespace, out: TextIO = sys
     print(f"error: {error.code.name}{reason}: {error.message}", file=out)
     for field, description in error.violations.items():
         print(f"  {field}: {description}", file=out)
-    hint = _hint(error, opts)
+    hint = error.hint if isinstance(error, UsageError) else _hint(error, opts)
     if hint:
         print(f"hint: {hint}", file=out)
 
@@ -260,7 +396,8 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "AGENT_UNAVAILABLE": "the agent could not start: check its command in the server config, "
         "and the server log",
         "AGENT_AUTH_REQUIRED": "the agent needs credentials (auth methods: "
-        f"{error.metadata.get('auth_methods', '?')}); set them in the agent's `env` in the server config",
+        f"{error.metadata.get('auth_methods', '?')}); set them in the agent's `env` in the server config, "
+        "then an admin runs `sessiongate auth AGENT METHOD`",
         "AGENT_EXITED": f"the agent exited (code {error.metadata.get('exit_code', '?')}); "
         "the next prompt restarts it",
         "AGENT_ERROR": "the agent rejected the turn; see the message above",
@@ -273,6 +410,12 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "CWD_NOT_ALLOWED": "the session's directory is outside the server's allowed roots now (or gone); "
         "the session is kept: restore the directory, or close it",
         "SHUTTING_DOWN": "the server is draining: retry shortly, or against another instance",
+        "REQUEST_NOT_FOUND": "no such question on this session (it belongs to another session?)",
+        "REQUEST_ANSWERED": "that question was already answered, expired or cancelled",
+        "AGENT_REFUSED": "the agent said no; see the message above",
+        "NOT_SUPPORTED": "the message above lists the auth methods the agent offers"
+        if getattr(opts, "run", None) is _auth
+        else f"see the modes and config options the session offers with `sessiongate get {session}`",
     }
     if error.reason in hints:
         return hints[error.reason]

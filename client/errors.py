@@ -106,6 +106,23 @@ class ShuttingDown(SessionGateError):
     """UNAVAILABLE: the server is draining."""
 
 
+class RequestNotFound(SessionGateError):
+    """NOT_FOUND: no such permission request or elicitation on this session."""
+
+
+class RequestAnswered(SessionGateError):
+    """FAILED_PRECONDITION: the request was already answered, expired or cancelled
+    (`metadata['state']`)."""
+
+
+class AgentRefused(SessionGateError):
+    """FAILED_PRECONDITION: the agent refused a mode, config option or authenticate call."""
+
+
+class NotSupported(SessionGateError):
+    """FAILED_PRECONDITION: the agent does not offer what was asked (no modes, no such auth method)."""
+
+
 BY_REASON: dict[str, type[SessionGateError]] = {
     "SESSION_BUSY": SessionBusy,
     "POOL_EXHAUSTED": PoolExhausted,
@@ -123,6 +140,10 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "AGENT_NOT_ALLOWED": AgentNotAllowed,
     "CWD_NOT_ALLOWED": CwdNotAllowed,
     "SHUTTING_DOWN": ShuttingDown,
+    "REQUEST_NOT_FOUND": RequestNotFound,
+    "REQUEST_ANSWERED": RequestAnswered,
+    "AGENT_REFUSED": AgentRefused,
+    "NOT_SUPPORTED": NotSupported,
 }
 
 

@@ -1,5 +1,8 @@
 """Live rendering of a turn for a person: reply text as it arrives, tool calls as status
-lines that update in place (on a terminal), thoughts dimmed, and a final stop-reason line."""
+lines that update in place (on a terminal), thoughts dimmed, questions the agent asks
+(permission requests, elicitations) and what became of them, session state changes (mode,
+config, commands, title, usage) as dimmed lines, terminal output as it comes, and a final
+stop-reason line."""
 
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ OUTCOMES: dict[int, str] = {
     pb.PERMISSION_OUTCOME_REJECTED: "rejected",
     pb.PERMISSION_OUTCOME_CANCELLED: "cancelled",
 }
+ELICITATION_OUTCOMES: dict[int, str] = {
+    pb.ELICITATION_ACTION_ACCEPT: "accepted",
+    pb.ELICITATION_ACTION_DECLINE: "declined",
+    pb.ELICITATION_ACTION_CANCEL: "cancelled",
+}
+MAX_COMMANDS_SHOWN = 8
 
 
 class LiveRenderer:
@@ -28,7 +37,7 @@ class LiveRenderer:
         self._terminal = terminal  # colours and in-place updates only on a terminal
         self._tools: dict[str, tuple[str, int]] = {}  # tool_call_id -> (title, status)
         self._status_line: str | None = None  # tool call whose status line is the last line shown
-        self._mode = "line"  # "line" (at the start of a line), "text", "thought"
+        self._mode = "line"  # "line" (at the start of a line), "text", "thought", "tool", "terminal"
 
     def event(self, event: pb.PromptEvent) -> None:
         kind = event.WhichOneof("event")
@@ -51,10 +60,28 @@ class LiveRenderer:
             self._line(
                 f"permission: {p.title or p.tool_call_id} -> {OUTCOMES.get(p.outcome, '?')} ({p.policy})"
             )
+        elif kind == "permission_request":
+            request = event.permission_request
+            options = ", ".join(o.name or o.option_id for o in request.options)
+            self._line(f"? permission requested: {tool_call_label(request.tool_call)} · {options}", bold=True)
+        elif kind == "elicitation_request":
+            ask = event.elicitation_request
+            url = f" ({ask.url})" if ask.url else ""
+            self._line(f"? input requested: {ask.message}{url}", bold=True)
+        elif kind == "elicitation":
+            e = event.elicitation
+            self._line(f"input: {ELICITATION_OUTCOMES.get(e.action, '?')} ({e.policy})")
         elif kind == "notice":
             self._line(f"notice: {event.notice.message}", bold=True)
         elif kind == "result":
             self._result(event.result)
+        elif kind == "terminal_output":
+            self._terminal_output(event.terminal_output)
+        elif kind == "file_write":
+            w = event.file_write
+            self._line(f"wrote {w.path} ({w.bytes} bytes{', new file' if w.created else ''})", dim=True)
+        elif kind in STATE_UPDATES:
+            self._line(state_update(event), dim=True)
 
     def _flow(self, mode: str, text: str) -> None:
         if self._mode != mode:
@@ -84,6 +111,22 @@ class LiveRenderer:
         self._write(text + "\n")
         self._mode, self._status_line = "line", None
 
+    def end_line(self) -> None:
+        """Finish the line being written (before someone else writes to the terminal)."""
+        self._end_line()
+        self._status_line = None
+
+    def _terminal_output(self, output: pb.TerminalOutput) -> None:
+        if output.output:
+            self._flow("terminal", output.output)
+            if output.output.endswith("\n"):
+                self._mode = "line"
+        if output.truncated:
+            self._line(f"[terminal {output.terminal_id}: earlier output dropped]", dim=True)
+        if output.exited:
+            how = f"signal {output.signal}" if output.signal else f"code {output.exit_code}"
+            self._line(f"[terminal {output.terminal_id} exited, {how}]", dim=True)
+
     def _result(self, result: pb.TurnResult) -> None:
         reason = pb.StopReason.Name(result.stop_reason).removeprefix("STOP_REASON_").lower()
         usage = ""
@@ -99,3 +142,46 @@ class LiveRenderer:
     def _write(self, text: str) -> None:
         self._out.write(text)
         self._out.flush()
+
+
+STATE_UPDATES = frozenset({"mode_update", "config_update", "commands_update", "session_info", "usage_update"})
+
+
+def tool_call_label(call: pb.ToolCallUpdate) -> str:
+    """A tool call as a person reads it: its title (or id), its kind, the paths it touches."""
+    label = call.title or call.tool_call_id
+    if call.kind:
+        label += f" [{call.kind}]"
+    paths = [location.path for location in call.locations if location.path]
+    if paths and not any(path in label for path in paths):
+        label += f" ({', '.join(paths)})"
+    return label
+
+
+def state_update(event: pb.PromptEvent) -> str:
+    """One line for a change of the session's state (mode, config, commands, title, usage)."""
+    kind = event.WhichOneof("event")
+    if kind == "mode_update":
+        return f"mode: {event.mode_update.current_mode_id}"
+    if kind == "config_update":
+        options = event.config_update.config_options
+        return "config: " + ", ".join(f"{o.id}={o.current_value}" for o in options)
+    if kind == "commands_update":
+        names = [f"/{c.name}" for c in event.commands_update.available_commands]
+        more = f" (+{len(names) - MAX_COMMANDS_SHOWN} more)" if len(names) > MAX_COMMANDS_SHOWN else ""
+        return f"commands: {' '.join(names[:MAX_COMMANDS_SHOWN]) or 'none'}{more}"
+    if kind == "session_info":
+        return f"title: {event.session_info.title}" if event.session_info.title else "session info updated"
+    return f"usage: {usage_text(event.usage_update)}"
+
+
+def usage_text(usage: pb.SessionUsage) -> str:
+    """Context window use and cost, e.g. "context 1200/200000 tokens · cost 0.12 USD"."""
+    parts = []
+    if usage.context_size or usage.context_used:
+        parts.append(f"context {usage.context_used}/{usage.context_size} tokens")
+    if usage.cost_currency or usage.cost_amount:
+        parts.append(f"cost {usage.cost_amount:g} {usage.cost_currency}".rstrip())
+    if usage.HasField("last_turn"):
+        parts.append(f"last turn {usage.last_turn.input_tokens} in / {usage.last_turn.output_tokens} out")
+    return " · ".join(parts) or "none reported"

@@ -6,13 +6,18 @@ import asyncio
 import io
 import json
 import os
+import pty
+import select
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sessiongate.v1 import session_service_pb2 as pb
 
 from client.render import CLEAR_LINE, DIM, LiveRenderer
-from tests.conftest import Gate, eventually
+from client.terminal import TerminalAsker
+from tests.conftest import Gate, GateFactory, eventually
 
 
 async def cli(
@@ -137,6 +142,306 @@ def test_on_a_terminal_tool_calls_update_in_place_and_thoughts_are_dimmed() -> N
     text = out.getvalue()
     assert f"{DIM}thinking" in text
     assert f"… Run [pending]{CLEAR_LINE}✓ Run [completed]" in text
+
+
+def on_a_terminal(
+    gate: Gate, *args: str, answers: list[tuple[str, str]], timeout: float = 90
+) -> tuple[int, str]:
+    """Run `python -m client ARGS` on a pseudo-terminal (stdin, stdout and stderr), typing
+    each answer once its question's text has appeared since the previous answer. Blocking:
+    call it in a thread (the server runs on the test's event loop). Returns (exit code,
+    everything the terminal showed, with \\r\\n as \\n)."""
+    controller, child_end = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client", "--target", gate.target, *args],
+        stdin=child_end,
+        stdout=child_end,
+        stderr=child_end,
+        close_fds=True,
+        start_new_session=True,  # its own session: no signal of the test run's terminal reaches it
+    )
+    os.close(child_end)
+    shown, answered_at, pending = b"", 0, list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # EIO: every process holding the terminal closed it
+                break
+            if not data:
+                break
+            shown += data
+            if pending and pending[0][0].encode() in shown[answered_at:]:
+                os.write(controller, pending.pop(0)[1].encode() + b"\n")
+                answered_at = len(shown)
+        else:
+            raise AssertionError(f"the CLI did not finish within {timeout:g}s; it showed: {shown!r}")
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+    assert not pending, f"never asked {pending[0][0]!r}; the terminal showed: {shown!r}"
+    return code, shown.decode(errors="replace").replace("\r\n", "\n")
+
+
+# ---- permissions and questions ------------------------------------------------------------
+
+
+async def test_prompt_policy_flags_decide_permission_requests(gate: Gate) -> None:
+    session = await gate.create()
+    sid = session.session_id
+    code, out, err = await cli(gate, "prompt", "--deny-all", "--session", sid, "/permission")
+    assert code == 0, err
+    assert "permission reject" in out.splitlines()
+    assert "permission: Editing notes.txt -> rejected (deny-all)" in out
+    code, out, err = await cli(gate, "prompt", "--session", sid, "--approve-all", "/permission")
+    assert code == 0 and "permission allow" in out.splitlines(), err
+    code, _, err = await cli(gate, "prompt", "--approve-all", "--deny-all", "--session", sid, "/permission")
+    assert code == 2 and "not allowed with argument" in err
+
+
+async def test_ask_off_a_terminal_fails_clearly_unless_a_flag_decides(make_gate: GateFactory) -> None:
+    gate = await make_gate(agents={"asker": ("policy", "ask")})
+    session = await gate.create()
+    code, out, err = await cli(gate, "prompt", "--ask", "--session", session.session_id, "/permission")
+    assert code == 2 and out == ""
+    assert "not a terminal" in err and "--approve-all, --approve-reads or --deny-all" in err
+    code, out, _ = await cli(gate, "--json", "prompt", "--ask", "--session", session.session_id, "hi")
+    assert code == 2 and json.loads(out)["error"]["code"] == "INVALID_ARGUMENT"
+
+    # The agent's own policy is `ask`: the same, for an existing session and for a new one.
+    asked = await gate.create(agent="asker")
+    code, _, err = await cli(gate, "prompt", "--session", asked.session_id, "/permission")
+    assert code == 2 and "--approve-all, --approve-reads or --deny-all" in err
+    code, _, err = await cli(gate, "prompt", "--agent", "asker", "/permission")
+    assert code == 2 and "session " not in err
+    listed = await gate.stub.ListSessions(pb.ListSessionsRequest(), timeout=5)
+    assert len(listed.sessions) == 2, "no session is created for a turn that cannot run"
+    code, out, err = await cli(gate, "prompt", "--approve-all", "--session", asked.session_id, "/permission")
+    assert code == 0 and "permission allow" in out.splitlines(), err
+    # A policy that never asks needs no terminal.
+    code, out, err = await cli(gate, "prompt", "--session", session.session_id, "/permission")
+    assert code == 0 and "permission reject" in out.splitlines(), err
+
+
+async def test_on_a_terminal_the_cli_asks_and_answers(gate: Gate) -> None:
+    session = await gate.create()
+    code, shown = await asyncio.to_thread(
+        on_a_terminal,
+        gate,
+        "prompt",
+        "--ask",
+        "--session",
+        session.session_id,
+        "/permission",
+        answers=[("choose 1-2", "1")],
+    )
+    assert code == 0, shown
+    assert "? permission requested: Editing notes.txt [edit]" in shown
+    assert "1) Allow once (allow_once)" in shown and "2) Reject (reject_once)" in shown
+    assert "permission allow" in shown
+    assert "-> allowed (client)" in shown
+
+
+async def test_on_a_terminal_the_cli_asks_for_an_elicitation_s_fields(gate: Gate) -> None:
+    session = await gate.create()
+    code, shown = await asyncio.to_thread(
+        on_a_terminal,
+        gate,
+        "prompt",
+        "--ask",
+        "--session",
+        session.session_id,
+        "/elicit",
+        answers=[("answer? [y]es", "y"), ("name", "Ada")],
+    )
+    assert code == 0, shown
+    assert "? input requested:" in shown
+    assert 'elicitation accept {"name": "Ada"}' in shown
+    code, shown = await asyncio.to_thread(
+        on_a_terminal,
+        gate,
+        "--json",
+        "prompt",
+        "--ask",
+        "--session",
+        session.session_id,
+        "/elicit",
+        answers=[("answer? [y]es", "n")],
+    )
+    assert code == 0, shown
+    assert "elicitation decline" in shown and "ELICITATION_ACTION_DECLINE" in shown
+
+
+def test_the_terminal_asker_reads_choices_and_typed_values() -> None:
+    out = io.StringIO()
+    asker = TerminalAsker(io.StringIO("3\nreject\n"), out, show_question=True)
+    request = pb.PermissionRequest(
+        request_id="r",
+        tool_call=pb.ToolCallUpdate(tool_call_id="t", title="Run tests", kind="execute"),
+        options=[
+            pb.PermissionOption(option_id="allow", name="Allow", kind="allow_once"),
+            pb.PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
+        ],
+    )
+    assert asker.permission(request) == "reject"  # "3" is out of range: asked again
+    assert "? permission requested: Run tests [execute]" in out.getvalue()
+    assert "answer with a number from 1 to 2" in out.getvalue()
+    assert TerminalAsker(io.StringIO(""), io.StringIO()).permission(request) == "reject", "EOF rejects"
+
+    elicitation = pb.ElicitationRequest(request_id="e", message="Your details", mode="form")
+    elicitation.requested_schema.update(
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer"},
+                "tea": {"type": "boolean"},
+                "size": {"type": "string", "enum": ["s", "m", "l"]},
+                "note": {"type": "string"},
+            },
+            "required": ["name", "age"],
+        }
+    )
+    # Required first (name, age), then the rest by name (note, size, tea).
+    typed = TerminalAsker(io.StringIO("y\nAda\nforty\n40\n\n2\nyes\n"), io.StringIO())
+    assert typed.elicitation(elicitation) == {"name": "Ada", "age": 40, "tea": True, "size": "m"}
+    assert TerminalAsker(io.StringIO("n\n"), io.StringIO()).elicitation(elicitation) == "decline"
+    assert TerminalAsker(io.StringIO("y\n"), io.StringIO()).elicitation(elicitation) == "cancel", "EOF"
+
+
+# ---- shared options, modes and config -----------------------------------------------------
+
+
+async def test_shared_options_go_before_or_after_the_command(gate: Gate) -> None:
+    session = await gate.create(labels={"where": "json"})
+    for args in (("--json", "list"), ("list", "--json"), ("--json", "list", "--label", "where=json")):
+        code, out, err = await cli(gate, *args)
+        assert code == 0, err
+        assert [json.loads(line)["session_id"] for line in out.splitlines()] == [session.session_id]
+    code, out, _ = await cli(gate, "--json", "get", session.session_id)
+    assert json.loads(out)["session_id"] == session.session_id
+    code, out, _ = await cli(None, "health", "--json", "--target", gate.target)
+    assert (code, json.loads(out)) == (0, {"status": "SERVING"})
+    code, out, _ = await cli(None, "--target", gate.target, "health")
+    assert (code, out.strip()) == (0, "SERVING")
+    code, out, _ = await cli(gate, "--json", "prompt", "--session", session.session_id, "json first")
+    assert code == 0 and json.loads(out.splitlines()[-1])["result"]["stop_reason"] == "STOP_REASON_END_TURN"
+
+
+async def test_mode_config_and_get_show_and_change_the_session_state(gate: Gate) -> None:
+    session = await gate.create()
+    sid = session.session_id
+    code, out, err = await cli(gate, "get", sid)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "modes" in lines and "config options" in lines
+    assert any(line.startswith("  * code") for line in lines), out  # the current mode is marked
+    assert any(line.startswith("    ask") for line in lines), out
+    model = next(line for line in lines if line.strip().startswith("model "))
+    assert model.split()[1] == "echo-small" and "[echo-small, echo-large]" in model
+
+    code, out, err = await cli(gate, "mode", sid, "ask")
+    assert (code, out.strip()) == (0, "mode ask"), err
+    code, out, err = await cli(gate, "config", sid, "model", "echo-large")
+    assert (code, out.strip()) == (0, "model = echo-large"), err
+    code, out, err = await cli(gate, "config", sid, "verbose", "true")
+    assert (code, out.strip()) == (0, "verbose = true"), err
+    code, out, _ = await cli(gate, "prompt", "--session", sid, "/title", "Fix the flaky test")
+    assert code == 0 and "title: Fix the flaky test" in out.splitlines()
+    code, out, _ = await cli(gate, "prompt", "--session", sid, "/usage", "1200", "200000")
+    assert code == 0 and "usage: context 1200/200000 tokens · cost 0.01 USD" in out.splitlines()
+    code, out, _ = await cli(gate, "prompt", "--session", sid, "/commands")
+    assert code == 0 and any(line.startswith("commands: /") for line in out.splitlines()), out
+    code, out, _ = await cli(gate, "get", sid)
+    lines = out.splitlines()
+    assert "commands" in lines and any(line.split()[:1] == ["/state"] for line in lines), out
+    assert any(line.startswith("  * ask") for line in lines), out
+    assert next(line for line in lines if line.strip().startswith("model ")).split()[1] == "echo-large"
+    assert any(line.split() == ["title", "Fix", "the", "flaky", "test"] for line in lines), out
+    assert any(line.startswith("usage") and "1200/200000" in line for line in lines), out
+    code, out, _ = await cli(gate, "prompt", "--session", sid, "/state")
+    assert "mode=ask model=echo-large verbose=true" in out.splitlines()
+
+    code, out, _ = await cli(gate, "--json", "mode", sid, "code")
+    assert code == 0 and json.loads(out)["modes"]["current_mode_id"] == "code"
+    code, _, err = await cli(gate, "mode", sid, "no-such-mode")
+    assert code == 2 and "INVALID_ARGUMENT" in err
+    code, _, err = await cli(gate, "config", sid, "model", "echo-huge")
+    assert code == 2 and "INVALID_ARGUMENT" in err
+    code, _, err = await cli(gate, "mode", "no-such-session", "code")
+    assert code == 3
+
+
+async def test_auth_logs_an_agent_in(make_gate: GateFactory) -> None:
+    gate = await make_gate(agents={"locked": ("--auth-required",)})
+    code, _, err = await cli(gate, "create", "--agent", "locked")
+    assert code == 7 and "sessiongate auth AGENT METHOD" in err
+    code, _, err = await cli(gate, "auth", "locked", "no-such-method")
+    assert code == 7 and "NOT_SUPPORTED" in err and "hint:" in err
+    code, out, err = await cli(gate, "auth", "locked", "echo-login")
+    assert code == 0 and out.startswith("agent locked authenticated with echo-login"), err
+    code, out, err = await cli(gate, "create", "--agent", "locked")
+    assert code == 0, err
+    code, out, _ = await cli(gate, "agents")
+    assert "(auth: echo-login)" in next(line for line in out.splitlines() if line.startswith("locked"))
+
+
+def test_new_events_render_readably() -> None:
+    out = io.StringIO()
+    renderer = LiveRenderer(out, terminal=False)
+    request = pb.PermissionRequest(
+        request_id="r1",
+        tool_call=pb.ToolCallUpdate(tool_call_id="t", title="Editing notes.txt", kind="edit"),
+        options=[pb.PermissionOption(option_id="allow", name="Allow once", kind="allow_once")],
+    )
+    config = pb.ConfigOption(id="model", current_value="echo-large")
+    usage = pb.SessionUsage(context_used=1200, context_size=200000, cost_amount=0.5, cost_currency="USD")
+    for seq, event in enumerate(
+        [
+            pb.PromptEvent(permission_request=request),
+            pb.PromptEvent(elicitation_request=pb.ElicitationRequest(request_id="e", message="Your name?")),
+            pb.PromptEvent(
+                elicitation=pb.ElicitationEvent(
+                    request_id="e", action=pb.ELICITATION_ACTION_DECLINE, policy="timeout"
+                )
+            ),
+            pb.PromptEvent(mode_update=pb.ModeUpdate(current_mode_id="code")),
+            pb.PromptEvent(config_update=pb.ConfigUpdate(config_options=[config])),
+            pb.PromptEvent(
+                commands_update=pb.CommandsUpdate(available_commands=[pb.AvailableCommand(name="state")])
+            ),
+            pb.PromptEvent(session_info=pb.SessionInfo(title="Fix the flaky test")),
+            pb.PromptEvent(usage_update=usage),
+            pb.PromptEvent(file_write=pb.FileWrite(path="/w/notes.txt", bytes=4, created=True)),
+            pb.PromptEvent(terminal_output=pb.TerminalOutput(terminal_id="term", output="ok\n")),
+            pb.PromptEvent(terminal_output=pb.TerminalOutput(terminal_id="term", exited=True, exit_code=0)),
+        ],
+        1,
+    ):
+        event.seq = seq
+        renderer.event(event)
+    assert out.getvalue().splitlines() == [
+        "? permission requested: Editing notes.txt [edit] · Allow once",
+        "? input requested: Your name?",
+        "input: declined (timeout)",
+        "mode: code",
+        "config: model=echo-large",
+        "commands: /state",
+        "title: Fix the flaky test",
+        "usage: context 1200/200000 tokens · cost 0.5 USD",
+        "wrote /w/notes.txt (4 bytes, new file)",
+        "ok",
+        "[terminal term exited, code 0]",
+    ]
 
 
 def _text(value: str) -> pb.ContentBlock:
