@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar, cast
 import acp
 from acp import schema
 
+from server import client_fs
 from server.agent_logins import AgentLogins
 from server.agent_state import STATE_UPDATES, TurnUsage
 from server.agent_transport import READ_BUFFER, AgentTransport
@@ -38,6 +39,7 @@ from server.errors import (
 from server.questions import Decision, ElicitationAnswer, ElicitationReport, TurnAsker, decide_by_policy
 from server.sandbox import Launcher
 from server.settings import AgentConfig
+from server.terminals import Terminals
 from server.workdir import WorkDir
 
 log = logging.getLogger("sessiongate.agent")
@@ -171,22 +173,78 @@ class _GatewayClient:
     async def complete_elicitation(self, elicitation_id: str, **_: Any) -> None:
         """A URL-mode elicitation finished on the agent's side: nothing waits on it here."""
 
-    # Terminals are not offered (no `terminal` client capability): the SDK would answer these
-    # with empty successes, so they are refused as JSON-RPC "method not found" (-32601).
-    async def create_terminal(self, **_: Any) -> None:
-        raise acp.RequestError.method_not_found("terminal/create")
+    # The client file system and terminals, when the agent's config offers them (client_fs,
+    # client_terminal); otherwise refused as JSON-RPC "method not found" (-32601), where the
+    # SDK would answer the terminal methods with empty successes.
+    async def read_text_file(
+        self, session_id: str, path: str, line: int | None = None, limit: int | None = None, **_: Any
+    ) -> schema.ReadTextFileResponse:
+        cwd = self._fs_cwd(session_id, "fs/read_text_file")
+        hidden = self._connection.hidden_paths
+        return schema.ReadTextFileResponse(content=await client_fs.read(cwd, path, line, limit, hidden))
 
-    async def terminal_output(self, **_: Any) -> None:
-        raise acp.RequestError.method_not_found("terminal/output")
+    async def write_text_file(
+        self, session_id: str, path: str, content: str, **_: Any
+    ) -> schema.WriteTextFileResponse:
+        cwd = self._fs_cwd(session_id, "fs/write_text_file")
+        report = await client_fs.write(cwd, path, content, self._connection.hidden_paths)
+        self._connection.route(session_id, report)
+        return schema.WriteTextFileResponse()
 
-    async def release_terminal(self, **_: Any) -> None:
-        raise acp.RequestError.method_not_found("terminal/release")
+    async def create_terminal(
+        self,
+        session_id: str,
+        command: str,
+        args: list[str] | None = None,
+        env: list[schema.EnvVariable] | None = None,
+        cwd: str | None = None,
+        output_byte_limit: int | None = None,
+        **_: Any,
+    ) -> schema.CreateTerminalResponse:
+        session_cwd = self._connection.session_cwd(session_id)
+        terminal_id = await self._terminals("terminal/create").create(
+            session_id, session_cwd, command, args, env, cwd, output_byte_limit
+        )
+        return schema.CreateTerminalResponse(terminal_id=terminal_id)
 
-    async def wait_for_terminal_exit(self, **_: Any) -> None:
-        raise acp.RequestError.method_not_found("terminal/wait_for_exit")
+    async def terminal_output(
+        self, session_id: str, terminal_id: str, **_: Any
+    ) -> schema.TerminalOutputResponse:
+        return self._terminals("terminal/output").output(session_id, terminal_id)
 
-    async def kill_terminal(self, **_: Any) -> None:
-        raise acp.RequestError.method_not_found("terminal/kill")
+    async def release_terminal(
+        self, session_id: str, terminal_id: str, **_: Any
+    ) -> schema.ReleaseTerminalResponse:
+        await self._terminals("terminal/release").release(session_id, terminal_id)
+        return schema.ReleaseTerminalResponse()
+
+    async def wait_for_terminal_exit(
+        self, session_id: str, terminal_id: str, **_: Any
+    ) -> schema.WaitForTerminalExitResponse:
+        terminals = self._terminals("terminal/wait_for_exit")
+        asker = self._connection.asker(session_id)
+        if asker is None:
+            return await terminals.wait_for_exit(session_id, terminal_id)
+        with asker.waiting():  # the agent waits on a command we run: that is not silence
+            return await terminals.wait_for_exit(session_id, terminal_id)
+
+    async def kill_terminal(self, session_id: str, terminal_id: str, **_: Any) -> schema.KillTerminalResponse:
+        self._terminals("terminal/kill").kill(session_id, terminal_id)
+        return schema.KillTerminalResponse()
+
+    def _fs_cwd(self, session_id: str, method: str) -> str:
+        """The session's directory, when the agent is offered the client file system."""
+        if not self._connection.config.client_fs:
+            raise acp.RequestError.method_not_found(method)
+        cwd = self._connection.session_cwd(session_id)
+        if cwd is None:
+            raise acp.RequestError(-32602, f"unknown session {clip(session_id, 100)!r}")
+        return cwd
+
+    def _terminals(self, method: str) -> Terminals:
+        if not self._connection.config.client_terminal:
+            raise acp.RequestError.method_not_found(method)
+        return self._connection.terminals
 
 
 class AgentProcess(Protocol):
@@ -236,6 +294,8 @@ class AgentProcess(Protocol):
 
     def ask_with(self, session_id: str, asker: TurnAsker | None) -> None: ...
 
+    async def end_terminals(self, session_id: str) -> None: ...
+
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
@@ -284,6 +344,16 @@ class AgentConnection:
         self.broken: AgentProtocolError | None = None  # why its connection became unusable
         self._transport: AgentTransport | None = None
         self.reading_paused = False
+        self._cwds: dict[str, str] = {}  # each ACP session's directory, as opened (client fs, terminals)
+        self.hidden_paths = self._launcher.hidden  # never served by the client fs, wherever they are
+        self.terminals = Terminals(  # client_terminal: commands the agent runs through us
+            config,
+            self._launcher,
+            self.route,
+            inherited=INHERITED_ENV,
+            descendants=lambda: self._descendants,
+            held_back=lambda: self.reading_paused,
+        )
 
     @property
     def pid(self) -> int | None:
@@ -345,6 +415,7 @@ class AgentConnection:
                 self._connection().load_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
                 "session/load",
             )
+        self._cwds[session_id] = cwd
         self._drop_held(session_id, STALE_ON_OPEN)
         return response
 
@@ -356,6 +427,7 @@ class AgentConnection:
                 self._connection().resume_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
                 "session/resume",
             )
+        self._cwds[session_id] = cwd
         self._drop_held(session_id, STALE_ON_OPEN)
         return response
 
@@ -409,7 +481,20 @@ class AgentConnection:
             response: schema.NewSessionResponse = await self._call(
                 self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
             )
+            self._cwds[response.session_id] = cwd
             return response
+
+    def session_cwd(self, session_id: str) -> str | None:
+        """The directory the ACP session was opened in (new, load or resume), or None."""
+        return self._cwds.get(session_id)
+
+    async def end_terminals(self, session_id: str) -> None:
+        """End (SIGKILL to each group) and release every terminal of `session_id`: the turn
+        ended or the session closes. Bounded (terminals.KILL_TIMEOUT); never raises."""
+        try:
+            await self.terminals.release_session(session_id)
+        except Exception:
+            log.exception("ending the terminals of session=%s failed", session_id)
 
     @contextlib.asynccontextmanager
     async def _bounded(self, timeout: float, what: str) -> AsyncIterator[None]:
@@ -485,7 +570,14 @@ class AgentConnection:
         response: schema.InitializeResponse = await self._call(
             self._connection().initialize(
                 protocol_version=acp.PROTOCOL_VERSION,
-                client_capabilities=schema.ClientCapabilities(),
+                client_capabilities=schema.ClientCapabilities(
+                    fs=schema.FileSystemCapabilities(
+                        read_text_file=self.config.client_fs, write_text_file=self.config.client_fs
+                    ),
+                    terminal=self.config.client_terminal,
+                    # Answered under `ask` by the client, otherwise declined (questions.py).
+                    elicitation=schema.ElicitationCapabilities(form=schema.ElicitationFormCapabilities()),
+                ),
                 client_info=schema.Implementation(name="sessiongate", version="0.1.0"),
             ),
             "initialize",
@@ -656,6 +748,8 @@ class AgentConnection:
         process = self._process
         swept = False
         try:
+            with contextlib.suppress(Exception):  # own groups (unsandboxed): ending the agent's misses them
+                await self.terminals.release_all()
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(self._kill_grace):
@@ -677,6 +771,7 @@ class AgentConnection:
         finally:
             # Reached even when this task is cancelled (shutdown): the group never outlives us.
             self._signal_group(signal.SIGKILL)
+            self.terminals.kill_all()
             if not swept and process is not None and self._descendants is not None:
                 self._descendants.end_in_background()
             self._close_pidfd()

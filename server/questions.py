@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -223,6 +225,17 @@ class TurnAsker:
 
     def policy(self, default: str) -> str:
         return self._turn.permission_policy or default
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """While the agent waits on the gateway (a terminal command it runs for it), the turn's
+        stall watchdog does not count; its clock restarts afterwards."""
+        self._turn.asking += 1
+        try:
+            yield
+        finally:
+            self._turn.asking -= 1
+            self._turn.last_event_at = asyncio.get_running_loop().time()
 
     async def permission(
         self, tool_call: schema.ToolCallUpdate, options: list[schema.PermissionOption], default: str

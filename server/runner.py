@@ -137,6 +137,9 @@ class TurnRunner:
         finally:
             self._stop_prompt()
             self.host.questions.cancel_all()
+            agent = self.host.holder.agent
+            if agent is not None:  # commands the agent ran through us end with its turn (bounded)
+                await agent.end_terminals(self.host.agent_session_id)
             self.host.turn_over(self)
 
     async def _prompt_turn(self) -> TurnEnd:

@@ -22,7 +22,7 @@ import os
 import pwd
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +61,11 @@ class Launcher:
         self.bwrap = bwrap  # the bwrap executable, or None where it is not installed
         self._hidden = tuple(Path(p) for p in hidden)  # the server's secrets, kept from agents
         self._homes = homes  # where sandboxed agents without `home` get one of their own
+
+    @property
+    def hidden(self) -> tuple[Path, ...]:
+        """The server's secrets, kept from agents (also from the files the gateway serves them)."""
+        return self._hidden
 
     @classmethod
     def for_server(cls, state_db: Path, secrets: Iterable[Path | None]) -> Launcher:
@@ -102,6 +107,24 @@ class Launcher:
         return None
 
     def spawn(self, config: AgentConfig, env: Mapping[str, str], workdir: WorkDir | None) -> Spawn:
+        return self._confined(config, (config.command, *config.args), env, workdir, None)
+
+    def wrap(
+        self, config: AgentConfig, argv: Sequence[str], env: Mapping[str, str], workdir: WorkDir, cwd: WorkDir
+    ) -> Spawn:
+        """A command run for `config`'s agent (a client terminal), confined exactly like the agent:
+        its user, and its sandbox over the session's directory `workdir`; started in `cwd` (a
+        directory inside `workdir`, by descriptor when unsandboxed)."""
+        return self._confined(config, tuple(argv), env, workdir, cwd)
+
+    def _confined(
+        self,
+        config: AgentConfig,
+        command: tuple[str, ...],
+        env: Mapping[str, str],
+        workdir: WorkDir | None,
+        cwd: WorkDir | None,
+    ) -> Spawn:
         problem = self.problem(config)
         if problem is not None:
             raise AgentUnavailable(problem, metadata={"agent": config.name})
@@ -116,16 +139,19 @@ class Launcher:
         # fork and exec: a uid or groups for subprocess rule out vfork, and a plain fork of this
         # threaded server (gRPC's threads) can crash the child before it execs.
         identity = _setpriv(user, group)
-        command = (config.command, *config.args)
+        start = cwd if cwd is not None else workdir
         if not self.sandboxed(config):
-            cwd = workdir.fd_path if workdir is not None else None  # chdir in the child, by descriptor
-            return Spawn((*identity, *command), env, cwd=cwd)
+            chdir = start.fd_path if start is not None else None  # chdir in the child, by descriptor
+            return Spawn((*identity, *command), env, cwd=chdir)
         assert self.bwrap is not None
-        argv = [*identity, self.bwrap, *self._bwrap_options(config, home, workdir), "--", *command]
+        options = self._bwrap_options(config, home, workdir, start.path if start is not None else None)
+        argv = [*identity, self.bwrap, *options, "--", *command]
         fds = (workdir.fd,) if workdir is not None else ()
         return Spawn(tuple(argv), env, pass_fds=fds)
 
-    def _bwrap_options(self, config: AgentConfig, home: str | None, workdir: WorkDir | None) -> list[str]:
+    def _bwrap_options(
+        self, config: AgentConfig, home: str | None, workdir: WorkDir | None, chdir: str | None
+    ) -> list[str]:
         options = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         options += ["--cap-drop", "ALL"]  # no capabilities, even when the server runs as root
         if not config.network:
@@ -143,8 +169,8 @@ class Launcher:
         for target, how, source in binds:
             options += [how, source, str(target)]
         options += self._own_and_masks(binds, home, workdir)
-        if workdir is not None:
-            options += ["--chdir", workdir.path]
+        if chdir is not None:
+            options += ["--chdir", chdir]
         return options
 
     def _own_and_masks(

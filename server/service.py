@@ -239,6 +239,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 permission_policy=a.permission_policy,
                 is_default=a.name == self._settings.default_agent,
                 auth_method=self._logins.method(a.name),
+                client_fs=a.client_fs,
+                client_terminal=a.client_terminal,
             )
             for a in sorted(self._settings.agents.values(), key=lambda a: a.name)
         ]

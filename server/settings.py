@@ -48,6 +48,10 @@ class AgentConfig:
     home: str = ""  # the agent's HOME, read-write (sandboxed default: <state dir>/homes/NAME)
     user: str = ""  # run the agent as this user (and its group); needs the server to run as root
     auth_method: str = ""  # ACP auth method every process of this agent authenticates with first
+    # Client capabilities offered to the agent; off, they are not advertised and their methods
+    # answer "method not found". See server/client_fs.py and server/terminals.py.
+    client_fs: bool = False  # fs/read_text_file, fs/write_text_file inside the session's cwd
+    client_terminal: bool = False  # terminal/* : commands run in the session's cwd, sandboxed like the agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +254,7 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
         "spares",
         "auth_method",
         *SANDBOX_KEYS,
+        *CAPABILITY_KEYS,
     }
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
@@ -275,7 +280,21 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     if not isinstance(auth_method, str):
         raise ConfigError(f"{where}: `auth_method` must be a string (one of the agent's auth method ids)")
     config = AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
-    return replace(config, auth_method=auth_method, **_sandbox_from_toml(where, table))
+    capabilities = _capabilities_from_toml(where, table)
+    return replace(config, auth_method=auth_method, **_sandbox_from_toml(where, table), **capabilities)
+
+
+CAPABILITY_KEYS = ("client_fs", "client_terminal")
+
+
+def _capabilities_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key in CAPABILITY_KEYS:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: `{key}` must be true or false")
+        found[key] = value
+    return found
 
 
 SANDBOX_KEYS = ("sandbox", "network", "ro_paths", "rw_paths", "home", "user")
@@ -452,6 +471,13 @@ def validate(settings: Settings) -> Settings:
 def _check_user(config: AgentConfig) -> None:
     if not config.user:
         return
+    if config.client_fs:
+        # The gateway serves fs/* itself, as the server's user: for an agent running as another
+        # user that would read and write files with the server's rights, not the agent's.
+        raise ConfigError(
+            f"[agents.{config.name}] client_fs cannot be used with user {config.user!r}: the gateway "
+            "would read and write the files as the server's user"
+        )
     try:
         pwd.getpwnam(config.user)
     except KeyError:

@@ -15,8 +15,10 @@ from sessiongate.v1 import session_service_pb2 as pb
 from server import agent_state
 from server.agent import PermissionReport
 from server.agent_transport import RawUpdate
+from server.client_fs import FileWriteReport
 from server.errors import clip
 from server.questions import ElicitationAsk, ElicitationReport, PermissionAsk
+from server.terminals import TerminalReport
 from server.turn import Notice, TextRun, TurnEnd
 
 STOP_REASONS = {
@@ -226,6 +228,12 @@ def to_event(seq: int, item: Any, bounded: bool = False) -> pb.PromptEvent:
         return pb.PromptEvent(seq=seq, elicitation=event)
     if isinstance(item, Notice):
         return pb.PromptEvent(seq=seq, notice=pb.Notice(kind=item.kind, message=item.message))
+    if isinstance(item, FileWriteReport):
+        return pb.PromptEvent(
+            seq=seq, file_write=pb.FileWrite(path=item.path, bytes=item.bytes, created=item.created)
+        )
+    if isinstance(item, TerminalReport):
+        return pb.PromptEvent(seq=seq, terminal_output=_terminal_output(item))
     return pb.PromptEvent(seq=seq, other=_other(item, bounded))
 
 
@@ -373,6 +381,17 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def _terminal_output(report: TerminalReport) -> pb.TerminalOutput:
+    return pb.TerminalOutput(
+        terminal_id=report.terminal_id,
+        output=report.output_delta,
+        truncated=report.truncated,
+        exited=report.exited,
+        exit_code=report.exit_code or 0,
+        signal=report.signal or "",
+    )
 
 
 def _other(update: Any, bounded: bool = False) -> pb.OtherUpdate:

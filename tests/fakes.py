@@ -151,6 +151,9 @@ class FakeAgent:
     async def authenticate(self, method_id: str) -> None:
         pass
 
+    async def end_terminals(self, session_id: str) -> None:
+        pass  # the fake agent runs no terminals
+
     def ask_with(self, session_id: str, asker: Any) -> None:
         pass  # the fake agent asks no questions
 

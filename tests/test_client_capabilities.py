@@ -347,6 +347,16 @@ async def test_terminal_output_reaches_the_client_bounded(make_gate: GateFactory
     assert 0 < len(output.encode()) <= 100 and set(output) == {"a"}
 
 
+async def test_a_silent_command_longer_than_the_stall_timeout_does_not_stall_the_turn(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    """The agent waiting for a command we run (terminal/wait_for_exit) is not silence."""
+    gate = await make_gate(agents={"capable": capable(tmp_path)}, stall_timeout=1.0)
+    sid = (await gate.create(agent="capable")).session_id
+    reply, _ = await say(gate, sid, "/terminal sleep 3; echo done")
+    assert reply == "terminal exit 0 truncated=false: done\n"
+
+
 async def test_a_kept_terminal_ends_with_its_turn(make_gate: GateFactory, tmp_path: Path) -> None:
     gate, sid = await capable_session(make_gate, tmp_path)
     pid_file = gate.workdir / "sleeper.pid"
