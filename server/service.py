@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 from acp import schema
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, json_format
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -377,20 +377,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     "content", f"the prompt is {size} bytes; the limit is {self._limits.max_prompt_bytes}"
                 )
             )
-        stall = self._limits.stall_timeout
-        if request.HasField("stall_timeout"):
-            seconds, problem = _duration(request.stall_timeout, allow_zero=False)
-            if problem:
-                violations.append(FieldViolation("stall_timeout", problem))
-            else:
-                stall = min(seconds, self._limits.max_stall_timeout)
-        wait = 0.0
-        if request.HasField("wait_timeout"):
-            seconds, problem = _duration(request.wait_timeout, allow_zero=True)
-            if problem:
-                violations.append(FieldViolation("wait_timeout", problem))
-            else:
-                wait = min(seconds, self._limits.max_wait_timeout)
+        limits = self._limits
+        stall = _clamped(request, "stall_timeout", limits.max_stall_timeout, violations)
+        wait = _clamped(request, "wait_timeout", limits.max_wait_timeout, violations, allow_zero=True)
+        permission_timeout = _clamped(
+            request, "permission_timeout", limits.max_permission_timeout, violations
+        )
         policy = request.permission_policy
         if policy and policy not in PERMISSION_POLICIES:
             violations.append(
@@ -398,18 +390,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     "permission_policy", "must be empty or one of " + ", ".join(PERMISSION_POLICIES)
                 )
             )
-        permission_timeout: float | None = None
-        if request.HasField("permission_timeout"):
-            seconds, problem = _duration(request.permission_timeout, allow_zero=False)
-            if problem:
-                violations.append(FieldViolation("permission_timeout", problem))
-            else:
-                permission_timeout = min(seconds, self._limits.max_permission_timeout)
         if violations:
             raise InvalidArgument(violations)
         blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
         blocks.extend(translate.to_acp_block(b) for b in request.content)
-        return blocks, stall, wait, (policy, permission_timeout)
+        return (
+            blocks,
+            limits.stall_timeout if stall is None else stall,
+            wait or 0.0,
+            (policy, permission_timeout),
+        )
 
 
 def _outcome(exc: Exception) -> str:
@@ -468,6 +458,20 @@ def _session_id_problem(session_id: str) -> str:
     return ""
 
 
+def _clamped(
+    request: Any, name: str, maximum: float, violations: list[FieldViolation], allow_zero: bool = False
+) -> float | None:
+    """A request's optional Duration field in seconds, clamped to `maximum`; None when unset or
+    malformed (then a violation says why)."""
+    if not request.HasField(name):
+        return None
+    seconds, problem = _duration(getattr(request, name), allow_zero=allow_zero)
+    if problem:
+        violations.append(FieldViolation(name, problem))
+        return None
+    return min(seconds, maximum)
+
+
 def _duration(value: duration_pb2.Duration, *, allow_zero: bool) -> tuple[float, str | None]:
     """Seconds of a Duration, or why it is malformed."""
     if abs(value.nanos) > MAX_NANOS or (
@@ -493,20 +497,14 @@ def _label_violations(labels: Any) -> list[FieldViolation]:
     return out
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def session_proto(session: Session) -> pb.Session:
     message = pb.Session(
         session_id=session.session_id,
         agent=session.config.name,
         cwd=session.cwd,
         state=STATES[session.state],
-        create_time=_timestamp(session.create_time),
-        last_active_time=_timestamp(session.last_active_time),
+        create_time=translate.timestamp(session.create_time),
+        last_active_time=translate.timestamp(session.last_active_time),
         labels=session.labels,
         agent_session_id=session.agent_session_id,
         request_id=session.request_id,
@@ -525,8 +523,8 @@ def session_proto(session: Session) -> pb.Session:
         message.usage.CopyFrom(translate.session_usage(state.usage))
     turn = session.turn
     if turn is not None:
-        message.turn_start_time.CopyFrom(_timestamp(turn.started_wall))
-        message.last_event_time.CopyFrom(_timestamp(turn.last_event_wall()))
+        message.turn_start_time.CopyFrom(translate.timestamp(turn.started_wall))
+        message.last_event_time.CopyFrom(translate.timestamp(turn.last_event_wall()))
         message.turn_elapsed.FromNanoseconds(int(turn.elapsed() * 1e9))
         message.since_last_event.FromNanoseconds(int(turn.since_last_event() * 1e9))
     return message

@@ -359,7 +359,7 @@ def _permission_request(ask: PermissionAsk, bounded: bool) -> pb.PermissionReque
         request_id=ask.request_id,
         tool_call=pb.ToolCallUpdate(**_tool_fields(ask.tool_call, bounded)),
         options=_options(ask.options),
-        expire_time=_timestamp(ask.expire_wall),
+        expire_time=timestamp(ask.expire_wall),
     )
 
 
@@ -370,14 +370,14 @@ def _elicitation_request(ask: ElicitationAsk, bounded: bool) -> pb.ElicitationRe
         mode=ask.mode,
         url=ask.url,
         tool_call_id=ask.tool_call_id,
-        expire_time=_timestamp(ask.expire_wall),
+        expire_time=timestamp(ask.expire_wall),
     )
     if ask.requested_schema is not None:
         request.requested_schema.update(_depth_checked(ask.requested_schema, bounded))
     return request
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp

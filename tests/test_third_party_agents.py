@@ -23,16 +23,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server.settings import AgentConfig
 from tests.conftest import Gate, GateFactory, expect_error, kinds, reply_text
+from tests.test_permissions import Asking, second_stub, seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
@@ -40,6 +39,7 @@ TSX = NODE_MODULES / ".bin" / "tsx"
 PACKAGE = NODE_MODULES / "@zed-industries" / "agent-client-protocol"
 EXAMPLE = PACKAGE / "typescript" / "examples" / "agent.ts"
 AGENT = "zed-example"
+PROMPT = "change the config"  # the example ignores what it is asked
 
 READ_TOOL, EDIT_TOOL = "call_1", "call_2"
 OPTIONS = {("allow", "allow_once", "Allow this change"), ("reject", "reject_once", "Skip this change")}
@@ -62,42 +62,6 @@ async def gate(make_gate: GateFactory) -> Gate:
     config = AgentConfig(name=AGENT, command=tsx, args=(example,), sandbox="none")
     made: Gate = await make_gate(agents={AGENT: config})
     return made
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(int(value * 1e9))
-    return duration
-
-
-class Asking:
-    """A Prompt stream under `ask`, read up to its permission request; `finish()` reads the rest."""
-
-    def __init__(self, gate: Gate, session_id: str, **kwargs: Any) -> None:
-        request = pb.PromptRequest(
-            session_id=session_id, text="change the config", permission_policy="ask", **kwargs
-        )
-        self.call = gate.stub.Prompt(request, timeout=60)
-        self.events: list[pb.PromptEvent] = []
-
-    async def question(self) -> pb.PermissionRequest:
-        async for event in self.call:
-            self.events.append(event)
-            if event.HasField("permission_request"):
-                return event.permission_request
-        raise AssertionError(f"the turn ended without a permission request: {kinds(self.events)}")
-
-    async def finish(self) -> list[pb.PromptEvent]:
-        async for event in self.call:
-            self.events.append(event)
-        return self.events
-
-
-def second_stub(gate: Gate) -> pb_grpc.SessionServiceStub:
-    """Another connection: the answer need not come over the one the Prompt stream uses."""
-    channel = grpc.aio.insecure_channel(gate.target)
-    gate.extra_channels.append(channel)
-    return pb_grpc.SessionServiceStub(channel)
 
 
 def option(request: pb.PermissionRequest, kind: str) -> str:
@@ -182,8 +146,8 @@ async def test_the_example_agent_runs_under_the_agents_default_policy(gate: Gate
 
 async def test_ask_the_client_allows_from_another_connection_and_the_edit_completes(gate: Gate) -> None:
     session = await gate.create(agent=AGENT)
-    asking = Asking(gate, session.session_id)
-    request = await asking.question()
+    asking = Asking(gate, session.session_id, PROMPT)
+    request = (await asking.question()).permission_request
     check_request(request)
     check_turn_start(asking.events)
     other = second_stub(gate)
@@ -203,8 +167,8 @@ async def test_ask_the_client_allows_from_another_connection_and_the_edit_comple
 
 async def test_ask_the_client_rejects_and_the_example_skips_its_edit(gate: Gate) -> None:
     session = await gate.create(agent=AGENT)
-    asking = Asking(gate, session.session_id)
-    request = await asking.question()
+    asking = Asking(gate, session.session_id, PROMPT)
+    request = (await asking.question()).permission_request
     check_request(request)
     outcome = await answer(second_stub(gate), session.session_id, request, option(request, "reject_once"))
     assert outcome == pb.PERMISSION_OUTCOME_REJECTED
@@ -220,8 +184,8 @@ async def test_ask_the_client_rejects_and_the_example_skips_its_edit(gate: Gate)
 
 async def test_ask_nobody_answers_and_the_request_times_out_rejected(gate: Gate) -> None:
     session = await gate.create(agent=AGENT)
-    asking = Asking(gate, session.session_id, permission_timeout=seconds(2))
-    request = await asking.question()
+    asking = Asking(gate, session.session_id, PROMPT, permission_timeout=seconds(2))
+    request = (await asking.question()).permission_request
     check_request(request)
     waited = asyncio.get_running_loop().time()
     events = await asking.finish()
@@ -237,8 +201,8 @@ async def test_ask_nobody_answers_and_the_request_times_out_rejected(gate: Gate)
 
 async def test_cancel_prompt_while_the_example_waits_for_an_answer(gate: Gate) -> None:
     session = await gate.create(agent=AGENT)
-    asking = Asking(gate, session.session_id)
-    request = await asking.question()
+    asking = Asking(gate, session.session_id, PROMPT)
+    request = (await asking.question()).permission_request
     cancelled = await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=session.session_id), timeout=5)
     assert cancelled.cancelled
     events = await asyncio.wait_for(asking.finish(), 15)
