@@ -266,7 +266,7 @@ class AgentProcess(Protocol):
 
     def on_exit(self, callback: Callable[[Any], None]) -> None: ...
 
-    async def start(self, timeout: float) -> Handshake: ...
+    async def start(self, timeout: float, login: bool = True) -> Handshake: ...
 
     async def authenticate(self, method_id: str) -> None: ...
 
@@ -371,13 +371,15 @@ class AgentConnection:
         """Call `callback` once when the agent process exits (for whatever reason)."""
         self._on_exit = callback
 
-    async def start(self, timeout: float) -> Handshake:
-        """Spawn and `initialize` within `timeout`. On failure the caller terminates the agent."""
+    async def start(self, timeout: float, login: bool = True) -> Handshake:
+        """Spawn and `initialize` within `timeout`, then `authenticate` with the agent's auth
+        method, if it has one (not with `login=False`: AuthenticateAgent tries a new method).
+        On failure the caller terminates the agent."""
         async with self._bounded(timeout, "finish starting"):
             await self._spawn()
             handshake = await self._initialize()
             method = self._logins.method(self.config.name) if self._logins is not None else ""
-            if method:
+            if method and login:
                 await self.authenticate(method)
             return handshake
 

@@ -53,7 +53,7 @@ class AgentLogins:
         async with self._busy:
             agent = make_agent()
             try:
-                await agent.start(limits.agent_start_timeout)
+                await agent.start(limits.agent_start_timeout, login=False)  # not the old way
                 await agent.authenticate(method)
             finally:
                 await agent.terminate()

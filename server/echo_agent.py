@@ -12,7 +12,7 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /crash            one chunk, then exit with code 3
   /flood N [BYTES]  N message chunks of BYTES bytes (default 64) as fast as possible,
                     each starting with its number ("0:xxx", "1:xxx", ...) so order is checkable
-  /permission       ask permission for an edit, report the decision in text
+  /permission [BYTES] ask permission for an edit (its raw input BYTES long), report the decision
   /error            answer the turn with a JSON-RPC error
   /commands         advertise the directives as slash commands (ACP available_commands_update)
   /history          reply with the prompts this ACP session remembers (kept across session/load)
@@ -26,7 +26,7 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /state            reply "mode=<mode> model=<model> verbose=<true|false>"
   /title TEXT       session_info_update with title TEXT; reply "title set"
   /usage USED SIZE  usage_update (USED of SIZE tokens, cost 0.01 USD); reply "usage sent"
-  /elicit           elicitation/create (form, tied to the session) asking "What is your name?";
+  /elicit [url]     elicitation/create (form, or url mode) asking "What is your name?";
                     reply "elicitation accept <content as JSON>", "elicitation decline",
                     "elicitation cancel", or "elicitation error <code>" (JSON-RPC error)
   /fs-read PATH [LINE [LIMIT]]
@@ -381,9 +381,15 @@ class EchoAgent:
             schema.PermissionOption(option_id="allow", name="Allow once", kind="allow_once"),
             schema.PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
         ]
+        padding = int(rest) if rest.strip().isdigit() else 0  # /permission BYTES: a large tool call
         response = await self.client.request_permission(
             session_id=session_id,
-            tool_call=schema.ToolCallUpdate(tool_call_id="echo-edit", title="Editing notes.txt", kind="edit"),
+            tool_call=schema.ToolCallUpdate(
+                tool_call_id="echo-edit",
+                title="Editing notes.txt",
+                kind="edit",
+                raw_input={"content": "x" * padding} if padding else None,
+            ),
             options=options,
         )
         outcome = response.outcome
@@ -462,7 +468,7 @@ class EchoAgent:
         return await self._reply(session_id, "usage sent")
 
     async def _elicit(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
-        mode = schema.ElicitationFormSessionMode(
+        mode: Any = schema.ElicitationFormSessionMode(
             session_id=session_id,
             requested_schema=schema.ElicitationSchema(
                 type="object",
@@ -470,6 +476,14 @@ class EchoAgent:
                 required=["name"],
             ),
         )
+        if rest.strip() == "url":  # /elicit url: the user is sent to a page instead of a form
+            mode = schema.ElicitationUrlSessionMode.model_validate(
+                {
+                    "sessionId": session_id,
+                    "elicitationId": "echo-url",
+                    "url": "https://example.com/echo-login",
+                }
+            )
         try:
             answer = await self.client.create_elicitation(message="What is your name?", mode=mode)
         except acp.RequestError as exc:

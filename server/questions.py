@@ -36,6 +36,8 @@ READ_KINDS = frozenset({"read", "search", "think"})
 MAX_OPEN = 64  # questions one session may have open at once; more are cancelled at once
 SETTLED_KEPT = 256  # ids of settled questions remembered, to say "answered" rather than "unknown"
 MAX_SCHEMA_BYTES = 64 * 1024  # an elicitation schema larger than this is declined
+MAX_OPTIONS = 64  # a permission request offering more options is cancelled at once
+MAX_OPTION_ID = 1024  # characters of an option id a client can answer with (service.MAX_ANSWER_ID)
 ELICITATION_ACTIONS = ("accept", "decline", "cancel")
 
 
@@ -108,11 +110,12 @@ def _first_of_kind(options: list[schema.PermissionOption], kinds: tuple[str, ...
     return None
 
 
-class _Cancelled:
-    """The answer given to every open question when its turn is cancelled."""
+class _Sentinel:
+    """An answer no client gives: the question was cancelled, or it expired."""
 
 
-CANCELLED = _Cancelled()
+CANCELLED = _Sentinel()
+EXPIRED = _Sentinel()
 
 
 @dataclass(eq=False)
@@ -128,7 +131,8 @@ class Questions:
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self._open: dict[str, _Open] = {}
-        self._settled: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # request id -> (kind, how it was settled), so a late answer hears why it is too late
+        self._settled: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
 
     @property
     def open_count(self) -> int:
@@ -146,33 +150,45 @@ class Questions:
         if kind is None:
             offered = ", ".join(clip(o, 64) for o in list(question.option_kinds)[:10])
             raise InvalidArgument.field("option_id", f"not one of the offered options ({offered})")
-        question.future.set_result(option_id)
+        self._settle(request_id, question, option_id, "answered")
         return "allowed" if kind.startswith("allow") else "rejected"
 
     def answer_elicitation(self, request_id: str, action: str, content: dict[str, Any] | None) -> None:
         question = self._find(request_id, "elicitation")
-        question.future.set_result((action, content if action == "accept" else None))
+        self._settle(request_id, question, (action, content if action == "accept" else None), "answered")
 
     def cancel_all(self) -> int:
         """Answer every open question `cancelled` (turn cancelled or ended, session closed)."""
         count = 0
-        for question in self._open.values():
+        for request_id, question in list(self._open.items()):
             if not question.future.done():
-                question.future.set_result(CANCELLED)
+                self._settle(request_id, question, CANCELLED, "cancelled")
                 count += 1
         return count
+
+    def _expire(self, request_id: str) -> None:
+        question = self._open.get(request_id)
+        if question is not None and not question.future.done():
+            self._settle(request_id, question, EXPIRED, "expired")
+
+    def _settle(self, request_id: str, question: _Open, answer: Any, how: str) -> None:
+        """The one place a question gets its answer: what the agent is told and what a late
+        answer hears ("answered", "expired", "cancelled") are decided together, here."""
+        question.future.set_result(answer)
+        self._settled[request_id] = (question.kind, how)
+        while len(self._settled) > SETTLED_KEPT:
+            self._settled.popitem(last=False)
 
     def _find(self, request_id: str, kind: str) -> _Open:
         question = self._open.get(request_id)
         if question is not None and question.kind == kind and not question.future.done():
             return question
         shown = clip(request_id, 64)
-        how = self._settled.get(request_id)
-        if question is not None or how is not None:
-            how = how or "answered"
+        settled = self._settled.get(request_id)
+        if settled is not None and settled[0] == kind:
             raise RequestAnswered(
-                f"{kind} request {shown} was already {how}",
-                metadata={"session_id": self.session_id, "request_id": shown, "state": how},
+                f"{kind} request {shown} was already {settled[1]}",
+                metadata={"session_id": self.session_id, "request_id": shown, "state": settled[1]},
             )
         raise RequestNotFound(
             f"session {self.session_id} has no {kind} request {shown}",
@@ -192,28 +208,26 @@ class Questions:
             return "cancelled", None
         request_id = secrets.token_urlsafe(12)
         timeout = turn.permission_timeout
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._open[request_id] = _Open(kind, future, option_kinds)
+        loop = asyncio.get_running_loop()
+        question = _Open(kind, loop.create_future(), option_kinds)
+        self._open[request_id] = question
+        expiry = loop.call_later(timeout, self._expire, request_id)  # the future is the only truth
         turn.asking += 1
-        how = "cancelled"
         try:
             turn.push(make_item(request_id, time.time() + timeout))
-            async with asyncio.timeout(timeout):
-                answer = await future
+            answer = await question.future
             if answer is CANCELLED:
                 return "cancelled", None
-            how = "answered"
+            if answer is EXPIRED:
+                return "timeout", None
             return "client", answer
-        except TimeoutError:
-            how = "expired"
-            return "timeout", None
         finally:
+            expiry.cancel()
             turn.asking -= 1
-            turn.last_event_at = asyncio.get_running_loop().time()  # the agent works again from now
+            turn.last_event_at = loop.time()  # the agent works again from now
             self._open.pop(request_id, None)
-            self._settled[request_id] = how
-            while len(self._settled) > SETTLED_KEPT:
-                self._settled.popitem(last=False)
+            if not question.future.done():  # we were cancelled (the agent's connection ended)
+                self._settle(request_id, question, CANCELLED, "cancelled")
 
 
 class TurnAsker:
@@ -243,6 +257,9 @@ class TurnAsker:
         policy = self.policy(default)
         if policy != "ask":
             return decide_by_policy(policy, tool_call.kind, options)
+        if len(options) > MAX_OPTIONS or any(len(o.option_id) > MAX_OPTION_ID for o in options):
+            log.warning("a permission request no client could answer (options too many or too long)")
+            return Decision("cancelled", "", "cancelled")
         request_id = ""
 
         def item(rid: str, expire: float) -> PermissionAsk:
@@ -266,6 +283,7 @@ class TurnAsker:
         policy = self.policy(default)
         if policy != "ask":
             return ElicitationAnswer("decline", None, policy)
+        url = str(getattr(mode, "url", None) or "")  # pydantic's AnyUrl, not a str
         requested = getattr(mode, "requested_schema", None)
         schema_json = (
             requested.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -282,9 +300,9 @@ class TurnAsker:
             return ElicitationAsk(
                 request_id=rid,
                 message=message,
-                mode="url" if getattr(mode, "url", None) else "form",
+                mode="url" if url else "form",
                 requested_schema=schema_json,
-                url=getattr(mode, "url", None) or "",
+                url=url,
                 tool_call_id=getattr(mode, "tool_call_id", None) or "",
                 expire_wall=expire,
             )

@@ -137,10 +137,12 @@ class TurnRunner:
         finally:
             self._stop_prompt()
             self.host.questions.cancel_all()
-            agent = self.host.holder.agent
-            if agent is not None:  # commands the agent ran through us end with its turn (bounded)
-                await agent.end_terminals(self.host.agent_session_id)
-            self.host.turn_over(self)
+            try:
+                agent = self.host.holder.agent
+                if agent is not None:  # commands the agent ran through us end with its turn (bounded)
+                    await agent.end_terminals(self.host.agent_session_id)
+            finally:  # even when cancelled again meanwhile (a second signal): the session is freed
+                self.host.turn_over(self)
 
     async def _prompt_turn(self) -> TurnEnd:
         """Send the prompt and watch it: the agent's answer, a cancel, a stall or the deadline."""

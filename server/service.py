@@ -53,7 +53,7 @@ MAX_CWD = 4096  # characters (PATH_MAX)
 MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
 MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page at most (one session is far smaller)
-MAX_ANSWER_ID = 256  # characters of a request id or option id in an answer
+MAX_ANSWER_ID = 1024  # characters of a request id or option id in an answer (questions.MAX_OPTION_ID)
 MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
 ELICITATION_ACTIONS = {
     pb.ELICITATION_ACTION_ACCEPT: "accept",

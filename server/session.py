@@ -398,6 +398,8 @@ class Session:
         # Idle, or a turn under way (its agent is ready once the turn has it: not while starting).
         ready = role is None or (role == "turn" and turn is not None and turn.agent is agent)
         if ready and agent is not None and agent.alive:
+            if agent.reading_paused:  # held back for a slow client: its answer could not be read
+                raise self._busy()
             self._agent_calls += 1
             try:
                 yield agent

@@ -6,6 +6,7 @@ Pure functions, no I/O: the service calls them, the session never sees protobufs
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 from acp import schema
@@ -20,6 +21,8 @@ from server.errors import clip
 from server.questions import ElicitationAsk, ElicitationReport, PermissionAsk
 from server.terminals import TerminalReport
 from server.turn import Notice, TextRun, TurnEnd
+
+log = logging.getLogger("sessiongate.translate")
 
 STOP_REASONS = {
     "end_turn": pb.STOP_REASON_END_TURN,
@@ -136,6 +139,10 @@ def _bounded_event(seq: int, item: Any) -> tuple[pb.PromptEvent, list[str]]:
         return to_event(seq, item, bounded=True), [
             f"a {_kind(item)} update nested deeper than {MAX_JSON_DEPTH} levels was cut"
         ]
+    except (TypeError, ValueError) as exc:  # a value protobuf refuses (a bug here, or a strange agent)
+        log.warning("an update could not be carried kind=%s: %s", _kind(item), clip(str(exc)))
+        dropped = pb.Notice(kind="event_dropped", message=f"a {_kind(item)} update could not be carried")
+        return pb.PromptEvent(seq=seq, notice=dropped), []
 
 
 class DeepJson(Exception):
@@ -144,25 +151,48 @@ class DeepJson(Exception):
 
 
 def _fit(event: pb.PromptEvent, max_bytes: int) -> pb.PromptEvent:
-    """`event` without what made it too large: raw tool input/output, tool content, payloads.
-    Whatever is still too large is replaced by the marker alone."""
+    """`event` without what made it too large: raw tool input/output, tool content, payloads,
+    schemas, long names. Whatever is still too large is replaced by the marker alone, except a
+    question: its request id and options always reach the client, so it can be answered."""
     marker = struct_pb2.Value(string_value=f"[cut: over max_event_bytes ({max_bytes})]")
     which = event.WhichOneof("event")
     if which in ("tool_call", "tool_call_update"):
-        body = getattr(event, which)
-        for name in ("raw_input", "raw_output"):
-            if body.HasField(name):
-                getattr(body, name).CopyFrom(marker)
-        if event.ByteSize() > max_bytes:
-            del body.content[:]
-            body.content.add().block.text.text = marker.string_value
-        body.title = body.title[:1024]
+        _fit_tool_call(getattr(event, which), marker, event, max_bytes)
+    elif which == "permission_request":
+        request = event.permission_request
+        _fit_tool_call(request.tool_call, marker, event, max_bytes)
+        for option in request.options:
+            option.name = option.name[:MAX_FITTED_NAME]
+    elif which == "permission":
+        event.permission.title = event.permission.title[:MAX_FITTED_NAME]
+        for option in event.permission.options:
+            option.name = option.name[:MAX_FITTED_NAME]
+    elif which == "elicitation_request":
+        elicitation = event.elicitation_request
+        elicitation.requested_schema.Clear()
+        elicitation.requested_schema["cut"] = marker.string_value
+        elicitation.message = elicitation.message[: 4 * MAX_FITTED_NAME]
+        elicitation.url = elicitation.url[: 4 * MAX_FITTED_NAME]
     elif which == "other":
         event.other.payload.Clear()
         event.other.payload["cut"] = marker.string_value
-    if event.ByteSize() <= max_bytes:
+    if event.ByteSize() <= max_bytes or which in ("permission_request", "elicitation_request"):
         return event
     return pb.PromptEvent(seq=event.seq, notice=pb.Notice(kind="event_dropped", message=marker.string_value))
+
+
+MAX_FITTED_NAME = 1024  # characters of a title or option name kept in an event cut to fit
+
+
+def _fit_tool_call(body: Any, marker: struct_pb2.Value, event: pb.PromptEvent, max_bytes: int) -> None:
+    for name in ("raw_input", "raw_output"):
+        if body.HasField(name):
+            getattr(body, name).CopyFrom(marker)
+    if event.ByteSize() > max_bytes:
+        del body.content[:]
+        body.content.add().block.text.text = marker.string_value
+        del body.locations[:]
+    body.title = body.title[:MAX_FITTED_NAME]
 
 
 def _kind(item: Any) -> str:

@@ -78,7 +78,7 @@ class FakeAgent:
     def on_exit(self, callback: Callable[[Any], None]) -> None:
         self._on_exit = callback
 
-    async def start(self, timeout: float) -> Handshake:
+    async def start(self, timeout: float, login: bool = True) -> Handshake:
         self.started = True
         await asyncio.sleep(self.behaviour.start_delay)
         self.handshake = Handshake("fake", "1", "Fake", self.behaviour.load_session, ())

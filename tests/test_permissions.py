@@ -350,3 +350,36 @@ async def test_an_elicitation_is_answered_by_the_client_declined_on_timeout_and_
     events = await gate.prompt(session.session_id, "/elicit")
     assert reply_text(events) == "elicitation decline"
     assert "elicitation_request" not in kinds(events)
+
+
+async def test_a_request_too_large_for_one_event_still_reaches_the_client_and_a_url_elicitation_too(
+    gate: Gate,
+) -> None:
+    """A question cut to fit max_event_bytes keeps what answering it needs; url mode works."""
+    session = await gate.create()
+    asking = Asking(gate, session.session_id, "/permission 2000000")
+    request = (await asking.question()).permission_request
+    assert {o.option_id for o in request.options} == {"allow", "reject"}
+    assert "cut" in request.tool_call.raw_input.string_value
+    await gate.stub.RespondPermission(
+        pb.RespondPermissionRequest(
+            session_id=session.session_id, request_id=request.request_id, option_id="allow"
+        ),
+        timeout=5,
+    )
+    events = await asking.finish()
+    assert reply_text(events) == "permission allow"
+    assert any(e.notice.kind == "event_truncated" for e in events if e.HasField("notice"))
+
+    asking = Asking(gate, session.session_id, "/elicit url")
+    elicitation = (await asking.question("elicitation_request")).elicitation_request
+    assert (elicitation.mode, elicitation.url) == ("url", "https://example.com/echo-login")
+    await gate.stub.RespondElicitation(
+        pb.RespondElicitationRequest(
+            session_id=session.session_id,
+            request_id=elicitation.request_id,
+            action=pb.ELICITATION_ACTION_ACCEPT,
+        ),
+        timeout=5,
+    )
+    assert reply_text(await asking.finish()) == "elicitation accept {}"

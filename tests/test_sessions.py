@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,7 +15,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 
 from server import service
 from server.session import new_session_id
-from tests.conftest import Gate, GateFactory, eventually, expect_error, wait_gone
+from tests.conftest import Gate, GateFactory, echo_agent, eventually, expect_error, wait_gone
 
 
 async def test_auth_required_agent_fails_create_with_failed_precondition(make_gate: GateFactory) -> None:
@@ -57,6 +59,20 @@ async def test_authenticate_agent_clears_auth_required_without_a_restart(make_ga
         )
     )
     assert refusing.reason == "NOT_SUPPORTED"  # the plain echo agent offers no auth method
+
+
+async def test_authenticate_agent_replaces_a_configured_method_that_does_not_work(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    typo = replace(echo_agent("typo", tmp_path / "agent-state", "--auth-required"), auth_method="sso-typo")
+    gate: Gate = await make_gate(agents={"typo": typo})
+    broken = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="typo"), timeout=30))
+    assert broken.reason == "NOT_SUPPORTED" and "sso-typo" in broken.message
+    await gate.stub.AuthenticateAgent(
+        pb.AuthenticateAgentRequest(agent="typo", method_id="echo-login"), timeout=30
+    )
+    session = await gate.create(agent="typo")
+    assert session.state == pb.SESSION_STATE_IDLE
 
 
 async def test_agent_that_cannot_start_is_agent_unavailable(make_gate: GateFactory) -> None:
