@@ -11,7 +11,8 @@ MAX_OUTPUT_LIMIT; older output is dropped at a character boundary and the output
 truncated, as ACP asks).
 
 Every terminal is ended (SIGKILL to its process group) and reaped when it is released, when
-its turn ends (`release_session`), and when the agent is stopped (`release_all`). Its
+its turn ends (`release_session`), and when the agent is stopped (`release_all`); a create
+still under way then is refused (and no create is accepted once the agent is stopping). Its
 leader is left unreaped until then, so the group's id can never be someone else's when it
 is signalled. An agent holds at most MAX_TERMINALS at once.
 
@@ -216,7 +217,12 @@ class Terminals:
         self._descendants = descendants  # the unsandboxed agent's marker: its sweep ends ours too
         self._held_back = held_back  # the turn's client is not reading: hold reports back
         self._terminals: dict[str, _Terminal] = {}
-        self._starting = 0  # creates under way (they count against MAX_TERMINALS)
+        # Creates under way (they count against MAX_TERMINALS), each with its session. Each such
+        # session has an epoch, bumped by release_session: a create that sees its session's
+        # epoch moved while it awaited is refused (else it would outlive the clean-up).
+        self._starting: dict[object, str] = {}
+        self._epochs: dict[str, int] = {}  # only of sessions with creates under way
+        self._closed = False  # release_all or kill_all ran (the agent is being stopped): no more
 
     def __len__(self) -> int:
         return len(self._terminals)
@@ -237,7 +243,9 @@ class Terminals:
         directory); returns the terminal's id."""
         if session_cwd is None:
             raise _invalid(f"unknown session {clip(session_id, 100)!r}")
-        if len(self._terminals) + self._starting >= MAX_TERMINALS:
+        if self._closed:
+            raise _stopping()
+        if len(self._terminals) + len(self._starting) >= MAX_TERMINALS:
             raise acp.RequestError(
                 -32603, f"too many terminals: at most {MAX_TERMINALS} at once per agent; release one first"
             )
@@ -253,12 +261,22 @@ class Terminals:
             DEFAULT_OUTPUT_LIMIT if output_byte_limit is None else min(output_byte_limit, MAX_OUTPUT_LIMIT)
         )
         hidden = self._launcher.hidden
-        self._starting += 1
+        token = object()
+        self._starting[token] = session_id
+        epoch = self._epochs.setdefault(session_id, 0)
         try:
             root_path, root_fd = await client_fs.open_directory_async(session_cwd, "", hidden)
             try:
                 start_path, start_fd = await client_fs.open_directory_async(session_cwd, cwd or "", hidden)
                 try:
+                    # A clean-up that ran during the awaits did not see this terminal: refuse it
+                    # now, before anything starts (from here to its registration nothing awaits).
+                    if self._closed:
+                        raise _stopping()
+                    if self._epochs.get(session_id) != epoch:
+                        raise acp.RequestError(
+                            -32603, "the terminal was not started: the session's turn ended meanwhile"
+                        )
                     root, start = WorkDir(root_path, root_fd), WorkDir(start_path, start_fd)
                     return self._start(session_id, argv, variables, root, start, limit)
                 finally:
@@ -266,7 +284,9 @@ class Terminals:
             finally:
                 os.close(root_fd)
         finally:
-            self._starting -= 1
+            del self._starting[token]
+            if session_id not in self._starting.values():
+                self._epochs.pop(session_id, None)
 
     def output(self, session_id: str, terminal_id: str) -> schema.TerminalOutputResponse:
         terminal = self._get(session_id, terminal_id)
@@ -295,15 +315,22 @@ class Terminals:
     # ---- the gateway's own clean-ups ----------------------------------------------------------
 
     async def release_session(self, session_id: str) -> None:
-        """Release every terminal of `session_id` (its turn ended, or it closed)."""
+        """Release every terminal of `session_id` (its turn ended, or it closed), and refuse
+        the creates of `session_id` under way."""
+        if session_id in self._epochs:
+            self._epochs[session_id] += 1
         await self._end_all([t for t in self._terminals.values() if t.session_id == session_id])
 
     async def release_all(self) -> None:
-        """Release every terminal (the agent is being stopped). Bounded by KILL_TIMEOUT."""
+        """Release every terminal (the agent is being stopped) and refuse every create from now
+        on, those under way too. Bounded by KILL_TIMEOUT."""
+        self._closed = True
         await self._end_all(list(self._terminals.values()))
 
     def kill_all(self) -> None:
-        """SIGKILL every terminal's group now, without waiting (for paths that cannot wait)."""
+        """SIGKILL every terminal's group now, without waiting (for paths that cannot wait), and
+        refuse every create from now on, those under way too."""
+        self._closed = True
         for terminal in self._terminals.values():
             terminal.released = True
             terminal.kill()
@@ -533,6 +560,10 @@ def _status(pid: int) -> tuple[int | None, str | None]:
         return None, signal.Signals(result.si_status).name
     except ValueError:
         return None, str(result.si_status)
+
+
+def _stopping() -> acp.RequestError:
+    return acp.RequestError(-32603, "the terminal was not started: the agent is being stopped")
 
 
 def _invalid(message: str) -> acp.RequestError:

@@ -249,6 +249,57 @@ async def test_terminals_are_bounded_killed_and_reaped(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("cleanup", ["release_session", "release_all", "kill_all"])
+async def test_a_terminal_created_during_a_cleanup_is_refused(
+    terms: tuple[Terminals, list[TerminalReport], Path], monkeypatch: pytest.MonkeyPatch, cleanup: str
+) -> None:
+    """A create still opening its directories when its turn ends (or the agent stops) does not
+    start its command afterwards: the clean-up did not see it, so nothing would end it."""
+    owner, _, cwd = terms
+    opened = client_fs.open_directory_async
+    inside, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_open(*args: object) -> tuple[str, int]:
+        inside.set()
+        await go_on.wait()
+        return await opened(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_fs, "open_directory_async", slow_open)
+    other = asyncio.create_task(owner.create("other", str(cwd), "true"))  # another session's
+    create = asyncio.create_task(owner.create("s", str(cwd), "sh", ["-c", "echo $$ > pid; exec sleep 60"]))
+    try:
+        await asyncio.wait_for(inside.wait(), 10)
+        if cleanup == "release_session":
+            await owner.release_session("s")
+        elif cleanup == "release_all":
+            await owner.release_all()
+        else:
+            owner.kill_all()
+        go_on.set()
+        with pytest.raises(acp.RequestError) as caught:
+            await asyncio.wait_for(create, 10)
+        assert caught.value.code == -32603
+        if cleanup == "release_session":  # only that session's creates are refused
+            tid = await asyncio.wait_for(other, 10)
+            assert list(owner._terminals) == [tid]
+        else:
+            with pytest.raises(acp.RequestError):
+                await asyncio.wait_for(other, 10)
+            assert len(owner) == 0
+            with pytest.raises(acp.RequestError, match="being stopped"):  # and none from now on
+                await owner.create("s", str(cwd), "true")
+        assert all(t.session_id != "s" for t in owner._terminals.values())
+        await asyncio.sleep(0.2)
+        assert not (cwd / "pid").exists()  # the command never ran
+    finally:
+        go_on.set()
+        for task in (create, other):
+            with contextlib.suppress(Exception):
+                await task
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            os.kill(int((cwd / "pid").read_text()), signal.SIGKILL)
+
+
 def test_reports_translate_to_events() -> None:
     event = to_event(3, FileWriteReport("/w/a.txt", 5, True))
     assert event.seq == 3 and event.file_write == pb.FileWrite(path="/w/a.txt", bytes=5, created=True)
