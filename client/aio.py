@@ -233,13 +233,13 @@ class AsyncSessionClient:
         request = respond_elicitation_request(session_id, request_id, action, content)
         await self._call(self._stub.RespondElicitation, request, timeout)
 
-    async def set_mode(self, session_id: str, mode_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
+    async def set_mode(self, session_id: str, mode_id: str, *, timeout: float = CREATE_TIMEOUT) -> pb.Session:
         """Switch the session to one of `session.modes.available_modes`; returns the session."""
         request = pb.SetSessionModeRequest(session_id=session_id, mode_id=mode_id)
         return await self._call(self._stub.SetSessionMode, request, timeout)
 
     async def set_config_option(
-        self, session_id: str, config_id: str, value: bool | str, *, timeout: float = UNARY_TIMEOUT
+        self, session_id: str, config_id: str, value: bool | str, *, timeout: float = CREATE_TIMEOUT
     ) -> pb.Session:
         """Set one of `session.config_options` (a select option's value, or a bool for a
         boolean option); returns the session."""

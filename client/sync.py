@@ -169,13 +169,13 @@ class SessionClient:
         request = respond_elicitation_request(session_id, request_id, action, content)
         self._call(self._stub.RespondElicitation, request, timeout)
 
-    def set_mode(self, session_id: str, mode_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
+    def set_mode(self, session_id: str, mode_id: str, *, timeout: float = CREATE_TIMEOUT) -> pb.Session:
         """See AsyncSessionClient.set_mode."""
         request = pb.SetSessionModeRequest(session_id=session_id, mode_id=mode_id)
         return self._call(self._stub.SetSessionMode, request, timeout)
 
     def set_config_option(
-        self, session_id: str, config_id: str, value: bool | str, *, timeout: float = UNARY_TIMEOUT
+        self, session_id: str, config_id: str, value: bool | str, *, timeout: float = CREATE_TIMEOUT
     ) -> pb.Session:
         """See AsyncSessionClient.set_config_option."""
         request = pb.SetSessionConfigOptionRequest(

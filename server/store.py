@@ -74,6 +74,17 @@ T = TypeVar("T")
 WRITE_TIMEOUT = 30.0  # seconds an awaited write may take before the request fails STORE_UNAVAILABLE
 
 
+def _migrate(db: sqlite3.Connection, step: int, script: str) -> None:
+    """One schema step and its version number in one transaction: a crash or a failure half way
+    leaves the database as it was, never with the step done but its number not written."""
+    try:
+        db.executescript(f"BEGIN; {script} PRAGMA user_version={step}; COMMIT;")
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 class StoreError(Exception):
     """The database can be neither used nor moved aside; the message says why."""
 
@@ -252,11 +263,8 @@ class SessionStore:
             raise sqlite3.DatabaseError(
                 f"schema version {version} is newer than this server's {SCHEMA_VERSION}"
             )
-        if version < 1:
-            db.executescript(SCHEMA)
-        for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
-            db.executescript(MIGRATIONS[step])
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            _migrate(db, step, SCHEMA if step == 1 else MIGRATIONS[step])
         for suffix in ("", "-wal", "-shm"):  # sessions' cwds, labels and owners: ours to read only
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path.with_name(self.path.name + suffix), 0o600)

@@ -9,6 +9,7 @@ offers no modes at all.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from acp import schema
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server import store
 from server.agent import AgentConnection
 from server.agent_state import MAX_ITEMS, MAX_NAME, AgentState, TurnUsage
 from server.errors import NotSupported
@@ -361,3 +363,20 @@ async def test_an_agent_without_modes_or_options_is_not_supported(
     assert await session.suspend()
     stale(commands_update("stale"))
     assert [c.name for c in session.agent_state.commands] == ["review"]
+
+
+def test_a_schema_step_that_fails_half_way_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    """A migration and its version number go in one transaction: no column without its number
+    (the next start would fail on "duplicate column name")."""
+    db = sqlite3.connect(tmp_path / "v2.db", isolation_level=None)
+    for step in (1, 2):
+        store._migrate(db, step, store.SCHEMA if step == 1 else store.MIGRATIONS[step])
+    broken = store.MIGRATIONS[3] + " SELECT no_such_function();"
+    with pytest.raises(sqlite3.OperationalError):
+        store._migrate(db, 3, broken)
+    columns = [row[1] for row in db.execute("PRAGMA table_info(sessions)")]
+    assert "agent_state" not in columns
+    assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    store._migrate(db, 3, store.MIGRATIONS[3])
+    assert db.execute("PRAGMA user_version").fetchone() == (3,)
+    db.close()
