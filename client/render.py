@@ -6,6 +6,7 @@ stop-reason line."""
 
 from __future__ import annotations
 
+import re
 from typing import TextIO
 
 from sessiongate.v1 import session_service_pb2 as pb
@@ -29,6 +30,9 @@ ELICITATION_OUTCOMES: dict[int, str] = {
     pb.ELICITATION_ACTION_CANCEL: "cancelled",
 }
 MAX_COMMANDS_SHOWN = 8
+# C0 controls, DEL and C1 controls: in what an agent sends they could move the cursor, clear
+# lines or restyle the terminal (redraw a question's options, say), so never reach it raw.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class LiveRenderer:
@@ -95,7 +99,7 @@ class LiveRenderer:
     def _tool(self, tool_id: str, title: str, status: int) -> None:
         self._tools[tool_id] = (title, status)
         status_name = pb.ToolCallStatus.Name(status).removeprefix("TOOL_CALL_STATUS_").lower()
-        text = f"{TOOL_MARKS.get(status, '·')} {title} [{status_name}]"
+        text = f"{TOOL_MARKS.get(status, '·')} {printable(title)} [{status_name}]"
         if self._terminal and self._status_line == tool_id:
             self._write(CLEAR_LINE + text)  # update the status line in place
         else:
@@ -105,6 +109,8 @@ class LiveRenderer:
         self._mode = "tool"
 
     def _line(self, text: str, *, dim: bool = False, bold: bool = False) -> None:
+        """One line: what the agent sent in it (a title, a question, a name) is `printable`."""
+        text = printable(text)
         self._end_line()
         if self._terminal and (dim or bold):
             text = f"{DIM if dim else BOLD}{text}{RESET}"
@@ -145,6 +151,12 @@ class LiveRenderer:
 
 
 STATE_UPDATES = frozenset({"mode_update", "config_update", "commands_update", "session_info", "usage_update"})
+
+
+def printable(text: str) -> str:
+    """`text` (from the agent) safe to show on one line of a terminal: every control character
+    (C0, DEL, C1; escape, carriage return and newline too) becomes "?"."""
+    return _CONTROLS.sub("?", text)
 
 
 def tool_call_label(call: pb.ToolCallUpdate) -> str:

@@ -3,7 +3,9 @@
 A permission request shows its tool call and numbered options and reads the choice; an
 elicitation shows its message and asks for each property of its schema (string, number,
 integer, boolean, or one of an enum), or is declined or cancelled. Questions and prompts go
-to stderr so that stdout stays the turn's output; answers are read from stdin.
+to stderr so that stdout stays the turn's output; answers are read from stdin. Every line
+shown is `printable`: no control character the agent put in a title, an option's name, a
+message or a schema reaches the terminal.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from google.protobuf import json_format
 from sessiongate.v1 import session_service_pb2 as pb
 
 from client._common import ElicitationAnswer
-from client.render import tool_call_label
+from client.render import printable, tool_call_label
 
 YES, NO = ("y", "yes", "true", "1"), ("n", "no", "false", "0")
 
@@ -146,11 +148,11 @@ class TerminalAsker:
     # ---- terminal ------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
-        self._out.write(text + "\n")
+        self._out.write(printable(text) + "\n")
         self._out.flush()
 
     def _ask(self, question: str) -> str:
-        self._out.write(question)
+        self._out.write(printable(question))
         self._out.flush()
         line = self._stdin.readline()
         if not line:

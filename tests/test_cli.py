@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sessiongate.v1 import session_service_pb2 as pb
 
-from client.render import CLEAR_LINE, DIM, LiveRenderer
+from client.render import BOLD, CLEAR_LINE, DIM, RESET, LiveRenderer
 from client.terminal import TerminalAsker
 from tests.conftest import Gate, GateFactory, eventually
 
@@ -316,6 +316,77 @@ def test_the_terminal_asker_reads_choices_and_typed_values() -> None:
     assert typed.elicitation(elicitation) == {"name": "Ada", "age": 40, "tea": True, "size": "m"}
     assert TerminalAsker(io.StringIO("n\n"), io.StringIO()).elicitation(elicitation) == "decline"
     assert TerminalAsker(io.StringIO("y\n"), io.StringIO()).elicitation(elicitation) == "cancel", "EOF"
+
+
+def test_agent_strings_reach_the_terminal_without_control_characters() -> None:
+    """Titles, option names, messages and schema texts are the agent's: an escape sequence or
+    carriage return in one must not redraw the question (fake options, hide the real ones)."""
+    nasty = "\x1b[2J\x1b[H\r\n\x07\x00\x7f\x9b1A"
+    request = pb.PermissionRequest(
+        request_id="r",
+        tool_call=pb.ToolCallUpdate(
+            tool_call_id="t",
+            title=f"Run {nasty}",
+            kind=f"execute{nasty}",
+            locations=[pb.ToolCallLocation(path=f"/w/{nasty}")],
+        ),
+        options=[
+            pb.PermissionOption(option_id="allow", name=f"Allow {nasty}", kind=f"allow_once{nasty}"),
+            pb.PermissionOption(option_id=f"reject{nasty}", kind="reject_once"),
+        ],
+    )
+    elicitation = pb.ElicitationRequest(request_id="e", message=f"Details {nasty}", mode="form")
+    elicitation.requested_schema.update(
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "title": f"Name {nasty}", "description": f"who {nasty}"},
+                "size": {"type": "string", "enum": ["s", f"m{nasty}"], "enumNames": ["S", f"M {nasty}"]},
+                "tea": {"type": "string", "oneOf": [{"const": "y", "title": f"Yes {nasty}"}]},
+            },
+        }
+    )
+    url = pb.ElicitationRequest(
+        request_id="u", message=f"Sign in {nasty}", mode="url", url=f"https://x/{nasty}"
+    )
+    out = io.StringIO()
+    asker = TerminalAsker(io.StringIO("9\n1\ny\nAda\n1\n1\ny\n"), out, show_question=True)
+    assert asker.permission(request) == "allow"
+    assert asker.elicitation(elicitation) == {"name": "Ada", "size": "s", "tea": "y"}
+    assert asker.elicitation(url) == "accept"
+    eof = io.StringIO()
+    assert TerminalAsker(io.StringIO(""), eof).permission(request) == f"reject{nasty}"  # its id says so
+    shown = out.getvalue() + eof.getvalue()
+    safe = "?[2J?[H??????1A"  # each control character one "?"
+    for seen in ("Run ", "[execute", "/w/", "Allow ", "allow_once", "reject", "Details ", "Name ", "who "):
+        assert seen + safe in shown, seen
+    for seen in ("M ", "Yes ", "Sign in ", "https://x/"):
+        assert seen + safe in shown, seen
+    lines = [line for line in shown.split("\n") if line]
+    assert not any(c in line for line in lines for c in "\x1b\r\x07\x00\x7f\x9b")
+
+    rendered = io.StringIO()
+    renderer = LiveRenderer(rendered, terminal=True)
+    for seq, event in enumerate(
+        [
+            pb.PromptEvent(tool_call=pb.ToolCall(tool_call_id="t", title=f"Edit {nasty}")),
+            pb.PromptEvent(permission_request=request),
+            pb.PromptEvent(elicitation_request=elicitation),
+            pb.PromptEvent(elicitation_request=url),
+            pb.PromptEvent(notice=pb.Notice(kind="k", message=f"note {nasty}")),
+            pb.PromptEvent(session_info=pb.SessionInfo(title=f"Title {nasty}")),
+            pb.PromptEvent(mode_update=pb.ModeUpdate(current_mode_id=f"code{nasty}")),
+        ],
+        1,
+    ):
+        event.seq = seq
+        renderer.event(event)
+    ours = {DIM, BOLD, RESET}  # the renderer's own styling is the only escape left
+    text = rendered.getvalue()
+    for code in ours:
+        text = text.replace(code, "")
+    assert "\x1b" not in text and "\r" not in text and "\x9b" not in text
+    assert text.count("\n") == 7  # one line each: no newline of the agent's got through
 
 
 # ---- shared options, modes and config -----------------------------------------------------
