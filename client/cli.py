@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from sessiongate.v1 import session_service_pb2 as pb
 
 from client.errors import SessionGateError
-from client.render import LiveRenderer, usage_text
+from client.render import LiveRenderer, printable, usage_text
 from client.sync import SessionClient
 from client.terminal import TerminalAsker, decline
 
@@ -276,9 +276,9 @@ def _get(client: SessionClient, opts: argparse.Namespace) -> None:
         return
     for key, value in json_format.MessageToDict(session, preserving_proto_field_name=True).items():
         if key not in STATE_FIELDS:
-            print(f"{key:<18} {value}")
+            print(printable(f"{key:<18} {value}"))
     for line in _state_lines(session):
-        print(line)
+        print(printable(line))  # titles, names and descriptions come from the agent
 
 
 def _state_lines(session: pb.Session) -> list[str]:
@@ -327,7 +327,7 @@ def _close(client: SessionClient, opts: argparse.Namespace) -> None:
 
 def _mode(client: SessionClient, opts: argparse.Namespace) -> None:
     session = client.set_mode(opts.session, opts.mode)
-    print(_json(session) if opts.json else f"mode {session.modes.current_mode_id}")
+    print(_json(session) if opts.json else printable(f"mode {session.modes.current_mode_id}"))
 
 
 def _config(client: SessionClient, opts: argparse.Namespace) -> None:
@@ -336,7 +336,7 @@ def _config(client: SessionClient, opts: argparse.Namespace) -> None:
         print(_json(session))
         return
     current = next((o.current_value for o in session.config_options if o.id == opts.key), opts.value)
-    print(f"{opts.key} = {current}")
+    print(printable(f"{opts.key} = {current}"))
 
 
 def _auth(client: SessionClient, opts: argparse.Namespace) -> None:

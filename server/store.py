@@ -264,7 +264,14 @@ class SessionStore:
                 f"schema version {version} is newer than this server's {SCHEMA_VERSION}"
             )
         for step in range(version + 1, SCHEMA_VERSION + 1):
-            _migrate(db, step, SCHEMA if step == 1 else MIGRATIONS[step])
+            try:
+                _migrate(db, step, SCHEMA if step == 1 else MIGRATIONS[step])
+            except sqlite3.Error as exc:  # not unreadable: never moved aside for this
+                self._disconnect()
+                raise StoreError(
+                    f"cannot bring session database {self.path} from schema version {step - 1} to"
+                    f" {step}: {exc}; it is left as it was"
+                ) from exc
         for suffix in ("", "-wal", "-shm"):  # sessions' cwds, labels and owners: ours to read only
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path.with_name(self.path.name + suffix), 0o600)

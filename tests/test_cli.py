@@ -441,6 +441,10 @@ async def test_mode_config_and_get_show_and_change_the_session_state(gate: Gate)
     assert any(line.startswith("usage") and "1200/200000" in line for line in lines), out
     code, out, _ = await cli(gate, "prompt", "--session", sid, "/state")
     assert "mode=ask model=echo-large verbose=true" in out.splitlines()
+    # A title with a terminal escape (from the agent) is shown with it neutralised.
+    await gate.prompt(sid, "/title \x1b[2Jgotcha")
+    code, out, _ = await cli(gate, "get", sid)
+    assert code == 0 and "\x1b" not in out and "?[2Jgotcha" in out, out
 
     code, out, _ = await cli(gate, "--json", "mode", sid, "code")
     assert code == 0 and json.loads(out)["modes"]["current_mode_id"] == "code"

@@ -380,3 +380,31 @@ def test_a_schema_step_that_fails_half_way_leaves_the_database_as_it_was(tmp_pat
     store._migrate(db, 3, store.MIGRATIONS[3])
     assert db.execute("PRAGMA user_version").fetchone() == (3,)
     db.close()
+
+
+async def test_a_failed_upgrade_stops_the_start_and_keeps_the_database_where_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema step that fails (a full disk, say) is no unreadable database: the store does not
+    move it aside and start empty; it refuses to open, and opens it intact once the step works."""
+    path = tmp_path / "sessions.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for step in (1, 2):
+        store._migrate(db, step, store.SCHEMA if step == 1 else store.MIGRATIONS[step])
+    db.execute(
+        "INSERT INTO sessions (session_id, agent, cwd, labels, state, agent_session_id, request_id,"
+        " create_time, last_active_time, agent_info, owner) VALUES"
+        " ('kept', 'echo', '/', '{}', 'suspended', '', '', 1, 1, '{}', '')"
+    )
+    db.close()
+    monkeypatch.setitem(store.MIGRATIONS, 3, store.MIGRATIONS[3] + " SELECT no_such_function();")
+    failing = store.SessionStore(path)
+    with pytest.raises(store.StoreError, match="left as it was"):
+        await failing.open()
+    await failing.close()
+    assert path.exists() and not list(tmp_path.glob("*.unreadable-*"))
+    monkeypatch.undo()
+    working = store.SessionStore(path)
+    records = await working.open()
+    await working.close()
+    assert [r.session_id for r in records] == ["kept"]
