@@ -12,6 +12,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_DISCONNECT_UNSPECIFIED: _ClassVar[OnDisconnect]
+    ON_DISCONNECT_CANCEL: _ClassVar[OnDisconnect]
+    ON_DISCONNECT_CONTINUE: _ClassVar[OnDisconnect]
+
+class TurnState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TURN_STATE_UNSPECIFIED: _ClassVar[TurnState]
+    TURN_STATE_RUNNING: _ClassVar[TurnState]
+    TURN_STATE_COMPLETED: _ClassVar[TurnState]
+    TURN_STATE_FAILED: _ClassVar[TurnState]
+    TURN_STATE_INTERRUPTED: _ClassVar[TurnState]
+
 class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
@@ -51,6 +65,14 @@ class ElicitationAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ELICITATION_ACTION_ACCEPT: _ClassVar[ElicitationAction]
     ELICITATION_ACTION_DECLINE: _ClassVar[ElicitationAction]
     ELICITATION_ACTION_CANCEL: _ClassVar[ElicitationAction]
+ON_DISCONNECT_UNSPECIFIED: OnDisconnect
+ON_DISCONNECT_CANCEL: OnDisconnect
+ON_DISCONNECT_CONTINUE: OnDisconnect
+TURN_STATE_UNSPECIFIED: TurnState
+TURN_STATE_RUNNING: TurnState
+TURN_STATE_COMPLETED: TurnState
+TURN_STATE_FAILED: TurnState
+TURN_STATE_INTERRUPTED: TurnState
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_IDLE: SessionState
 SESSION_STATE_BUSY: SessionState
@@ -88,7 +110,7 @@ class AgentInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., title: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage")
+    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage", "turn_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +138,7 @@ class Session(_message.Message):
     AVAILABLE_COMMANDS_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     agent: str
     cwd: str
@@ -136,7 +159,8 @@ class Session(_message.Message):
     available_commands: _containers.RepeatedCompositeFieldContainer[AvailableCommand]
     title: str
     usage: SessionUsage
-    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ...) -> None: ...
+    turn_id: str
+    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class SessionMode(_message.Message):
     __slots__ = ("id", "name", "description")
@@ -286,7 +310,7 @@ class ContentBlock(_message.Message):
     def __init__(self, text: _Optional[_Union[TextContent, _Mapping]] = ..., image: _Optional[_Union[ImageContent, _Mapping]] = ..., resource_link: _Optional[_Union[ResourceLink, _Mapping]] = ..., resource: _Optional[_Union[EmbeddedResource, _Mapping]] = ...) -> None: ...
 
 class PromptRequest(_message.Message):
-    __slots__ = ("session_id", "text", "content", "stall_timeout", "wait_timeout", "permission_policy", "permission_timeout")
+    __slots__ = ("session_id", "text", "content", "stall_timeout", "wait_timeout", "permission_policy", "permission_timeout", "on_disconnect")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +318,7 @@ class PromptRequest(_message.Message):
     WAIT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     PERMISSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     PERMISSION_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     content: _containers.RepeatedCompositeFieldContainer[ContentBlock]
@@ -301,7 +326,8 @@ class PromptRequest(_message.Message):
     wait_timeout: _duration_pb2.Duration
     permission_policy: str
     permission_timeout: _duration_pb2.Duration
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentBlock, _Mapping]]] = ..., stall_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., permission_policy: _Optional[str] = ..., permission_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    on_disconnect: OnDisconnect
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentBlock, _Mapping]]] = ..., stall_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., permission_policy: _Optional[str] = ..., permission_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ...) -> None: ...
 
 class ContentChunk(_message.Message):
     __slots__ = ("content", "message_id")
@@ -755,3 +781,81 @@ class AuthenticateAgentResponse(_message.Message):
     agent: str
     method_id: str
     def __init__(self, agent: _Optional[str] = ..., method_id: _Optional[str] = ...) -> None: ...
+
+class WatchTurnRequest(_message.Message):
+    __slots__ = ("session_id", "after_seq", "turn_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    after_seq: int
+    turn_id: str
+    def __init__(self, session_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., turn_id: _Optional[str] = ...) -> None: ...
+
+class ListTurnsRequest(_message.Message):
+    __slots__ = ("session_id", "page_size", "page_token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, session_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListTurnsResponse(_message.Message):
+    __slots__ = ("turns", "next_page_token")
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    next_page_token: str
+    def __init__(self, turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetTurnRequest(_message.Message):
+    __slots__ = ("session_id", "turn_id", "after_seq")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turn_id: str
+    after_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class TurnError(_message.Message):
+    __slots__ = ("code", "reason", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    reason: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Turn(_message.Message):
+    __slots__ = ("turn_id", "session_id", "state", "prompt", "start_time", "end_time", "on_disconnect", "result", "error", "oldest_kept_seq", "last_seq", "events", "events_truncated")
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_KEPT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    turn_id: str
+    session_id: str
+    state: TurnState
+    prompt: _containers.RepeatedCompositeFieldContainer[ContentBlock]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    on_disconnect: OnDisconnect
+    result: TurnResult
+    error: TurnError
+    oldest_kept_seq: int
+    last_seq: int
+    events: _containers.RepeatedCompositeFieldContainer[PromptEvent]
+    events_truncated: bool
+    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., state: _Optional[_Union[TurnState, str]] = ..., prompt: _Optional[_Iterable[_Union[ContentBlock, _Mapping]]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., result: _Optional[_Union[TurnResult, _Mapping]] = ..., error: _Optional[_Union[TurnError, _Mapping]] = ..., oldest_kept_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[PromptEvent, _Mapping]]] = ..., events_truncated: _Optional[bool] = ...) -> None: ...

@@ -95,6 +95,21 @@ class SessionServiceStub:
                 request_serializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentRequest.SerializeToString,
                 response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentResponse.FromString,
                 _registered_method=True)
+        self.WatchTurn = channel.unary_stream(
+                '/sessiongate.v1.SessionService/WatchTurn',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.WatchTurnRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.PromptEvent.FromString,
+                _registered_method=True)
+        self.ListTurns = channel.unary_unary(
+                '/sessiongate.v1.SessionService/ListTurns',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.ListTurnsRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.ListTurnsResponse.FromString,
+                _registered_method=True)
+        self.GetTurn = channel.unary_unary(
+                '/sessiongate.v1.SessionService/GetTurn',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.GetTurnRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.Turn.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -122,7 +137,10 @@ class SessionServiceServicer:
         A second Prompt on a busy session fails RESOURCE_EXHAUSTED/SESSION_BUSY at once, or
         after `wait_timeout`. No agent event within the stall timeout ends the stream with
         DEADLINE_EXCEEDED/STREAM_STALLED, cancels the turn upstream and frees the session.
-        Cancelling the call (or its deadline passing) cancels the turn upstream.
+        Cancelling the call (or its deadline passing) cancels the turn upstream, unless the
+        request says `on_disconnect: ON_DISCONNECT_CONTINUE`: then the turn runs on and its
+        events are kept for WatchTurn. The response headers carry the turn's id
+        (`sessiongate-turn-id`); every turn is kept in the session's transcript (ListTurns).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,6 +233,33 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTurn(self, request, context):
+        """Streams a turn's events with `seq > after_seq`: those kept are replayed, then live ones
+        follow, with no gap and no duplicate, until the turn ends (its `result`, or the status
+        its Prompt stream ended with). Without `turn_id`: the running turn, else the last one.
+        Any number of watchers; a watcher never takes the session, never slows the agent or the
+        other readers, and never blocks a prompt. Errors: NOT_FOUND/TURN_NOT_FOUND,
+        OUT_OF_RANGE/SEQ_NOT_KEPT (also for a watcher that fell behind what is kept: re-attach
+        from `oldest_kept_seq - 1`), UNAVAILABLE/TURN_INTERRUPTED (the server stopped during it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTurns(self, request, context):
+        """The session's turns, newest first, without their events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTurn(self, request, context):
+        """One turn with its events (a page of them: see GetTurnRequest.after_seq).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +322,21 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.AuthenticateAgent,
                     request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentRequest.FromString,
                     response_serializer=sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentResponse.SerializeToString,
+            ),
+            'WatchTurn': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTurn,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.WatchTurnRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.PromptEvent.SerializeToString,
+            ),
+            'ListTurns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTurns,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.ListTurnsRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.ListTurnsResponse.SerializeToString,
+            ),
+            'GetTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTurn,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.GetTurnRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.Turn.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -604,6 +664,87 @@ class SessionService:
             '/sessiongate.v1.SessionService/AuthenticateAgent',
             sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentRequest.SerializeToString,
             sessiongate_dot_v1_dot_session__service__pb2.AuthenticateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/WatchTurn',
+            sessiongate_dot_v1_dot_session__service__pb2.WatchTurnRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.PromptEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTurns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/ListTurns',
+            sessiongate_dot_v1_dot_session__service__pb2.ListTurnsRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.ListTurnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/GetTurn',
+            sessiongate_dot_v1_dot_session__service__pb2.GetTurnRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.Turn.FromString,
             options,
             channel_credentials,
             insecure,
