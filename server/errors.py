@@ -280,3 +280,49 @@ class NotSupported(SessionGateError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "NOT_SUPPORTED"
+
+
+class TurnNotFound(SessionGateError):
+    """WatchTurn/GetTurn: no such turn on the session (or no turn yet)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "TURN_NOT_FOUND"
+
+
+class SeqNotKept(SessionGateError):
+    """WatchTurn/GetTurn: the seq asked for is no longer kept, or not reached yet."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    reason = "SEQ_NOT_KEPT"
+
+
+class TurnInterrupted(SessionGateError):
+    """The server stopped while the watched turn ran: what was stored is all there is."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "TURN_INTERRUPTED"
+    transparently_retryable = False
+
+
+class ReplayedFailure(SessionGateError):
+    """A stored turn's failure, replayed to a watcher exactly as its Prompt stream ended."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.status)
+
+
+def failure_status(error: SessionGateError) -> status_pb2.Status:
+    """The google.rpc.Status a failed turn's readers get (to store and replay it)."""
+    status = status_pb2.Status()
+    if isinstance(error, ReplayedFailure):
+        status.CopyFrom(error.status)
+        return status
+    details = error.to_status().trailing_metadata
+    for key, value in details:
+        if key == "grpc-status-details-bin":
+            status.ParseFromString(value)
+    return status

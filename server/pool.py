@@ -44,6 +44,7 @@ from server.slots import LiveLimit, Slots
 from server.spares import SparePool
 from server.store import WRITE_TIMEOUT, SessionRecord, SessionStore
 from server.supervisor import Supervisor, joined
+from server.transcripts import Transcripts
 
 log = logging.getLogger("sessiongate.pool")
 
@@ -80,6 +81,7 @@ class SessionPool:
         self.limits = limits
         self._roots = roots  # a session's cwd must be inside one of these at every agent start
         self._store = store
+        self.transcripts = Transcripts(store, limits)  # every session's turns
         self._spares = spares
         self._agent_factory = agent_factory
         self._map_lock = asyncio.Lock()
@@ -146,6 +148,7 @@ class SessionPool:
             agent_session_id=record.agent_session_id if record else "",
             handshake=_handshake(record.agent_info) if record else None,
             agent_state=AgentState.from_json(record.agent_state) if record else None,
+            transcripts=self.transcripts,
         )
 
     # ---- the map -------------------------------------------------------------------------
@@ -399,6 +402,7 @@ class SessionPool:
     def sweep(self) -> None:
         """Reap stuck turns; suspend sessions idle past the TTL; delete those past the retention."""
         now = time.time()
+        self.transcripts.expire_now_and_then()
         for session in list(self._sessions.values()):
             idle_for = now - session.last_active_time
             if session.zombie():

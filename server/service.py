@@ -39,7 +39,6 @@ from server.pool import SessionPool
 from server.session import Session, State
 from server.settings import PERMISSION_POLICIES, Settings
 from server.spares import SparePool
-from server.turn import TurnEnd
 
 log = logging.getLogger("sessiongate.service")
 
@@ -52,7 +51,10 @@ MAX_NANOS = 999_999_999
 MAX_CWD = 4096  # characters (PATH_MAX)
 MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
-MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page at most (one session is far smaller)
+MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page or a GetTurn at most (one session is far smaller)
+MAX_TURN_ID = 64  # characters (ids are 16)
+MAX_PAGE_TOKEN = 512  # characters of a ListTurns page token
+TURN_ID_HEADER = "sessiongate-turn-id"  # Prompt's and WatchTurn's response header: the turn's id
 MAX_ANSWER_ID = 1024  # characters of a request id or option id in an answer (questions.MAX_OPTION_ID)
 MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
 ELICITATION_ACTIONS = {
@@ -156,25 +158,33 @@ class SessionService(pb_grpc.SessionServiceServicer):
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
             self._pool.admit_prompt()
             agent = session.config.name
-            turn = await session.begin_turn(blocks, stall_timeout, wait_timeout, *permissions)
+            on_disconnect = request.on_disconnect
+            turn, turn_log = await session.start_turn(
+                blocks,
+                stall_timeout,
+                wait_timeout,
+                *permissions,
+                prompt=_prompt_blocks(request),
+                on_disconnect=on_disconnect,
+            )
+            await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
             try:
-                # The turn runs in its own task; this handler only relays its events.
-                while True:
-                    item = await turn.next()
-                    seq += 1
-                    if seq == 1:
-                        self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
-                    if isinstance(item, TurnEnd):
-                        outcome = "cancelled" if item.stop_reason == "cancelled" else "ok"
-                    sent = translate.events(seq, item, self._settings.limits.max_event_bytes)
-                    for event in sent:
-                        yield event
-                    seq += len(sent) - 1
-                    turn.delivered += len(sent) - 1  # the notices of cut events count as events
-                    if isinstance(item, TurnEnd):
-                        break
+                # The turn runs in its own task and its events go to its log; this handler
+                # reads them from there like any watcher, but paces the agent while it reads.
+                async with contextlib.aclosing(turn_log.read(0, pace=True)) as batches:
+                    async for batch in batches:
+                        if seq == 0:
+                            self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
+                        for event in batch:
+                            yield event
+                        seq = batch[-1].seq
+                        if batch[-1].HasField("result"):
+                            stop = batch[-1].result.stop_reason
+                            outcome = "cancelled" if stop == pb.STOP_REASON_CANCELLED else "ok"
             finally:
-                if not turn.ended:  # the client left (cancel, deadline): cancel the turn upstream
+                # The client left (cancel, deadline, connection lost): cancel the turn upstream,
+                # unless it asked for the turn to go on.
+                if turn_log.running and on_disconnect != pb.ON_DISCONNECT_CONTINUE:
                     session.cancel(turn)
         except Exception as exc:
             outcome = _outcome(exc)
@@ -188,6 +198,43 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 self._metrics.events.labels(agent).inc(seq)  # once per turn: nothing per event
                 self._metrics.turn_duration.labels(agent).observe(took)
                 log.info("turn ended outcome=%s events=%d seconds=%.3f", outcome, seq, took)
+
+    async def WatchTurn(self, request: pb.WatchTurnRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        try:
+            _check_turn_id(request.turn_id, required=False)
+            session = self._pool.get(_required_id(request.session_id))
+            turn_log = await self._pool.transcripts.find(session, request.turn_id)
+            await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
+            async with contextlib.aclosing(turn_log.read(request.after_seq)) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        yield event
+        except Exception as exc:
+            await _abort(context, exc)
+
+    @unary
+    async def ListTurns(self, request: pb.ListTurnsRequest, context: Any) -> pb.ListTurnsResponse:
+        violations = []
+        if request.page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        if len(request.page_token) > MAX_PAGE_TOKEN:
+            violations.append(FieldViolation("page_token", "not a token from ListTurns"))
+        if violations:
+            raise InvalidArgument(violations)
+        session = self._pool.get(_required_id(request.session_id))
+        turns, token = await self._pool.transcripts.page(session, request.page_size, request.page_token)
+        return pb.ListTurnsResponse(turns=turns, next_page_token=token)
+
+    @unary
+    async def GetTurn(self, request: pb.GetTurnRequest, context: Any) -> pb.Turn:
+        _check_turn_id(request.turn_id, required=True)
+        session = self._pool.get(_required_id(request.session_id))
+        turn_log = await self._pool.transcripts.find(session, request.turn_id)
+        events, truncated = await turn_log.page(request.after_seq, MAX_LIST_BYTES)
+        turn = turn_log.summary()
+        turn.events.extend(events)
+        turn.events_truncated = truncated
+        return turn
 
     @unary
     async def CancelPrompt(self, request: pb.CancelPromptRequest, context: Any) -> pb.CancelPromptResponse:
@@ -443,6 +490,20 @@ def _check_state_ids(*fields: tuple[str, str]) -> None:
         raise InvalidArgument(violations)
 
 
+def _check_turn_id(turn_id: str, *, required: bool) -> None:
+    if required and not turn_id:
+        raise InvalidArgument.field("turn_id", "required (see ListTurns)")
+    if len(turn_id) > MAX_TURN_ID:
+        raise InvalidArgument.field("turn_id", f"at most {MAX_TURN_ID} characters (ids are 16)")
+
+
+def _prompt_blocks(request: pb.PromptRequest) -> list[pb.ContentBlock]:
+    """The prompt as the transcript keeps it: its text as the first block, then its content."""
+    blocks = [pb.ContentBlock(text=pb.TextContent(text=request.text))] if request.text else []
+    blocks.extend(request.content)
+    return blocks
+
+
 def _required_id(session_id: str) -> str:
     problem = _session_id_problem(session_id)
     if problem:
@@ -509,6 +570,7 @@ def session_proto(session: Session) -> pb.Session:
         agent_session_id=session.agent_session_id,
         request_id=session.request_id,
         owner=session.owner_name,
+        turn_id=session.turn_log.turn_id if session.turn_log is not None else "",
     )
     if session.handshake is not None:
         hs = session.handshake

@@ -12,6 +12,7 @@ task. A client that goes away, or stops reading, only drops its own view of the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -20,6 +21,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from sessiongate.v1 import session_service_pb2 as pb
 
 from server import logs
 from server.agent import AgentProcess, Handshake
@@ -33,7 +36,9 @@ from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
 from server.spares import SparePool
 from server.supervisor import Supervisor
+from server.transcripts import Transcripts
 from server.turn import Notice, Turn
+from server.turn_log import WRITE_TIMEOUT, TurnLog, pump
 
 log = logging.getLogger("sessiongate.session")
 
@@ -46,6 +51,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+PUMP_GRACE = WRITE_TIMEOUT + 5.0  # a closing session waits this long for its last events to be stored
 ROLE_STATES = {"turn": State.BUSY, "recovery": State.RECOVERING}
 BUSY_WITH = {
     "turn": "a turn is already running",
@@ -88,6 +94,7 @@ class Session:
         agent_session_id: str = "",
         handshake: Handshake | None = None,
         agent_state: AgentState | None = None,
+        transcripts: Transcripts | None = None,
     ) -> None:
         self.session_id = session_id or new_session_id()
         self.config = config
@@ -117,6 +124,9 @@ class Session:
             on_exit=self._agent_exited,
         )
         self.runner: TurnRunner | None = None
+        self.transcripts = transcripts
+        self.turn_log: TurnLog | None = None  # the running turn's events, or the last turn's
+        self._pump: asyncio.Task[None] | None = None  # moves the turn's events into its log
         self.questions = Questions(self.session_id)  # the agent's questions waiting on a client
         self.closed = False
         self.ending = False  # close or shutdown under way: turns end CANCELLED, nothing respawns
@@ -193,6 +203,7 @@ class Session:
                 log.warning("turn did not end in time for close session=%s; aborting it", self.session_id)
                 runner.abort(self.gone_error())
                 await runner.wait_done(3 * limits.kill_grace)
+        await self._wait_pump(PUMP_GRACE)
         try:
             if forget:
                 await self._forget_upstream()
@@ -317,6 +328,40 @@ class Session:
         self._changed()
         return turn
 
+    async def start_turn(
+        self,
+        blocks: list[Any],
+        stall_timeout: float,
+        wait_timeout: float,
+        permission_policy: str = "",
+        permission_timeout: float | None = None,
+        *,
+        prompt: list[pb.ContentBlock],
+        on_disconnect: pb.OnDisconnect = pb.ON_DISCONNECT_UNSPECIFIED,
+    ) -> tuple[Turn, TurnLog]:
+        """A turn whose events go to a turn log (the Prompt RPC): its client, watchers and the
+        transcript read them from there, by seq. Raises what `begin_turn` raises."""
+        assert self.transcripts is not None, "the pool gives every session its transcripts"
+        turn = await self.begin_turn(
+            blocks, stall_timeout, wait_timeout, permission_policy, permission_timeout
+        )
+        # No await from here on: the log is the session's before anybody can ask for it.
+        log = self.turn_log = self.transcripts.start(self.session_id, prompt, on_disconnect)
+        self._pump = self._supervisor.spawn(self._pump_turn(turn, log), name=f"pump-{self.session_id}")
+        self._changed()
+        return turn, log
+
+    async def _pump_turn(self, turn: Turn, log: TurnLog) -> None:
+        await pump(turn, log, self.limits.max_event_bytes)
+        if self.transcripts is not None:
+            self.transcripts.ended(log)
+
+    async def _wait_pump(self, timeout: float) -> None:
+        """Until the last turn's events are in its log and on disk (bounded by the store's timeout)."""
+        pumping = self._pump
+        if pumping is not None and not pumping.done():
+            await asyncio.wait({pumping}, timeout=timeout)
+
     def cancel(self, turn: Turn | None = None) -> bool:
         """Ask the running turn (or only `turn`, if given) to stop; never waits.
 
@@ -333,9 +378,11 @@ class Session:
 
     async def wait_turn_over(self, timeout: float) -> None:
         """Until no turn runs (drain), at most `timeout` seconds."""
+        started = asyncio.get_running_loop().time()
         runner = self.runner
         if runner is not None:
             await runner.wait_done(timeout)
+        await self._wait_pump(max(0.0, timeout - (asyncio.get_running_loop().time() - started)))
 
     # ---- the runner's host (TurnHost) ----------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 PERMISSION_POLICIES = ("approve-all", "approve-reads", "deny-all", "ask")
 BUILTIN_AGENT = "echo"
 ENV_PREFIX = "SESSIONGATE_"
+MIN_TURN_LOG_BYTES = 1024 * 1024  # several written batches of a turn's events must fit
 
 
 class ConfigError(Exception):
@@ -77,6 +78,11 @@ class ServerLimits:
     # split into several events, other events are cut with a marker and a notice.
     max_event_bytes: int = 1_048_576
     max_sessions: int = 64  # sessions with a running (or starting) agent at once
+    # A turn's events kept (on disk, in the state database) for WatchTurn and the transcript;
+    # past it the oldest are dropped, with a notice. At least 1 MiB.
+    max_turn_log_bytes: int = 16 * 1024 * 1024
+    turn_retention: int = 100  # turns kept per session (the newest)
+    turn_retention_age: float = 7 * 86400.0  # turns older than this are deleted
     busy_retry_after: float = 1.0  # RetryInfo delay suggested with SESSION_BUSY
     drain_grace: float = 10.0  # on SIGTERM, how long running turns may go on
     idle_ttl: float = 1800.0  # an idle session's agent is stopped (SUSPENDED) after this long
@@ -350,6 +356,8 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
             limits = replace(
                 limits, **{name: _positive(name, raw[name], int if spec.type == "int" else float)}
             )
+    if limits.max_turn_log_bytes < MIN_TURN_LOG_BYTES:
+        raise ConfigError(f"max_turn_log_bytes must be at least {MIN_TURN_LOG_BYTES} (1 MiB)")
     settings = Settings(agents=agents, limits=limits)
     if "listen" in raw:
         settings = replace(settings, listen=str(raw["listen"]))

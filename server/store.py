@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from server import turn_records
 from server.errors import ShuttingDown, StoreUnavailable, clip
+from server.turn_records import TurnRow
 
 log = logging.getLogger("sessiongate.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id       TEXT PRIMARY KEY,
@@ -50,6 +52,7 @@ MIGRATIONS = {
     2: "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';",  # the principal's name
     # What the agent reported about the session (agent_state.py), as a JSON object; '' before.
     3: "ALTER TABLE sessions ADD COLUMN agent_state TEXT NOT NULL DEFAULT '';",
+    4: turn_records.SCHEMA,  # every turn's record and events (the transcript)
 }
 COLUMNS = ", ".join(
     (
@@ -158,6 +161,12 @@ class SessionStore:
         self._lock = threading.Lock()  # guards the three below, shared with the database thread
         self._dirty: dict[str, SessionRecord] = {}  # latest unwritten state per session
         self._flush_queued = False
+        # Turn events waiting for the database thread: (turn_id, events, first kept, last seq,
+        # done). Written together, one transaction for everything queued.
+        self._events: list[
+            tuple[str, list[tuple[int, bytes]], int, int, concurrent.futures.Future[None]]
+        ] = []
+        self._events_queued = False
         self._closed = False
 
     async def open(self) -> list[SessionRecord]:
@@ -192,6 +201,91 @@ class SessionStore:
             self._dirty.pop(session_id, None)
         assert self._db is not None
         self._db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+        turn_records.delete_session(self._db, session_id)
+
+    # ---- turns (turn_records.py) ---------------------------------------------------------
+
+    def put_turn_later(self, turn: TurnRow) -> None:
+        """Insert or update a turn's row soon, in order with its events."""
+        self._later(turn_records.put_turn, turn)
+
+    async def put_turn(self, turn: TurnRow) -> None:
+        await self._run(self._with_db, turn_records.put_turn, turn)
+
+    async def add_turn_events(
+        self, turn_id: str, events: list[tuple[int, bytes]], first_seq: int, last_seq: int, timeout: float
+    ) -> None:
+        """Write a batch of a turn's events (with the turn's kept range); waits until written.
+        Batches of every turn queued meanwhile share one transaction."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down: the session store is closed")
+            self._events.append((turn_id, events, first_seq, last_seq, done))
+            if not self._events_queued:
+                self._events_queued = True
+                self._thread.submit(self._write_events)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wrap_future(done)
+        except TimeoutError:
+            raise StoreUnavailable(f"the session database did not answer within {timeout:g}s") from None
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
+
+    def drop_turn_events_later(self, turn_id: str, before_seq: int) -> None:
+        self._later(turn_records.drop_events, turn_id, before_seq)
+
+    def keep_recent_turns_later(self, session_id: str, count: int, max_age: float) -> None:
+        self._later(turn_records.keep_recent, session_id, count, max_age)
+
+    def expire_turns_later(self, max_age: float) -> None:
+        self._later(turn_records.expire, max_age)
+
+    async def turn_events(self, turn_id: str, from_seq: int, limit: int, max_bytes: int) -> list[bytes]:
+        return await self._run(self._with_db, turn_records.events, turn_id, from_seq, limit, max_bytes)
+
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRow | None:
+        return await self._run(self._with_db, turn_records.get_turn, session_id, turn_id)
+
+    async def list_turns(
+        self, session_id: str, before: tuple[float, str] | None, limit: int
+    ) -> list[TurnRow]:
+        return await self._run(self._with_db, turn_records.list_turns, session_id, before, limit)
+
+    def _later(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if not self._closed:
+                self._thread.submit(self._guarded, self._with_db, fn, *args)
+
+    def _with_db(self, fn: Callable[..., T], *args: Any) -> T:  # on the database thread
+        assert self._db is not None
+        return fn(self._db, *args)
+
+    def _write_events(self) -> None:  # on the database thread
+        with self._lock:
+            queued, self._events = self._events, []
+            self._events_queued = False
+        if not queued:
+            return
+        assert self._db is not None
+        try:
+            # A turn's events need not survive a power cut, only a crash of this process: no
+            # fsync per batch (WAL with synchronous=NORMAL), unlike the sessions' records.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                turn_records.add_events(self._db, [(t, e, first, last) for t, e, first, last, _ in queued])
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+        except BaseException as exc:
+            for *_, done in queued:
+                done.set_exception(exc)
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            log.error("writing turn events failed path=%s: %s", self.path, exc)
+            return
+        for *_, done in queued:
+            done.set_result(None)
 
     def delete_later(self, session_id: str) -> None:
         """Delete a record soon, after every write queued before (a cancelled `put` included)."""
@@ -275,6 +369,7 @@ class SessionStore:
         for suffix in ("", "-wal", "-shm"):  # sessions' cwds, labels and owners: ours to read only
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path.with_name(self.path.name + suffix), 0o600)
+        turn_records.after_restart(db)
         rows = db.execute(f"SELECT {COLUMNS} FROM sessions ORDER BY create_time, session_id").fetchall()
         return [SessionRecord.from_row(row) for row in rows]
 
@@ -316,4 +411,5 @@ class SessionStore:
 
     def _close(self) -> None:
         self._flush()
+        self._write_events()
         self._disconnect()

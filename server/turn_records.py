@@ -1,0 +1,187 @@
+"""The turns table and its events, as SQL run on the store's database thread (store.py).
+
+A turn's row holds what ListTurns shows (a serialized `Turn` without events, plus the
+columns it is found and kept by); its events are rows of their own, written in batches as
+the turn runs, so a turn's log lives on disk, not in the server's memory. The store owns the
+connection and the thread; these functions only know the SQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+# Schema step 4 (store.MIGRATIONS): the transcript.
+SCHEMA = """
+CREATE TABLE turns (
+    turn_id    TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    started    REAL NOT NULL,    -- wall clock
+    ended      REAL,             -- NULL while running, and for an interrupted turn
+    state      TEXT NOT NULL,    -- running, completed, failed, interrupted
+    first_seq  INTEGER NOT NULL, -- the oldest event kept
+    last_seq   INTEGER NOT NULL, -- the last event on disk
+    record     BLOB NOT NULL,    -- a serialized sessiongate.v1.Turn without events
+    failure    BLOB              -- a failed turn's google.rpc.Status, replayed to watchers
+);
+CREATE INDEX turns_by_session ON turns (session_id, started, turn_id);
+CREATE TABLE turn_events (
+    turn_id TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    event   BLOB NOT NULL,       -- a serialized sessiongate.v1.PromptEvent
+    PRIMARY KEY (turn_id, seq)
+) WITHOUT ROWID;
+"""
+
+COLUMNS = "turn_id, session_id, started, ended, state, first_seq, last_seq, record, failure"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRow:
+    turn_id: str
+    session_id: str
+    started: float
+    ended: float | None
+    state: str
+    first_seq: int
+    last_seq: int
+    record: bytes
+    failure: bytes | None = None
+
+    def row(self) -> tuple[object, ...]:
+        return (
+            self.turn_id,
+            self.session_id,
+            self.started,
+            self.ended,
+            self.state,
+            self.first_seq,
+            self.last_seq,
+            self.record,
+            self.failure,
+        )
+
+
+def put_turn(db: sqlite3.Connection, turn: TurnRow) -> None:
+    db.execute(f"INSERT OR REPLACE INTO turns ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", turn.row())
+
+
+def add_events(db: sqlite3.Connection, batches: list[tuple[str, list[tuple[int, bytes]], int, int]]) -> None:
+    """Each batch: (turn_id, [(seq, event)], first kept seq, last seq); one transaction for all."""
+    db.execute("BEGIN")
+    try:
+        for turn_id, events, first_seq, last_seq in batches:
+            if db.execute("SELECT 1 FROM turns WHERE turn_id = ?", (turn_id,)).fetchone() is None:
+                continue  # deleted with its session meanwhile: nothing to keep
+            db.executemany(
+                "INSERT OR REPLACE INTO turn_events (turn_id, seq, event) VALUES (?, ?, ?)",
+                [(turn_id, seq, event) for seq, event in events],
+            )
+            db.execute(
+                "UPDATE turns SET first_seq = ?, last_seq = ? WHERE turn_id = ?",
+                (first_seq, last_seq, turn_id),
+            )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def drop_events(db: sqlite3.Connection, turn_id: str, before_seq: int) -> None:
+    """The turn's log past its bound: its oldest events go."""
+    db.execute("DELETE FROM turn_events WHERE turn_id = ? AND seq < ?", (turn_id, before_seq))
+    db.execute("UPDATE turns SET first_seq = max(first_seq, ?) WHERE turn_id = ?", (before_seq, turn_id))
+
+
+def events(db: sqlite3.Connection, turn_id: str, from_seq: int, limit: int, max_bytes: int) -> list[bytes]:
+    """Up to `limit` events from `from_seq` on, stopping once `max_bytes` are read (at least one)."""
+    out: list[bytes] = []
+    size = 0
+    rows = db.execute(
+        "SELECT event FROM turn_events WHERE turn_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+        (turn_id, from_seq, limit),
+    )
+    for (event,) in rows:
+        out.append(event)
+        size += len(event)
+        if size >= max_bytes:
+            break
+    return out
+
+
+def get_turn(db: sqlite3.Connection, session_id: str, turn_id: str) -> TurnRow | None:
+    """One turn of the session; without `turn_id`, its newest."""
+    if turn_id:
+        found = db.execute(
+            f"SELECT {COLUMNS} FROM turns WHERE session_id = ? AND turn_id = ?", (session_id, turn_id)
+        ).fetchone()
+    else:
+        found = db.execute(
+            f"SELECT {COLUMNS} FROM turns WHERE session_id = ? ORDER BY started DESC, turn_id DESC LIMIT 1",
+            (session_id,),
+        ).fetchone()
+    return TurnRow(*found) if found else None
+
+
+def list_turns(
+    db: sqlite3.Connection, session_id: str, before: tuple[float, str] | None, limit: int
+) -> list[TurnRow]:
+    """The session's turns, newest first, older than `before` (a page token's position)."""
+    if before is None:
+        rows = db.execute(
+            f"SELECT {COLUMNS} FROM turns WHERE session_id = ? ORDER BY started DESC, turn_id DESC LIMIT ?",
+            (session_id, limit),
+        )
+    else:
+        started, turn_id = before
+        rows = db.execute(
+            f"SELECT {COLUMNS} FROM turns WHERE session_id = ?"
+            " AND (started < ? OR (started = ? AND turn_id < ?)) ORDER BY started DESC, turn_id DESC LIMIT ?",
+            (session_id, started, started, turn_id, limit),
+        )
+    return [TurnRow(*row) for row in rows]
+
+
+def keep_recent(db: sqlite3.Connection, session_id: str, count: int, max_age: float) -> None:
+    """Retention: the session's newest `count` turns, none that ended more than `max_age` ago."""
+    old = db.execute(
+        "SELECT turn_id FROM turns WHERE session_id = ? AND state != 'running' AND turn_id NOT IN"
+        " (SELECT turn_id FROM turns WHERE session_id = ? ORDER BY started DESC, turn_id DESC LIMIT ?)"
+        " UNION SELECT turn_id FROM turns WHERE session_id = ? AND state != 'running' AND started < ?",
+        (session_id, session_id, count, session_id, time.time() - max_age),
+    ).fetchall()
+    _delete_turns(db, [turn_id for (turn_id,) in old])
+
+
+def expire(db: sqlite3.Connection, max_age: float) -> None:
+    """Retention by age over every session (at start and now and then)."""
+    old = db.execute(
+        "SELECT turn_id FROM turns WHERE state != 'running' AND started < ?", (time.time() - max_age,)
+    ).fetchall()
+    _delete_turns(db, [turn_id for (turn_id,) in old])
+
+
+def delete_session(db: sqlite3.Connection, session_id: str) -> None:
+    """A deleted session's turns go with it."""
+    db.execute(
+        "DELETE FROM turn_events WHERE turn_id IN (SELECT turn_id FROM turns WHERE session_id = ?)",
+        (session_id,),
+    )
+    db.execute("DELETE FROM turns WHERE session_id = ?", (session_id,))
+
+
+def after_restart(db: sqlite3.Connection) -> None:
+    """At open: turns that were running when the server died are interrupted; turns of sessions
+    deleted meanwhile (a close whose last writes raced it) go."""
+    db.execute("UPDATE turns SET state = 'interrupted' WHERE state = 'running'")
+    orphans = db.execute(
+        "SELECT turn_id FROM turns WHERE session_id NOT IN (SELECT session_id FROM sessions)"
+    ).fetchall()
+    _delete_turns(db, [turn_id for (turn_id,) in orphans])
+
+
+def _delete_turns(db: sqlite3.Connection, turn_ids: list[str]) -> None:
+    for turn_id in turn_ids:
+        db.execute("DELETE FROM turn_events WHERE turn_id = ?", (turn_id,))
+        db.execute("DELETE FROM turns WHERE turn_id = ?", (turn_id,))
