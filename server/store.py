@@ -1,11 +1,12 @@
-"""Session records in an embedded SQLite database, so sessions survive restarts.
+"""Session records and turn transcripts in an embedded SQLite database, so both survive restarts.
 
 All SQL runs on one dedicated thread, in submission order: the event loop never waits on
 the disk unless it chooses to (`put` for a CreateSession, which must be durable before it
 is answered). State changes (`put_later`) are coalesced per session, latest wins, so the
 backlog is bounded by the number of sessions however slow the disk. A database that cannot
 be read is moved aside, never deleted, and a fresh one is started. Once closed, writes are
-refused with SHUTTING_DOWN (awaited ones) or dropped (background ones).
+refused with SHUTTING_DOWN (awaited ones) or dropped (background ones). Turn events
+(turn_records.py) are written in batches, every turn's queued batches in one transaction.
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ class Transcripts:
         """The turn to watch or show: the session's live one when it is that turn (or no turn
         was named), else from the store."""
         live = session.turn_log
-        if live is not None and (not turn_id or live.turn_id == turn_id):
-            return live
+        if live is not None and not live.stored_fully and (not turn_id or live.turn_id == turn_id):
+            return live  # running, or its last events are still on their way to the store
         row = await self.store.get_turn(session.session_id, turn_id)
         if row is None:
             what = f"turn {turn_id!r}" if turn_id else "no turn yet"
@@ -91,7 +91,9 @@ class Transcripts:
         rows = rows[:size]
         live = session.turn_log
         turns = [
-            live.summary() if live is not None and row.turn_id == live.turn_id else self._stored(row)
+            live.summary()
+            if live is not None and not live.stored_fully and row.turn_id == live.turn_id
+            else self._stored(row)
             for row in rows
         ]
         next_token = _encode(rows[-1].started, rows[-1].turn_id) if more else ""

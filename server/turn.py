@@ -1,9 +1,11 @@
 """One turn's events on their way from the agent to the client, and the turn's clocks.
 
 The agent connection pushes updates in, the turn's runner pushes the turn's last item (its
-result or its error), and the RPC handler takes them out. Two things happen in between:
+result or its error), and the turn's pump takes them out into the turn log (turn_log.py),
+which every reader reads. Two things happen in between:
 - backpressure: past HIGH_WATER buffered events the agent's output is no longer read, until
-  the client has taken the buffer down to LOW_WATER, so a fast agent waits on its own pipe
+  the pump has taken the buffer down to LOW_WATER (the pump waits for a prompting client
+  that is behind, never for watchers), so a fast agent waits on its own pipe
   instead of filling the server's memory and event loop. Once nobody will read the rest
   (the client left, or asked to cancel) the agent is never held back again: the buffer
   keeps at most HIGH_WATER events and drops the others, so the agent's answer gets through.

@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -118,10 +118,13 @@ class TurnLog:
         self._pacing = False
         self._paced_at = 0
         self._closing = state != "running"  # no new writes are scheduled: close() does the last
+        self.stored_fully = state != "running"  # closed: its final record is in the store
 
     @classmethod
     def stored(cls, store: SessionStore, row: TurnRow) -> TurnLog:
         """A turn from the transcript (finished, or interrupted by a restart): read from disk."""
+        if row.state == "running":  # not live: its server died, or its record could not be
+            row = replace(row, state="interrupted")  # finished; nothing will ever add to it
         record = pb.Turn.FromString(row.record)
         record.state = STATES.get(row.state, pb.TURN_STATE_UNSPECIFIED)
         record.oldest_kept_seq, record.last_seq = row.first_seq, row.last_seq
@@ -230,6 +233,8 @@ class TurnLog:
         if self._written >= self.last_seq:  # what is on disk is read from there from now on
             self._mem, self._sizes, self._mem_bytes = [], [], 0
             self._mem_first = self.last_seq + 1
+            self.stored_fully = True
+            self.record.ClearField("prompt")  # read from the store from now on (Transcripts.find)
         self._notify()
 
     # ---- readers -------------------------------------------------------------------------
