@@ -55,7 +55,8 @@ FLUSH_BYTES = 128 * 1024  # a batch of events is written once this much is waiti
 FLUSH_INTERVAL = 0.5  # ...or this many seconds after the first of them came
 MEMORY_BYTES = 256 * 1024  # written events kept in memory for the readers that keep up
 MAX_UNWRITTEN = 4 * 1024 * 1024  # the pump waits while this much is not on disk yet (a slow disk)
-PACE_LAG = 256  # events the pump may run ahead of the prompting client
+PACE_LAG = 32  # events the pump may run ahead of the prompting client (few: what waits in the
+# Turn is coalesced, see turn.py, and a stream of merged chunks relays more per event)
 READ_BATCH = 512  # events a reader takes at once
 READ_BYTES = 1024 * 1024  # ...or this many bytes of them from disk
 WRITE_TIMEOUT = 30.0  # seconds a batch may take to be written before it is tried again
