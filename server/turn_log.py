@@ -57,8 +57,8 @@ MEMORY_BYTES = 256 * 1024  # written events kept in memory for the readers that 
 MAX_UNWRITTEN = 4 * 1024 * 1024  # the pump waits while this much is not on disk yet (a slow disk)
 PACE_LAG = 32  # events the pump may run ahead of the prompting client (few: what waits in the
 # Turn is coalesced, see turn.py, and a stream of merged chunks relays more per event)
-READ_BATCH = 512  # events a reader takes at once
-READ_BYTES = 1024 * 1024  # ...or this many bytes of them from disk
+READ_BATCH = 256  # events a reader takes at once (and holds while its client is slow)
+READ_BYTES = 256 * 1024  # ...or this many bytes of them from disk
 WRITE_TIMEOUT = 30.0  # seconds a batch may take to be written before it is tried again
 
 STATES = {
