@@ -211,7 +211,7 @@ class SessionStore:
         self._later(turn_records.put_turn, turn)
 
     async def put_turn(self, turn: TurnRow) -> None:
-        await self._run(self._with_db, turn_records.put_turn, turn)
+        await self._run(self._relaxed, turn_records.put_turn, turn)
 
     async def add_turn_events(
         self, turn_id: str, events: list[tuple[int, bytes]], first_seq: int, last_seq: int, timeout: float
@@ -257,11 +257,21 @@ class SessionStore:
     def _later(self, fn: Callable[..., None], *args: Any) -> None:
         with self._lock:
             if not self._closed:
-                self._thread.submit(self._guarded, self._with_db, fn, *args)
+                self._thread.submit(self._guarded, self._relaxed, fn, *args)
 
     def _with_db(self, fn: Callable[..., T], *args: Any) -> T:  # on the database thread
         assert self._db is not None
         return fn(self._db, *args)
+
+    def _relaxed(self, fn: Callable[..., T], *args: Any) -> T:  # on the database thread
+        """`fn` without an fsync: a turn's record and events need to survive a crash of this
+        process, not a power cut (WAL with synchronous=NORMAL), unlike the sessions' records."""
+        assert self._db is not None
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            return fn(self._db, *args)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def _write_events(self) -> None:  # on the database thread
         with self._lock:
@@ -271,13 +281,7 @@ class SessionStore:
             return
         assert self._db is not None
         try:
-            # A turn's events need not survive a power cut, only a crash of this process: no
-            # fsync per batch (WAL with synchronous=NORMAL), unlike the sessions' records.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                turn_records.add_events(self._db, [(t, e, first, last) for t, e, first, last, _ in queued])
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+            self._relaxed(turn_records.add_events, [(t, e, first, last) for t, e, first, last, _ in queued])
         except BaseException as exc:
             for *_, done in queued:
                 done.set_exception(exc)
