@@ -279,9 +279,17 @@ class TurnLog:
             self._check_range(after_seq)
         following = max(after_seq + 1, self.oldest_seq)
         out: list[pb.PromptEvent] = []
-        size = 0
+        size, restarts = 0, 0
         while following <= self.last_seq:
-            batch = await self._fetch(following, READ_BATCH, READ_BYTES)
+            try:
+                batch = await self._fetch(following, READ_BATCH, READ_BYTES)
+            except SeqNotKept:
+                restarts += 1
+                if after_seq or restarts > 3:  # what was asked for went meanwhile
+                    raise
+                # "From the oldest kept", and that moved on meanwhile: again from there.
+                out, size, following = [], 0, self.oldest_seq
+                continue
             if not batch:
                 break
             for event in batch:
