@@ -25,9 +25,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
+from server.echo_agent import flood_chunk
 from tests.bench.direct_acp import DirectAgent
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the misbehaving agent's code
@@ -51,10 +54,14 @@ class Scale:
     noisy_healthy: int  # healthy sessions prompting beside the noisy neighbours...
     noisy_turns: int  # ...this many short turns each, per phase
     noisy_flood: int  # chunks of one flooding turn (restarted when it ends)
+    detached: int  # sessions each running one detached flooding turn (ON_DISCONNECT_CONTINUE)...
+    detached_log_mib: int  # ...with the gateway's max_turn_log_bytes this many MiB...
+    detached_chunks: int  # ...and this many DETACHED_CHUNK-byte chunks each (several times the bound)
 
 
-QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000)
-FULL = Scale("full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000)
+QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000, 8, 4, 16_384)
+FULL = Scale("full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000, 64, 4, 20_480)
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -102,7 +109,10 @@ class Report:
 class Gateway:
     """A `python -m server` process with its own config, database and agent state."""
 
-    def __init__(self, workdir: Path, spares: int = 0, max_sessions: int = 400) -> None:
+    def __init__(
+        self, workdir: Path, spares: int = 0, max_sessions: int = 400, args: tuple[str, ...] = ()
+    ) -> None:
+        """`args`: more command-line options for the server (e.g. a limit's flag)."""
         self.workdir = workdir
         state = workdir / "agent-state"
         config = workdir / "bench.toml"
@@ -131,6 +141,7 @@ class Gateway:
                     "--log-level",
                     "INFO",
                 ),
+                *args,
             ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -729,6 +740,188 @@ async def memory(scale: Scale, scratch: Path) -> Row:
     )
 
 
+DETACHED_CHUNK = 1024  # bytes per chunk of a detached flood
+RSS_EVERY = 0.2  # seconds between RSS samples while the detached turns run
+
+
+async def detach(gate: Gateway, sid: str, text: str) -> str:
+    """Starts a turn of `text` that runs on when its client leaves, reads its first event and
+    leaves (cancels the call); returns its turn id."""
+    request = pb.PromptRequest(session_id=sid, text=text, on_disconnect=pb.ON_DISCONNECT_CONTINUE)
+    call = gate.stub.Prompt(request, timeout=600)
+    try:
+        turn_id = str(dict(await call.initial_metadata()).get("sessiongate-turn-id", ""))
+        if not turn_id or await call.read() is grpc.aio.EOF:
+            raise RuntimeError("a detached turn had no turn id or no first event: the run is broken")
+    finally:
+        call.cancel()
+    return turn_id
+
+
+async def turns_done(gate: Gateway, started: dict[str, str], timeout: float) -> dict[str, pb.Turn]:
+    """The turns `started` ({session id: turn id}) once none of them runs (ListTurns: no events)."""
+    deadline = time.monotonic() + timeout
+    done: dict[str, pb.Turn] = {}
+    while len(done) < len(started):
+        for sid, turn_id in started.items():
+            if sid in done:
+                continue
+            listed = await gate.stub.ListTurns(pb.ListTurnsRequest(session_id=sid, page_size=1), timeout=30)
+            if not listed.turns or listed.turns[0].turn_id != turn_id:
+                raise RuntimeError(f"session {sid}'s last turn is not {turn_id}: the run is broken")
+            if listed.turns[0].state != pb.TURN_STATE_RUNNING:
+                done[sid] = listed.turns[0]
+        if len(done) < len(started):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(started) - len(done)} detached turns still run after {timeout:g}s")
+            await asyncio.sleep(0.5)
+    return done
+
+
+def flood_text(events: list[pb.PromptEvent]) -> str:
+    return "".join(e.message_chunk.content.text.text for e in events if e.HasField("message_chunk"))
+
+
+def check_chunks(text: str, last: int, size: int) -> int:
+    """How many whole /flood chunks `text` holds, checking that they run on to chunk `last`."""
+    if not text or len(text) % size:
+        raise RuntimeError(f"{len(text)} characters kept is not a whole number of chunks: the run is broken")
+    numbers = [int(text[i : i + size].split(":", 1)[0]) for i in range(0, len(text), size)]
+    if numbers != list(range(last - len(numbers) + 1, last + 1)):
+        raise RuntimeError("the kept chunks are not the flood's last ones, in order: the run is broken")
+    return len(numbers)
+
+
+async def detached_floods(scale: Scale, scratch: Path) -> Row:
+    """Gateway memory with sessions whose clients left turns flooding (ON_DISCONNECT_CONTINUE)
+    beside their bounded turn logs: the peak RSS growth over the same gateway with the sessions
+    idle, per turn, as a fraction of `max_turn_log_bytes`. Each turn writes several times the
+    bound, so a gateway that held the log in memory would grow by at least the bound per turn."""
+    n, bound, count = scale.detached, scale.detached_log_mib * MIB, scale.detached_chunks
+    text = f"/flood {count} {DETACHED_CHUNK}"
+    async with gateway(scratch, args=("--max-turn-log-bytes", str(bound))) as gate:
+        warm, *ids = await sessions(gate, n + 1)
+        await asyncio.sleep(1)
+        unused = gate.rss_kib()
+        # Warm-up: first-use costs (the turn log's paths, its tables, a trim) are not measured.
+        await turns_done(gate, {warm: await detach(gate, warm, text)}, 300)
+        await asyncio.sleep(1)
+        before = gate.rss_kib()
+        peak = before
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, gate.rss_kib())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RSS_EVERY)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            turn_ids = await asyncio.gather(*(detach(gate, s, text) for s in ids))
+            turns = await turns_done(gate, dict(zip(ids, turn_ids, strict=True)), 900)
+        finally:
+            stop.set()
+            await sampler
+        await asyncio.sleep(1)
+        after = gate.rss_kib()
+        for turn in turns.values():
+            if turn.state != pb.TURN_STATE_COMPLETED or turn.result.stop_reason != pb.STOP_REASON_END_TURN:
+                raise RuntimeError(
+                    f"detached turn {turn.turn_id} did not complete: {turn}: the run is broken"
+                )
+            if turn.oldest_kept_seq <= 1:
+                raise RuntimeError(f"detached turn {turn.turn_id} dropped nothing: the run is broken")
+            # Its last events (GetTurn, every page): every chunk reached the log, to the flood's last.
+            tail: list[pb.PromptEvent] = []
+            after_seq, truncated = max(turn.oldest_kept_seq - 1, turn.last_seq - 8), True
+            while truncated:
+                page = await gate.stub.GetTurn(
+                    pb.GetTurnRequest(session_id=turn.session_id, turn_id=turn.turn_id, after_seq=after_seq),
+                    timeout=60,
+                )
+                if page.last_seq != turn.last_seq or not page.events:
+                    raise RuntimeError(
+                        f"GetTurn: last_seq {page.last_seq}, not {turn.last_seq}: the run is broken"
+                    )
+                tail.extend(page.events)
+                after_seq, truncated = page.events[-1].seq, page.events_truncated
+            if not tail[-1].HasField("result") or tail[-1].seq != turn.last_seq:
+                raise RuntimeError(
+                    f"detached turn {turn.turn_id} does not end with its result: the run is broken"
+                )
+            if not flood_text(tail).endswith(flood_chunk(count - 1, DETACHED_CHUNK)):
+                raise RuntimeError(f"detached turn {turn.turn_id} lost its last chunk: the run is broken")
+        # One finished turn, watched from the start: its oldest events went past the bound.
+        sid, turn = ids[0], turns[ids[0]]
+        try:
+            async for _event in gate.stub.WatchTurn(
+                pb.WatchTurnRequest(session_id=sid, after_seq=0, turn_id=turn.turn_id), timeout=60
+            ):
+                raise RuntimeError("WatchTurn from seq 0 replayed dropped events: the run is broken")
+            raise RuntimeError("WatchTurn from seq 0 ended without an error: the run is broken")
+        except grpc.aio.AioRpcError as error:
+            reason, metadata = error_info(error)
+            if error.code() != grpc.StatusCode.OUT_OF_RANGE or reason != "SEQ_NOT_KEPT":
+                raise
+            named = (metadata.get("oldest_kept_seq"), metadata.get("last_seq"))
+            if named != (str(turn.oldest_kept_seq), str(turn.last_seq)):
+                raise RuntimeError(f"SEQ_NOT_KEPT names {named}, GetTurn {turn}: the run is broken") from None
+        kept = [
+            e
+            async for e in gate.stub.WatchTurn(
+                pb.WatchTurnRequest(session_id=sid, after_seq=turn.oldest_kept_seq - 1, turn_id=turn.turn_id),
+                timeout=120,
+            )
+        ]
+        if [e.seq for e in kept] != list(range(turn.oldest_kept_seq, turn.last_seq + 1)):
+            raise RuntimeError("WatchTurn did not replay exactly the kept seqs: the run is broken")
+        kept_bytes = sum(e.ByteSize() for e in kept)
+        if kept_bytes > bound:
+            raise RuntimeError(f"a turn kept {kept_bytes} bytes of events, over its bound {bound}")
+        kept_chunks = check_chunks(flood_text(kept), count - 1, DETACHED_CHUNK)
+        db = gate.workdir / "sessions.db"
+        on_disk = sum(f.stat().st_size for f in db.parent.glob(db.name + "*"))  # with its WAL
+    window = max(t.end_time.ToMicroseconds() for t in turns.values()) - min(
+        t.start_time.ToMicroseconds() for t in turns.values()
+    )
+    seconds = window / 1e6
+    events = sum(t.last_seq for t in turns.values())
+    per_turn = (peak - before) / n
+    out_mib = count * DETACHED_CHUNK / MIB
+    return Row(
+        f"gateway RSS growth per detached flooding turn ({n} turns of {out_mib:,.0f} MiB, "
+        f"max_turn_log_bytes {scale.detached_log_mib} MiB)",
+        "KiB",
+        bound / 1024,
+        per_turn,
+        "ratio <= 0.5 (baseline: the log bound)",
+        per_turn <= 0.5 * bound / 1024,
+        f"gateway RSS {before / 1024:,.1f} MiB with the sessions idle after one warm-up turn "
+        f"({unused / 1024:,.1f} MiB before it), peak {peak / 1024:,.1f} MiB while the {n} turns ran "
+        f"detached (sampled every {RSS_EVERY:g} s), {after / 1024:,.1f} MiB after; the turns ran at "
+        f"{n * count / seconds:,.0f} agent chunks/s in total ({DETACHED_CHUNK}-byte chunks, "
+        f"{n * out_mib / seconds:,.1f} MiB/s; {events / seconds:,.0f} events/s into their logs, "
+        f"{events:,} events) over {seconds:,.1f} s; WatchTurn(after_seq 0) on a finished one: "
+        f"OUT_OF_RANGE/SEQ_NOT_KEPT, oldest kept seq {turn.oldest_kept_seq:,} of {turn.last_seq:,} "
+        f"(GetTurn's last_seq: the result's), the last {kept_chunks:,} of {count:,} chunks kept in "
+        f"{kept_bytes / MIB:,.2f} MiB of events; the state database (WAL included) "
+        f"{on_disk / MIB:,.0f} MiB after, for {n + 1} turns of {out_mib:,.0f} MiB",
+    )
+
+
+def error_info(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of a failed call."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, dict(info.metadata)
+    return "", {}
+
+
 FIGURES: list[Callable[[Scale, Path], Awaitable[Row | list[Row]]]] = [
     single_stream,
     concurrent_streams,
@@ -738,6 +931,7 @@ FIGURES: list[Callable[[Scale, Path], Awaitable[Row | list[Row]]]] = [
     noisy_neighbours,
     create_latency,
     memory,
+    detached_floods,
 ]
 
 
