@@ -59,7 +59,7 @@ test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(ARGS)
 
 # Benchmarks, never part of `make test`: `make bench` (full, writes docs/benchmarks.md) or
-# `make bench ARGS=--quick` (about a minute and a half, writes bench-results/quick.md).
+# `make bench ARGS=--quick` (about two minutes, writes bench-results/quick.md).
 bench: $(STAMP)
 	$(PY) -m tests.bench $(ARGS)
 

@@ -11,7 +11,7 @@ from tests.bench.harness import FIGURES, FULL, QUICK, run
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description="sessiongate benchmark")
-    parser.add_argument("--quick", action="store_true", help="a small run, about a minute and a half")
+    parser.add_argument("--quick", action="store_true", help="a small run, about two minutes")
     parser.add_argument(
         "--only", nargs="*", choices=[f.__name__ for f in FIGURES], help="run only these figures"
     )
