@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from server import turn_records
 from server.errors import ShuttingDown, StoreUnavailable, clip
-from server.turn_records import TurnRow
+from server.turn_records import EventBatch, TurnRow
 
 log = logging.getLogger("sessiongate.store")
 
@@ -162,12 +162,10 @@ class SessionStore:
         self._lock = threading.Lock()  # guards the three below, shared with the database thread
         self._dirty: dict[str, SessionRecord] = {}  # latest unwritten state per session
         self._flush_queued = False
-        # Turn events waiting for the database thread: (turn_id, events, first kept, last seq,
-        # done). Written together, one transaction for everything queued.
-        self._events: list[
-            tuple[str, list[tuple[int, bytes]], int, int, concurrent.futures.Future[None]]
-        ] = []
-        self._events_queued = False
+        # Turn rows and events waiting for the database thread, in order (a turn's row before its
+        # events), each with the future its writer waits on; one transaction for all queued.
+        self._turn_writes: list[tuple[TurnRow | EventBatch, concurrent.futures.Future[None] | None]] = []
+        self._turn_writes_queued = False
         self._closed = False
 
     async def open(self) -> list[SessionRecord]:
@@ -208,24 +206,27 @@ class SessionStore:
 
     def put_turn_later(self, turn: TurnRow) -> None:
         """Insert or update a turn's row soon, in order with its events."""
-        self._later(turn_records.put_turn, turn)
+        with self._lock:
+            if not self._closed:
+                self._queue_turn_write(turn, None)
 
     async def put_turn(self, turn: TurnRow) -> None:
-        await self._run(self._relaxed, turn_records.put_turn, turn)
+        """Insert or update a turn's row, in order with its events; waits until written."""
+        await self._turn_write(turn, WRITE_TIMEOUT)
 
     async def add_turn_events(
         self, turn_id: str, events: list[tuple[int, bytes]], first_seq: int, last_seq: int, timeout: float
     ) -> None:
         """Write a batch of a turn's events (with the turn's kept range); waits until written.
         Batches of every turn queued meanwhile share one transaction."""
+        await self._turn_write((turn_id, events, first_seq, last_seq), timeout)
+
+    async def _turn_write(self, item: TurnRow | EventBatch, timeout: float) -> None:
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down: the session store is closed")
-            self._events.append((turn_id, events, first_seq, last_seq, done))
-            if not self._events_queued:
-                self._events_queued = True
-                self._thread.submit(self._write_events)
+            self._queue_turn_write(item, done)
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.wrap_future(done)
@@ -273,24 +274,34 @@ class SessionStore:
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
-    def _write_events(self) -> None:  # on the database thread
+    def _queue_turn_write(
+        self, item: TurnRow | EventBatch, done: concurrent.futures.Future[None] | None
+    ) -> None:  # under self._lock
+        self._turn_writes.append((item, done))
+        if not self._turn_writes_queued:
+            self._turn_writes_queued = True
+            self._thread.submit(self._write_turns)
+
+    def _write_turns(self) -> None:  # on the database thread
         with self._lock:
-            queued, self._events = self._events, []
-            self._events_queued = False
+            queued, self._turn_writes = self._turn_writes, []
+            self._turn_writes_queued = False
         if not queued:
             return
         assert self._db is not None
         try:
-            self._relaxed(turn_records.add_events, [(t, e, first, last) for t, e, first, last, _ in queued])
+            self._relaxed(turn_records.write, [item for item, _ in queued])
         except BaseException as exc:
-            for *_, done in queued:
-                done.set_exception(exc)
+            for _, done in queued:
+                if done is not None:
+                    done.set_exception(exc)
             if not isinstance(exc, sqlite3.Error):
                 raise
-            log.error("writing turn events failed path=%s: %s", self.path, exc)
+            log.error("writing turns failed path=%s: %s", self.path, exc)
             return
-        for *_, done in queued:
-            done.set_result(None)
+        for _, done in queued:
+            if done is not None:
+                done.set_result(None)
 
     def delete_later(self, session_id: str) -> None:
         """Delete a record soon, after every write queued before (a cancelled `put` included)."""
@@ -416,5 +427,5 @@ class SessionStore:
 
     def _close(self) -> None:
         self._flush()
-        self._write_events()
+        self._write_turns()
         self._disconnect()

@@ -64,16 +64,28 @@ class TurnRow:
 
 
 def put_turn(db: sqlite3.Connection, turn: TurnRow) -> None:
-    db.execute(f"INSERT OR REPLACE INTO turns ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", turn.row())
+    """Insert or update a turn's row; none for a session deleted meanwhile."""
+    db.execute(
+        f"INSERT OR REPLACE INTO turns ({COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+        " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = ?)",
+        (*turn.row(), turn.session_id),
+    )
 
 
-def add_events(db: sqlite3.Connection, batches: list[tuple[str, list[tuple[int, bytes]], int, int]]) -> None:
-    """Each batch: (turn_id, [(seq, event)], first kept seq, last seq); one transaction for all."""
+EventBatch = tuple[str, list[tuple[int, bytes]], int, int]  # turn_id, [(seq, event)], first kept, last
+
+
+def write(db: sqlite3.Connection, queued: list[TurnRow | EventBatch]) -> None:
+    """Turn rows and batches of events, in the order they were queued, in one transaction."""
     db.execute("BEGIN")
     try:
-        for turn_id, events, first_seq, last_seq in batches:
+        for item in queued:
+            if isinstance(item, TurnRow):
+                put_turn(db, item)
+                continue
+            turn_id, events, first_seq, last_seq = item
             if db.execute("SELECT 1 FROM turns WHERE turn_id = ?", (turn_id,)).fetchone() is None:
-                continue  # deleted with its session meanwhile: nothing to keep
+                continue  # deleted with its session meanwhile (its row is always queued first)
             db.executemany(
                 "INSERT OR REPLACE INTO turn_events (turn_id, seq, event) VALUES (?, ?, ?)",
                 [(turn_id, seq, event) for seq, event in events],

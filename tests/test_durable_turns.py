@@ -12,6 +12,7 @@ import re
 import signal
 import sqlite3
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import grpc
 import pytest
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server.store import SessionRecord, SessionStore
+from server.turn_records import TurnRow
 from tests.conftest import Gate, GateFactory, details_of, expect_error, kinds, reply_text
 from tests.processes import server_process
 from tests.test_auth import as_, tokens_file
@@ -318,3 +321,27 @@ async def test_the_transcript_survives_kill_9_and_a_running_turn_is_interrupted(
         # The session itself goes on.
         again = [e async for e in stub.Prompt(pb.PromptRequest(session_id=sid, text="after"), timeout=30)]
         assert reply_text(again) == "after"
+
+
+async def test_a_turns_row_and_its_events_are_written_in_order_whatever_else_is_queued(
+    tmp_path: Path,
+) -> None:
+    """Regression: events of two turns queued while the database thread was busy were written
+    before the second turn's row, so they were skipped as a deleted session's (and lost)."""
+    store = SessionStore(tmp_path / "order.db")
+    await store.open()
+    await store.put(SessionRecord("s1", "echo", "/", {}, "idle", "", "", 1.0, 1.0))
+    rows = [TurnRow(f"t{n}", "s1", float(n), None, "running", 1, 0, b"") for n in (1, 2)]
+    busy = threading.Event()
+    store._thread.submit(busy.wait, 10)  # the database thread is busy meanwhile
+    store.put_turn_later(rows[0])
+    first = asyncio.create_task(store.add_turn_events("t1", [(1, b"a")], 1, 1, 10))
+    await asyncio.sleep(0.1)
+    store.put_turn_later(rows[1])
+    second = asyncio.create_task(store.add_turn_events("t2", [(1, b"b")], 1, 1, 10))
+    await asyncio.sleep(0.1)
+    busy.set()
+    await asyncio.gather(first, second)
+    assert await store.turn_events("t1", 1, 10, MIB) == [b"a"]
+    assert await store.turn_events("t2", 1, 10, MIB) == [b"b"]
+    await store.close()
