@@ -171,15 +171,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
             try:
                 # The turn runs in its own task and its events go to its log; this handler
                 # reads them from there like any watcher, but paces the agent while it reads.
-                async with contextlib.aclosing(turn_log.read(0, pace=True)) as batches:
-                    async for batch in batches:
+                async with contextlib.aclosing(turn_log.events(0, pace=True)) as events:
+                    async for event in events:
                         if seq == 0:
                             self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
-                        for event in batch:
-                            yield event
-                        seq = batch[-1].seq
-                        if batch[-1].HasField("result"):
-                            stop = batch[-1].result.stop_reason
+                        yield event
+                        seq = event.seq
+                        if event.HasField("result"):
+                            stop = event.result.stop_reason
                             outcome = "cancelled" if stop == pb.STOP_REASON_CANCELLED else "ok"
             finally:
                 # The client left (cancel, deadline, connection lost): cancel the turn upstream,
@@ -205,10 +204,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
             session = self._pool.get(_required_id(request.session_id))
             turn_log = await self._pool.transcripts.find(session, request.turn_id)
             await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
-            async with contextlib.aclosing(turn_log.read(request.after_seq)) as batches:
-                async for batch in batches:
-                    for event in batch:
-                        yield event
+            async with contextlib.aclosing(turn_log.events(request.after_seq)) as events:
+                async for event in events:
+                    yield event
         except Exception as exc:
             await _abort(context, exc)
 

@@ -160,7 +160,7 @@ class Turn:
     def buffered(self) -> int:
         return len(self._items)
 
-    async def next(self) -> TurnItem:
+    async def next(self, *, fair: bool = True) -> TurnItem:
         """The next event: updates, Notices, then the TurnEnd; a failed turn raises its error.
 
         Waits for the runner, which always ends the turn within its bounds (stall, turn
@@ -174,7 +174,8 @@ class Turn:
                 self._waiter = None
         # Relaying an event (translating it, writing it to the client) is the agent's output
         # costing loop time too: it takes from the same slice as reading it (loop_share.py).
-        await self._share.take(self)
+        if fair:  # the turn log's pump passes False: its readers take from the share instead
+            await self._share.take(self)
         item = self._take()
         if isinstance(item, _Last):
             if isinstance(item.outcome, BaseException):

@@ -44,6 +44,7 @@ from server.errors import (
     TurnInterrupted,
     failure_status,
 )
+from server.loop_share import loop_share
 from server.settings import MIN_TURN_LOG_BYTES
 from server.store import SessionStore
 from server.turn import Turn, TurnEnd
@@ -272,6 +273,17 @@ class TurnLog:
                 self._pacing = False
                 self._notify()
 
+    async def events(self, after_seq: int, *, pace: bool = False) -> AsyncGenerator[pb.PromptEvent, None]:
+        """`read` one event at a time, each taking its part of the loop's share for agents'
+        output (loop_share.py): relaying an event to a client is the agent's output costing
+        loop time, so a flood relayed to many readers cannot crowd out the rest of the server."""
+        share = loop_share()
+        async with contextlib.aclosing(self.read(after_seq, pace=pace)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    await share.take(self)
+                    yield event
+
     async def page(self, after_seq: int, max_bytes: int) -> tuple[list[pb.PromptEvent], bool]:
         """What is kept after `after_seq` now (0: from the oldest kept), at most about
         `max_bytes`; and whether more follows."""
@@ -441,7 +453,7 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
         while True:
             await log_.room()
             try:
-                item: Any = await turn.next()
+                item: Any = await turn.next(fair=False)
             except Exception as exc:  # the turn failed: its error is the log's end
                 log_.fail(exc)
                 break
