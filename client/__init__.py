@@ -4,9 +4,12 @@
 
 `AsyncSessionClient` (asyncio) and `SessionClient` (blocking) mirror the RPCs; failures
 raise the classes in `client.errors`, one per ErrorInfo reason, with decoded details.
+`prompt` and `watch_turn` return `AsyncTurnEvents` / `TurnEvents`: a turn's events, with the
+turn's id and the last seq read, re-attaching by themselves after a transport failure when
+the turn continues on disconnect.
 """
 
-from client.aio import AsyncSessionClient
+from client.aio import AsyncSessionClient, AsyncTurnEvents
 from client.errors import (
     AgentAuthRequired,
     AgentError,
@@ -22,17 +25,20 @@ from client.errors import (
     QuotaExceeded,
     RequestAnswered,
     RequestNotFound,
+    SeqNotKept,
     SessionBusy,
     SessionGateError,
     SessionNotFound,
     ShuttingDown,
     StoreUnavailable,
     StreamStalled,
+    TurnInterrupted,
+    TurnNotFound,
     TurnTimeout,
     Unauthenticated,
 )
 from client.retry import retry, retry_async
-from client.sync import SessionClient
+from client.sync import SessionClient, TurnEvents
 
 __all__ = [
     "AgentAuthRequired",
@@ -43,6 +49,7 @@ __all__ = [
     "AgentRefused",
     "AgentUnavailable",
     "AsyncSessionClient",
+    "AsyncTurnEvents",
     "CwdNotAllowed",
     "InvalidRequest",
     "NotSupported",
@@ -50,6 +57,7 @@ __all__ = [
     "QuotaExceeded",
     "RequestAnswered",
     "RequestNotFound",
+    "SeqNotKept",
     "SessionBusy",
     "SessionClient",
     "SessionGateError",
@@ -57,6 +65,9 @@ __all__ = [
     "ShuttingDown",
     "StoreUnavailable",
     "StreamStalled",
+    "TurnEvents",
+    "TurnInterrupted",
+    "TurnNotFound",
     "TurnTimeout",
     "Unauthenticated",
     "retry",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import grpc
 from google.protobuf import duration_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 
-from client.errors import RequestAnswered, RequestNotFound
+from client.errors import RequestAnswered, RequestNotFound, SessionGateError, transport_failure
 
 SERVICE = "sessiongate.v1.SessionService"
 UNARY_METHODS = (
@@ -24,6 +25,8 @@ UNARY_METHODS = (
     "ListAgents",
     "SetSessionMode",
     "SetSessionConfigOption",
+    "ListTurns",
+    "GetTurn",
 )
 PERMISSION_POLICIES = ("approve-all", "approve-reads", "deny-all", "ask")
 ELICITATION_ACTIONS: dict[str, pb.ElicitationAction] = {
@@ -31,6 +34,16 @@ ELICITATION_ACTIONS: dict[str, pb.ElicitationAction] = {
     "decline": pb.ELICITATION_ACTION_DECLINE,
     "cancel": pb.ELICITATION_ACTION_CANCEL,
 }
+ON_DISCONNECT: dict[str, pb.OnDisconnect] = {
+    "cancel": pb.ON_DISCONNECT_CANCEL,
+    "continue": pb.ON_DISCONNECT_CONTINUE,
+}
+TURN_ID_HEADER = "sessiongate-turn-id"  # Prompt's and WatchTurn's response header: the turn's id
+# Re-attaching a resumable stream after a transport failure: backoff from the first to the
+# last delay (doubling), within REATTACH_TIMEOUT seconds of the failure by default.
+REATTACH_TIMEOUT = 30.0
+REATTACH_FIRST_DELAY = 0.2
+REATTACH_MAX_DELAY = 2.0
 # An answer that came too late (the request expired, or the turn ended or was cancelled) is
 # not an error of the turn: its `permission`/`elicitation` event says what became of it.
 GONE: tuple[type[Exception], ...] = (RequestAnswered, RequestNotFound)
@@ -125,6 +138,7 @@ def prompt_request(
     permission_policy: str | None = None,
     permission_timeout: float | None = None,
     answering: bool = False,
+    on_disconnect: str | int | None = None,
 ) -> pb.PromptRequest:
     """The PromptRequest of a turn. `answering`: the caller answers questions itself (it
     passed on_permission or on_elicitation), which means the `ask` policy unless it chose one."""
@@ -138,7 +152,35 @@ def prompt_request(
         wait_timeout=duration(wait_timeout),
         permission_policy=permission_policy,
         permission_timeout=duration(permission_timeout),
+        on_disconnect=on_disconnect_value(on_disconnect),
     )
+
+
+def on_disconnect_value(value: str | int | None) -> pb.OnDisconnect:
+    """An OnDisconnect from "cancel"/"continue" (any case), the enum itself, or None (unset:
+    the server's default, cancel)."""
+    if value is None:
+        return pb.ON_DISCONNECT_UNSPECIFIED
+    if isinstance(value, str):
+        name = value.lower().removeprefix("on_disconnect_")
+        if name not in ON_DISCONNECT:
+            raise ValueError(f"on_disconnect must be cancel or continue, not {value!r}")
+        return ON_DISCONNECT[name]
+    if value not in (pb.ON_DISCONNECT_UNSPECIFIED, *ON_DISCONNECT.values()):
+        raise ValueError(f"not an OnDisconnect value: {value!r}")
+    return cast(pb.OnDisconnect, value)
+
+
+def watch_request(session_id: str, after_seq: int, turn_id: str) -> pb.WatchTurnRequest:
+    return pb.WatchTurnRequest(session_id=session_id, after_seq=after_seq, turn_id=turn_id)
+
+
+def turn_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The `sessiongate-turn-id` of a call's response headers ("" when there is none)."""
+    for key, value in metadata or ():
+        if key == TURN_ID_HEADER:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
 
 
 def elicitation_action(action: str | int) -> pb.ElicitationAction:
@@ -212,6 +254,47 @@ def list_request(
     return pb.ListSessionsRequest(
         agent=agent, labels=dict(labels or {}), page_size=page_size, page_token=token
     )
+
+
+class Reattach:
+    """When a resumable stream re-attaches after a transport failure (UNAVAILABLE with no
+    sessiongate reason): after a backoff from REATTACH_FIRST_DELAY doubling up to
+    REATTACH_MAX_DELAY, as long as `budget` seconds have not passed since the stream was last
+    attached (and the call's own deadline, if any, leaves time). A budget of 0 never
+    re-attaches."""
+
+    def __init__(self, budget: float, deadline: float | None) -> None:
+        self._budget = budget
+        self._deadline = deadline  # time.monotonic() of the caller's whole-stream deadline
+        self._delay = REATTACH_FIRST_DELAY
+        self._since: float | None = None  # when the current outage began
+
+    def attached(self) -> None:
+        """A call reached the server (its headers came): the next failure gets a full budget."""
+        self._delay, self._since = REATTACH_FIRST_DELAY, None
+
+    def delay(self, error: SessionGateError, turn_id: str) -> float | None:
+        """Seconds to wait before re-attaching after `error`, or None: raise it."""
+        if self._budget <= 0 or not turn_id or not transport_failure(error):
+            return None
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        delay = self._delay
+        self._delay = min(self._delay * 2, REATTACH_MAX_DELAY)
+        if now + delay > self._since + self._budget:
+            return None
+        if self._deadline is not None and now + delay >= self._deadline:
+            return None
+        return delay
+
+    def remaining(self) -> float | None:
+        """The timeout of the next call: what is left of the caller's deadline (None: none)."""
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 class Reply:

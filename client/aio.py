@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +16,70 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from client._common import (
     GONE,
+    REATTACH_TIMEOUT,
     Answer,
     AsyncElicitationCallback,
     AsyncPermissionCallback,
     Metadata,
+    Reattach,
     Reply,
     answer_request,
     bearer,
     channel_options,
     config_value,
     create_request,
+    deadline_after,
     list_request,
     prompt_request,
     question,
     respond_elicitation_request,
     tls_credentials,
+    turn_id_of,
+    watch_request,
 )
 from client.errors import from_rpc_error
 
 UNARY_TIMEOUT = 30.0  # seconds, for calls that do no agent work
 CREATE_TIMEOUT = 90.0  # CreateSession starts an agent (the server bounds that by its start timeout)
+
+
+class AsyncTurnEvents(AsyncGenerator[pb.PromptEvent, None]):
+    """The events of one turn, from `prompt` or `watch_turn`: an async generator (iterate it
+    with `async for`; `aclose()` stops early) that also says where its reader is.
+
+    `session_id`; `turn_id`: the turn's id, from the `sessiongate-turn-id` header ("" until
+    it came); `last_seq`: the seq of the last event yielded (the `after_seq` to re-attach
+    with: `watch_turn(session_id, events.last_seq, events.turn_id)`).
+    """
+
+    def __init__(self, session_id: str, turn_id: str = "", after_seq: int = 0) -> None:
+        self.session_id = session_id
+        self.turn_id = turn_id
+        self.last_seq = after_seq
+        self._events: AsyncGenerator[pb.PromptEvent, None] | None = None
+
+    def _bind(self, events: AsyncGenerator[pb.PromptEvent, None]) -> None:
+        self._events = events
+
+    @property
+    def _generator(self) -> AsyncGenerator[pb.PromptEvent, None]:
+        assert self._events is not None
+        return self._events
+
+    def __aiter__(self) -> AsyncTurnEvents:
+        return self
+
+    async def __anext__(self) -> pb.PromptEvent:
+        return await self._generator.__anext__()
+
+    async def asend(self, value: None) -> pb.PromptEvent:
+        return await self._generator.asend(value)
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> pb.PromptEvent:
+        return await self._generator.athrow(typ, val, tb)
+
+    async def aclose(self) -> None:
+        await self._generator.aclose()
 
 
 class AsyncSessionClient:
@@ -102,7 +146,7 @@ class AsyncSessionClient:
             self._stub.CreateSession, create_request(agent, cwd, request_id, labels), timeout
         )
 
-    async def prompt(
+    def prompt(
         self,
         session_id: str,
         text: str = "",
@@ -114,13 +158,29 @@ class AsyncSessionClient:
         permission_timeout: float | None = None,
         on_permission: AsyncPermissionCallback | None = None,
         on_elicitation: AsyncElicitationCallback | None = None,
+        on_disconnect: str | int | None = None,
+        reattach_timeout: float = REATTACH_TIMEOUT,
         timeout: float | None = None,
-    ) -> AsyncGenerator[pb.PromptEvent, None]:
+    ) -> AsyncTurnEvents:
         """Run one turn, yielding its events; the last is the `result`.
 
-        Stopping the iteration early cancels the turn upstream. `timeout` is the client's own
-        deadline for the whole turn (the server also bounds turns by its stall timeout and
-        maximum turn duration).
+        Returns an `AsyncTurnEvents`: iterate it (`async for`); its `turn_id` (from the
+        `sessiongate-turn-id` header, once the turn started) and `last_seq` (the last event
+        yielded) say where to re-attach with `watch_turn`.
+
+        `on_disconnect`: what becomes of the turn when this call ends before the turn does.
+        "cancel" (or None, the default) cancels it upstream: stopping the iteration early,
+        a lost connection or the `timeout` cancels the turn. "continue"
+        (ON_DISCONNECT_CONTINUE) leaves it running, its events kept: stopping the iteration
+        early then only stops reading (end the turn with `cancel_prompt`), and when the
+        stream fails with a transport failure (UNAVAILABLE with no sessiongate reason: the
+        connection dropped, the server could not be reached) the iteration re-attaches by
+        itself with WatchTurn from the last event it yielded, so no event is lost or
+        repeated. It retries with a backoff (0.2 s doubling up to 2 s) for at most
+        `reattach_timeout` seconds per outage (0: never), then raises the last error.
+
+        `timeout` is the client's own deadline for the whole turn, re-attaches included (the
+        server also bounds turns by its stall timeout and maximum turn duration).
 
         `permission_policy` decides this turn's permission requests: "approve-all",
         "approve-reads", "deny-all" or "ask" (the client answers); None or "" means the
@@ -134,7 +194,8 @@ class AsyncSessionClient:
         ElicitationRequest)` likewise returns a dict (accept with that content), an action
         ("accept", "decline", "cancel"), an (action, content) pair, or None. An answer that
         comes too late (expired, cancelled) is ignored; any other failure of a callback or
-        of its answer ends the iteration with that error and cancels the turn.
+        of its answer ends the iteration with that error and cancels the turn (unless it
+        continues on disconnect).
         """
         request = prompt_request(
             session_id,
@@ -145,20 +206,105 @@ class AsyncSessionClient:
             permission_policy,
             permission_timeout,
             answering=on_permission is not None or on_elicitation is not None,
+            on_disconnect=on_disconnect,
         )
-        call = self._stub.Prompt(request, metadata=self._metadata, timeout=timeout)
+        resumable = request.on_disconnect == pb.ON_DISCONNECT_CONTINUE
+        events = AsyncTurnEvents(session_id)
+        events._bind(
+            self._stream(
+                events,
+                lambda deadline: self._stub.Prompt(request, metadata=self._metadata, timeout=deadline),
+                timeout,
+                reattach_timeout if resumable else 0,
+                on_permission,
+                on_elicitation,
+            )
+        )
+        return events
+
+    def watch_turn(
+        self,
+        session_id: str,
+        after_seq: int = 0,
+        turn_id: str = "",
+        *,
+        reattach_timeout: float = REATTACH_TIMEOUT,
+        timeout: float | None = None,
+    ) -> AsyncTurnEvents:
+        """A turn's events with `seq > after_seq`: what it sent so far, then the live rest,
+        ending with its `result` (or raising the error its Prompt stream ended with).
+        `turn_id` "" means the running turn, else the last one; the returned
+        `AsyncTurnEvents.turn_id` then names the turn watched.
+
+        Watching never takes the session nor cancels the turn: stopping early just stops
+        reading. After a transport failure (UNAVAILABLE with no sessiongate reason) the
+        iteration re-attaches by itself after the last event it yielded, as `prompt` does
+        for a turn that continues on disconnect (at most `reattach_timeout` seconds per
+        outage; 0: never). `timeout`: a deadline for the whole watch.
+
+        TurnNotFound: no such turn; SeqNotKept: `after_seq` is older than what is kept (see
+        `metadata['oldest_kept_seq']`) or past the last event; TurnInterrupted: the server
+        stopped during the turn (after its stored events)."""
+        events = AsyncTurnEvents(session_id, turn_id, after_seq)
+        request = watch_request(session_id, after_seq, turn_id)
+        events._bind(
+            self._stream(
+                events,
+                lambda deadline: self._stub.WatchTurn(request, metadata=self._metadata, timeout=deadline),
+                timeout,
+                reattach_timeout,
+                None,
+                None,
+            )
+        )
+        return events
+
+    async def _stream(
+        self,
+        events: AsyncTurnEvents,
+        start: Callable[[float | None], Any],
+        timeout: float | None,
+        reattach_timeout: float,
+        on_permission: AsyncPermissionCallback | None,
+        on_elicitation: AsyncElicitationCallback | None,
+    ) -> AsyncGenerator[pb.PromptEvent, None]:
+        """A turn's events from the call `start(timeout)` makes, re-attaching with WatchTurn
+        after transport failures while `reattach_timeout` allows (see `Reattach`)."""
+        reattach = Reattach(reattach_timeout, deadline_after(timeout))
+        call = start(timeout)
+        attached = False
         answers: set[asyncio.Task[None]] = set()
         try:
             while True:
-                event = await self._next_event(call, answers)
+                try:
+                    if not attached:  # the headers come before any event (or with the failure)
+                        turn_id = turn_id_of(await call.initial_metadata())
+                        if turn_id:
+                            events.turn_id = events.turn_id or turn_id
+                            attached = True
+                            reattach.attached()
+                    event = await self._next_event(call, answers)
+                except grpc.aio.AioRpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+                    delay = reattach.delay(error, events.turn_id)
+                    if delay is None:
+                        raise error from None
+                    await asyncio.sleep(delay)
+                    request = watch_request(events.session_id, events.last_seq, events.turn_id)
+                    call = self._stub.WatchTurn(
+                        request, metadata=self._metadata, timeout=reattach.remaining()
+                    )
+                    attached = False
+                    continue
                 if event is grpc.aio.EOF:
                     return
+                if event.seq <= events.last_seq:
+                    continue  # yielded before a re-attach (WatchTurn never repeats one: a guard)
                 asked = question(event, on_permission, on_elicitation)
                 if asked is not None:
-                    answers.add(asyncio.create_task(self._ask(session_id, *asked)))
+                    answers.add(asyncio.create_task(self._ask(events.session_id, *asked)))
+                events.last_seq = event.seq
                 yield event
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
         finally:
             call.cancel()  # no-op when the stream already ended
             for task in answers:  # the turn is over: nobody waits for these answers any more
@@ -284,6 +430,31 @@ class AsyncSessionClient:
             token = page.next_page_token
             if not token:
                 return
+
+    async def list_turns(
+        self, session_id: str, *, page_size: int = 0, page_token: str = "", timeout: float = UNARY_TIMEOUT
+    ) -> AsyncIterator[pb.Turn]:
+        """The session's turns, newest first, without their events (see `get_turn`), fetching
+        pages of `page_size` (0: the server's default) as needed, from `page_token` (a
+        ListTurns `next_page_token`; "" for the newest)."""
+        token = page_token
+        while True:
+            request = pb.ListTurnsRequest(session_id=session_id, page_size=page_size, page_token=token)
+            page = await self._call(self._stub.ListTurns, request, timeout)
+            for turn in page.turns:
+                yield turn
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def get_turn(
+        self, session_id: str, turn_id: str, after_seq: int = 0, *, timeout: float = UNARY_TIMEOUT
+    ) -> pb.Turn:
+        """One turn: its prompt, state, timings, result or error, and a page of its events
+        with `seq > after_seq` (0: from the oldest kept). While `events_truncated`, ask again
+        with `after_seq` = the last event's seq. TurnNotFound when the session has no such turn."""
+        request = pb.GetTurnRequest(session_id=session_id, turn_id=turn_id, after_seq=after_seq)
+        return await self._call(self._stub.GetTurn, request, timeout)
 
     async def close_session(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
         response = await self._call(

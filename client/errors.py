@@ -123,6 +123,20 @@ class NotSupported(SessionGateError):
     """FAILED_PRECONDITION: the agent does not offer what was asked (no modes, no such auth method)."""
 
 
+class TurnNotFound(SessionGateError):
+    """NOT_FOUND: the session has no such turn (or no turn yet) (`metadata['turn_id']`)."""
+
+
+class SeqNotKept(SessionGateError):
+    """OUT_OF_RANGE: `after_seq` is older than the turn's kept events, or past its last one; also
+    a watcher that fell that far behind (`metadata['oldest_kept_seq']`, `metadata['last_seq']`)."""
+
+
+class TurnInterrupted(SessionGateError):
+    """UNAVAILABLE: the server stopped while the turn ran; its stored events were replayed
+    (`metadata['last_seq']`). Not a transport failure: re-attaching cannot help."""
+
+
 BY_REASON: dict[str, type[SessionGateError]] = {
     "SESSION_BUSY": SessionBusy,
     "POOL_EXHAUSTED": PoolExhausted,
@@ -144,7 +158,17 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "REQUEST_ANSWERED": RequestAnswered,
     "AGENT_REFUSED": AgentRefused,
     "NOT_SUPPORTED": NotSupported,
+    "TURN_NOT_FOUND": TurnNotFound,
+    "SEQ_NOT_KEPT": SeqNotKept,
+    "TURN_INTERRUPTED": TurnInterrupted,
 }
+
+
+def transport_failure(error: SessionGateError) -> bool:
+    """UNAVAILABLE without a sessiongate reason: the connection dropped or could not be made
+    (server restarting, network, a proxy), not an answer of the server. What a resumable
+    stream re-attaches after."""
+    return error.code == grpc.StatusCode.UNAVAILABLE and not error.reason
 
 
 def from_rpc_error(error: grpc.RpcError) -> SessionGateError:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +15,63 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from client._common import (
     GONE,
+    REATTACH_TIMEOUT,
     Answer,
     ElicitationCallback,
     Metadata,
     PermissionCallback,
+    Reattach,
     Reply,
     answer_request,
     bearer,
     channel_options,
     config_value,
     create_request,
+    deadline_after,
     list_request,
     prompt_request,
     question,
     respond_elicitation_request,
     tls_credentials,
+    turn_id_of,
+    watch_request,
 )
 from client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
 from client.errors import from_rpc_error
+
+
+class TurnEvents(Generator[pb.PromptEvent, None, None]):
+    """The blocking twin of `AsyncTurnEvents`: a generator of one turn's events (`close()`
+    stops early) with its `session_id`, `turn_id` and `last_seq`."""
+
+    def __init__(self, session_id: str, turn_id: str = "", after_seq: int = 0) -> None:
+        self.session_id = session_id
+        self.turn_id = turn_id
+        self.last_seq = after_seq
+        self._events: Generator[pb.PromptEvent, None, None] | None = None
+
+    def _bind(self, events: Generator[pb.PromptEvent, None, None]) -> None:
+        self._events = events
+
+    @property
+    def _generator(self) -> Generator[pb.PromptEvent, None, None]:
+        assert self._events is not None
+        return self._events
+
+    def __iter__(self) -> TurnEvents:
+        return self
+
+    def __next__(self) -> pb.PromptEvent:
+        return next(self._generator)
+
+    def send(self, value: None) -> pb.PromptEvent:
+        return self._generator.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> pb.PromptEvent:
+        return self._generator.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._generator.close()
 
 
 class SessionClient:
@@ -99,9 +139,12 @@ class SessionClient:
         permission_timeout: float | None = None,
         on_permission: PermissionCallback | None = None,
         on_elicitation: ElicitationCallback | None = None,
+        on_disconnect: str | int | None = None,
+        reattach_timeout: float = REATTACH_TIMEOUT,
         timeout: float | None = None,
-    ) -> Generator[pb.PromptEvent, None, None]:
-        """See AsyncSessionClient.prompt. Closing the iterator early cancels the turn.
+    ) -> TurnEvents:
+        """See AsyncSessionClient.prompt. Closing the iterator early cancels the turn (unless
+        `on_disconnect="continue"`: then it runs on, and a transport failure re-attaches).
 
         The callbacks are plain functions, called in the iterating thread when the iteration
         resumes after yielding the question's event (events arriving meanwhile are buffered).
@@ -115,19 +158,93 @@ class SessionClient:
             permission_policy,
             permission_timeout,
             answering=on_permission is not None or on_elicitation is not None,
+            on_disconnect=on_disconnect,
         )
-        call = self._stub.Prompt(request, metadata=self._metadata, timeout=timeout)
+        resumable = request.on_disconnect == pb.ON_DISCONNECT_CONTINUE
+        events = TurnEvents(session_id)
+        events._bind(
+            self._stream(
+                events,
+                lambda deadline: self._stub.Prompt(request, metadata=self._metadata, timeout=deadline),
+                timeout,
+                reattach_timeout if resumable else 0,
+                on_permission,
+                on_elicitation,
+            )
+        )
+        return events
+
+    def watch_turn(
+        self,
+        session_id: str,
+        after_seq: int = 0,
+        turn_id: str = "",
+        *,
+        reattach_timeout: float = REATTACH_TIMEOUT,
+        timeout: float | None = None,
+    ) -> TurnEvents:
+        """See AsyncSessionClient.watch_turn."""
+        events = TurnEvents(session_id, turn_id, after_seq)
+        request = watch_request(session_id, after_seq, turn_id)
+        events._bind(
+            self._stream(
+                events,
+                lambda deadline: self._stub.WatchTurn(request, metadata=self._metadata, timeout=deadline),
+                timeout,
+                reattach_timeout,
+                None,
+                None,
+            )
+        )
+        return events
+
+    def _stream(
+        self,
+        events: TurnEvents,
+        start: Callable[[float | None], Any],
+        timeout: float | None,
+        reattach_timeout: float,
+        on_permission: PermissionCallback | None,
+        on_elicitation: ElicitationCallback | None,
+    ) -> Generator[pb.PromptEvent, None, None]:
+        """See AsyncSessionClient._stream."""
+        reattach = Reattach(reattach_timeout, deadline_after(timeout))
+        call = start(timeout)
+        attached = False
         try:
-            for event in call:
+            while True:
+                try:
+                    if not attached:  # the headers come before any event (or with the failure)
+                        turn_id = turn_id_of(call.initial_metadata())
+                        if turn_id:
+                            events.turn_id = events.turn_id or turn_id
+                            attached = True
+                            reattach.attached()
+                    event = next(call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+                    delay = reattach.delay(error, events.turn_id)
+                    if delay is None:
+                        raise error from None
+                    time.sleep(delay)
+                    request = watch_request(events.session_id, events.last_seq, events.turn_id)
+                    call = self._stub.WatchTurn(
+                        request, metadata=self._metadata, timeout=reattach.remaining()
+                    )
+                    attached = False
+                    continue
+                if event.seq <= events.last_seq:
+                    continue  # yielded before a re-attach (WatchTurn never repeats one: a guard)
+                events.last_seq = event.seq
                 yield event
                 asked = question(event, on_permission, on_elicitation)
                 if asked is not None:
                     callback, message = asked
-                    answer = answer_request(session_id, message, callback(message))
+                    answer = answer_request(events.session_id, message, callback(message))
                     if answer is not None:
                         self._answer(answer)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
         finally:
             call.cancel()
 
@@ -213,6 +330,26 @@ class SessionClient:
             token = page.next_page_token
             if not token:
                 return
+
+    def list_turns(
+        self, session_id: str, *, page_size: int = 0, page_token: str = "", timeout: float = UNARY_TIMEOUT
+    ) -> Iterator[pb.Turn]:
+        """See AsyncSessionClient.list_turns."""
+        token = page_token
+        while True:
+            request = pb.ListTurnsRequest(session_id=session_id, page_size=page_size, page_token=token)
+            page = self._call(self._stub.ListTurns, request, timeout)
+            yield from page.turns
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_turn(
+        self, session_id: str, turn_id: str, after_seq: int = 0, *, timeout: float = UNARY_TIMEOUT
+    ) -> pb.Turn:
+        """See AsyncSessionClient.get_turn."""
+        request = pb.GetTurnRequest(session_id=session_id, turn_id=turn_id, after_seq=after_seq)
+        return self._call(self._stub.GetTurn, request, timeout)
 
     def close_session(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
         response = self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout)
