@@ -2,11 +2,12 @@
 
 Exit codes follow the gRPC status of the failure, so scripts can branch on them:
 0 ok, 1 internal or other error, 2 invalid arguments (also: a turn that would ask you for
-permission, off a terminal), 3 not found, 4 busy or pool exhausted (retry later),
-5 stalled or timed out, 6 unavailable (server or agent), 7 a failed precondition (the
-agent needs credentials, or refused or does not offer a mode, config option or auth
-method), 8 no valid token, 9 not allowed, 130 interrupted (the turn was cancelled),
-141 output closed early (e.g. `| head`; the turn was cancelled).
+permission, off a terminal; a `watch --from` older than what the turn keeps), 3 not found,
+4 busy or pool exhausted (retry later), 5 stalled or timed out, 6 unavailable (server or
+agent), 7 a failed precondition (the agent needs credentials, or refused or does not offer
+a mode, config option or auth method), 8 no valid token, 9 not allowed, 130 interrupted
+(the turn was cancelled, except after `prompt --detach` or during `watch`: then it runs
+on), 141 output closed early (e.g. `| head`; the turn was cancelled unless detached).
 
 The shared options (--target, --token, --tls-*, --json) go before or after the command.
 """
@@ -14,10 +15,12 @@ The shared options (--target, --token, --tls-*, --json) go before or after the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 import grpc
@@ -25,14 +28,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from sessiongate.v1 import session_service_pb2 as pb
 
-from client.errors import SessionGateError
+from client.errors import SessionGateError, transport_failure
 from client.render import LiveRenderer, printable, usage_text
-from client.sync import SessionClient
+from client.sync import SessionClient, TurnEvents
 from client.terminal import TerminalAsker, decline
 
 DEFAULT_TARGET = "localhost:50051"
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2,
+    grpc.StatusCode.OUT_OF_RANGE: 2,  # watch --from older than what the turn keeps
     grpc.StatusCode.NOT_FOUND: 3,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 4,
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
@@ -133,7 +137,27 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument(
         "--permission-timeout", type=float, help="seconds a question waits for your answer (with ask)"
     )
+    prompt.add_argument(
+        "--detach",
+        action="store_true",
+        help="the turn runs on if this command stops (Ctrl-C, a lost connection): "
+        "re-attach with `sessiongate watch`",
+    )
     _session_options(prompt)
+    watch = command("watch", _watch, "show a turn's events live, from a seq on (the turn is not taken)")
+    watch.add_argument("session")
+    watch.add_argument(
+        "--from",
+        dest="after_seq",
+        type=_seq,
+        default=0,
+        metavar="SEQ",
+        help="show the events after this seq (the last one you saw; default 0: from the start)",
+    )
+    watch.add_argument("--turn", default="", help="turn id (default: the running turn, else the last one)")
+    history = command("history", _history, "list a session's turns, or show one turn with its events")
+    history.add_argument("session")
+    history.add_argument("turn", nargs="?", default="", help="a turn id: show its prompt and events")
     command("cancel", _cancel, "cancel the running turn of a session").add_argument("session")
     command("get", _get, "show one session").add_argument("session")
     listing = command("list", _list, "list sessions")
@@ -161,6 +185,13 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent", default="", help="agent name (default: the server's default agent)")
     parser.add_argument("--cwd", default="", help="working directory for the agent")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label, repeatable")
+
+
+def _seq(value: str) -> int:
+    seq = int(value)
+    if seq < 0:
+        raise argparse.ArgumentTypeError("a seq is 0 or more")
+    return seq
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -199,7 +230,7 @@ def _create(client: SessionClient, opts: argparse.Namespace) -> None:
     print(_json(session) if opts.json else session.session_id)
 
 
-def _prompt(client: SessionClient, opts: argparse.Namespace) -> None:
+def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
     text = _prompt_text(opts)
     interactive = sys.stdin.isatty()  # the person who answers questions is at this terminal
     if not interactive and _would_ask(client, opts):
@@ -212,7 +243,7 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> None:
     if not session_id:
         session_id = client.create_session(opts.agent, opts.cwd, labels=_labels(opts.label)).session_id
         print(f"session {session_id}", file=sys.stderr)
-    renderer = None if opts.json else LiveRenderer(sys.stdout, terminal=sys.stdout.isatty())
+    renderer = _renderer(opts)
     asker = TerminalAsker(
         sys.stdin,
         sys.stderr,
@@ -228,12 +259,96 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> None:
         permission_timeout=opts.permission_timeout,
         on_permission=asker.permission if interactive else None,
         on_elicitation=asker.elicitation if interactive else decline,
+        on_disconnect="continue" if opts.detach else None,
     )
+    shown = Shown()
+    with contextlib.closing(events):  # on an early exit: cancels the turn, unless detached
+        if not opts.detach:
+            _show(events, renderer, shown)
+            return None
+        try:
+            _show(events, renderer, shown)
+        except KeyboardInterrupt:
+            turn_id = events.turn_id or _running_turn(client, session_id)
+            if turn_id:
+                print(
+                    f"\ninterrupted: turn {printable(turn_id)} continues; re-attach with: "
+                    f"{_watch_command(session_id, turn_id, shown.seq)}",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"\ninterrupted before the turn started; see `sessiongate history "
+                    f"{printable(session_id)}`",
+                    file=sys.stderr,
+                )
+            return EXIT_INTERRUPTED
+        except SessionGateError as error:
+            _note_reattach(error, events, shown, opts)
+            raise
+    return None
+
+
+def _watch(client: SessionClient, opts: argparse.Namespace) -> int | None:
+    renderer = _renderer(opts)
+    events = client.watch_turn(opts.session, opts.after_seq, opts.turn)
+    shown = Shown(opts.after_seq)
+    with contextlib.closing(events):  # watching never cancels the turn
+        try:
+            _show(events, renderer, shown)
+        except KeyboardInterrupt:
+            where = (
+                f"; re-attach with: {_watch_command(opts.session, events.turn_id, shown.seq)}"
+                if events.turn_id
+                else ""
+            )
+            print(f"\ninterrupted: the turn goes on{where}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except SessionGateError as error:
+            _note_reattach(error, events, shown, opts)
+            raise
+    return None
+
+
+def _renderer(opts: argparse.Namespace) -> LiveRenderer | None:
+    return None if opts.json else LiveRenderer(sys.stdout, terminal=sys.stdout.isatty())
+
+
+class Shown:
+    """The seq of the last event shown in full: where to re-attach from after a Ctrl-C."""
+
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
+
+
+def _show(events: Iterable[pb.PromptEvent], renderer: LiveRenderer | None, shown: Shown) -> None:
     for event in events:
         if renderer is None:
             print(_json(event), flush=True)
         else:
             renderer.event(event)
+        shown.seq = event.seq
+
+
+def _watch_command(session_id: str, turn_id: str, after_seq: int) -> str:
+    return f"sessiongate watch {printable(session_id)} --turn {printable(turn_id)} --from {after_seq}"
+
+
+def _running_turn(client: SessionClient, session_id: str) -> str:
+    """The session's running turn (a Ctrl-C came before the turn's id did), or ""."""
+    with contextlib.suppress(SessionGateError):
+        session = client.get_session(session_id, timeout=5)
+        if session.state == pb.SESSION_STATE_BUSY:
+            return str(session.turn_id)
+    return ""
+
+
+def _note_reattach(
+    error: SessionGateError, events: TurnEvents, shown: Shown, opts: argparse.Namespace
+) -> None:
+    """After a connection lost for good, say how to pick the turn up again (it goes on)."""
+    if transport_failure(error) and events.turn_id:
+        opts.reattach = _watch_command(events.session_id, events.turn_id, shown.seq)
 
 
 def _would_ask(client: SessionClient, opts: argparse.Namespace) -> bool:
@@ -255,6 +370,137 @@ def _prompt_text(opts: argparse.Namespace) -> str:
     if not opts.file and sys.stdin.isatty():
         raise SystemExit("sessiongate: give the prompt as arguments, with --file, or on standard input")
     return sys.stdin.read()
+
+
+TURN_STATES = {
+    pb.TURN_STATE_RUNNING: "running",
+    pb.TURN_STATE_COMPLETED: "completed",
+    pb.TURN_STATE_FAILED: "failed",
+    pb.TURN_STATE_INTERRUPTED: "interrupted",
+}
+PROMPT_SHOWN = 40  # characters of a turn's prompt in the history table
+
+
+def _history(client: SessionClient, opts: argparse.Namespace) -> None:
+    if opts.turn:
+        _show_turn(client, opts)
+        return
+    turns = client.list_turns(opts.session)
+    if opts.json:
+        for turn in turns:
+            print(_json(turn))
+        return
+    print(f"{'TURN':<18} {'STATE':<11} {'STARTED':<19} {'DURATION':>9} {'LAST SEQ':>8}  {'END':<28} PROMPT")
+    for t in turns:
+        prompt = _prompt_line(t)
+        if len(prompt) > PROMPT_SHOWN:
+            prompt = prompt[: PROMPT_SHOWN - 1] + "…"
+        print(
+            printable(
+                f"{t.turn_id:<18} {_turn_state(t):<11} {_started(t):<19} {_took(t):>9} {t.last_seq:>8}  "
+                f"{_ending(t):<28} {prompt}"
+            )
+        )
+
+
+def _show_turn(client: SessionClient, opts: argparse.Namespace) -> None:
+    """The turn's summary and prompt, then its events as `prompt` shows them (GetTurn, every
+    page), then how it ended."""
+    turn = client.get_turn(opts.session, opts.turn)
+    renderer = _renderer(opts)
+    summary = pb.Turn()
+    summary.CopyFrom(turn)
+    summary.ClearField("events")
+    summary.ClearField("events_truncated")
+    if renderer is None:
+        print(_json(summary))
+    else:
+        about = [f"turn {turn.turn_id}", _turn_state(turn), f"started {_started(turn)}", _took(turn)]
+        if turn.on_disconnect == pb.ON_DISCONNECT_CONTINUE:
+            about.append("continues on disconnect")
+        if turn.last_seq:
+            about.append(f"events {turn.oldest_kept_seq or 1}-{turn.last_seq}")
+        print(printable(" · ".join(part for part in about if part)))
+        for line in _prompt_lines(turn):
+            print(printable(f"> {line}"))
+    shown = Shown()
+    while True:
+        _show(turn.events, renderer, shown)
+        if not turn.events_truncated or not turn.events:
+            break
+        turn = client.get_turn(opts.session, opts.turn, shown.seq)
+    if renderer is not None:
+        renderer.end_line()
+        ending = {
+            pb.TURN_STATE_FAILED: f"-- failed: {_ending(summary)}: {summary.error.message}",
+            pb.TURN_STATE_INTERRUPTED: "-- interrupted: the server stopped during this turn",
+            pb.TURN_STATE_RUNNING: "-- still running; follow it with: "
+            + _watch_command(opts.session, summary.turn_id, shown.seq),
+        }.get(summary.state)
+        if ending:
+            print(printable(ending))
+
+
+def _turn_state(turn: pb.Turn) -> str:
+    return TURN_STATES.get(turn.state, "?")
+
+
+def _started(turn: pb.Turn) -> str:
+    if not turn.HasField("start_time"):
+        return "-"
+    return str(turn.start_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _took(turn: pb.Turn) -> str:
+    """How long the turn ran ("12.3s"); a running one so far ("4.0s+"); "-" when unknown."""
+    if not turn.HasField("start_time"):
+        return "-"
+    start = turn.start_time.ToNanoseconds() / 1e9
+    if turn.HasField("end_time"):
+        return _seconds(turn.end_time.ToNanoseconds() / 1e9 - start)
+    if turn.state == pb.TURN_STATE_RUNNING:
+        return _seconds(time.time() - start) + "+"
+    return "-"
+
+
+def _seconds(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _ending(turn: pb.Turn) -> str:
+    """How the turn ended: its stop reason, or its error's code and reason."""
+    if turn.state == pb.TURN_STATE_COMPLETED:
+        return pb.StopReason.Name(turn.result.stop_reason).removeprefix("STOP_REASON_").lower()
+    if turn.state == pb.TURN_STATE_FAILED:
+        return f"{turn.error.code} {turn.error.reason}".strip()
+    if turn.state == pb.TURN_STATE_INTERRUPTED:
+        return "server stopped"
+    return ""
+
+
+def _prompt_lines(turn: pb.Turn) -> list[str]:
+    """The turn's prompt: its text's lines, and a line per other content block."""
+    lines: list[str] = []
+    for block in turn.prompt:
+        kind = block.WhichOneof("block")
+        if kind == "text":
+            lines.extend(block.text.text.splitlines() or [""])
+        elif kind == "image":
+            lines.append(f"[image {block.image.mime_type or block.image.uri}]")
+        elif kind == "resource_link":
+            lines.append(f"[link {block.resource_link.uri}]")
+        elif kind == "resource":
+            lines.append(f"[resource {block.resource.uri}]")
+    return lines
+
+
+def _prompt_line(turn: pb.Turn) -> str:
+    return " ".join(" ".join(_prompt_lines(turn)).split())
 
 
 def _cancel(client: SessionClient, opts: argparse.Namespace) -> None:
@@ -380,6 +626,9 @@ def _report(error: SessionGateError, opts: argparse.Namespace, out: TextIO = sys
     hint = error.hint if isinstance(error, UsageError) else _hint(error, opts)
     if hint:
         print(f"hint: {hint}", file=out)
+    reattach = getattr(opts, "reattach", "")
+    if reattach:
+        print(f"hint: the turn may still be running; re-attach with: {reattach}", file=out)
 
 
 def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
@@ -413,15 +662,34 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "REQUEST_NOT_FOUND": "no such question on this session (it belongs to another session?)",
         "REQUEST_ANSWERED": "that question was already answered, expired or cancelled",
         "AGENT_REFUSED": "the agent said no; see the message above",
+        "TURN_NOT_FOUND": f"see the session's turns with `sessiongate history {session}`",
+        "SEQ_NOT_KEPT": _seq_hint(error, opts),
+        "TURN_INTERRUPTED": "the server stopped during this turn; what it kept is in "
+        f"`sessiongate history {session} {getattr(opts, 'turn', '') or 'TURN'}`",
         "NOT_SUPPORTED": "the message above lists the auth methods the agent offers"
         if getattr(opts, "run", None) is _auth
         else f"see the modes and config options the session offers with `sessiongate get {session}`",
     }
     if error.reason in hints:
-        return hints[error.reason]
+        return printable(hints[error.reason])
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"is the server running at {opts.target}? (--target or SESSIONGATE_TARGET)"
     return ""
+
+
+def _seq_hint(error: SessionGateError, opts: argparse.Namespace) -> str:
+    try:
+        oldest, last = int(error.metadata["oldest_kept_seq"]), int(error.metadata["last_seq"])
+    except (KeyError, ValueError):
+        return ""
+    if getattr(opts, "after_seq", 0) > last:
+        return f"the turn's last event so far is {last}: --from takes at most {last}"
+    session = getattr(opts, "session", None) or "SESSION"
+    turn = getattr(opts, "turn", "") or "TURN"
+    return (
+        f"the turn keeps events {oldest}-{last} (older ones were dropped): pass --from {max(oldest - 1, 0)} "
+        f"to start at the oldest kept, or see them with `sessiongate history {session} {turn}`"
+    )
 
 
 if __name__ == "__main__":
