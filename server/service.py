@@ -167,8 +167,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 prompt=_prompt_blocks(request),
                 on_disconnect=on_disconnect,
             )
-            await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
             try:
+                await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
                 # The turn runs in its own task and its events go to its log; this handler
                 # reads them from there like any watcher, but paces the agent while it reads.
                 async with contextlib.aclosing(turn_log.events(0, pace=True)) as events:
@@ -228,8 +228,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
         _check_turn_id(request.turn_id, required=True)
         session = self._pool.get(_required_id(request.session_id))
         turn_log = await self._pool.transcripts.find(session, request.turn_id)
+        turn = turn_log.summary()  # before the events: the log may be closed meanwhile
         events, truncated = await turn_log.page(request.after_seq, MAX_LIST_BYTES)
-        turn = turn_log.summary()
         turn.events.extend(events)
         turn.events_truncated = truncated
         return turn
@@ -428,6 +428,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
         permission_timeout = _clamped(
             request, "permission_timeout", limits.max_permission_timeout, violations
         )
+        if request.on_disconnect not in pb.OnDisconnect.values():
+            violations.append(
+                FieldViolation("on_disconnect", "must be ON_DISCONNECT_CANCEL or ON_DISCONNECT_CONTINUE")
+            )
         policy = request.permission_policy
         if policy and policy not in PERMISSION_POLICIES:
             violations.append(

@@ -126,7 +126,10 @@ class Session:
         self.runner: TurnRunner | None = None
         self.transcripts = transcripts
         self.turn_log: TurnLog | None = None  # the running turn's events, or the last turn's
-        self._pump: asyncio.Task[None] | None = None  # moves the turn's events into its log
+        # Turn logs whose last events or record are not in the store yet (a turn's pump may still
+        # write while the next turn runs), and the pumps that move turns' events into them.
+        self.live_logs: dict[str, TurnLog] = {}
+        self._pumps: set[asyncio.Task[None]] = set()
         self.questions = Questions(self.session_id)  # the agent's questions waiting on a client
         self.closed = False
         self.ending = False  # close or shutdown under way: turns end CANCELLED, nothing respawns
@@ -347,20 +350,34 @@ class Session:
         )
         # No await from here on: the log is the session's before anybody can ask for it.
         log = self.turn_log = self.transcripts.start(self.session_id, prompt, on_disconnect)
-        self._pump = self._supervisor.spawn(self._pump_turn(turn, log), name=f"pump-{self.session_id}")
+        self.live_logs[log.turn_id] = log
+        pumping = self._supervisor.spawn(self._pump_turn(turn, log), name=f"pump-{self.session_id}")
+        self._pumps.add(pumping)
+        pumping.add_done_callback(self._pumps.discard)
         self._changed()
         return turn, log
 
     async def _pump_turn(self, turn: Turn, log: TurnLog) -> None:
-        await pump(turn, log, self.limits.max_event_bytes)
-        if self.transcripts is not None:
-            self.transcripts.ended(log)
+        try:
+            await pump(turn, log, self.limits.max_event_bytes)
+        finally:
+            self.live_logs.pop(log.turn_id, None)
+            if not turn.ended:  # the pump failed (a bug): nobody drains the turn, so end it
+                self.cancel(turn)
+            if self.transcripts is not None:
+                self.transcripts.ended(log)
+
+    def live_log(self, turn_id: str) -> TurnLog | None:
+        """The turn's log while it is not all in the store (no `turn_id`: the newest turn's)."""
+        if not turn_id:
+            newest = self.turn_log
+            return newest if newest is not None and not newest.stored_fully else None
+        return self.live_logs.get(turn_id)
 
     async def _wait_pump(self, timeout: float) -> None:
-        """Until the last turn's events are in its log and on disk (bounded by the store's timeout)."""
-        pumping = self._pump
-        if pumping is not None and not pumping.done():
-            await asyncio.wait({pumping}, timeout=timeout)
+        """Until the turns' events are in their logs and on disk (bounded by the store's timeout)."""
+        if self._pumps:
+            await asyncio.wait(set(self._pumps), timeout=timeout)
 
     def cancel(self, turn: Turn | None = None) -> bool:
         """Ask the running turn (or only `turn`, if given) to stop; never waits.

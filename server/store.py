@@ -293,14 +293,14 @@ class SessionStore:
             self._relaxed(turn_records.write, [item for item, _ in queued])
         except BaseException as exc:
             for _, done in queued:
-                if done is not None:
+                if done is not None and done.set_running_or_notify_cancel():  # not given up on
                     done.set_exception(exc)
             if not isinstance(exc, sqlite3.Error):
                 raise
             log.error("writing turns failed path=%s: %s", self.path, exc)
             return
         for _, done in queued:
-            if done is not None:
+            if done is not None and done.set_running_or_notify_cancel():  # its writer may have given up
                 done.set_result(None)
 
     def delete_later(self, session_id: str) -> None:

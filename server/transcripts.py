@@ -70,8 +70,8 @@ class Transcripts:
     async def find(self, session: Session, turn_id: str) -> TurnLog:
         """The turn to watch or show: the session's live one when it is that turn (or no turn
         was named), else from the store."""
-        live = session.turn_log
-        if live is not None and not live.stored_fully and (not turn_id or live.turn_id == turn_id):
+        live = session.live_log(turn_id)
+        if live is not None:
             return live  # running, or its last events are still on their way to the store
         row = await self.store.get_turn(session.session_id, turn_id)
         if row is None:
@@ -80,7 +80,7 @@ class Transcripts:
                 f"session {session.session_id} has {what}" if not turn_id else f"{what} not found",
                 metadata={"session_id": session.session_id, "turn_id": turn_id},
             )
-        return TurnLog.stored(self.store, row)
+        return TurnLog.stored(self.store, row, self.limits.max_turn_log_bytes)
 
     async def page(self, session: Session, page_size: int, token: str) -> tuple[list[pb.Turn], str]:
         """ListTurns: newest first, the live turn as it is now."""
@@ -89,18 +89,15 @@ class Transcripts:
         rows = await self.store.list_turns(session.session_id, before, size + 1)
         more = len(rows) > size
         rows = rows[:size]
-        live = session.turn_log
         turns = [
-            live.summary()
-            if live is not None and not live.stored_fully and row.turn_id == live.turn_id
-            else self._stored(row)
+            live.summary() if (live := session.live_logs.get(row.turn_id)) is not None else self._stored(row)
             for row in rows
         ]
         next_token = _encode(rows[-1].started, rows[-1].turn_id) if more else ""
         return turns, next_token
 
     def _stored(self, row: TurnRow) -> pb.Turn:
-        return TurnLog.stored(self.store, row).record
+        return TurnLog.stored(self.store, row, self.limits.max_turn_log_bytes).record
 
 
 def _encode(started: float, turn_id: str) -> str:
@@ -112,6 +109,6 @@ def _decode(token: str) -> tuple[float, str]:
         started, turn_id = json.loads(base64.urlsafe_b64decode(token.encode()))
         if isinstance(started, int | float) and isinstance(turn_id, str):
             return float(started), turn_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         pass
     raise InvalidArgument.field("page_token", "not a token from ListTurns")

@@ -103,6 +103,8 @@ class TurnLog:
         self.turn_id = record.turn_id
         self.state = state
         self.max_bytes = max(max_bytes, MIN_TURN_LOG_BYTES)
+        # Unwritten events cannot be trimmed: few enough that a trim always gets under the bound.
+        self._max_unwritten = min(MAX_UNWRITTEN, self.max_bytes // 4)
         self.failure = failure
         self.last_seq = record.last_seq
         self.oldest_seq = record.oldest_kept_seq or 1
@@ -123,7 +125,7 @@ class TurnLog:
         self.stored_fully = state != "running"  # closed: its final record is in the store
 
     @classmethod
-    def stored(cls, store: SessionStore, row: TurnRow) -> TurnLog:
+    def stored(cls, store: SessionStore, row: TurnRow, max_bytes: int = MIN_TURN_LOG_BYTES) -> TurnLog:
         """A turn from the transcript (finished, or interrupted by a restart): read from disk."""
         if row.state == "running":  # not live: its server died, or its record could not be
             row = replace(row, state="interrupted")  # finished; nothing will ever add to it
@@ -139,7 +141,7 @@ class TurnLog:
                 f" its events up to seq {row.last_seq} were kept",
                 metadata={"turn_id": row.turn_id, "last_seq": row.last_seq},
             )
-        return cls(store, record, max_bytes=MIN_TURN_LOG_BYTES, state=row.state, failure=failure)
+        return cls(store, record, max_bytes=max_bytes, state=row.state, failure=failure)
 
     @property
     def running(self) -> bool:
@@ -176,25 +178,28 @@ class TurnLog:
     # ---- the pump's side ---------------------------------------------------------------
 
     def append(self, events: list[pb.PromptEvent]) -> None:
-        for event in events:
-            size = event.ByteSize()
+        """Events of one item, numbered on from the last (the log owns the numbering): room is
+        made first, so a trim's notice never follows the result."""
+        sizes = [event.ByteSize() for event in events]
+        if self._kept_bytes + sum(sizes) > self.max_bytes:
+            self._trim()
+        for event, size in zip(events, sizes, strict=True):
+            event.seq = self.last_seq + 1
             self._mem.append(event)
             self._sizes.append(size)
             self._mem_bytes += size
             self._unwritten_bytes += size
             self._kept_bytes += size
             self.last_seq = event.seq
-        if self._kept_bytes > self.max_bytes:
-            self._trim()
         self._notify()
         self._schedule_write()
 
     async def room(self) -> None:
         """Until the pump may take another item: the prompting client is not too far behind,
         and the disk keeps up."""
-        while (self._pacing and self.last_seq - self._paced_at >= PACE_LAG) or (
-            self._unwritten_bytes > MAX_UNWRITTEN
-        ):
+        while (
+            self._pacing and (self.last_seq - self._paced_at >= PACE_LAG or self._kept_bytes > self.max_bytes)
+        ) or self._unwritten_bytes > self._max_unwritten:
             await self._wait()
 
     def complete(self, result: pb.TurnResult) -> None:
@@ -236,6 +241,7 @@ class TurnLog:
             self._mem, self._sizes, self._mem_bytes = [], [], 0
             self._mem_first = self.last_seq + 1
             self.stored_fully = True
+            self._disk = []
             self.record.ClearField("prompt")  # read from the store from now on (Transcripts.find)
         self._notify()
 
@@ -412,6 +418,8 @@ class TurnLog:
         it is not trimmed again at every event; a notice says what went."""
         dropped = 0
         while self._disk and self._kept_bytes > self.max_bytes * 3 // 4:
+            if self._pacing and self._disk[0].last > self._paced_at:
+                break  # the prompting client has not read these yet: room() holds the pump back
             batch = self._disk.pop(0)
             self._kept_bytes -= batch.size
             self.oldest_seq = batch.last + 1
@@ -431,7 +439,7 @@ class TurnLog:
                 f" {self.max_bytes} bytes of events (max_turn_log_bytes)"
             ),
         )
-        self.append([pb.PromptEvent(seq=self.next_seq, notice=notice)])
+        self.append([pb.PromptEvent(notice=notice)])
 
     # ---- waiting -----------------------------------------------------------------------------
 
@@ -455,10 +463,17 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
             try:
                 item: Any = await turn.next(fair=False)
             except Exception as exc:  # the turn failed: its error is the log's end
+                if not isinstance(exc, SessionGateError):
+                    log.error("turn failed turn=%s", log_.turn_id, exc_info=exc)
                 log_.fail(exc)
                 break
-            events = translate.events(log_.next_seq, item, max_event_bytes)
-            log_.append(events)
+            try:
+                events = translate.events(log_.next_seq, item, max_event_bytes)
+                log_.append(events)
+            except Exception as exc:  # a bug here: the clients get INTERNAL, the session cancels
+                log.exception("relaying an event failed turn=%s", log_.turn_id)
+                log_.fail(exc)
+                break
             if isinstance(item, TurnEnd):
                 log_.complete(events[0].result)
                 break

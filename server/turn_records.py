@@ -156,7 +156,7 @@ def list_turns(
 
 
 def keep_recent(db: sqlite3.Connection, session_id: str, count: int, max_age: float) -> None:
-    """Retention: the session's newest `count` turns, none that ended more than `max_age` ago."""
+    """Retention: the session's newest `count` turns, none that started more than `max_age` ago."""
     old = db.execute(
         "SELECT turn_id FROM turns WHERE session_id = ? AND state != 'running' AND turn_id NOT IN"
         " (SELECT turn_id FROM turns WHERE session_id = ? ORDER BY started DESC, turn_id DESC LIMIT ?)"

@@ -190,6 +190,25 @@ async def test_the_turn_log_is_bounded_and_a_seq_it_dropped_is_out_of_range(make
     assert await drain(await watch(gate, sid, after_seq=turn.last_seq, turn_id=turn_id)) == []
 
 
+async def test_the_prompting_client_is_never_dropped_by_the_bound_however_slowly_it_reads(
+    make_gate: GateFactory,
+) -> None:
+    """Its reading paces the agent: the log is trimmed only behind it, so a slow reader of a
+    flood much larger than max_turn_log_bytes still gets every event and the result."""
+    gate = await make_gate(max_turn_log_bytes=MIB)
+    session = await gate.create()
+    call = gate.stub.Prompt(
+        pb.PromptRequest(session_id=session.session_id, text="/flood 20000 500"), timeout=120
+    )
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        events.append(event)
+        await asyncio.sleep(0.002)  # a slow client: the agent waits on it
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
+    assert reply_text(events).count(":") == 20000
+
+
 async def test_a_failed_turn_ends_its_watchers_with_the_same_status_and_is_listed_failed(gate: Gate) -> None:
     session = await gate.create()
     sid = session.session_id
@@ -298,7 +317,14 @@ async def test_the_transcript_survives_kill_9_and_a_running_turn_is_interrupted(
         )
         running_id = dict(await call.initial_metadata())["sessiongate-turn-id"]
         early = [await call.read() for _ in range(3)]
-        await asyncio.sleep(1.5)  # past the log's write interval: these are on disk
+        for _ in range(200):  # until the log's writer has put them on disk (every 0.5 s)
+            with contextlib.closing(sqlite3.connect(tmp_path / "sessions.db")) as db:
+                (written,) = db.execute(
+                    "SELECT count(*) FROM turn_events WHERE turn_id = ?", (running_id,)
+                ).fetchone()
+            if written >= 3:
+                break
+            await asyncio.sleep(0.1)
         server.process.send_signal(signal.SIGKILL)
         await asyncio.to_thread(server.process.wait, 10)
         with contextlib.suppress(grpc.aio.AioRpcError):
