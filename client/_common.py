@@ -40,10 +40,11 @@ ON_DISCONNECT: dict[str, pb.OnDisconnect] = {
 }
 TURN_ID_HEADER = "sessiongate-turn-id"  # Prompt's and WatchTurn's response header: the turn's id
 # Re-attaching a resumable stream after a transport failure: backoff from the first to the
-# last delay (doubling), within REATTACH_TIMEOUT seconds of the failure by default.
+# last delay (doubling), within REATTACH_TIMEOUT seconds of the failure by default (see Reattach).
 REATTACH_TIMEOUT = 30.0
 REATTACH_FIRST_DELAY = 0.2
 REATTACH_MAX_DELAY = 2.0
+REATTACH_HEALTHY = 5.0  # seconds a re-attached stream stays up before a failure is a new outage
 # An answer that came too late (the request expired, or the turn ended or was cancelled) is
 # not an error of the turn: its `permission`/`elicitation` event says what became of it.
 GONE: tuple[type[Exception], ...] = (RequestAnswered, RequestNotFound)
@@ -259,27 +260,38 @@ def list_request(
 class Reattach:
     """When a resumable stream re-attaches after a transport failure (UNAVAILABLE with no
     sessiongate reason): after a backoff from REATTACH_FIRST_DELAY doubling up to
-    REATTACH_MAX_DELAY, as long as `budget` seconds have not passed since the stream was last
-    attached (and the call's own deadline, if any, leaves time). A budget of 0 never
-    re-attaches."""
+    REATTACH_MAX_DELAY, within `budget` seconds of the failure that began the outage (and
+    before the call's own deadline, if any). An outage ends when an event comes, or when a
+    re-attached stream stays up REATTACH_HEALTHY seconds: a connection that keeps breaking
+    at once, with nothing read, is given up after `budget`. A budget of 0 never re-attaches."""
 
-    def __init__(self, budget: float, deadline: float | None) -> None:
+    def __init__(
+        self, budget: float, deadline: float | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
         self._budget = budget
         self._deadline = deadline  # time.monotonic() of the caller's whole-stream deadline
         self._delay = REATTACH_FIRST_DELAY
         self._since: float | None = None  # when the current outage began
+        self._attached_at: float | None = None  # when the current call's headers came
 
     def attached(self) -> None:
-        """A call reached the server (its headers came): the next failure gets a full budget."""
-        self._delay, self._since = REATTACH_FIRST_DELAY, None
+        """The current call reached the server (its headers came)."""
+        self._attached_at = self._clock()
+
+    def progressed(self) -> None:
+        """An event came: whatever failed before is over."""
+        self._since = None
 
     def delay(self, error: SessionGateError, turn_id: str) -> float | None:
         """Seconds to wait before re-attaching after `error`, or None: raise it."""
         if self._budget <= 0 or not turn_id or not transport_failure(error):
             return None
-        now = time.monotonic()
-        if self._since is None:
-            self._since = now
+        now = self._clock()
+        healthy = self._attached_at is not None and now - self._attached_at >= REATTACH_HEALTHY
+        if self._since is None or healthy:  # a new outage
+            self._since, self._delay = now, REATTACH_FIRST_DELAY
+        self._attached_at = None
         delay = self._delay
         self._delay = min(self._delay * 2, REATTACH_MAX_DELAY)
         if now + delay > self._since + self._budget:
@@ -290,7 +302,7 @@ class Reattach:
 
     def remaining(self) -> float | None:
         """The timeout of the next call: what is left of the caller's deadline (None: none)."""
-        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+        return None if self._deadline is None else max(self._deadline - self._clock(), 0.0)
 
 
 def deadline_after(timeout: float | None) -> float | None:

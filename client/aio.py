@@ -177,7 +177,9 @@ class AsyncSessionClient:
         connection dropped, the server could not be reached) the iteration re-attaches by
         itself with WatchTurn from the last event it yielded, so no event is lost or
         repeated. It retries with a backoff (0.2 s doubling up to 2 s) for at most
-        `reattach_timeout` seconds per outage (0: never), then raises the last error.
+        `reattach_timeout` seconds per outage (0: never), then raises the last error; an
+        outage ends with the next event, or once a re-attached stream stays up 5 s. A
+        failure before the turn's id came (the turn may not have started) is raised as is.
 
         `timeout` is the client's own deadline for the whole turn, re-attaches included (the
         server also bounds turns by its stall timeout and maximum turn duration).
@@ -304,6 +306,7 @@ class AsyncSessionClient:
                 if asked is not None:
                     answers.add(asyncio.create_task(self._ask(events.session_id, *asked)))
                 events.last_seq = event.seq
+                reattach.progressed()
                 yield event
         finally:
             call.cancel()  # no-op when the stream already ended

@@ -238,6 +238,7 @@ class SessionClient:
                 if event.seq <= events.last_seq:
                     continue  # yielded before a re-attach (WatchTurn never repeats one: a guard)
                 events.last_seq = event.seq
+                reattach.progressed()
                 yield event
                 asked = question(event, on_permission, on_elicitation)
                 if asked is not None:

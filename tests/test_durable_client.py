@@ -30,6 +30,7 @@ from client import (
     TurnInterrupted,
     TurnNotFound,
 )
+from client._common import Reattach
 from server.echo_agent import flood_chunk
 from tests.conftest import Gate, kinds, reply_text
 from tests.processes import server_process
@@ -221,6 +222,36 @@ async def test_list_turns_newest_first_and_get_turn_with_its_events(gate: Gate) 
 
 
 # ---- re-attaching after a transport failure ----------------------------------------------------
+
+
+def test_reattach_is_bounded_per_outage_and_only_for_transport_failures() -> None:
+    """The policy alone, on a fake clock: backoff 0.2 s doubling to 2 s; a connection that
+    keeps breaking as soon as it is made, with no event read, is given up within the budget;
+    an event, or a stream that stayed up a while, begins a new outage."""
+    now = [1000.0]
+    lost = SessionGateError(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    policy = Reattach(10, None, clock=lambda: now[0])
+    delays = []
+    while (delay := policy.delay(lost, "turn")) is not None:
+        delays.append(delay)
+        now[0] += delay + 0.05  # the re-attach: its headers come, then it breaks again at once
+        policy.attached()
+    assert delays[:5] == [0.2, 0.4, 0.8, 1.6, 2.0] and set(delays[4:]) == {2.0}
+    assert 8 <= sum(delays) <= 10
+
+    policy.progressed()  # an event came: a new outage starts afresh
+    assert policy.delay(lost, "turn") == 0.2
+    assert policy.delay(lost, "turn") == 0.4
+    policy.attached()
+    now[0] += 6  # stayed up a while before this failure
+    assert policy.delay(lost, "turn") == 0.2
+
+    draining = SessionGateError(grpc.StatusCode.UNAVAILABLE, "draining", reason="SHUTTING_DOWN")
+    assert policy.delay(draining, "turn") is None  # the server's answer, not a lost connection
+    assert policy.delay(SessionGateError(grpc.StatusCode.INTERNAL, "x"), "turn") is None
+    assert policy.delay(lost, "") is None  # no turn id: the turn may not have started
+    assert Reattach(0, None).delay(lost, "turn") is None
+    assert Reattach(30, now[0] + 0.1, clock=lambda: now[0]).delay(lost, "turn") is None  # past the deadline
 
 
 async def test_a_continuing_prompt_reattaches_after_a_cut_connection_without_losing_or_repeating_events(
