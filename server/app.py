@@ -28,7 +28,7 @@ from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
 from server.settings import AgentConfig, ServerLimits, Settings
 from server.spares import SparePool
-from server.store import SessionStore
+from server.store import make_store
 from server.tls import CertificateFiles
 
 log = logging.getLogger("sessiongate")
@@ -147,9 +147,10 @@ async def start_server(settings: Settings) -> RunningServer:
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
     agent_factory = real_agents(launcher, logins)
+    store = make_store(settings.state_url, settings.state_db)
     pool = SessionPool(
         settings.limits,
-        SessionStore(settings.state_db),
+        store,
         spares,
         agent_factory=agent_factory,
         roots=settings.roots,
@@ -158,7 +159,7 @@ async def start_server(settings: Settings) -> RunningServer:
     pool.on_agent_start = metrics.agent_started
     restored = await pool.load(settings.agents)
     spares.start()
-    log.info("session store %s: %d sessions restored (SUSPENDED)", settings.state_db, restored)
+    log.info("session store %s: %d sessions restored (SUSPENDED)", store.where, restored)
     interceptors = (
         [AuthInterceptor(tokens, settings.tls_client_ca is not None, settings.reflection == "public")]
         if settings.authenticated

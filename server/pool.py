@@ -42,7 +42,7 @@ from server.session import Session, State
 from server.settings import AgentConfig, ServerLimits
 from server.slots import LiveLimit, Slots
 from server.spares import SparePool
-from server.store import WRITE_TIMEOUT, SessionRecord, SessionStore
+from server.store import WRITE_TIMEOUT, SessionRecord, Store
 from server.supervisor import Supervisor, joined
 from server.transcripts import Transcripts
 
@@ -69,7 +69,7 @@ class SessionPool:
     def __init__(
         self,
         limits: ServerLimits,
-        store: SessionStore,
+        store: Store,
         spares: SparePool | None = None,
         agent_factory: AgentFactory = real_agent,
         roots: tuple[Path, ...] = (),

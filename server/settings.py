@@ -111,6 +111,7 @@ class Settings:
     log_format: str = "text"  # "text" (key=value) or "json"
     metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
+    state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
     insecure: bool = False  # serve a non-loopback address without authentication, on purpose
@@ -149,6 +150,7 @@ _SCALAR_KEYS = (
     "log_format",
     "metrics_listen",
     "state_db",
+    "state_url",
     "auth_tokens_file",
     "reflection",
     "insecure",
@@ -205,6 +207,11 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--state-db", dest="state_db", help="SQLite file sessions are kept in (default under XDG_STATE_HOME)"
+    )
+    parser.add_argument(
+        "--state-url",
+        dest="state_url",
+        help="postgresql://USER@HOST:PORT/DB: keep sessions in PostgreSQL (replicas share it)",
     )
     parser.add_argument(
         "--auth-tokens-file", dest="auth_tokens_file", help="TOML file of principals and their token hashes"
@@ -390,6 +397,8 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, insecure=True)
     if "state_db" in raw:
         settings = replace(settings, state_db=Path(str(raw["state_db"])).expanduser())
+    if raw.get("state_url"):
+        settings = replace(settings, state_url=str(raw["state_url"]))
     if "allowed_roots" in raw:
         roots = raw["allowed_roots"]
         if not isinstance(roots, list | tuple):
@@ -440,6 +449,8 @@ def validate(settings: Settings) -> Settings:
     for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.auth_tokens_file):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path} is not a readable file")
+    if settings.state_url and not settings.state_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("state_url must be a postgresql:// URL")
     if settings.reflection not in ("authenticated", "public"):
         raise ConfigError(f"reflection must be authenticated or public, got {settings.reflection!r}")
     if not settings.authenticated and not settings.insecure and not is_loopback(settings.listen):

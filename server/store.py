@@ -1,4 +1,5 @@
-"""Session records and turn transcripts in an embedded SQLite database, so both survive restarts.
+"""Session records and turn transcripts, so both survive restarts: the store interface and its
+embedded SQLite backend (the default; PostgreSQL, for replicas, is store_postgres.py).
 
 All SQL runs on one dedicated thread, in submission order: the event loop never waits on
 the disk unless it chooses to (`put` for a CreateSession, which must be durable before it
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from server import turn_records
 from server.errors import ShuttingDown, StoreUnavailable, clip
@@ -152,9 +153,48 @@ def _json_object(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+class Store(Protocol):
+    """What the pool, the transcripts and turn logs use; SQLite and PostgreSQL behind it."""
+
+    where: str  # for logs: the file, or the database URL without its password
+
+    async def open(self) -> list[SessionRecord]: ...
+    async def put(self, record: SessionRecord) -> None: ...
+    def put_later(self, record: SessionRecord) -> None: ...
+    def backlog(self) -> int: ...
+    async def delete(self, session_id: str) -> None: ...
+    def delete_later(self, session_id: str) -> None: ...
+    def put_turn_later(self, turn: TurnRow) -> None: ...
+    async def put_turn(self, turn: TurnRow) -> None: ...
+    async def add_turn_events(
+        self, turn_id: str, events: list[tuple[int, bytes]], first_seq: int, last_seq: int, timeout: float
+    ) -> None: ...
+    def drop_turn_events_later(self, turn_id: str, before_seq: int) -> None: ...
+    def keep_recent_turns_later(self, session_id: str, count: int, max_age: float) -> None: ...
+    def expire_turns_later(self, max_age: float) -> None: ...
+    async def turn_events(self, turn_id: str, from_seq: int, limit: int, max_bytes: int) -> list[bytes]: ...
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRow | None: ...
+    async def list_turns(
+        self, session_id: str, before: tuple[float, str] | None, limit: int
+    ) -> list[TurnRow]: ...
+    async def close(self) -> None: ...
+
+
+def make_store(state_url: str, state_db: Path) -> Store:
+    """PostgreSQL when a state URL is set, else the SQLite file."""
+    if state_url:
+        from server.store_postgres import PostgresStore
+
+        return PostgresStore(state_url)
+    return SessionStore(state_db)
+
+
 class SessionStore:
+    """The SQLite backend."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = str(path)
         self._thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sessiongate-db"
         )

@@ -19,7 +19,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 from server import translate
 from server.errors import InvalidArgument, TurnNotFound
 from server.settings import ServerLimits
-from server.store import SessionStore
+from server.store import Store
 from server.turn_log import TurnLog, new_turn_id
 from server.turn_records import TurnRow
 
@@ -32,7 +32,7 @@ EXPIRE_EVERY = 3600.0  # seconds between retention passes over every session
 
 
 class Transcripts:
-    def __init__(self, store: SessionStore, limits: ServerLimits) -> None:
+    def __init__(self, store: Store, limits: ServerLimits) -> None:
         self.store = store
         self.limits = limits
         self._expired_at = 0.0

@@ -46,7 +46,7 @@ from server.errors import (
 )
 from server.loop_share import loop_share
 from server.settings import MIN_TURN_LOG_BYTES
-from server.store import SessionStore
+from server.store import Store
 from server.turn import Turn, TurnEnd
 from server.turn_records import TurnRow
 
@@ -91,7 +91,7 @@ class TurnLog:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: Store,
         record: pb.Turn,
         *,
         max_bytes: int,
@@ -125,7 +125,7 @@ class TurnLog:
         self.stored_fully = state != "running"  # closed: its final record is in the store
 
     @classmethod
-    def stored(cls, store: SessionStore, row: TurnRow, max_bytes: int = MIN_TURN_LOG_BYTES) -> TurnLog:
+    def stored(cls, store: Store, row: TurnRow, max_bytes: int = MIN_TURN_LOG_BYTES) -> TurnLog:
         """A turn from the transcript (finished, or interrupted by a restart): read from disk."""
         if row.state == "running":  # not live: its server died, or its record could not be
             row = replace(row, state="interrupted")  # finished; nothing will ever add to it

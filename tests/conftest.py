@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import re
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -26,6 +30,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server.app import RunningServer, start_server
 from server.settings import AgentConfig, ServerLimits, Settings, validate
+from tests.postgres import PostgresServer, postgres_server
 
 ECHO = (sys.executable, "-m", "server.echo_agent")
 
@@ -151,6 +156,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
     async def factory(
         agents: dict[str, tuple[str, ...] | AgentConfig] | None = None,
         state_db: Path | None = None,
+        state_url: str = "",
         metrics: bool = False,
         auth_tokens_file: Path | None = None,
         reflection: str = "authenticated",
@@ -184,6 +190,7 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
                     agents=configs,
                     limits=replace(ServerLimits(), **{**defaults, **limits}),
                     state_db=state_db,
+                    state_url=state_url,
                     metrics_listen="127.0.0.1:0" if metrics else "",
                     auth_tokens_file=auth_tokens_file,
                     reflection=reflection,
@@ -208,6 +215,51 @@ async def make_gate(tmp_path: Path) -> AsyncIterator[GateFactory]:
     leaked = await asyncio.to_thread(wait_gone, pids, 10)
     kill_leftovers(leaked)
     assert not leaked, f"agent processes outlived the server: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole run (each test takes a fresh database of it)."""
+    with postgres_server() as server:
+        yield server
+
+
+@dataclass(frozen=True)
+class StateBackend:
+    """Where a test's servers keep their state: an SQLite file or a PostgreSQL database."""
+
+    name: str
+    state_db: Path
+    state_url: str = ""
+
+    def gate_kwargs(self) -> dict[str, Any]:
+        """For make_gate: every server of the test on the same state."""
+        return {"state_db": self.state_db, "state_url": self.state_url}
+
+    def process_args(self) -> tuple[str, ...]:
+        """For server_process's extra_args."""
+        return ("--state-url", self.state_url) if self.state_url else ("--state-db", str(self.state_db))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """One value read from the state database by the test itself (SQL with ? placeholders)."""
+        if not self.state_url:
+            with contextlib.closing(sqlite3.connect(self.state_db)) as db:
+                return db.execute(sql, args).fetchone()[0]
+        numbers = itertools.count(1)
+        db = await asyncpg.connect(self.state_url, timeout=10)
+        try:
+            return await db.fetchval(re.sub(r"\?", lambda _: f"${next(numbers)}", sql), *args)
+        finally:
+            await db.close(timeout=10)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def state(request: pytest.FixtureRequest, tmp_path: Path) -> StateBackend:
+    """The persistence tests run on both backends of the store."""
+    if request.param == "sqlite":
+        return StateBackend("sqlite", tmp_path / "state" / "sessions.db")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return StateBackend("postgres", tmp_path / "unused.db", await server.fresh_database())
 
 
 @pytest.fixture

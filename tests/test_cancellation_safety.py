@@ -25,6 +25,7 @@ from server.settings import ServerLimits
 from tests.conftest import (
     Gate,
     GateFactory,
+    StateBackend,
     alive,
     details_of,
     echo_agent,
@@ -87,9 +88,11 @@ def stuck_on_its_client(gate: Gate, session_id: str) -> bool:
 
 
 async def test_close_session_whose_deadline_passes_midway_still_ends_agent_frees_slot_and_record(
-    make_gate: GateFactory,
+    make_gate: GateFactory, state: StateBackend
 ) -> None:
-    gate: Gate = await make_gate(agents={"stubborn": STUBBORN}, kill_grace=2.0, max_sessions=1)
+    gate: Gate = await make_gate(
+        **state.gate_kwargs(), agents={"stubborn": STUBBORN}, kill_grace=2.0, max_sessions=1
+    )
     session = await gate.create(agent="stubborn")
     (pid,) = gate.agent_pids()
 
@@ -103,7 +106,7 @@ async def test_close_session_whose_deadline_passes_midway_still_ends_agent_frees
     assert (gone.code, gone.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
     await create_when_a_slot_frees(gate, timeout=10)  # the closed session's slot was given back
     await gate.running.drain(0)
-    restarted: Gate = await make_gate(state_db=gate.settings.state_db)
+    restarted: Gate = await make_gate(**state.gate_kwargs())
     assert session.session_id not in await listed_ids(restarted), "the closed session came back"
 
 
@@ -275,8 +278,11 @@ async def test_a_resume_whose_session_load_fails_falls_back_to_a_new_session_wit
     assert resumed.agent_session_id and resumed.agent_session_id != session.agent_session_id
 
 
-async def test_suspended_sessions_past_the_retention_are_deleted_for_good(make_gate: GateFactory) -> None:
-    gate: Gate = await make_gate(idle_ttl=0.5, session_retention=2.0, sweep_interval=0.2)
+async def test_suspended_sessions_past_the_retention_are_deleted_for_good(
+    make_gate: GateFactory, state: StateBackend
+) -> None:
+    limits = {"idle_ttl": 0.5, "session_retention": 2.0, "sweep_interval": 0.2}
+    gate: Gate = await make_gate(**state.gate_kwargs(), **limits)
     session = await gate.create()
 
     async def gone() -> bool:
@@ -292,7 +298,7 @@ async def test_suspended_sessions_past_the_retention_are_deleted_for_good(make_g
         assert time.monotonic() < deadline, "the session outlived idle_ttl + session_retention by 5 s"
         await asyncio.sleep(0.2)
     await gate.running.drain(0)
-    restarted: Gate = await make_gate(state_db=gate.settings.state_db)
+    restarted: Gate = await make_gate(**state.gate_kwargs())
     assert session.session_id not in await listed_ids(restarted), "the expired record came back"
 
 

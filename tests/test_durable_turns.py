@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import sys
 import threading
 from pathlib import Path
@@ -22,7 +21,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 
 from server.store import SessionRecord, SessionStore
 from server.turn_records import TurnRow
-from tests.conftest import Gate, GateFactory, details_of, expect_error, kinds, reply_text
+from tests.conftest import Gate, GateFactory, StateBackend, details_of, expect_error, kinds, reply_text
 from tests.processes import server_process
 from tests.test_auth import as_, tokens_file
 
@@ -155,17 +154,27 @@ async def test_a_watcher_that_never_reads_delays_nobody_and_then_hears_it_fell_b
     await stuck.initial_metadata()
     watched: list[pb.PromptEvent] = []
     reading_call = await watch(gate, sid)
+    progress = asyncio.Condition()
+    ended = False
 
     async def read_watcher() -> None:
-        while (event := await reading_call.read()) is not grpc.aio.EOF:
-            watched.append(event)
+        nonlocal ended
+        try:
+            while (event := await reading_call.read()) is not grpc.aio.EOF:
+                watched.append(event)
+                async with progress:
+                    progress.notify_all()
+        finally:
+            ended = True
+            async with progress:
+                progress.notify_all()
 
     reading = asyncio.create_task(read_watcher())
     prompted: list[pb.PromptEvent] = []
     while (event := await call.read()) is not grpc.aio.EOF:  # the agent runs to its end
         prompted.append(event)
-        while not reading.done() and event.seq - (watched[-1].seq if watched else 0) > 2000:
-            await asyncio.sleep(0.01)
+        async with progress:
+            await progress.wait_for(lambda: ended or event.seq - (watched[-1].seq if watched else 0) <= 2000)
     assert prompted[-1].result.stop_reason == pb.STOP_REASON_END_TURN
     await asyncio.wait_for(reading, 60)
     assert watched[-1].HasField("result")  # the other watcher got it all too
@@ -248,10 +257,9 @@ async def test_a_failed_turn_ends_its_watchers_with_the_same_status_and_is_liste
 
 
 async def test_turns_are_listed_newest_first_kept_by_retention_and_deleted_with_the_session(
-    make_gate: GateFactory, tmp_path: Path
+    make_gate: GateFactory, state: StateBackend
 ) -> None:
-    db = tmp_path / "turns.db"
-    gate = await make_gate(state_db=db, turn_retention=3)
+    gate = await make_gate(**state.gate_kwargs(), turn_retention=3)
     session = await gate.create()
     sid = session.session_id
     missing = await expect_error(await watch(gate, sid))
@@ -289,9 +297,8 @@ async def test_turns_are_listed_newest_first_kept_by_retention_and_deleted_with_
     await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
     gone = await expect_error(gate.stub.ListTurns(pb.ListTurnsRequest(session_id=sid), timeout=5))
     assert gone.reason == "SESSION_NOT_FOUND"
-    with contextlib.closing(sqlite3.connect(db)) as check:
-        assert check.execute("SELECT count(*) FROM turns").fetchone() == (0,)
-        assert check.execute("SELECT count(*) FROM turn_events").fetchone() == (0,)
+    assert await state.fetchval("SELECT count(*) FROM turns") == 0
+    assert await state.fetchval("SELECT count(*) FROM turn_events") == 0
 
 
 async def test_another_principals_turns_are_not_found(make_gate: GateFactory, tmp_path: Path) -> None:
@@ -319,8 +326,10 @@ async def test_another_principals_turns_are_not_found(make_gate: GateFactory, tm
     assert list(admin.events) == events
 
 
-async def test_the_transcript_survives_kill_9_and_a_running_turn_is_interrupted(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as server:
+async def test_the_transcript_survives_kill_9_and_a_running_turn_is_interrupted(
+    tmp_path: Path, state: StateBackend
+) -> None:
+    async with server_process(tmp_path, extra_args=state.process_args()) as server:
         session = await server.stub.CreateSession(pb.CreateSessionRequest(agent="echo"), timeout=30)
         sid = session.session_id
         done = [
@@ -332,10 +341,7 @@ async def test_the_transcript_survives_kill_9_and_a_running_turn_is_interrupted(
         running_id = dict(await call.initial_metadata())["sessiongate-turn-id"]
         early = [await call.read() for _ in range(3)]
         for _ in range(200):  # until the log's writer has put them on disk (every 0.5 s)
-            with contextlib.closing(sqlite3.connect(tmp_path / "sessions.db")) as db:
-                (written,) = db.execute(
-                    "SELECT count(*) FROM turn_events WHERE turn_id = ?", (running_id,)
-                ).fetchone()
+            written = await state.fetchval("SELECT count(*) FROM turn_events WHERE turn_id = ?", running_id)
             if written >= 3:
                 break
             await asyncio.sleep(0.1)
@@ -343,7 +349,7 @@ async def test_the_transcript_survives_kill_9_and_a_running_turn_is_interrupted(
         await asyncio.to_thread(server.process.wait, 10)
         with contextlib.suppress(grpc.aio.AioRpcError):
             await drain(call)
-    async with server_process(tmp_path) as server:
+    async with server_process(tmp_path, extra_args=state.process_args()) as server:
         stub = server.stub
         turns = (await stub.ListTurns(pb.ListTurnsRequest(session_id=sid), timeout=10)).turns
         assert [t.state for t in turns] == [pb.TURN_STATE_INTERRUPTED, pb.TURN_STATE_COMPLETED]

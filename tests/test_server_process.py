@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import eventually, expect_error, reply_text, wait_gone
+from tests.conftest import StateBackend, eventually, expect_error, reply_text, wait_gone
 from tests.processes import server_process
 
 
@@ -64,8 +64,10 @@ async def test_sigterm_drains_exits_zero_and_leaves_no_agent_behind(tmp_path: Pa
         assert not await asyncio.to_thread(wait_gone, pids, 10), "agents outlived the server"
 
 
-async def test_restart_after_sigterm_lists_every_session_suspended_and_each_resumes(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as first:
+async def test_restart_after_sigterm_lists_every_session_suspended_and_each_resumes(
+    tmp_path: Path, state: StateBackend
+) -> None:
+    async with server_process(tmp_path, extra_args=state.process_args()) as first:
         created = [
             await first.stub.CreateSession(pb.CreateSessionRequest(request_id=f"r{n}", labels={"n": str(n)}))
             for n in range(3)
@@ -78,7 +80,7 @@ async def test_restart_after_sigterm_lists_every_session_suspended_and_each_resu
             assert reply_text(events) == "one"
         assert await first.stop() == 0
 
-    async with server_process(tmp_path) as second:
+    async with server_process(tmp_path, extra_args=state.process_args()) as second:
         listed = (await second.stub.ListSessions(pb.ListSessionsRequest())).sessions
         assert [s.session_id for s in listed] == [s.session_id for s in created]
         assert {s.state for s in listed} == {pb.SESSION_STATE_SUSPENDED}
@@ -97,8 +99,10 @@ async def test_restart_after_sigterm_lists_every_session_suspended_and_each_resu
         assert retried.session_id == created[1].session_id
 
 
-async def test_restart_after_kill_9_keeps_every_session_and_request_id(tmp_path: Path) -> None:
-    async with server_process(tmp_path) as first:
+async def test_restart_after_kill_9_keeps_every_session_and_request_id(
+    tmp_path: Path, state: StateBackend
+) -> None:
+    async with server_process(tmp_path, extra_args=state.process_args()) as first:
         created = [
             await first.stub.CreateSession(pb.CreateSessionRequest(request_id=f"k{n}")) for n in range(2)
         ]
@@ -107,7 +111,7 @@ async def test_restart_after_kill_9_keeps_every_session_and_request_id(tmp_path:
         # The agents lost their stdin with the server: they end by themselves.
         assert not await asyncio.to_thread(wait_gone, orphans, 10)
 
-    async with server_process(tmp_path) as second:
+    async with server_process(tmp_path, extra_args=state.process_args()) as second:
         listed = (await second.stub.ListSessions(pb.ListSessionsRequest())).sessions
         assert [s.session_id for s in listed] == [s.session_id for s in created]
         assert {s.state for s in listed} == {pb.SESSION_STATE_SUSPENDED}

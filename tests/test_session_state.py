@@ -24,7 +24,7 @@ from server.agent import AgentConnection
 from server.agent_state import MAX_ITEMS, MAX_NAME, AgentState, TurnUsage
 from server.errors import NotSupported
 from server.pool import SessionPool
-from tests.conftest import Gate, GateFactory, eventually, expect_error, kinds, reply_text
+from tests.conftest import Gate, GateFactory, StateBackend, eventually, expect_error, kinds, reply_text
 from tests.fakes import FAKE, FakeAgents, fake_pool
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -211,9 +211,9 @@ async def test_a_suspended_session_resumes_with_its_history_and_state(
 
 
 async def test_mode_and_model_set_on_a_suspended_session_survive_a_server_restart(
-    make_gate: GateFactory,
+    make_gate: GateFactory, state: StateBackend
 ) -> None:
-    gate: Gate = await make_gate(max_sessions=1)
+    gate: Gate = await make_gate(**state.gate_kwargs(), max_sessions=1)
     session = await gate.create()
     sid = session.session_id
     await gate.prompt(sid, "/title Long-lived")
@@ -230,7 +230,7 @@ async def test_mode_and_model_set_on_a_suspended_session_survive_a_server_restar
     assert moved.state == pb.SESSION_STATE_IDLE and moved.modes.current_mode_id == "ask"
     assert option(changed, "model").current_value == "echo-large"
     await gate.running.drain(0)
-    restarted: Gate = await make_gate(state_db=gate.settings.state_db, max_sessions=1)
+    restarted: Gate = await make_gate(**state.gate_kwargs(), max_sessions=1)
 
     shown = await get(restarted, sid)
     assert shown.state == pb.SESSION_STATE_SUSPENDED

@@ -1,0 +1,405 @@
+"""Session records and turn transcripts in PostgreSQL (state_url = "postgresql://..."), through an
+asyncpg connection pool: the store several replicas share.
+
+It keeps the SQLite store's promises (store.py): every write and read runs in submission order,
+one at a time, on a connection of the pool (so a `delete_later` queued after a cancelled `put`
+still removes its row, and a read sees every write queued before it); state changes are
+coalesced per session; turn rows and event batches queued together share one transaction;
+awaited calls give up after their timeout with STORE_UNAVAILABLE; once closed, writes are
+refused or dropped. Each query is bounded by the pool's command timeout, so a database that
+stops answering holds the writer for at most that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from server import pg_schema
+from server.errors import ShuttingDown, StoreUnavailable, clip
+from server.store import COLUMNS, WRITE_TIMEOUT, SessionRecord, StoreError
+from server.turn_records import COLUMNS as TURN_COLUMNS
+from server.turn_records import EventBatch, TurnRow
+
+log = logging.getLogger("sessiongate.store")
+
+T = TypeVar("T")
+Op = Callable[[asyncpg.Connection], Awaitable[Any]]
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 30.0  # one query; the writer is never held longer by a silent database
+POOL_SIZE = 4
+RETRY_PAUSE = 0.5  # after the database could not be reached, before the writer tries again
+
+_NAMES = [c.strip() for c in COLUMNS.split(",")]
+UPSERT_SESSION = (
+    f"INSERT INTO sessions ({COLUMNS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(_NAMES)))})"
+    f" ON CONFLICT (session_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _NAMES[1:])}"
+)
+_TURN_NAMES = [c.strip() for c in TURN_COLUMNS.split(",")]
+UPSERT_TURN = (
+    f"INSERT INTO turns ({TURN_COLUMNS}) SELECT {', '.join(f'${i + 1}' for i in range(len(_TURN_NAMES)))}"
+    " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = $2)"
+    f" ON CONFLICT (turn_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _TURN_NAMES[1:])}"
+)
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class PostgresStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.where = redacted(url)
+        self._pool: asyncpg.Pool | None = None
+        self._ops: collections.deque[tuple[Op, asyncio.Future[Any] | None]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._dirty: dict[str, SessionRecord] = {}  # latest unwritten state per session
+        self._flush_queued = False
+        self._turn_writes: list[tuple[TurnRow | EventBatch, asyncio.Future[Any] | None]] = []
+        self._turn_writes_queued = False
+        self._closed = False
+
+    async def open(self) -> list[SessionRecord]:
+        """Connect, bring the schema up to date and return every stored session, oldest first."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=POOL_SIZE,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
+            )
+        except (*DB_ERRORS, ValueError) as exc:
+            reason = clip(str(exc))
+            raise StoreError(f"cannot connect to the session database {self.where}: {reason}") from exc
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as db:
+                await pg_schema.migrate(db)
+                async with db.transaction():
+                    await _after_restart(db)
+                rows = await db.fetch(f"SELECT {COLUMNS} FROM sessions ORDER BY create_time, session_id")
+        except DB_ERRORS as exc:
+            await self._pool.close()
+            raise StoreError(f"cannot open the session database {self.where}: {clip(str(exc))}") from exc
+        self._writer = asyncio.create_task(self._write_in_order(), name="sessiongate-db")
+        return [SessionRecord.from_row(tuple(row)) for row in rows]
+
+    async def put(self, record: SessionRecord) -> None:
+        """Insert or update a record and wait until it is committed."""
+        await self._run(lambda db: db.execute(UPSERT_SESSION, *record.row()))
+
+    def put_later(self, record: SessionRecord) -> None:
+        """Write a record soon; a newer one for the session replaces it."""
+        if self._closed:
+            return
+        self._dirty[record.session_id] = record
+        if not self._flush_queued:
+            self._flush_queued = True
+            self._queue(self._flush, None)
+
+    def backlog(self) -> int:
+        return len(self._dirty)
+
+    async def delete(self, session_id: str) -> None:
+        """Delete a record and its turns (after every write queued before); wait until committed."""
+        await self._run(lambda db: self._delete(db, session_id))
+
+    def delete_later(self, session_id: str) -> None:
+        if not self._closed:
+            self._queue(lambda db: self._delete(db, session_id), None)
+
+    async def _delete(self, db: asyncpg.Connection, session_id: str) -> None:
+        self._dirty.pop(session_id, None)  # a state change queued meanwhile must not bring it back
+        async with db.transaction():
+            await db.execute("DELETE FROM sessions WHERE session_id = $1", session_id)
+            await db.execute(
+                "DELETE FROM turn_events WHERE turn_id IN (SELECT turn_id FROM turns WHERE session_id = $1)",
+                session_id,
+            )
+            await db.execute("DELETE FROM turns WHERE session_id = $1", session_id)
+
+    # ---- turns ---------------------------------------------------------------------------
+
+    def put_turn_later(self, turn: TurnRow) -> None:
+        if not self._closed:
+            self._queue_turn_write(turn, None)
+
+    async def put_turn(self, turn: TurnRow) -> None:
+        await self._turn_write(turn, WRITE_TIMEOUT)
+
+    async def add_turn_events(
+        self, turn_id: str, events: list[tuple[int, bytes]], first_seq: int, last_seq: int, timeout: float
+    ) -> None:
+        await self._turn_write((turn_id, events, first_seq, last_seq), timeout)
+
+    async def _turn_write(self, item: TurnRow | EventBatch, timeout: float) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down: the session store is closed")
+        done = asyncio.get_running_loop().create_future()
+        self._queue_turn_write(item, done)
+        await self._wait(done, timeout)
+
+    def _queue_turn_write(self, item: TurnRow | EventBatch, done: asyncio.Future[Any] | None) -> None:
+        self._turn_writes.append((item, done))
+        if not self._turn_writes_queued:
+            self._turn_writes_queued = True
+            self._queue(self._write_turns, None)
+
+    async def _write_turns(self, db: asyncpg.Connection) -> None:
+        queued, self._turn_writes = self._turn_writes, []
+        self._turn_writes_queued = False
+        if not queued:
+            return
+        try:
+            async with db.transaction():
+                for item, _ in queued:
+                    await _write_turn_item(db, item)
+        except BaseException as exc:
+            for _, done in queued:
+                _settle(done, exc)
+            if not isinstance(exc, DB_ERRORS):
+                raise
+            log.error("writing turns failed db=%s: %s", self.where, clip(str(exc)))
+            return
+        for _, done in queued:
+            _settle(done, None)
+
+    def drop_turn_events_later(self, turn_id: str, before_seq: int) -> None:
+        async def drop(db: asyncpg.Connection) -> None:
+            async with db.transaction():
+                drop = "DELETE FROM turn_events WHERE turn_id = $1 AND seq < $2"
+                await db.execute(drop, turn_id, before_seq)
+                keep = "UPDATE turns SET first_seq = GREATEST(first_seq, $2) WHERE turn_id = $1"
+                await db.execute(keep, turn_id, before_seq)
+
+        self._later_op(drop)
+
+    def keep_recent_turns_later(self, session_id: str, count: int, max_age: float) -> None:
+        async def keep(db: asyncpg.Connection) -> None:
+            old = await db.fetch(
+                "SELECT turn_id FROM turns WHERE session_id = $1 AND state != 'running' AND turn_id NOT IN"
+                " (SELECT turn_id FROM turns WHERE session_id = $1 ORDER BY started DESC, turn_id DESC"
+                " LIMIT $2) UNION SELECT turn_id FROM turns WHERE session_id = $1 AND state != 'running'"
+                " AND started < $3",
+                session_id,
+                count,
+                time.time() - max_age,
+            )
+            await _delete_turns(db, [row[0] for row in old])
+
+        self._later_op(keep)
+
+    def expire_turns_later(self, max_age: float) -> None:
+        async def expire(db: asyncpg.Connection) -> None:
+            old = await db.fetch(
+                "SELECT turn_id FROM turns WHERE state != 'running' AND started < $1", time.time() - max_age
+            )
+            await _delete_turns(db, [row[0] for row in old])
+
+        self._later_op(expire)
+
+    async def turn_events(self, turn_id: str, from_seq: int, limit: int, max_bytes: int) -> list[bytes]:
+        async def read(db: asyncpg.Connection) -> list[bytes]:
+            out: list[bytes] = []
+            size = 0
+            rows = await db.fetch(
+                "SELECT event FROM turn_events WHERE turn_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                turn_id,
+                from_seq,
+                limit,
+            )
+            for (event,) in rows:
+                out.append(bytes(event))
+                size += len(event)
+                if size >= max_bytes:
+                    break
+            return out
+
+        result: list[bytes] = await self._run(read)
+        return result
+
+    async def get_turn(self, session_id: str, turn_id: str) -> TurnRow | None:
+        """One turn of the session; without `turn_id`, its newest."""
+        query = f"SELECT {TURN_COLUMNS} FROM turns WHERE session_id = $1"
+        args: tuple[Any, ...] = (session_id,)
+        if turn_id:
+            query, args = query + " AND turn_id = $2", (session_id, turn_id)
+        row = await self._run(
+            lambda db: db.fetchrow(query + " ORDER BY started DESC, turn_id DESC LIMIT 1", *args)
+        )
+        return _turn_row(row) if row is not None else None
+
+    async def list_turns(
+        self, session_id: str, before: tuple[float, str] | None, limit: int
+    ) -> list[TurnRow]:
+        order = " ORDER BY started DESC, turn_id DESC"
+        if before is None:
+            query = f"SELECT {TURN_COLUMNS} FROM turns WHERE session_id = $1{order} LIMIT $2"
+            args: tuple[Any, ...] = (session_id, limit)
+        else:
+            query = (
+                f"SELECT {TURN_COLUMNS} FROM turns WHERE session_id = $1"
+                f" AND (started < $2 OR (started = $2 AND turn_id < $3)){order} LIMIT $4"
+            )
+            args = (session_id, before[0], before[1], limit)
+        rows = await self._run(lambda db: db.fetch(query, *args))
+        return [_turn_row(row) for row in rows]
+
+    # ---- the ordered writer --------------------------------------------------------------
+
+    def _later_op(self, op: Op) -> None:
+        if not self._closed:
+            self._queue(op, None)
+
+    def _queue(self, op: Op, done: asyncio.Future[Any] | None) -> None:
+        self._ops.append((op, done))
+        self._wake.set()
+
+    async def _run(self, op: Op, timeout: float = WRITE_TIMEOUT) -> Any:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down: the session store is closed")
+        done = asyncio.get_running_loop().create_future()
+        self._queue(op, done)
+        return await self._wait(done, timeout)
+
+    async def _wait(self, done: asyncio.Future[Any], timeout: float) -> Any:
+        """The op's result; the op runs even when its caller stops waiting (as the SQLite store's)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(done)
+        except TimeoutError:
+            if not done.done():
+                raise StoreUnavailable(f"the session database did not answer within {timeout:g}s") from None
+            raise StoreUnavailable("the session database timed out") from None
+        except DB_ERRORS as exc:
+            raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
+
+    async def _write_in_order(self) -> None:
+        assert self._pool is not None
+        while True:
+            if not self._ops:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as db:
+                    while self._ops:
+                        op, done = self._ops[0]
+                        try:
+                            result = await op(db)
+                        except DB_ERRORS as exc:
+                            self._ops.popleft()
+                            _settle(done, exc)
+                            if done is None:
+                                log.error("database write failed db=%s: %s", self.where, clip(str(exc)))
+                            if db.is_closed():
+                                break
+                            continue
+                        self._ops.popleft()
+                        _settle(done, None, result)
+            except DB_ERRORS as exc:  # no connection: fail the oldest awaited op, retry the rest soon
+                log.error("session database unreachable db=%s: %s", self.where, clip(str(exc)))
+                while self._ops and self._ops[0][1] is not None:
+                    _settle(self._ops.popleft()[1], exc)
+                if self._closed:
+                    self._ops.clear()
+                    return
+                await asyncio.sleep(RETRY_PAUSE)
+
+    async def _flush(self, db: asyncpg.Connection) -> None:
+        records, self._dirty = list(self._dirty.values()), {}
+        self._flush_queued = False
+        if records:
+            async with db.transaction():
+                await db.executemany(UPSERT_SESSION, [r.row() for r in records])
+
+    async def close(self) -> None:
+        """Finish queued writes and close the pool; later writes are refused."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is None:
+            return
+        self._queue(self._flush, None)
+        self._queue(self._write_turns, None)
+        if self._writer is not None:
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await self._writer
+            except TimeoutError:
+                log.error("the session database did not take the last writes within %gs", WRITE_TIMEOUT)
+                self._writer.cancel()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._pool.close()
+        except TimeoutError:
+            self._pool.terminate()
+
+
+def _settle(done: asyncio.Future[Any] | None, exc: BaseException | None, result: Any = None) -> None:
+    if done is None or done.done():
+        return
+    if exc is not None:
+        done.set_exception(exc)
+        done.add_done_callback(lambda f: f.exception())  # its caller may have stopped waiting
+    else:
+        done.set_result(result)
+
+
+def _turn_row(row: Any) -> TurnRow:
+    values = list(row)
+    values[7] = bytes(values[7])
+    values[8] = bytes(values[8]) if values[8] is not None else None
+    return TurnRow(*values)
+
+
+async def _write_turn_item(db: asyncpg.Connection, item: TurnRow | EventBatch) -> None:
+    if isinstance(item, TurnRow):
+        await db.execute(UPSERT_TURN, *item.row())
+        return
+    turn_id, events, first_seq, last_seq = item
+    if await db.fetchval("SELECT 1 FROM turns WHERE turn_id = $1", turn_id) is None:
+        return  # deleted with its session meanwhile (its row is always queued first)
+    await db.executemany(
+        "INSERT INTO turn_events (turn_id, seq, event) VALUES ($1, $2, $3)"
+        " ON CONFLICT (turn_id, seq) DO UPDATE SET event = EXCLUDED.event",
+        [(turn_id, seq, event) for seq, event in events],
+    )
+    await db.execute(
+        "UPDATE turns SET first_seq = $1, last_seq = $2 WHERE turn_id = $3", first_seq, last_seq, turn_id
+    )
+
+
+async def _delete_turns(db: asyncpg.Connection, turn_ids: list[str]) -> None:
+    if turn_ids:
+        async with db.transaction():
+            await db.execute("DELETE FROM turn_events WHERE turn_id = ANY($1::text[])", turn_ids)
+            await db.execute("DELETE FROM turns WHERE turn_id = ANY($1::text[])", turn_ids)
+
+
+async def _after_restart(db: asyncpg.Connection) -> None:
+    """At open: turns that were running when the server died are interrupted; turns of sessions
+    deleted meanwhile go (as turn_records.after_restart)."""
+    await db.execute("UPDATE turns SET state = 'interrupted' WHERE state = 'running'")
+    orphans = await db.fetch(
+        "SELECT turn_id FROM turns WHERE session_id NOT IN (SELECT session_id FROM sessions)"
+    )
+    await _delete_turns(db, [row[0] for row in orphans])

@@ -1,0 +1,132 @@
+"""A real PostgreSQL server for the tests, from the binaries in the `pgserver` wheel.
+
+It runs in a temp dir on a loopback port, in its own process group, and is stopped (and its
+directory removed) by the tests that started it. PostgreSQL refuses to run as root, so as root
+(CI) it runs as `nobody`. Each test gets a database of its own (`fresh_database`), which is much
+cheaper than a server of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+START_TIMEOUT = 30.0
+
+
+def binaries() -> Path:
+    """The wheel's bin directory, found without importing pgserver (which has side effects)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("PostgreSQL binaries (PyPI pgserver) are not installed (run `make test`)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PostgresServer:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, data: Path) -> None:
+        self.process = process
+        self.port = port
+        self.data = data
+        self._databases = 0
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    async def fresh_database(self) -> str:
+        """A new empty database; its URL."""
+        self._databases += 1
+        name = f"t{os.getpid()}_{self._databases}"
+        admin = await asyncpg.connect(self.url(), timeout=10)
+        try:
+            await admin.execute(f"CREATE DATABASE {name}")
+        finally:
+            await admin.close(timeout=10)
+        return self.url(name)
+
+    def log(self) -> str:
+        path = self.data / "server.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    bin_dir = binaries()
+    root = Path(tempfile.mkdtemp(prefix="sessiongate-pg-"))
+    data = root / "data"
+    as_user: dict[str, Any] = {}
+    if os.geteuid() == 0:  # PostgreSQL will not run as root
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(
+            [bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            **as_user,
+        )
+        port = _free_port()
+        process = subprocess.Popen(
+            [
+                *(bin_dir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port)),
+                *("-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "max_connections=200"),
+                *("-c", "logging_collector=off", "-c", "log_min_messages=warning"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(root / "server.log", "wb"),  # noqa: SIM115 (the child holds it)
+            start_new_session=True,
+            **as_user,
+        )
+        server = PostgresServer(process, port, root)
+        _wait_ready(server)
+        yield server
+    finally:
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGQUIT)  # immediate shutdown: the data is thrown away
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_ready(server: PostgresServer) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"PostgreSQL exited at start: {server.log()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", server.port), timeout=1):
+            ready = subprocess.run(
+                [binaries() / "pg_isready", "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres"],
+                capture_output=True,
+                timeout=10,
+            )
+            if ready.returncode == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"PostgreSQL did not start within {START_TIMEOUT:g}s: {server.log()}")

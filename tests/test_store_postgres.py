@@ -1,0 +1,107 @@
+"""The PostgreSQL backend of the store on its own: versioned migrations that several replicas may
+run at once, refusals that leave the database as it was, and clear failures at start. (The
+persistence tests that restart servers run on both backends through the `state` fixture.)"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from server import pg_schema
+from server.store import SessionRecord, StoreError
+from server.store_postgres import PostgresStore, redacted
+from server.turn_records import TurnRow
+from tests.postgres import PostgresServer
+
+
+async def versions(url: str) -> list[int]:
+    db = await asyncpg.connect(url, timeout=10)
+    try:
+        return [row[0] for row in await db.fetch("SELECT version FROM sessiongate_schema ORDER BY version")]
+    finally:
+        await db.close(timeout=10)
+
+
+async def test_replicas_starting_at_once_run_each_schema_step_once(postgres: PostgresServer) -> None:
+    url = await postgres.fresh_database()
+    stores = [PostgresStore(url) for _ in range(3)]
+    opened = await asyncio.gather(*(store.open() for store in stores))
+    assert opened == [[], [], []]
+    assert await versions(url) == list(range(1, pg_schema.SCHEMA_VERSION + 1))
+    info = {"name": "x"}
+    record = SessionRecord("s1", "echo", "/", {"k": "v"}, "idle", "a1", "r1", 1.0, 2.0, info, "alice")
+    await stores[0].put(record)
+    turn = TurnRow("t1", "s1", 5.0, None, "running", 1, 0, b"record")
+    await stores[1].put_turn(turn)
+    await stores[1].add_turn_events("t1", [(1, b"e1"), (2, b"e2")], 1, 2, 10)
+    assert await stores[2].turn_events("t1", 2, 10, 1 << 20) == [b"e2"]
+    assert await stores[2].get_turn("s1", "") == TurnRow("t1", "s1", 5.0, None, "running", 1, 2, b"record")
+    for store in stores:
+        await store.close()
+    again = PostgresStore(url)
+    assert await again.open() == [record]
+    # A turn that was running when its server went away is interrupted.
+    assert [t.state for t in await again.list_turns("s1", None, 10)] == ["interrupted"]
+    await again.delete("s1")
+    assert await again.get_turn("s1", "t1") is None
+    await again.close()
+
+
+async def test_a_failing_schema_step_leaves_the_database_as_it_was(postgres: PostgresServer) -> None:
+    url = await postgres.fresh_database()
+    broken = {1: pg_schema.MIGRATIONS[1], 2: "CREATE TABLE half_done (x int); SELECT no_such_function();"}
+    db = await asyncpg.connect(url, timeout=10)
+    try:
+        with pytest.raises(StoreError, match=r"from schema version 1 to 2: .*no_such_function"):
+            await pg_schema.migrate(db, broken)
+        # One transaction for the whole upgrade: not even step 1 is left behind.
+        assert await db.fetchval("SELECT to_regclass('half_done')") is None
+        assert await db.fetchval("SELECT to_regclass('sessions')") is None
+        assert await db.fetchval("SELECT to_regclass('sessiongate_schema')") is None
+    finally:
+        await db.close(timeout=10)
+    store = PostgresStore(url)  # the real steps still apply afterwards
+    assert await store.open() == []
+    await store.close()
+    assert await versions(url) == list(range(1, pg_schema.SCHEMA_VERSION + 1))
+
+
+async def test_a_database_from_a_newer_server_is_refused(postgres: PostgresServer) -> None:
+    url = await postgres.fresh_database()
+    store = PostgresStore(url)
+    await store.open()
+    await store.close()
+    db = await asyncpg.connect(url, timeout=10)
+    await db.execute("INSERT INTO sessiongate_schema (version) VALUES (999)")
+    await db.close(timeout=10)
+    with pytest.raises(StoreError, match="schema version 999 is newer"):
+        await PostgresStore(url).open()
+
+
+def test_an_unreachable_database_exits_1_with_a_clear_message_and_no_password(tmp_path: Path) -> None:
+    url = "postgresql://gate:s3cret@127.0.0.1:9/sessions"  # the discard port: nothing listens
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--state-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cannot connect to the session database postgresql://gate@127.0.0.1:9/sessions" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+    assert redacted(url) == "postgresql://gate@127.0.0.1:9/sessions"
+
+
+def test_a_state_url_that_is_not_postgresql_is_a_configuration_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--state-url", "mysql://x/y"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "state_url must be a postgresql:// URL" in result.stderr
