@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -22,13 +23,16 @@ from server.agent_logins import AgentLogins
 from server.auth import AuthInterceptor
 from server.holder import real_agents
 from server.metrics import Metrics
+from server.ownership import Ownership
 from server.pool import SessionPool
 from server.principals import TokenTable, live_limits
+from server.router import Router
 from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
 from server.settings import AgentConfig, ServerLimits, Settings
 from server.spares import SparePool
-from server.store import make_store
+from server.store import Store, make_store
+from server.store_postgres import PostgresStore
 from server.tls import CertificateFiles
 
 log = logging.getLogger("sessiongate")
@@ -147,7 +151,8 @@ async def start_server(settings: Settings) -> RunningServer:
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
     agent_factory = real_agents(launcher, logins)
-    store = make_store(settings.state_url, settings.state_db)
+    replica_id = settings.replica_id or default_replica_id(settings.listen)
+    store = make_store(settings.state_url, settings.state_db, replica_id)
     pool = SessionPool(
         settings.limits,
         store,
@@ -160,6 +165,7 @@ async def start_server(settings: Settings) -> RunningServer:
     restored = await pool.load(settings.agents)
     spares.start()
     log.info("session store %s: %d sessions restored (SUSPENDED)", store.where, restored)
+    router = await join_replicas(settings, replica_id, store, pool) if settings.state_url else None
     interceptors = (
         [AuthInterceptor(tokens, settings.tls_client_ca is not None, settings.reflection == "public")]
         if settings.authenticated
@@ -171,7 +177,13 @@ async def start_server(settings: Settings) -> RunningServer:
         maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
     )
     service = SessionService(
-        settings, pool, metrics, logins=logins, agent_factory=agent_factory, spares=spares
+        replace(settings, replica_id=replica_id),
+        pool,
+        metrics,
+        logins=logins,
+        agent_factory=agent_factory,
+        spares=spares,
+        router=router,
     )
     health = HealthServicer()
     pb_grpc.add_SessionServiceServicer_to_server(service, server)
@@ -201,6 +213,47 @@ async def start_server(settings: Settings) -> RunningServer:
     metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
     return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens)
+
+
+def default_replica_id(listen: str) -> str:
+    """HOST:PORT of this machine; with an ephemeral port, HOST:pidPID."""
+    port = listen.rpartition(":")[2]
+    return f"{socket.gethostname()}:{port if port.isdigit() and port != '0' else f'pid{os.getpid()}'}"
+
+
+async def join_replicas(settings: Settings, replica_id: str, store: Store, pool: SessionPool) -> Router:
+    """Register this replica's lease; sessions found moved are fenced off; drain releases ours."""
+    assert isinstance(store, PostgresStore)
+    limit = settings.limits.max_sessions
+
+    async def lease_lost() -> None:
+        for session_id in list(store.epochs):
+            store.disown(session_id)
+        await pool.fence_all()
+
+    ownership = Ownership(
+        store.pool,
+        replica_id,
+        settings.advertise or settings.listen,
+        settings.limits.lease_ttl,
+        free_slots=lambda: limit - sum(1 for s in pool.sessions() if s.holds_slot),
+        on_lost=lease_lost,
+    )
+    await ownership.start()
+    store.on_fenced = pool.fence
+    router = Router(pool, store, ownership)
+
+    async def release() -> None:
+        # Alone, it keeps its sessions: restarted under the same replica id it serves them again.
+        if await ownership.peers():
+            released = await store.release()
+            log.info("released %d sessions to the other replicas replica=%s", released, replica_id)
+        await ownership.leave()
+        await router.close()
+
+    pool.before_store_close = release
+    log.info("replica=%s advertised at %s, lease %gs", replica_id, ownership.advertise, ownership.lease_ttl)
+    return router
 
 
 async def serve(settings: Settings) -> int:

@@ -249,6 +249,14 @@ class StoreUnavailable(SessionGateError):
     transparently_retryable = False
 
 
+class OwnerLost(SessionGateError):
+    """This replica no longer owns the session (its lease ran out, or another replica took it
+    over): whatever it was doing for the session stopped; a retry reaches the new owner."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "OWNER_LOST"
+
+
 class ShuttingDown(SessionGateError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"

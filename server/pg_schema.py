@@ -53,6 +53,19 @@ CREATE TABLE turn_events (
     PRIMARY KEY (turn_id, seq)
 );
 """,
+    # Replicas: each registers with a lease; each session has an owner replica and an epoch (the
+    # fencing token every write of the session checks). '' owns nothing: released on drain.
+    2: """
+CREATE TABLE replicas (
+    replica_id  TEXT PRIMARY KEY,
+    advertise   TEXT NOT NULL,
+    lease_until TIMESTAMPTZ NOT NULL,
+    free_slots  INTEGER NOT NULL DEFAULT 0
+);
+ALTER TABLE sessions ADD COLUMN replica TEXT NOT NULL DEFAULT '';
+ALTER TABLE sessions ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX sessions_by_replica ON sessions (replica);
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,24 +100,59 @@ class SessionPool:
         self._closed = False
         self._shutdown: asyncio.Future[None] | None = None
         self.on_agent_start: Callable[[str, bool], None] | None = None  # (agent name, started ok)
+        self._agents: Mapping[str, AgentConfig] = {}
+        self.before_store_close: Callable[[], Awaitable[None]] | None = None  # replicas: release
 
     # ---- start-up ----------------------------------------------------------------------
 
     async def load(self, agents: Mapping[str, AgentConfig]) -> int:
         """Bring back every stored session as SUSPENDED; start the sweeper. Returns the count."""
+        self._agents = agents
         now = time.time()
         for record in await self._store.open():
             if now - record.last_active_time > self.limits.session_retention:
                 self._store.delete_later(record.session_id)
                 continue
-            # An agent no longer configured keeps its sessions listed; resuming them fails clearly.
-            config = agents.get(record.agent) or AgentConfig(name=record.agent, command="")
-            session = self._new_session(
-                config, record.cwd, record.request_id, record.labels, record.owner, record
-            )
-            self._publish(session)
+            self._publish(self.view(record))
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sessiongate-sweeper")
         return len(self._sessions)
+
+    def view(self, record: SessionRecord) -> Session:
+        """A stored session as a SUSPENDED Session object, not published: loaded at start, taken
+        over from another replica, or shown (GetSession, ListSessions) while another owns it."""
+        # An agent no longer configured keeps its sessions listed; resuming them fails clearly.
+        config = self._agents.get(record.agent) or AgentConfig(name=record.agent, command="")
+        return self._new_session(config, record.cwd, record.request_id, record.labels, record.owner, record)
+
+    def has(self, session_id: str) -> bool:
+        """Whether this replica serves the session now (whoever may see it)."""
+        return session_id in self._sessions
+
+    async def adopt(self, record: SessionRecord) -> Session:
+        """A session taken over from another replica: served here from now on, SUSPENDED until its
+        next prompt resumes it (session/load)."""
+        async with self._map_lock:
+            self._refuse_if_closed()
+            session = self._sessions.get(record.session_id)
+            if session is None:
+                session = self.view(record)
+                self._publish(session)
+        return session
+
+    def fence(self, session_id: str) -> None:
+        """The session moved to another replica (a write found its epoch changed): it leaves the
+        map now, its turn ends OWNER_LOST and its agent is ended."""
+        session = self._sessions.get(session_id)
+        if session is not None and not session.fenced:
+            self._unpublish(session)
+            self._spawn(session.fence(), f"fence-{session_id}")
+
+    async def fence_all(self) -> None:
+        """The lease ran out: every session here stops, before another replica may take it over."""
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            self._unpublish(session)
+        await asyncio.gather(*(s.fence() for s in sessions), return_exceptions=True)
 
     def _new_session(
         self,
@@ -387,6 +422,11 @@ class SessionPool:
         if work and patient:
             await asyncio.wait(work, timeout=bound)
         await self._supervisor.shutdown(timeout=2 * limits.kill_grace)
+        if self.before_store_close is not None and patient:
+            try:
+                await self.before_store_close()
+            except Exception:
+                log.exception("the last step before closing the store failed")
         await self._store.close()
 
     # ---- the sweeper -------------------------------------------------------------------

@@ -30,12 +30,14 @@ from server.errors import (
     InvalidArgument,
     SessionBusy,
     SessionGateError,
+    SessionNotFound,
     ShuttingDown,
     clip,
 )
 from server.holder import AgentFactory
 from server.metrics import OUTCOMES, Metrics
 from server.pool import SessionPool
+from server.router import Forward, Relayed, Router
 from server.session import Session, State
 from server.settings import PERMISSION_POLICIES, Settings
 from server.spares import SparePool
@@ -75,6 +77,9 @@ R = TypeVar("R")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, Relayed):  # the owner replica's answer, passed on unchanged
+        error = exc.error
+        await context.abort(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()))
     if isinstance(exc, SessionGateError):
         status = exc.to_status()
         if not exc.transparently_retryable:
@@ -94,7 +99,11 @@ def unary(
     @wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
-            return await method(self, request, context)
+            try:
+                return await method(self, request, context)
+            except Forward as forward:  # another replica owns the session
+                result: R = await self._router.unary(forward.address, method.__name__, request, context)
+                return result
         except Exception as exc:
             await _abort(context, exc)
         raise AssertionError("unreachable: abort raises")
@@ -112,6 +121,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         logins: AgentLogins,
         agent_factory: AgentFactory,
         spares: SparePool,
+        router: Router | None = None,
     ) -> None:
         self._settings = settings
         self._limits = settings.limits
@@ -120,7 +130,21 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._logins = logins
         self._agent_factory = agent_factory
         self._spares = spares
+        self._router = router
         self.draining = False
+
+    async def _session(self, session_id: str, context: Any, *, take: bool = False) -> Session:
+        """The session to serve here; with replicas it may be taken over (`take`: the call works on
+        it) or be another replica's (Forward). Another principal's is NOT_FOUND."""
+        if self._router is None:
+            return self._pool.get(session_id)
+        return await self._router.session(session_id, context, take=take)
+
+    def _proto(self, session: Session) -> pb.Session:
+        message = session_proto(session)
+        if self._router is not None and self._pool.has(session.session_id):
+            message.replica = self._settings.replica_id
+        return message
 
     # ---- RPCs ----------------------------------------------------------------------------
 
@@ -146,7 +170,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         assert config is not None
         _check_agent_allowed(config.name)
         session = await self._pool.create(config, str(cwd), request.request_id, dict(request.labels))
-        return session_proto(session)
+        return self._proto(session)
 
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
         started = time.monotonic()
@@ -154,7 +178,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         try:
             self._refuse_if_draining()
             blocks, stall_timeout, wait_timeout, permissions = self._validate_prompt(request)
-            session = self._pool.get(request.session_id)
+            session = await self._session(request.session_id, context, take=True)
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
             self._pool.admit_prompt()
             agent = session.config.name
@@ -185,6 +209,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 # unless it asked for the turn to go on.
                 if turn_log.running and on_disconnect != pb.ON_DISCONNECT_CONTINUE:
                     session.cancel(turn)
+        except Forward as forward:
+            outcome = ""  # counted by the owner
+            async for event in self._forwarded_stream(forward, "Prompt", request, context):
+                yield event
         except Exception as exc:
             outcome = _outcome(exc)
             if isinstance(exc, SessionBusy):
@@ -201,12 +229,25 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def WatchTurn(self, request: pb.WatchTurnRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
         try:
             _check_turn_id(request.turn_id, required=False)
-            session = self._pool.get(_required_id(request.session_id))
+            session = await self._session(_required_id(request.session_id), context)
             turn_log = await self._pool.transcripts.find(session, request.turn_id)
             await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
             async with contextlib.aclosing(turn_log.events(request.after_seq)) as events:
                 async for event in events:
                     yield event
+        except Forward as forward:
+            async for event in self._forwarded_stream(forward, "WatchTurn", request, context):
+                yield event
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def _forwarded_stream(
+        self, forward: Forward, method: str, request: Any, context: Any
+    ) -> AsyncIterator[pb.PromptEvent]:
+        assert self._router is not None
+        try:
+            async for event in self._router.stream(forward.address, method, request, context):
+                yield event
         except Exception as exc:
             await _abort(context, exc)
 
@@ -219,14 +260,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
             violations.append(FieldViolation("page_token", "not a token from ListTurns"))
         if violations:
             raise InvalidArgument(violations)
-        session = self._pool.get(_required_id(request.session_id))
+        session = await self._session(_required_id(request.session_id), context)
         turns, token = await self._pool.transcripts.page(session, request.page_size, request.page_token)
         return pb.ListTurnsResponse(turns=turns, next_page_token=token)
 
     @unary
     async def GetTurn(self, request: pb.GetTurnRequest, context: Any) -> pb.Turn:
         _check_turn_id(request.turn_id, required=True)
-        session = self._pool.get(_required_id(request.session_id))
+        session = await self._session(_required_id(request.session_id), context)
         turn_log = await self._pool.transcripts.find(session, request.turn_id)
         turn = turn_log.summary()  # before the events: the log may be closed meanwhile
         events, truncated = await turn_log.page(request.after_seq, MAX_LIST_BYTES)
@@ -236,12 +277,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary
     async def CancelPrompt(self, request: pb.CancelPromptRequest, context: Any) -> pb.CancelPromptResponse:
-        session = self._pool.get(_required_id(request.session_id))
+        session = await self._session(_required_id(request.session_id), context)
         return pb.CancelPromptResponse(cancelled=session.cancel())
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
-        return session_proto(self._pool.get(_required_id(request.session_id)))
+        return self._proto(await self._session(_required_id(request.session_id), context))
 
     @unary
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
@@ -271,7 +312,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionResponse:
-        session = await self._pool.close(_required_id(request.session_id))
+        session_id = _required_id(request.session_id)
+        if self._router is not None and not self._pool.has(session_id):
+            with contextlib.suppress(SessionNotFound):  # closed already: the pool answers the same
+                await self._session(session_id, context, take=True)
+        session = await self._pool.close(session_id)
         return pb.CloseSessionResponse(session=session_proto(session))
 
     @unary
@@ -329,7 +374,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> pb.RespondPermissionResponse:
         session_id = _required_id(request.session_id)
         _check_answer_ids(request.request_id, ("option_id", request.option_id))
-        session = self._pool.get(session_id)
+        session = await self._session(session_id, context)
         outcome = session.questions.answer_permission(request.request_id, request.option_id)
         return pb.RespondPermissionResponse(outcome=translate.PERMISSION_OUTCOMES[outcome])
 
@@ -346,7 +391,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             raise InvalidArgument.field("content", "only an ACCEPT answer carries content")
         if request.content.ByteSize() > MAX_ELICITATION_CONTENT:
             raise InvalidArgument.field("content", f"at most {MAX_ELICITATION_CONTENT} bytes")
-        session = self._pool.get(session_id)
+        session = await self._session(session_id, context)
         content = json_format.MessageToDict(request.content) if action == "accept" else None
         session.questions.answer_elicitation(request.request_id, action, content)
         return pb.RespondElicitationResponse()
@@ -355,10 +400,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def SetSessionMode(self, request: pb.SetSessionModeRequest, context: Any) -> pb.Session:
         session_id = _required_id(request.session_id)
         _check_state_ids(("mode_id", request.mode_id))
-        session = self._pool.get(session_id)
+        session = await self._session(session_id, context, take=True)
         _check_agent_allowed(session.config.name)
         await session.set_mode(request.mode_id)
-        return session_proto(session)
+        return self._proto(session)
 
     @unary
     async def SetSessionConfigOption(
@@ -366,10 +411,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
     ) -> pb.Session:
         session_id = _required_id(request.session_id)
         _check_state_ids(("config_id", request.config_id), ("value", request.value))
-        session = self._pool.get(session_id)
+        session = await self._session(session_id, context, take=True)
         _check_agent_allowed(session.config.name)
         await session.set_config_option(request.config_id, request.value)
-        return session_proto(session)
+        return self._proto(session)
 
     # ---- validation ----------------------------------------------------------------------
 

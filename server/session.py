@@ -27,7 +27,14 @@ from sessiongate.v1 import session_service_pb2 as pb
 from server import logs
 from server.agent import AgentProcess, Handshake
 from server.agent_state import AgentState
-from server.errors import SessionBusy, SessionGateError, SessionNotFound, ShuttingDown, TurnTimeout
+from server.errors import (
+    OwnerLost,
+    SessionBusy,
+    SessionGateError,
+    SessionNotFound,
+    ShuttingDown,
+    TurnTimeout,
+)
 from server.holder import AgentFactory, AgentHolder, real_agent
 from server.owner import Owner
 from server.questions import Questions
@@ -132,6 +139,7 @@ class Session:
         self._pumps: set[asyncio.Task[None]] = set()
         self.questions = Questions(self.session_id)  # the agent's questions waiting on a client
         self.closed = False
+        self.fenced = False  # another replica owns it now (replicas): gone from here, kept there
         self.ending = False  # close or shutdown under way: turns end CANCELLED, nothing respawns
         self.draining = False  # the server drains: no new turn starts (running ones may finish)
         self._cancel_pending = False  # CancelPrompt came while a turn was being handed over
@@ -185,6 +193,13 @@ class Session:
         """Server shutdown: like close, but the record stays SUSPENDED for the next server."""
         await self._end()
         self._changed()
+
+    async def fence(self) -> None:
+        """This replica lost the session (ownership.py): its turn ends OWNER_LOST and its agent's
+        group ends now; nothing more of it is written here (the new owner has its record)."""
+        self.fenced = True
+        self.closed = True
+        await self.kill()
 
     async def kill(self) -> None:
         """Second signal: end the agent's group now, without the graces."""
@@ -517,6 +532,11 @@ class Session:
         self._release()
 
     def gone_error(self) -> SessionGateError:
+        if self.fenced:
+            return OwnerLost(
+                f"session {self.session_id} moved to another replica; retry to reach it there",
+                metadata={"session_id": self.session_id},
+            )
         if self.closed:
             return SessionNotFound(
                 f"session {self.session_id} was closed", metadata={"session_id": self.session_id}

@@ -89,6 +89,9 @@ class ServerLimits:
     zombie_grace: float = 30.0  # a turn's runner this long past its own bounds is reaped (a safety net)
     session_retention: float = 30 * 86400.0  # a SUSPENDED session idle this long is deleted
     sweep_interval: float = 1.0  # how often the sweeper looks for idle and zombie sessions
+    # Replicas (state_url set): a replica that could not renew its lease for this long stops
+    # serving its sessions; the others take them over only after it plus a margin.
+    lease_ttl: float = 10.0
     max_spares: int = 16  # warm spare agents kept over all agents (they take no session slot)
     max_stored_sessions: int = 10_000  # sessions kept in all (suspended ones too): QUOTA_EXCEEDED past it
     max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED from grpc
@@ -112,6 +115,8 @@ class Settings:
     metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
     state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
+    replica_id: str = ""  # this replica's name among replicas (default: host name and port)
+    advertise: str = ""  # HOST:PORT the other replicas reach this one at (default: listen)
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
     insecure: bool = False  # serve a non-loopback address without authentication, on purpose
@@ -151,6 +156,8 @@ _SCALAR_KEYS = (
     "metrics_listen",
     "state_db",
     "state_url",
+    "replica_id",
+    "advertise",
     "auth_tokens_file",
     "reflection",
     "insecure",
@@ -212,6 +219,10 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
         "--state-url",
         dest="state_url",
         help="postgresql://USER@HOST:PORT/DB: keep sessions in PostgreSQL (replicas share it)",
+    )
+    parser.add_argument("--replica-id", dest="replica_id", help="this replica's name (default HOST:PORT)")
+    parser.add_argument(
+        "--advertise", help="HOST:PORT other replicas reach this one at (default: the listen address)"
     )
     parser.add_argument(
         "--auth-tokens-file", dest="auth_tokens_file", help="TOML file of principals and their token hashes"
@@ -399,6 +410,10 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, state_db=Path(str(raw["state_db"])).expanduser())
     if raw.get("state_url"):
         settings = replace(settings, state_url=str(raw["state_url"]))
+    if raw.get("replica_id"):
+        settings = replace(settings, replica_id=str(raw["replica_id"]))
+    if raw.get("advertise"):
+        settings = replace(settings, advertise=str(raw["advertise"]))
     if "allowed_roots" in raw:
         roots = raw["allowed_roots"]
         if not isinstance(roots, list | tuple):

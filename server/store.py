@@ -180,12 +180,12 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def make_store(state_url: str, state_db: Path) -> Store:
-    """PostgreSQL when a state URL is set, else the SQLite file."""
+def make_store(state_url: str, state_db: Path, replica_id: str = "") -> Store:
+    """PostgreSQL (shared by replicas) when a state URL is set, else the SQLite file."""
     if state_url:
         from server.store_postgres import PostgresStore
 
-        return PostgresStore(state_url)
+        return PostgresStore(state_url, replica_id)
     return SessionStore(state_db)
 
 

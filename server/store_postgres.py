@@ -39,14 +39,18 @@ POOL_SIZE = 4
 RETRY_PAUSE = 0.5  # after the database could not be reached, before the writer tries again
 
 _NAMES = [c.strip() for c in COLUMNS.split(",")]
+# A session's row is written only by its owner at its epoch (the fencing token, ownership.py):
+# a replica that lost the session writes nothing ("INSERT 0 0").
 UPSERT_SESSION = (
-    f"INSERT INTO sessions ({COLUMNS}) VALUES ({', '.join(f'${i + 1}' for i in range(len(_NAMES)))})"
+    f"INSERT INTO sessions ({COLUMNS}, replica, epoch)"
+    f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_NAMES) + 2))})"
     f" ON CONFLICT (session_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _NAMES[1:])}"
+    " WHERE sessions.replica = EXCLUDED.replica AND sessions.epoch = EXCLUDED.epoch"
 )
 _TURN_NAMES = [c.strip() for c in TURN_COLUMNS.split(",")]
 UPSERT_TURN = (
     f"INSERT INTO turns ({TURN_COLUMNS}) SELECT {', '.join(f'${i + 1}' for i in range(len(_TURN_NAMES)))}"
-    " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = $2)"
+    " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = $2 AND replica = $10 AND epoch = $11)"
     f" ON CONFLICT (turn_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _TURN_NAMES[1:])}"
 )
 
@@ -62,9 +66,14 @@ def redacted(url: str) -> str:
 
 
 class PostgresStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, replica_id: str = "") -> None:
         self.url = url
         self.where = redacted(url)
+        self.replica_id = replica_id
+        # The epoch of every session this replica owns: each write of it is fenced by it.
+        self.epochs: dict[str, int] = {}
+        self._turn_sessions: dict[str, str] = {}  # turn -> session, for its events' fencing
+        self.on_fenced: Callable[[str], None] | None = None  # a write found the session moved
         self._pool: asyncpg.Pool | None = None
         self._ops: collections.deque[tuple[Op, asyncio.Future[Any] | None]] = collections.deque()
         self._wake = asyncio.Event()
@@ -92,17 +101,60 @@ class PostgresStore:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as db:
                 await pg_schema.migrate(db)
                 async with db.transaction():
-                    await _after_restart(db)
-                rows = await db.fetch(f"SELECT {COLUMNS} FROM sessions ORDER BY create_time, session_id")
+                    await _after_restart(db, self.replica_id)
+                rows = await db.fetch(
+                    f"UPDATE sessions SET epoch = epoch + 1 WHERE replica = $1 RETURNING {COLUMNS}, epoch",
+                    self.replica_id,
+                )
         except DB_ERRORS as exc:
             await self._pool.close()
             raise StoreError(f"cannot open the session database {self.where}: {clip(str(exc))}") from exc
         self._writer = asyncio.create_task(self._write_in_order(), name="sessiongate-db")
-        return [SessionRecord.from_row(tuple(row)) for row in rows]
+        records = [SessionRecord.from_row(tuple(row)[:-1]) for row in rows]
+        self.epochs = {row[0]: row[-1] for row in rows}
+        return sorted(records, key=lambda r: (r.create_time, r.session_id))
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "open() first"
+        return self._pool
+
+    def owns(self, session_id: str, epoch: int) -> None:
+        """A session taken over (ownership.py): written from now on at this epoch."""
+        self.epochs[session_id] = epoch
+
+    async def release(self) -> int:
+        """Drain: every session of this replica is released (owned by none), after every write
+        queued before; the next prompt's replica takes each over at once. The count released."""
+
+        async def release(db: asyncpg.Connection) -> int:
+            done = await db.execute("UPDATE sessions SET replica = '' WHERE replica = $1", self.replica_id)
+            self.epochs.clear()
+            return int(done.split()[-1])
+
+        released: int = await self._run(release)
+        return released
+
+    def disown(self, session_id: str) -> None:
+        """A session fenced off or released: nothing more of it is written by this replica."""
+        self.epochs.pop(session_id, None)
+        self._dirty.pop(session_id, None)
+
+    def _fenced(self, session_id: str) -> None:
+        log.warning("session=%s moved to another replica: this one writes nothing more of it", session_id)
+        self.disown(session_id)
+        if self.on_fenced is not None:
+            self.on_fenced(session_id)
+
+    async def _upsert(self, db: asyncpg.Connection, record: SessionRecord) -> None:
+        epoch = self.epochs.setdefault(record.session_id, 1)  # a new session starts at epoch 1
+        done = await db.execute(UPSERT_SESSION, *record.row(), self.replica_id, epoch)
+        if done.endswith(" 0"):
+            self._fenced(record.session_id)
 
     async def put(self, record: SessionRecord) -> None:
         """Insert or update a record and wait until it is committed."""
-        await self._run(lambda db: db.execute(UPSERT_SESSION, *record.row()))
+        await self._run(lambda db: self._upsert(db, record))
 
     def put_later(self, record: SessionRecord) -> None:
         """Write a record soon; a newer one for the session replaces it."""
@@ -126,8 +178,16 @@ class PostgresStore:
 
     async def _delete(self, db: asyncpg.Connection, session_id: str) -> None:
         self._dirty.pop(session_id, None)  # a state change queued meanwhile must not bring it back
+        epoch = self.epochs.pop(session_id, 1)
         async with db.transaction():
-            await db.execute("DELETE FROM sessions WHERE session_id = $1", session_id)
+            deleted = await db.execute(
+                "DELETE FROM sessions WHERE session_id = $1 AND replica = $2 AND epoch = $3",
+                session_id,
+                self.replica_id,
+                epoch,
+            )
+            if deleted.endswith(" 0"):
+                return  # another replica owns it now (or it is gone): its turns are not ours
             await db.execute(
                 "DELETE FROM turn_events WHERE turn_id IN (SELECT turn_id FROM turns WHERE session_id = $1)",
                 session_id,
@@ -169,7 +229,7 @@ class PostgresStore:
         try:
             async with db.transaction():
                 for item, _ in queued:
-                    await _write_turn_item(db, item)
+                    await self._write_turn_item(db, item)
         except BaseException as exc:
             for _, done in queued:
                 _settle(done, exc)
@@ -179,6 +239,33 @@ class PostgresStore:
             return
         for _, done in queued:
             _settle(done, None)
+
+    async def _write_turn_item(self, db: asyncpg.Connection, item: TurnRow | EventBatch) -> None:
+        if isinstance(item, TurnRow):
+            self._turn_sessions[item.turn_id] = item.session_id
+            if item.state != "running":
+                self._turn_sessions.pop(item.turn_id)
+            epoch = self.epochs.get(item.session_id, -1)
+            await db.execute(UPSERT_TURN, *item.row(), self.replica_id, epoch)
+            return
+        turn_id, events, first_seq, last_seq = item
+        owned = await db.fetchval(
+            "SELECT 1 FROM turns t JOIN sessions s USING (session_id) WHERE t.turn_id = $1"
+            " AND s.replica = $2 AND s.epoch = $3",
+            turn_id,
+            self.replica_id,
+            self.epochs.get(self._turn_sessions.get(turn_id, ""), -1),
+        )
+        if owned is None:
+            return  # deleted with its session meanwhile, or the session moved (its row comes first)
+        await db.executemany(
+            "INSERT INTO turn_events (turn_id, seq, event) VALUES ($1, $2, $3)"
+            " ON CONFLICT (turn_id, seq) DO UPDATE SET event = EXCLUDED.event",
+            [(turn_id, seq, event) for seq, event in events],
+        )
+        await db.execute(
+            "UPDATE turns SET first_seq = $1, last_seq = $2 WHERE turn_id = $3", first_seq, last_seq, turn_id
+        )
 
     def drop_turn_events_later(self, turn_id: str, before_seq: int) -> None:
         async def drop(db: asyncpg.Connection) -> None:
@@ -329,7 +416,8 @@ class PostgresStore:
         self._flush_queued = False
         if records:
             async with db.transaction():
-                await db.executemany(UPSERT_SESSION, [r.row() for r in records])
+                for record in records:
+                    await self._upsert(db, record)
 
     async def close(self) -> None:
         """Finish queued writes and close the pool; later writes are refused."""
@@ -371,23 +459,6 @@ def _turn_row(row: Any) -> TurnRow:
     return TurnRow(*values)
 
 
-async def _write_turn_item(db: asyncpg.Connection, item: TurnRow | EventBatch) -> None:
-    if isinstance(item, TurnRow):
-        await db.execute(UPSERT_TURN, *item.row())
-        return
-    turn_id, events, first_seq, last_seq = item
-    if await db.fetchval("SELECT 1 FROM turns WHERE turn_id = $1", turn_id) is None:
-        return  # deleted with its session meanwhile (its row is always queued first)
-    await db.executemany(
-        "INSERT INTO turn_events (turn_id, seq, event) VALUES ($1, $2, $3)"
-        " ON CONFLICT (turn_id, seq) DO UPDATE SET event = EXCLUDED.event",
-        [(turn_id, seq, event) for seq, event in events],
-    )
-    await db.execute(
-        "UPDATE turns SET first_seq = $1, last_seq = $2 WHERE turn_id = $3", first_seq, last_seq, turn_id
-    )
-
-
 async def _delete_turns(db: asyncpg.Connection, turn_ids: list[str]) -> None:
     if turn_ids:
         async with db.transaction():
@@ -395,10 +466,14 @@ async def _delete_turns(db: asyncpg.Connection, turn_ids: list[str]) -> None:
             await db.execute("DELETE FROM turns WHERE turn_id = ANY($1::text[])", turn_ids)
 
 
-async def _after_restart(db: asyncpg.Connection) -> None:
-    """At open: turns that were running when the server died are interrupted; turns of sessions
-    deleted meanwhile go (as turn_records.after_restart)."""
-    await db.execute("UPDATE turns SET state = 'interrupted' WHERE state = 'running'")
+async def _after_restart(db: asyncpg.Connection, replica_id: str) -> None:
+    """At open: this replica's turns that were running when it died are interrupted (another
+    replica's running turns are its own); turns of sessions deleted meanwhile go."""
+    await db.execute(
+        "UPDATE turns SET state = 'interrupted' WHERE state = 'running'"
+        " AND session_id IN (SELECT session_id FROM sessions WHERE replica = $1)",
+        replica_id,
+    )
     orphans = await db.fetch(
         "SELECT turn_id FROM turns WHERE session_id NOT IN (SELECT session_id FROM sessions)"
     )

@@ -238,7 +238,9 @@ class StateBackend:
 
     def process_args(self) -> tuple[str, ...]:
         """For server_process's extra_args."""
-        return ("--state-url", self.state_url) if self.state_url else ("--state-db", str(self.state_db))
+        if self.state_url:  # a restarted server is the same replica: its sessions are its own again
+            return ("--state-url", self.state_url, "--replica-id", "replica-a")
+        return ("--state-db", str(self.state_db))
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """One value read from the state database by the test itself (SQL with ? placeholders)."""

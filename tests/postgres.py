@@ -36,7 +36,7 @@ def binaries() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -87,7 +87,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             timeout=120,
             **as_user,
         )
-        port = _free_port()
+        port = free_port()
         process = subprocess.Popen(
             [
                 *(bin_dir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port)),

@@ -53,6 +53,9 @@ class ServerProcess:
         self.stub = pb_grpc.SessionServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
+    def log_has(self, text: str) -> bool:
+        return any(text in line for line in self.log)
+
     def agent_pids(self) -> set[int]:
         pid_dir = self.state_dir / "pids"
         return {int(p.name) for p in pid_dir.iterdir()} if pid_dir.exists() else set()
@@ -68,16 +71,20 @@ class ServerProcess:
 
 @contextlib.asynccontextmanager
 async def server_process(
-    tmp_path: Path, drain_grace: float = 1.0, extra_args: tuple[str, ...] = ()
+    tmp_path: Path,
+    drain_grace: float = 1.0,
+    extra_args: tuple[str, ...] = (),
+    shared: Path | None = None,
 ) -> AsyncIterator[ServerProcess]:
-    """Start a server on tmp_path's database; on exit, kill whatever is left of it and its agents."""
-    state = tmp_path / "agent-state"
+    """Start a server on tmp_path's database; on exit, kill whatever is left of it and its agents.
+    `shared`: the workdir and the agents' state dir, shared with other servers (replicas)."""
+    state = (shared or tmp_path) / "agent-state"
     config = tmp_path / "sessiongate.toml"
     config.write_text(CONFIG.format(python=sys.executable, state=state, drain_grace=drain_grace))
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "server", "--config", str(config), "--listen", "127.0.0.1:0"),
-            *("--workdir", str(tmp_path), "--state-db", str(tmp_path / "sessions.db")),
+            *("--workdir", str(shared or tmp_path), "--state-db", str(tmp_path / "sessions.db")),
             *extra_args,
         ],
         stderr=subprocess.PIPE,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -27,24 +28,36 @@ async def versions(url: str) -> list[int]:
         await db.close(timeout=10)
 
 
-async def test_replicas_starting_at_once_run_each_schema_step_once(postgres: PostgresServer) -> None:
+async def test_replicas_starting_at_once_run_each_schema_step_once_and_writes_are_fenced(
+    postgres: PostgresServer,
+) -> None:
     url = await postgres.fresh_database()
-    stores = [PostgresStore(url) for _ in range(3)]
+    stores = [PostgresStore(url, replica) for replica in ("a", "b", "c")]
     opened = await asyncio.gather(*(store.open() for store in stores))
     assert opened == [[], [], []]
     assert await versions(url) == list(range(1, pg_schema.SCHEMA_VERSION + 1))
     info = {"name": "x"}
     record = SessionRecord("s1", "echo", "/", {"k": "v"}, "idle", "a1", "r1", 1.0, 2.0, info, "alice")
-    await stores[0].put(record)
+    owner, other, reader = stores
+    await owner.put(record)
     turn = TurnRow("t1", "s1", 5.0, None, "running", 1, 0, b"record")
-    await stores[1].put_turn(turn)
-    await stores[1].add_turn_events("t1", [(1, b"e1"), (2, b"e2")], 1, 2, 10)
-    assert await stores[2].turn_events("t1", 2, 10, 1 << 20) == [b"e2"]
-    assert await stores[2].get_turn("s1", "") == TurnRow("t1", "s1", 5.0, None, "running", 1, 2, b"record")
+    await owner.put_turn(turn)
+    await owner.add_turn_events("t1", [(1, b"e1"), (2, b"e2")], 1, 2, 10)
+    assert await reader.turn_events("t1", 2, 10, 1 << 20) == [b"e2"]
+    assert await reader.get_turn("s1", "") == TurnRow("t1", "s1", 5.0, None, "running", 1, 2, b"record")
+    # A replica that does not own the session at its epoch changes nothing of it, and hears so.
+    fenced: list[str] = []
+    other.on_fenced = fenced.append
+    await other.put(replace(record, state="busy", labels={"k": "changed"}))
+    await other.add_turn_events("t1", [(3, b"stale")], 1, 3, 10)
+    await other.delete("s1")
+    assert fenced == ["s1"]
+    assert await reader.turn_events("t1", 1, 10, 1 << 20) == [b"e1", b"e2"]
     for store in stores:
         await store.close()
-    again = PostgresStore(url)
+    again = PostgresStore(url, "a")  # the owner, restarted under its replica id
     assert await again.open() == [record]
+    assert again.epochs == {"s1": 2}  # a new epoch: the previous process's writes are fenced off
     # A turn that was running when its server went away is interrupted.
     assert [t.state for t in await again.list_turns("s1", None, 10)] == ["interrupted"]
     await again.delete("s1")

@@ -1,0 +1,187 @@
+"""This replica's place among replicas sharing one PostgreSQL store: its lease, and who owns what.
+
+Each replica renews a lease in the `replicas` table every third of `lease_ttl`. Each session row
+names its owner replica and an epoch, the fencing token: ownership moves only by a
+compare-and-set on the epoch, and only away from a replica whose lease has run out (plus a
+margin) or that released the session on drain. Every write of a session checks the epoch
+(store_postgres.py), so a replica that lost a session can change nothing of it.
+
+Time is the database's clock for leases (replicas' clocks may differ); the replica itself counts
+its lease from when its last successful renewal started, on its own monotonic clock, and stops
+serving its sessions (`on_lost`) as soon as that lease may have run out: before any other
+replica may take them over, which waits `lease_ttl` plus `TAKEOVER_MARGIN`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from server.errors import clip
+from server.store import COLUMNS, SessionRecord
+
+log = logging.getLogger("sessiongate.replicas")
+
+TAKEOVER_MARGIN = 2.0  # seconds past an expired lease before its sessions may be taken over
+RENEWALS_PER_TTL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who owns a session, as the database says now."""
+
+    record: SessionRecord
+    replica: str  # '' when released
+    epoch: int
+    advertise: str  # the owner's address ('' when released or unknown)
+    alive: bool  # its lease (plus the takeover margin) has not run out
+
+
+class Ownership:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        replica_id: str,
+        advertise: str,
+        lease_ttl: float,
+        free_slots: Callable[[], int],
+        on_lost: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.replica_id = replica_id
+        self.advertise = advertise
+        self.lease_ttl = lease_ttl
+        self._pool = pool
+        self._free_slots = free_slots
+        self._on_lost = on_lost
+        self._valid_until = 0.0  # monotonic: our lease may have run out from here on
+        self._lost = False
+        self._task: asyncio.Task[None] | None = None
+
+    def valid(self) -> bool:
+        return time.monotonic() < self._valid_until
+
+    async def start(self) -> None:
+        """Register (the first renewal must succeed), then renew in the background."""
+        await self._renew()
+        self._task = asyncio.create_task(self._renew_forever(), name="sessiongate-lease")
+
+    async def _renew(self) -> None:
+        started = time.monotonic()
+        async with asyncio.timeout(self.lease_ttl / RENEWALS_PER_TTL):
+            await self._pool.execute(
+                "INSERT INTO replicas (replica_id, advertise, lease_until, free_slots)"
+                " VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3), $4)"
+                " ON CONFLICT (replica_id) DO UPDATE SET advertise = EXCLUDED.advertise,"
+                " lease_until = EXCLUDED.lease_until, free_slots = EXCLUDED.free_slots",
+                self.replica_id,
+                self.advertise,
+                self.lease_ttl,
+                self._free_slots(),
+            )
+        self._valid_until = started + self.lease_ttl
+
+    async def _renew_forever(self) -> None:
+        interval = self.lease_ttl / RENEWALS_PER_TTL
+        while True:
+            await asyncio.sleep(min(interval, max(0.0, self._valid_until - time.monotonic())))
+            if not self.valid():  # paused, or renewals kept failing: stop serving before anyone takes over
+                await self._lose()
+            try:
+                await self._renew()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log.error("could not renew the lease replica=%s: %s", self.replica_id, clip(str(exc)))
+                continue
+            if self._lost:
+                log.info("lease renewed again replica=%s; serving sessions anew", self.replica_id)
+                self._lost = False
+
+    async def _lose(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        log.error(
+            "lease lost replica=%s: ending every session's agent here; other replicas take them over",
+            self.replica_id,
+        )
+        try:
+            await self._on_lost()
+        except Exception:
+            log.exception("ending sessions after the lease was lost failed")
+
+    async def check(self) -> None:
+        """Called before serving: a lease that ran out (a pause) ends our sessions first."""
+        if not self.valid():
+            await self._lose()
+
+    async def owner(self, session_id: str) -> Owner | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_qualified(COLUMNS)}, s.replica, s.epoch, coalesce(r.advertise, ''),"
+            " coalesce(r.lease_until + make_interval(secs => $2) > clock_timestamp(), false)"
+            " FROM sessions s LEFT JOIN replicas r ON r.replica_id = s.replica WHERE s.session_id = $1",
+            session_id,
+            TAKEOVER_MARGIN,
+        )
+        if row is None:
+            return None
+        values = tuple(row)
+        count = len(COLUMNS.split(","))
+        replica, epoch, advertise, alive = values[count:]
+        record = SessionRecord.from_row(values[:count])
+        return Owner(record, replica, epoch, advertise, bool(alive and replica))
+
+    async def take(self, owner: Owner) -> int | None:
+        """Take a session over (compare-and-set on its epoch); its new epoch, or None when another
+        replica moved it first or its owner is alive again. Its running turns are interrupted."""
+        async with self._pool.acquire() as db, db.transaction():
+            epoch = await db.fetchval(
+                "UPDATE sessions s SET replica = $1, epoch = epoch + 1 WHERE session_id = $2 AND epoch = $3"
+                " AND (replica = '' OR replica = $1 OR NOT EXISTS (SELECT 1 FROM replicas r"
+                " WHERE r.replica_id = s.replica"
+                " AND r.lease_until + make_interval(secs => $4) > clock_timestamp())) RETURNING epoch",
+                self.replica_id,
+                owner.record.session_id,
+                owner.epoch,
+                TAKEOVER_MARGIN,
+            )
+            if epoch is None:
+                return None
+            await db.execute(
+                "UPDATE turns SET state = 'interrupted' WHERE session_id = $1 AND state = 'running'",
+                owner.record.session_id,
+            )
+        log.info(
+            "took over session=%s from replica=%s epoch=%d",
+            owner.record.session_id,
+            owner.replica or "(released)",
+            epoch,
+        )
+        return int(epoch)
+
+    async def peers(self) -> int:
+        """Other replicas whose lease is alive."""
+        count = await self._pool.fetchval(
+            "SELECT count(*) FROM replicas WHERE replica_id != $1 AND lease_until > clock_timestamp()",
+            self.replica_id,
+        )
+        return int(count)
+
+    async def leave(self) -> None:
+        """Drain, once the sessions are released (store_postgres.py): we leave the table."""
+        await self.stop()
+        await self._pool.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _qualified(columns: str) -> str:
+    return ", ".join(f"s.{c.strip()}" for c in columns.split(","))

@@ -1,0 +1,144 @@
+"""Is this session mine? Serve it here, take it over, or forward the call to its owner replica.
+
+Between the service and the pool (the architecture guide's one-way flow). Without replicas
+(no state_url) every lookup is the pool's. With replicas:
+- a session in this replica's pool is served here;
+- a session whose owner's lease is alive is forwarded to the owner: the same call with the
+  same request, the caller's credentials, its deadline, and cancellation passed on; the owner's
+  status and details come back unchanged (`Relayed`);
+- a session released on drain, or whose owner's lease ran out, is taken over (a compare-and-set
+  on its epoch) by calls that work on it (`take`): Prompt, mode and option changes, close;
+  other calls read it from the database as it was stored (a SUSPENDED view), moving nothing.
+A call that was forwarded once is never forwarded again: if the session moved meanwhile the
+caller gets OWNER_LOST and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from server import principals
+from server.errors import OwnerLost, SessionGateError
+from server.ownership import Ownership
+from server.pool import SessionPool
+from server.session import Session
+from server.store_postgres import PostgresStore
+
+log = logging.getLogger("sessiongate.router")
+
+FORWARDED_HEADER = "sessiongate-forwarded-by"
+PASSED_ON = ("authorization",)  # the caller's credentials: the owner authenticates it itself
+
+
+class Forward(Exception):
+    """The session is owned by the replica at `address`: the call goes there."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.address = address
+
+
+class Relayed(Exception):
+    """The owner's answer to a forwarded call: the same status, details and trailers."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
+
+
+class Router:
+    def __init__(self, pool: SessionPool, store: PostgresStore, ownership: Ownership) -> None:
+        self._pool = pool
+        self._store = store
+        self._ownership = ownership
+        self._stubs: dict[str, pb_grpc.SessionServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def session(self, session_id: str, context: Any, *, take: bool) -> Session:
+        """The session to serve here, or Forward to its owner."""
+        await self._ownership.check()
+        if self._pool.has(session_id):
+            return self._pool.get(session_id)  # not the caller's: NOT_FOUND
+        owner = await self._ownership.owner(session_id)
+        if owner is None or not principals.current().may_see(owner.record.owner):
+            return self._pool.get(session_id)  # NOT_FOUND, as for an unknown id
+        if owner.alive and owner.replica != self._ownership.replica_id:
+            if _forwarded(context):
+                raise OwnerLost(f"session {session_id} moved while the call was forwarded; retry")
+            raise Forward(owner.advertise)
+        if not take:
+            return self._pool.view(owner.record)
+        epoch = await self._ownership.take(owner)
+        if epoch is None:  # another replica was faster, or the owner came back
+            raise OwnerLost(f"session {session_id} is being moved between replicas; retry")
+        self._store.owns(session_id, epoch)
+        await self._pool.adopt(owner.record)
+        return self._pool.get(session_id)
+
+    # ---- forwarding ----------------------------------------------------------------------
+
+    async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
+        call = getattr(self._stub(address), method)
+        try:
+            return await call(request, timeout=context.time_remaining(), metadata=_passed_on(context))
+        except grpc.aio.AioRpcError as error:
+            raise _relayed(error, address) from None
+
+    async def stream(self, address: str, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
+        call = getattr(self._stub(address), method)(
+            request, timeout=context.time_remaining(), metadata=_passed_on(context)
+        )
+        try:
+            headers = await call.initial_metadata()
+            ours = tuple((k, v) for k, v in (headers or ()) if k.startswith("sessiongate-"))
+            if ours:
+                await context.send_initial_metadata(ours)
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as error:
+            raise _relayed(error, address) from None
+        finally:
+            call.cancel()  # the caller left (or the stream ended): the owner's call ends too
+
+    def _stub(self, address: str) -> pb_grpc.SessionServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels.append(channel)
+            stub = self._stubs[address] = pb_grpc.SessionServiceStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+def _forwarded(context: Any) -> bool:
+    return any(key == FORWARDED_HEADER for key, _ in context.invocation_metadata() or ())
+
+
+def _passed_on(context: Any) -> tuple[tuple[str, str], ...]:
+    passed = tuple((k, v) for k, v in context.invocation_metadata() or () if k in PASSED_ON)
+    return (*passed, (FORWARDED_HEADER, "1"))
+
+
+def _relayed(error: grpc.aio.AioRpcError, address: str) -> Exception:
+    """The owner's status as it is; a transport failure (no sessiongate details) says so."""
+    trailers = error.trailing_metadata() or ()
+    detailed = any(key == "grpc-status-details-bin" for key, _ in trailers)
+    if error.code() == grpc.StatusCode.UNAVAILABLE and not detailed:
+        return _unreachable(address)
+    return Relayed(error)
+
+
+def _unreachable(address: str) -> SessionGateError:
+    return OwnerLost(
+        f"the replica owning the session ({address}) cannot be reached; retry (it is taken over once"
+        " that replica's lease runs out)",
+        retry_after=1.0,
+    )

@@ -1,0 +1,141 @@
+"""Several replicas sharing one PostgreSQL store: any replica answers any call (forwarding to the
+owner), a dead owner's sessions are taken over once its lease runs out, a draining replica hands
+its sessions over at once. Real server processes, a real PostgreSQL, the built-in agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from sessiongate.v1 import session_service_pb2 as pb
+
+from tests.conftest import expect_error, kinds, reply_text
+from tests.postgres import PostgresServer, free_port
+from tests.processes import ServerProcess, server_process
+
+PACED = "/pace 300 " + " ".join(f"w{i}" for i in range(30))  # 30 chunks, 0.3 s apart
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    tmp_path: Path, url: str, names: tuple[str, ...], lease_ttl: float
+) -> AsyncIterator[dict[str, ServerProcess]]:
+    """Replica processes on one database, one workdir and one agent state dir (a shared volume)."""
+    shared = tmp_path / "shared"
+    shared.mkdir(exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        started = {}
+        for name in names:
+            port = free_port()
+            address = f"127.0.0.1:{port}"
+            args = ("--state-url", url, "--replica-id", name, "--listen", address, "--advertise", address)
+            home = tmp_path / name
+            home.mkdir()
+            started[name] = await stack.enter_async_context(
+                server_process(home, extra_args=(*args, "--lease-ttl", str(lease_ttl)), shared=shared)
+            )
+        yield started
+
+
+async def drain(call: grpc.aio.UnaryStreamCall) -> list[pb.PromptEvent]:
+    out = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        out.append(event)
+    return out
+
+
+async def prompt(server: ServerProcess, session_id: str, text: str) -> list[pb.PromptEvent]:
+    request = pb.PromptRequest(session_id=session_id, text=text)
+    return [e async for e in server.stub.Prompt(request, timeout=60)]
+
+
+async def test_any_replica_answers_for_a_session_and_forwarded_calls_act_on_the_owner(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = await postgres.fresh_database()
+    async with replicas(tmp_path, url, ("a", "b", "c"), lease_ttl=10) as r:
+        session = await r["a"].stub.CreateSession(pb.CreateSessionRequest(labels={"k": "v"}), timeout=30)
+        sid = session.session_id
+        assert session.replica == "a"
+        # Through B: forwarded to A, the events as A streams them.
+        events = await prompt(r["b"], sid, "hello there")
+        assert reply_text(events) == "hello there" and [e.seq for e in events] == list(
+            range(1, len(events) + 1)
+        )
+        shown = await r["c"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert (
+            shown.replica == "a" and shown.state == pb.SESSION_STATE_IDLE and dict(shown.labels) == {"k": "v"}
+        )
+        # A long turn started through B, cancelled through C.
+        call = r["b"].stub.Prompt(pb.PromptRequest(session_id=sid, text=PACED), timeout=60)
+        assert dict(await call.initial_metadata())["sessiongate-turn-id"]  # A's header, passed on
+        await call.read()
+        cancelled = await r["c"].stub.CancelPrompt(pb.CancelPromptRequest(session_id=sid), timeout=10)
+        assert cancelled.cancelled
+        rest = await drain(call)
+        assert rest[-1].result.stop_reason == pb.STOP_REASON_CANCELLED
+        # Statuses come back as the owner sent them: a second prompt on a busy session.
+        busy_call = r["b"].stub.Prompt(pb.PromptRequest(session_id=sid, text=PACED), timeout=60)
+        await busy_call.read()
+        busy = await expect_error(r["c"].stub.Prompt(pb.PromptRequest(session_id=sid, text="x"), timeout=10))
+        assert (busy.code, busy.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_BUSY")
+        assert busy.metadata["session_id"] == sid
+        busy_call.cancel()
+        unknown = await expect_error(r["b"].stub.GetSession(pb.GetSessionRequest(session_id="s" * 22)))
+        assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        # Only A ever ran an agent for it.
+        assert r["a"].log_has(f"session created session={sid}")
+        assert not any(f"session={sid}" in line and "took over" in line for s in r.values() for line in s.log)
+
+
+async def test_a_killed_owners_sessions_are_taken_over_once_its_lease_runs_out(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = await postgres.fresh_database()
+    lease_ttl = 3.0
+    async with replicas(tmp_path, url, ("a", "b"), lease_ttl=lease_ttl) as r:
+        session = await r["a"].stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
+        sid = session.session_id
+        assert reply_text(await prompt(r["a"], sid, "remember me")) == "remember me"
+        r["a"].process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(r["a"].process.wait, 10)
+        killed = time.monotonic()
+        events: list[pb.PromptEvent] = []
+        while not events:
+            try:
+                events = await prompt(r["b"], sid, "/history")
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error  # the owner cannot be reached yet
+                assert time.monotonic() - killed < lease_ttl + 30, "not taken over in time"
+                await asyncio.sleep(0.5)
+        # Resumed with session/load: the agent-side history is there, no context reset.
+        assert "notice" not in kinds(events)
+        assert "remember me" in reply_text(events)
+        shown = await r["b"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert shown.replica == "b"
+        assert any(f"took over session={sid} from replica=a" in line for line in r["b"].log)
+
+
+async def test_a_draining_replica_hands_its_sessions_over_without_a_lease_wait(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = await postgres.fresh_database()
+    async with replicas(tmp_path, url, ("a", "b"), lease_ttl=60) as r:
+        session = await r["a"].stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
+        sid = session.session_id
+        assert reply_text(await prompt(r["a"], sid, "before")) == "before"
+        assert await r["a"].stop() == 0
+        assert any("released 1 sessions" in line for line in r["a"].log)
+        shown = await r["b"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert shown.replica == "" and shown.state == pb.SESSION_STATE_SUSPENDED  # read, not moved
+        started = time.monotonic()
+        events = await prompt(r["b"], sid, "/history")
+        assert time.monotonic() - started < 30  # no wait for a 60 s lease
+        assert "before" in reply_text(events) and "notice" not in kinds(events)
+        shown = await r["b"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert shown.replica == "b"
