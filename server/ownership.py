@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -134,6 +135,31 @@ class Ownership:
         replica, epoch, advertise, alive = values[count:]
         record = SessionRecord.from_row(values[:count])
         return Owner(record, replica, epoch, advertise, bool(alive and replica))
+
+    async def page(
+        self, after: tuple[float, str] | None, owner: str, agent: str, limit: int
+    ) -> list[tuple[SessionRecord, str]]:
+        """Stored sessions in creation order after `after`, each with the replica serving it now
+        ('' when none does), for ListSessions over all replicas."""
+        conditions: list[str] = ["true"]
+        args: list[Any] = [TAKEOVER_MARGIN]
+        if after is not None:
+            args += [after[0], after[1]]
+            conditions.append(f"(s.create_time, s.session_id) > (${len(args) - 1}, ${len(args)})")
+        for column, value in (("owner", owner), ("agent", agent)):
+            if value:
+                args.append(value)
+                conditions.append(f"s.{column} = ${len(args)}")
+        args.append(limit)
+        rows = await self._pool.fetch(
+            f"SELECT {_qualified(COLUMNS)}, CASE WHEN r.lease_until + make_interval(secs => $1)"
+            " > clock_timestamp() THEN s.replica ELSE '' END"
+            " FROM sessions s LEFT JOIN replicas r ON r.replica_id = s.replica"
+            f" WHERE {' AND '.join(conditions)}"
+            f" ORDER BY s.create_time, s.session_id LIMIT ${len(args)}",
+            *args,
+        )
+        return [(SessionRecord.from_row(tuple(row)[:-1]), row[-1]) for row in rows]
 
     async def take(self, owner: Owner) -> int | None:
         """Take a session over (compare-and-set on its epoch); its new epoch, or None when another

@@ -255,14 +255,14 @@ class SessionPool:
 
     def _publish(self, session: Session) -> None:
         self._sessions[session.session_id] = session
-        bisect.insort(self._order, _key(session))
+        bisect.insort(self._order, sort_key(session))
         if session.request_id:
             self._by_request_id[_request_key(session)] = session
 
     def _unpublish(self, session: Session) -> None:
         """Under the map lock (or synchronously): the session leaves every index."""
         self._sessions.pop(session.session_id, None)
-        key = _key(session)
+        key = sort_key(session)
         index = bisect.bisect_left(self._order, key)
         if index < len(self._order) and self._order[index] == key:
             del self._order[index]
@@ -288,7 +288,7 @@ class SessionPool:
         or created between two calls never shift the pages: none is skipped or repeated.
         """
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
-        after = _decode_token(page_token)
+        after = decode_token(page_token)
         start = bisect.bisect_right(self._order, after) if after is not None else 0
         page: list[Session] = []
         more = False
@@ -304,11 +304,11 @@ class SessionPool:
                 more = True
                 break
             page.append(session)
-        return page, _encode_token(_key(page[-1])) if more else ""
+        return page, encode_token(sort_key(page[-1])) if more else ""
 
     def token_after(self, session: Session) -> str:
         """The page token of the position right after `session` (a page cut short)."""
-        return _encode_token(_key(session))
+        return encode_token(sort_key(session))
 
     async def close(self, session_id: str) -> Session:
         """End a session for good; closing one that is already closed answers the same."""
@@ -479,7 +479,7 @@ def _request_key(session: Session) -> tuple[str, str]:
     return (session.owner_name, session.request_id)
 
 
-def _key(session: Session) -> SortKey:
+def sort_key(session: Session) -> SortKey:
     return (session.create_time, session.session_id)
 
 
@@ -538,11 +538,11 @@ def _check_same_request(request_id: str, agent: str, cwd: str, new_agent: str, n
         )
 
 
-def _encode_token(key: SortKey) -> str:
+def encode_token(key: SortKey) -> str:
     return base64.urlsafe_b64encode(json.dumps(["after", key[0], key[1]]).encode()).decode()
 
 
-def _decode_token(token: str) -> SortKey | None:
+def decode_token(token: str) -> SortKey | None:
     if not token:
         return None
     try:

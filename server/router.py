@@ -16,7 +16,7 @@ caller gets OWNER_LOST and retries.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -25,7 +25,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 from server import principals
 from server.errors import OwnerLost, SessionGateError
 from server.ownership import Ownership
-from server.pool import SessionPool
+from server.pool import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SessionPool, decode_token, encode_token, sort_key
 from server.session import Session
 from server.store_postgres import PostgresStore
 
@@ -79,6 +79,33 @@ class Router:
         self._store.owns(session_id, epoch)
         await self._pool.adopt(owner.record)
         return self._pool.get(session_id)
+
+    async def page(
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
+    ) -> tuple[list[tuple[Session, str]], str]:
+        """ListSessions over every replica's sessions (from the database), each with the replica
+        serving it; ones served here show their live state. Same order and tokens as the pool's."""
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        after = decode_token(page_token)
+        principal = principals.current()
+        batch = max(2 * size, 100)
+        found: list[tuple[Session, str]] = []
+        owner = owner or ("" if principal.admin else principal.name)  # only what the caller may see
+        while True:
+            rows = await self._ownership.page(after, owner, agent, batch)
+            for record, replica in rows:
+                if len(found) == size:
+                    return found, encode_token(sort_key(found[-1][0]))
+                after = (record.create_time, record.session_id)
+                if not principal.may_see(record.owner) or any(
+                    record.labels.get(k) != v for k, v in labels.items()
+                ):
+                    continue
+                local = self._pool.has(record.session_id)
+                session = self._pool.get(record.session_id) if local else self._pool.view(record)
+                found.append((session, self._ownership.replica_id if local else replica))
+            if len(rows) < batch:
+                return found, ""
 
     # ---- forwarding ----------------------------------------------------------------------
 

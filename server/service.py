@@ -294,15 +294,20 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 violations.append(FieldViolation(name, f"at most {MAX_FILTER_NAME} characters"))
         if violations:
             raise InvalidArgument(violations)
-        page, token = self._pool.page(
-            request.page_size, request.page_token, request.agent, request.labels, request.owner
-        )
+        args = (request.page_size, request.page_token, request.agent, request.labels, request.owner)
+        if self._router is not None:  # every replica's sessions, from the database
+            served, token = await self._router.page(*args)
+        else:
+            local, token = self._pool.page(*args)
+            served = [(session, "") for session in local]
+        page = [session for session, _ in served]
         # Sessions carry their agents' modes, options and commands: a page is cut short of what
         # stock clients receive (4 MiB), and the token goes on after its last session.
         sessions: list[pb.Session] = []
         size = 0
-        for index, session in enumerate(page):
+        for index, (session, replica) in enumerate(served):
             message = session_proto(session)
+            message.replica = replica
             size += message.ByteSize() + 16
             if sessions and size > MAX_LIST_BYTES:
                 token = self._pool.token_after(page[index - 1])

@@ -41,9 +41,6 @@ from tests.processes import ServerProcess, server_process
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ENVOY_CONFIG = DEPLOY / "envoy.yaml"
 KUBERNETES_VERSION = "1.33.0"  # the schemas kubernetes-validate ships, offline
-# Settings issue 12 adds to the server, which the manifest names already: drop this once
-# server/settings.py has them in every commit this file is in.
-PENDING_SETTINGS = {"replica_id", "advertise"}
 DRAINED_GRACE = 30.0  # the drained backend stays up (NOT_SERVING) this long with a turn running
 
 
@@ -94,7 +91,7 @@ def test_kubernetes_replicas_probe_health_and_drain_within_the_grace_period() ->
     for name in env:
         if name.startswith("SESSIONGATE_"):
             key = name.removeprefix("SESSIONGATE_").lower()
-            assert key in known | PENDING_SETTINGS, f"{name} is not a server setting"
+            assert key in known, f"{name} is not a server setting"
     drain_grace = float(env["SESSIONGATE_DRAIN_GRACE"]["value"])
     # The drain must end (turns cancelled, agents stopped, server stopped) before SIGKILL.
     assert drain_grace + 5 <= pod["terminationGracePeriodSeconds"]

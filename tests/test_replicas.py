@@ -86,6 +86,18 @@ async def test_any_replica_answers_for_a_session_and_forwarded_calls_act_on_the_
         assert (busy.code, busy.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_BUSY")
         assert busy.metadata["session_id"] == sid
         busy_call.cancel()
+        # ListSessions through any replica pages over every replica's sessions, in creation order.
+        other = await r["c"].stub.CreateSession(pb.CreateSessionRequest(labels={"k": "w"}), timeout=30)
+        listed, token = [], ""
+        while True:
+            page = await r["b"].stub.ListSessions(pb.ListSessionsRequest(page_size=1, page_token=token))
+            listed.extend(page.sessions)
+            token = page.next_page_token
+            if not token:
+                break
+        assert [(s.session_id, s.replica) for s in listed] == [(sid, "a"), (other.session_id, "c")]
+        labelled = await r["a"].stub.ListSessions(pb.ListSessionsRequest(labels={"k": "w"}))
+        assert [s.session_id for s in labelled.sessions] == [other.session_id]
         unknown = await expect_error(r["b"].stub.GetSession(pb.GetSessionRequest(session_id="s" * 22)))
         assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
         # Only A ever ran an agent for it.
