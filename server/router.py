@@ -59,6 +59,17 @@ class Router:
         self._stubs: dict[str, pb_grpc.SessionServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
+    def check_lease(self, session_id: str) -> None:
+        """Before each event relayed: a replica whose lease may have run out (it was paused, or
+        cut off from the database) sends nothing more; its sessions are someone else's now."""
+        if not self._ownership.valid():
+            raise _lease_lost(session_id)
+
+    def outcome(self, exc: Exception, session_id: str) -> Exception:
+        """How a stream of this replica ends: whatever else went wrong (a stall timer that fired
+        as the process woke up, say), once the lease ran out it is OWNER_LOST."""
+        return exc if self._ownership.valid() else _lease_lost(session_id)
+
     async def session(self, session_id: str, context: Any, *, take: bool) -> Session:
         """The session to serve here, or Forward to its owner."""
         await self._ownership.check()
@@ -143,6 +154,10 @@ class Router:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+
+
+def _lease_lost(session_id: str) -> OwnerLost:
+    return OwnerLost(f"this replica's lease ran out: session {session_id} is being moved; retry")
 
 
 def _forwarded(context: Any) -> bool:

@@ -197,6 +197,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 # reads them from there like any watcher, but paces the agent while it reads.
                 async with contextlib.aclosing(turn_log.events(0, pace=True)) as events:
                     async for event in events:
+                        if self._router is not None:
+                            self._router.check_lease(session.session_id)
                         if seq == 0:
                             self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
                         yield event
@@ -213,7 +215,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
             outcome = ""  # counted by the owner
             async for event in self._forwarded_stream(forward, "Prompt", request, context):
                 yield event
-        except Exception as exc:
+        except Exception as error:
+            exc = self._router.outcome(error, request.session_id) if self._router is not None else error
             outcome = _outcome(exc)
             if isinstance(exc, SessionBusy):
                 self._metrics.busy_rejections.labels(agent).inc()
@@ -234,12 +237,14 @@ class SessionService(pb_grpc.SessionServiceServicer):
             await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
             async with contextlib.aclosing(turn_log.events(request.after_seq)) as events:
                 async for event in events:
+                    if self._router is not None:
+                        self._router.check_lease(session.session_id)
                     yield event
         except Forward as forward:
             async for event in self._forwarded_stream(forward, "WatchTurn", request, context):
                 yield event
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, self._router.outcome(exc, request.session_id) if self._router else exc)
 
     async def _forwarded_stream(
         self, forward: Forward, method: str, request: Any, context: Any

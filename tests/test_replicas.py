@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import pytest
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import expect_error, kinds, reply_text
+from tests.conftest import details_of, expect_error, kinds, reply_text, wait_gone
 from tests.postgres import PostgresServer, free_port
 from tests.processes import ServerProcess, server_process
 
@@ -150,4 +152,79 @@ async def test_a_draining_replica_hands_its_sessions_over_without_a_lease_wait(
         assert time.monotonic() - started < 30  # no wait for a 60 s lease
         assert "before" in reply_text(events) and "notice" not in kinds(events)
         shown = await r["b"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert shown.replica == "b"
+
+
+def running_agents(server: ServerProcess) -> set[int]:
+    """Agent processes (of any replica: their state dir is shared) that exist and are not stopped."""
+    running = set()
+    for pid in server.agent_pids():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            running.add(pid)
+    return running
+
+
+async def test_a_paused_owner_loses_its_sessions_and_after_waking_streams_nothing_and_ends_its_agents(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """A replica's machine frozen longer than its lease (SIGSTOP to the gateway and its agents:
+    a partition as its peers see it). Its session moves; once it wakes it streams nothing more for
+    it and ends its stale agent; at no instant do two agents run for the session."""
+    url = await postgres.fresh_database()
+    lease_ttl = 3.0
+    async with replicas(tmp_path, url, ("a", "b"), lease_ttl=lease_ttl) as r:
+        a, b = r["a"], r["b"]
+        session = await a.stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
+        sid = session.session_id
+        call = a.stub.Prompt(pb.PromptRequest(session_id=sid, text=PACED), timeout=120)
+        first = await call.read()
+        (old_agent,) = running_agents(a)
+        most_running = 0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal most_running
+            while sampling:
+                most_running = max(most_running, len(running_agents(a)))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        os.killpg(os.getpgid(old_agent), signal.SIGSTOP)
+        os.killpg(a.process.pid, signal.SIGSTOP)
+        try:
+            paused = time.monotonic()
+            events: list[pb.PromptEvent] = []
+            while not events:  # B takes it over once A's lease and the margin have run out
+                try:
+                    events = await prompt(b, sid, "/history")
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                    assert time.monotonic() - paused < lease_ttl + 30, "not taken over in time"
+                    await asyncio.sleep(0.5)
+            assert time.monotonic() - paused >= lease_ttl  # never before A's lease ran out
+            assert "earlier turns" in reply_text(events)
+            new_agents = running_agents(b) - {old_agent}
+            assert len(new_agents) == 1
+        finally:
+            os.killpg(a.process.pid, signal.SIGCONT)  # the gateway wakes; its agent stays frozen
+        # A ends its stale agent (SIGKILL works on a stopped process) and streams nothing more.
+        rest: list[pb.PromptEvent] = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                rest.append(event)
+        lost = details_of(ended.value)
+        assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST")
+        assert not any(e.HasField("result") for e in [first, *rest])
+        assert not await asyncio.to_thread(wait_gone, {old_agent}, 10), "A left its stale agent running"
+        sampling = False
+        await sampler
+        assert most_running == 1, f"{most_running} agents ran at once for the session"
+        assert a.log_has("lease lost replica=a")
+        # The session goes on at B; A forwards to B now.
+        assert reply_text(await prompt(a, sid, "still here")) == "still here"
+        shown = await a.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
         assert shown.replica == "b"
