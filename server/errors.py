@@ -249,6 +249,14 @@ class StoreUnavailable(SessionGateError):
     transparently_retryable = False
 
 
+class RequestIdTaken(SessionGateError):
+    """Another replica stored a session for this request id first (two creates raced): a retry
+    returns that session."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "REQUEST_ID_RACE"
+
+
 class OwnerLost(SessionGateError):
     """This replica no longer owns the session (its lease ran out, or another replica took it
     over): whatever it was doing for the session stopped; a retry reaches the new owner."""

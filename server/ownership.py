@@ -121,12 +121,19 @@ class Ownership:
             await self._lose()
 
     async def owner(self, session_id: str) -> Owner | None:
+        return await self._owner("s.session_id = $2", session_id)
+
+    async def owner_by_request(self, owner: str, request_id: str) -> Owner | None:
+        """The session a principal's CreateSession with this request id made, on any replica."""
+        return await self._owner("s.owner = $2 AND s.request_id = $3", owner, request_id)
+
+    async def _owner(self, condition: str, *args: str) -> Owner | None:
         row = await self._pool.fetchrow(
             f"SELECT {_qualified(COLUMNS)}, s.replica, s.epoch, coalesce(r.advertise, ''),"
-            " coalesce(r.lease_until + make_interval(secs => $2) > clock_timestamp(), false)"
-            " FROM sessions s LEFT JOIN replicas r ON r.replica_id = s.replica WHERE s.session_id = $1",
-            session_id,
+            " coalesce(r.lease_until + make_interval(secs => $1) > clock_timestamp(), false)"
+            f" FROM sessions s LEFT JOIN replicas r ON r.replica_id = s.replica WHERE {condition}",
             TAKEOVER_MARGIN,
+            *args,
         )
         if row is None:
             return None
@@ -135,6 +142,18 @@ class Ownership:
         replica, epoch, advertise, alive = values[count:]
         record = SessionRecord.from_row(values[:count])
         return Owner(record, replica, epoch, advertise, bool(alive and replica))
+
+    def free_slots(self) -> int:
+        return self._free_slots()
+
+    async def most_free(self) -> str | None:
+        """The address of the live replica with the most free agent slots (none: None)."""
+        found = await self._pool.fetchval(
+            "SELECT advertise FROM replicas WHERE replica_id != $1 AND free_slots > 0"
+            " AND lease_until > clock_timestamp() ORDER BY free_slots DESC, replica_id LIMIT 1",
+            self.replica_id,
+        )
+        return str(found) if found is not None else None
 
     async def page(
         self, after: tuple[float, str] | None, owner: str, agent: str, limit: int

@@ -66,6 +66,11 @@ ALTER TABLE sessions ADD COLUMN replica TEXT NOT NULL DEFAULT '';
 ALTER TABLE sessions ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX sessions_by_replica ON sessions (replica);
 """,
+    # One session per principal's request id over all replicas (a retried CreateSession through
+    # another replica finds it; two racing ones cannot both store theirs).
+    3: """
+CREATE UNIQUE INDEX sessions_owner_request ON sessions (owner, request_id) WHERE request_id != '';
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -24,7 +24,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import principals
 from server.errors import OwnerLost, SessionGateError
-from server.ownership import Ownership
+from server.ownership import Owner, Ownership
 from server.pool import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SessionPool, decode_token, encode_token, sort_key
 from server.session import Session
 from server.store_postgres import PostgresStore
@@ -84,12 +84,33 @@ class Router:
             raise Forward(owner.advertise)
         if not take:
             return self._pool.view(owner.record)
+        await self._take(owner)
+        return self._pool.get(session_id)
+
+    async def _take(self, owner: Owner) -> None:
         epoch = await self._ownership.take(owner)
         if epoch is None:  # another replica was faster, or the owner came back
-            raise OwnerLost(f"session {session_id} is being moved between replicas; retry")
-        self._store.owns(session_id, epoch)
+            raise OwnerLost(f"session {owner.record.session_id} is being moved between replicas; retry")
+        self._store.owns(owner.record.session_id, epoch)
         await self._pool.adopt(owner.record)
-        return self._pool.get(session_id)
+
+    async def create_target(self, request_id: str, context: Any) -> str | None:
+        """Where a CreateSession goes: None for here. A request id another replica already made
+        a session for goes to that replica (or the session is taken over here when its replica is
+        gone); with no free agent slot here, the live replica with the most free slots."""
+        if _forwarded(context):
+            return None
+        await self._ownership.check()
+        if request_id:
+            made = await self._ownership.owner_by_request(principals.current().name, request_id)
+            if made is not None and not self._pool.has(made.record.session_id):
+                if made.alive and made.replica != self._ownership.replica_id:
+                    return made.advertise
+                await self._take(made)  # the pool then finds it by its request id
+                return None
+        if self._ownership.free_slots() > 0:
+            return None
+        return await self._ownership.most_free()
 
     async def page(
         self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str

@@ -169,6 +169,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
             raise InvalidArgument(violations)
         assert config is not None
         _check_agent_allowed(config.name)
+        if self._router is not None:
+            target = await self._router.create_target(request.request_id, context)
+            if target is not None:
+                raise Forward(target)
         session = await self._pool.create(config, str(cwd), request.request_id, dict(request.labels))
         return self._proto(session)
 

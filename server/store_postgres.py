@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from server import pg_schema
-from server.errors import ShuttingDown, StoreUnavailable, clip
+from server.errors import RequestIdTaken, ShuttingDown, StoreUnavailable, clip
 from server.store import COLUMNS, WRITE_TIMEOUT, SessionRecord, StoreError
 from server.turn_records import COLUMNS as TURN_COLUMNS
 from server.turn_records import EventBatch, TurnRow
@@ -148,7 +148,14 @@ class PostgresStore:
 
     async def _upsert(self, db: asyncpg.Connection, record: SessionRecord) -> None:
         epoch = self.epochs.setdefault(record.session_id, 1)  # a new session starts at epoch 1
-        done = await db.execute(UPSERT_SESSION, *record.row(), self.replica_id, epoch)
+        try:
+            done = await db.execute(UPSERT_SESSION, *record.row(), self.replica_id, epoch)
+        except asyncpg.UniqueViolationError:
+            self.epochs.pop(record.session_id, None)
+            raise RequestIdTaken(
+                f"another replica stored a session for request_id {clip(record.request_id, 64)!r} first;"
+                " retry to get it"
+            ) from None
         if done.endswith(" 0"):
             self._fenced(record.session_id)
 
@@ -392,7 +399,7 @@ class PostgresStore:
                         op, done = self._ops[0]
                         try:
                             result = await op(db)
-                        except DB_ERRORS as exc:
+                        except Exception as exc:  # the op's caller gets it; the writer goes on
                             self._ops.popleft()
                             _settle(done, exc)
                             if done is None:

@@ -25,7 +25,11 @@ PACED = "/pace 300 " + " ".join(f"w{i}" for i in range(30))  # 30 chunks, 0.3 s 
 
 @contextlib.asynccontextmanager
 async def replicas(
-    tmp_path: Path, url: str, names: tuple[str, ...], lease_ttl: float
+    tmp_path: Path,
+    url: str,
+    names: tuple[str, ...],
+    lease_ttl: float,
+    options: dict[str, tuple[str, ...]] | None = None,
 ) -> AsyncIterator[dict[str, ServerProcess]]:
     """Replica processes on one database, one workdir and one agent state dir (a shared volume)."""
     shared = tmp_path / "shared"
@@ -39,7 +43,11 @@ async def replicas(
             home = tmp_path / name
             home.mkdir()
             started[name] = await stack.enter_async_context(
-                server_process(home, extra_args=(*args, "--lease-ttl", str(lease_ttl)), shared=shared)
+                server_process(
+                    home,
+                    extra_args=(*args, "--lease-ttl", str(lease_ttl), *(options or {}).get(name, ())),
+                    shared=shared,
+                )
             )
         yield started
 
@@ -228,3 +236,45 @@ async def test_a_paused_owner_loses_its_sessions_and_after_waking_streams_nothin
         assert reply_text(await prompt(a, sid, "still here")) == "still here"
         shown = await a.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
         assert shown.replica == "b"
+
+
+async def test_creates_go_where_there_is_room_and_a_request_id_is_one_session_over_all_replicas(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = await postgres.fresh_database()
+    room: dict[str, tuple[str, ...]] = {"a": ("--max-sessions", "1"), "b": ("--max-sessions", "4")}
+    async with replicas(tmp_path, url, ("a", "b"), lease_ttl=10, options=room) as r:
+        a, b = r["a"], r["b"]
+        first = await a.stub.CreateSession(pb.CreateSessionRequest(request_id="r1"), timeout=30)
+        assert first.replica == "a"
+        # A's only slot is taken: the next create through A is made on B (A suspends nothing).
+        second = await a.stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
+        assert second.replica == "b"
+        shown = await a.stub.GetSession(pb.GetSessionRequest(session_id=first.session_id), timeout=10)
+        assert shown.state == pb.SESSION_STATE_IDLE
+        # A retried create through the other replica returns the same session.
+        again = await b.stub.CreateSession(pb.CreateSessionRequest(request_id="r1"), timeout=30)
+        assert again.session_id == first.session_id and again.replica == "a"
+        other_cwd = await expect_error(
+            b.stub.CreateSession(pb.CreateSessionRequest(request_id="r1", agent="slow"), timeout=30)
+        )
+        assert other_cwd.code == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in other_cwd.violations
+        # Two creates racing through both replicas with one request id: one session, whatever wins.
+        results = await asyncio.gather(
+            *(
+                server.stub.CreateSession(pb.CreateSessionRequest(request_id="race"), timeout=30)
+                for server in (a, b)
+            ),
+            return_exceptions=True,
+        )
+        made = set()
+        for result in results:
+            if isinstance(result, grpc.aio.AioRpcError):
+                lost = details_of(result)
+                assert (lost.code, lost.reason) == (grpc.StatusCode.ABORTED, "REQUEST_ID_RACE"), lost
+                result = await b.stub.CreateSession(pb.CreateSessionRequest(request_id="race"), timeout=30)
+            assert isinstance(result, pb.Session)
+            made.add(result.session_id)
+        assert len(made) == 1
+        listed = (await b.stub.ListSessions(pb.ListSessionsRequest())).sessions
+        assert sum(1 for s in listed if s.request_id == "race") == 1
