@@ -29,7 +29,7 @@ from server.principals import TokenTable, live_limits
 from server.router import Router
 from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
-from server.settings import AgentConfig, ServerLimits, Settings
+from server.settings import AgentConfig, ServerLimits, Settings, replica_token
 from server.spares import SparePool
 from server.store import Store, make_store
 from server.store_postgres import PostgresStore
@@ -145,8 +145,8 @@ async def start_server(settings: Settings) -> RunningServer:
     # What agents must not see: the tokens, the TLS key, the config (other agents' env), and
     # our own Unix socket (an agent could use the API over it as the server's user).
     socket = Path(settings.listen.removeprefix("unix://")) if settings.listen.startswith("unix://") else None
-    secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, socket)
-    launcher = Launcher.for_server(settings.state_db, secrets)
+    secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, settings.replica_token_file)
+    launcher = Launcher.for_server(settings.state_db, (*secrets, socket))
     say_sandboxes(launcher, settings.agents.values())
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
@@ -167,7 +167,14 @@ async def start_server(settings: Settings) -> RunningServer:
     log.info("session store %s: %d sessions restored (SUSPENDED)", store.where, restored)
     router = await join_replicas(settings, replica_id, store, pool) if settings.state_url else None
     interceptors = (
-        [AuthInterceptor(tokens, settings.tls_client_ca is not None, settings.reflection == "public")]
+        [
+            AuthInterceptor(
+                tokens,
+                settings.tls_client_ca is not None,
+                settings.reflection == "public",
+                replica_token(settings),
+            )
+        ]
         if settings.authenticated
         else []
     )
@@ -241,7 +248,7 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
     )
     await ownership.start()
     store.on_fenced = pool.fence
-    router = Router(pool, store, ownership)
+    router = Router(pool, store, ownership, replica_token(settings))
 
     async def release() -> None:
         # Alone, it keeps its sessions: restarted under the same replica id it serves them again.

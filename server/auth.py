@@ -11,6 +11,7 @@ never a token or a prompt.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +26,8 @@ from server.tls import certificate_name
 audit = logging.getLogger("sessiongate.audit")
 
 HEALTH = "/grpc.health.v1.Health/"
+REPLICA_HEADER = "sessiongate-replica-token"  # a forwarding replica's shared secret (router.py)
+PRINCIPAL_HEADER = "sessiongate-principal"  # ...and the principal it forwards a call for
 REFLECTION = "/grpc.reflection."
 
 
@@ -32,11 +35,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates by bearer token (`tokens`) and, with `mtls`, by client certificate."""
 
     def __init__(
-        self, tokens: TokenTable | None, mtls: bool = False, public_reflection: bool = False
+        self,
+        tokens: TokenTable | None,
+        mtls: bool = False,
+        public_reflection: bool = False,
+        replica_token: str = "",
     ) -> None:
         self._tokens = tokens
         self._mtls = mtls
         self._public_reflection = public_reflection
+        self._replica_token = replica_token.encode()
 
     async def intercept_service(
         self,
@@ -52,7 +60,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrapped(handler, method, self.principal)
 
     def principal(self, context: grpc.aio.ServicerContext) -> Principal | None:
-        """The caller: a known bearer token first, else a verified client certificate's name."""
+        """The caller: a replica forwarding a call for a principal it authenticated (by the
+        replicas' shared token), else a known bearer token, else a verified client certificate's
+        name."""
+        metadata = dict(context.invocation_metadata() or ())
+        if REPLICA_HEADER in metadata:  # present: it must be right, never a fallback to the rest
+            given = metadata[REPLICA_HEADER]
+            if not self._replica_token or not isinstance(given, str):
+                return None
+            if not hmac.compare_digest(given.encode(), self._replica_token):
+                return None
+            name = metadata.get(PRINCIPAL_HEADER, "")
+            if not isinstance(name, str):
+                return None
+            return self._tokens.by_name(name) if self._tokens is not None else Principal(name=name)
         if self._tokens is not None:
             for key, value in context.invocation_metadata() or ():
                 if key == "authorization" and isinstance(value, str):

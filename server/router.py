@@ -23,6 +23,7 @@ import grpc
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import principals
+from server.auth import PRINCIPAL_HEADER, REPLICA_HEADER
 from server.errors import OwnerLost, SessionGateError
 from server.ownership import Owner, Ownership
 from server.pool import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SessionPool, decode_token, encode_token, sort_key
@@ -32,7 +33,7 @@ from server.store_postgres import PostgresStore
 log = logging.getLogger("sessiongate.router")
 
 FORWARDED_HEADER = "sessiongate-forwarded-by"
-PASSED_ON = ("authorization",)  # the caller's credentials: the owner authenticates it itself
+PASSED_ON = ("authorization",)  # without a replica token: the owner authenticates the caller itself
 
 
 class Forward(Exception):
@@ -52,8 +53,11 @@ class Relayed(Exception):
 
 
 class Router:
-    def __init__(self, pool: SessionPool, store: PostgresStore, ownership: Ownership) -> None:
+    def __init__(
+        self, pool: SessionPool, store: PostgresStore, ownership: Ownership, replica_token: str = ""
+    ) -> None:
         self._pool = pool
+        self._replica_token = replica_token
         self._store = store
         self._ownership = ownership
         self._stubs: dict[str, pb_grpc.SessionServiceStub] = {}
@@ -144,13 +148,13 @@ class Router:
     async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
         call = getattr(self._stub(address), method)
         try:
-            return await call(request, timeout=context.time_remaining(), metadata=_passed_on(context))
+            return await call(request, timeout=context.time_remaining(), metadata=self._passed_on(context))
         except grpc.aio.AioRpcError as error:
             raise _relayed(error, address) from None
 
     async def stream(self, address: str, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
         call = getattr(self._stub(address), method)(
-            request, timeout=context.time_remaining(), metadata=_passed_on(context)
+            request, timeout=context.time_remaining(), metadata=self._passed_on(context)
         )
         try:
             headers = await call.initial_metadata()
@@ -163,6 +167,16 @@ class Router:
             raise _relayed(error, address) from None
         finally:
             call.cancel()  # the caller left (or the stream ended): the owner's call ends too
+
+    def _passed_on(self, context: Any) -> tuple[tuple[str, str], ...]:
+        """Who the call is for: with the replicas' token, the principal authenticated here (the
+        owner trusts the name, however the caller proved it); else the caller's own credentials."""
+        who: tuple[tuple[str, str], ...]
+        if self._replica_token:
+            who = ((REPLICA_HEADER, self._replica_token), (PRINCIPAL_HEADER, principals.current().name))
+        else:
+            who = tuple((k, v) for k, v in context.invocation_metadata() or () if k in PASSED_ON)
+        return (*who, (FORWARDED_HEADER, self._ownership.replica_id))
 
     def _stub(self, address: str) -> pb_grpc.SessionServiceStub:
         stub = self._stubs.get(address)
@@ -183,11 +197,6 @@ def _lease_lost(session_id: str) -> OwnerLost:
 
 def _forwarded(context: Any) -> bool:
     return any(key == FORWARDED_HEADER for key, _ in context.invocation_metadata() or ())
-
-
-def _passed_on(context: Any) -> tuple[tuple[str, str], ...]:
-    passed = tuple((k, v) for k, v in context.invocation_metadata() or () if k in PASSED_ON)
-    return (*passed, (FORWARDED_HEADER, "1"))
 
 
 def _relayed(error: grpc.aio.AioRpcError, address: str) -> Exception:

@@ -117,6 +117,9 @@ class Settings:
     state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
     replica_id: str = ""  # this replica's name among replicas (default: host name and port)
     advertise: str = ""  # HOST:PORT the other replicas reach this one at (default: listen)
+    # A secret shared by the replicas: a forwarded call carries it and the caller's principal
+    # name, and the owner trusts that name (any way the caller authenticated, mTLS included).
+    replica_token_file: Path | None = None
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
     insecure: bool = False  # serve a non-loopback address without authentication, on purpose
@@ -158,6 +161,7 @@ _SCALAR_KEYS = (
     "state_url",
     "replica_id",
     "advertise",
+    "replica_token_file",
     "auth_tokens_file",
     "reflection",
     "insecure",
@@ -223,6 +227,11 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--replica-id", dest="replica_id", help="this replica's name (default HOST:PORT)")
     parser.add_argument(
         "--advertise", help="HOST:PORT other replicas reach this one at (default: the listen address)"
+    )
+    parser.add_argument(
+        "--replica-token-file",
+        dest="replica_token_file",
+        help="file holding the secret replicas authenticate each other with when they forward calls",
     )
     parser.add_argument(
         "--auth-tokens-file", dest="auth_tokens_file", help="TOML file of principals and their token hashes"
@@ -414,6 +423,8 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
         settings = replace(settings, replica_id=str(raw["replica_id"]))
     if raw.get("advertise"):
         settings = replace(settings, advertise=str(raw["advertise"]))
+    if raw.get("replica_token_file"):
+        settings = replace(settings, replica_token_file=Path(str(raw["replica_token_file"])).expanduser())
     if "allowed_roots" in raw:
         roots = raw["allowed_roots"]
         if not isinstance(roots, list | tuple):
@@ -461,7 +472,13 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError("TLS needs a certificate and its key: set both (--tls-cert, --tls-key)")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("a client CA (mTLS) needs TLS: set the tls cert and key too")
-    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.auth_tokens_file):
+    for path in (
+        settings.tls_cert,
+        settings.tls_key,
+        settings.tls_client_ca,
+        settings.auth_tokens_file,
+        settings.replica_token_file,
+    ):
         if path is not None and not path.is_file():
             raise ConfigError(f"{path} is not a readable file")
     if settings.state_url and not settings.state_url.startswith(("postgresql://", "postgres://")):
@@ -496,10 +513,32 @@ def validate(settings: Settings) -> Settings:
     # Absolute from here on: the sandbox hides these files from agents by their path.
     files = {
         key: getattr(settings, key).expanduser().resolve()
-        for key in ("state_db", "auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca", "config_file")
+        for key in (
+            "state_db",
+            "auth_tokens_file",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "config_file",
+            "replica_token_file",
+        )
         if getattr(settings, key) is not None
     }
     return replace(settings, workdir=workdir, allowed_roots=roots, **files)
+
+
+MIN_REPLICA_TOKEN = 16
+
+
+def replica_token(settings: Settings) -> str:
+    """The replicas' shared secret ('' when none is configured)."""
+    if settings.replica_token_file is None:
+        return ""
+    token = settings.replica_token_file.read_text().strip()
+    if len(token) < MIN_REPLICA_TOKEN:
+        where = settings.replica_token_file
+        raise ConfigError(f"the replica token in {where} must be at least {MIN_REPLICA_TOKEN} characters")
+    return token
 
 
 def _check_user(config: AgentConfig) -> None:

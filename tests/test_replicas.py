@@ -19,6 +19,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 from tests.conftest import details_of, expect_error, kinds, reply_text, wait_gone
 from tests.postgres import PostgresServer, free_port
 from tests.processes import ServerProcess, server_process
+from tests.test_auth import as_, tokens_file
 
 PACED = "/pace 300 " + " ".join(f"w{i}" for i in range(30))  # 30 chunks, 0.3 s apart
 
@@ -278,3 +279,35 @@ async def test_creates_go_where_there_is_room_and_a_request_id_is_one_session_ov
         assert len(made) == 1
         listed = (await b.stub.ListSessions(pb.ListSessionsRequest())).sessions
         assert sum(1 for s in listed if s.request_id == "race") == 1
+
+
+async def test_replicas_authenticate_each_other_and_forward_as_the_callers_principal(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = await postgres.fresh_database()
+    tokens = tokens_file(tmp_path / "tokens.toml")
+    secret = tmp_path / "replica-token"
+    secret.write_text("a-secret-the-replicas-share\n")
+    auth = ("--auth-tokens-file", str(tokens), "--replica-token-file", str(secret))
+    async with replicas(tmp_path, url, ("a", "b"), lease_ttl=10, options={"a": auth, "b": auth}) as r:
+        a, b = r["a"], r["b"]
+        session = await a.stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("alice"), timeout=30)
+        sid = session.session_id
+        request = pb.PromptRequest(session_id=sid, text="mine")
+        events = [e async for e in b.stub.Prompt(request, metadata=as_("alice"), timeout=30)]
+        assert reply_text(events) == "mine"
+        assert a.log_has(
+            f"call principal=alice rpc=/sessiongate.v1.SessionService/Prompt session={sid} code=OK"
+        )
+        for rpc in ("Prompt", "GetSession"):  # another principal: not found, on the owner as here
+            call = (
+                b.stub.Prompt(request, metadata=as_("bob"), timeout=10)
+                if rpc == "Prompt"
+                else b.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=as_("bob"), timeout=10)
+            )
+            hidden = await expect_error(call)
+            assert (hidden.code, hidden.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        # A client cannot pose as a replica: a wrong token (even with a valid bearer token) is refused.
+        forged = [("sessiongate-replica-token", "guess"), ("sessiongate-principal", "alice"), *as_("bob")]
+        refused = await expect_error(a.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=forged))
+        assert refused.code == grpc.StatusCode.UNAUTHENTICATED
