@@ -55,8 +55,11 @@ proto-breaking: $(NODE_STAMP)
 run: $(STAMP)
 	$(PY) -m server $(ARGS)
 
+# Two workers, each a whole test file at a time (a file's shared servers stay in one process).
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(NODE_STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # Benchmarks, never part of `make test`: `make bench` (full, writes docs/benchmarks.md) or
 # `make bench ARGS=--quick` (about two minutes, writes bench-results/quick.md).
