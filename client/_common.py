@@ -107,6 +107,14 @@ def bearer(token: str | None) -> Metadata:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def routed(metadata: Metadata, request: Any) -> Metadata:
+    """The call's metadata with a `session-id` header when it is about one session: a front such
+    as Envoy (deploy/envoy.yaml) hashes on it, so the call lands on the replica that owns the
+    session instead of being forwarded there."""
+    session_id = getattr(request, "session_id", "")
+    return (*metadata, ("session-id", session_id)) if session_id else metadata
+
+
 def channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     return [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1), *extra]
 

@@ -33,6 +33,7 @@ from client._common import (
     prompt_request,
     question,
     respond_elicitation_request,
+    routed,
     tls_credentials,
     turn_id_of,
     watch_request,
@@ -127,7 +128,7 @@ class AsyncSessionClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, metadata=self._metadata, timeout=timeout)
+            return await method(request, metadata=routed(self._metadata, request), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
@@ -215,7 +216,9 @@ class AsyncSessionClient:
         events._bind(
             self._stream(
                 events,
-                lambda deadline: self._stub.Prompt(request, metadata=self._metadata, timeout=deadline),
+                lambda deadline: self._stub.Prompt(
+                    request, metadata=routed(self._metadata, request), timeout=deadline
+                ),
                 timeout,
                 reattach_timeout if resumable else 0,
                 on_permission,
@@ -252,7 +255,9 @@ class AsyncSessionClient:
         events._bind(
             self._stream(
                 events,
-                lambda deadline: self._stub.WatchTurn(request, metadata=self._metadata, timeout=deadline),
+                lambda deadline: self._stub.WatchTurn(
+                    request, metadata=routed(self._metadata, request), timeout=deadline
+                ),
                 timeout,
                 reattach_timeout,
                 None,
@@ -294,7 +299,7 @@ class AsyncSessionClient:
                     await asyncio.sleep(delay)
                     request = watch_request(events.session_id, events.last_seq, events.turn_id)
                     call = self._stub.WatchTurn(
-                        request, metadata=self._metadata, timeout=reattach.remaining()
+                        request, metadata=routed(self._metadata, request), timeout=reattach.remaining()
                     )
                     attached = False
                     continue

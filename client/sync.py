@@ -32,6 +32,7 @@ from client._common import (
     prompt_request,
     question,
     respond_elicitation_request,
+    routed,
     tls_credentials,
     turn_id_of,
     watch_request,
@@ -111,7 +112,7 @@ class SessionClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, metadata=self._metadata, timeout=timeout)
+            return method(request, metadata=routed(self._metadata, request), timeout=timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -165,7 +166,9 @@ class SessionClient:
         events._bind(
             self._stream(
                 events,
-                lambda deadline: self._stub.Prompt(request, metadata=self._metadata, timeout=deadline),
+                lambda deadline: self._stub.Prompt(
+                    request, metadata=routed(self._metadata, request), timeout=deadline
+                ),
                 timeout,
                 reattach_timeout if resumable else 0,
                 on_permission,
@@ -189,7 +192,9 @@ class SessionClient:
         events._bind(
             self._stream(
                 events,
-                lambda deadline: self._stub.WatchTurn(request, metadata=self._metadata, timeout=deadline),
+                lambda deadline: self._stub.WatchTurn(
+                    request, metadata=routed(self._metadata, request), timeout=deadline
+                ),
                 timeout,
                 reattach_timeout,
                 None,
@@ -231,7 +236,7 @@ class SessionClient:
                     time.sleep(delay)
                     request = watch_request(events.session_id, events.last_seq, events.turn_id)
                     call = self._stub.WatchTurn(
-                        request, metadata=self._metadata, timeout=reattach.remaining()
+                        request, metadata=routed(self._metadata, request), timeout=reattach.remaining()
                     )
                     attached = False
                     continue
