@@ -246,6 +246,7 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
         free_slots=lambda: limit - sum(1 for s in pool.sessions() if s.holds_slot),
         on_lost=lease_lost,
     )
+    ownership.retention = settings.limits.session_retention
     await ownership.start()
     store.on_fenced = pool.fence
     router = Router(pool, store, ownership, replica_token(settings))

@@ -31,6 +31,7 @@ log = logging.getLogger("sessiongate.replicas")
 
 TAKEOVER_MARGIN = 2.0  # seconds past an expired lease before its sessions may be taken over
 RENEWALS_PER_TTL = 3
+EXPIRY_INTERVAL = 60.0  # how often a replica deletes expired sessions that no replica serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,8 @@ class Ownership:
         self._valid_until = 0.0  # monotonic: our lease may have run out from here on
         self._lost = False
         self._task: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
+        self.retention: float | None = None  # session_retention: expire_unowned now and then
 
     def valid(self) -> bool:
         return time.monotonic() < self._valid_until
@@ -71,6 +74,16 @@ class Ownership:
         """Register (the first renewal must succeed), then renew in the background."""
         await self._renew()
         self._task = asyncio.create_task(self._renew_forever(), name="sessiongate-lease")
+        self._expiry = asyncio.create_task(self._expire_forever(), name="sessiongate-expiry")
+
+    async def _expire_forever(self) -> None:
+        """Apart from the lease's renewals, which nothing may hold up."""
+        while self.retention is not None:
+            try:
+                await self.expire_unowned(self.retention)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log.error("expiring sessions no replica serves failed: %s", clip(str(exc)))
+            await asyncio.sleep(EXPIRY_INTERVAL)
 
     async def _renew(self) -> None:
         started = time.monotonic()
@@ -208,6 +221,29 @@ class Ownership:
         )
         return int(epoch)
 
+    async def expire_unowned(self, retention: float) -> int:
+        """Sessions no live replica serves (released, or their replica is gone) unused for
+        `retention` are deleted with their turns, as each replica's sweeper deletes its own."""
+        async with self._pool.acquire() as db, db.transaction():
+            gone = await db.fetch(
+                "DELETE FROM sessions s WHERE s.last_active_time < extract(epoch FROM clock_timestamp()) - $1"
+                " AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.replica_id = s.replica"
+                " AND r.lease_until + make_interval(secs => $2) > clock_timestamp()) RETURNING s.session_id",
+                retention,
+                TAKEOVER_MARGIN,
+            )
+            ids = [row[0] for row in gone]
+            if ids:
+                await db.execute(
+                    "DELETE FROM turn_events WHERE turn_id IN"
+                    " (SELECT turn_id FROM turns WHERE session_id = ANY($1::text[]))",
+                    ids,
+                )
+                await db.execute("DELETE FROM turns WHERE session_id = ANY($1::text[])", ids)
+        if ids:
+            log.info("deleted %d sessions no replica served, unused past the retention", len(ids))
+        return len(ids)
+
     async def peers(self) -> int:
         """Other replicas whose lease is alive."""
         count = await self._pool.fetchval(
@@ -222,10 +258,11 @@ class Ownership:
         await self._pool.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._expiry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def _qualified(columns: str) -> str:

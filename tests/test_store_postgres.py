@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import asyncpg
 import pytest
 
 from server import pg_schema
+from server.ownership import Ownership
 from server.store import SessionRecord, StoreError
 from server.store_postgres import PostgresStore, redacted
 from server.turn_records import TurnRow
@@ -118,3 +120,33 @@ def test_a_state_url_that_is_not_postgresql_is_a_configuration_error() -> None:
         timeout=30,
     )
     assert result.returncode == 2 and "state_url must be a postgresql:// URL" in result.stderr
+
+
+async def test_sessions_no_replica_serves_are_deleted_past_the_retention_and_others_kept(
+    postgres: PostgresServer,
+) -> None:
+    url = await postgres.fresh_database()
+    store = PostgresStore(url, "a")
+    await store.open()
+
+    async def nothing() -> None:
+        return None
+
+    alive = Ownership(store.pool, "a", "127.0.0.1:1", 30, free_slots=lambda: 1, on_lost=nothing)
+    await alive.start()
+    try:
+        old = SessionRecord("old", "echo", "/", {}, "suspended", "", "", 1.0, 1.0)
+        await store.put(old)
+        await store.put(replace(old, session_id="recent", create_time=2.0, last_active_time=time.time()))
+        await store.put_turn(TurnRow("t-old", "old", 1.0, 2.0, "completed", 1, 1, b""))
+        await store.add_turn_events("t-old", [(1, b"e")], 1, 1, 10)
+        assert await store.release() == 2  # as on drain: no replica serves them now
+        await store.put(replace(old, session_id="served", create_time=3.0))  # a's own, as old
+        sweeper = Ownership(store.pool, "b", "127.0.0.1:2", 30, free_slots=lambda: 1, on_lost=nothing)
+        assert await sweeper.expire_unowned(3600) == 1
+        left = await sweeper.page(None, "", "", 10)
+        assert [(record.session_id, replica) for record, replica in left] == [("recent", ""), ("served", "a")]
+        assert await store.turn_events("t-old", 1, 10, 1 << 20) == []
+    finally:
+        await alive.stop()
+        await store.close()
