@@ -60,6 +60,16 @@ async def drain(call: grpc.aio.UnaryStreamCall) -> list[pb.PromptEvent]:
     return out
 
 
+async def eventually_idle(server: ServerProcess, session_id: str) -> None:
+    """The session's turn ended on `server` (the owner) within a few seconds."""
+    for _ in range(100):
+        shown = await server.stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=10)
+        if shown.state == pb.SESSION_STATE_IDLE:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"session {session_id} still {pb.SessionState.Name(shown.state)} after 10 s")
+
+
 async def prompt(server: ServerProcess, session_id: str, text: str) -> list[pb.PromptEvent]:
     request = pb.PromptRequest(session_id=session_id, text=text)
     return [e async for e in server.stub.Prompt(request, timeout=60)]
@@ -96,7 +106,12 @@ async def test_any_replica_answers_for_a_session_and_forwarded_calls_act_on_the_
         busy = await expect_error(r["c"].stub.Prompt(pb.PromptRequest(session_id=sid, text="x"), timeout=10))
         assert (busy.code, busy.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_BUSY")
         assert busy.metadata["session_id"] == sid
-        busy_call.cancel()
+        busy_call.cancel()  # the client leaves: the owner cancels the turn upstream
+        await eventually_idle(r["a"], sid)
+        # The caller's deadline reaches the owner: it passes there too, and the turn is cancelled.
+        late = await expect_error(r["b"].stub.Prompt(pb.PromptRequest(session_id=sid, text=PACED), timeout=2))
+        assert late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await eventually_idle(r["a"], sid)
         # ListSessions through any replica pages over every replica's sessions, in creation order.
         other = await r["c"].stub.CreateSession(pb.CreateSessionRequest(labels={"k": "w"}), timeout=30)
         listed, token = [], ""
@@ -125,6 +140,11 @@ async def test_a_killed_owners_sessions_are_taken_over_once_its_lease_runs_out(
         session = await r["a"].stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
         sid = session.session_id
         assert reply_text(await prompt(r["a"], sid, "remember me")) == "remember me"
+        for _ in range(100):  # the turn's record is written just after its result (in a batch)
+            listed = await r["a"].stub.ListTurns(pb.ListTurnsRequest(session_id=sid), timeout=10)
+            if [t.state for t in listed.turns] == [pb.TURN_STATE_COMPLETED]:
+                break
+            await asyncio.sleep(0.1)
         r["a"].process.send_signal(signal.SIGKILL)
         await asyncio.to_thread(r["a"].process.wait, 10)
         killed = time.monotonic()
@@ -142,6 +162,12 @@ async def test_a_killed_owners_sessions_are_taken_over_once_its_lease_runs_out(
         shown = await r["b"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
         assert shown.replica == "b"
         assert any(f"took over session={sid} from replica=a" in line for line in r["b"].log)
+        # Nothing was lost from the database: the turn before the kill is in the transcript.
+        turns = (await r["b"].stub.ListTurns(pb.ListTurnsRequest(session_id=sid), timeout=10)).turns
+        assert [(t.prompt[0].text.text, t.state) for t in turns][-1] == (
+            "remember me",
+            pb.TURN_STATE_COMPLETED,
+        )
 
 
 async def test_a_draining_replica_hands_its_sessions_over_without_a_lease_wait(
