@@ -32,6 +32,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server.echo_agent import flood_chunk
 from tests.bench.direct_acp import DirectAgent
+from tests.postgres import PostgresServer, free_port, postgres_server
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the misbehaving agent's code
 
@@ -57,10 +58,15 @@ class Scale:
     detached: int  # sessions each running one detached flooding turn (ON_DISCONNECT_CONTINUE)...
     detached_log_mib: int  # ...with the gateway's max_turn_log_bytes this many MiB...
     detached_chunks: int  # ...and this many DETACHED_CHUNK-byte chunks each (several times the bound)
+    replica_sessions: int  # sessions flooding over 1 replica, then over 2 (half created on each)...
+    replica_chunks: int  # ...each running /flood turns of this many 64-byte chunks, back to back...
+    replica_window: float  # ...counted over `reps` windows of this many seconds
 
 
-QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000, 8, 4, 16_384)
-FULL = Scale("full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000, 64, 4, 20_480)
+QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000, 8, 4, 16_384, 16, 1000, 4.0)
+FULL = Scale(
+    "full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000, 64, 4, 20_480, 64, 2000, 10.0
+)
 MIB = 1024 * 1024
 
 
@@ -911,6 +917,322 @@ async def detached_floods(scale: Scale, scratch: Path) -> Row:
     )
 
 
+# ---- replicas on one PostgreSQL ----------------------------------------------------------------
+
+
+class _Shared:
+    """What several figures of one run share: one PostgreSQL server, started when a figure first
+    asks for it and stopped when the run ends (`run` holds the stack)."""
+
+    stack: contextlib.ExitStack | None = None
+    server: PostgresServer | None = None
+
+
+def postgres() -> PostgresServer:
+    if _Shared.server is None:
+        if _Shared.stack is None:
+            raise RuntimeError("the PostgreSQL server is only there during run()")
+        _Shared.server = _Shared.stack.enter_context(postgres_server())
+    return _Shared.server
+
+
+@contextlib.asynccontextmanager
+async def replicas(scratch: Path, names: tuple[str, ...]) -> AsyncIterator[dict[str, Gateway]]:
+    """Replica gateways named `names` on a fresh database of the run's PostgreSQL, each on a
+    fixed free port that it advertises to the others."""
+    url = await postgres().fresh_database()
+    async with contextlib.AsyncExitStack() as stack:
+        gates = {}
+        for name in names:
+            address = f"127.0.0.1:{free_port()}"
+            args = ("--listen", address, "--advertise", address, "--state-url", url, "--replica-id", name)
+            gates[name] = await stack.enter_async_context(gateway(scratch, args=args))
+        yield gates
+
+
+async def placed(gates: dict[str, Gateway], per_replica: int) -> dict[str, list[str]]:
+    """`per_replica` sessions created on each replica, {replica: ids}, each checked to be served
+    by the replica it was created on, as every replica reports it (GetSession's `replica`)."""
+    owned = {name: await sessions(gate, per_replica) for name, gate in gates.items()}
+    for name, ids in owned.items():
+        for sid in ids:
+            for gate in gates.values():
+                shown = await gate.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30)
+                if shown.replica != name:
+                    raise RuntimeError(
+                        f"session {sid} is on {shown.replica!r}, not {name!r}: the run is broken"
+                    )
+    return owned
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user plus system CPU time of a process so far, time its main thread waited to run: runnable
+    but not running, as /proc/PID/schedstat counts it); zeros once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/schedstat") as schedstat:
+            waited = int(schedstat.read().split()[1]) / 1e9
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), waited
+
+
+class CpuMeter:
+    """CPU time of groups of processes between `start` and `stop`, and the time their main threads
+    waited for a core meanwhile: where a machine's cores went. Each group is a function naming its
+    processes, asked again at `stop` so that ones started meanwhile (a pool's new database
+    connections) count from their start."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self.began: dict[int, tuple[float, float]] = {}
+        self.used: dict[str, tuple[float, float]] = {}  # (CPU seconds, seconds waiting for a core)
+        self.at = 0.0
+        self.took = 0.0
+
+    def start(self) -> None:
+        self.began = {pid: _cpu_seconds(pid) for pids in self.groups.values() for pid in pids()}
+        self.at = time.perf_counter()
+
+    def stop(self) -> None:
+        self.took = time.perf_counter() - self.at
+        self.used = {}
+        for label, pids in self.groups.items():
+            cpu = waited = 0.0
+            for pid in pids():
+                (cpu_now, waited_now), (cpu_then, waited_then) = (
+                    _cpu_seconds(pid),
+                    self.began.get(pid, (0, 0)),
+                )
+                cpu, waited = cpu + cpu_now - cpu_then, waited + waited_now - waited_then
+            self.used[label] = (cpu, waited)
+
+    def total(self) -> float:
+        """Cores used by all the groups together."""
+        return sum(cpu for cpu, _ in self.used.values()) / self.took
+
+    def cores(self) -> str:
+        """Cores each group used, and how many of its processes waited for one, on average."""
+        return ", ".join(
+            f"{label} {cpu / self.took:.2f} ({waited / self.took:.2f} waiting)"
+            for label, (cpu, waited) in self.used.items()
+        )
+
+    def per_event(self, events: int) -> str:
+        """Microseconds of CPU each group spent per event."""
+        return ", ".join(f"{label} {cpu / events * 1e6:.0f} µs" for label, (cpu, _) in self.used.items())
+
+
+class MarkedLoad:
+    """A tests/bench/marked_flood.py process flooding `ids` on one gateway."""
+
+    def __init__(self, process: asyncio.subprocess.Process, ids: list[str]) -> None:
+        self.process = process
+        self.ids = ids
+
+    async def mark(self) -> int:
+        """Agent chunks received so far, checking that every session received some since the last mark."""
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(b"mark\n")
+        await self.process.stdin.drain()
+        words = (await asyncio.wait_for(self.process.stdout.readline(), 60)).split()
+        if len(words) != 3 or words[0] != b"mark":
+            raise RuntimeError(f"the flooding load answered {words!r} to a mark: the run is broken")
+        chunks, moved = int(words[1]), int(words[2])
+        if moved != len(self.ids):
+            raise RuntimeError(f"only {moved} of {len(self.ids)} flooded sessions got events in a window")
+        return chunks
+
+
+@contextlib.asynccontextmanager
+async def marked_load(gate: Gateway, ids: list[str], chunks: int) -> AsyncIterator[MarkedLoad]:
+    """`/flood chunks 64` turns kept running on `ids` (owned by `gate`) from a process of their own;
+    on leaving, checks that every turn that ended carried all its chunks and its result."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tests.bench.marked_flood", "--chunks", str(chunks)),
+        *(f"127.0.0.1:{gate.port}", *ids),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdin and process.stdout
+    try:
+        if (await asyncio.wait_for(process.stdout.readline(), 180)).strip() != b"streaming":
+            raise RuntimeError("the flooding load did not start: the run is broken")
+        yield MarkedLoad(process, ids)
+        process.stdin.close()
+        out = (await asyncio.wait_for(process.stdout.read(), 60)).decode().split()
+        await asyncio.wait_for(process.wait(), 30)
+        if len(out) != 4 or out[0] != "done" or out[2:] != ["0", "0"] or int(out[1]) < len(ids):
+            raise RuntimeError(
+                f"the flooding load ended badly ({' '.join(out)}; done TURNS BAD FAILED, at least "
+                f"{len(ids)} turns wanted): the run is broken"
+            )
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def forwarded_stream(scale: Scale, scratch: Path) -> Row:
+    """One flooding turn on a session owned by replica A, streamed from A (baseline) and through
+    replica B, which forwards the call to A (ours); interleaved, medians of `reps`."""
+    n = scale.stream_events
+    async with replicas(scratch, ("a", "b")) as gates:
+        owned = await placed({"a": gates["a"]}, 1)
+        sid = owned["a"][0]
+        shown = await gates["b"].stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30)
+        if shown.replica != "a":
+            raise RuntimeError(f"session {sid} is on {shown.replica!r}, not 'a': the run is broken")
+        request = pb.PromptRequest(session_id=sid, text=f"/flood {n} 64")
+        warm = pb.PromptRequest(session_id=sid, text="/flood 10 64")
+        for gate in gates.values():  # warm-up: B's first forwarded call opens its channel to A
+            expect((await stream(gate.stub, warm))[0], 10, "warm-up stream")
+        a, b = gates["a"].process.pid, gates["b"].process.pid
+        meter = CpuMeter({"A": lambda: [a], "B": lambda: [b]})
+        direct: list[float] = []
+        forwarded: list[float] = []
+        cpu: dict[str, list[str]] = {"direct": [], "forwarded": []}
+        for _ in range(scale.reps):
+            for label, gate, rates in (("direct", gates["a"], direct), ("forwarded", gates["b"], forwarded)):
+                meter.start()
+                chunks, _, took = await stream(gate.stub, request)
+                meter.stop()
+                expect(chunks, n, f"{label} stream")
+                rates.append(n / took)
+                cpu[label].append(meter.per_event(n))
+        for gate in gates.values():  # still A's: B forwarded every stream, it took nothing over
+            shown = await gate.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30)
+            if shown.replica != "a":
+                raise RuntimeError(f"session {sid} moved to {shown.replica!r}: the run is broken")
+    baseline, measured = statistics.median(direct), statistics.median(forwarded)
+    return Row(
+        "events/s, one Prompt stream forwarded by another replica vs straight from the owner "
+        "(/flood, 64-byte chunks, PostgreSQL store)",
+        "ev/s",
+        baseline,
+        measured,
+        ">= 0.7 x baseline",
+        measured >= 0.7 * baseline,
+        f"{n:,} chunks a stream; gateway CPU per chunk (last repetition): direct: {cpu['direct'][-1]}; "
+        f"forwarded: {cpu['forwarded'][-1]}",
+    )
+
+
+LOAD_PROCESSES = 2  # flooding clients: the same number in both phases, so only the replicas differ
+
+
+async def flooded_replicas(scale: Scale, scratch: Path, names: tuple[str, ...]) -> dict[str, Any]:
+    """`scale.replica_sessions` sessions spread evenly over replicas `names` (created on each,
+    so owned there), all flooding from LOAD_PROCESSES client processes that talk to the owners;
+    agent chunks/s over `reps` windows and GetSession latencies (to the owner) meanwhile."""
+    per_replica = scale.replica_sessions // len(names)
+    async with replicas(scratch, names) as gates:
+        owned = await placed(gates, per_replica)
+        groups = [
+            (gate, owned[name][i :: LOAD_PROCESSES // len(names)])
+            for name, gate in gates.items()
+            for i in range(LOAD_PROCESSES // len(names))
+        ]
+        owner = {sid: (name, gates[name]) for name, ids in owned.items() for sid in ids}
+        async with contextlib.AsyncExitStack() as stack:
+            loads = [
+                await stack.enter_async_context(marked_load(g, ids, scale.replica_chunks))
+                for g, ids in groups
+            ]
+            done = asyncio.Event()
+
+            async def getting() -> list[float]:
+                took: list[float] = []
+                while not done.is_set():
+                    for sid, (name, gate) in owner.items():
+                        if done.is_set():
+                            break
+                        started = time.perf_counter()
+                        shown = await gate.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30)
+                        took.append((time.perf_counter() - started) * 1000)
+                        if shown.replica != name:
+                            raise RuntimeError(f"session {sid} moved to {shown.replica!r}: the run is broken")
+                        await asyncio.sleep(PROBE_GAP)
+                return took
+
+            database = postgres().process.pid
+            meter = CpuMeter(
+                {
+                    "gateways": lambda: [g.process.pid for g in gates.values()],
+                    "agents": lambda: [p for g in gates.values() for p in _children(g.process.pid)],
+                    "clients": lambda: [load.process.pid for load in loads],
+                    "PostgreSQL": lambda: [database, *_children(database)],
+                    "harness": lambda: [os.getpid()],
+                }
+            )
+            await asyncio.sleep(1)  # every stream is flowing
+            getter = asyncio.create_task(getting())
+            rates = []
+            try:
+                before = first = sum(await asyncio.gather(*(load.mark() for load in loads)))
+                at = time.perf_counter()
+                meter.start()
+                for _ in range(scale.reps):
+                    await asyncio.sleep(scale.replica_window)
+                    after = sum(await asyncio.gather(*(load.mark() for load in loads)))
+                    now = time.perf_counter()
+                    rates.append((after - before) / (now - at))
+                    before, at = after, now
+                meter.stop()
+            finally:
+                done.set()
+                unary = await getter
+            if len(unary) < 50:
+                raise RuntimeError(f"only {len(unary)} GetSession samples: the run is broken")
+    return {"rate": statistics.median(rates), "unary": unary, "meter": meter, "chunks": before - first}
+
+
+async def replica_scaling(scale: Scale, scratch: Path) -> list[Row]:
+    """The same flooding sessions on 1 replica (baseline) and spread over 2 (ours): total agent
+    chunks/s the clients received, and GetSession p99 (to the owner) under that load."""
+    k = scale.replica_sessions
+    one = await flooded_replicas(scale, scratch, ("a",))
+    await asyncio.sleep(5 if scale is FULL else 1)  # the first phase's processes are gone
+    two = await flooded_replicas(scale, scratch, ("a", "b"))
+    p50 = {label: percentile(phase["unary"], 50) for label, phase in (("one", one), ("two", two))}
+    p99 = {label: percentile(phase["unary"], 99) for label, phase in (("one", one), ("two", two))}
+    cores = os.cpu_count() or 1
+    used = one["meter"].total()  # cores the whole 1-replica setup used: gateway, agents, clients, database
+    ceiling = one["rate"] * cores / used  # all the cores at the 1-replica phase's CPU per chunk
+    load_note = (
+        f"{k} sessions flooding /flood {scale.replica_chunks} 64 turns back to back from "
+        f"{LOAD_PROCESSES} client processes, medians of {scale.reps} windows of {scale.replica_window:g} s; "
+        f"cores used (and processes waiting for a core): 1 replica: {one['meter'].cores()}; "
+        f"2 replicas: {two['meter'].cores()}. CPU per chunk: 1 replica: "
+        f"{one['meter'].per_event(one['chunks'])}; 2 replicas: {two['meter'].per_event(two['chunks'])}. "
+        f"The agents and clients share "
+        f"the {cores} cores with the gateways: all {cores} at the 1-replica CPU per chunk ({used:.2f} cores "
+        f"used) would carry {ceiling:,.0f} ev/s, {ceiling / one['rate']:.2f} x the baseline"
+    )
+    return [
+        Row(
+            f"events/s summed over {k} flooding sessions, 2 replicas ({k // 2} sessions each) vs 1",
+            "ev/s",
+            one["rate"],
+            two["rate"],
+            ">= 1.6 x baseline",
+            two["rate"] >= 1.6 * one["rate"],
+            load_note,
+        ),
+        Row(
+            f"GetSession p99 while {k} sessions flood, 2 replicas vs 1",
+            "ms",
+            p99["one"],
+            p99["two"],
+            "ratio <= 1.0",
+            p99["two"] <= p99["one"],
+            f"p50 {p50['one']:.2f} ms on 1 replica, {p50['two']:.2f} ms on 2; "
+            f"{len(one['unary']):,} and {len(two['unary']):,} calls, each to the session's owner",
+        ),
+    ]
+
+
 def error_info(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
     """The ErrorInfo reason and metadata of a failed call."""
     status = rpc_status.from_call(error)
@@ -932,25 +1254,34 @@ FIGURES: list[Callable[[Scale, Path], Awaitable[Row | list[Row]]]] = [
     create_latency,
     memory,
     detached_floods,
+    forwarded_stream,
+    replica_scaling,
 ]
 
 
 async def run(scale: Scale, only: list[str] | None = None) -> Report:
     report = Report(scale)
-    with tempfile.TemporaryDirectory(prefix="sessiongate-bench-") as tmp:
-        for figure in FIGURES:
-            if only and figure.__name__ not in only:
-                continue
-            await asyncio.sleep(5 if scale is FULL else 1)  # let the last figure's processes go
-            started = time.monotonic()
-            result = await figure(scale, Path(tmp))
-            rows = result if isinstance(result, list) else [result]
-            report.rows.extend(rows)
-            for row in rows:
-                verdict = "met" if row.met else "MISSED"
-                print(
-                    f"{row.figure}: baseline {row.baseline:,.2f} {row.unit}, ours {row.ours:,.2f} {row.unit},"
-                    f" ratio {row.ratio:.2f} ({verdict}) [{time.monotonic() - started:.0f}s]",
-                    flush=True,
-                )
+    with (
+        tempfile.TemporaryDirectory(prefix="sessiongate-bench-") as tmp,
+        contextlib.ExitStack() as shared,  # what figures share, such as a PostgreSQL server
+    ):
+        _Shared.stack, _Shared.server = shared, None
+        try:
+            for figure in FIGURES:
+                if only and figure.__name__ not in only:
+                    continue
+                await asyncio.sleep(5 if scale is FULL else 1)  # let the last figure's processes go
+                started = time.monotonic()
+                result = await figure(scale, Path(tmp))
+                rows = result if isinstance(result, list) else [result]
+                report.rows.extend(rows)
+                for row in rows:
+                    verdict = "met" if row.met else "MISSED"
+                    print(
+                        f"{row.figure}: baseline {row.baseline:,.2f} {row.unit}, ours {row.ours:,.2f} "
+                        f"{row.unit}, ratio {row.ratio:.2f} ({verdict}) [{time.monotonic() - started:.0f}s]",
+                        flush=True,
+                    )
+        finally:
+            _Shared.stack = _Shared.server = None
     return report
