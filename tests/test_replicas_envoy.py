@@ -13,6 +13,7 @@ import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
+from client.aio import AsyncSessionClient
 from tests.conftest import reply_text
 from tests.envoy import Envoy, envoy_front, needs_envoy
 from tests.postgres import PostgresServer
@@ -82,6 +83,15 @@ async def test_one_session_through_replicas_and_envoy_and_a_cancel_through_anoth
         assert landed[0] in ports and landed[1] == 12, landed
         spread = await landings(envoy, 24, None, sid)
         assert sum(spread.values()) == 24 and len(spread) > 1, spread
+        # The SDK sends the header by itself: its calls about the session land on one replica too.
+        async with AsyncSessionClient(f"127.0.0.1:{envoy.port}") as client:
+            before = await asyncio.to_thread(envoy.requests)
+            for _ in range(12):
+                assert (await client.get_session(sid)).replica == "a"
+            after = await asyncio.to_thread(envoy.requests)
+        assert {port: after[port] - before[port] for port in after if after[port] != before[port]} == {
+            landed[0]: 12
+        }
 
         # A long turn streaming through Envoy, cancelled through C.
         call = envoy.stub.Prompt(pb.PromptRequest(session_id=sid, text=PACED), metadata=keyed, timeout=60)
