@@ -239,11 +239,13 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
         await pool.fence_all()
 
     ownership = Ownership(
+        store.url,
         store.pool,
         replica_id,
         settings.advertise or settings.listen,
         settings.limits.lease_ttl,
-        free_slots=lambda: limit - sum(1 for s in pool.sessions() if s.holds_slot),
+        # A draining replica takes no forwarded creates.
+        free_slots=lambda: 0 if pool.draining else limit - sum(1 for s in pool.sessions() if s.holds_slot),
         on_lost=lease_lost,
     )
     ownership.retention = settings.limits.session_retention
@@ -253,11 +255,15 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
 
     async def release() -> None:
         # Alone, it keeps its sessions: restarted under the same replica id it serves them again.
-        if await ownership.peers():
-            released = await store.release()
-            log.info("released %d sessions to the other replicas replica=%s", released, replica_id)
-        await ownership.leave()
-        await router.close()
+        try:
+            if await ownership.peers():
+                released = await store.release()
+                log.info("released %d sessions to the other replicas replica=%s", released, replica_id)
+        finally:
+            try:
+                await ownership.leave()
+            finally:
+                await router.close()
 
     pool.before_store_close = release
     log.info("replica=%s advertised at %s, lease %gs", replica_id, ownership.advertise, ownership.lease_ttl)

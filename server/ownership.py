@@ -24,13 +24,15 @@ from typing import Any
 
 import asyncpg
 
-from server.errors import clip
+from server.errors import OwnerLost, clip
 from server.store import COLUMNS, SessionRecord
 
 log = logging.getLogger("sessiongate.replicas")
 
 TAKEOVER_MARGIN = 2.0  # seconds past an expired lease before its sessions may be taken over
+DB_TIMEOUT = 10.0  # a wait for a pooled connection
 RENEWALS_PER_TTL = 3
+MIN_ATTEMPT = 0.2  # seconds a renewal may take at least, even with the lease about to run out
 EXPIRY_INTERVAL = 60.0  # how often a replica deletes expired sessions that no replica serves
 
 
@@ -48,6 +50,7 @@ class Owner:
 class Ownership:
     def __init__(
         self,
+        url: str,
         pool: asyncpg.Pool,
         replica_id: str,
         advertise: str,
@@ -63,6 +66,10 @@ class Ownership:
         self._on_lost = on_lost
         self._valid_until = 0.0  # monotonic: our lease may have run out from here on
         self._lost = False
+        self._url = url
+        self._lease_db: asyncpg.Connection | None = None  # the lease's own connection
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._losing: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.retention: float | None = None  # session_retention: expire_unowned now and then
@@ -72,7 +79,7 @@ class Ownership:
 
     async def start(self) -> None:
         """Register (the first renewal must succeed), then renew in the background."""
-        await self._renew()
+        await self._renew(self.lease_ttl / RENEWALS_PER_TTL)
         self._task = asyncio.create_task(self._renew_forever(), name="sessiongate-lease")
         self._expiry = asyncio.create_task(self._expire_forever(), name="sessiongate-expiry")
 
@@ -81,14 +88,18 @@ class Ownership:
         while self.retention is not None:
             try:
                 await self.expire_unowned(self.retention)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except Exception as exc:
                 log.error("expiring sessions no replica serves failed: %s", clip(str(exc)))
             await asyncio.sleep(EXPIRY_INTERVAL)
 
-    async def _renew(self) -> None:
+    async def _renew(self, bound: float) -> None:
+        """One renewal on the lease's own connection (never queued behind other queries), within
+        `bound` seconds; the lease then runs `lease_ttl` from when this attempt started."""
         started = time.monotonic()
-        async with asyncio.timeout(self.lease_ttl / RENEWALS_PER_TTL):
-            await self._pool.execute(
+        async with asyncio.timeout(bound):
+            if self._lease_db is None or self._lease_db.is_closed():
+                self._lease_db = await asyncpg.connect(self._url)
+            await self._lease_db.execute(
                 "INSERT INTO replicas (replica_id, advertise, lease_until, free_slots)"
                 " VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3), $4)"
                 " ON CONFLICT (replica_id) DO UPDATE SET advertise = EXCLUDED.advertise,"
@@ -99,6 +110,19 @@ class Ownership:
                 self._free_slots(),
             )
         self._valid_until = started + self.lease_ttl
+        self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        """The fence fires when the lease may run out, whatever the renewals are doing."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._valid_until - time.monotonic())
+        self._watchdog = loop.call_later(delay, self._lose_soon)
+
+    def _lose_soon(self) -> None:
+        if not self.valid() and not self._lost:
+            self._losing = asyncio.ensure_future(self._lose())
 
     async def _renew_forever(self) -> None:
         interval = self.lease_ttl / RENEWALS_PER_TTL
@@ -106,10 +130,16 @@ class Ownership:
             await asyncio.sleep(min(interval, max(0.0, self._valid_until - time.monotonic())))
             if not self.valid():  # paused, or renewals kept failing: stop serving before anyone takes over
                 await self._lose()
+            # An attempt never outlasts the lease it would extend (nor a third of it).
+            bound = min(interval, max(MIN_ATTEMPT, self._valid_until - time.monotonic()))
             try:
-                await self._renew()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                await self._renew(bound)
+            except Exception as exc:
                 log.error("could not renew the lease replica=%s: %s", self.replica_id, clip(str(exc)))
+                with contextlib.suppress(Exception):
+                    if self._lease_db is not None:
+                        self._lease_db.terminate()
+                self._lease_db = None
                 continue
             if self._lost:
                 log.info("lease renewed again replica=%s; serving sessions anew", self.replica_id)
@@ -129,9 +159,11 @@ class Ownership:
             log.exception("ending sessions after the lease was lost failed")
 
     async def check(self) -> None:
-        """Called before serving: a lease that ran out (a pause) ends our sessions first."""
+        """Called before serving: with a lease that may have run out (a pause, a lost database)
+        this replica serves nothing: its sessions are ended first, the caller retries elsewhere."""
         if not self.valid():
             await self._lose()
+            raise OwnerLost("this replica's lease ran out; retry (another replica serves the session)")
 
     async def owner(self, session_id: str) -> Owner | None:
         return await self._owner("s.session_id = $2", session_id)
@@ -193,38 +225,43 @@ class Ownership:
         )
         return [(SessionRecord.from_row(tuple(row)[:-1]), row[-1]) for row in rows]
 
-    async def take(self, owner: Owner) -> int | None:
-        """Take a session over (compare-and-set on its epoch); its new epoch, or None when another
-        replica moved it first or its owner is alive again. Its running turns are interrupted."""
-        async with self._pool.acquire() as db, db.transaction():
-            epoch = await db.fetchval(
+    async def take(self, owner: Owner) -> tuple[SessionRecord, int] | None:
+        """Take a session over (compare-and-set on its epoch, and only while our own lease is
+        alive); the row as it is now and its new epoch, or None when another replica moved it
+        first or its owner is alive again. Its running turns are interrupted."""
+        async with self._pool.acquire(timeout=DB_TIMEOUT) as db, db.transaction():
+            row = await db.fetchrow(
                 "UPDATE sessions s SET replica = $1, epoch = epoch + 1 WHERE session_id = $2 AND epoch = $3"
                 " AND (replica = '' OR replica = $1 OR NOT EXISTS (SELECT 1 FROM replicas r"
                 " WHERE r.replica_id = s.replica"
-                " AND r.lease_until + make_interval(secs => $4) > clock_timestamp())) RETURNING epoch",
+                " AND r.lease_until + make_interval(secs => $4) > clock_timestamp()))"
+                " AND EXISTS (SELECT 1 FROM replicas m WHERE m.replica_id = $1"
+                " AND m.lease_until > clock_timestamp())"
+                f" RETURNING {COLUMNS}, epoch",
                 self.replica_id,
                 owner.record.session_id,
                 owner.epoch,
                 TAKEOVER_MARGIN,
             )
-            if epoch is None:
+            if row is None:
                 return None
             await db.execute(
                 "UPDATE turns SET state = 'interrupted' WHERE session_id = $1 AND state = 'running'",
                 owner.record.session_id,
             )
+        epoch = int(row[-1])
         log.info(
             "took over session=%s from replica=%s epoch=%d",
             owner.record.session_id,
             owner.replica or "(released)",
             epoch,
         )
-        return int(epoch)
+        return SessionRecord.from_row(tuple(row)[:-1]), epoch
 
     async def expire_unowned(self, retention: float) -> int:
         """Sessions no live replica serves (released, or their replica is gone) unused for
         `retention` are deleted with their turns, as each replica's sweeper deletes its own."""
-        async with self._pool.acquire() as db, db.transaction():
+        async with self._pool.acquire(timeout=DB_TIMEOUT) as db, db.transaction():
             gone = await db.fetch(
                 "DELETE FROM sessions s WHERE s.last_active_time < extract(epoch FROM clock_timestamp()) - $1"
                 " AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.replica_id = s.replica"
@@ -258,11 +295,16 @@ class Ownership:
         await self._pool.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
 
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in (self._task, self._expiry):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._lease_db is not None:
+            with contextlib.suppress(Exception):
+                await self._lease_db.close(timeout=DB_TIMEOUT)
 
 
 def _qualified(columns: str) -> str:

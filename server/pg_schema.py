@@ -15,6 +15,8 @@ from server.store import StoreError
 # pg_advisory_xact_lock key: "sgschema" as a number, unlikely to collide with an application's.
 MIGRATION_LOCK = 0x7367736368656D61
 
+REQUEST_ID_INDEX = "sessions_owner_request"
+
 # Each version's step from the one before. Version 1 is the SQLite schema at its version 4
 # (sessions with owners and agent state, turns and their events).
 MIGRATIONS: dict[int, str] = {
@@ -68,8 +70,8 @@ CREATE INDEX sessions_by_replica ON sessions (replica);
 """,
     # One session per principal's request id over all replicas (a retried CreateSession through
     # another replica finds it; two racing ones cannot both store theirs).
-    3: """
-CREATE UNIQUE INDEX sessions_owner_request ON sessions (owner, request_id) WHERE request_id != '';
+    3: f"""
+CREATE UNIQUE INDEX {REQUEST_ID_INDEX} ON sessions (owner, request_id) WHERE request_id != '';
 """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -101,6 +101,7 @@ class SessionPool:
         self._shutdown: asyncio.Future[None] | None = None
         self.on_agent_start: Callable[[str, bool], None] | None = None  # (agent name, started ok)
         self._agents: Mapping[str, AgentConfig] = {}
+        self.draining = False
         self.before_store_close: Callable[[], Awaitable[None]] | None = None  # replicas: release
 
     # ---- start-up ----------------------------------------------------------------------
@@ -394,6 +395,7 @@ class SessionPool:
 
     def refuse_turns(self) -> None:
         """Drain: no new turn starts, not even for prompts already waiting for their session."""
+        self.draining = True
         for session in self._sessions.values():
             session.draining = True
 

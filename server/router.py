@@ -15,6 +15,8 @@ caller gets OWNER_LOST and retries.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -24,15 +26,24 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import principals
 from server.auth import PRINCIPAL_HEADER, REPLICA_HEADER
-from server.errors import OwnerLost, SessionGateError
-from server.ownership import Owner, Ownership
+from server.errors import OwnerLost, SessionGateError, StoreUnavailable, clip
+from server.ownership import DB_TIMEOUT, Owner, Ownership
 from server.pool import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SessionPool, decode_token, encode_token, sort_key
 from server.session import Session
-from server.store_postgres import PostgresStore
+from server.store_postgres import DB_ERRORS, PostgresStore
 
 log = logging.getLogger("sessiongate.router")
 
 FORWARDED_HEADER = "sessiongate-forwarded-by"
+# Bounds of a forwarded call whose caller set no deadline: a unary call, a stream's headers (the
+# owner sends them when the turn starts), and keepalive pings that find an owner that stopped.
+FORWARD_TIMEOUT = 300.0
+FORWARD_HEADERS_TIMEOUT = 120.0
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 15_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
 PASSED_ON = ("authorization",)  # without a replica token: the owner authenticates the caller itself
 
 
@@ -79,7 +90,8 @@ class Router:
         await self._ownership.check()
         if self._pool.has(session_id):
             return self._pool.get(session_id)  # not the caller's: NOT_FOUND
-        owner = await self._ownership.owner(session_id)
+        async with _database():
+            owner = await self._ownership.owner(session_id)
         if owner is None or not principals.current().may_see(owner.record.owner):
             return self._pool.get(session_id)  # NOT_FOUND, as for an unknown id
         if owner.alive and owner.replica != self._ownership.replica_id:
@@ -92,21 +104,25 @@ class Router:
         return self._pool.get(session_id)
 
     async def _take(self, owner: Owner) -> None:
-        epoch = await self._ownership.take(owner)
-        if epoch is None:  # another replica was faster, or the owner came back
+        async with _database():
+            taken = await self._ownership.take(owner)
+        if taken is None:  # another replica was faster, or the owner came back
             raise OwnerLost(f"session {owner.record.session_id} is being moved between replicas; retry")
-        self._store.owns(owner.record.session_id, epoch)
-        await self._pool.adopt(owner.record)
+        record, epoch = taken
+        await self._ownership.check()  # still ours to serve (the lease did not run out meanwhile)
+        self._store.owns(record.session_id, epoch)
+        await self._pool.adopt(record)  # the row as the takeover found it, not as read before
 
     async def create_target(self, request_id: str, context: Any) -> str | None:
         """Where a CreateSession goes: None for here. A request id another replica already made
         a session for goes to that replica (or the session is taken over here when its replica is
         gone); with no free agent slot here, the live replica with the most free slots."""
+        await self._ownership.check()
         if _forwarded(context):
             return None
-        await self._ownership.check()
         if request_id:
-            made = await self._ownership.owner_by_request(principals.current().name, request_id)
+            async with _database():
+                made = await self._ownership.owner_by_request(principals.current().name, request_id)
             if made is not None and not self._pool.has(made.record.session_id):
                 if made.alive and made.replica != self._ownership.replica_id:
                     return made.advertise
@@ -114,7 +130,8 @@ class Router:
                 return None
         if self._ownership.free_slots() > 0:
             return None
-        return await self._ownership.most_free()
+        async with _database():
+            return await self._ownership.most_free()
 
     async def page(
         self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
@@ -128,7 +145,8 @@ class Router:
         found: list[tuple[Session, str]] = []
         owner = owner or ("" if principal.admin else principal.name)  # only what the caller may see
         while True:
-            rows = await self._ownership.page(after, owner, agent, batch)
+            async with _database():
+                rows = await self._ownership.page(after, owner, agent, batch)
             for record, replica in rows:
                 if len(found) == size:
                     return found, encode_token(sort_key(found[-1][0]))
@@ -148,7 +166,7 @@ class Router:
     async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
         call = getattr(self._stub(address), method)
         try:
-            return await call(request, timeout=context.time_remaining(), metadata=self._passed_on(context))
+            return await call(request, timeout=_bounded(context), metadata=self._passed_on(context))
         except grpc.aio.AioRpcError as error:
             raise _relayed(error, address) from None
 
@@ -157,7 +175,8 @@ class Router:
             request, timeout=context.time_remaining(), metadata=self._passed_on(context)
         )
         try:
-            headers = await call.initial_metadata()
+            async with asyncio.timeout(FORWARD_HEADERS_TIMEOUT):
+                headers = await call.initial_metadata()
             ours = tuple((k, v) for k, v in (headers or ()) if k.startswith("sessiongate-"))
             if ours:
                 await context.send_initial_metadata(ours)
@@ -181,7 +200,7 @@ class Router:
     def _stub(self, address: str) -> pb_grpc.SessionServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels.append(channel)
             stub = self._stubs[address] = pb_grpc.SessionServiceStub(channel)
         return stub
@@ -191,8 +210,26 @@ class Router:
             await channel.close()
 
 
+@contextlib.asynccontextmanager
+async def _database() -> AsyncIterator[None]:
+    """A routing query: bounded, and a database that fails or does not answer is
+    UNAVAILABLE/STORE_UNAVAILABLE (retryable), never INTERNAL."""
+    try:
+        async with asyncio.timeout(DB_TIMEOUT):
+            yield
+    except TimeoutError:
+        raise StoreUnavailable(f"the session database did not answer within {DB_TIMEOUT:g}s") from None
+    except DB_ERRORS as exc:
+        raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
+
+
 def _lease_lost(session_id: str) -> OwnerLost:
     return OwnerLost(f"this replica's lease ran out: session {session_id} is being moved; retry")
+
+
+def _bounded(context: Any) -> float:
+    remaining = context.time_remaining()
+    return FORWARD_TIMEOUT if remaining is None else min(remaining, FORWARD_TIMEOUT)
 
 
 def _forwarded(context: Any) -> bool:

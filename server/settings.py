@@ -433,6 +433,11 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
     return validate(settings)
 
 
+def _wildcard(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    return listen.startswith("unix://") or host in ("", "0.0.0.0", "::")
+
+
 def is_loopback(listen: str) -> bool:
     """Whether HOST:PORT binds only this machine's loopback interface (or a Unix socket)."""
     if listen.startswith("unix:"):
@@ -483,6 +488,14 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"{path} is not a readable file")
     if settings.state_url and not settings.state_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("state_url must be a postgresql:// URL")
+    if settings.state_url and settings.tls_cert is not None:
+        raise ConfigError(
+            "replicas (state_url) forward calls to each other in plain gRPC: no TLS with them yet"
+        )
+    if settings.state_url and not settings.advertise and _wildcard(settings.listen):
+        raise ConfigError(
+            f"listen {settings.listen!r} is not an address other replicas can reach: set advertise"
+        )
     if settings.reflection not in ("authenticated", "public"):
         raise ConfigError(f"reflection must be authenticated or public, got {settings.reflection!r}")
     if not settings.authenticated and not settings.insecure and not is_loopback(settings.listen):
@@ -499,6 +512,7 @@ def validate(settings: Settings) -> Settings:
         host, sep, port = value.rpartition(":")
         if (value or key == "listen") and (not sep or (not host and key == "listen") or not port.isdigit()):
             raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+    replica_token(settings)  # a token file too short stops the start here, before anything runs
     for config in settings.agents.values():
         _check_user(config)
     workdir = settings.workdir.expanduser().resolve()

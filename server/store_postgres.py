@@ -39,18 +39,22 @@ POOL_SIZE = 4
 RETRY_PAUSE = 0.5  # after the database could not be reached, before the writer tries again
 
 _NAMES = [c.strip() for c in COLUMNS.split(",")]
-# A session's row is written only by its owner at its epoch (the fencing token, ownership.py):
-# a replica that lost the session writes nothing ("INSERT 0 0").
-UPSERT_SESSION = (
+# A new session's row; then every write of it is an update by its owner at its epoch (the fencing
+# token, ownership.py): a replica that lost the session writes nothing ("UPDATE 0"), and a row
+# deleted meanwhile is never brought back.
+INSERT_SESSION = (
     f"INSERT INTO sessions ({COLUMNS}, replica, epoch)"
     f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_NAMES) + 2))})"
-    f" ON CONFLICT (session_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _NAMES[1:])}"
-    " WHERE sessions.replica = EXCLUDED.replica AND sessions.epoch = EXCLUDED.epoch"
+)
+UPDATE_SESSION = (
+    f"UPDATE sessions SET {', '.join(f'{c} = ${i + 2}' for i, c in enumerate(_NAMES[1:]))}"
+    f" WHERE session_id = $1 AND replica = ${len(_NAMES) + 1} AND epoch = ${len(_NAMES) + 2}"
 )
 _TURN_NAMES = [c.strip() for c in TURN_COLUMNS.split(",")]
 UPSERT_TURN = (
     f"INSERT INTO turns ({TURN_COLUMNS}) SELECT {', '.join(f'${i + 1}' for i in range(len(_TURN_NAMES)))}"
-    " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = $2 AND replica = $10 AND epoch = $11)"
+    # FOR SHARE: a takeover's update of the session waits for this write's transaction.
+    " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = $2 AND replica = $10 AND epoch = $11 FOR SHARE)"
     f" ON CONFLICT (turn_id) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in _TURN_NAMES[1:])}"
 )
 
@@ -120,8 +124,9 @@ class PostgresStore:
         return self._pool
 
     def owns(self, session_id: str, epoch: int) -> None:
-        """A session taken over (ownership.py): written from now on at this epoch."""
-        self.epochs[session_id] = epoch
+        """A session taken over (ownership.py): written from now on at this epoch (the newest of
+        two takeovers that finished out of order)."""
+        self.epochs[session_id] = max(epoch, self.epochs.get(session_id, 0))
 
     async def release(self) -> int:
         """Drain: every session of this replica is released (owned by none), after every write
@@ -146,22 +151,33 @@ class PostgresStore:
         if self.on_fenced is not None:
             self.on_fenced(session_id)
 
-    async def _upsert(self, db: asyncpg.Connection, record: SessionRecord) -> None:
-        epoch = self.epochs.setdefault(record.session_id, 1)  # a new session starts at epoch 1
+    async def _insert(self, db: asyncpg.Connection, record: SessionRecord) -> None:
+        """A new session, owned by this replica from epoch 1."""
+        self.epochs[record.session_id] = 1
         try:
-            done = await db.execute(UPSERT_SESSION, *record.row(), self.replica_id, epoch)
-        except asyncpg.UniqueViolationError:
+            await db.execute(INSERT_SESSION, *record.row(), self.replica_id, 1)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != pg_schema.REQUEST_ID_INDEX:
+                self._fenced(record.session_id)  # the row is someone else's
+                return
             self.epochs.pop(record.session_id, None)
             raise RequestIdTaken(
                 f"another replica stored a session for request_id {clip(record.request_id, 64)!r} first;"
                 " retry to get it"
             ) from None
+
+    async def _update(self, db: asyncpg.Connection, record: SessionRecord) -> None:
+        epoch = self.epochs.get(record.session_id)
+        if epoch is None:
+            return  # not (or no longer) ours: never written from here
+        done = await db.execute(UPDATE_SESSION, *record.row(), self.replica_id, epoch)
         if done.endswith(" 0"):
             self._fenced(record.session_id)
 
     async def put(self, record: SessionRecord) -> None:
-        """Insert or update a record and wait until it is committed."""
-        await self._run(lambda db: self._upsert(db, record))
+        """Store a new session's record and wait until it is committed (later changes of it go
+        through put_later)."""
+        await self._run(lambda db: self._insert(db, record))
 
     def put_later(self, record: SessionRecord) -> None:
         """Write a record soon; a newer one for the session replaces it."""
@@ -252,19 +268,28 @@ class PostgresStore:
             self._turn_sessions[item.turn_id] = item.session_id
             if item.state != "running":
                 self._turn_sessions.pop(item.turn_id)
-            epoch = self.epochs.get(item.session_id, -1)
-            await db.execute(UPSERT_TURN, *item.row(), self.replica_id, epoch)
+            epoch = self.epochs.get(item.session_id)
+            if epoch is None:
+                return  # not (or no longer) ours
+            done = await db.execute(UPSERT_TURN, *item.row(), self.replica_id, epoch)
+            if done.endswith(" 0"):
+                self._fenced(item.session_id)
             return
         turn_id, events, first_seq, last_seq = item
+        session_id = self._turn_sessions.get(turn_id, "")
+        epoch = self.epochs.get(session_id)
+        if epoch is None:
+            return  # deleted with its session meanwhile, or not ours
         owned = await db.fetchval(
             "SELECT 1 FROM turns t JOIN sessions s USING (session_id) WHERE t.turn_id = $1"
-            " AND s.replica = $2 AND s.epoch = $3",
+            " AND s.replica = $2 AND s.epoch = $3 FOR SHARE OF s",
             turn_id,
             self.replica_id,
-            self.epochs.get(self._turn_sessions.get(turn_id, ""), -1),
+            epoch,
         )
         if owned is None:
-            return  # deleted with its session meanwhile, or the session moved (its row comes first)
+            self._fenced(session_id)  # the session moved (its turn's row is always written first)
+            return
         await db.executemany(
             "INSERT INTO turn_events (turn_id, seq, event) VALUES ($1, $2, $3)"
             " ON CONFLICT (turn_id, seq) DO UPDATE SET event = EXCLUDED.event",
@@ -424,7 +449,7 @@ class PostgresStore:
         if records:
             async with db.transaction():
                 for record in records:
-                    await self._upsert(db, record)
+                    await self._update(db, record)
 
     async def close(self) -> None:
         """Finish queued writes and close the pool; later writes are refused."""

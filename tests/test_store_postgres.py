@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from server import pg_schema
+from server.errors import OwnerLost
 from server.ownership import Ownership
 from server.store import SessionRecord, StoreError
 from server.store_postgres import PostgresStore, redacted
@@ -132,7 +133,7 @@ async def test_sessions_no_replica_serves_are_deleted_past_the_retention_and_oth
     async def nothing() -> None:
         return None
 
-    alive = Ownership(store.pool, "a", "127.0.0.1:1", 30, free_slots=lambda: 1, on_lost=nothing)
+    alive = Ownership(url, store.pool, "a", "127.0.0.1:1", 30, free_slots=lambda: 1, on_lost=nothing)
     await alive.start()
     try:
         old = SessionRecord("old", "echo", "/", {}, "suspended", "", "", 1.0, 1.0)
@@ -142,11 +143,58 @@ async def test_sessions_no_replica_serves_are_deleted_past_the_retention_and_oth
         await store.add_turn_events("t-old", [(1, b"e")], 1, 1, 10)
         assert await store.release() == 2  # as on drain: no replica serves them now
         await store.put(replace(old, session_id="served", create_time=3.0))  # a's own, as old
-        sweeper = Ownership(store.pool, "b", "127.0.0.1:2", 30, free_slots=lambda: 1, on_lost=nothing)
+        sweeper = Ownership(url, store.pool, "b", "127.0.0.1:2", 30, free_slots=lambda: 1, on_lost=nothing)
         assert await sweeper.expire_unowned(3600) == 1
         left = await sweeper.page(None, "", "", 10)
         assert [(record.session_id, replica) for record, replica in left] == [("recent", ""), ("served", "a")]
         assert await store.turn_events("t-old", 1, 10, 1 << 20) == []
     finally:
         await alive.stop()
+        await store.close()
+
+
+async def test_a_stale_owner_neither_brings_back_a_deleted_session_nor_takes_one_without_a_lease(
+    postgres: PostgresServer,
+) -> None:
+    url = await postgres.fresh_database()
+    stale = PostgresStore(url, "a")
+    await stale.open()
+    fenced: list[str] = []
+    stale.on_fenced = fenced.append
+    record = SessionRecord("s1", "echo", "/", {}, "idle", "", "", 1.0, 1.0)
+    await stale.put(record)
+    db = await asyncpg.connect(url, timeout=10)
+    try:  # another replica takes it over and closes it
+        await db.execute("UPDATE sessions SET replica = 'b', epoch = epoch + 1 WHERE session_id = 's1'")
+        await db.execute("DELETE FROM sessions WHERE session_id = 's1'")
+        stale.put_later(replace(record, state="busy"))
+        await stale.close()  # the queued write is flushed
+        assert await db.fetchval("SELECT count(*) FROM sessions") == 0
+        assert fenced == ["s1"]
+        # A replica whose lease is not alive takes nothing over, not even its own released session.
+        await db.execute(
+            "INSERT INTO sessions (session_id, agent, cwd, labels, state, agent_session_id, request_id,"
+            " create_time, last_active_time, agent_info, replica, epoch)"
+            " VALUES ('s2', 'echo', '/', '{}', 'idle', '', '', 1, 1, '{}', '', 4)"
+        )
+    finally:
+        await db.close(timeout=10)
+    store = PostgresStore(url, "c")
+    await store.open()
+
+    async def nothing() -> None:
+        return None
+
+    unleased = Ownership(url, store.pool, "c", "127.0.0.1:3", 10, free_slots=lambda: 1, on_lost=nothing)
+    owner = await unleased.owner("s2")
+    assert owner is not None and owner.replica == "" and not owner.alive
+    assert await unleased.take(owner) is None
+    with pytest.raises(OwnerLost):
+        await unleased.check()
+    await unleased.start()  # now with a lease
+    try:
+        taken = await unleased.take(owner)
+        assert taken is not None and taken[1] == 5 and taken[0].session_id == "s2"
+    finally:
+        await unleased.stop()
         await store.close()
