@@ -344,6 +344,16 @@ async def test_replicas_authenticate_each_other_and_forward_as_the_callers_princ
             )
             hidden = await expect_error(call)
             assert (hidden.code, hidden.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        # ListSessions over all replicas shows each principal its own sessions only.
+        bobs = await b.stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("bob"), timeout=30)
+        for name, mine in (("alice", sid), ("bob", bobs.session_id)):
+            listed = await a.stub.ListSessions(pb.ListSessionsRequest(), metadata=as_(name), timeout=10)
+            assert [s.session_id for s in listed.sessions] == [mine]
+        everyone = await b.stub.ListSessions(pb.ListSessionsRequest(), metadata=as_("root"), timeout=10)
+        assert {(s.session_id, s.owner, s.replica) for s in everyone.sessions} == {
+            (sid, "alice", "a"),
+            (bobs.session_id, "bob", "b"),
+        }
         # A client cannot pose as a replica: a wrong token (even with a valid bearer token) is refused.
         forged = [("sessiongate-replica-token", "guess"), ("sessiongate-principal", "alice"), *as_("bob")]
         refused = await expect_error(a.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=forged))
