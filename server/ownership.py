@@ -26,6 +26,7 @@ import asyncpg
 
 from server.errors import OwnerLost, clip
 from server.store import COLUMNS, SessionRecord
+from server.store_postgres import delete_turns_of
 
 log = logging.getLogger("sessiongate.replicas")
 
@@ -271,12 +272,7 @@ class Ownership:
             )
             ids = [row[0] for row in gone]
             if ids:
-                await db.execute(
-                    "DELETE FROM turn_events WHERE turn_id IN"
-                    " (SELECT turn_id FROM turns WHERE session_id = ANY($1::text[]))",
-                    ids,
-                )
-                await db.execute("DELETE FROM turns WHERE session_id = ANY($1::text[])", ids)
+                await delete_turns_of(db, ids)
         if ids:
             log.info("deleted %d sessions no replica served, unused past the retention", len(ids))
         return len(ids)

@@ -18,7 +18,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
@@ -30,7 +30,6 @@ from server.turn_records import EventBatch, TurnRow
 
 log = logging.getLogger("sessiongate.store")
 
-T = TypeVar("T")
 Op = Callable[[asyncpg.Connection], Awaitable[Any]]
 DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 CONNECT_TIMEOUT = 10.0
@@ -76,7 +75,6 @@ class PostgresStore:
         self.replica_id = replica_id
         # The epoch of every session this replica owns: each write of it is fenced by it.
         self.epochs: dict[str, int] = {}
-        self._turn_sessions: dict[str, str] = {}  # turn -> session, for its events' fencing
         self.on_fenced: Callable[[str], None] | None = None  # a write found the session moved
         self._pool: asyncpg.Pool | None = None
         self._ops: collections.deque[tuple[Op, asyncio.Future[Any] | None]] = collections.deque()
@@ -211,11 +209,7 @@ class PostgresStore:
             )
             if deleted.endswith(" 0"):
                 return  # another replica owns it now (or it is gone): its turns are not ours
-            await db.execute(
-                "DELETE FROM turn_events WHERE turn_id IN (SELECT turn_id FROM turns WHERE session_id = $1)",
-                session_id,
-            )
-            await db.execute("DELETE FROM turns WHERE session_id = $1", session_id)
+            await delete_turns_of(db, [session_id])
 
     # ---- turns ---------------------------------------------------------------------------
 
@@ -265,9 +259,6 @@ class PostgresStore:
 
     async def _write_turn_item(self, db: asyncpg.Connection, item: TurnRow | EventBatch) -> None:
         if isinstance(item, TurnRow):
-            self._turn_sessions[item.turn_id] = item.session_id
-            if item.state != "running":
-                self._turn_sessions.pop(item.turn_id)
             epoch = self.epochs.get(item.session_id)
             if epoch is None:
                 return  # not (or no longer) ours
@@ -276,19 +267,16 @@ class PostgresStore:
                 self._fenced(item.session_id)
             return
         turn_id, events, first_seq, last_seq = item
-        session_id = self._turn_sessions.get(turn_id, "")
-        epoch = self.epochs.get(session_id)
-        if epoch is None:
-            return  # deleted with its session meanwhile, or not ours
-        owned = await db.fetchval(
-            "SELECT 1 FROM turns t JOIN sessions s USING (session_id) WHERE t.turn_id = $1"
-            " AND s.replica = $2 AND s.epoch = $3 FOR SHARE OF s",
+        owner = await db.fetchrow(
+            "SELECT s.session_id, s.replica, s.epoch FROM turns t JOIN sessions s USING (session_id)"
+            " WHERE t.turn_id = $1 FOR SHARE OF s",
             turn_id,
-            self.replica_id,
-            epoch,
         )
-        if owned is None:
-            self._fenced(session_id)  # the session moved (its turn's row is always written first)
+        if owner is None or owner[0] not in self.epochs:
+            return  # deleted with its session meanwhile (its row is always written first), or not ours
+        session_id, replica, epoch = owner
+        if (replica, epoch) != (self.replica_id, self.epochs[session_id]):
+            self._fenced(session_id)  # the session moved
             return
         await db.executemany(
             "INSERT INTO turn_events (turn_id, seq, event) VALUES ($1, $2, $3)"
@@ -489,6 +477,16 @@ def _turn_row(row: Any) -> TurnRow:
     values[7] = bytes(values[7])
     values[8] = bytes(values[8]) if values[8] is not None else None
     return TurnRow(*values)
+
+
+async def delete_turns_of(db: asyncpg.Connection, session_ids: list[str]) -> None:
+    """Deleted sessions' turns and their events (in the caller's transaction)."""
+    await db.execute(
+        "DELETE FROM turn_events WHERE turn_id IN"
+        " (SELECT turn_id FROM turns WHERE session_id = ANY($1::text[]))",
+        session_ids,
+    )
+    await db.execute("DELETE FROM turns WHERE session_id = ANY($1::text[])", session_ids)
 
 
 async def _delete_turns(db: asyncpg.Connection, turn_ids: list[str]) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -26,6 +25,8 @@ import grpc
 import pytest
 import yaml  # type: ignore[import-untyped]
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+from tests.groups import stop_group
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ENVOY_CONFIG = DEPLOY / "envoy.yaml"
@@ -77,18 +78,6 @@ async def poll(what: str, timeout: float, check: Any) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:g}s")
         await asyncio.sleep(0.2)
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """Envoy runs in its own process group: end the group, SIGKILL if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
 
 
 @dataclass
@@ -148,7 +137,7 @@ async def envoy_front(home: Path, backends: list[int], timeout: float = 20) -> A
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        stack.callback(stop_group, process)
+        stack.callback(stop_group, process)  # Envoy runs in its own process group
 
         async def admin_address() -> str:
             assert process.poll() is None, "envoy exited:\n" + log.read_text(errors="replace")

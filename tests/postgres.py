@@ -25,6 +25,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests.groups import stop_group
+
 START_TIMEOUT = 30.0
 
 
@@ -104,14 +106,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         if process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGQUIT)  # immediate shutdown: the data is thrown away
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+            stop_group(process, signal.SIGQUIT)  # immediate shutdown: the data is thrown away
         shutil.rmtree(root, ignore_errors=True)
 
 
