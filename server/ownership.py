@@ -35,6 +35,7 @@ DB_TIMEOUT = 10.0  # a wait for a pooled connection
 RENEWALS_PER_TTL = 3
 MIN_ATTEMPT = 0.2  # seconds a renewal may take at least, even with the lease about to run out
 EXPIRY_INTERVAL = 60.0  # how often a replica deletes expired sessions that no replica serves
+FENCE_TIMEOUT = 30.0  # stop() waits this long for a fence under way (each agent's end is bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,11 @@ class Ownership:
         self._free_slots = free_slots
         self._on_lost = on_lost
         self._valid_until = 0.0  # monotonic: our lease may have run out from here on
-        self._lost = False
         self._url = url
         self._lease_db: asyncpg.Connection | None = None  # the lease's own connection
         self._watchdog: asyncio.TimerHandle | None = None
-        self._losing: asyncio.Future[None] | None = None
+        self._losing: asyncio.Task[None] | None = None  # the fence of the current loss
+        self._fences: set[asyncio.Task[None]] = set()  # fences still running (stop waits for them)
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.retention: float | None = None  # session_retention: expire_unowned now and then
@@ -122,8 +123,8 @@ class Ownership:
         self._watchdog = loop.call_later(delay, self._lose_soon)
 
     def _lose_soon(self) -> None:
-        if not self.valid() and not self._lost:
-            self._losing = asyncio.ensure_future(self._lose())
+        if not self.valid():
+            self._fence()
 
     async def _renew_forever(self) -> None:
         interval = self.lease_ttl / RENEWALS_PER_TTL
@@ -142,22 +143,34 @@ class Ownership:
                         self._lease_db.terminate()
                 self._lease_db = None
                 continue
-            if self._lost:
+            if self._losing is not None:
                 log.info("lease renewed again replica=%s; serving sessions anew", self.replica_id)
-                self._lost = False
+                self._losing = None  # a later loss fences what was taken over since (this one runs on)
 
-    async def _lose(self) -> None:
-        if self._lost:
-            return
-        self._lost = True
-        log.error(
-            "lease lost replica=%s: ending every session's agent here; other replicas take them over",
-            self.replica_id,
-        )
+    def _fence(self) -> asyncio.Task[None]:
+        """The fence of this loss of the lease: one task of its own, started once, whoever notices
+        first. Not the noticing RPC's task: a caller that goes away must not cut the fence short
+        (nothing would fence again, and another replica would run a second agent)."""
+        if self._losing is None:
+            log.error(
+                "lease lost replica=%s: ending every session's agent here; other replicas take them over",
+                self.replica_id,
+            )
+            self._losing = asyncio.get_running_loop().create_task(self._run_fence(), name="sessiongate-fence")
+            self._fences.add(self._losing)
+            self._losing.add_done_callback(self._fences.discard)
+        return self._losing
+
+    async def _run_fence(self) -> None:
         try:
             await self._on_lost()
         except Exception:
             log.exception("ending sessions after the lease was lost failed")
+
+    async def _lose(self) -> None:
+        """Fence (once per loss), and wait until it is done; the caller's cancellation ends only
+        its own wait."""
+        await asyncio.shield(self._fence())
 
     async def check(self) -> None:
         """Called before serving: with a lease that may have run out (a pause, a lost database)
@@ -291,8 +304,18 @@ class Ownership:
         await self._pool.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
 
     async def stop(self) -> None:
+        """Stop renewing; a fence under way is awaited first (bounded): the sessions it took from
+        the pool's map are reached by nothing else, not even the server's shutdown."""
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._fences:
+            _, late = await asyncio.wait(set(self._fences), timeout=FENCE_TIMEOUT)
+            if late:
+                log.error(
+                    "the fence of a lost lease did not end within %gs replica=%s",
+                    FENCE_TIMEOUT,
+                    self.replica_id,
+                )
         for task in (self._task, self._expiry):
             if task is not None:
                 task.cancel()
