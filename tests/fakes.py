@@ -241,3 +241,69 @@ async def fake_pool(
 
 def text(value: str) -> list[Any]:
     return [schema.TextContentBlock(type="text", text=value)]
+
+
+# ---- chaos agents (tests/test_session_machine.py) ---------------------------------------------
+# Added at the end, apart from the rest: a fake that also floods (many or large chunks, paced
+# like a real pipe by pause_reading) and whose crash ends the prompt under way as a real
+# agent's exit does (AgentExited), so the state machine can mix every kind of turn and failure.
+
+from server.errors import AgentExited  # noqa: E402  (kept in this block: added, not merged above)
+
+
+class ChaosAgent(FakeAgent):
+    """FakeAgent plus `flood COUNT SIZE PAUSE`: COUNT chunks of SIZE characters, PAUSE seconds
+    apart, held back while reading is paused; stops early (cancelled) on session/cancel."""
+
+    def __init__(self, config: AgentConfig, behaviour: FakeBehaviour) -> None:
+        super().__init__(config, behaviour)
+        self._died = asyncio.Event()
+
+    async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
+        if not self.alive:
+            raise AgentExited("fake agent: exited")
+        work = asyncio.ensure_future(self._prompt(session_id, blocks))
+        died = asyncio.ensure_future(self._died.wait())
+        try:
+            await asyncio.wait({work, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise AgentExited(f"fake agent {self.pid_value} exited during the prompt")
+        return work.result()
+
+    async def _prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
+        command, _, rest = " ".join(b.text for b in blocks).partition(" ")
+        if command != "flood":
+            return await super().prompt(session_id, blocks)
+        self._cancelled.clear()
+        count, size, pause = rest.split()
+        chunk = "x" * int(size)
+        for _ in range(int(count)):
+            while self.reading_paused and not self._cancelled.is_set():  # noqa: ASYNC110 (a flag)
+                await asyncio.sleep(0.005)  # a real agent blocks on its full stdout pipe
+            if self._cancelled.is_set():
+                return schema.PromptResponse(stop_reason="cancelled")
+            self.send(session_id, chunk)
+            await asyncio.sleep(float(pause))
+        return schema.PromptResponse(stop_reason="end_turn")
+
+    def crash(self, code: int = 3) -> None:
+        self._died.set()
+        super().crash(code)
+
+    async def _terminate(self) -> None:
+        await super()._terminate()
+        self._died.set()
+
+
+@dataclass
+class ChaosAgents(FakeAgents):
+    """A factory of ChaosAgents."""
+
+    def __call__(self, config: AgentConfig, limits: ServerLimits, workdir: WorkDir | None) -> AgentProcess:
+        agent = ChaosAgent(config, self.behaviour)
+        self.made.append(agent)
+        return agent
