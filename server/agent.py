@@ -339,6 +339,7 @@ class AgentConnection:
         self._on_exit: Callable[[AgentConnection], None] | None = None
         self._stdout: asyncio.ReadTransport | None = None
         self._terminating: asyncio.Task[None] | None = None
+        self._spawned: asyncio.Event | None = None  # set once a spawn under way has its process (or failed)
         self._hurry = asyncio.Event()  # a forced terminate() skips what is left of the SIGTERM grace
         self._ending: asyncio.Task[None] | None = None  # ending the agent after a protocol violation
         self.broken: AgentProtocolError | None = None  # why its connection became unusable
@@ -511,6 +512,27 @@ class AgentConnection:
             ) from None
 
     async def _spawn(self) -> None:
+        """Start the process, unless terminate() came first: a process spawned after it would be
+        nobody's (the terminate found nothing to signal and is memoized)."""
+        if self._terminating is not None:
+            raise self._stopped_while_starting()
+        self._spawned = spawned = asyncio.Event()
+        try:
+            await self._spawn_process()
+        finally:
+            spawned.set()
+        if self._terminating is not None:  # it came while we spawned: _terminate waits for this
+            # spawn, bounded; should it have gone on without the process, the group still ends.
+            self._signal_group(signal.SIGKILL)
+            raise self._stopped_while_starting()
+
+    def _stopped_while_starting(self) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"agent {self.config.name!r} was stopped while it was starting",
+            metadata={"agent": self.config.name},
+        )
+
+    async def _spawn_process(self) -> None:
         if not self.config.command:
             raise AgentUnavailable(
                 f"agent {self.config.name!r} is not configured on this server",
@@ -750,6 +772,12 @@ class AgentConnection:
         process = self._process
         swept = False
         try:
+            spawned = self._spawned
+            if spawned is not None and not spawned.is_set():  # the process being spawned is ours to end
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._kill_grace):
+                        await spawned.wait()
+                process = self._process
             with contextlib.suppress(Exception):  # own groups (unsandboxed): ending the agent's misses them
                 await self.terminals.release_all()
             if self._conn is not None:

@@ -96,6 +96,9 @@ class AgentHolder:
         self._on_exit = on_exit
         self._stopping: asyncio.Task[None] | None = None
         self._dying: AgentProcess | None = None  # the agent a running stop is ending
+        # Counts stop() calls: a start under way when it changes was stopped (a close, a kill or
+        # a fence does not take the session's ownership), so it ends what it started and fails.
+        self._stops = 0
 
     @property
     def alive(self) -> bool:
@@ -116,16 +119,20 @@ class AgentHolder:
         if self.alive:
             return Opened(resume_id, True)
         await self.stop()  # a dead agent's group may still hold children; an earlier stop may still run
+        stops = self._stops
         # The directory is checked against the roots in force now, and the agent is started in
         # exactly the directory checked: CwdNotAllowed leaves the session as it was.
         workdir = await open_workdir(cwd, self._roots)
         try:
-            return await self._start(workdir, resume_id, requester)
+            return await self._start(workdir, resume_id, requester, stops)
         finally:
             workdir.close()  # the agent has its own hold on the directory by now
 
-    async def _start(self, workdir: WorkDir, resume_id: str, requester: object) -> Opened:
+    async def _start(self, workdir: WorkDir, resume_id: str, requester: object, stops: int) -> Opened:
         await self._slots.acquire(requester)  # may suspend another idle session, or PoolExhausted
+        if self._stops != stops:  # stopped while we waited: the slot is this start's alone
+            self._slots.release()
+            raise self._stopped_while_starting()
         self.has_slot = True
         spare = self._spares.take(self.config.name) if self._spares is not None else None
         agent = spare or self._factory(self.config, self.limits, workdir)
@@ -142,7 +149,8 @@ class AgentHolder:
         except BaseException as exc:
             if not started and self._on_agent_start is not None and isinstance(exc, SessionGateError):
                 self._on_agent_start(self.config.name, False)
-            await self.stop()
+            if await self._end_started(agent) and isinstance(exc, Exception):
+                raise self._stopped_while_starting() from None
             if isinstance(exc, TimeoutError):
                 raise AgentUnavailable(
                     f"agent {self.config.name!r} did not finish starting within "
@@ -150,6 +158,9 @@ class AgentHolder:
                     metadata={"agent": self.config.name},
                 ) from None
             raise
+        if self.agent is not agent:  # stopped meanwhile: never hand out an agent we do not hold
+            await agent.terminate()
+            raise self._stopped_while_starting()
         if self._on_exit is not None:
             agent.on_exit(self._on_exit)
         if not agent.alive:  # died right after opening: do not hand out a dead agent
@@ -159,6 +170,21 @@ class AgentHolder:
             )
         return opened
 
+    async def _end_started(self, agent: AgentProcess) -> bool:
+        """End an agent whose start failed; True if a stop took it from us meanwhile (that stop
+        gives its slot back, and the holder may hold another agent by now: not ours to stop)."""
+        if self.agent is agent:
+            await self.stop()
+            return False
+        await agent.terminate()  # shared with the stop's: waits for the same end
+        return True
+
+    def _stopped_while_starting(self) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"agent {self.config.name!r} was stopped while it was starting",
+            metadata={"agent": self.config.name},
+        )
+
     async def start_for_cleanup(self, cwd: str, requester: object) -> AgentProcess | None:
         """An agent started only to tidy up after its session (no ACP session opened), or None
         when no slot is free right now or the directory is no longer allowed: this never
@@ -166,20 +192,25 @@ class AgentHolder:
         if self.alive:
             return self.agent
         await self.stop()
+        stops = self._stops
         try:
             workdir = await open_workdir(cwd, self._roots)
         except CwdNotAllowed:
             return None
         try:
-            if not self._slots.try_acquire(requester):
-                return None
+            if self._stops != stops or not self._slots.try_acquire(requester):
+                return None  # stopped meanwhile (a kill), or no free slot
             self.has_slot = True
             agent = self.agent = self._factory(self.config, self.limits, workdir)
             try:
                 await agent.start(self.limits.agent_start_timeout)
-            except BaseException:
-                await self.stop()
+            except BaseException as exc:
+                if await self._end_started(agent) and isinstance(exc, Exception):
+                    return None
                 raise
+            if self.agent is not agent:
+                await agent.terminate()
+                return None
             return agent
         finally:
             workdir.close()
@@ -215,6 +246,7 @@ class AgentHolder:
         running or the slot taken. `force` skips the SIGTERM grace (a second signal), also for
         a stop already under way. Bounded by the agent's terminate (two kill graces).
         """
+        self._stops += 1
         agent, self.agent = self.agent, None
         if agent is not None:
             self._dying = agent

@@ -423,7 +423,11 @@ class Session:
         self._check_open()
         if self.holder.alive:  # the usual case: nothing to start, nothing to store
             return
-        opened = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
+        try:
+            opened = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
+        except SessionGateError:
+            self._check_open()  # closed, killed or fenced meanwhile: that, not the stopped start
+            raise
         if self.agent_session_id and not opened.resumed:
             self._context_reset = True
         if not opened.resumed:

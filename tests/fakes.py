@@ -79,8 +79,12 @@ class FakeAgent:
         self._on_exit = callback
 
     async def start(self, timeout: float, login: bool = True) -> Handshake:
-        self.started = True
+        if self._terminating is not None:  # like AgentConnection: no process after a terminate
+            raise AgentUnavailable("fake agent: stopped while it was starting")
+        self.started = True  # "spawned"; the delay is its initialize
         await asyncio.sleep(self.behaviour.start_delay)
+        if self.exited:  # ended meanwhile: the real initialize fails on the closed connection
+            raise AgentUnavailable("fake agent: exited during initialize")
         self.handshake = Handshake("fake", "1", "Fake", self.behaviour.load_session, ())
         return self.handshake
 

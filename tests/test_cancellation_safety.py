@@ -360,3 +360,56 @@ async def test_a_wall_clock_stepped_back_does_not_postpone_a_stall(
         await asyncio.wait_for(call.read(), 5)
 
     assert details_of(stalled.value).reason == "STREAM_STALLED"
+
+
+# ---- a stop racing another call's agent start --------------------------------------------
+
+
+@pytest.mark.parametrize("stop", ["close", "kill", "fence"])
+async def test_a_stop_racing_an_agent_start_ends_the_agent_spawned_after_it_and_frees_the_slot(
+    make_gate: GateFactory, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """SetSessionMode resumes a suspended session; a close, kill or fence lands before its agent's
+    process exists (the window widened by a hook before the spawn). The stop must end whatever
+    the start spawns next, and the slot must come back exactly once."""
+    gate: Gate = await make_gate()
+    session = await gate.create()
+    live = gate.running.pool.get(session.session_id)
+    assert await live.suspend()
+    await asyncio.to_thread(wait_gone, gate.agent_pids(), 10)
+    reached, release = asyncio.Event(), asyncio.Event()
+    real_spawn = AgentConnection._spawn
+    held: list[AgentConnection] = []
+
+    async def spawn_after_a_pause(self: AgentConnection) -> None:
+        if not held:  # only the resuming start: a close's own clean-up agent spawns at once
+            held.append(self)
+            reached.set()
+            await asyncio.wait_for(release.wait(), 30)
+        await real_spawn(self)
+
+    monkeypatch.setattr(AgentConnection, "_spawn", spawn_after_a_pause)
+    set_mode = asyncio.create_task(
+        expect_error(
+            gate.stub.SetSessionMode(
+                pb.SetSessionModeRequest(session_id=session.session_id, mode_id="ask"), timeout=30
+            )
+        )
+    )
+    await asyncio.wait_for(reached.wait(), 10)
+
+    if stop == "close":
+        await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=15)
+    elif stop == "kill":
+        await asyncio.wait_for(live.kill(), 15)
+    else:
+        await asyncio.wait_for(live.fence(), 15)
+    release.set()
+    error = await asyncio.wait_for(set_mode, 20)
+
+    assert error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE), error
+    assert error.reason != "AGENT_UNAVAILABLE", error  # the stop's reason, not the stopped start's
+    left = await asyncio.to_thread(wait_gone, gate.agent_pids(), 10)
+    assert not left, f"agent processes outlived the {stop}: {sorted(left)}"
+    assert gate.running.pool._slots.used == 0
+    assert not live.holder.has_slot and live.holder.agent is None
