@@ -69,6 +69,26 @@ class TurnRunner:
         self._cancel_requested = False
         self._cancel_deadline: float | None = None  # loop time by which the agent must have stopped
         self._forced: SessionGateError | None = None
+        self._over = False  # the turn was ended and handed back to its session (turn_over)
+
+    def start(self, task: asyncio.Task[None]) -> None:
+        """Run in `task` (spawned on `run()`). A task cancelled before its first step never runs
+        `run()`, nor so its cleanup: the task's end then settles the turn instead."""
+        self.task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not self._over:
+            self._settle()
+
+    def _settle(self) -> None:
+        """End the turn and free the session without the task (it never ran, or is gone). Nothing
+        was started by a run that never began; a stop is its canceller's (close, kill, fence)."""
+        self._over = True
+        self.turn.end(self._forced or self.host.gone_error())
+        self._stop_prompt()
+        self.host.questions.cancel_all()
+        self.host.turn_over(self)
 
     # ---- requests from outside: none of them waits -------------------------------------
 
@@ -91,17 +111,21 @@ class TurnRunner:
         """End the runner now (the reaper, a second signal): its turn ends with `error`."""
         self.reaped = self.reaped or reaped
         self._forced = error
-        if self.task is not None:
+        if self.task is None:
+            return
+        if not self.task.done():
             self.task.cancel()
+        elif not self._over:  # its task ended without ending the turn
+            self._settle()
 
     def overdue(self, grace: float) -> bool:
-        """Still running `grace` seconds past its own bound (stuck): the sweeper's business."""
-        return (
-            not self.reaped
-            and self.task is not None
-            and not self.task.done()
-            and self._now() > self._bound_at + grace
-        )
+        """Still running `grace` seconds past its own bound (stuck), or its task is done but the
+        turn was never ended and handed back: the sweeper's business."""
+        if self.reaped or self.task is None:
+            return False
+        if self.task.done():
+            return not self._over
+        return self._now() > self._bound_at + grace
 
     async def wait_done(self, timeout: float) -> bool:
         if self.task is None:
@@ -142,6 +166,7 @@ class TurnRunner:
                 if agent is not None:  # commands the agent ran through us end with its turn (bounded)
                     await agent.end_terminals(self.host.agent_session_id)
             finally:  # even when cancelled again meanwhile (a second signal): the session is freed
+                self._over = True
                 self.host.turn_over(self)
 
     async def _prompt_turn(self) -> TurnEnd:

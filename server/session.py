@@ -338,7 +338,7 @@ class Session:
             permission_timeout=permission_timeout or self.limits.permission_timeout,
         )
         runner = self.runner = TurnRunner(self, turn, blocks)
-        runner.task = self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}")
+        runner.start(self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}"))
         if self._cancel_pending:  # cancelled while it was handed to us: it ends at once, CANCELLED
             self._cancel_pending = False
             runner.request_cancel()

@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from server.errors import SessionBusy, SessionNotFound, ShuttingDown, StreamStalled, TurnTimeout
+from server.errors import OwnerLost, SessionBusy, SessionNotFound, ShuttingDown, StreamStalled, TurnTimeout
 from server.owner import Owner
 from server.pool import SessionPool
+from server.runner import TurnRunner
 from server.session import Session, State
 from server.settings import ServerLimits
 from server.store import SessionRecord, SessionStore
@@ -538,3 +539,52 @@ async def test_an_ended_turn_read_late_never_resumes_an_agent_paused_for_the_nex
 
     assert [await old.next() for _ in range(4)][-1] == TurnEnd("end_turn")
     assert agent.reading_paused
+
+
+# ---- a turn runner cancelled before its first step -------------------------------------------
+
+
+async def test_a_fence_in_the_same_loop_pass_as_a_hand_off_still_ends_the_handed_off_turn(
+    pools: PoolFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store fences the session right as a turn ends and hands the session to a waiting
+    prompt: the waiter's runner task is cancelled before its first step, so `run()` and its
+    cleanup never run. Its turn must still end (OWNER_LOST) and the session be let go."""
+    agents = FakeAgents()
+    pool = await pools(agents)
+    session = await new_session(pool)
+    first, waiting = await a_turn_and_a_waiter(session, "echo never")
+
+    def fence() -> None:  # a task of its own, as a store write that found its epoch changed does
+        pool.fence(session.session_id)
+
+    await finish_and_probe_the_hand_off(session, agents, first, fence, monkeypatch)
+    second = await asyncio.wait_for(waiting, 5)
+    await eventually(lambda: session.fenced, 5, "the fence")
+
+    with pytest.raises(OwnerLost):
+        await drain(second)
+    await eventually(lambda: not session.owner.busy and session.runner is None, 5, "the session to be let go")
+    await eventually(lambda: pool._slots.used == 0 and not agents.running(), 5, "the agent to be ended")
+
+
+async def test_the_reaper_ends_a_turn_whose_runner_task_ended_without_ending_it(pools: PoolFactory) -> None:
+    """A safety net: a runner whose task is done while its turn never ended (cancelled before
+    its first step, with nothing to settle it) is overdue at once, and reaping ends the turn
+    and lets the session go."""
+    agents = FakeAgents()
+    pool = await pools(agents)
+    session = await new_session(pool)
+    never_ran = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+    never_ran.cancel()
+    await asyncio.gather(never_ran, return_exceptions=True)
+    assert session.owner.try_take("turn")
+    stuck = session.runner = TurnRunner(session, Turn(stall_timeout=5, max_duration=60), text("wait"))
+    stuck.task = never_ran  # not through start(): nothing settles its turn when the task ends
+
+    assert session.zombie()
+    session.reap()
+
+    assert not session.owner.busy and session.runner is None
+    with pytest.raises(TurnTimeout):
+        await drain(stuck.turn)
