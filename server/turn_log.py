@@ -23,6 +23,7 @@ SEQ_NOT_KEPT (with the oldest seq kept, to re-attach from). A turn whose client 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
@@ -58,6 +59,7 @@ MEMORY_BYTES = 256 * 1024  # written events kept in memory for the readers that 
 MAX_UNWRITTEN = 1024 * 1024  # the pump waits while this much is not on disk yet (a slow disk)
 PACE_LAG = 32  # events the pump may run ahead of the prompting client (few: what waits in the
 # Turn is coalesced, see turn.py, and a stream of merged chunks relays more per event)
+UNREAD_KEPT = 4096  # sizes kept for a prompting client that has not come to read yet
 READ_BATCH = 256  # events a reader takes at once (and holds while its client is slow)
 READ_BYTES = 256 * 1024  # ...or this many bytes of them from disk
 WRITE_TIMEOUT = 30.0  # seconds a batch may take to be written before it is tried again
@@ -121,6 +123,12 @@ class TurnLog:
         self._timer: asyncio.TimerHandle | None = None
         self._pacing = False
         self._paced_at = 0
+        # Sizes of the events the prompting client has not read yet, and their sum; kept until
+        # the client leaves, after which nothing paces the pump any more.
+        self._unread: collections.deque[int] = collections.deque()
+        self._unread_bytes = 0
+        self._unread_first = self.last_seq + 1  # seq of _unread[0]
+        self._paced_done = state != "running"
         self._closing = state != "running"  # no new writes are scheduled: close() does the last
         self.stored_fully = state != "running"  # closed: its final record is in the store
 
@@ -191,16 +199,41 @@ class TurnLog:
             self._unwritten_bytes += size
             self._kept_bytes += size
             self.last_seq = event.seq
+        if not self._paced_done:
+            self._unread.extend(sizes)
+            self._unread_bytes += sum(sizes)
+            if not self._pacing and len(self._unread) > UNREAD_KEPT:  # nobody came to read
+                self._stop_pacing()
         self._notify()
         self._schedule_write()
 
     async def room(self) -> None:
-        """Until the pump may take another item: the prompting client is not too far behind,
-        and the disk keeps up."""
-        while (
-            self._pacing and (self.last_seq - self._paced_at >= PACE_LAG or self._kept_bytes > self.max_bytes)
-        ) or self._unwritten_bytes > self._max_unwritten:
+        """Until the pump may take another item: the prompting client is not too far behind
+        (in events, and in bytes), and the disk keeps up.
+
+        Each wait ends by something that moves on by itself: the client reading (it notifies),
+        or a write finishing (it notifies, and is retried while the store fails). What the client
+        has read and the disk holds is trimmed here too, not only at the next append: the pump
+        must never wait for kept bytes to fall, since only a trim makes them fall."""
+        while True:
+            if self._kept_bytes > self.max_bytes:
+                self._trim()
+            if not (self._client_behind() or self._unwritten_bytes > self._max_unwritten):
+                return
             await self._wait()
+
+    def _client_behind(self) -> bool:
+        """The prompting client is far enough behind that the pump waits for it: PACE_LAG
+        events, or a quarter of the bound in bytes (so that what it has not read, what is not
+        on disk yet and a batch it is inside of together stay within the bound)."""
+        if not self._pacing:
+            return False
+        return self.last_seq - self._paced_at >= PACE_LAG or self._unread_bytes > self.max_bytes // 4
+
+    def _stop_pacing(self) -> None:
+        self._pacing, self._paced_done = False, True
+        self._unread.clear()
+        self._unread_bytes = 0
 
     def complete(self, result: pb.TurnResult) -> None:
         self.record.result.CopyFrom(result)
@@ -256,8 +289,10 @@ class TurnLog:
         """
         self._check_range(after_seq)
         following = after_seq + 1
-        if pace and self.running:
-            self._pacing, self._paced_at = True, after_seq
+        pace = pace and self.running and not self._paced_done
+        if pace:
+            self._pacing = True
+            self._read_up_to(after_seq)
         try:
             while True:
                 changed = self._changed
@@ -266,7 +301,7 @@ class TurnLog:
                     yield batch
                     following = batch[-1].seq + 1
                     if pace:
-                        self._paced_at = following - 1
+                        self._read_up_to(following - 1)
                         self._notify()
                     continue
                 if not self.running:
@@ -276,8 +311,15 @@ class TurnLog:
                 await changed.wait()
         finally:
             if pace:
-                self._pacing = False
+                self._stop_pacing()
                 self._notify()
+
+    def _read_up_to(self, seq: int) -> None:
+        """The prompting client has read every event up to `seq`."""
+        self._paced_at = seq
+        while self._unread and self._unread_first <= seq:
+            self._unread_bytes -= self._unread.popleft()
+            self._unread_first += 1
 
     async def events(self, after_seq: int, *, pace: bool = False) -> AsyncGenerator[pb.PromptEvent, None]:
         """`read` one event at a time, each taking its part of the loop's share for agents'

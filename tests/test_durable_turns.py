@@ -232,6 +232,54 @@ async def test_the_prompting_client_is_never_dropped_by_the_bound_however_slowly
     assert reply_text(events).count(":") == 20000
 
 
+async def read_slowly(call: Any, pause: float) -> list[pb.PromptEvent]:
+    """Every event of a Prompt stream, `pause` seconds of "work" after each."""
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        events.append(event)
+        await asyncio.sleep(pause)
+    return events
+
+
+def flooded_chunks(events: list[pb.PromptEvent]) -> list[int]:
+    """The /flood chunk numbers the client got, in order (a chunk may arrive split or merged)."""
+    return [int(number) for number in re.findall(r"(\d+):", reply_text(events))]
+
+
+async def test_a_client_reading_large_chunks_at_a_normal_pace_gets_every_event_and_the_result(
+    gate: Gate,
+) -> None:
+    """1 MB chunks, a client doing 0.1 s of work per event: the pump waits for the client by
+    bytes as well as by events, and what it read is trimmed meanwhile, so the turn never stalls
+    (it used to stop after about 24 events and end at the client's own deadline)."""
+    session = await gate.create()
+    sid = session.session_id
+    call = gate.stub.Prompt(pb.PromptRequest(session_id=sid, text="/flood 40 1000000"), timeout=120)
+    events = await read_slowly(call, 0.1)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
+    assert flooded_chunks(events) == list(range(40))
+    assert await gate.state(sid) == pb.SESSION_STATE_IDLE
+    again = await gate.prompt(sid, "hello again")
+    assert again[-1].HasField("result")
+
+
+async def test_chunks_larger_than_half_the_turn_log_bound_reach_a_fast_and_a_slow_client(
+    make_gate: GateFactory,
+) -> None:
+    """max_turn_log_bytes 1 MiB and 600 KB chunks: two of them are over the bound, and neither a
+    client reading at once nor one pausing between events waits forever for the log to shrink."""
+    gate = await make_gate(max_turn_log_bytes=MIB)
+    session = await gate.create()
+    sid = session.session_id
+    for pause in (0.0, 0.05):
+        call = gate.stub.Prompt(pb.PromptRequest(session_id=sid, text="/flood 8 600000"), timeout=60)
+        events = await read_slowly(call, pause)
+        assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN, pause
+        assert flooded_chunks(events) == list(range(8)), pause
+        assert await gate.state(sid) == pb.SESSION_STATE_IDLE
+
+
 async def test_a_failed_turn_ends_its_watchers_with_the_same_status_and_is_listed_failed(gate: Gate) -> None:
     session = await gate.create()
     sid = session.session_id
