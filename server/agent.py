@@ -181,13 +181,16 @@ class _GatewayClient:
     ) -> schema.ReadTextFileResponse:
         cwd = self._fs_cwd(session_id, "fs/read_text_file")
         hidden = self._connection.hidden_paths
-        return schema.ReadTextFileResponse(content=await client_fs.read(cwd, path, line, limit, hidden))
+        # lane: this agent's share of the client fs threads (a hung mount starves only it)
+        content = await client_fs.read(cwd, path, line, limit, hidden, lane=self._connection)
+        return schema.ReadTextFileResponse(content=content)
 
     async def write_text_file(
         self, session_id: str, path: str, content: str, **_: Any
     ) -> schema.WriteTextFileResponse:
         cwd = self._fs_cwd(session_id, "fs/write_text_file")
-        report = await client_fs.write(cwd, path, content, self._connection.hidden_paths)
+        hidden = self._connection.hidden_paths
+        report = await client_fs.write(cwd, path, content, hidden, lane=self._connection)
         self._connection.route(session_id, report)
         return schema.WriteTextFileResponse()
 

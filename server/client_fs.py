@@ -13,7 +13,9 @@ never sees half a file.
 
 Everything here blocks; `read` and `write` run it on threads of their own (a hung file
 system never blocks the event loop, nor starves other work of the loop's default executor),
-within FS_TIMEOUT. Errors reach the agent as JSON-RPC errors with bounded messages.
+within FS_TIMEOUT, and each agent only on its share of them (a hung mount under one agent
+never times out another's requests). A write reported as not done never lands afterwards.
+Errors reach the agent as JSON-RPC errors with bounded messages.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import functools
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ParamSpec, TypeVar
+from typing import BinaryIO, TypeVar
 
 import acp
 
@@ -42,10 +46,12 @@ FS_TIMEOUT = 30.0  # seconds one fs request may take
 READ_CHUNK = 256 * 1024
 NOT_FOUND = -32002  # ACP's "resource not found"
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-P = ParamSpec("P")
+# Threads of their own (_POOL): requests stuck on a hung mount never starve the loop's default
+# executor, and each agent has its share of them (_Admission): one agent's never starve another's.
+LANE_THREADS = 4  # calls one agent (or, without one, one directory) runs at once
+POOL_THREADS = 64  # in all: it takes POOL_THREADS / LANE_THREADS hung agents to starve the rest
+LANDING_GRACE = 10.0  # seconds more for a write already being renamed into place at its deadline
 T = TypeVar("T")
-# Threads of their own: requests stuck on a hung mount never starve the loop's default executor.
-_FS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="client-fs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,44 +67,167 @@ class FileWriteReport:
 
 
 async def read(
-    cwd: str, path: str, line: int | None = None, limit: int | None = None, hidden: Iterable[Path] = ()
+    cwd: str,
+    path: str,
+    line: int | None = None,
+    limit: int | None = None,
+    hidden: Iterable[Path] = (),
+    lane: Hashable | None = None,
 ) -> str:
-    """`read_text_file` on a worker thread within FS_TIMEOUT."""
-    return await _off_loop(path, read_text_file, cwd, path, line, limit, tuple(hidden))
+    """`read_text_file` on a worker thread of `lane` (see _Admission) within FS_TIMEOUT."""
+    call = functools.partial(read_text_file, cwd, path, line, limit, tuple(hidden))
+    return await _off_loop(_lane(lane, cwd), path, call)
 
 
-async def write(cwd: str, path: str, content: str, hidden: Iterable[Path] = ()) -> FileWriteReport:
-    """`write_text_file` on a worker thread within FS_TIMEOUT."""
-    return await _off_loop(path, write_text_file, cwd, path, content, tuple(hidden))
+async def write(
+    cwd: str, path: str, content: str, hidden: Iterable[Path] = (), lane: Hashable | None = None
+) -> FileWriteReport:
+    """`write_text_file` on a worker thread of `lane` within FS_TIMEOUT. One reported as not
+    done never lands later: its rename happens only if it is claimed before the deadline."""
+    landing = Landing()
+    call = functools.partial(write_text_file, cwd, path, content, tuple(hidden), landing)
+    return await _off_loop(_lane(lane, cwd), path, call, landing)
 
 
-async def open_directory_async(cwd: str, path: str, hidden: Iterable[Path] = ()) -> tuple[str, int]:
-    """`open_directory` on a worker thread within FS_TIMEOUT (the descriptor is the caller's).
-    A result that comes too late is closed."""
-    future = asyncio.get_running_loop().run_in_executor(_FS, open_directory, cwd, path, tuple(hidden))
+async def open_directory_async(
+    cwd: str, path: str, hidden: Iterable[Path] = (), lane: Hashable | None = None
+) -> tuple[str, int]:
+    """`open_directory` on a worker thread of `lane` within FS_TIMEOUT (the descriptor is the
+    caller's). A result that comes too late is closed."""
+    call = functools.partial(open_directory, cwd, path, tuple(hidden))
+    return await _off_loop(_lane(lane, cwd), path, call, late=_close_late)
+
+
+def _close_late(result: tuple[str, int]) -> None:
+    os.close(result[1])
+
+
+def _lane(lane: Hashable | None, cwd: str) -> Hashable:
+    """Whose share of the threads a call takes: its agent's, else its directory's."""
+    return ("cwd", cwd) if lane is None else lane
+
+
+class Landing:
+    """Whether a write may still land: its worker claims it right before the rename, the caller
+    gives it up at its deadline; whichever comes first wins. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: str | None = None  # "claimed" or "abandoned"
+
+    def claim(self) -> bool:
+        with self._lock:
+            self._state = self._state or "claimed"
+            return self._state == "claimed"
+
+    def abandon(self) -> bool:
+        with self._lock:
+            self._state = self._state or "abandoned"
+            return self._state == "abandoned"
+
+
+class _Abandoned(Exception):
+    """A write given up before its rename (its caller was told it was not done)."""
+
+
+class _Admission:
+    """Who may use the pool's threads now: at most LANE_THREADS calls of one lane (one agent's,
+    or one directory's) and POOL_THREADS in all. A call keeps its place until its thread is
+    done, even after its caller gave up on it: a lane stuck on a hung mount holds at most
+    LANE_THREADS threads, and other lanes still find one. The rest wait in order (none that
+    fits ever waits), each within its caller's deadline; a call that never started never runs.
+    Thread-safe: places are given back from worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[Hashable, int] = {}
+        self._total = 0
+        self._waiting: deque[tuple[Hashable, concurrent.futures.Future[None]]] = deque()
+
+    def running(self, lane: Hashable) -> int:
+        return self._running.get(lane, 0)
+
+    async def enter(self, lane: Hashable) -> None:
+        """A place for one call of `lane`; cancelling gives up the wait (or the place)."""
+        with self._lock:
+            if self._fits(lane):
+                self._take(lane)
+                return
+            ticket: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._waiting.append((lane, ticket))
+        try:
+            await asyncio.wrap_future(ticket)
+        except asyncio.CancelledError:
+            if not ticket.cancel():  # given a place meanwhile: pass it on
+                self.leave(lane)
+            raise
+
+    def leave(self, lane: Hashable) -> None:
+        with self._lock:
+            self._total -= 1
+            self._running[lane] -= 1
+            if not self._running[lane]:
+                del self._running[lane]  # no reference kept to an idle lane (an agent)
+            waiting, self._waiting = self._waiting, deque()
+            for entry in waiting:
+                waiter, ticket = entry
+                if ticket.done():
+                    continue  # gave up
+                if self._fits(waiter) and ticket.set_running_or_notify_cancel():
+                    self._take(waiter)
+                    ticket.set_result(None)
+                elif not ticket.cancelled():
+                    self._waiting.append(entry)
+
+    def _fits(self, lane: Hashable) -> bool:
+        return self._total < POOL_THREADS and self._running.get(lane, 0) < LANE_THREADS
+
+    def _take(self, lane: Hashable) -> None:
+        self._total += 1
+        self._running[lane] = self._running.get(lane, 0) + 1
+
+
+_ADMISSION = _Admission()
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="client-fs")
+
+
+async def _off_loop(
+    lane: Hashable,
+    path: str,
+    call: Callable[[], T],
+    landing: Landing | None = None,
+    late: Callable[[T], None] | None = None,
+) -> T:
+    """`call` on a pool thread once `lane` has a place, within FS_TIMEOUT in all. A write
+    (`landing`) that is not claimed by then is abandoned; one claimed (renaming) gets
+    LANDING_GRACE more. `late` gets a result nobody waited for."""
+    future: concurrent.futures.Future[T] | None = None
     try:
         async with asyncio.timeout(FS_TIMEOUT):
-            return await asyncio.shield(future)
+            await _ADMISSION.enter(lane)
+            future = _POOL.submit(call)
+            future.add_done_callback(lambda _: _ADMISSION.leave(lane))
+            return await asyncio.wrap_future(future)  # cancelled while queued: it never runs
     except (TimeoutError, asyncio.CancelledError) as exc:
-        future.add_done_callback(_close_late)
+        if future is not None and landing is not None and not landing.abandon():
+            if isinstance(exc, TimeoutError):  # being renamed into place: it lands, tell so
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LANDING_GRACE):
+                        return await asyncio.shield(asyncio.wrap_future(future))
+                raise _failed(
+                    path, f"not done within {FS_TIMEOUT + LANDING_GRACE:g}s while renaming: it may land"
+                ) from None
+        elif future is not None and late is not None:
+            future.add_done_callback(functools.partial(_hand_late, late))
         if isinstance(exc, TimeoutError):
-            raise _failed(path, f"not opened within {FS_TIMEOUT:g}s") from None
+            what = "written within {}s: the file was left as it was" if landing else "done within {}s"
+            raise _failed(path, "not " + what.format(f"{FS_TIMEOUT:g}")) from None
         raise
 
 
-def _close_late(future: asyncio.Future[tuple[str, int]]) -> None:
+def _hand_late(late: Callable[[T], None], future: concurrent.futures.Future[T]) -> None:
     if not future.cancelled() and future.exception() is None:
-        os.close(future.result()[1])
-
-
-async def _off_loop(path: str, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    call = functools.partial(func, *args, **kwargs)
-    future = asyncio.get_running_loop().run_in_executor(_FS, call)
-    try:
-        async with asyncio.timeout(FS_TIMEOUT):
-            return await future
-    except TimeoutError:
-        raise _failed(path, f"not done within {FS_TIMEOUT:g}s") from None
+        late(future.result())
 
 
 # ---- blocking ------------------------------------------------------------------------------
@@ -135,9 +264,12 @@ def read_text_file(
     return data.decode("utf-8", errors="replace")
 
 
-def write_text_file(cwd: str, path: str, content: str, hidden: tuple[Path, ...] = ()) -> FileWriteReport:
+def write_text_file(
+    cwd: str, path: str, content: str, hidden: tuple[Path, ...] = (), landing: Landing | None = None
+) -> FileWriteReport:
     """Replace (or create) the file with `content` (UTF-8), making missing directories; blocking.
-    The content goes to a new file renamed over the name: links there are replaced, not followed."""
+    The content goes to a new file renamed over the name: links there are replaced, not followed.
+    With a `landing`, the rename happens only if it can be claimed (the caller still waits)."""
     data = content.encode("utf-8", errors="replace")
     if len(data) > MAX_WRITE_BYTES:
         raise _invalid(
@@ -149,13 +281,13 @@ def write_text_file(cwd: str, path: str, content: str, hidden: tuple[Path, ...] 
     name = parts[-1]
     directory = _open_dir(cwd, parts[:-1], path, create=True)
     try:
-        created = _replace(directory, name, data, path)
+        created = _replace(directory, name, data, path, landing)
     finally:
         os.close(directory)
     return FileWriteReport(path=os.path.join(cwd, *parts), bytes=len(data), created=created)
 
 
-def _replace(directory: int, name: str, data: bytes, path: str) -> bool:
+def _replace(directory: int, name: str, data: bytes, path: str, landing: Landing | None = None) -> bool:
     """Write `data` to a new file in `directory` and rename it to `name`; True if `name` was new."""
     try:
         before = os.stat(name, dir_fd=directory, follow_symlinks=False)
@@ -181,6 +313,8 @@ def _replace(directory: int, name: str, data: bytes, path: str) -> bool:
                 view = view[handle.write(view) or 0 :]
             if before is not None:
                 os.fchmod(handle.fileno(), stat.S_IMODE(before.st_mode) & 0o777)
+        if landing is not None and not landing.claim():
+            raise _Abandoned  # its caller was told it was not done: the temp file goes
         os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException as exc:
         with contextlib.suppress(OSError):

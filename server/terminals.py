@@ -265,9 +265,12 @@ class Terminals:
         self._starting[token] = session_id
         epoch = self._epochs.setdefault(session_id, 0)
         try:
-            root_path, root_fd = await client_fs.open_directory_async(session_cwd, "", hidden)
+            # On this agent's share of the client fs threads (self: one Terminals per agent).
+            root_path, root_fd = await client_fs.open_directory_async(session_cwd, "", hidden, self)
             try:
-                start_path, start_fd = await client_fs.open_directory_async(session_cwd, cwd or "", hidden)
+                start_path, start_fd = await client_fs.open_directory_async(
+                    session_cwd, cwd or "", hidden, self
+                )
                 try:
                     # A clean-up that ran during the awaits did not see this terminal: refuse it
                     # now, before anything starts (from here to its registration nothing awaits).
