@@ -13,8 +13,9 @@ Where the events are:
 - within `max_turn_log_bytes` per turn over both: past it the oldest written batches are
   dropped, and a `turn_log_trimmed` notice says so. The result is never dropped (it is last).
 
-Who waits for whom: while the prompting client reads, the pump runs at most PACE_LAG events
-ahead of it, so a slow client holds the agent back on its own pipe as before. Nobody else
+Who waits for whom: while the prompting client reads, the pump runs at most PACE_LAG events,
+and a quarter of the bound in bytes, ahead of it, so a slow client holds the agent back on its
+own pipe as before; what it has read is trimmed while the pump waits, never only after. Nobody else
 paces anything: a watcher reads at its own speed, and one that falls behind what is kept gets
 SEQ_NOT_KEPT (with the oldest seq kept, to re-attach from). A turn whose client left
 (ON_DISCONNECT_CONTINUE), or that nobody reads, runs at the agent's pace into the log.
