@@ -202,6 +202,17 @@ class Ownership:
         record = SessionRecord.from_row(values[:count])
         return Owner(record, replica, epoch, advertise, bool(alive and replica))
 
+    async def lease_left(self, address: str) -> float:
+        """Seconds, by the database's clock, until no replica at `address` has a lease alive (plus
+        the takeover margin): from then on its sessions may be taken over. <= 0: already so."""
+        left = await self._pool.fetchval(
+            "SELECT extract(epoch FROM max(lease_until) + make_interval(secs => $2) - clock_timestamp())"
+            " FROM replicas WHERE advertise = $1",
+            address,
+            TAKEOVER_MARGIN,
+        )
+        return float(left) if left is not None else 0.0
+
     def free_slots(self) -> int:
         return self._free_slots()
 

@@ -11,6 +11,12 @@ Between the service and the pool (the architecture guide's one-way flow). Withou
   other calls read it from the database as it was stored (a SUSPENDED view), moving nothing.
 A call that was forwarded once is never forwarded again: if the session moved meanwhile the
 caller gets OWNER_LOST and retries.
+
+A forwarded call waits on its owner only while the owner's lease lives: once the lease and the
+takeover margin have run out (by the database's clock, as for a takeover) the call is abandoned
+with OWNER_LOST, and the caller's retry takes the session over. So a frozen or cut-off owner
+costs a caller `lease_ttl` + `TAKEOVER_MARGIN` + one look at the database, not the channel's
+keepalive (25 s) or the forwarding bounds below.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
@@ -34,6 +40,8 @@ from server.store_postgres import DB_ERRORS, PostgresStore
 
 log = logging.getLogger("sessiongate.router")
 
+T = TypeVar("T")
+
 FORWARDED_HEADER = "sessiongate-forwarded-by"
 # Bounds of a forwarded call whose caller set no deadline: a unary call, a stream's headers (the
 # owner sends them when the turn starts), and keepalive pings that find an owner that stopped.
@@ -44,6 +52,8 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
 ]
+LEASE_WATCH_DELAY = 0.5  # seconds into a forwarded call before its owner's lease is looked at
+LEASE_WATCH_RETRY = 1.0  # seconds before looking again when the database did not answer
 PASSED_ON = ("authorization",)  # without a replica token: the owner authenticates the caller itself
 
 
@@ -164,28 +174,64 @@ class Router:
     # ---- forwarding ----------------------------------------------------------------------
 
     async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
-        call = getattr(self._stub(address), method)
+        call = getattr(self._stub(address), method)(
+            request, timeout=_bounded(context), metadata=self._passed_on(context)
+        )
+        gone = self._watch(address)
         try:
-            return await call(request, timeout=_bounded(context), metadata=self._passed_on(context))
+            return await _unless_gone(call, gone, address)
         except grpc.aio.AioRpcError as error:
             raise _relayed(error, address) from None
+        finally:
+            gone.cancel()
+            call.cancel()  # the caller left, or the owner's lease ran out: the owner's call ends too
 
     async def stream(self, address: str, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
         call = getattr(self._stub(address), method)(
             request, timeout=context.time_remaining(), metadata=self._passed_on(context)
         )
+        gone = self._watch(address)
         try:
-            async with asyncio.timeout(FORWARD_HEADERS_TIMEOUT):
-                headers = await call.initial_metadata()
+            try:
+                async with asyncio.timeout(FORWARD_HEADERS_TIMEOUT):
+                    headers = await _unless_gone(call.initial_metadata(), gone, address)
+            except TimeoutError:
+                raise OwnerLost(
+                    f"the replica owning the session ({clip(address)}) sent no response headers within"
+                    f" {FORWARD_HEADERS_TIMEOUT:g}s; retry",
+                    retry_after=1.0,
+                ) from None
             ours = tuple((k, v) for k, v in (headers or ()) if k.startswith("sessiongate-"))
             if ours:
                 await context.send_initial_metadata(ours)
-            async for item in call:
+            while (item := await _unless_gone(call.read(), gone, address)) is not grpc.aio.EOF:
                 yield item
         except grpc.aio.AioRpcError as error:
             raise _relayed(error, address) from None
         finally:
+            gone.cancel()
             call.cancel()  # the caller left (or the stream ended): the owner's call ends too
+
+    def _watch(self, address: str) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(
+            self._owner_gone(address), name="sessiongate-lease-watch"
+        )
+
+    async def _owner_gone(self, address: str) -> None:
+        """Returns once no replica at `address` has a lease alive plus the takeover margin: its
+        sessions may be taken over, and the replica itself has stopped serving them. Looks at the
+        database about once per renewal the owner makes; a failed look is retried."""
+        await asyncio.sleep(LEASE_WATCH_DELAY)  # most forwarded calls are answered by then
+        while True:
+            try:
+                async with asyncio.timeout(DB_TIMEOUT):
+                    left = await self._ownership.lease_left(address)
+            except Exception as exc:  # the call goes on meanwhile (keepalive still bounds it)
+                log.warning("could not read the lease of replica %s: %s", clip(address), clip(str(exc)))
+                left = LEASE_WATCH_RETRY
+            if left <= 0:
+                return
+            await asyncio.sleep(max(left, 0.05))
 
     def _passed_on(self, context: Any) -> tuple[tuple[str, str], ...]:
         """Who the call is for: with the replicas' token, the principal authenticated here (the
@@ -221,6 +267,25 @@ async def _database() -> AsyncIterator[None]:
         raise StoreUnavailable(f"the session database did not answer within {DB_TIMEOUT:g}s") from None
     except DB_ERRORS as exc:
         raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
+
+
+async def _unless_gone(step: Awaitable[T], gone: asyncio.Task[None], address: str) -> T:
+    """`step` (a wait on the owner replica), abandoned with OWNER_LOST once `gone` finds the
+    owner's lease ran out."""
+    waiting = asyncio.ensure_future(step)
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        waiting.cancel()
+        raise
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()
+    raise OwnerLost(
+        f"the replica owning the session ({clip(address)}) did not answer and its lease ran out;"
+        " retry (the session is taken over)",
+        retry_after=0.2,
+    )
 
 
 def _lease_lost(session_id: str) -> OwnerLost:

@@ -11,18 +11,28 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import details_of, expect_error, kinds, reply_text, wait_gone
+from server import router
+from server.ownership import TAKEOVER_MARGIN
+from tests.conftest import Gate, GateFactory, details_of, expect_error, kinds, reply_text, wait_gone
 from tests.postgres import PostgresServer, free_port
 from tests.processes import ServerProcess, server_process
 from tests.test_auth import as_, tokens_file
 
 PACED = "/pace 300 " + " ".join(f"w{i}" for i in range(30))  # 30 chunks, 0.3 s apart
+# The bound a forwarded call promises past its owner's lease and the takeover margin: the router
+# looks at the lease in the database as it runs out (a query of milliseconds), plus scheduling on
+# a loaded machine. (Without the look: the channel's keepalive, 25 s, or the forwarding bounds.)
+FAILOVER_LOOK = 5.0
+# A client's retry, the takeover and a new agent's start (session/load) on a loaded machine.
+FAILOVER_RESUME = 10.0
 
 
 @contextlib.asynccontextmanager
@@ -358,3 +368,99 @@ async def test_replicas_authenticate_each_other_and_forward_as_the_callers_princ
         forged = [("sessiongate-replica-token", "guess"), ("sessiongate-principal", "alice"), *as_("bob")]
         refused = await expect_error(a.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=forged))
         assert refused.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+# ---- forwarded calls to an owner that does not answer (in-process replica, fake owner) --------
+# Replica B runs in this process (make_gate) so that its bounds can be shortened; the "owner" is a
+# gRPC server here that accepts calls and never answers them, registered in the database as
+# replica "a" with the lease the test chooses.
+
+
+class Silent(pb_grpc.SessionServiceServicer):
+    """An owner replica that takes calls and never answers (a hung process, as its peers see it)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        self.calls += 1
+        await asyncio.Event().wait()  # ended by the caller's cancel, or the server's stop
+        yield pb.PromptEvent()
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
+        self.calls += 1
+        await asyncio.Event().wait()
+        return pb.Session()
+
+
+@contextlib.asynccontextmanager
+async def silent_owner(url: str, gate: Gate, lease: float) -> AsyncIterator[tuple[Silent, str]]:
+    """Replica "a" at a silent server with a lease of `lease` seconds from now (by the database's
+    clock), owning one session; yields the servicer and the session's id."""
+    servicer = Silent()
+    server = grpc.aio.server()
+    pb_grpc.add_SessionServiceServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    sid = "silent-owner-session-0001"
+    db = await asyncpg.connect(url, timeout=10)
+    try:
+        await db.execute(
+            "INSERT INTO replicas (replica_id, advertise, lease_until, free_slots)"
+            " VALUES ('a', $1, clock_timestamp() + make_interval(secs => $2), 1)",
+            address,
+            lease,
+        )
+        await db.execute(
+            "INSERT INTO sessions (session_id, agent, cwd, labels, state, agent_session_id, request_id,"
+            " create_time, last_active_time, agent_info, replica, epoch)"
+            " VALUES ($1, 'echo', $2, '{}', 'idle', '', '', 1, extract(epoch FROM now()), '{}', 'a', 1)",
+            sid,
+            str(gate.workdir),
+        )
+    finally:
+        await db.close(timeout=10)
+    try:
+        yield servicer, sid
+    finally:
+        await server.stop(0)
+
+
+async def test_a_forwarded_call_to_an_owner_that_does_not_answer_ends_owner_lost_when_its_lease_runs_out(
+    make_gate: GateFactory, postgres: PostgresServer
+) -> None:
+    """Fail-over waits on the owner's lease, not on the channel's keepalive or the forwarding
+    bounds: a call forwarded to an owner that stopped answering ends UNAVAILABLE/OWNER_LOST at
+    most `FAILOVER_LOOK` seconds after the owner's lease plus the takeover margin ran out, and
+    the caller's retry is served here (the session is taken over)."""
+    url = await postgres.fresh_database()
+    b = await make_gate(state_url=url)
+    lease = 2.0
+    async with silent_owner(url, b, lease) as (owner, sid):
+        started = time.monotonic()
+        prompt_call = b.stub.Prompt(pb.PromptRequest(session_id=sid, text="hello"), timeout=60)
+        read_call = b.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=60)
+        for call in (prompt_call, read_call):
+            lost = await expect_error(call)
+            took = time.monotonic() - started
+            assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST"), lost
+            # Never before the owner's lease and the margin ran out; soon after, however loaded.
+            assert lease + TAKEOVER_MARGIN - 0.5 <= took <= lease + TAKEOVER_MARGIN + FAILOVER_LOOK, took
+        assert owner.calls == 2  # both were forwarded, and waited on the owner meanwhile
+        events = await b.prompt(sid, "hello")
+        assert reply_text(events) == "hello"
+        shown = await b.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
+        assert shown.replica not in ("", "a")
+
+
+async def test_an_owner_that_sends_no_response_headers_in_time_is_owner_lost_not_internal(
+    make_gate: GateFactory, postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = await postgres.fresh_database()
+    b = await make_gate(state_url=url)
+    monkeypatch.setattr(router, "FORWARD_HEADERS_TIMEOUT", 1.0)
+    async with silent_owner(url, b, 3600.0) as (owner, sid):  # its lease lives on: only the bound ends it
+        lost = await expect_error(b.stub.Prompt(pb.PromptRequest(session_id=sid, text="x"), timeout=60))
+        assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST"), lost
+        assert "no response headers within 1s" in lost.message
+        assert owner.calls == 1
