@@ -48,6 +48,8 @@ default false; session/set_config_option, allowed during a turn), kept with the 
 Start-up options: --init-delay SECONDS, --auth-required, --fail-init, --no-load-session,
 --no-resume-session (do not advertise session/resume),
 --ignore-sigterm (SIGTERM is ignored: stopping the agent takes SIGKILL),
+--ignore-stdin-eof (keeps running after its stdin ends, until killed),
+--load-fails hang|exit (session/load and session/resume never answer, or exit the agent),
 --state-dir DIR (or ECHO_AGENT_STATE_DIR): where sessions are kept for session/load and
 received cancels are logged (events.log); when given, the agent also records its PID there
 (pids/PID). Default: $XDG_STATE_HOME/sessiongate/echo-agent.
@@ -62,6 +64,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -207,6 +210,7 @@ class EchoAgent:
     async def load_session(self, cwd: str, session_id: str, **_: Any) -> schema.LoadSessionResponse:
         if self.opts.no_load_session:
             raise acp.RequestError.method_not_found("session/load")
+        await self._fail_resuming()
         record = self._load(session_id)
         if record is None:
             raise acp.RequestError.invalid_params({"details": f"unknown session {session_id}"})
@@ -220,11 +224,19 @@ class EchoAgent:
         """Like session/load, without replaying the history."""
         if self.opts.no_resume_session:
             raise acp.RequestError.method_not_found("session/resume")
+        await self._fail_resuming()
         record = self._load(session_id)
         if record is None:
             raise acp.RequestError.invalid_params({"details": f"unknown session {session_id}"})
         settings = self._activate(session_id, Settings.from_record(record, cwd))
         return schema.ResumeSessionResponse(modes=settings.modes(), config_options=settings.config_options())
+
+    async def _fail_resuming(self) -> None:
+        """--load-fails: never answer session/load or /resume ("hang"), or exit on it ("exit")."""
+        if self.opts.load_fails == "hang":
+            await asyncio.Event().wait()
+        if self.opts.load_fails == "exit":
+            os._exit(3)
 
     async def set_session_mode(
         self, session_id: str, mode_id: str, **_: Any
@@ -763,6 +775,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ignore-sigterm", action="store_true", help="ignore SIGTERM: stopping the agent takes SIGKILL"
     )
     parser.add_argument(
+        "--load-fails",
+        choices=("hang", "exit"),
+        default="",
+        help="session/load and session/resume never answer (hang) or exit the agent (exit)",
+    )
+    parser.add_argument(
+        "--ignore-stdin-eof", action="store_true", help="keep running after stdin ends (until killed)"
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(os.environ["ECHO_AGENT_STATE_DIR"]) if os.environ.get("ECHO_AGENT_STATE_DIR") else None,
@@ -784,7 +805,11 @@ def main(argv: list[str] | None = None) -> None:
         (pids / str(os.getpid())).write_text(str(os.getpgrp()))
     # session/close is stable in ACP 1.21; this SDK still routes it (and session/resume) only as
     # "unstable".
-    asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts)), use_unstable_protocol=True))
+    try:
+        asyncio.run(acp.run_agent(cast(acp.Agent, EchoAgent(opts)), use_unstable_protocol=True))
+    finally:
+        while opts.ignore_stdin_eof:  # the connection is over; the process lingers until killed
+            time.sleep(3600)
 
 
 if __name__ == "__main__":

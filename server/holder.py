@@ -34,6 +34,15 @@ from server.workdir import WorkDir, open_workdir
 
 log = logging.getLogger("sessiongate.holder")
 
+# session/resume and /load together may take this share of the start timeout: one that hangs
+# (or kills its agent) leaves the rest to start a fresh agent with a new session.
+RESUME_SHARE = 1 / 3
+
+
+class _Unanswered(Exception):
+    """session/resume or /load got no answer within its budget, or the agent exited meanwhile."""
+
+
 # Makes an agent for a config, to be started in a session's checked directory (None: a spare).
 AgentFactory = Callable[[AgentConfig, ServerLimits, "WorkDir | None"], AgentProcess]
 
@@ -145,7 +154,19 @@ class AgentHolder:
                     started = True
                     if self._on_agent_start is not None:
                         self._on_agent_start(self.config.name, True)
-                opened = await self._open(agent, workdir.path, resume_id)
+                try:
+                    opened = await self._open(agent, workdir.path, resume_id)
+                except _Unanswered:
+                    # Stuck, gone, or still loading (it could replay the history later): a
+                    # fresh agent, in the same slot, opens a new session.
+                    await agent.terminate()
+                    if self.agent is not agent:
+                        raise self._stopped_while_starting() from None
+                    agent = self.agent = self._factory(self.config, self.limits, workdir)
+                    started = False
+                    await agent.start(self.limits.agent_start_timeout)
+                    started = True
+                    opened = await self._new(agent, workdir.path)
         except BaseException as exc:
             if not started and self._on_agent_start is not None and isinstance(exc, SessionGateError):
                 self._on_agent_start(self.config.name, False)
@@ -218,25 +239,34 @@ class AgentHolder:
     async def _open(self, agent: AgentProcess, cwd: str, resume_id: str) -> Opened:
         """Resume `resume_id` with session/resume if the agent offers it (no history replayed),
         else, or if that is refused, with session/load; else, or if that is refused too, a new
-        session."""
-        timeout = self.limits.agent_start_timeout
+        session. Both ways share RESUME_SHARE of the start timeout; one that is not answered in
+        time, or ends the agent, raises _Unanswered (the caller starts a fresh agent)."""
         handshake = agent.handshake
         if resume_id and handshake is not None:
             ways = [("session/resume", agent.resume)] if handshake.resume_session else []
             if handshake.load_session:
                 ways.append(("session/load", agent.load))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.limits.agent_start_timeout * RESUME_SHARE
             for method, way in ways:
                 try:
-                    return Opened(resume_id, True, await way(cwd, resume_id, timeout))
+                    return Opened(
+                        resume_id, True, await way(cwd, resume_id, max(0.0, deadline - loop.time()))
+                    )
                 except AgentAuthRequired:
                     raise
                 except AgentUnavailable as exc:
-                    if not agent.alive:
-                        raise
+                    # Refused: the agent answered with an error (its JSON-RPC code) and lives on.
+                    if not agent.alive or "code" not in exc.metadata:
+                        log.warning("%s got no answer agent=%s: %s", method, self.config.name, exc)
+                        raise _Unanswered(method) from exc
                     log.warning("%s refused agent=%s: %s", method, self.config.name, exc)
             if ways:
                 log.warning("opening a new ACP session instead agent=%s", self.config.name)
-        response = await agent.new_session(cwd, timeout)
+        return await self._new(agent, cwd)
+
+    async def _new(self, agent: AgentProcess, cwd: str) -> Opened:
+        response = await agent.new_session(cwd, self.limits.agent_start_timeout)
         return Opened(response.session_id, False, response)
 
     async def stop(self, force: bool = False) -> None:

@@ -90,7 +90,8 @@ class FakeAgent:
 
     async def load(self, cwd: str, session_id: str, timeout: float) -> schema.LoadSessionResponse:
         if self.behaviour.refuse_load:
-            raise AgentUnavailable(f"fake agent: unknown session {session_id}")
+            # An error answer (a JSON-RPC code), as AgentConnection reports one; the agent lives on.
+            raise AgentUnavailable(f"fake agent: unknown session {session_id}", metadata={"code": -32602})
         self.sessions.append(session_id)
         return schema.LoadSessionResponse()
 

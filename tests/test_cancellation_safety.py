@@ -413,3 +413,38 @@ async def test_a_stop_racing_an_agent_start_ends_the_agent_spawned_after_it_and_
     assert not left, f"agent processes outlived the {stop}: {sorted(left)}"
     assert gate.running.pool._slots.used == 0
     assert not live.holder.has_slot and live.holder.agent is None
+
+
+# ---- a resume that hangs or kills the agent --------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["hang", "exit"])
+async def test_a_resume_that_hangs_or_kills_the_agent_falls_back_to_a_new_session_within_the_start(
+    make_gate: GateFactory, failure: str
+) -> None:
+    """session/resume and /load get a share of the start timeout: one that never answers, or
+    ends the agent, leaves the rest to a fresh agent and a new session (a context_reset notice),
+    not AGENT_UNAVAILABLE on every prompt."""
+    start_timeout = 9.0
+    gate: Gate = await make_gate(
+        agents={"flaky": ("--load-fails", failure)},
+        agent_start_timeout=start_timeout,
+        agent_request_timeout=60.0,
+    )
+    session = await gate.create(agent="flaky")
+    await gate.prompt(session.session_id, "remember this")
+    assert await gate.running.pool.get(session.session_id).suspend()
+    old = gate.agent_pids()
+
+    started = time.monotonic()
+    events = await gate.prompt(session.session_id, "/history")
+    took = time.monotonic() - started
+
+    assert kinds(events)[0] == "notice" and events[0].notice.kind == "context_reset", kinds(events)
+    assert reply_text(events) == "0 earlier turns: "
+    assert took < start_timeout, f"the fallback took {took:.1f}s, past the start timeout"
+    assert not await asyncio.to_thread(wait_gone, old, 5), "the agent that failed the resume runs on"
+    assert len([p for p in gate.agent_pids() if alive(p)]) == 1
+    assert reply_text(await gate.prompt(session.session_id, "works")) == "works"
+    resumed = await gate.stub.GetSession(pb.GetSessionRequest(session_id=session.session_id), timeout=5)
+    assert resumed.agent_session_id != session.agent_session_id
