@@ -198,3 +198,38 @@ async def test_a_stale_owner_neither_brings_back_a_deleted_session_nor_takes_one
     finally:
         await unleased.stop()
         await store.close()
+
+
+# ---- issue 19: a stale owner's update of a session row that still exists ---------------------
+
+
+async def test_a_stale_epochs_update_of_a_session_that_still_exists_is_not_applied(
+    postgres: PostgresServer,
+) -> None:
+    """The same replica id at an older epoch (the process before a restart, still writing) changes
+    nothing of a row that is still there: the epoch, not only the replica, fences the update."""
+    url = await postgres.fresh_database()
+    stale = PostgresStore(url, "a")
+    await stale.open()
+    fenced: list[str] = []
+    stale.on_fenced = fenced.append
+    record = SessionRecord("s1", "echo", "/", {"k": "v"}, "idle", "a1", "", 1.0, 2.0)
+    await stale.put(record)
+    assert stale.epochs == {"s1": 1}
+    current = PostgresStore(url, "a")  # restarted under the same replica id: a new epoch
+    assert await current.open() == [record]
+    assert current.epochs == {"s1": 2}
+    stale.put_later(replace(record, state="busy", labels={"k": "stale"}, last_active_time=3.0))
+    await stale.close()  # the queued update is flushed, at epoch 1
+    assert fenced == ["s1"]
+    db = await asyncpg.connect(url, timeout=10)
+    try:
+        row = await db.fetchrow("SELECT state, labels, last_active_time, replica, epoch FROM sessions")
+        assert tuple(row) == ("idle", '{"k": "v"}', 2.0, "a", 2)
+        # The owner at the current epoch still writes it.
+        current.put_later(replace(record, labels={"k": "current"}, last_active_time=4.0))
+        await current.close()
+        row = await db.fetchrow("SELECT labels, last_active_time, epoch FROM sessions")
+        assert tuple(row) == ('{"k": "current"}', 4.0, 2)
+    finally:
+        await db.close(timeout=10)
