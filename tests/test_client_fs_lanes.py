@@ -100,7 +100,7 @@ async def test_a_read_waiting_for_its_lane_times_out_and_never_runs(
     assert "hang-late.txt" not in started
 
 
-def blocking_write(monkeypatch: pytest.MonkeyPatch, block: Callable[[], None]) -> threading.Event:
+def blocking_write(monkeypatch: pytest.MonkeyPatch, block: Callable[[], object]) -> threading.Event:
     """Writes run `block` before walking to their directory; the event is set when a write's
     thread is done, whatever it did."""
     finished = threading.Event()
