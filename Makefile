@@ -14,7 +14,7 @@ BUF        := $(NODE_DIR)/node_modules/.bin/buf
 # buf breaking compares the proto with main (on a branch) or with the previous commit (on main).
 BREAKING_BASE ?= $(shell if [ "$$(git rev-parse --abbrev-ref HEAD 2>/dev/null)" != main ] && git rev-parse -q --verify main >/dev/null 2>&1; then echo main; elif git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then echo HEAD~1; fi)
 
-.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test bench lint clean
+.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test chaos mutate bench lint clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,24 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+# The session core's state machine (tests/test_session_machine.py) for CHAOS_SECONDS instead of
+# its short `make test` budget: before a release.
+CHAOS_SECONDS ?= 600
+
+chaos: $(STAMP)
+	SESSIONGATE_CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -p no:cacheprovider -s tests/test_session_machine.py $(ARGS)
+
+# Mutation testing of the core's modules against their own tests; prints the survivors. Narrow
+# it with MUTATE_MODULES / MUTATE_TESTS (space-separated paths), e.g.
+# `make mutate MUTATE_MODULES=server/owner.py MUTATE_TESTS=tests/test_session_core.py`.
+MUTATE_MODULES ?=
+MUTATE_TESTS ?=
+MUTATE_JOBS ?= 2
+
+mutate: $(STAMP)
+	MUTATE_MODULES="$(MUTATE_MODULES)" MUTATE_TESTS="$(MUTATE_TESTS)" MUTATE_JOBS=$(MUTATE_JOBS) \
+		$(PY) -m tests.mutate
 
 # Benchmarks, never part of `make test`: `make bench` (full, writes docs/benchmarks.md) or
 # `make bench ARGS=--quick` (about two minutes, writes bench-results/quick.md).
