@@ -73,6 +73,17 @@ CREATE INDEX sessions_by_replica ON sessions (replica);
     3: f"""
 CREATE UNIQUE INDEX {REQUEST_ID_INDEX} ON sessions (owner, request_id) WHERE request_id != '';
 """,
+    # Tombstones: a closed session's record (store.Tombstone) for its retention, so a CloseSession
+    # retried after a restart or through another replica answers the same.
+    4: """
+CREATE TABLE closed_sessions (
+    session_id  TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    closed_time DOUBLE PRECISION NOT NULL,
+    record      TEXT NOT NULL
+);
+CREATE INDEX closed_sessions_by_time ON closed_sessions (closed_time);
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -10,7 +10,8 @@ half:
   for is abandoned with its caller, and cleaned up (agent, slot, row).
 - a close runs in its own task: the record is deleted first, then the agent is ended.
   Recently closed sessions are remembered, so closing one again answers the same (a retried
-  CloseSession is safe).
+  CloseSession is safe); the store keeps a tombstone of each for the session retention, so
+  it also answers the same after a restart or through another replica.
 
 The sweeper suspends sessions idle past the TTL, deletes suspended sessions idle past the
 retention, and reaps turns whose runner outlived its own bounds (a safety net). It reads
@@ -42,7 +43,7 @@ from server.session import Session, State
 from server.settings import AgentConfig, ServerLimits
 from server.slots import LiveLimit, Slots
 from server.spares import SparePool
-from server.store import WRITE_TIMEOUT, SessionRecord, Store
+from server.store import WRITE_TIMEOUT, SessionRecord, Store, Tombstone
 from server.supervisor import Supervisor, joined
 from server.transcripts import Transcripts
 
@@ -322,12 +323,25 @@ class SessionPool:
                 if closed is not None and _visible(closed):
                     return closed
                 self._refuse_if_closed()
-                session = self.get(session_id)  # unknown and not the caller's alike: not found
-                self._unpublish(session)
-                session.closed = True  # from now on nothing new starts on it
-                closing = (session, self._spawn(self._close(session), f"close-{session_id}"))
-                self._closing[session_id] = closing
+                session = self._sessions.get(session_id)
+                if session is not None and _visible(session):
+                    self._unpublish(session)
+                    session.closed = True  # from now on nothing new starts on it
+                    closing = (session, self._spawn(self._close(session), f"close-{session_id}"))
+                    self._closing[session_id] = closing
+        if closing is None:  # closed before a restart, or by another replica?
+            return await self._tombstoned(session_id)
         return await joined(closing[1])
+
+    async def _tombstoned(self, session_id: str) -> Session:
+        """A session closed within its retention, as its close answered; else (unknown, and not
+        the caller's alike) not found."""
+        record = await self._store.closed_session(session_id, self.limits.session_retention)
+        if record is None or not principals.current().may_see(record.owner):
+            raise _not_found(session_id)
+        session = self.view(record)
+        session.closed = True
+        return session
 
     async def _close(self, session: Session) -> Session:
         """The close task: forget the record first (a crash now cannot bring it back), then end it.
@@ -335,14 +349,15 @@ class SessionPool:
         The session ends whatever the store says: a record that cannot be deleted now is
         deleted later (logged), never a reason to keep an agent running.
         """
+        tombstone = Tombstone(_record(session), self.limits.session_retention)
         try:
             try:
-                await self._store.delete(session.session_id)
+                await self._store.delete(session.session_id, tombstone)
             except SessionGateError as exc:
                 log.error(
                     "could not delete a closed session's record now session=%s: %s", session.session_id, exc
                 )
-                self._store.delete_later(session.session_id)
+                self._store.delete_later(session.session_id, tombstone)
         finally:
             try:
                 await session.close()

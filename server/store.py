@@ -28,11 +28,11 @@ from typing import Any, Protocol, TypeVar
 
 from server import turn_records
 from server.errors import ShuttingDown, StoreUnavailable, clip
-from server.turn_records import EventBatch, TurnRow
+from server.turn_records import EventBatch, TurnRow, TurnWrites
 
 log = logging.getLogger("sessiongate.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id       TEXT PRIMARY KEY,
@@ -55,6 +55,15 @@ MIGRATIONS = {
     # What the agent reported about the session (agent_state.py), as a JSON object; '' before.
     3: "ALTER TABLE sessions ADD COLUMN agent_state TEXT NOT NULL DEFAULT '';",
     4: turn_records.SCHEMA,  # every turn's record and events (the transcript)
+    5: """
+CREATE TABLE closed_sessions (
+    session_id  TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    closed_time REAL NOT NULL,
+    record      TEXT NOT NULL   -- JSON array: SessionRecord.row() at its close
+);
+CREATE INDEX closed_sessions_by_time ON closed_sessions (closed_time);
+""",  # tombstones: a CloseSession retried after a restart (or through another replica) answers the same
 }
 COLUMNS = ", ".join(
     (
@@ -77,6 +86,14 @@ INSERT = f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES ({', '.join('?' * 
 
 T = TypeVar("T")
 WRITE_TIMEOUT = 30.0  # seconds an awaited write may take before the request fails STORE_UNAVAILABLE
+
+
+def _closed_session(db: sqlite3.Connection, session_id: str, max_age: float) -> SessionRecord | None:
+    found = db.execute(
+        "SELECT record FROM closed_sessions WHERE session_id = ? AND closed_time >= ?",
+        (session_id, time.time() - max_age),
+    ).fetchone()
+    return tombstone_record(found[0]) if found else None
 
 
 def _migrate(db: sqlite3.Connection, step: int, script: str) -> None:
@@ -144,6 +161,23 @@ class SessionRecord:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What a closed session leaves behind for `keep` seconds (its retention): its record at the
+    close, so a retried CloseSession answers the same after a restart or through another replica.
+    Older tombstones go at each close."""
+
+    record: SessionRecord
+    keep: float
+
+    def json(self) -> str:
+        return json.dumps(list(self.record.row()))
+
+
+def tombstone_record(text: str) -> SessionRecord:
+    return SessionRecord.from_row(tuple(json.loads(text)))
+
+
 def _json_object(text: str) -> dict[str, Any]:
     """A stored JSON object; an empty or unreadable one (a record from before) is {}."""
     try:
@@ -162,8 +196,9 @@ class Store(Protocol):
     async def put(self, record: SessionRecord) -> None: ...
     def put_later(self, record: SessionRecord) -> None: ...
     def backlog(self) -> int: ...
-    async def delete(self, session_id: str) -> None: ...
-    def delete_later(self, session_id: str) -> None: ...
+    async def delete(self, session_id: str, tombstone: Tombstone | None = None) -> None: ...
+    def delete_later(self, session_id: str, tombstone: Tombstone | None = None) -> None: ...
+    async def closed_session(self, session_id: str, max_age: float) -> SessionRecord | None: ...
     def put_turn_later(self, turn: TurnRow) -> None: ...
     async def put_turn(self, turn: TurnRow) -> None: ...
     async def add_turn_events(
@@ -203,8 +238,8 @@ class SessionStore:
         self._dirty: dict[str, SessionRecord] = {}  # latest unwritten state per session
         self._flush_queued = False
         # Turn rows and events waiting for the database thread, in order (a turn's row before its
-        # events), each with the future its writer waits on; one transaction for all queued.
-        self._turn_writes: list[tuple[TurnRow | EventBatch, concurrent.futures.Future[None] | None]] = []
+        # events), each with the futures its writers wait on; one transaction for all queued.
+        self._turn_writes: TurnWrites[concurrent.futures.Future[None]] = TurnWrites()
         self._turn_writes_queued = False
         self._closed = False
 
@@ -231,9 +266,17 @@ class SessionStore:
         with self._lock:
             return len(self._dirty)
 
-    async def delete(self, session_id: str) -> None:
-        """Delete a record (after every write queued before) and wait until it is on disk."""
-        await self._run(self._delete, session_id)
+    async def delete(self, session_id: str, tombstone: Tombstone | None = None) -> None:
+        """Delete a record and its turns, leaving `tombstone` if given (after every write queued
+        before), and wait until it is on disk."""
+        with self._lock:
+            self._forget_turns(session_id)
+        await self._run(self._bury, session_id, tombstone)
+
+    def _forget_turns(self, session_id: str) -> None:  # under self._lock
+        for done in self._turn_writes.forget_session(session_id):
+            if done.set_running_or_notify_cancel():
+                done.set_result(None)
 
     def _delete(self, session_id: str) -> None:  # on the database thread
         with self._lock:  # a state change queued meanwhile must not bring the record back
@@ -241,6 +284,28 @@ class SessionStore:
         assert self._db is not None
         self._db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
         turn_records.delete_session(self._db, session_id)
+
+    def _bury(self, session_id: str, tombstone: Tombstone | None) -> None:  # on the database thread
+        """The delete, and the tombstone if any, in one transaction."""
+        assert self._db is not None
+        self._db.execute("BEGIN")
+        try:
+            self._delete(session_id)
+            if tombstone is not None:
+                now = time.time()
+                self._db.execute("DELETE FROM closed_sessions WHERE closed_time < ?", (now - tombstone.keep,))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO closed_sessions VALUES (?, ?, ?, ?)",
+                    (session_id, tombstone.record.owner, now, tombstone.json()),
+                )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    async def closed_session(self, session_id: str, max_age: float) -> SessionRecord | None:
+        """A session closed less than `max_age` seconds ago: its record at the close."""
+        return await self._run(self._with_db, _closed_session, session_id, max_age)
 
     # ---- turns (turn_records.py) ---------------------------------------------------------
 
@@ -276,6 +341,8 @@ class SessionStore:
             raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
 
     def drop_turn_events_later(self, turn_id: str, before_seq: int) -> None:
+        with self._lock:
+            self._turn_writes.drop_events(turn_id, before_seq)  # no need to write them first
         self._later(turn_records.drop_events, turn_id, before_seq)
 
     def keep_recent_turns_later(self, session_id: str, count: int, max_age: float) -> None:
@@ -317,14 +384,14 @@ class SessionStore:
     def _queue_turn_write(
         self, item: TurnRow | EventBatch, done: concurrent.futures.Future[None] | None
     ) -> None:  # under self._lock
-        self._turn_writes.append((item, done))
+        self._turn_writes.add(item, done)
         if not self._turn_writes_queued:
             self._turn_writes_queued = True
             self._thread.submit(self._write_turns)
 
     def _write_turns(self) -> None:  # on the database thread
         with self._lock:
-            queued, self._turn_writes = self._turn_writes, []
+            queued = self._turn_writes.take()
             self._turn_writes_queued = False
         if not queued:
             return
@@ -332,22 +399,30 @@ class SessionStore:
         try:
             self._relaxed(turn_records.write, [item for item, _ in queued])
         except BaseException as exc:
-            for _, done in queued:
-                if done is not None and done.set_running_or_notify_cancel():  # not given up on
-                    done.set_exception(exc)
+            for _, waiters in queued:
+                for done in waiters:
+                    if done.set_running_or_notify_cancel():  # not given up on
+                        done.set_exception(exc)
             if not isinstance(exc, sqlite3.Error):
                 raise
             log.error("writing turns failed path=%s: %s", self.path, exc)
             return
-        for _, done in queued:
-            if done is not None and done.set_running_or_notify_cancel():  # its writer may have given up
-                done.set_result(None)
+        for _, waiters in queued:
+            for done in waiters:
+                if done.set_running_or_notify_cancel():  # its writer may have given up
+                    done.set_result(None)
 
-    def delete_later(self, session_id: str) -> None:
+    def turn_backlog(self) -> tuple[int, int]:
+        """Turn rows and batches waiting to be written, and their events' bytes."""
+        with self._lock:
+            return self._turn_writes.size()
+
+    def delete_later(self, session_id: str, tombstone: Tombstone | None = None) -> None:
         """Delete a record soon, after every write queued before (a cancelled `put` included)."""
         with self._lock:
             if not self._closed:
-                self._thread.submit(self._guarded, self._delete, session_id)
+                self._forget_turns(session_id)
+                self._thread.submit(self._guarded, self._bury, session_id, tombstone)
 
     async def close(self) -> None:
         """Finish queued writes and close the database; later writes are refused."""
@@ -359,6 +434,9 @@ class SessionStore:
         self._thread.shutdown(wait=True)  # idle by now: returns at once
 
     async def _run(self, fn: Callable[..., T], *args: Any, timeout: float | None = WRITE_TIMEOUT) -> T:
+        """`fn` on the database thread, in order. A call whose caller stops waiting (a timeout, a
+        cancel) before it starts never runs: wrap_future cancels its future, and the executor
+        skips cancelled work. (Writes that must happen anyway are queued with `_later`.)"""
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down: the session store is closed")

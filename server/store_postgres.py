@@ -24,9 +24,9 @@ import asyncpg
 
 from server import pg_schema
 from server.errors import RequestIdTaken, ShuttingDown, StoreUnavailable, clip
-from server.store import COLUMNS, WRITE_TIMEOUT, SessionRecord, StoreError
+from server.store import COLUMNS, WRITE_TIMEOUT, SessionRecord, StoreError, Tombstone, tombstone_record
 from server.turn_records import COLUMNS as TURN_COLUMNS
-from server.turn_records import EventBatch, TurnRow
+from server.turn_records import EventBatch, TurnRow, TurnWrites
 
 log = logging.getLogger("sessiongate.store")
 
@@ -82,7 +82,7 @@ class PostgresStore:
         self._writer: asyncio.Task[None] | None = None
         self._dirty: dict[str, SessionRecord] = {}  # latest unwritten state per session
         self._flush_queued = False
-        self._turn_writes: list[tuple[TurnRow | EventBatch, asyncio.Future[Any] | None]] = []
+        self._turn_writes: TurnWrites[asyncio.Future[Any]] = TurnWrites()  # see turn_records.py
         self._turn_writes_queued = False
         self._closed = False
 
@@ -189,15 +189,34 @@ class PostgresStore:
     def backlog(self) -> int:
         return len(self._dirty)
 
-    async def delete(self, session_id: str) -> None:
-        """Delete a record and its turns (after every write queued before); wait until committed."""
-        await self._run(lambda db: self._delete(db, session_id))
+    async def delete(self, session_id: str, tombstone: Tombstone | None = None) -> None:
+        """Delete a record and its turns, leaving `tombstone` if given (after every write queued
+        before); wait until committed."""
+        self._forget_turns(session_id)
+        await self._run(lambda db: self._delete(db, session_id, tombstone))
 
-    def delete_later(self, session_id: str) -> None:
+    def delete_later(self, session_id: str, tombstone: Tombstone | None = None) -> None:
         if not self._closed:
-            self._queue(lambda db: self._delete(db, session_id), None)
+            self._forget_turns(session_id)
+            self._queue(lambda db: self._delete(db, session_id, tombstone), None)
 
-    async def _delete(self, db: asyncpg.Connection, session_id: str) -> None:
+    def _forget_turns(self, session_id: str) -> None:
+        for done in self._turn_writes.forget_session(session_id):
+            _settle(done, None)
+
+    async def closed_session(self, session_id: str, max_age: float) -> SessionRecord | None:
+        """A session closed less than `max_age` seconds ago (by any replica): its record then."""
+        found = await self._run(
+            lambda db: db.fetchval(
+                "SELECT record FROM closed_sessions WHERE session_id = $1 AND closed_time >= $2",
+                session_id,
+                time.time() - max_age,
+            ),
+            read=True,
+        )
+        return tombstone_record(found) if found is not None else None
+
+    async def _delete(self, db: asyncpg.Connection, session_id: str, tombstone: Tombstone | None) -> None:
         self._dirty.pop(session_id, None)  # a state change queued meanwhile must not bring it back
         epoch = self.epochs.pop(session_id, 1)
         async with db.transaction():
@@ -210,6 +229,18 @@ class PostgresStore:
             if deleted.endswith(" 0"):
                 return  # another replica owns it now (or it is gone): its turns are not ours
             await delete_turns_of(db, [session_id])
+            if tombstone is not None:
+                now = time.time()
+                await db.execute("DELETE FROM closed_sessions WHERE closed_time < $1", now - tombstone.keep)
+                await db.execute(
+                    "INSERT INTO closed_sessions (session_id, owner, closed_time, record)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO UPDATE SET owner = EXCLUDED.owner,"
+                    " closed_time = EXCLUDED.closed_time, record = EXCLUDED.record",
+                    session_id,
+                    tombstone.record.owner,
+                    now,
+                    tombstone.json(),
+                )
 
     # ---- turns ---------------------------------------------------------------------------
 
@@ -230,16 +261,18 @@ class PostgresStore:
             raise ShuttingDown("the server is shutting down: the session store is closed")
         done = asyncio.get_running_loop().create_future()
         self._queue_turn_write(item, done)
-        await self._wait(done, timeout)
+        # Unshielded: a writer that gives up cancels its future (the item is written anyway), so
+        # a newer batch superseding it does not carry it along.
+        await self._wait(done, timeout, shield=False)
 
     def _queue_turn_write(self, item: TurnRow | EventBatch, done: asyncio.Future[Any] | None) -> None:
-        self._turn_writes.append((item, done))
+        self._turn_writes.add(item, done)
         if not self._turn_writes_queued:
             self._turn_writes_queued = True
             self._queue(self._write_turns, None)
 
     async def _write_turns(self, db: asyncpg.Connection) -> None:
-        queued, self._turn_writes = self._turn_writes, []
+        queued = self._turn_writes.take()
         self._turn_writes_queued = False
         if not queued:
             return
@@ -248,14 +281,20 @@ class PostgresStore:
                 for item, _ in queued:
                     await self._write_turn_item(db, item)
         except BaseException as exc:
-            for _, done in queued:
-                _settle(done, exc)
+            for _, waiters in queued:
+                for done in waiters:
+                    _settle(done, exc)
             if not isinstance(exc, DB_ERRORS):
                 raise
             log.error("writing turns failed db=%s: %s", self.where, clip(str(exc)))
             return
-        for _, done in queued:
-            _settle(done, None)
+        for _, waiters in queued:
+            for done in waiters:
+                _settle(done, None)
+
+    def turn_backlog(self) -> tuple[int, int]:
+        """Turn rows and batches waiting to be written, and their events' bytes."""
+        return self._turn_writes.size()
 
     async def _write_turn_item(self, db: asyncpg.Connection, item: TurnRow | EventBatch) -> None:
         if isinstance(item, TurnRow):
@@ -288,6 +327,8 @@ class PostgresStore:
         )
 
     def drop_turn_events_later(self, turn_id: str, before_seq: int) -> None:
+        self._turn_writes.drop_events(turn_id, before_seq)  # no need to write them first
+
         async def drop(db: asyncpg.Connection) -> None:
             async with db.transaction():
                 drop = "DELETE FROM turn_events WHERE turn_id = $1 AND seq < $2"
@@ -338,7 +379,7 @@ class PostgresStore:
                     break
             return out
 
-        result: list[bytes] = await self._run(read)
+        result: list[bytes] = await self._run(read, read=True)
         return result
 
     async def get_turn(self, session_id: str, turn_id: str) -> TurnRow | None:
@@ -348,7 +389,7 @@ class PostgresStore:
         if turn_id:
             query, args = query + " AND turn_id = $2", (session_id, turn_id)
         row = await self._run(
-            lambda db: db.fetchrow(query + " ORDER BY started DESC, turn_id DESC LIMIT 1", *args)
+            lambda db: db.fetchrow(query + " ORDER BY started DESC, turn_id DESC LIMIT 1", *args), read=True
         )
         return _turn_row(row) if row is not None else None
 
@@ -365,7 +406,7 @@ class PostgresStore:
                 f" AND (started < $2 OR (started = $2 AND turn_id < $3)){order} LIMIT $4"
             )
             args = (session_id, before[0], before[1], limit)
-        rows = await self._run(lambda db: db.fetch(query, *args))
+        rows = await self._run(lambda db: db.fetch(query, *args), read=True)
         return [_turn_row(row) for row in rows]
 
     # ---- the ordered writer --------------------------------------------------------------
@@ -378,20 +419,24 @@ class PostgresStore:
         self._ops.append((op, done))
         self._wake.set()
 
-    async def _run(self, op: Op, timeout: float = WRITE_TIMEOUT) -> Any:
+    async def _run(self, op: Op, timeout: float = WRITE_TIMEOUT, *, read: bool = False) -> Any:
+        """`op` in order. A write runs even when its caller stops waiting (a `delete_later` after
+        a cancelled `put` relies on the put having run first); a read whose caller gave up before
+        it started never runs (the writer skips ops whose future is cancelled)."""
         if self._closed:
             raise ShuttingDown("the server is shutting down: the session store is closed")
         done = asyncio.get_running_loop().create_future()
         self._queue(op, done)
-        return await self._wait(done, timeout)
+        return await self._wait(done, timeout, shield=not read)
 
-    async def _wait(self, done: asyncio.Future[Any], timeout: float) -> Any:
-        """The op's result; the op runs even when its caller stops waiting (as the SQLite store's)."""
+    async def _wait(self, done: asyncio.Future[Any], timeout: float, *, shield: bool = True) -> Any:
+        """The op's result. Shielded, `done` outlives its caller; else a caller that stops
+        waiting cancels it."""
         try:
             async with asyncio.timeout(timeout):
-                return await asyncio.shield(done)
+                return await (asyncio.shield(done) if shield else done)
         except TimeoutError:
-            if not done.done():
+            if not done.done() or done.cancelled():  # (else the op's own query timed out)
                 raise StoreUnavailable(f"the session database did not answer within {timeout:g}s") from None
             raise StoreUnavailable("the session database timed out") from None
         except DB_ERRORS as exc:
@@ -410,6 +455,9 @@ class PostgresStore:
                 async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as db:
                     while self._ops:
                         op, done = self._ops[0]
+                        if done is not None and done.cancelled():  # a read its caller gave up on
+                            self._ops.popleft()
+                            continue
                         try:
                             result = await op(db)
                         except Exception as exc:  # the op's caller gets it; the writer goes on

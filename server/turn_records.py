@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 # Schema step 4 (store.MIGRATIONS): the transcript.
 SCHEMA = """
@@ -73,6 +74,84 @@ def put_turn(db: sqlite3.Connection, turn: TurnRow) -> None:
 
 
 EventBatch = tuple[str, list[tuple[int, bytes]], int, int]  # turn_id, [(seq, event)], first kept, last
+
+
+class _Waiter(Protocol):
+    def done(self) -> bool: ...
+
+
+W = TypeVar("W", bound=_Waiter)
+
+
+class TurnWrites(Generic[W]):
+    """Turn rows and event batches waiting for a store's writer, in order, each with the futures
+    of those who wait for it (the store settles them when written).
+
+    A turn has at most one batch waiting: a writer that timed out sends the same events again
+    with any new ones (turn_log.py), so a newer batch for a turn absorbs the waiting one (its
+    events win) and takes its place at the back; a hung database costs one copy per turn, not
+    one per retry. A drop of a turn's oldest events prunes them from its waiting batch, and a
+    session's delete removes its turns' waiting rows and batches (the delete would undo them).
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[TurnRow | EventBatch, list[W]]] = []
+        self._sessions: dict[str, str] = {}  # running turn -> its session (for a delete)
+
+    def add(self, item: TurnRow | EventBatch, done: W | None) -> None:
+        waiters = [done] if done is not None else []
+        if isinstance(item, TurnRow):
+            if item.state == "running":
+                self._sessions[item.turn_id] = item.session_id
+            else:  # its last row: no batch follows
+                self._sessions.pop(item.turn_id, None)
+        else:
+            for index, (queued, older) in enumerate(self.items):
+                if not isinstance(queued, TurnRow) and queued[0] == item[0]:
+                    del self.items[index]
+                    item = _merged(queued, item)
+                    waiters = [w for w in older if not w.done()] + waiters  # who gave up is gone
+                    break
+        self.items.append((item, waiters))
+
+    def drop_events(self, turn_id: str, before_seq: int) -> None:
+        for index, (queued, waiters) in enumerate(self.items):
+            if not isinstance(queued, TurnRow) and queued[0] == turn_id:
+                _, events, first_seq, last_seq = queued
+                kept = [(seq, event) for seq, event in events if seq >= before_seq]
+                self.items[index] = ((turn_id, kept, max(first_seq, before_seq), last_seq), waiters)
+
+    def forget_session(self, session_id: str) -> list[W]:
+        """The session is being deleted: its turns' waiting writes go; their waiters, to be told
+        they are done (what they wrote is deleted with the session anyway)."""
+        turns = {turn for turn, session in self._sessions.items() if session == session_id}
+        for turn in turns:
+            del self._sessions[turn]
+        kept: list[tuple[TurnRow | EventBatch, list[W]]] = []
+        gone: list[W] = []
+        for item, waiters in self.items:
+            if (item.session_id == session_id) if isinstance(item, TurnRow) else (item[0] in turns):
+                gone.extend(waiters)
+            else:
+                kept.append((item, waiters))
+        self.items = kept
+        return gone
+
+    def take(self) -> list[tuple[TurnRow | EventBatch, list[W]]]:
+        taken, self.items = self.items, []
+        return taken
+
+    def size(self) -> tuple[int, int]:
+        """(items waiting, bytes of events waiting)."""
+        events = sum(len(e) for item, _ in self.items if not isinstance(item, TurnRow) for _, e in item[1])
+        return len(self.items), events
+
+
+def _merged(older: EventBatch, newer: EventBatch) -> EventBatch:
+    turn_id, events, first_seq, last_seq = newer
+    rows = dict(older[1])
+    rows.update(events)
+    return (turn_id, sorted(r for r in rows.items() if r[0] >= first_seq), first_seq, max(last_seq, older[3]))
 
 
 def write(db: sqlite3.Connection, queued: list[TurnRow | EventBatch]) -> None:
