@@ -1,0 +1,69 @@
+"""terminate() of a real agent that ignores SIGTERM and its stdin's end: the stop must hold when
+the task doing it, or a caller waiting on it, is cancelled (a shutdown, a client gone)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from server.agent import AgentConnection
+from tests.conftest import alive, echo_agent, kill_leftovers, wait_gone
+
+STUBBORN = ("--ignore-sigterm", "--ignore-stdin-eof")  # only SIGKILL ends it
+
+
+@pytest.fixture
+async def stubborn(tmp_path: Path) -> AsyncIterator[AgentConnection]:
+    agent = AgentConnection(
+        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=30
+    )
+    await agent.start(15)
+    assert agent.pid is not None
+    yield agent
+    kill_leftovers({agent.pid})
+
+
+async def test_a_terminate_whose_own_task_is_cancelled_still_kills_the_group(
+    stubborn: AgentConnection,
+) -> None:
+    """Shutdown cancels every task, also the one terminating an agent, mid-way through its 30 s
+    SIGTERM grace. Its cleanup must SIGKILL the group. The descendants sweep is left out, as
+    for a sandboxed agent (its PID namespace ends the rest): the group's SIGKILL alone ends it."""
+    stubborn._descendants = None
+    pid = stubborn.pid
+    assert pid is not None
+    stopping = asyncio.create_task(stubborn.terminate())
+    await asyncio.sleep(0.5)  # into the grace: SIGTERM sent and ignored
+    assert stubborn._terminating is not None and alive(pid)
+
+    stubborn._terminating.cancel()
+    await asyncio.gather(stopping, return_exceptions=True)
+
+    assert not await asyncio.to_thread(wait_gone, {pid}, 5), "the agent outlived its cancelled terminate"
+
+
+async def test_a_caller_cancelled_while_waiting_on_terminate_does_not_cut_the_stop_short(
+    tmp_path: Path,
+) -> None:
+    """A caller that goes away (a close whose client left) must not cancel the shared stop:
+    a later caller still waits for the same stop, which ends the group after its grace."""
+    agent = AgentConnection(
+        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=1
+    )
+    await agent.start(15)
+    pid = agent.pid
+    assert pid is not None
+    try:
+        first = asyncio.create_task(agent.terminate())
+        await asyncio.sleep(0.2)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+        assert agent._terminating is not None and not agent._terminating.cancelled()
+        await asyncio.wait_for(agent.terminate(), 10)  # the same stop, not a CancelledError
+        assert not await asyncio.to_thread(wait_gone, {pid}, 5)
+    finally:
+        kill_leftovers({pid})
