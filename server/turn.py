@@ -3,12 +3,14 @@
 The agent connection pushes updates in, the turn's runner pushes the turn's last item (its
 result or its error), and the turn's pump takes them out into the turn log (turn_log.py),
 which every reader reads. Two things happen in between:
-- backpressure: past HIGH_WATER buffered events the agent's output is no longer read, until
-  the pump has taken the buffer down to LOW_WATER (the pump waits for a prompting client
-  that is behind, never for watchers), so a fast agent waits on its own pipe
-  instead of filling the server's memory and event loop. Once nobody will read the rest
-  (the client left, or asked to cancel) the agent is never held back again: the buffer
-  keeps at most HIGH_WATER events and drops the others, so the agent's answer gets through.
+- backpressure: past HIGH_WATER buffered events or HIGH_WATER_BYTES buffered bytes, whichever
+  comes first, the agent's output is no longer read, until the pump has taken the buffer down
+  to both LOW_WATER and LOW_WATER_BYTES (the pump waits for a prompting client that is
+  behind, never for watchers), so a fast agent waits on its own pipe instead of filling the
+  server's memory and event loop: the buffer holds at most HIGH_WATER_BYTES plus the one
+  update that crossed it (an agent's line is at most agent_transport.LINE_LIMIT). Once nobody
+  will read the rest (the client left, or asked to cancel) the agent is never held back
+  again: the buffer keeps as much and drops the others, so the agent's answer gets through.
 - coalescing: when the client is behind, consecutive text chunks of one message that are
   already buffered leave as one event. Nothing is reordered and nothing waits for more.
 
@@ -18,12 +20,14 @@ Clocks are the event loop's monotonic clock; wall-clock times are only for displ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from acp import schema
+from pydantic import BaseModel
 
 from server.agent import AgentProcess, TurnItem
 from server.errors import SessionGateError
@@ -31,6 +35,9 @@ from server.loop_share import LoopShare, loop_share
 
 HIGH_WATER = 256
 LOW_WATER = 64
+HIGH_WATER_BYTES = 4 * 1024 * 1024  # of buffered updates, as item_bytes() estimates them
+LOW_WATER_BYTES = 1024 * 1024
+ITEM_BYTES = 64  # what an item costs besides its strings (an estimate)
 MAX_COALESCED_CHARS = 64 * 1024  # one event carries at most this much merged text
 EVENT_OVERHEAD = 1024  # bytes of an event besides its text (ids, tags), kept free when splitting
 TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
@@ -89,6 +96,8 @@ class Turn:
     delivered: int = 0  # events taken by the client so far (the last one's seq)
     dropped: int = 0  # updates dropped because nobody will read them
     _items: deque[TurnItem | _Last] = field(default_factory=deque)
+    _sizes: deque[int] = field(default_factory=deque)  # item_bytes() of each of _items
+    _bytes: int = 0  # their sum
     _waiter: asyncio.Future[None] | None = None
     _ended: bool = False
     _holding_back: bool = True  # backpressure on; off once nobody will read the rest
@@ -120,12 +129,15 @@ class Turn:
         self.last_event_at = _now()
         if self._ended:
             return
-        if not self._holding_back and len(self._items) >= HIGH_WATER:
+        if not self._holding_back and self._full():
             self.dropped += 1
             return
         self._append(item)
-        if self._holding_back and len(self._items) >= HIGH_WATER and self.agent is not None:
+        if self._holding_back and self._full() and self.agent is not None:
             self.agent.pause_reading()
+
+    def _full(self) -> bool:
+        return len(self._items) >= HIGH_WATER or self._bytes >= HIGH_WATER_BYTES
 
     def stop_holding_back(self) -> None:
         """Nobody will read the rest (client gone, or cancelling): never pause the agent again."""
@@ -150,7 +162,10 @@ class Turn:
         self._append(_Last(outcome))
 
     def _append(self, item: TurnItem | _Last) -> None:
+        size = item_bytes(item)
         self._items.append(item)
+        self._sizes.append(size)
+        self._bytes += size
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -159,6 +174,20 @@ class Turn:
 
     def buffered(self) -> int:
         return len(self._items)
+
+    def buffered_bytes(self) -> int:
+        """What the buffered items hold, as item_bytes() estimates it."""
+        return self._bytes
+
+    def _pop(self) -> TurnItem | _Last:
+        self._bytes -= self._sizes.popleft()
+        return self._items.popleft()
+
+    def _put_back(self, item: TurnItem) -> None:
+        size = item_bytes(item)
+        self._items.appendleft(item)
+        self._sizes.appendleft(size)
+        self._bytes += size
 
     async def next(self, *, fair: bool = True) -> TurnItem:
         """The next event: updates, Notices, then the TurnEnd; a failed turn raises its error.
@@ -188,13 +217,14 @@ class Turn:
 
     def _take(self) -> TurnItem | _Last:
         """The next item, with already-buffered text merged in."""
-        item = self._items.popleft()
+        item = self._pop()
         if self._items and getattr(item, "session_update", None) in TEXT_CHUNKS:
             item = self._coalesce(item)
         item = self._split(item)
         agent = self.agent
         # An ended turn's agent may already serve the next turn: its pauses are not ours to undo.
-        if not self._ended and agent is not None and agent.reading_paused and len(self._items) <= LOW_WATER:
+        low = len(self._items) <= LOW_WATER and self._bytes <= LOW_WATER_BYTES
+        if not self._ended and agent is not None and agent.reading_paused and low:
             agent.resume_reading()
             self.last_event_at = _now()  # held back by us, not silent: the stall clock restarts
         return item
@@ -215,7 +245,7 @@ class Turn:
         if len(text) * 4 <= budget or len(data := text.encode()) <= budget:
             return item
         head = data[:budget].decode(errors="ignore")  # whole characters only
-        self._items.appendleft(TextRun(kind, text[len(head) :], message_id))
+        self._put_back(TextRun(kind, text[len(head) :], message_id))
         return TextRun(kind, head, message_id)
 
     def _coalesce(self, first: Any) -> TurnItem:
@@ -233,12 +263,40 @@ class Turn:
             more = _text(following)
             if more is None:
                 break
-            self._items.popleft()
+            self._pop()
             parts.append(more)
             size += len(more)
         if len(parts) == 1:
             return first
         return TextRun(kind, "".join(parts), message_id or "")
+
+
+def item_bytes(item: object) -> int:
+    """A cheap estimate of the memory `item` holds: its strings' lengths plus ITEM_BYTES per
+    part. A text chunk (nearly every item of a flood) costs a length; anything else a walk of
+    its fields, less work than parsing it from the agent's line took."""
+    if isinstance(item, TextRun):
+        return ITEM_BYTES + len(item.text)
+    if getattr(item, "session_update", None) in TEXT_CHUNKS and (text := _text(item)) is not None:
+        return ITEM_BYTES + len(text)
+    size = 0
+    parts: list[object] = [item]
+    while parts:  # a stack, not recursion: JSON may nest deeply
+        part = parts.pop()
+        size += ITEM_BYTES
+        if isinstance(part, (str, bytes)):
+            size += len(part)
+        elif isinstance(part, dict):
+            parts.extend(part.keys())
+            parts.extend(part.values())
+        elif isinstance(part, (list, tuple)):
+            parts.extend(part)
+        elif isinstance(part, BaseModel):
+            parts.extend(part.__dict__.values())
+            parts.extend((part.model_extra or {}).values())
+        elif dataclasses.is_dataclass(part) and not isinstance(part, type):
+            parts.extend(getattr(part, f.name) for f in dataclasses.fields(part))
+    return size
 
 
 def _text(chunk: Any) -> str | None:
