@@ -314,11 +314,9 @@ class Ownership:
         await self.stop()
         await self._pool.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
 
-    async def stop(self) -> None:
-        """Stop renewing; a fence under way is awaited first (bounded): the sessions it took from
-        the pool's map are reached by nothing else, not even the server's shutdown."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+    async def fenced(self) -> None:
+        """Wait (bounded) until every fence under way has ended its sessions' agents: before the
+        replica releases its sessions on drain, or stops."""
         if self._fences:
             _, late = await asyncio.wait(set(self._fences), timeout=FENCE_TIMEOUT)
             if late:
@@ -327,6 +325,13 @@ class Ownership:
                     FENCE_TIMEOUT,
                     self.replica_id,
                 )
+
+    async def stop(self) -> None:
+        """Stop renewing; a fence under way is awaited first (bounded): the sessions it took from
+        the pool's map are reached by nothing else, not even the server's shutdown."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self.fenced()
         for task in (self._task, self._expiry):
             if task is not None:
                 task.cancel()

@@ -260,11 +260,11 @@ async def test_a_paused_owner_loses_its_sessions_and_after_waking_streams_nothin
                 try:
                     events = await prompt(b, sid, "/history")
                 except grpc.aio.AioRpcError as error:
-                    ended = time.monotonic() - paused
+                    gave_up = time.monotonic() - paused
                     lost = details_of(error)
                     assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST"), lost
                     # A call B forwarded to the frozen A ends on A's lease, not on keepalive.
-                    assert ended <= lease_end + FAILOVER_LOOK, f"a forwarded call hung {ended:.1f}s"
+                    assert gave_up <= lease_end + FAILOVER_LOOK, f"a forwarded call hung {gave_up:.1f}s"
                     await asyncio.sleep(0.5)
             served = time.monotonic() - paused
             assert served >= lease_ttl  # never before A's lease ran out
@@ -401,9 +401,10 @@ class Silent(pb_grpc.SessionServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def silent_owner(url: str, gate: Gate, lease: float) -> AsyncIterator[tuple[Silent, str]]:
+async def silent_owner(url: str, gate: Gate, lease: float) -> AsyncIterator[tuple[Silent, str, float]]:
     """Replica "a" at a silent server with a lease of `lease` seconds from now (by the database's
-    clock), owning one session; yields the servicer and the session's id."""
+    clock), owning one session; yields the servicer, the session's id, and the monotonic time from
+    before the lease was written (the lease ends `lease` seconds after it at the earliest)."""
     servicer = Silent()
     server = grpc.aio.server()
     pb_grpc.add_SessionServiceServicer_to_server(servicer, server)
@@ -411,6 +412,7 @@ async def silent_owner(url: str, gate: Gate, lease: float) -> AsyncIterator[tupl
     await server.start()
     sid = "silent-owner-session-0001"
     db = await asyncpg.connect(url, timeout=10)
+    registered = time.monotonic()
     try:
         await db.execute(
             "INSERT INTO replicas (replica_id, advertise, lease_until, free_slots)"
@@ -428,7 +430,7 @@ async def silent_owner(url: str, gate: Gate, lease: float) -> AsyncIterator[tupl
     finally:
         await db.close(timeout=10)
     try:
-        yield servicer, sid
+        yield servicer, sid, registered
     finally:
         await server.stop(0)
 
@@ -443,8 +445,7 @@ async def test_a_forwarded_call_to_an_owner_that_does_not_answer_ends_owner_lost
     url = await postgres.fresh_database()
     b = await make_gate(state_url=url)
     lease = 2.0
-    async with silent_owner(url, b, lease) as (owner, sid):
-        started = time.monotonic()
+    async with silent_owner(url, b, lease) as (owner, sid, started):
         prompt_call = b.stub.Prompt(pb.PromptRequest(session_id=sid, text="hello"), timeout=60)
         read_call = b.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=60)
         for call in (prompt_call, read_call):
@@ -452,7 +453,7 @@ async def test_a_forwarded_call_to_an_owner_that_does_not_answer_ends_owner_lost
             took = time.monotonic() - started
             assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST"), lost
             # Never before the owner's lease and the margin ran out; soon after, however loaded.
-            assert lease + TAKEOVER_MARGIN - 0.5 <= took <= lease + TAKEOVER_MARGIN + FAILOVER_LOOK, took
+            assert lease + TAKEOVER_MARGIN - 0.1 <= took <= lease + TAKEOVER_MARGIN + FAILOVER_LOOK, took
         assert owner.calls == 2  # both were forwarded, and waited on the owner meanwhile
         events = await b.prompt(sid, "hello")
         assert reply_text(events) == "hello"
@@ -466,7 +467,7 @@ async def test_an_owner_that_sends_no_response_headers_in_time_is_owner_lost_not
     url = await postgres.fresh_database()
     b = await make_gate(state_url=url)
     monkeypatch.setattr(router, "FORWARD_HEADERS_TIMEOUT", 1.0)
-    async with silent_owner(url, b, 3600.0) as (owner, sid):  # its lease lives on: only the bound ends it
+    async with silent_owner(url, b, 3600.0) as (owner, sid, _):  # its lease lives on: only the bound ends it
         lost = await expect_error(b.stub.Prompt(pb.PromptRequest(session_id=sid, text="x"), timeout=60))
         assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST"), lost
         assert "no response headers within 1s" in lost.message
