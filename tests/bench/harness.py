@@ -61,11 +61,12 @@ class Scale:
     replica_sessions: int  # sessions flooding over 1 replica, then over 2 (half created on each)...
     replica_chunks: int  # ...each running /flood turns of this many 64-byte chunks, back to back...
     replica_window: float  # ...counted over `reps` windows of this many seconds
+    slow_chunks: int  # SLOW_CHUNK-byte chunks of the slow-reader figure's turn (read at SLOW_READ)
 
 
-QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000, 8, 4, 16_384, 16, 1000, 4.0)
+QUICK = Scale("quick", 1, 2000, 4, 300, 30, 30, 6, 3, 10, 4, 2, 25, 20_000, 8, 4, 16_384, 16, 1000, 4.0, 40)
 FULL = Scale(
-    "full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000, 64, 4, 20_480, 64, 2000, 10.0
+    "full", 5, 20000, 64, 2000, 200, 300, 100, 15, 200, 10, 4, 150, 200_000, 64, 4, 20_480, 64, 2000, 10, 100
 )
 MIB = 1024 * 1024
 
@@ -1074,6 +1075,110 @@ async def marked_load(gate: Gateway, ids: list[str], chunks: int) -> AsyncIterat
             await process.wait()
 
 
+SLOW_READ = 0.1  # seconds of work a slow reader does per event
+SLOW_CHUNK = 1_000_000  # bytes of each chunk the slow reader gets
+
+
+@dataclass
+class Reading:
+    """What one client read of a Prompt stream."""
+
+    events: int = 0
+    chunks: int = 0  # whole SLOW_CHUNK chunks of text
+    result: bool = False
+    seconds: float = 0.0  # to the result (or to the stream's end, without one)
+    ended: str = ""  # how a stream without its result ended
+
+
+async def read_stream(
+    stub: pb_grpc.SessionServiceStub, sid: str, text: str, pause: float, bound: float
+) -> Reading:
+    """One Prompt stream, `pause` seconds of work after each event, ended by the client after
+    `bound` seconds: a stream that stalls shows as a shortfall, never as a hung run."""
+    reading = Reading()
+    chars = 0
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(bound + 10):
+            async for event in stub.Prompt(pb.PromptRequest(session_id=sid, text=text), timeout=bound):
+                reading.events += 1
+                if event.HasField("message_chunk"):
+                    chars += len(event.message_chunk.content.text.text)
+                if event.HasField("result"):
+                    reading.result, reading.seconds = True, time.perf_counter() - started
+                await asyncio.sleep(pause)
+    except grpc.aio.AioRpcError as error:
+        reading.ended = f"{error.code().name} ({error_info(error)[0] or 'no reason'})"
+    except TimeoutError:
+        reading.ended = f"no end within {bound + 10:g}s"
+    if not reading.result:
+        reading.seconds = time.perf_counter() - started
+    reading.chunks = chars // SLOW_CHUNK
+    return reading
+
+
+async def slow_reader(scale: Scale, scratch: Path) -> list[Row]:
+    """One turn of large chunks read by a client doing SLOW_READ s of work per event, against
+    a client reading with no pause (two sessions of one gateway, one after the other, `reps`
+    times): every event must reach the slow one too, in about the fast one's time plus its
+    reading time. The slow stream is bounded (3 x its reading time + 30 s) and a stall is
+    reported as the events it fell short by."""
+    n = scale.slow_chunks
+    text = f"/flood {n} {SLOW_CHUNK}"
+    fast: list[Reading] = []
+    slow: list[Reading] = []
+    async with gateway(scratch) as gate:
+        fast_sid, slow_sid = await sessions(gate, 2)
+        expect(
+            (await stream(gate.stub, pb.PromptRequest(session_id=fast_sid, text="/flood 10 64")))[0],
+            10,
+            "warm-up",
+        )
+        for _ in range(scale.reps):
+            fast.append(await read_stream(gate.stub, fast_sid, text, 0.0, 60 + n))
+            if not fast[-1].result or fast[-1].chunks != n:
+                raise RuntimeError(f"the fast reader got {fast[-1].chunks} of {n} chunks: the run is broken")
+            reading = fast[-1].events * SLOW_READ
+            slow.append(await read_stream(gate.stub, slow_sid, text, SLOW_READ, 3 * reading + 30))
+            if not slow[-1].result:
+                break  # the turn is stuck: the next one would find the session busy
+    short = [r for r in slow if not r.result or r.chunks != n]
+    fast_s = statistics.median(r.seconds for r in fast)
+    slow_s = statistics.median(r.seconds for r in slow)
+    events = fast[-1].events
+    expected = fast_s + events * SLOW_READ
+    worst = short[0] if short else slow[-1]
+    delivered = (
+        f"slow reader: {worst.events} of {events} events ({worst.chunks} of {n} chunks), "
+        f"then {worst.ended or 'no result'} after {worst.seconds:.1f}s"
+        if short
+        else f"all {events} events ({n} chunks and the result) to both readers in every repetition"
+    )
+    title = f"slow reader, 1 MB chunks (/flood {n} {SLOW_CHUNK}, {SLOW_READ:g} s per event) vs a fast reader"
+    return [
+        Row(
+            f"{title}: events delivered",
+            "events",
+            events,
+            worst.events,
+            "all (= the fast reader's, with the result)",
+            not short,
+            delivered,
+        ),
+        Row(
+            f"{title}: time to result",
+            "s",
+            expected,
+            slow_s,
+            f"<= 1.5 x (fast reader's time + events x {SLOW_READ:g} s)",
+            not short and slow_s <= 1.5 * expected,
+            f"fast reader: result in {fast_s:.2f}s; slow reader: {slow_s:.2f}s, "
+            f"{slow_s / fast_s:.1f} x the fast one, against an expected reading time of "
+            f"{events * SLOW_READ:.1f}s ({events} events x {SLOW_READ:g} s); baseline = fast + reading time",
+        ),
+    ]
+
+
 async def forwarded_stream(scale: Scale, scratch: Path) -> Row:
     """One flooding turn on a session owned by replica A, streamed from A (baseline) and through
     replica B, which forwards the call to A (ours); interleaved, medians of `reps`."""
@@ -1254,6 +1359,7 @@ FIGURES: list[Callable[[Scale, Path], Awaitable[Row | list[Row]]]] = [
     create_latency,
     memory,
     detached_floods,
+    slow_reader,
     forwarded_stream,
     replica_scaling,
 ]
