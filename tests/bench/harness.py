@@ -1152,7 +1152,7 @@ async def slow_reader(scale: Scale, scratch: Path) -> list[Row]:
         f"slow reader: {worst.events} of {events} events ({worst.chunks} of {n} chunks), "
         f"then {worst.ended or 'no result'} after {worst.seconds:.1f}s"
         if short
-        else f"all {events} events ({n} chunks and the result) to both readers in every repetition"
+        else f"all {events} events (the {n} chunks among them, and the result) to both, every repetition"
     )
     title = f"slow reader, 1 MB chunks (/flood {n} {SLOW_CHUNK}, {SLOW_READ:g} s per event) vs a fast reader"
     return [
