@@ -204,7 +204,18 @@ class Router:
             ours = tuple((k, v) for k, v in (headers or ()) if k.startswith("sessiongate-"))
             if ours:
                 await context.send_initial_metadata(ours)
-            while (item := await _unless_gone(call.read(), gone, address)) is not grpc.aio.EOF:
+            # Past the headers the owner's call itself is cancelled when its lease runs out: no
+            # task and no wait per relayed message.
+            gone.add_done_callback(lambda watch: watch.cancelled() or call.cancel())
+            while True:
+                try:
+                    item = await call.read()
+                except asyncio.CancelledError:
+                    if _owner_was_gone(gone):
+                        raise _owner_lost(address) from None
+                    raise
+                if item is grpc.aio.EOF:
+                    break
                 yield item
         except grpc.aio.AioRpcError as error:
             raise _relayed(error, address) from None
@@ -281,7 +292,17 @@ async def _unless_gone(step: Awaitable[T], gone: asyncio.Task[None], address: st
     if waiting.done():
         return waiting.result()
     waiting.cancel()
-    raise OwnerLost(
+    raise _owner_lost(address)
+
+
+def _owner_was_gone(gone: asyncio.Task[None]) -> bool:
+    """The owner's call was cancelled because its lease ran out, not because this task was."""
+    task = asyncio.current_task()
+    return gone.done() and not gone.cancelled() and (task is None or task.cancelling() == 0)
+
+
+def _owner_lost(address: str) -> OwnerLost:
+    return OwnerLost(
         f"the replica owning the session ({clip(address)}) did not answer and its lease ran out;"
         " retry (the session is taken over)",
         retry_after=0.2,

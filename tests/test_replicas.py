@@ -386,11 +386,14 @@ async def test_replicas_authenticate_each_other_and_forward_as_the_callers_princ
 class Silent(pb_grpc.SessionServiceServicer):
     """An owner replica that takes calls and never answers (a hung process, as its peers see it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: pb.PromptEvent | None = None) -> None:
         self.calls = 0
+        self.first = first  # an event a Prompt sends (with its headers) before it stops answering
 
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
         self.calls += 1
+        if self.first is not None:
+            yield self.first
         await asyncio.Event().wait()  # ended by the caller's cancel, or the server's stop
         yield pb.PromptEvent()
 
@@ -401,11 +404,13 @@ class Silent(pb_grpc.SessionServiceServicer):
 
 
 @contextlib.asynccontextmanager
-async def silent_owner(url: str, gate: Gate, lease: float) -> AsyncIterator[tuple[Silent, str, float]]:
+async def silent_owner(
+    url: str, gate: Gate, lease: float, first: pb.PromptEvent | None = None
+) -> AsyncIterator[tuple[Silent, str, float]]:
     """Replica "a" at a silent server with a lease of `lease` seconds from now (by the database's
     clock), owning one session; yields the servicer, the session's id, and the monotonic time from
     before the lease was written (the lease ends `lease` seconds after it at the earliest)."""
-    servicer = Silent()
+    servicer = Silent(first)
     server = grpc.aio.server()
     pb_grpc.add_SessionServiceServicer_to_server(servicer, server)
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -459,6 +464,31 @@ async def test_a_forwarded_call_to_an_owner_that_does_not_answer_ends_owner_lost
         assert reply_text(events) == "hello"
         shown = await b.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10)
         assert shown.replica not in ("", "a")
+
+
+async def test_a_forwarded_stream_whose_owner_stops_mid_turn_ends_owner_lost_when_its_lease_runs_out(
+    make_gate: GateFactory, postgres: PostgresServer
+) -> None:
+    """Past the headers and the first event the relayed stream is cut by the same bound: the
+    owner's call is cancelled once its lease and the margin ran out, and the client, having got
+    what the owner sent, hears OWNER_LOST (not CANCELLED, not a hang)."""
+    url = await postgres.fresh_database()
+    b = await make_gate(state_url=url)
+    lease = 2.0
+    first = pb.PromptEvent(
+        seq=1, message_chunk=pb.ContentChunk(content=pb.ContentBlock(text=pb.TextContent(text="hi")))
+    )
+    async with silent_owner(url, b, lease, first) as (owner, sid, started):
+        call = b.stub.Prompt(pb.PromptRequest(session_id=sid, text="hello"), timeout=60)
+        assert await call.read() == first
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        lost = details_of(raised.value)
+        took = time.monotonic() - started
+        assert (lost.code, lost.reason) == (grpc.StatusCode.UNAVAILABLE, "OWNER_LOST"), lost
+        assert lease + TAKEOVER_MARGIN - 0.1 <= took <= lease + TAKEOVER_MARGIN + FAILOVER_LOOK, took
+        assert owner.calls == 1
 
 
 async def test_an_owner_that_sends_no_response_headers_in_time_is_owner_lost_not_internal(
