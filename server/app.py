@@ -255,6 +255,8 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
 
     async def release() -> None:
         # Alone, it keeps its sessions: restarted under the same replica id it serves them again.
+        # A fence under way ends its agents first: released rows must not have agents running.
+        await ownership.fenced()
         try:
             if await ownership.peers():
                 released = await store.release()

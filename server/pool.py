@@ -154,7 +154,11 @@ class SessionPool:
         sessions = list(self._sessions.values())
         for session in sessions:
             self._unpublish(session)
-        await asyncio.gather(*(s.fence() for s in sessions), return_exceptions=True)
+        # Each fence is a task of the supervisor's: once the sessions left the map, shutdown still
+        # reaches (and bounds) their fences, and a cancelled caller cuts none of them short.
+        fences = [self._spawn(s.fence(), f"fence-{s.session_id}") for s in sessions]
+        if fences:
+            await asyncio.wait(fences)
 
     def _new_session(
         self,
