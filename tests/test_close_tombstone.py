@@ -9,9 +9,10 @@ from pathlib import Path
 import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import StateBackend, expect_error
+from tests.conftest import GateFactory, StateBackend, expect_error
 from tests.postgres import PostgresServer
 from tests.processes import server_process
+from tests.test_auth import as_, tokens_file
 from tests.test_replicas import replicas
 
 
@@ -59,3 +60,33 @@ async def test_a_close_retried_through_another_replica_answers_the_same(
         assert again == closed
         gone = await expect_error(b.stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=10))
         assert gone.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_another_principals_tombstone_is_not_found_and_tells_nothing(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    """A retried close reads the tombstone only for the principal that may see the session: to
+    anyone else a closed session is as unknown as one never made (same status, no owner named)."""
+    gate = await make_gate(auth_tokens_file=tokens_file(tmp_path / "tokens.toml"))
+    created = await gate.stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("alice"), timeout=30)
+    sid = created.session_id
+    request = pb.CloseSessionRequest(session_id=sid)
+    closed = await gate.stub.CloseSession(request, metadata=as_("alice"), timeout=30)
+    gate.running.pool._recently_closed.clear()  # as after a restart: only the tombstone is left
+    for intruder in ("bob", "carol"):
+        refused = await expect_error(gate.stub.CloseSession(request, metadata=as_(intruder), timeout=10))
+        unknown = await expect_error(
+            gate.stub.CloseSession(pb.CloseSessionRequest(session_id="x" * len(sid)), metadata=as_(intruder))
+        )
+        assert (
+            (refused.code, refused.reason)
+            == (unknown.code, unknown.reason)
+            == (
+                grpc.StatusCode.NOT_FOUND,
+                "SESSION_NOT_FOUND",
+            )
+        )
+        assert "alice" not in refused.message
+    assert await gate.stub.CloseSession(request, metadata=as_("alice"), timeout=10) == closed
+    admin = await gate.stub.CloseSession(request, metadata=as_("root"), timeout=10)
+    assert admin == closed  # an admin sees every principal's sessions, closed ones too
