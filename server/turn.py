@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,7 @@ class Turn:
     _waiter: asyncio.Future[None] | None = None
     _ended: bool = False
     _holding_back: bool = True  # backpressure on; off once nobody will read the rest
+    on_end: Callable[[], None] | None = None  # told when the last item is in (the turn log's pump)
     _share: LoopShare = field(default_factory=loop_share, init=False, repr=False)  # the loop's
 
     @property
@@ -160,6 +162,8 @@ class Turn:
             self._append(Notice("events_dropped", f"{self.dropped} agent updates were dropped after cancel"))
         self._ended = True
         self._append(_Last(outcome))
+        if self.on_end is not None:
+            self.on_end()
 
     def _append(self, item: TurnItem | _Last) -> None:
         size = item_bytes(item)

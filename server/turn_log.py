@@ -130,6 +130,7 @@ class TurnLog:
         self._unread_bytes = 0
         self._unread_first = self.last_seq + 1  # seq of _unread[0]
         self._paced_done = state != "running"
+        self._turn_over = state != "running"  # the Turn has its last item: nothing paces the pump
         self._closing = state != "running"  # no new writes are scheduled: close() does the last
         self.stored_fully = state != "running"  # closed: its final record is in the store
 
@@ -226,8 +227,10 @@ class TurnLog:
     def _client_behind(self) -> bool:
         """The prompting client is far enough behind that the pump waits for it: PACE_LAG
         events, or a quarter of the bound in bytes (so that what it has not read, what is not
-        on disk yet and a batch it is inside of together stay within the bound)."""
-        if not self._pacing:
+        on disk yet and a batch it is inside of together stay within the bound). Not once the
+        turn's last item is in: the agent is done (what is left is the Turn's bounded buffer),
+        and the turn must end whether or not its client ever reads again (a fence, a close)."""
+        if not self._pacing or self._turn_over:
             return False
         return self.last_seq - self._paced_at >= PACE_LAG or self._unread_bytes > self.max_bytes // 4
 
@@ -235,6 +238,12 @@ class TurnLog:
         self._pacing, self._paced_done = False, True
         self._unread.clear()
         self._unread_bytes = 0
+
+    def turn_over(self) -> None:
+        """The Turn has its last item (Turn.on_end): the pump drains the rest without waiting
+        for the prompting client."""
+        self._turn_over = True
+        self._notify()
 
     def complete(self, result: pb.TurnResult) -> None:
         self.record.result.CopyFrom(result)
@@ -500,6 +509,9 @@ class _Internal(SessionGateError):
 
 async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
     """The turn's items into its log, numbered and translated, until its last one."""
+    turn.on_end = log_.turn_over
+    if turn.ended:
+        log_.turn_over()
     try:
         while True:
             await log_.room()

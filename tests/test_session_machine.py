@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -586,6 +587,32 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
+
+
+def check_all(state: SessionMachine) -> None:
+    state.streams_end_within_their_bounds()
+    state.agents_slots_and_holders_agree()
+    state.one_turn_at_a_time()
+    state.nothing_outlives_its_session()
+
+
+@pytest.mark.parametrize("how", ["fence", "lease lost"])
+def test_found_a_fence_while_the_prompting_client_stopped_reading_leaves_no_pump_behind(how: str) -> None:
+    """Found by the machine: the turn ended OWNER_LOST, but its pump went on waiting for a client
+    that had stopped reading, keeping the pump task and the live turn log of a fenced session."""
+    state = SessionMachine()
+    try:
+        first, _ = state.open_pool()
+        state.prompt(prompt="many", reader="stops", session=first, wait=0.0)
+        check_all(state)
+        if how == "fence":
+            state.fenced(session=first)
+        else:
+            state.server_ends(how="lease lost")
+        for _ in range(3):
+            check_all(state)
+    finally:
+        state.teardown()
 
 
 def test_the_session_core_keeps_its_promises_in_any_interleaving() -> None:
