@@ -35,6 +35,11 @@ DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutErro
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 30.0  # one query; the writer is never held longer by a silent database
 POOL_SIZE = 4
+# A transaction of ours only ever waits on its own statements. One idle this long belongs to a
+# frozen or cut-off replica, and the database ends it, with its row locks: else a replica frozen
+# inside an event write would block the takeover of its session until its TCP connection died.
+# Well within lease_ttl + TAKEOVER_MARGIN, so the locks are gone before a takeover may start.
+IDLE_IN_TRANSACTION_TIMEOUT = 3.0
 RETRY_PAUSE = 0.5  # after the database could not be reached, before the writer tries again
 
 _NAMES = [c.strip() for c in COLUMNS.split(",")]
@@ -95,6 +100,9 @@ class PostgresStore:
                 max_size=POOL_SIZE,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000))
+                },
             )
         except (*DB_ERRORS, ValueError) as exc:
             reason = clip(str(exc))

@@ -18,7 +18,7 @@ from server import pg_schema
 from server.errors import OwnerLost
 from server.ownership import Ownership
 from server.store import SessionRecord, StoreError
-from server.store_postgres import PostgresStore, redacted
+from server.store_postgres import IDLE_IN_TRANSACTION_TIMEOUT, PostgresStore, redacted
 from server.turn_records import TurnRow
 from tests.postgres import PostgresServer
 
@@ -150,6 +150,37 @@ async def test_sessions_no_replica_serves_are_deleted_past_the_retention_and_oth
         assert await store.turn_events("t-old", 1, 10, 1 << 20) == []
     finally:
         await alive.stop()
+        await store.close()
+
+
+async def test_a_frozen_replicas_transaction_and_its_row_locks_end_within_the_idle_bound(
+    postgres: PostgresServer,
+) -> None:
+    """A replica frozen (SIGSTOP, a partition) inside a transaction that locked its session row
+    must not block the takeover: the database ends the idle transaction, locks and all, well
+    before lease_ttl + TAKEOVER_MARGIN. (Seen: a takeover STORE_UNAVAILABLE for as long as the
+    frozen replica's connection lived.)"""
+    url = await postgres.fresh_database()
+    store = PostgresStore(url, "a")
+    await store.open()
+    other = await asyncpg.connect(url, timeout=10)
+    try:
+        await store.put(SessionRecord("locked", "echo", "/", {}, "idle", "", "", 1.0, 1.0))
+        frozen = await store.pool.acquire(timeout=10)
+        await frozen.execute("BEGIN")
+        await frozen.execute("SELECT 1 FROM sessions WHERE session_id = 'locked' FOR UPDATE")
+        with pytest.raises(asyncpg.LockNotAvailableError):  # held: a takeover would wait on it
+            await other.execute("SELECT 1 FROM sessions WHERE session_id = 'locked' FOR UPDATE NOWAIT")
+        started = time.monotonic()
+        async with asyncio.timeout(IDLE_IN_TRANSACTION_TIMEOUT + 20):
+            async with other.transaction():  # waits for the lock, which the database frees
+                await other.execute("SELECT 1 FROM sessions WHERE session_id = 'locked' FOR UPDATE")
+        assert time.monotonic() - started >= IDLE_IN_TRANSACTION_TIMEOUT - 0.5
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            await frozen.execute("SELECT 1")  # its session was ended by the database
+        await store.pool.release(frozen)
+    finally:
+        await other.close(timeout=10)
         await store.close()
 
 
