@@ -566,26 +566,26 @@ def _after_shutdown(pool: SessionPool, agents: ChaosAgents, sessions: list[Sessi
 
 CHAOS_SECONDS = float(os.environ.get("SESSIONGATE_CHAOS_SECONDS", "0") or 0)
 
+BOTH: dict[str, Any] = {
+    "deadline": None,  # a step's time is bounded by the machine's own waits, not Hypothesis's
+    "database": None,
+    "print_blob": True,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+}
 settings.register_profile(
     "ci",  # make test: short and reproducible (the same cases on every run)
     max_examples=25,
     stateful_step_count=20,
-    deadline=None,
     derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
     phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    **BOTH,
 )
 settings.register_profile(
     "chaos",  # make chaos: random cases, batch after batch, until the time is up
     max_examples=20,
     stateful_step_count=40,
-    deadline=None,
     derandomize=False,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    **BOTH,
 )
 
 
