@@ -42,6 +42,8 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
                     ("terminal cancelled" on session/cancel). With --keep: reply "terminal kept <id>"
                     right after the create, never waiting nor releasing (the client cleans up).
                     JSON-RPC errors: "terminal error <code>: <message>"
+  /terminal-env NAME=VALUE... [--limit N] [--keep] CMD...
+                    /terminal, asking for the environment variables NAME=VALUE (terminal/create's env)
 Sessions have modes `ask` and `code` (default; session/set_mode, refused during a turn) and
 config options `model` (select: echo-small (default), echo-large) and `verbose` (boolean,
 default false; session/set_config_option, allowed during a turn), kept with the session.
@@ -534,7 +536,20 @@ class EchoAgent:
             return await self._reply(session_id, f"fs error {exc.code}: {exc}")
         return await self._reply(session_id, f"fs wrote {path}")
 
-    async def _terminal(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+    async def _terminal_env(
+        self, session_id: str, rest: str, cancel: asyncio.Event
+    ) -> tuple[str, StopReason]:
+        env: list[schema.EnvVariable] = []
+        head, _, tail = rest.strip().partition(" ")
+        while "=" in head:
+            name, _, value = head.partition("=")
+            env.append(schema.EnvVariable(name=name, value=value))
+            head, _, tail = tail.lstrip().partition(" ")
+        return await self._terminal(session_id, f"{head} {tail}", cancel, env)
+
+    async def _terminal(
+        self, session_id: str, rest: str, cancel: asyncio.Event, env: list[schema.EnvVariable] | None = None
+    ) -> tuple[str, StopReason]:
         limit, keep, command = _terminal_args(rest)
         cwd = self._settings(session_id).cwd
         self.terminals += 1
@@ -546,6 +561,7 @@ class EchoAgent:
                 session_id=session_id,
                 command="sh",
                 args=["-c", command],
+                env=env,
                 cwd=cwd or None,
                 output_byte_limit=limit,
             )
@@ -696,6 +712,7 @@ DIRECTIVES = {
     "/fs-read": EchoAgent._fs_read,
     "/fs-write": EchoAgent._fs_write,
     "/terminal": EchoAgent._terminal,
+    "/terminal-env": EchoAgent._terminal_env,
 }
 
 

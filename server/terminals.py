@@ -3,7 +3,17 @@
 
 A terminal's command is confined exactly like the agent that asked for it: the same
 sandbox over the session's directory (or none), the same user, an environment as clean
-as the agent's (plus what the request sets), stdin from /dev/null. It starts in the
+as the agent's (plus what the request sets), stdin from /dev/null.
+
+The variables the request sets reach the command only, never a process on the host side
+of the confinement (bwrap, setpriv), which start with the agent's own fixed environment:
+the command is run as `/usr/bin/env -- NAME=VALUE... COMMAND ARGS...`, so the variables
+are set by `env` inside the sandbox, after the identity change, as arguments it reads and
+not as an environment the host-side programs start with. An agent that asked for
+LD_PRELOAD=<a library it built> used to have bwrap or setpriv (root) run it on the host.
+Names a program's start-up reads to load code or files named by their value before the
+program's own code runs are refused all the same (REFUSED_ENV), as is the gateway's own
+marker; names and values are bounded. It starts in the
 session's directory or a directory inside it, reached by descriptor without following
 links (client_fs.py). It leads a process group of its own, and its stdout and stderr go
 into one pipe, of which the last `outputByteLimit` bytes are kept (at most
@@ -40,7 +50,7 @@ import acp
 from acp import schema
 
 from server import client_fs
-from server.descendants import Descendants
+from server.descendants import MARKER_ENV, Descendants
 from server.errors import SessionGateError, clip
 from server.sandbox import Launcher
 from server.settings import AgentConfig
@@ -59,6 +69,15 @@ KILL_TIMEOUT = 5.0  # after SIGKILL to its group, how long to wait for the comma
 MAX_ARGV_BYTES = 256 * 1024  # command and arguments together
 MAX_ENV_BYTES = 256 * 1024  # the request's environment variables together
 MAX_ENV_VARS = 256
+MAX_ENV_NAME_BYTES = 256
+MAX_ENV_VALUE_BYTES = 64 * 1024  # well under the kernel's 128 KiB for one argument
+ENV_HELPER = "/usr/bin/env"  # coreutils: sets the request's variables, then execs the command
+# Read at start-up by the dynamic loader and libc to load code (or files) named by the value,
+# before the program's own code runs: the loader's LD_* (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT...),
+# glibc's tunables (parsed by the loader; CVE-2023-4911) and iconv's module path (dlopened).
+# The subset of glibc's own list for setuid programs (unsecvars.h) that loads code.
+REFUSED_ENV_PREFIXES = ("LD_",)
+REFUSED_ENV_NAMES = frozenset({"GCONV_PATH", "GLIBC_TUNABLES"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +275,9 @@ class Terminals:
             raise _invalid(
                 f"the command and arguments must hold no NUL and be at most {MAX_ARGV_BYTES} bytes"
             )
-        variables = self._environment(env or [])
+        variables = _requested(env or [])
+        if variables and "=" in command:  # `env` would take it for one more variable
+            raise _invalid("a command whose name holds '=' cannot be given environment variables")
         limit = (
             DEFAULT_OUTPUT_LIMIT if output_byte_limit is None else min(output_byte_limit, MAX_OUTPUT_LIMIT)
         )
@@ -340,20 +361,10 @@ class Terminals:
 
     # ---- inside --------------------------------------------------------------------------------
 
-    def _environment(self, env: list[schema.EnvVariable]) -> dict[str, str]:
-        """The agent's clean environment, the request's variables, and the agent's marker."""
-        if len(env) > MAX_ENV_VARS:
-            raise _invalid(f"at most {MAX_ENV_VARS} environment variables")
-        size = 0
+    def _environment(self) -> dict[str, str]:
+        """The agent's clean environment and its marker: all a host-side process starts with."""
         variables = {k: os.environ[k] for k in (*self._inherited, *self._config.pass_env) if k in os.environ}
         variables.update(self._config.env)
-        for entry in env:
-            if not entry.name or "=" in entry.name or "\0" in entry.name or "\0" in entry.value:
-                raise _invalid(f"bad environment variable name or value: {clip(entry.name, 100)!r}")
-            size += len(entry.name.encode()) + len(entry.value.encode())
-            variables[entry.name] = entry.value
-        if size > MAX_ENV_BYTES:
-            raise _invalid(f"the environment variables must be at most {MAX_ENV_BYTES} bytes")
         descendants = self._descendants()
         if descendants is not None:
             descendants.mark(variables)
@@ -363,13 +374,17 @@ class Terminals:
         self,
         session_id: str,
         argv: list[str],
-        env: Mapping[str, str],
+        variables: Mapping[str, str],
         workdir: WorkDir,
         cwd: WorkDir,
         limit: int,
     ) -> str:
+        # The request's variables are set by `env`, the first program run inside the confinement.
+        command = (
+            [ENV_HELPER, "--", *(f"{k}={v}" for k, v in variables.items()), *argv] if variables else argv
+        )
         try:
-            spawn = self._launcher.wrap(self._config, argv, env, workdir, cwd)
+            spawn = self._launcher.wrap(self._config, command, self._environment(), workdir, cwd)
         except SessionGateError as exc:
             raise acp.RequestError(-32603, clip(exc.message)) from None
         try:
@@ -563,6 +578,39 @@ def _status(pid: int) -> tuple[int | None, str | None]:
         return None, signal.Signals(result.si_status).name
     except ValueError:
         return None, str(result.si_status)
+
+
+def _requested(env: list[schema.EnvVariable]) -> dict[str, str]:
+    """The request's variables, checked: bounded, well-formed, none that loads code at start-up."""
+    if len(env) > MAX_ENV_VARS:
+        raise _invalid(f"at most {MAX_ENV_VARS} environment variables")
+    variables: dict[str, str] = {}
+    size = 0
+    for entry in env:
+        name, value = entry.name, entry.value
+        shown = clip(name, 100)
+        if not name or "=" in name or "\0" in name or len(name.encode()) > MAX_ENV_NAME_BYTES:
+            raise _invalid(
+                f"bad environment variable name {shown!r}: it must be non-empty, without '=' or NUL, "
+                f"at most {MAX_ENV_NAME_BYTES} bytes"
+            )
+        if "\0" in value or len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            raise _invalid(
+                f"bad value of environment variable {shown!r}: "
+                f"it must hold no NUL and be at most {MAX_ENV_VALUE_BYTES} bytes"
+            )
+        if name.startswith(REFUSED_ENV_PREFIXES) or name in REFUSED_ENV_NAMES:
+            raise _invalid(
+                f"environment variable {shown!r} is refused: names the dynamic loader or libc read to "
+                "load code (LD_*, GCONV_PATH, GLIBC_TUNABLES) cannot be set for a terminal"
+            )
+        if name == MARKER_ENV:
+            raise _invalid(f"environment variable {MARKER_ENV} is the gateway's own")
+        size += len(name.encode()) + len(value.encode())
+        variables[name] = value
+    if size > MAX_ENV_BYTES:
+        raise _invalid(f"the environment variables must be at most {MAX_ENV_BYTES} bytes")
+    return variables
 
 
 def _stopping() -> acp.RequestError:
