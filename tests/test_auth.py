@@ -24,7 +24,22 @@ from tests.conftest import Gate, GateFactory, eventually, expect_error, reply_te
 from tests.test_cli import cli
 
 TOKENS = {"alice": "alice-secret", "bob": "bob-secret", "root": "root-secret", "carol": "carol-secret"}
-SESSION_RPCS = ("GetSession", "Prompt", "CancelPrompt", "CloseSession")
+# Every RPC that names a session, from the service itself: a new one is covered by construction.
+SESSION_RPCS = tuple(
+    m.name
+    for m in pb.DESCRIPTOR.services_by_name["SessionService"].methods
+    if "session_id" in m.input_type.fields_by_name
+)
+# What else each needs to be a valid request, so that only the session's owner decides the
+# answer (an RPC missing here that needs more fails the ownership test with INVALID_ARGUMENT).
+VALID_FIELDS: dict[str, dict[str, Any]] = {
+    "Prompt": {"text": "hi"},
+    "RespondPermission": {"request_id": "r1", "option_id": "allow"},
+    "RespondElicitation": {"request_id": "r1", "action": pb.ELICITATION_ACTION_DECLINE},
+    "SetSessionMode": {"mode_id": "ask"},  # one the echo agent offers, not its first
+    "SetSessionConfigOption": {"config_id": "c", "value": "v"},
+    "GetTurn": {"turn_id": "t"},
+}
 
 
 def tokens_file(path: Path, names: tuple[str, ...] = tuple(TOKENS)) -> Path:
@@ -52,15 +67,13 @@ async def auth_gate(make_gate: GateFactory, tmp_path: Path) -> Gate:
     return gate
 
 
-def session_call(gate: Gate, rpc: str, session_id: str, metadata: Any) -> Any:
-    stub = gate.stub
-    if rpc == "GetSession":
-        return stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=10)
-    if rpc == "Prompt":
-        return stub.Prompt(pb.PromptRequest(session_id=session_id, text="hi"), metadata=metadata, timeout=10)
-    if rpc == "CancelPrompt":
-        return stub.CancelPrompt(pb.CancelPromptRequest(session_id=session_id), metadata=metadata, timeout=10)
-    return stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), metadata=metadata, timeout=10)
+def session_call(gate: Gate, rpc: str, session_id: str, metadata: Any, **fields: Any) -> Any:
+    """`rpc` of SessionService on `session_id`: a unary call to await or a stream to drain."""
+    method = pb.DESCRIPTOR.services_by_name["SessionService"].methods_by_name[rpc]
+    request = getattr(pb, method.input_type.name)(
+        session_id=session_id, **{**VALID_FIELDS.get(rpc, {}), **fields}
+    )
+    return getattr(gate.stub, rpc)(request, metadata=metadata, timeout=10)
 
 
 async def test_every_rpc_needs_a_valid_token_and_says_nothing_about_what_was_wrong(auth_gate: Gate) -> None:
@@ -111,15 +124,35 @@ async def test_sessions_belong_to_their_owner_and_others_cannot_tell_them_from_u
     assert mine.session_id != theirs.session_id, "request_id idempotency must be per principal"
     assert (mine.owner, theirs.owner) == ("alice", "bob")
 
+    # A turn of alice's, so that a turn RPC missing the check would find something to show.
+    first = [
+        e
+        async for e in stub.Prompt(
+            pb.PromptRequest(session_id=mine.session_id, text="first"), metadata=as_("alice")
+        )
+    ]
+    assert reply_text(first) == "first"
+    before = await stub.GetSession(pb.GetSessionRequest(session_id=mine.session_id), metadata=as_("alice"))
+    turn_id = before.turn_id
+    assert turn_id
+
+    assert {"Prompt", "RespondPermission", "RespondElicitation", "SetSessionMode"} <= set(SESSION_RPCS)
+    assert {"SetSessionConfigOption", "WatchTurn", "ListTurns", "GetTurn", "CloseSession"} <= set(
+        SESSION_RPCS
+    )
     unknown = "x" * len(mine.session_id)
     for rpc in SESSION_RPCS:
-        hidden = await expect_error(session_call(auth_gate, rpc, mine.session_id, as_("bob")))
-        absent = await expect_error(session_call(auth_gate, rpc, unknown, as_("bob")))
-        assert (hidden.code, hidden.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"), rpc
+        turn = {"turn_id": turn_id} if "turn_id" in VALID_FIELDS.get(rpc, {}) else {}
+        hidden = await expect_error(session_call(auth_gate, rpc, mine.session_id, as_("bob"), **turn))
+        absent = await expect_error(session_call(auth_gate, rpc, unknown, as_("bob"), **turn))
+        assert (hidden.code, hidden.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND"), (rpc, hidden)
         assert hidden.message.replace(mine.session_id, unknown) == absent.message, rpc
         assert hidden.metadata == {"session_id": mine.session_id} and absent.metadata == {
             "session_id": unknown
-        }
+        }, rpc
+    untouched = await stub.GetSession(pb.GetSessionRequest(session_id=mine.session_id), metadata=as_("alice"))
+    assert (untouched.state, untouched.turn_id) == (pb.SESSION_STATE_IDLE, turn_id)
+    assert untouched.modes.current_mode_id == before.modes.current_mode_id != "ask"
 
     listed = await stub.ListSessions(pb.ListSessionsRequest(), metadata=as_("bob"), timeout=10)
     assert [s.session_id for s in listed.sessions] == [theirs.session_id]
