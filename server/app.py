@@ -20,7 +20,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server.agent_logins import AgentLogins
-from server.auth import AuthInterceptor
+from server.auth import UNAUTHENTICATED_TOTAL, AuthInterceptor
 from server.holder import real_agents
 from server.metrics import Metrics
 from server.ownership import Ownership
@@ -29,7 +29,7 @@ from server.principals import TokenTable, live_limits
 from server.router import Router
 from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
-from server.settings import AgentConfig, ServerLimits, Settings, replica_token
+from server.settings import AgentConfig, ConfigError, ServerLimits, Settings, replica_token
 from server.spares import SparePool
 from server.store import Store, make_store
 from server.store_postgres import PostgresStore
@@ -138,6 +138,13 @@ def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
     use_pidfd_child_watcher()
+    if settings.state_url and settings.authenticated and settings.replica_token_file is None:
+        # Else a forwarded call could only pass on the caller's own token, to an address read
+        # from the database: a reusable secret to wherever a row points.
+        raise ConfigError(
+            "replicas (state_url) with authentication need replica_token_file (--replica-token-file):"
+            " a secret of 16+ characters the replicas share, to sign the calls they forward"
+        )
     tokens = TokenTable(settings.auth_tokens_file) if settings.auth_tokens_file else None
     if tokens is not None:
         tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
@@ -173,15 +180,19 @@ async def start_server(settings: Settings) -> RunningServer:
                 settings.tls_client_ca is not None,
                 settings.reflection == "public",
                 replica_token(settings),
+                settings.advertise or settings.listen,  # as the others read it (join_replicas)
             )
         ]
         if settings.authenticated
         else []
     )
+    # Public calls (health, open reflection) have a budget of their own in the interceptor, on
+    # top of the authenticated calls' max_concurrent_rpcs.
+    extra = UNAUTHENTICATED_TOTAL if settings.authenticated else 0
     server = grpc.aio.server(
         interceptors=interceptors,
         options=server_options(settings.limits),
-        maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs + extra,
     )
     service = SessionService(
         replace(settings, replica_id=replica_id),

@@ -4,8 +4,10 @@ Between the service and the pool (the architecture guide's one-way flow). Withou
 (no state_url) every lookup is the pool's. With replicas:
 - a session in this replica's pool is served here;
 - a session whose owner's lease is alive is forwarded to the owner: the same call with the
-  same request, the caller's credentials, its deadline, and cancellation passed on; the owner's
-  status and details come back unchanged (`Relayed`);
+  same request, its deadline, and cancellation passed on, signed for the caller's principal
+  (server/auth.py `sign`: never the caller's token nor the replicas' secret, since the owner's
+  address is read from the database); the owner's status and details come back unchanged
+  (`Relayed`);
 - a session released on drain, or whose owner's lease ran out, is taken over (a compare-and-set
   on its epoch) by calls that work on it (`take`): Prompt, mode and option changes, close;
   other calls read it from the database as it was stored (a SUSPENDED view), moving nothing.
@@ -28,10 +30,11 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from server import principals
-from server.auth import PRINCIPAL_HEADER, REPLICA_HEADER
+from server.auth import sign
 from server.errors import OwnerLost, SessionGateError, StoreUnavailable, clip
 from server.ownership import DB_TIMEOUT, Owner, Ownership
 from server.pool import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SessionPool, decode_token, encode_token, sort_key
@@ -54,7 +57,7 @@ CHANNEL_OPTIONS = [
 ]
 LEASE_WATCH_DELAY = 0.5  # seconds into a forwarded call before its owner's lease is looked at
 LEASE_WATCH_RETRY = 1.0  # seconds before looking again when the database did not answer
-PASSED_ON = ("authorization",)  # without a replica token: the owner authenticates the caller itself
+SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
 class Forward(Exception):
@@ -175,7 +178,7 @@ class Router:
 
     async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
         call = getattr(self._stub(address), method)(
-            request, timeout=_bounded(context), metadata=self._passed_on(context)
+            request, timeout=_bounded(context), metadata=self._passed_on(address, method, request)
         )
         gone = self._watch(address)
         try:
@@ -188,7 +191,7 @@ class Router:
 
     async def stream(self, address: str, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
         call = getattr(self._stub(address), method)(
-            request, timeout=context.time_remaining(), metadata=self._passed_on(context)
+            request, timeout=context.time_remaining(), metadata=self._passed_on(address, method, request)
         )
         gone = self._watch(address)
         try:
@@ -244,14 +247,15 @@ class Router:
                 return
             await asyncio.sleep(max(left, 0.05))
 
-    def _passed_on(self, context: Any) -> tuple[tuple[str, str], ...]:
-        """Who the call is for: with the replicas' token, the principal authenticated here (the
-        owner trusts the name, however the caller proved it); else the caller's own credentials."""
-        who: tuple[tuple[str, str], ...]
+    def _passed_on(self, address: str, method: str, request: Any) -> tuple[tuple[str, str], ...]:
+        """Who the call is for: the principal authenticated here, signed for this call to this
+        address (the owner trusts the name, however the caller proved it). Without the replicas'
+        secret nothing: authentication is off (with it on, the secret is required at start)."""
+        who: tuple[tuple[str, str], ...] = ()
         if self._replica_token:
-            who = ((REPLICA_HEADER, self._replica_token), (PRINCIPAL_HEADER, principals.current().name))
-        else:
-            who = tuple((k, v) for k, v in context.invocation_metadata() or () if k in PASSED_ON)
+            who = sign(
+                self._replica_token, f"/{SERVICE}/{method}", request, principals.current().name, address
+            )
         return (*who, (FORWARDED_HEADER, self._ownership.replica_id))
 
     def _stub(self, address: str) -> pb_grpc.SessionServiceStub:
