@@ -4,6 +4,12 @@ An agent that answers `session/new` with "auth required" (AGENT_AUTH_REQUIRED) n
 `authenticate` call on every new process first. The method comes from the agent's config
 (`auth_method`) or from an AuthenticateAgent call, which changes it at run time, so the
 next process of that agent authenticates without a restart of the server.
+
+What reaches each principal's agents is the method, never a file: every new process runs
+`authenticate` with it in its own home (sandbox.py: `homes/<principal>/<agent>`), with the
+credentials its config passes it (`pass_env`, `env`). The login's own trial process runs in
+no principal's home (`homes/<agent>`, the operator's), so whatever it writes there is read
+by no principal's agent, and no principal's files are read by it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from server.errors import SessionBusy
+from server.sandbox import homes_of
 from server.settings import AgentConfig, ServerLimits
 
 if TYPE_CHECKING:
@@ -51,7 +58,8 @@ class AgentLogins:
                 retry_after=limits.busy_retry_after,
             )
         async with self._busy:
-            agent = make_agent()
+            with homes_of(""):  # the operator's home, never a principal's (README: logins)
+                agent = make_agent()
             try:
                 await agent.start(limits.agent_start_timeout, login=False)  # not the old way
                 await agent.authenticate(method)

@@ -25,7 +25,7 @@ from typing import Any
 from server.agent import AgentConnection, AgentProcess
 from server.agent_logins import AgentLogins
 from server.errors import AgentAuthRequired, AgentUnavailable, CwdNotAllowed, SessionGateError
-from server.sandbox import Launcher
+from server.sandbox import Launcher, home_owner, homes_of
 from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
 from server.spares import SparePool
@@ -56,7 +56,7 @@ def real_agents(launcher: Launcher, logins: AgentLogins | None = None) -> AgentF
             config,
             request_timeout=limits.agent_request_timeout,
             kill_grace=limits.kill_grace,
-            launcher=launcher,
+            launcher=launcher.for_principal(home_owner()),  # the session owner's home
             workdir=workdir,
             logins=logins,
         )
@@ -133,7 +133,8 @@ class AgentHolder:
         # exactly the directory checked: CwdNotAllowed leaves the session as it was.
         workdir = await open_workdir(cwd, self._roots)
         try:
-            return await self._start(workdir, resume_id, requester, stops)
+            with homes_of(_owner(requester)):
+                return await self._start(workdir, resume_id, requester, stops)
         finally:
             workdir.close()  # the agent has its own hold on the directory by now
 
@@ -222,7 +223,8 @@ class AgentHolder:
             if self._stops != stops or not self._slots.try_acquire(requester):
                 return None  # stopped meanwhile (a kill), or no free slot
             self.has_slot = True
-            agent = self.agent = self._factory(self.config, self.limits, workdir)
+            with homes_of(_owner(requester)):
+                agent = self.agent = self._factory(self.config, self.limits, workdir)
             try:
                 await agent.start(self.limits.agent_start_timeout)
             except BaseException as exc:
@@ -306,3 +308,9 @@ class AgentHolder:
         if self.has_slot:
             self.has_slot = False
             self._slots.release()
+
+
+def _owner(requester: object) -> str:
+    """The principal whose session starts an agent: its agent gets that principal's home."""
+    owner = getattr(requester, "owner_name", "")
+    return owner if isinstance(owner, str) else ""

@@ -7,6 +7,8 @@ An agent runs tools a model chose, with whatever its process can reach. Sandboxe
 - the session's cwd read-write (bound through the checked directory's descriptor, so a
   symlink swapped in after the check cannot move it), its home read-write, and the extra
   `ro_paths`/`rw_paths` configured for it;
+- a home of the session owner's own: `<state dir>/homes/<principal>/<agent>` (see `home()`),
+  never another principal's, whose transcripts, logins and hook-running settings live there;
 - none of the server's secrets: the state directory (other sessions, the database) is an
   empty tmpfs, the tokens file and TLS key are /dev/null;
 - no network when `network = false`; no capabilities, even when the server runs as root;
@@ -18,11 +20,17 @@ so sandboxed agents get no warm spares.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import pwd
+import re
 import shutil
+import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,36 @@ def find_bwrap() -> str | None:
 PRIVATE_TMP = "/tmp"
 SETPRIV = "setpriv"  # util-linux: takes another user's identity, then execs
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the built-in agent's code
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a principal name used as it is
+
+# The principal an agent is being made for: the owner of its session, set by the holder around
+# the start (which may run in a task no caller's principal is in, or an admin's), read when the
+# agent is made. "" (no authentication, or an agent made for no session: a spare, a login).
+_home_owner: ContextVar[str] = ContextVar("sessiongate_home_owner", default="")
+
+
+@contextmanager
+def homes_of(owner: str) -> Iterator[None]:
+    """Agents made inside get `owner`'s homes (and spares of another home are not used)."""
+    token = _home_owner.set(owner)
+    try:
+        yield
+    finally:
+        _home_owner.reset(token)
+
+
+def home_owner() -> str:
+    return _home_owner.get()
+
+
+def principal_dir(name: str) -> str:
+    """`name` as one safe path component: a plain name as it is; any other (a `/`, `..`, NUL, a
+    leading dot, a long one) as `~<its plain characters>~<hash>`, which no plain name can be and
+    no other name shares."""
+    if PLAIN_NAME.fullmatch(name):
+        return name
+    kept = re.sub(r"[^A-Za-z0-9_.@-]", "", name)[:32]
+    return f"~{kept}~{hashlib.sha256(name.encode(errors='surrogatepass')).hexdigest()[:24]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +94,20 @@ class Launcher:
     """Turns an agent's config (and its session's checked directory) into a `Spawn`."""
 
     def __init__(
-        self, bwrap: str | None = None, hidden: Iterable[Path] = (), homes: Path | None = None
+        self,
+        bwrap: str | None = None,
+        hidden: Iterable[Path] = (),
+        homes: Path | None = None,
+        principal: str = "",
     ) -> None:
         self.bwrap = bwrap  # the bwrap executable, or None where it is not installed
         self._hidden = tuple(Path(p) for p in hidden)  # the server's secrets, kept from agents
-        self._homes = homes  # where sandboxed agents without `home` get one of their own
+        self._homes = homes  # where agents without `home` or `user` get one of their own
+        self.principal = principal  # whose agents these are ("": no one's, no authentication)
+
+    def for_principal(self, principal: str) -> Launcher:
+        """This launcher for the agents (and their terminals) of `principal`'s sessions."""
+        return Launcher(self.bwrap, self._hidden, self._homes, principal)
 
     @property
     def hidden(self) -> tuple[Path, ...]:
@@ -96,13 +143,18 @@ class Launcher:
         return None
 
     def home(self, config: AgentConfig) -> str | None:
-        """The agent's HOME: configured; else its user's; else (sandboxed) its own under the
-        state dir; else the server's."""
+        """The agent's HOME: configured; else its user's (both shared by every principal); else
+        its own under the state dir, one per principal: `homes/<principal>/<agent>`, sandboxed or
+        not; for no principal (no authentication) `homes/<agent>` sandboxed, else the server's."""
         if config.home:
             return config.home
         if config.user:
             return _passwd(config.user).pw_dir
-        if self._homes is not None and self.sandboxed(config):
+        if self._homes is None:
+            return None
+        if self.principal:
+            return str(self._homes / principal_dir(self.principal) / config.name)
+        if self.sandboxed(config):
             return str(self._homes / config.name)
         return None
 
@@ -133,7 +185,7 @@ class Launcher:
         home = self.home(config)
         if home is not None:
             if config.home or not config.user:  # a user's own home is theirs to make
-                _make_home(home, user, group)
+                _make_home(home, user, group, self._homes)
             env["HOME"] = home
         # Another user's identity is taken by setpriv after the exec, not by the child between
         # fork and exec: a uid or groups for subprocess rule out vfork, and a plain fork of this
@@ -238,8 +290,10 @@ def _passwd(user: str) -> pwd.struct_passwd:
         raise AgentUnavailable(f"user {user!r} does not exist", metadata={"user": user}) from None
 
 
-def _make_home(home: str, user: int | None, group: int | None) -> None:
+def _make_home(home: str, user: int | None, group: int | None, homes: Path | None) -> None:
     try:
+        if homes is not None and Path(home).is_relative_to(homes):
+            _private_dirs(homes, Path(home))
         os.makedirs(home, mode=0o700, exist_ok=True)
         if user is not None:
             # Never through a symlink: whoever can write next to the home could point it at
@@ -254,3 +308,19 @@ def _make_home(home: str, user: int | None, group: int | None) -> None:
         raise AgentUnavailable(
             f"the agent's home {home} cannot be made: {exc.strerror or exc}", metadata={"home": home}
         ) from None
+
+
+def _private_dirs(base: Path, leaf: Path) -> None:
+    """`base` and each directory down to `leaf` made 0700 (made only by us, so no other
+    principal's agent can list or enter `homes/<principal>`), none of them a symlink."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path = base
+    for part in ("", *leaf.relative_to(base).parts):
+        path = path / part if part else path
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise OSError(f"{path} is not a directory")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(path, 0o700)  # made by an older version: tighten it

@@ -4,6 +4,12 @@ A CreateSession (or a resume) that finds a spare only has to open an ACP session
 instead of spawning and initializing an agent. Taken spares are replaced in the background.
 Spares take no session slot but have their own cap (`max_spares` over all agents), are
 replaced if they die while waiting, and are ended on drain.
+
+A spare is started for no session, so in no principal's home (sandbox.py: the server's HOME
+unsandboxed, `homes/<agent>` sandboxed, or the agent's configured `home` or `user`'s). It is
+handed only to a session whose agent would get that same home: one of no principal, or of an
+agent whose home is shared by configuration. A principal's session whose agent has a home of
+its own starts a fresh agent there; it never runs in a home another principal's agent used.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from collections.abc import Callable, Mapping
 
 from server.agent import AgentConnection
 from server.agent_logins import AgentLogins
-from server.sandbox import Launcher
+from server.errors import AgentUnavailable
+from server.sandbox import Launcher, home_owner
 from server.settings import AgentConfig, ServerLimits
 
 log = logging.getLogger("sessiongate.spares")
@@ -60,8 +67,11 @@ class SparePool:
         return len(self._ready.get(agent, []))
 
     def take(self, agent: str) -> AgentConnection | None:
-        """A ready spare of `agent`, or None; a replacement starts in the background."""
+        """A ready spare of `agent`, or None; a replacement starts in the background. None for
+        an agent made for a principal (sandbox.homes_of) whose home is not the spares' home."""
         ready = self._ready.get(agent, [])
+        if ready and not self._same_home(self._configs[agent], home_owner()):
+            return None
         while ready:
             spare = ready.pop(0)
             if spare.alive:
@@ -69,6 +79,12 @@ class SparePool:
                 self._refill(agent)
                 return spare
         return None
+
+    def _same_home(self, config: AgentConfig, owner: str) -> bool:
+        try:
+            return self._launcher.for_principal(owner).home(config) == self._launcher.home(config)
+        except AgentUnavailable:  # no such user: no spare started either
+            return False
 
     async def close(self, force: bool = False) -> None:
         """End every spare (drain; `force`: without the SIGTERM grace); none start after this."""
