@@ -1,4 +1,4 @@
-"""Structured logs: `key=value` text (default) or one JSON object per line.
+"""Structured logs: logfmt `key=value` text (default) or one JSON object per line.
 
 The session, agent and turn being worked on travel in a context variable, so every log
 line written while handling a session carries them, including the agent's stderr lines
@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 
 _fields: ContextVar[dict[str, str]] = ContextVar("sessiongate_log_fields", default={})  # noqa: B039
@@ -40,22 +41,52 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
+# A value a logfmt reader takes as one bare token: anything else is quoted.
+_BARE = re.compile(r'[^\s="\\\x00-\x1f\x7f-\x9f\u2028\u2029]+')
+
+
+def quote(value: str) -> str:
+    """`value` as one logfmt value: bare when it is a plain token, else double-quoted with `\\`
+    and `"` escaped (and controls, as `escape`), so no text can end it early and add fields."""
+    if _BARE.fullmatch(value):
+        return value
+    return '"' + escape(value.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _quoted(arg: object) -> object:
+    """A message argument as its logfmt value; numbers stay numbers (for %d and %.3f)."""
+    return arg if isinstance(arg, int | float) else quote(str(arg))
+
+
 class TextFormatter(logging.Formatter):
-    """`key=value` lines. The message and the fields are escaped (agent stderr, paths and ids
-    come from outside: none of them can break or forge a line); tracebacks are our own."""
+    """logfmt lines. Every value from outside (a message's arguments: agent stderr, paths, ids,
+    errors; and the context's fields) is one quoted logfmt value, so none of it can break or
+    forge a line, or add a field (`session=<another's> principal=alice`); tracebacks are our own."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         original = record.msg, record.args
-        record.msg, record.args = escape(record.getMessage()), None
+        record.msg, record.args = escape(_message(record)), None
         try:
             line = super().format(record)
         finally:
             record.msg, record.args = original
         fields = getattr(record, "fields", {})
-        return line + "".join(f" {k}={escape(str(v))}" for k, v in fields.items())
+        return line + "".join(f" {k}={quote(str(v))}" for k, v in fields.items())
+
+
+def _message(record: logging.LogRecord) -> str:
+    args = record.args
+    if not args:
+        return str(record.msg)
+    try:
+        if isinstance(args, Mapping):
+            return str(record.msg) % {k: _quoted(v) for k, v in args.items()}
+        return str(record.msg) % tuple(_quoted(a) for a in args)
+    except (TypeError, ValueError):  # a malformed call: logging's own message, whole, quoted
+        return quote(record.getMessage())
 
 
 class JsonFormatter(logging.Formatter):
