@@ -187,3 +187,17 @@ def test_principal_names_stay_readable_and_distinct() -> None:
     assert principal_dir("alice") == "alice" and principal_dir("ci-bot.eu@corp") == "ci-bot.eu@corp"
     names = ["a/b", "a\\b", "ab", "a b", "a%2Fb", "~ab", ".ab", "a" * 65, "a" * 66]
     assert len({principal_dir(n) for n in names}) == len(names)
+
+
+@pytest.mark.parametrize("sandboxed", [pytest.param(True, marks=needs_bwrap), False], ids=["bwrap", "none"])
+async def test_a_principals_terminals_run_in_its_own_home(
+    make_gate: GateFactory, tmp_path: Path, state_dir: Path, sandboxed: bool
+) -> None:
+    gate = await make_gate(
+        agents={"kit": replace(builtin("kit", sandboxed), client_terminal=True)},
+        state_db=state_dir / "sessions.db",
+        auth_tokens_file=tokens_file(tmp_path / "tokens.toml"),
+    )
+    bob = await session_of(gate, "bob", "kit")
+    reply = await say(gate, "bob", bob, "/terminal echo $HOME")
+    assert reply == f"terminal exit 0 truncated=false: {state_dir / 'homes' / 'bob' / 'kit'}\n"
