@@ -16,12 +16,18 @@ Everything an agent writes costs the gateway bounded work, memory and log volume
   one): an update of a kind this SDK does not know (a newer agent's) arrives as a
   `RawUpdate`, an invalid one is dropped with bounded logging;
 - every line is charged to the loop's shared slice (loop_share.py), so however many agents
-  write as fast as they can, they take a bounded part of each loop pass from the others.
+  write as fast as they can, they take a bounded part of each loop pass from the others;
+- the agent's requests to us (the SDK starts a task for each, without a limit) are bounded:
+  at most MAX_REQUESTS unanswered at once, and what they hold (each request's line until our
+  answer is written, and each answer from its serialization until it is written) at most
+  MAX_HELD_BYTES, whatever one request and its answer alone take. An agent over either bound
+  (one that asks without reading its answers) is a violation: its memory cost stays bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import typing
@@ -42,6 +48,11 @@ READ_BUFFER = 64 * 1024  # the stream reader's limit: it stops reading the pipe 
 DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clipped; then a summary...
 DROP_SUMMARY_EVERY = 100_000  # ...every this many more
 LOGGED_BYTES = 200  # of one dropped line
+# The agent's requests to us: their count is what its own tool calls run in parallel (reads wait
+# for their lane, permissions for the client, terminal waits for a command), the bytes are the
+# memory; a 10 MiB fs read's answer (client_fs.MAX_READ_BYTES) is about 10 MiB of JSON.
+MAX_REQUESTS = 32  # unanswered at once
+MAX_HELD_BYTES = 32 * 1024 * 1024  # their lines until answered, answers until written
 
 # The `sessionUpdate` kinds this SDK can parse; others reach the client as `other` events.
 KNOWN_UPDATES = frozenset(
@@ -85,11 +96,38 @@ class AgentTransport:
         self._flowing.set()
         self.dropped: dict[str, int] = {}  # what was dropped, by kind ("garbage lines", ...)
         self._ended = False
+        self._asked: dict[Any, list[int]] = {}  # the agent's requests unanswered: line sizes, by id
+        self._requests = 0  # how many (an id may be used twice)
+        self._held = 0  # bytes: their lines, and our answers not yet written
 
     # ---- to the agent ----------------------------------------------------------------------
 
     async def send(self, message: dict[str, Any]) -> None:
         data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        if "method" in message or "id" not in message:  # a request or notification of ours
+            await self._write(data)
+            return
+        # Our answer to one of the agent's requests: held (and counted) until written.
+        sizes = self._asked.get(message["id"])
+        asked = sizes.pop() if sizes else 0
+        if sizes is not None and not sizes:
+            del self._asked[message["id"]]
+        own = asked + len(data)
+        try:
+            if self._hold(len(data), own):
+                self._end(self._overheld(), eof=False)
+            if self._ended:
+                return  # nobody reads it any more
+            # Nobody waits on an answer's write: one the agent can no longer take is dropped
+            # (the SDK would log a traceback for each).
+            with contextlib.suppress(ConnectionError):
+                await self._write(data)
+        finally:
+            self._held -= own
+            if sizes is not None:
+                self._requests -= 1
+
+    async def _write(self, data: bytes) -> None:
         async with self._write_lock:
             if self._writer.is_closing():
                 raise ConnectionResetError(f"agent {self._name!r} closed its input")
@@ -134,6 +172,8 @@ class AgentTransport:
             try:
                 if self._sorted_out(message):
                     continue
+                if "method" in message and "id" in message:
+                    self._admit(message["id"], len(line))
             except Violation as violation:
                 self._end(str(violation), eof=False)
                 return None
@@ -157,6 +197,28 @@ class AgentTransport:
             self._update(message.get("params"))
             return True
         return False
+
+    def _admit(self, request_id: Any, size: int) -> None:
+        """Count one request of the agent's (of `size` bytes) until our answer to it is written."""
+        if self._requests >= MAX_REQUESTS:
+            raise Violation(f"sent over {MAX_REQUESTS} requests to the gateway that were not answered yet")
+        if self._hold(size, size):
+            self._held -= size
+            raise Violation(self._overheld())
+        self._asked.setdefault(request_id, []).append(size)
+        self._requests += 1
+
+    def _hold(self, size: int, own: int) -> bool:
+        """Hold `size` bytes more; True when that goes over MAX_HELD_BYTES, unless only one
+        request and its answer (`own` bytes of them) are held: a request alone always fits."""
+        self._held += size
+        return self._held > MAX_HELD_BYTES and self._held > own
+
+    def _overheld(self) -> str:
+        return (
+            f"had requests to the gateway and their answers holding over {MAX_HELD_BYTES >> 20} MiB"
+            " unanswered or unread"
+        )
 
     def _update(self, params: Any) -> None:
         """One `session/update`, parsed and handed on now: in order, and within the slice."""

@@ -24,6 +24,10 @@ first word picks a misbehaviour (issue 9):
                    replies with what each returned ("METHOD: error CODE" or "METHOD: result JSON")
   /grandchild      starts `sleep 300` in a new session (it leaves the process group), replies
                    "spawned PID"
+  /reads N PATH    N fs/read_text_file requests for PATH at once, reading the answers; replies
+                   "read OK of N: BYTES bytes" (OK answers with content, BYTES of it in all)
+  /readflood N PATH  stops reading its stdin, then sends N fs/read_text_file requests for PATH
+                   at once; then silence (it cannot even see a cancel)
 
 The silent directives (/nonobject, /listid) and /garbageforever answer a session/cancel
 with `cancelled`; /planflood ignores it; received cancels are noted on stderr. With
@@ -84,6 +88,7 @@ class Agent:
         self._ids = itertools.count(1)
         self._pid_file = os.environ.get("MISBEHAVING_PID_FILE", "")
         self._stdout_closed = False  # fd 1 may be reused by a later open(): never write to it then
+        self._deaf = threading.Event()  # set: stdin is read no more (/readflood)
 
     # ---- output --------------------------------------------------------------------------
 
@@ -121,11 +126,16 @@ class Agent:
         self._turns.pop(turn.session_id, None)
         self.answer(turn.request_id, {"stopReason": stop_reason})
 
+    def request(self, method: str, params: dict[str, Any]) -> tuple[threading.Event, list[dict[str, Any]]]:
+        """Send a request to the client; its answer lands in the box once the event is set."""
+        request_id = f"misbehaving-{next(self._ids)}"
+        waiter = self._answers[request_id] = (threading.Event(), [])
+        self.send({"id": request_id, "method": method, "params": params})
+        return waiter
+
     def call_client(self, method: str, params: dict[str, Any]) -> str:
         """Send a request to the client and describe its answer."""
-        request_id = f"misbehaving-{next(self._ids)}"
-        done, box = self._answers[request_id] = (threading.Event(), [])
-        self.send({"id": request_id, "method": method, "params": params})
+        done, box = self.request(method, params)
         if not done.wait(ANSWER_TIMEOUT):
             return f"{method}: no answer"
         reply = box[0]
@@ -149,6 +159,8 @@ class Agent:
                 continue
             if isinstance(message, dict):
                 self.dispatch(message)
+            if self._deaf.is_set():
+                threading.Event().wait(SILENCE)  # what the gateway writes to us piles up
 
     def dispatch(self, message: dict[str, Any]) -> None:
         method, request_id, params = message.get("method"), message.get("id"), message.get("params") or {}
@@ -181,6 +193,8 @@ class Agent:
                 for block in params.get("prompt") or []
                 if isinstance(block, dict) and block.get("type") == "text"
             ).strip()
+            if text.startswith("/readflood "):
+                self._deaf.set()  # before the run loop reads on: not even the first answer is read
             threading.Thread(target=self.prompt, args=(turn, text), daemon=True).start()
         else:
             error = {"code": METHOD_NOT_FOUND, "message": f"method not found: {method}"}
@@ -272,6 +286,19 @@ class Agent:
                 self.call_client("terminal/kill", terminal),
             ]
             self.say(turn, "; ".join(got))
+        elif directive in ("/reads", "/readflood"):
+            many, _sep, path = arg.partition(" ")
+            params = {"sessionId": turn.session_id, "path": path}
+            waiters = [self.request("fs/read_text_file", params) for _ in range(int(many))]
+            if directive == "/readflood":
+                self.silence(turn)
+                return
+            contents = [
+                box[0].get("result", {}).get("content") if done.wait(ANSWER_TIMEOUT) else None
+                for done, box in waiters
+            ]
+            got = [c for c in contents if isinstance(c, str)]
+            self.say(turn, f"read {len(got)} of {many}: {sum(map(len, got))} bytes")
         elif directive == "/grandchild":
             child = subprocess.Popen(
                 ["sleep", "300"],
