@@ -1,9 +1,10 @@
 """A real PostgreSQL server for the tests, from the binaries in the `pgserver` wheel.
 
 It runs in a temp dir on a loopback port, in its own process group, and is stopped (and its
-directory removed) by the tests that started it. PostgreSQL refuses to run as root, so as root
-(CI) it runs as `nobody`. Each test gets a database of its own (`fresh_database`), which is much
-cheaper than a server of its own.
+directory removed) by the tests that started it. It asks for a password (scram-sha-256, as in
+the README), never trusting whoever reaches its port. PostgreSQL refuses to run as root, so as
+root (CI) it runs as `nobody`. Each test gets a database of its own (`fresh_database`), which
+is much cheaper than a server of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -45,14 +47,15 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, data: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, data: Path, password: str) -> None:
         self.process = process
         self.port = port
         self.data = data
+        self.password = password
         self._databases = 0
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{database}"
 
     async def fresh_database(self) -> str:
         """A new empty database; its URL."""
@@ -81,9 +84,17 @@ def postgres_server() -> Iterator[PostgresServer]:
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
         as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
     process: subprocess.Popen[bytes] | None = None
+    password = secrets.token_urlsafe(16)
+    password_file = root / "password"
+    password_file.write_text(password + "\n")
+    if as_user:
+        os.chown(password_file, as_user["user"], as_user["group"])
     try:
         subprocess.run(
-            [bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            [
+                *(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256"),
+                *("--pwfile", password_file, "-E", "UTF8", "--no-sync"),
+            ],
             check=True,
             capture_output=True,
             timeout=120,
@@ -101,7 +112,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             start_new_session=True,
             **as_user,
         )
-        server = PostgresServer(process, port, root)
+        server = PostgresServer(process, port, root, password)
         _wait_ready(server)
         yield server
     finally:
