@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -135,6 +136,20 @@ def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
             )
 
 
+def tighten_state_dir(path: Path) -> None:
+    """The state dir (database, agents' homes) is the server's alone: made 0700, and an existing
+    one of ours tightened to 0700. A shared sticky directory (/tmp) is left as it is; a directory
+    that cannot be made is reported by the store."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+        if info.st_uid == os.geteuid() and not info.st_mode & stat.S_ISVTX and info.st_mode & 0o077:
+            os.chmod(path, 0o700)
+            log.warning("state dir %s was mode %o; tightened to 0700", path, stat.S_IMODE(info.st_mode))
+    except OSError:
+        return
+
+
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
     use_pidfd_child_watcher()
@@ -153,6 +168,7 @@ async def start_server(settings: Settings) -> RunningServer:
     # our own Unix socket (an agent could use the API over it as the server's user).
     socket = Path(settings.listen.removeprefix("unix://")) if settings.listen.startswith("unix://") else None
     secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, settings.replica_token_file)
+    tighten_state_dir(settings.state_db.parent)
     launcher = Launcher.for_server(settings.state_db, (*secrets, socket))
     say_sandboxes(launcher, settings.agents.values())
     logins = AgentLogins(settings.agents)

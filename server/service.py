@@ -335,11 +335,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Any) -> pb.ListAgentsResponse:
+        # A non-admin sees only the agents it may use, and not how they are run (commands and
+        # args name hosts' paths and, often, credentials); admins (and, without authentication,
+        # everyone: ANONYMOUS is one) see it all.
+        caller = principals.current()
+        default = self._settings.default_agent if caller.may_use(self._settings.default_agent) else ""
         agents = [
             pb.Agent(
                 name=a.name,
-                command=a.command,
-                args=list(a.args),
+                command=a.command if caller.admin else "",
+                args=list(a.args) if caller.admin else [],
                 permission_policy=a.permission_policy,
                 is_default=a.name == self._settings.default_agent,
                 auth_method=self._logins.method(a.name),
@@ -347,8 +352,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 client_terminal=a.client_terminal,
             )
             for a in sorted(self._settings.agents.values(), key=lambda a: a.name)
+            if caller.may_use(a.name)
         ]
-        return pb.ListAgentsResponse(agents=agents, default_agent=self._settings.default_agent)
+        return pb.ListAgentsResponse(agents=agents, default_agent=default)
 
     @unary
     async def AuthenticateAgent(
@@ -449,15 +455,20 @@ class SessionService(pb_grpc.SessionServiceServicer):
             return self._settings.workdir, f"could not be checked within {CWD_CHECK_TIMEOUT:g}s"
 
     def _check_cwd(self, requested: str) -> tuple[Path, str | None]:
+        # Problems name the path as the caller gave it, never what it resolves to as the server
+        # (`/proc/self/cwd`, a symlink out of the roots): that is not the caller's to see.
+        shown = repr(clip(requested, 256)) if requested else "the default workdir"
         try:
             path = (self._settings.workdir / requested).resolve() if requested else self._settings.workdir
             if not any(path.is_relative_to(root) for root in self._settings.roots):
                 roots = ", ".join(str(r) for r in self._settings.roots)
-                return path, f"{clip(str(path))} is outside the allowed roots ({roots})"
+                return path, f"{shown} is outside the allowed roots ({roots})"
             if not path.is_dir():
-                return path, f"{clip(str(path))} is not an existing directory"
-        except (OSError, RuntimeError) as exc:  # a symlink loop, a directory we may not search
-            return self._settings.workdir, f"cannot be resolved: {clip(str(exc))}"
+                return path, f"{shown} is not an existing directory"
+        except OSError as exc:  # a directory we may not search; its text names resolved paths
+            return self._settings.workdir, f"{shown} cannot be resolved: {exc.strerror or 'error'}"
+        except RuntimeError:  # a symlink loop
+            return self._settings.workdir, f"{shown} cannot be resolved: a symlink loop"
         return path, None
 
     def _validate_prompt(
