@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.errors import CwdNotAllowed, clip
+
+log = logging.getLogger("sessiongate.workdir")
 
 CHECK_TIMEOUT = 10.0  # seconds to open and resolve a directory: a hung file system never hangs us
 # Threads of their own: checks stuck on a hung mount never starve the loop's default executor
@@ -60,10 +63,16 @@ def open_checked(path: str, roots: tuple[Path, ...]) -> WorkDir:
     if roots and not any(Path(real).is_relative_to(root) for root in roots):
         os.close(fd)
         where = ", ".join(str(r) for r in roots)
+        # Where it leads now is the server's to know (a symlink to /proc/self/cwd would show our
+        # own cwd): the log has it, the caller gets only the path it knows.
+        log.warning(
+            "a session's directory leads outside the allowed roots cwd=%s real_path=%s",
+            clip(path),
+            clip(real),
+        )
         raise CwdNotAllowed(
-            f"the session's directory {clip(path)} is {clip(real)} now, "
-            f"outside the allowed roots ({clip(where)})",
-            metadata={"cwd": path, "real_path": real},
+            f"the session's directory {clip(path)} now leads outside the allowed roots ({clip(where)})",
+            metadata={"cwd": path},
         )
     return WorkDir(real, fd)
 

@@ -9,8 +9,11 @@ import stat
 from pathlib import Path
 
 import grpc
+import pytest
 from sessiongate.v1 import session_service_pb2 as pb
 
+from server.errors import CwdNotAllowed
+from server.workdir import open_checked
 from tests.conftest import Gate, GateFactory, expect_error
 from tests.test_auth import as_, tokens_file
 
@@ -80,3 +83,19 @@ async def test_an_existing_state_dir_is_tightened_to_the_server_alone(
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     await make_gate(state_db=shared / "sessions.db")
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
+def test_a_session_directory_that_now_leads_outside_is_refused_without_saying_where(
+    tmp_path: Path,
+) -> None:
+    """Checked at every agent start: the session's cwd, swapped for a symlink, is refused by the
+    name the caller knows; where it leads as the server resolves it goes only to the log."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "project").symlink_to("/proc/self/cwd")
+    with pytest.raises(CwdNotAllowed) as refused:
+        open_checked(str(root / "project"), (root,))
+    status = refused.value.to_status()
+    assert str(root / "project") in status.details and "outside the allowed roots" in status.details
+    assert os.getcwd() not in status.details.replace(str(root), "")
+    assert refused.value.metadata == {"cwd": str(root / "project")}
