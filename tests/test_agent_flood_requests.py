@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -22,12 +23,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.agent_transport import MAX_REQUESTS
+from server.agent_transport import MAX_HELD_BYTES, MAX_REQUESTS, READ_BUFFER, AgentTransport
 from server.client_fs import MAX_READ_BYTES
 from server.settings import AgentConfig
 from tests.conftest import Gate, GateFactory, expect_error, kill_leftovers, reply_text, wait_gone
@@ -167,3 +168,49 @@ async def test_an_agent_reading_its_answers_gets_its_parallel_reads_up_to_the_bo
     events = await gate.prompt(session_id, f"/reads 3 {BIG}")
     assert reply_text(events) == f"read 3 of 3: {3 * MAX_READ_BYTES} bytes"
     assert len(agents_started(pid_file)) == 1
+
+
+# ---- the transport alone: the request lines' own bytes ----------------------------------------
+
+
+class Sink:
+    """The agent's stdin as the transport sees it: takes every write at once."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    async def drain(self) -> None:
+        pass
+
+
+async def test_large_requests_unanswered_count_toward_the_bytes_bound_until_answered() -> None:
+    """Large requests waiting for their answers (e.g. writes behind a slow disk) hold their
+    lines: past MAX_HELD_BYTES the agent is ended, and each answer written frees its share."""
+    reader = asyncio.StreamReader(limit=READ_BUFFER)
+    broken: list[str] = []
+    transport = AgentTransport(
+        "t", reader, cast(asyncio.StreamWriter, Sink()), lambda why, _eof: broken.append(why), lambda *_: None
+    )
+    content = "x" * (MAX_HELD_BYTES // 3)
+
+    def request(request_id: int) -> None:
+        params = {"sessionId": "s", "path": "a.txt", "content": content}
+        message = {"jsonrpc": "2.0", "id": request_id, "method": "fs/write_text_file", "params": params}
+        reader.feed_data(json.dumps(message).encode() + b"\n")
+
+    for request_id in (1, 2):
+        request(request_id)
+        assert (await transport.receive() or {}).get("id") == request_id
+    await transport.send({"jsonrpc": "2.0", "id": 1, "result": {}})  # answered: its line is let go
+    request(3)
+    assert (await transport.receive() or {}).get("id") == 3, broken
+    assert not broken
+    request(4)  # with 2 and 3 unanswered: over the bound
+    assert await transport.receive() is None
+    assert broken and "MiB" in broken[0], broken
