@@ -117,8 +117,8 @@ class Settings:
     state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
     replica_id: str = ""  # this replica's name among replicas (default: host name and port)
     advertise: str = ""  # HOST:PORT the other replicas reach this one at (default: listen)
-    # A secret shared by the replicas: a forwarded call carries it and the caller's principal
-    # name, and the owner trusts that name (any way the caller authenticated, mTLS included).
+    # A secret shared by the replicas: a forwarded call is signed with it (server/auth.py), never
+    # carries it, and the owner trusts the principal name it signs (mTLS principals included).
     replica_token_file: Path | None = None
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
