@@ -242,13 +242,17 @@ async def test_a_paused_owner_loses_its_sessions_and_after_waking_streams_nothin
         most_running = 0
         sampling = True
 
+        sampled = asyncio.Event()
+
         async def sample() -> None:
             nonlocal most_running
             while sampling:
                 most_running = max(most_running, len(running_agents(a)))
+                sampled.set()
                 await asyncio.sleep(0.05)
 
         sampler = asyncio.create_task(sample())
+        await asyncio.wait_for(sampled.wait(), 10)  # the old agent is seen running before the freeze
         os.killpg(os.getpgid(old_agent), signal.SIGSTOP)
         os.killpg(a.process.pid, signal.SIGSTOP)
         try:
