@@ -84,6 +84,16 @@ CREATE TABLE closed_sessions (
 );
 CREATE INDEX closed_sessions_by_time ON closed_sessions (closed_time);
 """,
+    # Quotas over all replicas (quotas.py): a principal's sessions are counted by owner, and its
+    # prompts of the last minute are kept as timestamps (the database's clock), pruned as it prompts.
+    5: """
+CREATE INDEX sessions_by_owner ON sessions (owner);
+CREATE TABLE prompt_times (
+    principal TEXT NOT NULL,
+    sent      TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX prompt_times_by_principal ON prompt_times (principal, sent);
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

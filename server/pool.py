@@ -38,12 +38,13 @@ from server.agent import Handshake
 from server.agent_state import AgentState
 from server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
 from server.holder import AgentFactory, real_agent
-from server.quotas import PromptRate, check_room
+from server.quotas import PromptRate, check_room, check_shared_room
 from server.session import Session, State
 from server.settings import AgentConfig, ServerLimits
 from server.slots import LiveLimit, Slots
 from server.spares import SparePool
 from server.store import WRITE_TIMEOUT, SessionRecord, Store, Tombstone
+from server.store_postgres import PostgresStore
 from server.supervisor import Supervisor, joined
 from server.transcripts import Transcripts
 
@@ -92,7 +93,9 @@ class SessionPool:
         self._by_request_id: dict[tuple[str, str], Session] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._starting: dict[asyncio.Task[Session], Session] = {}
-        self._prompt_rate = PromptRate()
+        # Replicas count each principal's sessions and prompts in the database they share.
+        self._shared = store if isinstance(store, PostgresStore) else None
+        self._prompt_rate = PromptRate(self._shared)
         self._closing: dict[str, tuple[Session, asyncio.Task[Session]]] = {}
         self._recently_closed: OrderedDict[str, Session] = OrderedDict()
         self._slots = Slots(limits.max_sessions, self._slot_holders, live_limit)
@@ -197,8 +200,11 @@ class SessionPool:
     async def create(
         self, config: AgentConfig, cwd: str, request_id: str, labels: Mapping[str, str]
     ) -> Session:
-        owner = principals.current().name
+        principal = principals.current()
+        owner = principal.name
         key = (owner, request_id)
+        if not request_id or (key not in self._by_request_id and key not in self._pending):
+            await check_shared_room(self._shared, principal)  # (a retried create is not refused)
         async with self._map_lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -214,7 +220,9 @@ class SessionPool:
                 owners = (s.owner_name for s in (*self._sessions.values(), *self._starting.values()))
                 check_room(owners, principals.current(), self.limits.max_stored_sessions)
                 session = self._new_session(config, cwd, request_id, labels, owner)
-                task = self._spawn(self._start(session), f"create-{session.session_id}")
+                task = self._spawn(
+                    self._start(session, principal.max_sessions), f"create-{session.session_id}"
+                )
                 self._starting[task] = session
                 task.add_done_callback(lambda done: self._starting.pop(done, None))
                 if request_id:
@@ -229,14 +237,18 @@ class SessionPool:
                     task.cancel()
             raise
 
-    async def _start(self, session: Session) -> Session:
-        """The create task: start the agent, store the record durably, then publish the session."""
+    async def _start(self, session: Session, max_sessions: int | None) -> Session:
+        """The create task: start the agent, store the record durably, then publish the session.
+        With replicas the insert is refused once the owner keeps `max_sessions` over all of them."""
         written = False
         try:
             await session.start()
             self._refuse_if_closed()
             written = True  # from here on a row may exist, even if the write below is cancelled
-            await self._store.put(_record(session))  # durable before CreateSession answers
+            if self._shared is not None:  # durable before CreateSession answers
+                await self._shared.put(_record(session), max_sessions)
+            else:
+                await self._store.put(_record(session))
             self._refuse_if_closed()
         except BaseException as exc:
             self._pending.pop(_request_key(session), None)
@@ -373,9 +385,9 @@ class SessionPool:
         log.info("session closed session=%s", session.session_id)
         return session
 
-    def admit_prompt(self) -> None:
+    async def admit_prompt(self) -> None:
         """Count a prompt against its principal's rate (QUOTA_EXCEEDED past it)."""
-        self._prompt_rate.admit(principals.current())
+        await self._prompt_rate.admit(principals.current())
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())

@@ -184,7 +184,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
             blocks, stall_timeout, wait_timeout, permissions = self._validate_prompt(request)
             session = await self._session(request.session_id, context, take=True)
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
-            self._pool.admit_prompt()
+            await self._pool.admit_prompt()
             agent = session.config.name
             on_disconnect = request.on_disconnect
             turn, turn_log = await session.start_turn(

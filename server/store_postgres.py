@@ -24,6 +24,7 @@ import asyncpg
 
 from server import pg_schema
 from server.errors import RequestIdTaken, ShuttingDown, StoreUnavailable, clip
+from server.quotas import too_many_sessions
 from server.store import COLUMNS, WRITE_TIMEOUT, SessionRecord, StoreError, Tombstone, tombstone_record
 from server.turn_records import COLUMNS as TURN_COLUMNS
 from server.turn_records import EventBatch, TurnRow, TurnWrites
@@ -41,6 +42,11 @@ POOL_SIZE = 4
 # Well within lease_ttl + TAKEOVER_MARGIN, so the locks are gone before a takeover may start.
 IDLE_IN_TRANSACTION_TIMEOUT = 3.0
 RETRY_PAUSE = 0.5  # after the database could not be reached, before the writer tries again
+QUOTA_TIMEOUT = 10.0  # a quota's query (a create's count, a prompt's admission), connection included
+# Per-principal transaction locks (pg_advisory_xact_lock): a principal's session count and insert,
+# and its prompt admissions, each run one at a time over all replicas.
+SESSIONS_LOCK = "SELECT pg_advisory_xact_lock(hashtext('sessiongate-quota:' || $1))"
+PROMPTS_LOCK = "SELECT pg_advisory_xact_lock(hashtext('sessiongate-rate:' || $1))"
 
 _NAMES = [c.strip() for c in COLUMNS.split(",")]
 # A new session's row; then every write of it is an update by its owner at its epoch (the fencing
@@ -157,11 +163,19 @@ class PostgresStore:
         if self.on_fenced is not None:
             self.on_fenced(session_id)
 
-    async def _insert(self, db: asyncpg.Connection, record: SessionRecord) -> None:
-        """A new session, owned by this replica from epoch 1."""
+    async def _insert(self, db: asyncpg.Connection, record: SessionRecord, max_sessions: int | None) -> None:
+        """A new session, owned by this replica from epoch 1; refused (QUOTA_EXCEEDED) if its owner
+        already keeps `max_sessions`, counted over all replicas under the owner's lock."""
         self.epochs[record.session_id] = 1
         try:
-            await db.execute(INSERT_SESSION, *record.row(), self.replica_id, 1)
+            async with db.transaction():
+                if max_sessions is not None:
+                    await db.execute(SESSIONS_LOCK, record.owner)
+                    kept = await db.fetchval("SELECT count(*) FROM sessions WHERE owner = $1", record.owner)
+                    if kept >= max_sessions:
+                        self.epochs.pop(record.session_id, None)
+                        raise too_many_sessions(record.owner, max_sessions)
+                await db.execute(INSERT_SESSION, *record.row(), self.replica_id, 1)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != pg_schema.REQUEST_ID_INDEX:
                 self._fenced(record.session_id)  # the row is someone else's
@@ -180,10 +194,62 @@ class PostgresStore:
         if done.endswith(" 0"):
             self._fenced(record.session_id)
 
-    async def put(self, record: SessionRecord) -> None:
+    async def put(self, record: SessionRecord, max_sessions: int | None = None) -> None:
         """Store a new session's record and wait until it is committed (later changes of it go
-        through put_later)."""
-        await self._run(lambda db: self._insert(db, record))
+        through put_later). With `max_sessions`, only while its owner keeps fewer (all replicas)."""
+        await self._run(lambda db: self._insert(db, record, max_sessions))
+
+    # ---- quotas over all replicas (quotas.Shared) -----------------------------------------
+
+    async def count_sessions(self, owner: str) -> int:
+        """The sessions `owner` keeps over all replicas (its rows)."""
+        count: int = await self._quota_query(
+            lambda db: db.fetchval("SELECT count(*) FROM sessions WHERE owner = $1", owner)
+        )
+        return count
+
+    async def admit_prompt(self, principal: str, limit: int, window: float) -> float | None:
+        """Count a prompt unless `limit` were sent in the last `window` seconds (by the database's
+        clock, over all replicas); else the seconds until the oldest leaves the window. The rows
+        of `principal` older than the window go first, so it has at most `limit` (bounded work)."""
+
+        async def admit(db: asyncpg.Connection) -> float | None:
+            async with db.transaction():
+                await db.execute(PROMPTS_LOCK, principal)
+                await db.execute(
+                    "DELETE FROM prompt_times WHERE principal = $1"
+                    " AND sent <= clock_timestamp() - make_interval(secs => $2)",
+                    principal,
+                    window,
+                )
+                sent, oldest_left = await db.fetchrow(
+                    "SELECT count(*), extract(epoch FROM min(sent) + make_interval(secs => $2)"
+                    " - clock_timestamp())::float8 FROM prompt_times WHERE principal = $1",
+                    principal,
+                    window,
+                )
+                if sent >= limit:
+                    return float(oldest_left or 0.0)
+                await db.execute(
+                    "INSERT INTO prompt_times (principal, sent) VALUES ($1, clock_timestamp())", principal
+                )
+                return None
+
+        result: float | None = await self._quota_query(admit)
+        return result
+
+    async def _quota_query(self, op: Op) -> Any:
+        """Beside the ordered writer (a quota waits for no queued write), bounded; a database that
+        fails or does not answer is STORE_UNAVAILABLE, as for routing queries."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down: the session store is closed")
+        try:
+            async with asyncio.timeout(QUOTA_TIMEOUT), self.pool.acquire() as db:
+                return await op(db)
+        except TimeoutError:
+            raise StoreUnavailable(f"the session database did not answer within {QUOTA_TIMEOUT:g}s") from None
+        except DB_ERRORS as exc:
+            raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
 
     def put_later(self, record: SessionRecord) -> None:
         """Write a record soon; a newer one for the session replaces it."""
