@@ -24,6 +24,7 @@ from server.agent_logins import AgentLogins
 from server.auth import UNAUTHENTICATED_TOTAL, AuthInterceptor
 from server.holder import real_agents
 from server.metrics import Metrics
+from server.network_proxy import NetworkProxy
 from server.ownership import Ownership
 from server.pool import SessionPool
 from server.principals import TokenTable, live_limits
@@ -54,6 +55,7 @@ class RunningServer:
     metrics: Metrics
     metrics_port: int | None
     tokens: TokenTable | None = None
+    network: NetworkProxy | None = None  # sandboxed agents' way out (network = "proxy")
     _draining: asyncio.Future[None] | None = None
 
     async def drain(self, grace: float) -> None:
@@ -72,9 +74,14 @@ class RunningServer:
             self._draining.cancel()
         self.service.draining = True
         await self.pool.terminate()
+        await self._close_network()
         await self.server.stop(0)
         await self._stop_watching_tokens()
         self.metrics.stop()
+
+    async def _close_network(self) -> None:
+        if self.network is not None:
+            await self.network.close()
 
     async def _stop_watching_tokens(self) -> None:
         if self.tokens is not None:
@@ -86,6 +93,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.wait_turn_over(grace) for s in self.pool.sessions()))
         await self.pool.shutdown()
+        await self._close_network()
         await self.server.stop(SERVER_STOP_GRACE)
         await self._stop_watching_tokens()
         self.metrics.stop()
@@ -124,8 +132,14 @@ def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
         problem = launcher.problem(config)
         if problem is not None:
             log.error("%s; its sessions fail AGENT_UNAVAILABLE", problem)
+        elif launcher.sandboxed(config) and config.network_mode == "host":
+            log.warning(
+                "agent=%s runs in a bubblewrap sandbox on the host's network (network = host): "
+                "it reaches all the server reaches",
+                config.name,
+            )
         elif launcher.sandboxed(config):
-            log.info("agent=%s runs in a bubblewrap sandbox (network=%s)", config.name, config.network)
+            log.info("agent=%s runs in a bubblewrap sandbox (network=%s)", config.name, config.network_mode)
         elif config.sandbox == "none":
             log.info("agent=%s runs unconfined (sandbox = none)", config.name)
         else:
@@ -171,6 +185,7 @@ async def start_server(settings: Settings) -> RunningServer:
     tighten_state_dir(settings.state_db.parent)
     launcher = Launcher.for_server(settings.state_db, (*secrets, socket))
     say_sandboxes(launcher, settings.agents.values())
+    launcher.network = NetworkProxy(metrics.proxy_decision)
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
     agent_factory = real_agents(launcher, logins)
@@ -246,7 +261,7 @@ async def start_server(settings: Settings) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
-    return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens)
+    return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens, launcher.network)
 
 
 def default_replica_id(listen: str) -> str:

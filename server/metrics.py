@@ -151,10 +151,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.proxy_connections = Counter(
+            "sessiongate_proxy_connections",
+            "Connections sandboxed agents made through the network proxy, by decision (allowed, "
+            "refused_domain, refused_address, refused_limit, bad_request, unreachable).",
+            ["agent", "decision"],
+            registry=self.registry,
+        )
         self._httpd: WSGIServer | None = None
 
     def agent_started(self, agent: str, ok: bool) -> None:
         self.agent_starts.labels(agent, "ok" if ok else "failed").inc()
+
+    def proxy_decision(self, agent: str, decision: str) -> None:
+        self.proxy_connections.labels(agent, decision).inc()
 
     def serve(self, listen: str) -> int:
         """Serve /metrics on `listen` (see metrics_address; port 0 picks one); returns the port."""

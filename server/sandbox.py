@@ -11,7 +11,10 @@ An agent runs tools a model chose, with whatever its process can reach. Sandboxe
   never another principal's, whose transcripts, logins and hook-running settings live there;
 - none of the server's secrets: the state directory (other sessions, the database) is an
   empty tmpfs, the tokens file and TLS key are /dev/null;
-- no network when `network = false`; no capabilities, even when the server runs as root;
+- its network (`network`): "proxy" (the default) a namespace of its own whose one way out is
+  our filtering proxy, reaching only `allowed_domains` at public addresses (network_proxy.py);
+  "none" only a loopback of its own; "host" the host's, all of it (said at start);
+- no capabilities, even when the server runs as root;
 - `--die-with-parent`: it ends with the server.
 The process is the leader of its own process group, as unsandboxed agents are, so stopping
 it (SIGTERM, then SIGKILL to the group) works the same way. A sandbox is made for one cwd,
@@ -34,7 +37,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
+from server import logs
 from server.errors import AgentUnavailable
+from server.network_proxy import NetworkProxy, bridge_command
 from server.settings import AgentConfig
 from server.workdir import WorkDir
 
@@ -46,6 +51,7 @@ def find_bwrap() -> str | None:
 
 
 PRIVATE_TMP = "/tmp"
+BRIDGE_SOCKET = "/tmp/.sessiongate-proxy.sock"  # the network proxy's socket, inside the sandbox
 SETPRIV = "setpriv"  # util-linux: takes another user's identity, then execs
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the built-in agent's code
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a principal name used as it is
@@ -104,10 +110,13 @@ class Launcher:
         self._hidden = tuple(Path(p) for p in hidden)  # the server's secrets, kept from agents
         self._homes = homes  # where agents without `home` or `user` get one of their own
         self.principal = principal  # whose agents these are ("": no one's, no authentication)
+        self.network: NetworkProxy | None = None  # network = "proxy" goes through it; None: no network
 
     def for_principal(self, principal: str) -> Launcher:
         """This launcher for the agents (and their terminals) of `principal`'s sessions."""
-        return Launcher(self.bwrap, self._hidden, self._homes, principal)
+        launcher = Launcher(self.bwrap, self._hidden, self._homes, principal)
+        launcher.network = self.network
+        return launcher
 
     @property
     def hidden(self) -> tuple[Path, ...]:
@@ -197,17 +206,31 @@ class Launcher:
             return Spawn((*identity, *command), env, cwd=chdir)
         assert self.bwrap is not None
         options = self._bwrap_options(config, home, workdir, start.path if start is not None else None)
-        argv = [*identity, self.bwrap, *options, "--", *command]
+        network, first = self._network(config, user)
+        argv = [*identity, self.bwrap, *options, *network, "--", *first, *command]
         fds = (workdir.fd,) if workdir is not None else ()
         return Spawn(tuple(argv), env, pass_fds=fds)
+
+    def _network(self, config: AgentConfig, user: int | None) -> tuple[list[str], list[str]]:
+        """The sandbox's network: bwrap options (after the private /tmp, which the proxy's socket
+        is bound into), and the command run first inside it (the bridge to the proxy)."""
+        mode = config.network_mode
+        if mode == "host":
+            return [], []
+        if mode != "proxy" or self.network is None:  # "none", or no proxy to go through: nothing
+            return ["--unshare-net"], []
+        # The session is the one being started (the log context), "" for an agent of none.
+        session = logs._fields.get().get("session", "")
+        path = self.network.open(config, self.principal, session, user)
+        return ["--unshare-net", "--bind", str(path), BRIDGE_SOCKET], bridge_command(
+            _bridge_python(user), BRIDGE_SOCKET
+        )
 
     def _bwrap_options(
         self, config: AgentConfig, home: str | None, workdir: WorkDir | None, chdir: str | None
     ) -> list[str]:
         options = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         options += ["--cap-drop", "ALL"]  # no capabilities, even when the server runs as root
-        if not config.network:
-            options.append("--unshare-net")
         options += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", PRIVATE_TMP]
         # What the agent's own command needs where the private /tmp covered it (e.g. a
         # virtualenv under /tmp), read-only; then its paths, home and cwd.
@@ -249,6 +272,16 @@ class Launcher:
             if not secret.is_dir() and secret.exists() and _visible(secret, shown, empty):
                 mounts.append((len(secret.parts), 2, ["--ro-bind", "/dev/null", str(secret)]))
         return [argument for _, _, arguments in sorted(mounts, key=lambda m: m[:2]) for argument in arguments]
+
+
+def _bridge_python(user: int | None) -> str:
+    """The server's interpreter; for an agent run as another user, a system python3 where there
+    is one (the server's may sit where that user cannot reach, as under /root)."""
+    if user is not None:
+        for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return sys.executable
 
 
 def _visible(path: Path, shown: list[Path], empty: list[Path]) -> bool:

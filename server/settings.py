@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import os
 import pwd
+import re
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -43,7 +44,12 @@ class AgentConfig:
     # "bwrap": in a bubblewrap sandbox; "none": as the server's user, unconfined; "": bwrap
     # where it is installed, else none (said at start). See server/sandbox.py.
     sandbox: str = ""
-    network: bool = True  # sandboxed: may the agent use the network (most agents call an API)
+    # Sandboxed, the agent's network: "proxy" (only `allowed_domains`, through our filtering
+    # proxy: server/network_proxy.py), "none", or "host" (the host's own: everything the server
+    # reaches). The older booleans still read: false is "none", true "proxy". See network_mode.
+    network: str | bool = "proxy"
+    allowed_domains: tuple[str, ...] = ()  # "proxy": hosts it may reach, exact or "*.suffix"
+    allow_private_destinations: bool = False  # "proxy": may an allowed host be a private address
     ro_paths: tuple[str, ...] = ()  # sandboxed: extra paths the agent may read
     rw_paths: tuple[str, ...] = ()  # sandboxed: extra paths the agent may write
     home: str = ""  # the agent's HOME, read-write (sandboxed default: <state dir>/homes/NAME)
@@ -53,6 +59,13 @@ class AgentConfig:
     # answer "method not found". See server/client_fs.py and server/terminals.py.
     client_fs: bool = False  # fs/read_text_file, fs/write_text_file inside the session's cwd
     client_terminal: bool = False  # terminal/* : commands run in the session's cwd, sandboxed like the agent
+
+    @property
+    def network_mode(self) -> str:
+        """The network: "none", "proxy" or "host" (the older false/true read as "none"/"proxy")."""
+        if isinstance(self.network, bool):
+            return "proxy" if self.network else "none"
+        return self.network
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +343,20 @@ def _capabilities_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]
     return found
 
 
-SANDBOX_KEYS = ("sandbox", "network", "ro_paths", "rw_paths", "home", "user")
+SANDBOX_KEYS = (
+    "sandbox",
+    "network",
+    "allowed_domains",
+    "allow_private_destinations",
+    "ro_paths",
+    "rw_paths",
+    "home",
+    "user",
+)
+NETWORK_MODES = ("none", "proxy", "host")
+_DOMAIN = re.compile(
+    r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?"
+)
 
 
 def _sandbox_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]:
@@ -339,10 +365,22 @@ def _sandbox_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]:
     if sandbox not in ("", "bwrap", "none"):
         raise ConfigError(f'{where}: `sandbox` must be "bwrap" or "none"')
     found["sandbox"] = sandbox
-    network = table.get("network", True)
-    if not isinstance(network, bool):
-        raise ConfigError(f"{where}: `network` must be true or false")
+    network = table.get("network", "proxy")
+    if not isinstance(network, bool) and network not in NETWORK_MODES:
+        raise ConfigError(f'{where}: `network` must be true or false, or one of "none", "proxy", "host"')
     found["network"] = network
+    domains = table.get("allowed_domains", [])
+    if not isinstance(domains, list) or not all(
+        isinstance(d, str) and len(d) <= 253 and _DOMAIN.fullmatch(d) for d in domains
+    ):
+        raise ConfigError(
+            f'{where}: `allowed_domains` must be a list of host names, or "*.suffix" for a domain'
+        )
+    found["allowed_domains"] = tuple(d.lower() for d in domains)
+    allow_private = table.get("allow_private_destinations", False)
+    if not isinstance(allow_private, bool):
+        raise ConfigError(f"{where}: `allow_private_destinations` must be true or false")
+    found["allow_private_destinations"] = allow_private
     for key in ("ro_paths", "rw_paths"):
         paths = table.get(key, [])
         if not isinstance(paths, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
