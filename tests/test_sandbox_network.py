@@ -20,13 +20,14 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sessiongate.v1 import session_service_pb2 as pb
 
 from server import network_proxy
-from server.network_proxy import address_refused, domain_allowed
-from server.settings import AgentConfig
+from server.network_proxy import NetworkProxy, address_refused, domain_allowed
+from server.settings import AgentConfig, ConfigError, load_settings
 from tests.conftest import ECHO, Gate, GateFactory, reply_text
 from tests.test_sandbox import needs_bwrap
 
@@ -223,3 +224,76 @@ def test_domains_and_addresses() -> None:
         assert address_refused(address, allow_private=False) == "private", address
         assert address_refused(address, allow_private=True) is None, address
     assert address_refused("93.184.216.34", allow_private=False) is None
+
+
+async def ask(path: Path, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(4096), 15)
+    finally:
+        writer.close()
+
+
+async def test_the_proxy_refuses_what_a_hostile_agent_sends_its_socket_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Straight to the socket, without the bridge: a head past 8 KiB, a request that is not a
+    proxy's, a name off the list, an allowed name on a link-local (metadata) address, and one
+    connection past the per-agent bound."""
+    seen: list[tuple[str, str]] = []
+    proxy = NetworkProxy(lambda agent, decision: seen.append((agent, decision)))
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["169.254.169.254"]
+
+    monkeypatch.setattr(network_proxy, "resolve", resolve)
+    monkeypatch.setattr(network_proxy, "MAX_CONNECTIONS", 1)
+    config = AgentConfig(name="hostile", command="x", allowed_domains=("metadata.test",))
+    try:
+        path = proxy.open(config, "bob", "s1", None)
+        huge = b"GET http://metadata.test/ HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"
+        assert (await ask(path, huge)).startswith(b"HTTP/1.1 431")
+        assert (await ask(path, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        assert (await ask(path, b"CONNECT 127.0.0.1:5432 HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 403")
+        reply = await ask(path, b"CONNECT metadata.test:80 HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 403") and b"link-local" in reply
+        _, held = await asyncio.open_unix_connection(str(path))  # the one connection allowed
+        assert (await ask(path, b"CONNECT metadata.test:80 HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 429")
+        held.close()
+    finally:
+        await proxy.close()
+    assert [d for _, d in seen] == [
+        "bad_request",
+        "bad_request",
+        "refused_domain",
+        "refused_address",
+        "refused_limit",
+    ]
+    assert not path.exists()
+
+
+def test_network_keys_are_read_and_checked(tmp_path: Path) -> None:
+    def agent(text: str) -> AgentConfig:
+        config = tmp_path / "c.toml"
+        config.write_text(f"[agents.x]\ncommand = 'x'\n{text}\n")
+        return load_settings(["--config", str(config), "--workdir", str(tmp_path)], environ={}).agents["x"]
+
+    assert agent("").network_mode == "proxy" and agent("network = true").network_mode == "proxy"
+    assert agent("network = false").network_mode == "none"
+    x = agent(
+        "network = 'host'\nallowed_domains = ['API.x.com', '*.npmjs.org']\nallow_private_destinations = true"
+    )
+    assert (x.network_mode, x.allowed_domains, x.allow_private_destinations) == (
+        "host",
+        ("api.x.com", "*.npmjs.org"),
+        True,
+    )
+    for text in (
+        "network = 'all'",
+        "allowed_domains = ['a b']",
+        "allowed_domains = ['*']",
+        "allow_private_destinations = 1",
+    ):
+        with pytest.raises(ConfigError):
+            agent(text)
