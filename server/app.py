@@ -31,11 +31,12 @@ from server.principals import TokenTable, live_limits
 from server.router import Router
 from server.sandbox import BWRAP_PACKAGE, Launcher
 from server.service import SessionService
-from server.settings import AgentConfig, ConfigError, ServerLimits, Settings, replica_token
+from server.settings import BUILTIN_AGENT, AgentConfig, ConfigError, ServerLimits, Settings, replica_token
 from server.spares import SparePool
 from server.store import Store, make_store
 from server.store_postgres import PostgresStore
 from server.tls import CertificateFiles
+from server.workdir import Roots
 
 log = logging.getLogger("sessiongate")
 
@@ -150,6 +151,24 @@ def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
             )
 
 
+def refuse_unconfined(launcher: Launcher, settings: Settings) -> None:
+    """With authentication or TLS, no agent runs unconfined by accident: an agent left at the
+    default sandbox where bwrap is missing stops the start; `sandbox = "none"` is the way to say
+    it on purpose."""
+    if not (settings.authenticated or settings.tls_cert is not None):
+        return
+    unconfined = sorted(
+        c.name for c in settings.agents.values() if not c.sandbox and not launcher.sandboxed(c)
+    )
+    if unconfined:
+        raise ConfigError(
+            f"bwrap is not installed, so agents {', '.join(unconfined)} would run unconfined for "
+            f"authenticated principals: install the {BWRAP_PACKAGE} package (apt-get install "
+            f'{BWRAP_PACKAGE}), or set sandbox = "none" in [agents.NAME] for each to run it so '
+            f"([agents.{BUILTIN_AGENT}] needs only that line)"
+        )
+
+
 def tighten_state_dir(path: Path) -> None:
     """The state dir (database, agents' homes) is the server's alone: made 0700, and an existing
     one of ours tightened to 0700. A shared sticky directory (/tmp) is left as it is; a directory
@@ -174,7 +193,12 @@ async def start_server(settings: Settings) -> RunningServer:
             "replicas (state_url) with authentication need replica_token_file (--replica-token-file):"
             " a secret of 16+ characters the replicas share, to sign the calls they forward"
         )
-    tokens = TokenTable(settings.auth_tokens_file) if settings.auth_tokens_file else None
+    # Principals' roots lie inside the server's and never contain the state dir (server/principals.py).
+    tokens = (
+        TokenTable(settings.auth_tokens_file, settings.roots, settings.state_db.parent)
+        if settings.auth_tokens_file
+        else None
+    )
     if tokens is not None:
         tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
     metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
@@ -182,8 +206,9 @@ async def start_server(settings: Settings) -> RunningServer:
     # our own Unix socket (an agent could use the API over it as the server's user).
     socket = Path(settings.listen.removeprefix("unix://")) if settings.listen.startswith("unix://") else None
     secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, settings.replica_token_file)
-    tighten_state_dir(settings.state_db.parent)
     launcher = Launcher.for_server(settings.state_db, (*secrets, socket))
+    refuse_unconfined(launcher, settings)
+    tighten_state_dir(settings.state_db.parent)
     say_sandboxes(launcher, settings.agents.values())
     launcher.network = NetworkProxy(metrics.proxy_decision)
     logins = AgentLogins(settings.agents)
@@ -196,7 +221,7 @@ async def start_server(settings: Settings) -> RunningServer:
         store,
         spares,
         agent_factory=agent_factory,
-        roots=settings.roots,
+        roots=Roots(settings.roots, tokens.roots_of) if tokens is not None else settings.roots,
         live_limit=live_limits(tokens, settings.authenticated),
     )
     pool.on_agent_start = metrics.agent_started

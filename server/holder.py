@@ -30,7 +30,7 @@ from server.settings import AgentConfig, ServerLimits
 from server.slots import Slots
 from server.spares import SparePool
 from server.supervisor import Supervisor, joined
-from server.workdir import WorkDir, open_workdir
+from server.workdir import WorkDir, open_workdir, roots_of
 
 log = logging.getLogger("sessiongate.holder")
 
@@ -129,9 +129,9 @@ class AgentHolder:
             return Opened(resume_id, True)
         await self.stop()  # a dead agent's group may still hold children; an earlier stop may still run
         stops = self._stops
-        # The directory is checked against the roots in force now, and the agent is started in
-        # exactly the directory checked: CwdNotAllowed leaves the session as it was.
-        workdir = await open_workdir(cwd, self._roots)
+        # The directory is checked against the roots in force now (its owner's), and the agent is
+        # started in exactly the directory checked: CwdNotAllowed leaves the session as it was.
+        workdir = await open_workdir(cwd, roots_of(self._roots, _owner(requester)))
         try:
             with homes_of(_owner(requester)):
                 return await self._start(workdir, resume_id, requester, stops)
@@ -216,7 +216,7 @@ class AgentHolder:
         await self.stop()
         stops = self._stops
         try:
-            workdir = await open_workdir(cwd, self._roots)
+            workdir = await open_workdir(cwd, roots_of(self._roots, _owner(requester)))
         except CwdNotAllowed:
             return None
         try:

@@ -9,6 +9,14 @@ The tokens file is TOML, one table per principal; only SHA-256 hashes of tokens 
     max_sessions = 20                  # sessions it may keep; absent: no limit
     max_live_sessions = 4              # of them with a running agent at once; absent: no own limit
     max_prompts_per_minute = 30        # absent: no limit
+    roots = ["/srv/work/{principal}"]  # where its sessions may be; absent: the server's roots
+
+`roots` narrow the server's own (allowed_roots, or the workdir): each must lie inside one of
+them, and none may contain the state directory (checked at start, exit 2, and at each reload).
+`{principal}` is the principal's name made one safe path component (as its home is: a name
+with `/`, `..` or a leading dot cannot climb out). A principal with roots has its first root as
+its default cwd, made 0700 when missing (only that last directory). Its sessions' directories
+are checked against them, the owner's, at every agent start, whoever asks for it.
 
 A presented token is hashed and compared with every stored hash in constant time. The file
 is re-read when it changes; a file that no longer parses keeps the last good table (logged).
@@ -32,12 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.errors import clip
+from server.sandbox import principal_dir
 from server.settings import ConfigError
 
 log = logging.getLogger("sessiongate.auth")
 
 RELOAD_INTERVAL = 2.0  # seconds between checks of the tokens file for changes
 LIMIT_KEYS = ("max_sessions", "max_live_sessions", "max_prompts_per_minute")  # whole numbers >= 1
+KEYS = ("token_sha256", "admin", "agents", "roots", *LIMIT_KEYS)
 
 
 class TokensFileError(ConfigError):
@@ -54,6 +65,9 @@ class Principal:
     # own, only the fair share of the slots (server/slots.py).
     max_live_sessions: int | None = None
     max_prompts_per_minute: int | None = None  # prompts it may send in any 60 s; None: no limit
+    # Where its sessions' directories may be (resolved; the first is its default cwd); empty:
+    # the server's roots.
+    roots: tuple[Path, ...] = ()
 
     def may_use(self, agent: str) -> bool:
         return not self.agents or agent in self.agents
@@ -101,8 +115,11 @@ def token_hash(token: str) -> str:
 class TokenTable:
     """The principals of a tokens file, kept in step with the file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, allowed: tuple[Path, ...] = (), state_dir: Path | None = None) -> None:
+        """`allowed`: the server's roots, which principals' roots must lie inside (empty: no
+        such rule); `state_dir`: what no principal's root may contain."""
         self.path = path
+        self._rules = _RootRules(allowed, state_dir)
         self._hashes: list[tuple[bytes, Principal]] = []
         self._stamp: tuple[int, int, int] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -110,7 +127,7 @@ class TokenTable:
     def load(self) -> None:
         """Read the file now (at start: an unusable file is a configuration error)."""
         stamp = _stamp(self.path)
-        self._hashes = _parse(self.path)
+        self._hashes = _parse(self.path, self._rules)
         self._stamp = stamp
 
     def principal(self, token: str) -> Principal | None:
@@ -131,6 +148,12 @@ class TokenTable:
         as the table says now: the slots ask at every agent start, so a reload applies at once."""
         principal = self.by_name(name)
         return principal.max_live_sessions if principal is not None else None
+
+    def roots_of(self, name: str) -> tuple[Path, ...]:
+        """The roots of the principal of this name as the table says now (empty: none of its
+        own, or no such principal): asked at every agent start, so a reload applies at once."""
+        principal = self.by_name(name)
+        return principal.roots if principal is not None else ()
 
     def start_watching(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="sessiongate-tokens")
@@ -157,7 +180,7 @@ class TokenTable:
         if stamp == self._stamp:
             return
         try:
-            hashes = _parse(self.path)
+            hashes = _parse(self.path, self._rules)
         except TokensFileError as exc:
             log.error("tokens file rejected, keeping the last good one: %s", exc)
             return
@@ -170,7 +193,13 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
-def _parse(path: Path) -> list[tuple[bytes, Principal]]:
+@dataclass(frozen=True, slots=True)
+class _RootRules:
+    allowed: tuple[Path, ...]
+    state_dir: Path | None
+
+
+def _parse(path: Path, rules: _RootRules) -> list[tuple[bytes, Principal]]:
     try:
         with path.open("rb") as handle:
             document = tomllib.load(handle)
@@ -183,7 +212,7 @@ def _parse(path: Path) -> list[tuple[bytes, Principal]]:
         raise TokensFileError(f"tokens file {path}: expected only [principals.NAME] tables")
     out = []
     for name, table in principals.items():
-        out.append((_hash_of(name, table).encode(), _principal(name, table)))
+        out.append((_hash_of(name, table).encode(), _principal(name, table, rules)))
     return out
 
 
@@ -191,7 +220,7 @@ def _hash_of(name: str, table: Any) -> str:
     where = f"[principals.{name}]"
     if not isinstance(table, dict):
         raise TokensFileError(f"{where} must be a table")
-    unknown = set(table) - {"token_sha256", "admin", "agents", *LIMIT_KEYS}
+    unknown = set(table) - set(KEYS)
     if unknown:
         raise TokensFileError(f"{where}: unknown keys {sorted(unknown)}")
     digest = table.get("token_sha256")
@@ -200,7 +229,7 @@ def _hash_of(name: str, table: Any) -> str:
     return digest
 
 
-def _principal(name: str, table: dict[str, Any]) -> Principal:
+def _principal(name: str, table: dict[str, Any], rules: _RootRules) -> Principal:
     where = f"[principals.{name}]"
     admin = table.get("admin", False)
     agents = table.get("agents", [])
@@ -216,4 +245,35 @@ def _principal(name: str, table: dict[str, Any]) -> Principal:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise TokensFileError(f"{where}: {key} must be a whole number, 1 or more")
         limits[key] = value
-    return Principal(name=name, admin=admin, agents=tuple(agents), **limits)
+    roots = _roots(where, name, table.get("roots", []), rules)
+    return Principal(name=name, admin=admin, agents=tuple(agents), roots=roots, **limits)
+
+
+def _roots(where: str, name: str, templates: Any, rules: _RootRules) -> tuple[Path, ...]:
+    if not isinstance(templates, list) or not all(isinstance(t, str) and t for t in templates):
+        raise TokensFileError(f"{where}: roots must be a list of absolute directories")
+    roots = []
+    for template in templates:
+        # The name as one path component, never a `/`, `..` or NUL of its own.
+        expanded = os.path.expanduser(template).replace("{principal}", principal_dir(name))
+        if "\x00" in expanded or not os.path.isabs(expanded):
+            raise TokensFileError(f"{where}: root {clip(template)!r} must be an absolute directory")
+        try:
+            root = Path(expanded).resolve()  # need not exist yet: the first one is made when used
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise TokensFileError(
+                f"{where}: root {clip(template)!r} cannot be resolved: {clip(str(exc))}"
+            ) from None
+        if rules.state_dir is not None and rules.state_dir.is_relative_to(root):
+            raise TokensFileError(
+                f"{where}: root {clip(str(root))} contains the state directory {rules.state_dir} "
+                "(state_db): its sessions' agents would see every session's data"
+            )
+        if rules.allowed and not any(root.is_relative_to(a) for a in rules.allowed):
+            shown = ", ".join(str(a) for a in rules.allowed)
+            raise TokensFileError(
+                f"{where}: root {clip(str(root))} is outside the server's roots ({clip(shown)}): "
+                "a principal's roots narrow allowed_roots (or the workdir), never widen them"
+            )
+        roots.append(root)
+    return tuple(roots)

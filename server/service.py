@@ -41,6 +41,7 @@ from server.router import Forward, Relayed, Router
 from server.session import Session, State
 from server.settings import PERMISSION_POLICIES, Settings
 from server.spares import SparePool
+from server.workdir import make_first_root
 
 log = logging.getLogger("sessiongate.service")
 
@@ -457,11 +458,17 @@ class SessionService(pb_grpc.SessionServiceServicer):
     def _check_cwd(self, requested: str) -> tuple[Path, str | None]:
         # Problems name the path as the caller gave it, never what it resolves to as the server
         # (`/proc/self/cwd`, a symlink out of the roots): that is not the caller's to see.
+        # A principal with roots of its own is held to them, relative paths start from its
+        # first root, and that is its default cwd (made when missing); else the server's.
+        own = principals.current().roots
+        allowed, base = (own, own[0]) if own else (self._settings.roots, self._settings.workdir)
         shown = repr(clip(requested, 256)) if requested else "the default workdir"
         try:
-            path = (self._settings.workdir / requested).resolve() if requested else self._settings.workdir
-            if not any(path.is_relative_to(root) for root in self._settings.roots):
-                roots = ", ".join(str(r) for r in self._settings.roots)
+            if own and not requested:
+                make_first_root(base)
+            path = (base / requested).resolve()
+            if not any(path.is_relative_to(root) for root in allowed):
+                roots = ", ".join(str(r) for r in allowed)
                 return path, f"{shown} is outside the allowed roots ({roots})"
             if not path.is_dir():
                 return path, f"{shown} is not an existing directory"

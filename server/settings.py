@@ -304,10 +304,12 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
     }
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    command = table.get("command")
+    command, default_args = table.get("command"), []
+    if command is None and name == BUILTIN_AGENT:  # the built-in agent with some keys set (sandbox)
+        command, default_args = builtin_agent().command, list(builtin_agent().args)
     if not isinstance(command, str) or not command:
         raise ConfigError(f"{where}: `command` must be a non-empty string")
-    args = table.get("args", [])
+    args = table.get("args", default_args)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(f"{where}: `args` must be a list of strings")
     env = table.get("env", {})
@@ -562,6 +564,7 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"allowed root {root} is not a directory")
     if roots and not any(workdir.is_relative_to(r) for r in roots):
         raise ConfigError(f"workdir {workdir} is outside the allowed roots")
+    _check_state_dir_outside(settings, roots, workdir)
     # Absolute from here on: the sandbox hides these files from agents by their path.
     files = {
         key: getattr(settings, key).expanduser().resolve()
@@ -577,6 +580,25 @@ def validate(settings: Settings) -> Settings:
         if getattr(settings, key) is not None
     }
     return replace(settings, workdir=workdir, allowed_roots=roots, **files)
+
+
+def _check_state_dir_outside(settings: Settings, roots: tuple[Path, ...], workdir: Path) -> None:
+    """No root contains the state dir: a session made there (its cwd bound over the sandbox's
+    mask) would show its agent every session's data and every principal's home. The workdir
+    standing in for unset allowed_roots is held to it only with authentication: a server started
+    in $HOME with its state under ~/.local/state serves one trust domain."""
+    state_dir = settings.state_db.expanduser().resolve().parent
+    for root in roots:
+        if state_dir.is_relative_to(root):
+            raise ConfigError(
+                f"allowed_roots: {root} contains the state directory {state_dir} (state_db): "
+                "choose roots beside it, or move the state elsewhere"
+            )
+    if not roots and settings.authenticated and state_dir.is_relative_to(workdir):
+        raise ConfigError(
+            f"workdir {workdir} (the root, allowed_roots being unset) contains the state directory "
+            f"{state_dir} (state_db): with authentication set allowed_roots beside it, or move the state"
+        )
 
 
 MIN_REPLICA_TOKEN = 16

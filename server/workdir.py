@@ -4,7 +4,8 @@ The directory is opened once (`O_DIRECTORY`), and its real path is read back fro
 file descriptor, not from the name: a symlink swapped in between the check and the spawn
 cannot move the agent, because the agent is started in exactly the directory that was
 checked (`chdir` through the descriptor, or bubblewrap's `--bind-fd`). The check runs on
-every agent start (create, resume after suspend or restart), against the roots in force then.
+every agent start (create, resume after suspend or restart), against the roots in force then:
+the session owner's own roots (the tokens file's `roots`) where it has some, else the server's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,35 @@ CHECK_TIMEOUT = 10.0  # seconds to open and resolve a directory: a hung file sys
 # Threads of their own: checks stuck on a hung mount never starve the loop's default executor
 # (token reloads, the descendants sweep, other sessions' cwd checks on healthy file systems).
 _CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="cwd-check")
+
+
+class Roots(tuple[Path, ...]):
+    """The server's roots (the tuple itself, so it goes wherever they go), and a principal's
+    own looked up by name: `of(owner)`."""
+
+    own: Callable[[str], tuple[Path, ...]]
+
+    def __new__(cls, roots: Iterable[Path], own: Callable[[str], tuple[Path, ...]]) -> Roots:
+        made = super().__new__(cls, roots)
+        made.own = own
+        return made
+
+    def of(self, owner: str) -> tuple[Path, ...]:
+        return (self.own(owner) if owner else ()) or tuple(self)
+
+
+def roots_of(roots: tuple[Path, ...], owner: str) -> tuple[Path, ...]:
+    """The roots in force for `owner`'s sessions (the owner's, never the caller's: an admin
+    resuming alice's session is held to alice's roots)."""
+    return roots.of(owner) if isinstance(roots, Roots) else roots
+
+
+def make_first_root(path: Path) -> None:
+    """A principal's first root (its default cwd), made 0700 if missing: only that last
+    directory (its parent is the administrator's), and never through a symlink (mkdir does not
+    follow one; a symlink there is resolved and checked against the roots like any cwd)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from server.settings import BUILTIN_AGENT, ConfigError, load_settings
+from server import sandbox
+from server.app import start_server
+from server.settings import (
+    BUILTIN_AGENT,
+    AgentConfig,
+    ConfigError,
+    Settings,
+    builtin_agent,
+    load_settings,
+    validate,
+)
+from tests.pki import Pki
 
 
 def write(path: Path, text: str) -> str:
@@ -141,5 +157,126 @@ def test_a_bare_metrics_port_is_accepted(tmp_path: Path) -> None:
 def test_file_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "tokens.toml", "")
-    settings = load_settings(["--state-db", "s.db", "--auth-tokens-file", "tokens.toml"], environ={})
+    (tmp_path / "work").mkdir()  # beside the state, not containing it (authenticated)
+    flags = ["--workdir", "work", "--state-db", "s.db", "--auth-tokens-file", "tokens.toml"]
+    settings = load_settings(flags, environ={})
     assert settings.state_db == tmp_path / "s.db" and settings.auth_tokens_file == tmp_path / "tokens.toml"
+
+
+def test_a_root_that_contains_the_state_dir_is_refused(tmp_path: Path) -> None:
+    """A session made in the state dir (its cwd bound over the sandbox's mask) would show its agent
+    every session's data: explicit roots never contain it; the workdir standing in for them only
+    with authentication (unauthenticated, a server in $HOME with its state below stays the norm)."""
+    work, state_db = tmp_path / "work", tmp_path / "state" / "sessions.db"
+    work.mkdir()
+    with pytest.raises(ConfigError, match=r"allowed_roots: .* contains the state directory"):
+        load_settings(
+            ["--workdir", str(work), "--allowed-root", str(tmp_path), "--state-db", str(state_db)], environ={}
+        )
+    tokens = write(tmp_path / "tokens.toml", "")
+    with pytest.raises(ConfigError, match=r"workdir .* contains the state directory"):
+        load_settings(
+            ["--workdir", str(tmp_path), "--state-db", str(state_db), "--auth-tokens-file", tokens],
+            environ={},
+        )
+    assert load_settings(["--workdir", str(tmp_path), "--state-db", str(state_db)], environ={})
+    beside = ["--allowed-root", str(work), "--state-db", str(state_db), "--auth-tokens-file", tokens]
+    assert load_settings(["--workdir", str(work), *beside], environ={}).roots == (work.resolve(),)
+
+
+def test_a_root_that_contains_the_state_dir_stops_the_server_with_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--workdir", str(tmp_path)),
+            *("--allowed-root", str(tmp_path), "--state-db", str(tmp_path / "state" / "s.db")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "allowed_roots" in result.stderr and "state directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_builtin_agent_takes_its_keys_without_a_command(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.toml", '[agents.echo]\nsandbox = "none"\n')
+    echo = load_settings(["--config", config, "--workdir", str(tmp_path)], environ={}).agents[BUILTIN_AGENT]
+    assert (echo.command, echo.args, echo.sandbox) == (builtin_agent().command, builtin_agent().args, "none")
+    with pytest.raises(ConfigError, match="`command` must be a non-empty string"):
+        load_settings(["--config", write(tmp_path / "d.toml", "[agents.x]\nsandbox = 'none'\n")], environ={})
+
+
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir(exist_ok=True)
+    return tmp_path / "work"
+
+
+def authenticated(tmp_path: Path, how: str, agents: dict[str, AgentConfig]) -> Settings:
+    """Settings with a tokens file or TLS (no tokens), and these agents."""
+    if how == "tokens":
+        extra: dict[str, Any] = {"auth_tokens_file": Path(write(tmp_path / "tokens.toml", ""))}
+    else:
+        cert, key = Pki.make(tmp_path, "gate").issue("server", ip="127.0.0.1")
+        extra = {"tls_cert": cert, "tls_key": key}
+    return validate(
+        Settings(
+            listen="127.0.0.1:0",
+            workdir=work(tmp_path),
+            state_db=tmp_path / "state" / "sessions.db",
+            agents=agents,
+            **extra,
+        )
+    )
+
+
+@pytest.mark.parametrize("how", ["tokens", "tls"])
+async def test_with_authentication_an_agent_never_runs_unconfined_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Where bwrap is missing, an agent left at the default sandbox stops the start (naming the
+    package to install); the same agent saying sandbox = "none" itself starts."""
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    boxed = AgentConfig(name="boxed", command=sys.executable, sandbox="bwrap")  # fails its sessions only
+    default = {
+        BUILTIN_AGENT: builtin_agent(),
+        "boxed": boxed,
+        "later": replace(builtin_agent(), name="later"),
+    }
+    with pytest.raises(ConfigError, match=r"agents echo, later would run unconfined.*bubblewrap package"):
+        await start_server(authenticated(tmp_path, how, default))
+    said = {name: replace(config, sandbox="none") for name, config in default.items() if name != "boxed"}
+    running = await start_server(authenticated(tmp_path, how, {**said, "boxed": boxed}))
+    await running.drain(0)
+
+
+def test_with_tokens_and_no_bwrap_on_path_the_server_exits_2_naming_bubblewrap(tmp_path: Path) -> None:
+    tokens = write(tmp_path / "tokens.toml", "")
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--workdir", str(work(tmp_path))),
+            *("--auth-tokens-file", tokens, "--state-db", str(tmp_path / "state" / "s.db")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path / "empty")},  # no bwrap to find
+    )
+    assert result.returncode == 2, result.stderr
+    assert "bubblewrap" in result.stderr and "echo" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_without_authentication_the_default_still_runs_unconfined_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    settings = validate(
+        Settings(
+            listen="127.0.0.1:0",
+            workdir=tmp_path,
+            state_db=tmp_path / "state" / "sessions.db",
+            agents={BUILTIN_AGENT: builtin_agent()},
+        )
+    )
+    running = await start_server(settings)
+    await running.drain(0)
