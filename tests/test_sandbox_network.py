@@ -109,9 +109,9 @@ def names(monkeypatch: pytest.MonkeyPatch, web: Listener) -> None:
     monkeypatch.setattr(network_proxy, "resolve", resolve)
 
 
-def boxed(network: str | bool) -> AgentConfig:
+def boxed(network: str | bool, name: str = "boxed") -> AgentConfig:
     return AgentConfig(
-        name="boxed",
+        name=name,
         command=ECHO[0],
         args=ECHO[1:],
         sandbox="bwrap",
@@ -198,9 +198,13 @@ async def test_the_proxy_reaches_an_allowed_host_and_refuses_the_gateway_the_dat
 @needs_bwrap
 @pytest.mark.usefixtures("names")
 async def test_network_none_reaches_nothing_and_host_reaches_as_before(
-    make_gate: GateFactory, web: Listener, database: Listener
+    make_gate: GateFactory, web: Listener, database: Listener, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gate = await make_gate(agents={"none": boxed("none"), "host": boxed("host"), "old": boxed(False)})
+    gate = await make_gate(
+        agents={"none": boxed("none", "none"), "host": boxed("host", "host"), "old": boxed(False, "old")}
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("agent=host" in w and "network = host" in w for w in warnings), warnings
     for agent in ("none", "old"):
         sid = (await gate.create(agent=agent)).session_id
         for host, port in ((web.host, web.port), ("127.0.0.1", database.port)):
