@@ -2,7 +2,16 @@
 
 An agent runs tools a model chose, with whatever its process can reach. Sandboxed
 (`sandbox = "bwrap"`, the default where Debian's `bubblewrap` is installed), it sees:
-- the root file system read-only, a private `/tmp`, its own `/dev` and `/proc`;
+- of the host, read-only, only an allow-list (`SYSTEM_PATHS`): `/usr`, `/bin`, `/sbin`,
+  `/lib*`, `/opt`, the resolver's `/run/systemd/resolve`, and `/etc` without what only root
+  may read there (`/etc/shadow`, SSH host keys, sudoers...: left out, see `_root_only`); then
+  what its command needs (its directory, this interpreter for our bridge, our code for the
+  built-in agent) and its `ro_paths`; no `/root`, `/home`, `/var` or `/srv`; a private `/tmp`,
+  its own `/dev` and `/proc`;
+- when the server runs as root and the agent has no `user`: uid and gid nobody inside, through
+  a user namespace mapping them to the server's (so its cwd and home stay writable, and what
+  it makes there is the server's); with no capabilities, the allow-list is what keeps it from
+  the host's root-owned files. `user = "..."` runs it as that user on the host too (setpriv);
 - its own PID namespace, so `/proc` shows no server process (no `/proc/<pid>/environ`);
 - the session's cwd read-write (bound through the checked directory's descriptor, so a
   symlink swapped in after the check cannot move it), its home read-write, and the extra
@@ -10,7 +19,11 @@ An agent runs tools a model chose, with whatever its process can reach. Sandboxe
 - a home of the session owner's own: `<state dir>/homes/<principal>/<agent>` (see `home()`),
   never another principal's, whose transcripts, logins and hook-running settings live there;
 - none of the server's secrets: the state directory (other sessions, the database) is an
-  empty tmpfs, the tokens file and TLS key are /dev/null;
+  empty tmpfs; the tokens file, TLS key, config and socket are left out of every read-only
+  directory that shows them, which becomes a read-only tmpfs of bind mounts of its other
+  entries (a secret replaced by rename there stays out: a bind over the file would cover only
+  its old inode); in a writable one (cwd, home, `rw_paths`) the directory holding a secret is
+  an empty tmpfs, and a secret right in such a path refuses the agent (`_own_and_masks`);
 - its network (`network`): "proxy" (the default) a namespace of its own whose one way out is
   our filtering proxy, reaching only `allowed_domains` at public addresses (network_proxy.py);
   "none" only a loopback of its own; "host" the host's, all of it (said at start);
@@ -55,6 +68,12 @@ BRIDGE_SOCKET = "/tmp/.sessiongate-proxy.sock"  # the network proxy's socket, in
 SETPRIV = "setpriv"  # util-linux: takes another user's identity, then execs
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the built-in agent's code
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a principal name used as it is
+# The host a sandboxed agent sees, read-only (each where it exists; a symlink such as
+# /bin -> usr/bin stays one); /etc without what only root may read. Anything else: ro_paths.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/etc")
+SYSTEM_PATHS_TRY = ("/run/systemd/resolve",)  # where /etc/resolv.conf may point
+ETC = Path("/etc")
+MAX_VIEW_ENTRIES = 4096  # bind mounts for the read-only directories that show a secret
 
 # The principal an agent is being made for: the owner of its session, set by the holder around
 # the start (which may run in a task no caller's principal is in, or an admin's), read when the
@@ -231,36 +250,51 @@ class Launcher:
     ) -> list[str]:
         options = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         options += ["--cap-drop", "ALL"]  # no capabilities, even when the server runs as root
-        options += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", PRIVATE_TMP]
-        # What the agent's own command needs where the private /tmp covered it (e.g. a
-        # virtualenv under /tmp), read-only; then its paths, home and cwd.
-        binds = [
-            (p, "--ro-bind-try", str(p))
-            for p in _runtime_paths(config.command)
-            if p.is_relative_to(PRIVATE_TMP)
-        ]
-        binds += [(Path(p), "--ro-bind", p) for p in config.ro_paths]
-        binds += [(Path(p), "--bind", p) for p in config.rw_paths]
-        for target, how, source in binds:
-            options += [how, source, str(target)]
-        options += self._own_and_masks(binds, home, workdir)
+        if not config.user and os.geteuid() == 0:
+            # Not root inside (agents refuse or misuse root): nobody, mapped to our uid so that
+            # its cwd and home stay writable. Still uid 0 to the host's permission checks, so
+            # the allow-list below, not the uid, keeps it from root-owned files.
+            uid, gid = _nobody()
+            options += ["--unshare-user", "--uid", str(uid), "--gid", str(gid)]
+        # The host's allow-list, what the agent's command needs (also under the private /tmp,
+        # e.g. a virtualenv there) and its own paths, shallowest first; "/" in ro_paths (the
+        # whole host) goes under /dev, /proc and /tmp. Then its home and cwd, and the masks.
+        trees = [(Path(p), "--ro-bind") for p in SYSTEM_PATHS if os.path.lexists(p)]
+        needed = (*map(Path, SYSTEM_PATHS_TRY), *_runtime_paths(config.command, bridge=not config.user))
+        trees += [(p, "--ro-bind-try") for p in needed]
+        trees += [(Path(p), "--ro-bind") for p in config.ro_paths]
+        trees += [(Path(p), "--bind") for p in config.rw_paths]
+        trees.sort(key=lambda tree: len(tree[0].parts))
+        secrets = _with_real_paths(self._hidden)
+        remounts: list[str] = []  # made read-only last: later mounts may need mount points there
+        budget = [MAX_VIEW_ENTRIES]
+        mounts = [(p, _tree(p, how, secrets, remounts, budget, config.name)) for p, how in trees]
+        options[:0] = [a for p, arguments in mounts if p == Path("/") for a in arguments]
+        options += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", PRIVATE_TMP]
+        options += [a for p, arguments in mounts if p != Path("/") for a in arguments]
+        options += self._own_and_masks(config, trees, home, workdir)
+        options += [*remounts, "--remount-ro", "/"]  # the root itself: nothing to write there
         if chdir is not None:
             options += ["--chdir", chdir]
         return options
 
     def _own_and_masks(
-        self, binds: list[tuple[Path, str, str]], home: str | None, workdir: WorkDir | None
+        self, config: AgentConfig, trees: list[tuple[Path, str]], home: str | None, workdir: WorkDir | None
     ) -> list[str]:
         """The agent's home and cwd, and the masks over the server's secrets, shallowest first so
         that the deeper mount wins: a cwd containing the state dir does not show it (its mask
         comes after), a home or cwd inside it stays the agent's own (it comes after the mask).
-        Directories become an empty tmpfs, files /dev/null; each only where it is visible."""
+        A secret directory becomes an empty tmpfs where it is visible. A secret file left out of
+        the read-only views (`_tree`) may still show through a writable path (cwd, home,
+        rw_paths): there the directory holding it becomes an empty tmpfs (not a bind over the
+        file, which a rename would undo), and a secret right in such a path refuses the agent."""
         own = []
         if home is not None:
             own.append((Path(home), ["--bind-try", home, home]))
         if workdir is not None:
             own.append((Path(workdir.path), ["--bind-fd", str(workdir.fd), workdir.path]))
-        shown = [Path("/"), *(target for target, _, _ in binds), *(target for target, _ in own)]
+        writable = [p for p, how in trees if how == "--bind"] + [target for target, _ in own]
+        shown = [*(p for p, _ in trees), *(target for target, _ in own)]
         empty = [Path(PRIVATE_TMP)]
         mounts: list[tuple[int, int, list[str]]] = []  # (depth, order on a tie, arguments)
         for secret in sorted((p for p in self._hidden if p.is_dir()), key=lambda p: len(p.parts)):
@@ -268,9 +302,21 @@ class Launcher:
                 empty.append(secret)
                 mounts.append((len(secret.parts), 0, ["--tmpfs", str(secret)]))
         mounts += [(len(target.parts), 1, arguments) for target, arguments in own]
-        for secret in self._hidden:
-            if not secret.is_dir() and secret.exists() and _visible(secret, shown, empty):
-                mounts.append((len(secret.parts), 2, ["--ro-bind", "/dev/null", str(secret)]))
+        files = [p for p in _with_real_paths(self._hidden) if p.exists() and not p.is_dir()]
+        masked: set[Path] = set()
+        for tree in writable:
+            for secret in _inside(tree, files):
+                if _covering(secret, [*shown, *empty]) != tree or secret.parent in masked:
+                    continue  # a deeper mount shows it or not; its directory is masked already
+                if secret.parent == tree:
+                    raise AgentUnavailable(
+                        f"agent {config.name!r} cannot start: a directory it may write holds a file the"
+                        " server keeps from agents (its tokens file, TLS key, config or socket);"
+                        " move that file out of every session directory, home and rw_paths",
+                        metadata={"agent": config.name},
+                    )
+                masked.add(secret.parent)
+                mounts.append((len(secret.parent.parts), 2, ["--tmpfs", str(secret.parent)]))
         return [argument for _, _, arguments in sorted(mounts, key=lambda m: m[:2]) for argument in arguments]
 
 
@@ -285,20 +331,137 @@ def _bridge_python(user: int | None) -> str:
 
 
 def _visible(path: Path, shown: list[Path], empty: list[Path]) -> bool:
-    """Whether the deepest mount over `path` shows the host (a bind, the root) or not (a tmpfs)."""
-    covering = max(
-        (p for p in (*shown, *empty) if path.is_relative_to(p) and p != path), key=lambda p: len(p.parts)
-    )
-    return covering not in empty
+    """Whether the deepest mount over `path` shows the host (a bind) or not (a tmpfs, nothing)."""
+    covering = _covering(path, [*shown, *empty])
+    return covering is not None and covering not in empty
 
 
-def _runtime_paths(command: str) -> set[Path]:
-    """The command's directory (and its target's), and this interpreter's, with our code."""
-    paths = {Path(sys.prefix), Path(sys.base_prefix), SOURCE_ROOT}
+def _covering(path: Path, mounts: list[Path]) -> Path | None:
+    """The deepest of `mounts` above `path`, if any."""
+    above = [p for p in mounts if path.is_relative_to(p) and p != path]
+    return max(above, key=lambda p: len(p.parts)) if above else None
+
+
+def _with_real_paths(paths: Iterable[Path]) -> set[Path]:
+    """`paths` as configured and where their symlinks lead, both absolute."""
+    return {q for p in paths for q in (Path(os.path.abspath(p)), Path(os.path.realpath(p)))}
+
+
+def _inside(tree: Path, secrets: Iterable[Path]) -> set[Path]:
+    """The `secrets` under `tree` (or under where a symlinked tree leads), named as the sandbox
+    shows them: under `tree`."""
+    found = set()
+    for base in {tree, Path(os.path.realpath(tree))}:
+        found |= {tree / s.relative_to(base) for s in secrets if s != base and s.is_relative_to(base)}
+    return found
+
+
+def _tree(
+    path: Path, how: str, secrets: set[Path], remounts: list[str], budget: list[int], agent: str
+) -> list[str]:
+    """One path of the host the agent sees. A system symlink stays a symlink. A read-only
+    directory showing a secret (or, /etc, what only root may read) becomes a view without it:
+    each directory from `path` down to the secret a read-only tmpfs of bind mounts of its other
+    entries, so that a secret replaced by rename later is still not there."""
+    if str(path) in SYSTEM_PATHS and path.is_symlink():
+        return ["--symlink", os.readlink(path), str(path)]
+    left_out = _inside(path, secrets) if how != "--bind" else set()
+    if path == ETC:
+        left_out |= _root_only(ETC)
+    if not left_out or not path.is_dir():
+        return [how, str(path), str(path)]
+    arguments: list[str] = []
+    try:
+        _view(path, left_out, arguments, remounts, budget)
+    except OSError as exc:
+        if how.endswith("-try"):
+            return []
+        raise AgentUnavailable(
+            f"agent {agent!r} cannot start: {path} cannot be read ({exc.strerror or exc})",
+            metadata={"agent": agent},
+        ) from None
+    return arguments
+
+
+def _view(
+    directory: Path, left_out: set[Path], arguments: list[str], remounts: list[str], budget: list[int]
+) -> None:
+    arguments += ["--tmpfs", str(directory)]
+    remounts += ["--remount-ro", str(directory)]
+    with os.scandir(directory) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = directory / entry.name
+            if path in left_out:
+                continue
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise OSError(f"over {MAX_VIEW_ENTRIES} entries beside the secrets left out")
+            if entry.is_symlink():
+                arguments += ["--symlink", os.readlink(path), str(path)]
+            elif entry.is_dir() and any(p.is_relative_to(path) for p in left_out):
+                _view(path, left_out, arguments, remounts, budget)
+            else:
+                arguments += ["--ro-bind", str(path), str(path)]
+
+
+def _root_only(top: Path) -> set[Path]:
+    """What under `top` a user other than its owner and group may not read (a file without o+r,
+    a directory without o+rx, not looked into): `/etc/shadow`, SSH host keys, sudoers, TLS
+    private keys, a database's password files. Symlinks are kept: they lead into the view."""
+    found: set[Path] = set()
+    pending = [top]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                listed = list(entries)
+        except OSError:
+            found.add(directory)
+            continue
+        for entry in listed:
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                found.add(Path(entry.path))
+                continue
+            if stat.S_ISLNK(mode):
+                continue
+            need = 0o005 if stat.S_ISDIR(mode) else 0o004
+            if mode & need != need:
+                found.add(Path(entry.path))
+            elif stat.S_ISDIR(mode):
+                pending.append(Path(entry.path))
+    return found
+
+
+def _nobody() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return 65534, 65534
+    return entry.pw_uid, entry.pw_gid
+
+
+def _runtime_paths(command: str, bridge: bool) -> set[Path]:
+    """What the command needs outside the system paths: its directory (and its target's); this
+    interpreter and our code when the command is it (the built-in agent), the interpreter also
+    for our network `bridge` (an agent with a `user` gets a system python, see _bridge_python).
+    Those inside a system path or another of them are left out."""
+    interpreter = {Path(sys.prefix), Path(sys.base_prefix)}
+    paths = set(interpreter) if bridge else set()
     found = shutil.which(command)
     if found:
         paths |= {Path(found).parent, Path(os.path.realpath(found)).parent}
-    return {p.resolve() if p.exists() else p for p in paths}
+        if os.path.realpath(found) == os.path.realpath(sys.executable):
+            paths |= {*interpreter, SOURCE_ROOT}
+    resolved = {p.resolve() if p.exists() else p for p in paths}
+    system = [Path(os.path.realpath(p)) for p in SYSTEM_PATHS]
+    return {
+        p
+        for p in resolved
+        if not any(p.is_relative_to(s) for s in system)
+        and not any(p != q and p.is_relative_to(q) for q in resolved)
+    }
 
 
 def _setpriv(user: int | None, group: int | None) -> tuple[str, ...]:

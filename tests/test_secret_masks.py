@@ -2,8 +2,9 @@
 
 The tokens file, the TLS key, the config file, the replicas' token, the state database and
 the server's own Unix socket are configured outside /tmp (which the sandbox replaces anyway),
-where the read-only root would show them; the agent then tries each with its own `open` and
-with a terminal (`cat`, and a `connect` to the socket). Each must give it nothing.
+in a directory the agent is given as a `ro_path` so that it would see them; the agent then
+tries each with its own `open` and with a terminal (`cat`, and a `connect` to the socket).
+Each must give it nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -73,7 +75,7 @@ async def test_a_sandboxed_agent_reads_none_of_the_servers_secret_files(
     public.write_text("visible")
     state_db = outside_tmp / "state" / "sessions.db"
     gate = await make_gate(
-        agents={"boxed": boxed()},
+        agents={"boxed": replace(boxed(), ro_paths=(str(outside_tmp),))},  # shown, but for the secrets
         state_db=state_db,
         auth_tokens_file=tokens,
         settings={"tls_cert": cert, "tls_key": key, "config_file": config, "replica_token_file": replica},
