@@ -199,6 +199,8 @@ class Session:
         group ends now; nothing more of it is written here (the new owner has its record)."""
         self.fenced = True
         self.closed = True
+        for log in list(self.live_logs.values()):
+            log.abandon()
         await self.kill()
 
     async def kill(self) -> None:

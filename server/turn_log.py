@@ -131,6 +131,7 @@ class TurnLog:
         self._unread_first = self.last_seq + 1  # seq of _unread[0]
         self._paced_done = state != "running"
         self._turn_over = state != "running"  # the Turn has its last item: nothing paces the pump
+        self._abandoned = False  # fenced: nothing more of this turn is written here
         self._closing = state != "running"  # no new writes are scheduled: close() does the last
         self.stored_fully = state != "running"  # closed: its final record is in the store
 
@@ -218,6 +219,8 @@ class TurnLog:
         has read and the disk holds is trimmed here too, not only at the next append: the pump
         must never wait for kept bytes to fall, since only a trim makes them fall."""
         while True:
+            if self._turn_over:  # what is left is the Turn's bounded buffer: the pump never waits
+                return
             if self._kept_bytes > self.max_bytes:
                 self._trim()
             if not (self._client_behind() or self._unwritten_bytes > self._max_unwritten):
@@ -238,6 +241,17 @@ class TurnLog:
         self._pacing, self._paced_done = False, True
         self._unread.clear()
         self._unread_bytes = 0
+
+    def abandon(self) -> None:
+        """The session moved to another replica (a fence): the new owner has its record, so
+        nothing more of this turn is written here, and nothing waits on a store that may hang
+        (a write under way is cancelled). Its readers still get what is in memory and the end."""
+        self._abandoned = self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
+        self._notify()
 
     def turn_over(self) -> None:
         """The Turn has its last item (Turn.on_end): the pump drains the rest without waiting
@@ -272,6 +286,9 @@ class TurnLog:
             self._timer.cancel()
         if self._writer is not None:
             await asyncio.wait({self._writer})
+        if self._abandoned:
+            self._notify()
+            return
         for _ in range(3):  # a write that failed is tried again, a few times
             if self._written >= self.last_seq:
                 break

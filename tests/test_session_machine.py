@@ -615,6 +615,24 @@ def test_found_a_fence_while_the_prompting_client_stopped_reading_leaves_no_pump
         state.teardown()
 
 
+def test_found_a_fence_while_the_store_hangs_leaves_no_pump_writing_behind() -> None:
+    """Found by the machine (make chaos): a lease lost while the store hung (6 s of stalls) and a
+    large turn streamed; the fenced session's pump went on waiting to write its turn, which the
+    new owner has, for as long as the store hung."""
+    state = SessionMachine()
+    try:
+        _, second = state.open_pool()
+        check_all(state)
+        for _ in range(4):
+            state.store_stalls(seconds=STORE_STALL_MAX)
+        state.prompt(prompt="large", reader="slow", session=second, wait=0.0)
+        check_all(state)
+        state.server_ends(how="lease lost")
+        check_all(state)
+    finally:
+        state.teardown()
+
+
 def test_the_session_core_keeps_its_promises_in_any_interleaving() -> None:
     if not CHAOS_SECONDS:
         run_state_machine_as_test(SessionMachine, settings=settings.get_profile("ci"))
