@@ -72,6 +72,7 @@ class Ownership:
         self._watchdog: asyncio.TimerHandle | None = None
         self._losing: asyncio.Task[None] | None = None  # the fence of the current loss
         self._fences: set[asyncio.Task[None]] = set()  # fences still running (stop waits for them)
+        self.losses = 0  # leases lost so far: a stream that saw this change had its session fenced
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
         self.retention: float | None = None  # session_retention: expire_unowned now and then
@@ -152,6 +153,7 @@ class Ownership:
         first. Not the noticing RPC's task: a caller that goes away must not cut the fence short
         (nothing would fence again, and another replica would run a second agent)."""
         if self._losing is None:
+            self.losses += 1
             log.error(
                 "lease lost replica=%s: ending every session's agent here; other replicas take them over",
                 self.replica_id,

@@ -93,10 +93,17 @@ class Router:
         if not self._ownership.valid():
             raise _lease_lost(session_id)
 
-    def outcome(self, exc: Exception, session_id: str) -> Exception:
+    def mark(self) -> int:
+        """Where the lease's losses stand: a stream takes it when it starts (see `outcome`)."""
+        return self._ownership.losses
+
+    def outcome(self, exc: Exception, session_id: str, mark: int | None = None) -> Exception:
         """How a stream of this replica ends: whatever else went wrong (a stall timer that fired
-        as the process woke up, say), once the lease ran out it is OWNER_LOST."""
-        return exc if self._ownership.valid() else _lease_lost(session_id)
+        as the process woke up, say), once the lease ran out it is OWNER_LOST. Also when the
+        lease was lost after the stream's `mark` and renewed again since: its session was fenced
+        meanwhile, even if the handler only got to run after the renewal (a loaded machine)."""
+        lost = not self._ownership.valid() or (mark is not None and self._ownership.losses != mark)
+        return _lease_lost(session_id) if lost else exc
 
     async def session(self, session_id: str, context: Any, *, take: bool) -> Session:
         """The session to serve here, or Forward to its owner."""

@@ -180,6 +180,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
         started = time.monotonic()
         agent, seq, outcome = "", 0, "client_gone"
+        lease_mark = self._router.mark() if self._router is not None else None
         try:
             self._refuse_if_draining()
             blocks, stall_timeout, wait_timeout, permissions = self._validate_prompt(request)
@@ -221,7 +222,11 @@ class SessionService(pb_grpc.SessionServiceServicer):
             async for event in self._forwarded_stream(forward, "Prompt", request, context):
                 yield event
         except Exception as error:
-            exc = self._router.outcome(error, request.session_id) if self._router is not None else error
+            exc = (
+                self._router.outcome(error, request.session_id, lease_mark)
+                if self._router is not None
+                else error
+            )
             outcome = _outcome(exc)
             if isinstance(exc, SessionBusy):
                 self._metrics.busy_rejections.labels(agent).inc()
@@ -235,6 +240,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 log.info("turn ended outcome=%s events=%d seconds=%.3f", outcome, seq, took)
 
     async def WatchTurn(self, request: pb.WatchTurnRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        lease_mark = self._router.mark() if self._router is not None else None
         try:
             _check_turn_id(request.turn_id, required=False)
             session = await self._session(_required_id(request.session_id), context)
@@ -249,7 +255,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
             async for event in self._forwarded_stream(forward, "WatchTurn", request, context):
                 yield event
         except Exception as exc:
-            await _abort(context, self._router.outcome(exc, request.session_id) if self._router else exc)
+            lost = self._router.outcome(exc, request.session_id, lease_mark) if self._router else exc
+            await _abort(context, lost)
 
     async def _forwarded_stream(
         self, forward: Forward, method: str, request: Any, context: Any

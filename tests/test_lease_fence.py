@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from server.errors import OwnerLost
+from server.errors import OwnerLost, StreamStalled
 from server.ownership import Ownership
 from server.pool import SessionPool
+from server.router import Router
 from tests.conftest import eventually
 from tests.fakes import FAKE, FakeAgents, FakeBehaviour, fake_pool
 
@@ -77,3 +78,23 @@ async def test_stopping_the_ownership_waits_for_a_fence_under_way(
     # Shutdown: the sessions are no longer in the pool's map, so only the fence reaches them.
     await asyncio.wait_for(ownership.stop(), 20)
     assert not agents.running()
+
+
+async def test_a_stream_that_spanned_a_lost_and_renewed_lease_ends_owner_lost(
+    agents_and_pool: tuple[FakeAgents, SessionPool],
+) -> None:
+    """A paused replica wakes, fences, and renews its lease before a stream's handler gets to
+    map its error (a stall timer that fired on waking, on a loaded machine): the lease is valid
+    again, yet the stream's session was fenced meanwhile, so it ends OWNER_LOST, not
+    STREAM_STALLED. (Seen in the paused-owner test under load.)"""
+    _, pool = agents_and_pool
+    ownership = lapsed(asyncio.Event(), pool)
+    unused: Any = None
+    router = Router(pool, unused, ownership)
+    mark = router.mark()
+    stalled = StreamStalled("no event from the agent for 9.0s")
+    await asyncio.wait({ownership._fence()})  # the loss, noticed and fenced...
+    ownership._valid_until = float("inf")  # ...and the lease renewed since (no database here)
+    assert ownership.valid()
+    assert isinstance(router.outcome(stalled, "sid", mark), OwnerLost)
+    assert router.outcome(stalled, "sid", router.mark()) is stalled  # a stream started after it
