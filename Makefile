@@ -52,8 +52,10 @@ proto-breaking: $(NODE_STAMP)
 		&& echo "buf breaking: no breaking change against $(BREAKING_BASE)"; \
 	fi
 
+# Its state (database, agents' homes, the echo agent's sessions) stays in the checkout's .state/
+# (git-ignored), not in the per-user default of an installed server shared with every other clone.
 run: $(STAMP)
-	$(PY) -m server $(ARGS)
+	XDG_STATE_HOME='$(CURDIR)/.state' $(PY) -m server $(ARGS)
 
 # Two workers, each a whole test file at a time (a file's shared servers stay in one process).
 TEST_WORKERS ?= 2
