@@ -193,11 +193,14 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     config_path = opts.pop("config") or environ.get(ENV_PREFIX + "CONFIG")
     if config_path:
         document = _read_toml(Path(config_path))
+        # Relative paths in the file are taken from its directory, not the server's cwd.
+        base = Path(config_path).expanduser().absolute().parent.resolve()
         raw.update(_table(document, "server"))
         raw.update(_auth_from_toml(_table(document, "auth")))
         raw.update(_tls_from_toml(_table(document, "tls")))
+        raw.update(_paths_from(base, raw))
         for name, table in _table(document, "agents").items():
-            agents[name] = _agent_from_toml(name, table)
+            agents[name] = _agent_from_toml(name, table, base)
         unknown = set(document) - {"server", "agents", "auth", "tls"}
         if unknown:
             raise ConfigError(f"{config_path}: unknown top-level keys {sorted(unknown)}")
@@ -207,7 +210,37 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
             raw[key] = env_value.split(os.pathsep) if key == "allowed_roots" else env_value
     raw.update({k: v for k, v in opts.items() if v is not None})
     settings = _build(raw, agents)
-    return replace(settings, config_file=Path(config_path)) if config_path else settings
+    if not config_path:
+        return settings
+    return replace(settings, config_file=Path(os.path.abspath(os.path.expanduser(config_path))))
+
+
+_PATH_KEYS = (
+    "workdir",
+    "state_db",
+    "replica_token_file",
+    "auth_tokens_file",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+)
+
+
+def _from(base: Path, value: Any) -> Any:
+    """`value` (a path in the config file) with `~` expanded, from `base` when relative; any
+    other type as it is, for validation to refuse."""
+    if not isinstance(value, str) or not value:
+        return value
+    return os.path.normpath(base / os.path.expanduser(value))  # an absolute one replaces `base`
+
+
+def _paths_from(base: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The config file's path keys in `raw`, taken from `base` (its directory)."""
+    found = {key: _from(base, raw[key]) for key in _PATH_KEYS if key in raw}
+    roots = raw.get("allowed_roots")
+    if isinstance(roots, list):
+        found["allowed_roots"] = [_from(base, r) for r in roots]
+    return found
 
 
 def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
@@ -287,7 +320,10 @@ def _table(document: Mapping[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _agent_from_toml(name: str, table: Any) -> AgentConfig:
+def _agent_from_toml(name: str, table: Any, base: Path | None = None) -> AgentConfig:
+    """One `[agents.NAME]` table; its relative paths are taken from `base` (the config file's
+    directory; default the current one)."""
+    base = base or Path.cwd()
     where = f"[agents.{name}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
@@ -309,6 +345,8 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
         command, default_args = builtin_agent().command, list(builtin_agent().args)
     if not isinstance(command, str) or not command:
         raise ConfigError(f"{where}: `command` must be a non-empty string")
+    if "/" in command:  # a path, not a name looked up on PATH
+        command = _from(base, command)
     args = table.get("args", default_args)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(f"{where}: `args` must be a list of strings")
@@ -329,7 +367,8 @@ def _agent_from_toml(name: str, table: Any) -> AgentConfig:
         raise ConfigError(f"{where}: `auth_method` must be a string (one of the agent's auth method ids)")
     config = AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
     capabilities = _capabilities_from_toml(where, table)
-    return replace(config, auth_method=auth_method, **_sandbox_from_toml(where, table), **capabilities)
+    sandbox = _sandbox_from_toml(where, table, base)
+    return replace(config, auth_method=auth_method, **sandbox, **capabilities)
 
 
 CAPABILITY_KEYS = ("client_fs", "client_terminal")
@@ -361,7 +400,7 @@ _DOMAIN = re.compile(
 )
 
 
-def _sandbox_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]:
+def _sandbox_from_toml(where: str, table: dict[str, Any], base: Path) -> dict[str, Any]:
     found: dict[str, Any] = {}
     sandbox = table.get("sandbox", "")
     if sandbox not in ("", "bwrap", "none"):
@@ -385,17 +424,15 @@ def _sandbox_from_toml(where: str, table: dict[str, Any]) -> dict[str, Any]:
     found["allow_private_destinations"] = allow_private
     for key in ("ro_paths", "rw_paths"):
         paths = table.get(key, [])
-        if not isinstance(paths, list) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
-            raise ConfigError(f"{where}: `{key}` must be a list of absolute paths")
-        found[key] = tuple(paths)
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+            raise ConfigError(f"{where}: `{key}` must be a list of paths")
+        found[key] = tuple(_from(base, p) for p in paths)
     for key in ("home", "user"):
         value = table.get(key, "")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: `{key}` must be a string")
         found[key] = value
-    if found["home"] and not os.path.isabs(os.path.expanduser(found["home"])):
-        raise ConfigError(f"{where}: `home` must be an absolute path")
-    found["home"] = os.path.expanduser(found["home"]) if found["home"] else ""
+    found["home"] = _from(base, found["home"])
     return found
 
 

@@ -138,7 +138,7 @@ def test_sandbox_keys_per_agent_are_read_and_checked(tmp_path: Path) -> None:
     for text, message in [
         ("sandbox = 'docker'", "`sandbox` must be"),
         ("network = 'yes'", "`network` must be true or false"),
-        ("ro_paths = ['relative']", "`ro_paths` must be a list of absolute paths"),
+        ("ro_paths = ['']", "`ro_paths` must be a list of paths"),
         ("user = 'no-such-user-here'", "user 'no-such-user-here' does not exist"),
     ]:
         config = write(tmp_path / "bad.toml", f"[agents.x]\ncommand = 'x'\n{text}\n")
@@ -161,6 +161,59 @@ def test_file_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.Monkey
     flags = ["--workdir", "work", "--state-db", "s.db", "--auth-tokens-file", "tokens.toml"]
     settings = load_settings(flags, environ={})
     assert settings.state_db == tmp_path / "s.db" and settings.auth_tokens_file == tmp_path / "tokens.toml"
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--config conf/x.toml` run from elsewhere: every path in the file is the file's
+    directory's (absolute ones and `~` as they are), a bare command name is left to PATH, and
+    flags and env vars still start from the current directory."""
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    for directory in (conf / "work", conf / "work" / "w", elsewhere):
+        directory.mkdir(parents=True)
+    for name in ("tokens.toml", "cert.pem", "key.pem", "ca.pem"):  # only their being files is checked
+        write(conf / name, "")
+    write(conf / "replica.token", "r" * 32)
+    config = conf / "x.toml"
+    write(
+        config,
+        '[server]\nworkdir = "work/w"\nallowed_roots = ["work"]\nstate_db = "state/s.db"\n'
+        'replica_token_file = "replica.token"\n'
+        '[tls]\ncert = "cert.pem"\nkey = "key.pem"\nclient_ca = "ca.pem"\n'
+        '[auth]\ntokens_file = "tokens.toml"\n'
+        '[agents.x]\ncommand = "bin/agent"\nro_paths = ["ro", "/opt/tools"]\nrw_paths = ["../rw"]\n'
+        'home = "homes/x"\n'
+        '[agents.y]\ncommand = "agent-on-path"\nhome = "~/y"\n',
+    )
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings(["--config", os.path.join("..", "conf", "x.toml")], environ={})
+    conf = conf.resolve()
+    assert (settings.workdir, settings.allowed_roots) == (conf / "work" / "w", (conf / "work",))
+    assert settings.state_db == conf / "state" / "s.db"
+    assert settings.replica_token_file == conf / "replica.token"
+    assert settings.auth_tokens_file == conf / "tokens.toml"
+    assert (settings.tls_cert, settings.tls_key, settings.tls_client_ca) == (
+        conf / "cert.pem",
+        conf / "key.pem",
+        conf / "ca.pem",
+    )
+    assert settings.config_file is not None and settings.config_file.is_absolute()
+    assert settings.config_file.resolve() == conf / "x.toml"
+    x, y = settings.agents["x"], settings.agents["y"]
+    assert x.command == str(conf / "bin" / "agent")
+    assert (x.ro_paths, x.rw_paths) == ((str(conf / "ro"), "/opt/tools"), (str(tmp_path.resolve() / "rw"),))
+    assert x.home == str(conf / "homes" / "x")
+    assert (y.command, y.home) == ("agent-on-path", os.path.expanduser("~/y"))
+    # Flags and env vars are the shell's: from the current directory.
+    (elsewhere / "mine").mkdir()
+    environ = {"SESSIONGATE_STATE_DB": "st/s.db"}
+    flags = ["--config", str(config), "--workdir", "mine", "--allowed-root", "mine"]
+    settings = load_settings(flags, environ=environ)
+    assert (settings.workdir, settings.state_db) == (
+        elsewhere.resolve() / "mine",
+        elsewhere.resolve() / "st" / "s.db",
+    )
 
 
 def test_a_root_that_contains_the_state_dir_is_refused(tmp_path: Path) -> None:
