@@ -111,6 +111,8 @@ def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", int(limits.min_client_ping_interval * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.max_connection_idle_ms", int(limits.max_connection_idle * 1000)),
+        # grpc's default on Linux lets a second server bind a busy port and take half its calls.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -266,13 +268,7 @@ async def start_server(settings: Settings) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        port = server.add_secure_port(settings.listen, files.credentials())
-    else:
-        port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.listen}")
+    port = bind(server, settings)
     await server.start()
     if settings.listen.startswith("unix://"):  # local clients, authenticated by the file mode
         os.chmod(settings.listen.removeprefix("unix://"), 0o600)
@@ -287,6 +283,51 @@ async def start_server(settings: Settings) -> RunningServer:
     metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
     return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens, launcher.network)
+
+
+def bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Add the listening port; OSError (exit 1) saying why it cannot, "address already in use"
+    for a port or a Unix socket another server holds."""
+    if settings.listen.startswith("unix://"):
+        refuse_live_unix_socket(settings.listen)  # grpc would unlink it and take it over
+    try:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            port = server.add_secure_port(settings.listen, files.credentials())
+        else:
+            port = server.add_insecure_port(settings.listen)
+    except RuntimeError:  # grpc says only "failed to bind": ask the kernel why
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}: {bind_failure(settings.listen)}")
+    return port
+
+
+def refuse_live_unix_socket(listen: str) -> None:
+    path = listen.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # none there, or a stale file grpc replaces
+    raise OSError(f"cannot listen on {listen}: address already in use (another server answers there)")
+
+
+def bind_failure(listen: str) -> str:
+    """Why a TCP `HOST:PORT` cannot be bound, from a probe bind ("address already in use")."""
+    host, _, port = listen.rpartition(":")
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+        family, kind, _, _, address = addresses[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    except ValueError:
+        pass
+    return "the address cannot be bound"
 
 
 def default_replica_id(listen: str) -> str:

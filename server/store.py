@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -224,6 +225,33 @@ def make_store(state_url: str, state_db: Path, replica_id: str = "") -> Store:
     return SessionStore(state_db)
 
 
+def hold_database(path: Path) -> int:
+    """Lock `<path>.lock` for this process's life (released when its descriptor closes, at exit
+    at the latest) and write our PID into it: two servers sharing a database would restore the
+    same sessions and each run their agents. O_CLOEXEC: agents never inherit the lock."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open the lock file {lock}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise StoreError(
+            f"state database {path} is in use by another server{pid}: stop it, or give this one"
+            " a state_db of its own (--state-db)"
+        ) from exc
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"cannot lock {lock}: {exc.strerror}") from exc
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class SessionStore:
     """The SQLite backend."""
 
@@ -242,6 +270,7 @@ class SessionStore:
         self._turn_writes: TurnWrites[concurrent.futures.Future[None]] = TurnWrites()
         self._turn_writes_queued = False
         self._closed = False
+        self._holder: int | None = None  # the lock file, held while open (hold_database)
 
     async def open(self) -> list[SessionRecord]:
         """Open (or create) the database and return every stored session, oldest first."""
@@ -463,6 +492,8 @@ class SessionStore:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: ours alone
         except OSError as exc:
             raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from exc
+        if self._holder is None:
+            self._holder = hold_database(self.path)
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
@@ -544,6 +575,11 @@ class SessionStore:
             self._db.execute("COMMIT")
 
     def _close(self) -> None:
-        self._flush()
-        self._write_turns()
-        self._disconnect()
+        try:
+            self._flush()
+            self._write_turns()
+            self._disconnect()
+        finally:
+            if self._holder is not None:
+                os.close(self._holder)  # releases the lock: the next server may open the database
+                self._holder = None
