@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -274,3 +276,62 @@ async def test_a_draining_backend_leaves_the_ring_while_it_still_runs(front: Fro
         assert moved_after < DRAINED_GRACE / 2, f"took {moved_after:.1f}s\n{front.log_tail()}"
     finally:
         turn.cancel()
+
+
+# ---- deploy/envoy-config.py: the Envoy config for other ports (README "Running several replicas")
+
+ENVOY_CONFIG_SCRIPT = DEPLOY / "envoy-config.py"
+
+
+def envoy_config(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ENVOY_CONFIG_SCRIPT), *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_envoy_config_script_prints_deploy_envoy_yaml_by_default() -> None:
+    """The documented default and the script agree, comments included."""
+    assert envoy_config() == ENVOY_CONFIG.read_text()
+    ports = "--listen 127.0.0.1:8080 --admin 127.0.0.1:9901 127.0.0.1:50051 127.0.0.1:50052 127.0.0.1:50053"
+    assert envoy_config(*ports.split()) == ENVOY_CONFIG.read_text()
+
+
+@needs_envoy
+def test_envoy_config_script_routes_to_the_ports_it_is_given(tmp_path: Path) -> None:
+    assert ENVOY is not None
+    text = envoy_config(
+        "--listen", "127.0.0.1:18080", "--admin", "127.0.0.1:19901", "127.0.0.1:15001", "[::1]:15002"
+    )
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(text)
+    assert config["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18080}
+    (cluster,) = config["static_resources"]["clusters"]
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]] == [
+        {"address": "127.0.0.1", "port_value": 15001},
+        {"address": "::1", "port_value": 15002},
+    ]
+    # Everything else is deploy/envoy.yaml's: the same health checks, routes and bounds.
+    default = yaml.safe_load(ENVOY_CONFIG.read_text())
+    for part in (config, default):
+        part.pop("admin")
+        part["static_resources"]["listeners"][0].pop("address")
+        part["static_resources"]["clusters"][0].pop("load_assignment")
+    assert config == default
+
+
+def test_envoy_config_script_refuses_an_address_without_a_port() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ENVOY_CONFIG_SCRIPT), "127.0.0.1"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "not HOST:PORT: '127.0.0.1'" in result.stderr
