@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TextIO, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -47,6 +48,7 @@ EXIT_CODES = {
 }
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other Unix tools
+T = TypeVar("T")
 POLICY_FLAGS = "--approve-all, --approve-reads or --deny-all"
 
 
@@ -59,7 +61,9 @@ class UsageError(SessionGateError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = _parser().parse_args(argv)
+    opts, extra = _parser().parse_known_args(argv)
+    if extra:  # the command's own usage, not the top-level one
+        opts.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _shared_defaults(opts)
     tls = {"tls_ca": opts.tls_ca, "client_cert": opts.tls_cert, "client_key": opts.tls_key}
     with SessionClient(opts.target, token=opts.token or None, **tls) as client:
@@ -114,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help, parents=[shared])
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, command_parser=sub)
         return sub
 
     command("agents", _agents, "list the configured agents")
@@ -183,7 +187,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent", default="", help="agent name (default: the server's default agent)")
-    parser.add_argument("--cwd", default="", help="working directory for the agent")
+    parser.add_argument(
+        "--cwd", default="", help="working directory for the agent (a relative one: from here)"
+    )
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label, repeatable")
 
 
@@ -226,8 +232,14 @@ def _agents(client: SessionClient, opts: argparse.Namespace) -> None:
 
 
 def _create(client: SessionClient, opts: argparse.Namespace) -> None:
-    session = client.create_session(opts.agent, opts.cwd, labels=_labels(opts.label))
+    session = client.create_session(opts.agent, _cwd(opts), labels=_labels(opts.label))
     print(_json(session) if opts.json else session.session_id)
+
+
+def _cwd(opts: argparse.Namespace) -> str:
+    """--cwd with a relative path taken from where the CLI runs, as a user means it (the
+    server would take it from its own directory)."""
+    return os.path.abspath(opts.cwd) if opts.cwd else ""
 
 
 def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
@@ -241,7 +253,7 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
         )
     session_id = opts.session
     if not session_id:
-        session_id = client.create_session(opts.agent, opts.cwd, labels=_labels(opts.label)).session_id
+        session_id = client.create_session(opts.agent, _cwd(opts), labels=_labels(opts.label)).session_id
         print(f"session {session_id}", file=sys.stderr)
     renderer = _renderer(opts)
     asker = TerminalAsker(
@@ -385,7 +397,7 @@ def _history(client: SessionClient, opts: argparse.Namespace) -> None:
     if opts.turn:
         _show_turn(client, opts)
         return
-    turns = client.list_turns(opts.session)
+    turns = _first_page(client.list_turns(opts.session))
     if opts.json:
         for turn in turns:
             print(_json(turn))
@@ -553,7 +565,7 @@ def _state_lines(session: pb.Session) -> list[str]:
 
 
 def _list(client: SessionClient, opts: argparse.Namespace) -> None:
-    sessions = client.list_sessions(agent=opts.agent, labels=_labels(opts.label))
+    sessions = _first_page(client.list_sessions(agent=opts.agent, labels=_labels(opts.label)))
     if opts.json:
         for session in sessions:
             print(_json(session))
@@ -564,6 +576,12 @@ def _list(client: SessionClient, opts: argparse.Namespace) -> None:
         active = s.last_active_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
         labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
         print(f"{s.session_id:<26} {s.agent:<12} {state:<11} {active:<20} {labels}")
+
+
+def _first_page(items: Iterator[T]) -> Iterator[T]:
+    """`items` with its first page fetched: a failing call fails before a table header."""
+    first = next(items, None)
+    return items if first is None else itertools.chain((first,), items)
 
 
 def _close(client: SessionClient, opts: argparse.Namespace) -> None:
@@ -620,7 +638,10 @@ def _report(error: SessionGateError, opts: argparse.Namespace, out: TextIO = sys
             )
         )
     reason = f" {error.reason}" if error.reason else ""
-    print(f"error: {error.code.name}{reason}: {error.message}", file=out)
+    message = error.message
+    if error.violations and all(f"{f}: {d}" in message for f, d in error.violations.items()):
+        message = message.partition(":")[0]  # its summary repeats the violations listed below
+    print(f"error: {error.code.name}{reason}: {message}", file=out)
     for field, description in error.violations.items():
         print(f"  {field}: {description}", file=out)
     hint = error.hint if isinstance(error, UsageError) else _hint(error, opts)
@@ -672,6 +693,11 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     }
     if error.reason in hints:
         return printable(hints[error.reason])
+    cwd = _cwd(opts) if getattr(opts, "cwd", "") else ""
+    said = error.violations.get("cwd", "does not exist")
+    if "does not exist" not in said and cwd and not os.path.exists(cwd):
+        # The server does not say whether a path outside its roots exists; this machine can.
+        return printable(f"{cwd} does not exist on this machine")
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"is the server running at {opts.target}? (--target or SESSIONGATE_TARGET)"
     return ""

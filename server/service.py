@@ -477,8 +477,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
             if not any(path.is_relative_to(root) for root in allowed):
                 roots = ", ".join(str(r) for r in allowed)
                 return path, f"{shown} is outside the allowed roots ({roots})"
+            if not path.exists():  # said only inside the roots: outside, existence is not told
+                return path, f"{shown} does not exist"
             if not path.is_dir():
-                return path, f"{shown} is not an existing directory"
+                return path, f"{shown} is not a directory"
         except OSError as exc:  # a directory we may not search; its text names resolved paths
             return self._settings.workdir, f"{shown} cannot be resolved: {exc.strerror or 'error'}"
         except RuntimeError:  # a symlink loop

@@ -521,3 +521,67 @@ def test_new_events_render_readably() -> None:
 
 def _text(value: str) -> pb.ContentBlock:
     return pb.ContentBlock(text=pb.TextContent(text=value))
+
+
+async def cli_in(directory: Path, gate: Gate, *args: str) -> tuple[int, str, str]:
+    """`cli`, run from `directory` (the CLI's own current directory)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "client",
+        "--target",
+        gate.target,
+        *args,
+        cwd=directory,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_relative_cwd_is_taken_from_where_the_cli_runs(gate: Gate) -> None:
+    sub = gate.workdir / "project" / "src"
+    sub.mkdir(parents=True)
+    code, out, err = await cli_in(sub, gate, "create", "--json", "--cwd", ".")
+    assert code == 0, err
+    assert json.loads(out)["cwd"] == str(sub.resolve())  # not the server's own directory
+    code, out, err = await cli_in(sub.parent, gate, "create", "--json", "--cwd", "src")
+    assert code == 0, err
+    assert json.loads(out)["cwd"] == str(sub.resolve())
+
+
+async def test_a_missing_cwd_is_said_not_to_exist_once(gate: Gate) -> None:
+    missing = gate.workdir / "no-such-dir"
+    code, _, err = await cli(gate, "create", "--cwd", str(missing))
+    assert code == 2
+    assert f"cwd: '{missing}' does not exist" in err
+    assert err.count("does not exist") == 1, err  # the violation is printed once, not twice
+    assert "error: INVALID_ARGUMENT: invalid request\n" in err
+    # Outside the roots the server keeps its roots message (existence there is not the caller's
+    # to learn), printed once; this machine says what it knows.
+    code, _, err = await cli(gate, "create", "--cwd", "/no-such-dir-sessiongate")
+    assert code == 2
+    assert err.count("outside the allowed roots") == 1, err
+    assert "hint: /no-such-dir-sessiongate does not exist on this machine" in err
+    (gate.workdir / "a-file").write_text("")
+    code, _, err = await cli(gate, "create", "--cwd", str(gate.workdir / "a-file"))
+    assert code == 2 and "is not a directory" in err
+
+
+async def test_list_and_history_print_no_header_before_failing(gate: Gate) -> None:
+    env = {"SESSIONGATE_TARGET": "127.0.0.1:1"}
+    code, out, err = await cli(None, "list", env=env)
+    assert (code, out) == (6, "") and "is the server running" in err
+    code, out, err = await cli(None, "history", "some-session", env=env)
+    assert (code, out) == (6, "") and "is the server running" in err
+    code, out, _ = await cli(gate, "list")  # with no sessions: the header alone
+    assert code == 0 and out.startswith("SESSION")
+
+
+async def test_a_wrong_flag_of_a_command_prints_that_command_s_usage() -> None:
+    code, out, err = await cli(None, "create", "--bogus")
+    assert (code, out) == (2, "")
+    assert err.startswith("usage: sessiongate create"), err
+    assert "unrecognized arguments: --bogus" in err
