@@ -204,12 +204,20 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         unknown = set(document) - {"server", "agents", "auth", "tls"}
         if unknown:
             raise ConfigError(f"{config_path}: unknown top-level keys {sorted(unknown)}")
+    from_env: dict[str, str] = {}  # key -> the env var its value came from
     for key in (*_SCALAR_KEYS, *_LIMIT_FIELDS):
         env_value = environ.get(ENV_PREFIX + key.upper())
         if env_value is not None:
             raw[key] = env_value.split(os.pathsep) if key == "allowed_roots" else env_value
+            from_env[key] = ENV_PREFIX + key.upper()
     raw.update({k: v for k, v in opts.items() if v is not None})
-    settings = _build(raw, agents)
+    try:
+        settings = _build(raw, agents)
+    except ConfigError as exc:  # "stall_timeout must be a number": say where the value came from
+        key = str(exc).split(" ", 1)[0]
+        if key in from_env and opts.get(key) is None:
+            raise ConfigError(f"{from_env[key]}: {exc}") from None
+        raise
     if not config_path:
         return settings
     return replace(settings, config_file=Path(os.path.abspath(os.path.expanduser(config_path))))

@@ -333,3 +333,11 @@ async def test_without_authentication_the_default_still_runs_unconfined_with_a_w
     )
     running = await start_server(settings)
     await running.drain(0)
+
+
+def test_a_bad_env_value_names_its_variable(tmp_path: Path) -> None:
+    environ = {"SESSIONGATE_STALL_TIMEOUT": "abc"}
+    with pytest.raises(ConfigError, match=r"^SESSIONGATE_STALL_TIMEOUT: stall_timeout must be a number"):
+        load_settings(["--workdir", str(tmp_path)], environ=environ)
+    with pytest.raises(ConfigError, match=r"^stall_timeout must be a number"):  # a flag's value: no env var
+        load_settings(["--workdir", str(tmp_path), "--stall-timeout", "abc"], environ=environ)
