@@ -698,9 +698,20 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     if "does not exist" not in said and cwd and not os.path.exists(cwd):
         # The server does not say whether a path outside its roots exists; this machine can.
         return printable(f"{cwd} does not exist on this machine")
+    if error.code == grpc.StatusCode.UNAVAILABLE and _handshake_cut(error, opts):
+        return (
+            "the server closed the connection during the TLS handshake: it asks for a client "
+            "certificate (mTLS)? pass --tls-cert and --tls-key"
+        )
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"is the server running at {opts.target}? (--target or SESSIONGATE_TARGET)"
     return ""
+
+
+def _handshake_cut(error: SessionGateError, opts: argparse.Namespace) -> bool:
+    """A TLS connection without a client certificate that the server closed: what an mTLS server
+    does (grpc reports only "Socket closed"; a server that is not there refuses instead)."""
+    return bool(not error.reason and opts.tls_ca and not opts.tls_cert and "Socket closed" in error.message)
 
 
 def _seq_hint(error: SessionGateError, opts: argparse.Namespace) -> str:

@@ -585,3 +585,17 @@ async def test_a_wrong_flag_of_a_command_prints_that_command_s_usage() -> None:
     assert (code, out) == (2, "")
     assert err.startswith("usage: sessiongate create"), err
     assert "unrecognized arguments: --bogus" in err
+
+
+async def test_mtls_without_a_client_certificate_says_so(make_gate: GateFactory, tmp_path: Path) -> None:
+    from tests.pki import Pki
+
+    pki = Pki.make(tmp_path, "one")
+    cert, key = pki.issue("server", ip="127.0.0.1")
+    gate: Gate = await make_gate(
+        settings={"tls_cert": cert, "tls_key": key, "tls_client_ca": pki.path("ca.pem")}
+    )
+    code, out, err = await cli(gate, "--tls-ca", str(pki.path("ca.pem")), "agents")
+    assert (code, out) == (6, "")
+    assert "is the server running" not in err, err
+    assert "it asks for a client certificate (mTLS)? pass --tls-cert and --tls-key" in err, err
