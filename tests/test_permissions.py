@@ -19,7 +19,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import Gate, GateFactory, expect_error, kinds, reply_text
+from tests.conftest import Gate, GateFactory, eventually, expect_error, kinds, reply_text
 
 
 def seconds(value: float) -> duration_pb2.Duration:
@@ -224,7 +224,10 @@ async def test_a_client_leaving_or_a_close_cancels_the_pending_request(gate: Gat
         )
     )
     assert late.metadata["state"] == "cancelled"
-    assert any(line.endswith(f"cancel {session.agent_session_id}") for line in gate.events_log())
+    # The agent may end its turn on the withdrawn question before it logs the session/cancel
+    # that came with it: the line comes, not necessarily before the session is idle.
+    cancelled = f"cancel {session.agent_session_id}"
+    await eventually(lambda: any(line.endswith(cancelled) for line in gate.events_log()), 10, "the cancel")
 
     asking = Asking(gate, session.session_id, "/permission")
     await asking.question()
