@@ -19,7 +19,9 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO, TypeVar
@@ -334,12 +336,41 @@ class Shown:
 
 
 def _show(events: Iterable[pb.PromptEvent], renderer: LiveRenderer | None, shown: Shown) -> None:
-    for event in events:
-        if renderer is None:
-            print(_json(event), flush=True)
-        else:
-            renderer.event(event)
-        shown.seq = event.seq
+    """Each event, and `shown.seq` with it: a Ctrl-C while an event is being written waits until
+    it is written and counted, so the re-attach hint never repeats or skips an event."""
+    writing = False
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if not writing:
+            raise KeyboardInterrupt
+        interrupted = True
+
+    with _sigint_handler(on_sigint):
+        for event in events:
+            writing = True
+            if renderer is None:
+                print(_json(event), flush=True)
+            else:
+                renderer.event(event)
+            shown.seq = event.seq
+            writing = False
+            if interrupted:
+                raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_handler(handler: Any) -> Iterator[None]:
+    """`handler` for SIGINT meanwhile (only the main thread may set one: elsewhere, as it was)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _watch_command(session_id: str, turn_id: str, after_seq: int) -> str:
