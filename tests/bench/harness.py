@@ -597,7 +597,7 @@ def garbage_counts(gate: Gateway) -> list[tuple[float, int]]:
     """(log time, lines dropped so far) from the gateway's garbage summaries (one per 100,000)."""
     counts = []
     for line in gate.log:
-        match = re.match(r"\S+ (\d\d):(\d\d):(\d\d),(\d+) .*has written (\d+) garbage lines", line)
+        match = re.match(r"\S+ (\d\d):(\d\d):(\d\d),(\d+) .*has written (\d+) \"?garbage lines", line)
         if match:
             hours, minutes, seconds, millis, lines = (int(g) for g in match.groups())
             counts.append((hours * 3600 + minutes * 60 + seconds + millis / 1000, lines))
