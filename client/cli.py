@@ -4,29 +4,34 @@ Exit codes follow the gRPC status of the failure, so scripts can branch on them:
 0 ok, 1 internal or other error, 2 invalid arguments (also: a turn that would ask you for
 permission, off a terminal; a `watch --from` older than what the turn keeps), 3 not found,
 4 busy or pool exhausted (retry later), 5 stalled or timed out, 6 unavailable (server or
-agent), 7 a failed precondition (the agent needs credentials, or refused or does not offer
-a mode, config option or auth method), 8 no valid token, 9 not allowed, 130 interrupted
-(the turn was cancelled, except after `prompt --detach` or during `watch`: then it runs
-on), 141 output closed early (e.g. `| head`; the turn was cancelled unless detached).
+agent; also a call the server ended, e.g. shutting down), 7 a failed precondition (the agent
+needs credentials, or refused or does not offer a mode, config option or auth method),
+8 no valid token, 9 not allowed, 130 interrupted (the turn was cancelled, except after
+`prompt --detach` or during `watch`: then it runs on), 141 output closed early (e.g.
+`| head`; the turn was cancelled unless detached).
 
 The shared options (--target, --token, --tls-*, --json) go before or after the command.
+`sessiongate completion bash|zsh|tcsh` prints a shell completion script (made by shtab).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
 
 import grpc
+import shtab
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from sessiongate.v1 import session_service_pb2 as pb
@@ -44,6 +49,9 @@ EXIT_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 4,
     grpc.StatusCode.DEADLINE_EXCEEDED: 5,
     grpc.StatusCode.UNAVAILABLE: 6,
+    # Only the server (or a proxy, or the transport) ends a call CANCELLED: when the CLI stops a
+    # turn it exits 130 or 141 without a status. A server shutting down does it, so: unavailable.
+    grpc.StatusCode.CANCELLED: 6,
     grpc.StatusCode.FAILED_PRECONDITION: 7,
     grpc.StatusCode.UNAUTHENTICATED: 8,
     grpc.StatusCode.PERMISSION_DENIED: 9,
@@ -52,6 +60,7 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other Unix tools
 T = TypeVar("T")
 POLICY_FLAGS = "--approve-all, --approve-reads or --deny-all"
+SHELLS = ("bash", "zsh", "tcsh")  # the shells shtab writes completion scripts for
 
 
 class UsageError(SessionGateError):
@@ -67,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:  # the command's own usage, not the top-level one
         opts.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _shared_defaults(opts)
+    if opts.run is _completion:  # no server involved
+        return _completion(opts)
     tls = {"tls_ca": opts.tls_ca, "client_cert": opts.tls_cert, "client_key": opts.tls_key}
     with SessionClient(opts.target, token=opts.token or None, **tls) as client:
         try:
@@ -116,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sessiongate", description="Drive ACP coding agents through sessiongate.", parents=[shared]
     )
+    parser.add_argument("--version", action="version", version=f"sessiongate {version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
@@ -184,7 +196,35 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("method", help="auth method id (AGENT_AUTH_REQUIRED lists them)")
     health = command("health", _health, "check the server's health")
     health.add_argument("--service", default="", help="service name (default: the whole server)")
+    completion = command("completion", _completion, "print a shell completion script (see its help)")
+    completion.description = (
+        "Print the completion script for SHELL. bash: `sessiongate completion bash > "
+        "~/.local/share/bash-completion/completions/sessiongate`; zsh: `sessiongate completion zsh > "
+        "~/.zfunc/_sessiongate` with ~/.zfunc in $fpath before compinit; tcsh: "
+        "`sessiongate completion tcsh > ~/.sessiongate.tcsh` and `source` it from ~/.tcshrc."
+    )
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="|".join(SHELLS))
+    for action in parser._actions + [a for p in commands.choices.values() for a in p._actions]:
+        if action.dest in ("file", "tls_ca", "tls_cert", "tls_key"):
+            action.complete = shtab.FILE  # type: ignore[attr-defined]  # shtab reads this attribute
+        elif action.dest == "cwd":
+            action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
     return parser
+
+
+def version() -> str:
+    """The installed sessiongate distribution's version; run from a checkout that was never
+    installed, say so rather than guess."""
+    try:
+        return importlib.metadata.version("sessiongate")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown: not installed; `pip install .` in the checkout)"
+
+
+def _completion(opts: argparse.Namespace) -> int:
+    """The shell's completion script for this CLI: static, generated from the parser."""
+    print(shtab.complete(_parser(), shell=opts.shell))
+    return 0
 
 
 def _session_options(parser: argparse.ArgumentParser) -> None:
@@ -348,16 +388,21 @@ def _show(events: Iterable[pb.PromptEvent], renderer: LiveRenderer | None, shown
         interrupted = True
 
     with _sigint_handler(on_sigint):
-        for event in events:
-            writing = True
-            if renderer is None:
-                print(_json(event), flush=True)
-            else:
-                renderer.event(event)
-            shown.seq = event.seq
-            writing = False
-            if interrupted:
-                raise KeyboardInterrupt
+        try:
+            for event in events:
+                writing = True
+                if renderer is None:
+                    print(_json(event), flush=True)
+                else:
+                    renderer.event(event)
+                shown.seq = event.seq
+                writing = False
+                if interrupted:
+                    raise KeyboardInterrupt
+        except SessionGateError:
+            if renderer is not None:
+                renderer.end_line()  # the error goes on a line of its own, not after a partial reply
+            raise
 
 
 @contextlib.contextmanager
@@ -485,6 +530,10 @@ def _show_turn(client: SessionClient, opts: argparse.Namespace) -> None:
 
 
 def _turn_state(turn: pb.Turn) -> str:
+    """Its state; a turn the agent stopped on a cancel (CancelPrompt, its client leaving, the
+    server shutting down) reads "cancelled", though the server counts it completed."""
+    if turn.state == pb.TURN_STATE_COMPLETED and turn.result.stop_reason == pb.STOP_REASON_CANCELLED:
+        return "cancelled"
     return TURN_STATES.get(turn.state, "?")
 
 
@@ -565,7 +614,8 @@ def _get(client: SessionClient, opts: argparse.Namespace) -> None:
         return
     for key, value in json_format.MessageToDict(session, preserving_proto_field_name=True).items():
         if key not in STATE_FIELDS:
-            print(printable(f"{key:<18} {value}"))
+            shown = pairs(value) if isinstance(value, dict) else value  # labels, agent_info
+            print(printable(f"{key:<18} {shown}"))
     for line in _state_lines(session):
         print(printable(line))  # titles, names and descriptions come from the agent
 
@@ -605,8 +655,25 @@ def _list(client: SessionClient, opts: argparse.Namespace) -> None:
     for s in sessions:
         state = pb.SessionState.Name(s.state).removeprefix("SESSION_STATE_").lower()
         active = s.last_active_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-        print(f"{s.session_id:<26} {s.agent:<12} {state:<11} {active:<20} {labels}")
+        print(printable(f"{s.session_id:<26} {s.agent:<12} {state:<11} {active:<20} {pairs(s.labels)}"))
+
+
+def pairs(mapping: Mapping[str, Any]) -> str:
+    """`k=v,k2=v2`, sorted by key, each pair as `--label` takes it. A key or value that would not read back
+    as one (empty, or with a separator, quote, space or control character in it) is quoted as a
+    JSON string, escapes and all."""
+    return ",".join(f"{_quoted(str(key))}={_quoted(str(value))}" for key, value in sorted(mapping.items()))
+
+
+def _quoted(text: str) -> str:
+    if _BARE.fullmatch(text):
+        return text
+    # JSON escapes C0 controls; DEL and C1 it leaves raw, so escape those too.
+    return _RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
+
+
+_BARE = re.compile(r"[^\x00-\x20\x7f-\x9f,=\"'\\]+")  # one word that needs no quotes
+_RAW = re.compile("[\x7f-\x9f]")
 
 
 def _first_page(items: Iterator[T]) -> Iterator[T]:
@@ -733,6 +800,11 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         return (
             "the server closed the connection during the TLS handshake: it asks for a client "
             "certificate (mTLS)? pass --tls-cert and --tls-key"
+        )
+    if error.code == grpc.StatusCode.CANCELLED:  # not by us (see EXIT_CODES): not a user's cancel
+        return (
+            "the server ended the call before it was done (shutting down or restarting?): "
+            f"retry shortly; see what a turn did with `sessiongate history {session}`"
         )
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"is the server running at {opts.target}? (--target or SESSIONGATE_TARGET)"

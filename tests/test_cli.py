@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import io
 import json
 import os
 import pty
 import select
+import shlex
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
+import client.cli as cli_module
 from client.render import BOLD, CLEAR_LINE, DIM, RESET, LiveRenderer
 from client.terminal import TerminalAsker
+from server.errors import ShuttingDown
 from tests.conftest import Gate, GateFactory, eventually
 
 
@@ -599,3 +607,138 @@ async def test_mtls_without_a_client_certificate_says_so(make_gate: GateFactory,
     assert (code, out) == (6, "")
     assert "is the server running" not in err, err
     assert "it asks for a client certificate (mTLS)? pass --tls-cert and --tls-key" in err, err
+
+
+async def test_version_names_the_installed_distribution(monkeypatch: Any) -> None:
+    code, out, _ = await cli(None, "--version")
+    assert (code, out) == (0, f"sessiongate {importlib.metadata.version('sessiongate')}\n")
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert "not installed" in cli_module.version()
+
+
+def complete_in_bash(script: Path, *words: str, cwd: Path | None = None) -> list[str]:
+    """What the completion `script` offers for the last of `words` (sorted), in a real bash (in `cwd`)."""
+    line = " ".join(words)
+    program = (
+        f"source {shlex.quote(str(script))}; COMP_WORDS=({' '.join(shlex.quote(w) for w in words)}); "
+        f"COMP_CWORD={len(words) - 1}; COMP_LINE={shlex.quote(line)}; COMP_POINT={len(line)}; "
+        '_shtab_sessiongate; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", program], capture_output=True, text=True, timeout=30, check=True, cwd=cwd
+    )
+    return sorted(done.stdout.split())
+
+
+async def test_completion_scripts_complete_commands_and_their_flags(tmp_path: Path) -> None:
+    code, out, err = await cli(None, "completion", "bash")
+    assert code == 0, err
+    script = tmp_path / "sessiongate.bash"
+    script.write_text(out)
+    assert complete_in_bash(script, "sessiongate", "cr") == ["create"]
+    assert complete_in_bash(script, "sessiongate", "co") == ["completion", "config"]
+    assert complete_in_bash(script, "sessiongate", "prompt", "--de") == ["--deny-all", "--detach"]
+    assert complete_in_bash(script, "sessiongate", "completion", "") == ["bash", "tcsh", "zsh"]
+    (tmp_path / "project").mkdir()
+    (tmp_path / "prompt.txt").write_text("")
+    words = ("sessiongate", "create", "--cwd", "pro")
+    assert complete_in_bash(script, *words, cwd=tmp_path) == ["project"]  # directories only
+    words = ("sessiongate", "prompt", "--file", "pro")
+    assert complete_in_bash(script, *words, cwd=tmp_path) == ["project", "prompt.txt"]
+    code, out, _ = await cli(None, "completion", "zsh")
+    assert code == 0 and out.startswith("#compdef sessiongate") and "--detach" in out
+    code, out, _ = await cli(None, "completion", "tcsh")
+    assert code == 0 and "complete sessiongate" in out
+    code, _, err = await cli(None, "completion", "cmd.exe")
+    assert code == 2 and "invalid choice" in err
+
+
+async def test_get_and_list_print_labels_as_pairs(gate: Gate) -> None:
+    labels = {"team": "a", "note": "two words", "csv": "a,b", "esc": "\x1b[2J\x9b"}
+    session = await gate.create(labels=labels)
+    code, out, _ = await cli(gate, "get", session.session_id)
+    shown = 'csv="a,b",esc="\\u001b[2J\\u009b",note="two words",team=a'  # sorted, quoted when needed
+    assert code == 0 and f"labels             {shown}\n" in out, out
+    assert "{" not in out  # no Python dict, agent_info neither
+    code, out, _ = await cli(gate, "get", "--json", session.session_id)
+    assert json.loads(out)["labels"] == labels
+    code, out, _ = await cli(gate, "list")
+    assert code == 0 and out.splitlines()[1].endswith(shown), out
+
+
+async def test_history_shows_a_cancelled_turn_as_cancelled(gate: Gate) -> None:
+    session = await gate.create()
+    sid = session.session_id
+    turn = asyncio.create_task(gate.prompt(sid, "/sleep 30"))  # ended by CancelPrompt
+    await gate.wait_state(sid, pb.SESSION_STATE_BUSY)
+    code, out, _ = await cli(gate, "cancel", sid)
+    assert (code, out) == (0, "cancelled\n")
+    assert (await turn)[-1].result.stop_reason == pb.STOP_REASON_CANCELLED
+    left = gate.stub.Prompt(pb.PromptRequest(session_id=sid, text="/sleep 30"))  # ended by its client
+    await gate.wait_state(sid, pb.SESSION_STATE_BUSY)
+    left.cancel()
+    await gate.wait_state(sid, pb.SESSION_STATE_IDLE)
+    await gate.prompt(sid, "done")
+    code, out, err = await cli(gate, "history", sid)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(row[1], row[6]) for row in rows] == [
+        ("completed", "end_turn"),
+        ("cancelled", "cancelled"),
+        ("cancelled", "cancelled"),
+    ], out
+    code, out, _ = await cli(gate, "history", sid, out.splitlines()[2].split()[0])
+    assert code == 0 and " · cancelled · " in out.splitlines()[0], out
+    assert out.splitlines()[-1].startswith("-- cancelled")
+
+
+async def test_a_turn_cut_off_by_a_server_shutdown_is_an_error_not_a_cancel(gate: Gate) -> None:
+    session = await gate.create()
+    prompt = asyncio.create_task(cli(gate, "prompt", "--session", session.session_id, "/sleep 30"))
+    await gate.wait_state(session.session_id, pb.SESSION_STATE_BUSY)
+    await gate.running.stop_now()
+    code, out, err = await prompt
+    assert code == 6 and "-- cancelled" not in out, (out, err)
+    assert "error: UNAVAILABLE SHUTTING_DOWN" in err
+    assert "hint: the server is draining" in err
+
+
+class Hangup(pb_grpc.SessionServiceServicer):
+    """A server whose Prompt streams end as a server's can while it goes away."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        yield pb.PromptEvent(seq=1, message_chunk=pb.ContentChunk(content=_text("partial ")))
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            await context.abort_with_status(ShuttingDown("the server is shutting down").to_status())
+        await context.abort(self.code, "Received RST_STREAM with error code 8")
+
+
+async def hangup_server(code: grpc.StatusCode) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    pb_grpc.add_SessionServiceServicer_to_server(Hangup(code), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_a_stream_the_server_cancels_is_not_shown_as_the_user_s_cancel() -> None:
+    for code, says in (
+        (grpc.StatusCode.UNAVAILABLE, "error: UNAVAILABLE SHUTTING_DOWN"),
+        (grpc.StatusCode.CANCELLED, "hint: the server ended the call before it was done"),
+    ):
+        server, target = await hangup_server(code)
+        try:
+            status, out, err = await cli(
+                None, "--target", target, "prompt", "--deny-all", "--session", "s", "hi"
+            )
+        finally:
+            await server.stop(0)
+        assert (status, out) == (6, "partial \n"), (code, out, err)
+        assert says in err and "cancelled" not in out, err
