@@ -1,4 +1,4 @@
-"""`python -m server` / `sessiongate-server`: flags -> settings -> serve."""
+"""`python -m server` / `sessiongate-server`: flags -> settings -> serve (or --check-config)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,46 @@ import asyncio
 import sys
 
 from server import logs
-from server.app import serve
-from server.settings import ConfigError, load_settings
+from server.app import check_config, serve
+from server.settings import ConfigError, Settings, check_requested, load_settings
 from server.store import StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        check = check_requested(argv)  # argparse ends --help and --version here (exit 0)
         settings = load_settings(argv)
-    except ConfigError as exc:
-        print(f"sessiongate-server: configuration error: {exc}", file=sys.stderr)
-        return 2
-    logs.configure(settings.log_level, settings.log_format)
-    try:
+        logs.configure(settings.log_level, settings.log_format)
+        if check:
+            return report_check(settings)
         return asyncio.run(serve(settings))
-    except ConfigError as exc:  # found while starting (a tokens file, say)
+    except ConfigError as exc:  # in the settings, or found while starting (a tokens file, say)
         print(f"sessiongate-server: configuration error: {exc}", file=sys.stderr)
         return 2
     except (OSError, StoreError) as exc:
         print(f"sessiongate-server: {exc}", file=sys.stderr)
         return 1
+
+
+def report_check(settings: Settings) -> int:
+    """--check-config: "config ok" and what would be served (stdout), a warning per agent that
+    could not start here (stderr, still exit 0); a ConfigError is raised to main (exit 2)."""
+    problems = check_config(settings)
+    for problem in problems.values():
+        print(
+            f"sessiongate-server: warning: {problem}; its sessions would fail AGENT_UNAVAILABLE",
+            file=sys.stderr,
+        )
+    security = [
+        *(["TLS"] if settings.tls_cert is not None else []),
+        *(["client certificates"] if settings.tls_client_ca is not None else []),
+        *(["tokens"] if settings.auth_tokens_file is not None else []),
+    ]
+    print(f"config ok: {settings.config_file or 'no config file (defaults, env vars, flags)'}")
+    print(f"  listen {settings.listen} ({', '.join(security) or 'no authentication, no TLS'})")
+    print(f"  agents {', '.join(sorted(settings.agents))} (default {settings.default_agent})")
+    print(f"  state {'PostgreSQL (state_url)' if settings.state_url else settings.state_db}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -131,8 +132,10 @@ def use_pidfd_child_watcher() -> None:
 
 def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
     """One line per agent at start: how it runs, and what is wrong if it cannot."""
+    agents = list(agents)
+    problems = agent_problems(launcher, agents)
     for config in agents:
-        problem = launcher.problem(config)
+        problem = problems.get(config.name)
         if problem is not None:
             log.error("%s; its sessions fail AGENT_UNAVAILABLE", problem)
         elif launcher.sandboxed(config) and config.network_mode == "host":
@@ -185,9 +188,18 @@ def tighten_state_dir(path: Path) -> None:
         return
 
 
-async def start_server(settings: Settings) -> RunningServer:
-    """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
-    use_pidfd_child_watcher()
+@dataclass
+class Preflight:
+    """What a start checks and reads before it opens the state or the network."""
+
+    tokens: TokenTable | None
+    launcher: Launcher
+    certificates: CertificateFiles | None
+
+
+def preflight(settings: Settings) -> Preflight:
+    """Every check a start makes before it opens the state database or binds (`--check-config`
+    makes these and no more): ConfigError (exit 2) saying what is wrong."""
     if settings.state_url and settings.authenticated and settings.replica_token_file is None:
         # Else a forwarded call could only pass on the caller's own token, to an address read
         # from the database: a reusable secret to wherever a row points.
@@ -203,13 +215,90 @@ async def start_server(settings: Settings) -> RunningServer:
     )
     if tokens is not None:
         tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
-    metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
     # What agents must not see: the tokens, the TLS key, the config (other agents' env), and
     # our own Unix socket (an agent could use the API over it as the server's user).
-    socket = Path(settings.listen.removeprefix("unix://")) if settings.listen.startswith("unix://") else None
+    listening = settings.listen.startswith("unix://")
+    unix_socket = Path(settings.listen.removeprefix("unix://")) if listening else None
     secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, settings.replica_token_file)
-    launcher = Launcher.for_server(settings.state_db, (*secrets, socket))
+    launcher = Launcher.for_server(settings.state_db, (*secrets, unix_socket))
     refuse_unconfined(launcher, settings)
+    return Preflight(tokens, launcher, certificate_files(settings))
+
+
+def certificate_files(settings: Settings) -> CertificateFiles | None:
+    """The TLS certificate, key and client CA, read now: unreadable or not PEM is a ConfigError."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    try:
+        return CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"TLS: {exc}") from None
+
+
+def agent_problems(launcher: Launcher, agents: Iterable[AgentConfig]) -> dict[str, str]:
+    """Why each agent that cannot start here cannot (by agent name)."""
+    found = {}
+    for config in agents:
+        problem = launcher.problem(config) or command_problem(config)
+        if problem is not None:
+            found[config.name] = problem
+    return found
+
+
+def command_problem(config: AgentConfig) -> str | None:
+    """Whether the agent's command is there to run: a path must be an executable file, a name
+    must be found on PATH (the agent's own PATH when its env sets one)."""
+    command = config.command
+    if "/" in command:
+        if not os.path.isfile(command):
+            return f"agent {config.name!r}: command {command} does not exist"
+        if not os.access(command, os.X_OK):
+            return f"agent {config.name!r}: command {command} is not executable"
+        return None
+    if shutil.which(command, path=config.env.get("PATH")) is None:
+        return f"agent {config.name!r}: command {command!r} is not found on PATH"
+    return None
+
+
+def check_config(settings: Settings) -> dict[str, str]:
+    """`--check-config`: the start's checks (ConfigError when one fails), nothing started, bound
+    or opened; returns the agents that could not start here, and why."""
+    return agent_problems(preflight(settings).launcher, settings.agents.values())
+
+
+def client_hint(settings: Settings, port: int) -> tuple[str, tuple[str, ...]]:
+    """A first command to try against this server, as the log's last start line: a message
+    template and its arguments (the addresses, quoted by the log if they need it)."""
+    unix = settings.listen.startswith("unix://")
+    host = settings.listen.rpartition(":")[0]
+    target = settings.listen if unix else f"{'localhost' if _wildcard_host(host) else host}:{port}"
+    flags = ""
+    if settings.tls_cert is not None:
+        flags += " --tls-ca CA.pem"  # the CA that signed the server's certificate
+    if settings.tls_client_ca is not None:
+        flags += " --tls-cert CLIENT.pem --tls-key CLIENT-KEY.pem"
+    elif settings.auth_tokens_file is not None:
+        flags += " --token TOKEN"
+    template = f"try: sessiongate --target %s{flags} prompt hello"
+    if settings.authenticated or settings.tls_cert is not None:
+        return template, (target,)
+    if unix:
+        return template + "  (or: grpcurl -plaintext -unix %s list)", (target, target.removeprefix("unix://"))
+    return template + "  (or: grpcurl -plaintext %s list)", (target, target)
+
+
+def _wildcard_host(host: str) -> bool:
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
+    use_pidfd_child_watcher()
+    checked = preflight(settings)
+    tokens, launcher = checked.tokens, checked.launcher
+    metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
     tighten_state_dir(settings.state_db.parent)
     say_sandboxes(launcher, settings.agents.values())
     launcher.network = NetworkProxy(metrics.proxy_decision)
@@ -268,7 +357,7 @@ async def start_server(settings: Settings) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = bind(server, settings)
+    port = bind(server, settings, checked.certificates)
     await server.start()
     if settings.listen.startswith("unix://"):  # local clients, authenticated by the file mode
         os.chmod(settings.listen.removeprefix("unix://"), 0o600)
@@ -282,18 +371,19 @@ async def start_server(settings: Settings) -> RunningServer:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
+    template, addresses = client_hint(settings, port)
+    log.info(template, *addresses)
     return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens, launcher.network)
 
 
-def bind(server: grpc.aio.Server, settings: Settings) -> int:
+def bind(server: grpc.aio.Server, settings: Settings, certificates: CertificateFiles | None) -> int:
     """Add the listening port; OSError (exit 1) saying why it cannot, "address already in use"
     for a port or a Unix socket another server holds."""
     if settings.listen.startswith("unix://"):
         refuse_live_unix_socket(settings.listen)  # grpc would unlink it and take it over
     try:
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            files = CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-            port = server.add_secure_port(settings.listen, files.credentials())
+        if certificates is not None:
+            port = server.add_secure_port(settings.listen, certificates.credentials())
         else:
             port = server.add_insecure_port(settings.listen)
     except RuntimeError:  # grpc says only "failed to bind": ask the kernel why

@@ -9,6 +9,7 @@ case (e.g. `SESSIONGATE_STALL_TIMEOUT=30`); flags are `--<key-with-dashes>`.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import ipaddress
 import os
 import pwd
@@ -188,6 +189,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     """Build Settings from flags (argv), env vars and the `--config` TOML file."""
     environ = os.environ if environ is None else environ
     opts = _parse_flags(argv)
+    opts.pop("check_config")  # what to do, not a setting: see check_requested
     raw: dict[str, Any] = {}
     agents: dict[str, AgentConfig] = {BUILTIN_AGENT: builtin_agent()}
     config_path = opts.pop("config") or environ.get(ENV_PREFIX + "CONFIG")
@@ -251,8 +253,28 @@ def _paths_from(base: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     return found
 
 
+def package_version() -> str:
+    """The installed distribution's version, or a plain word saying it is not installed."""
+    try:
+        return importlib.metadata.version("sessiongate")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: run from a source tree)"
+
+
+def check_requested(argv: list[str] | None) -> bool:
+    """Whether the flags ask for --check-config (parsed as load_settings does, abbreviations too)."""
+    return bool(_parse_flags(argv)["check_config"])
+
+
 def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="sessiongate-server", description="sessiongate gRPC server")
+    parser.add_argument("--version", action="version", version=f"sessiongate-server {package_version()}")
+    parser.add_argument(
+        "--check-config",
+        dest="check_config",
+        action="store_true",
+        help="check the configuration (files, TLS, tokens, agents) and exit, without serving",
+    )
     parser.add_argument("--config", help="TOML config file (also SESSIONGATE_CONFIG)")
     parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
     parser.add_argument("--default-agent", dest="default_agent", help="agent used when a request names none")
