@@ -180,6 +180,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
         started = time.monotonic()
         agent, seq, outcome = "", 0, "client_gone"
+        cut_off: ShuttingDown | None = None
         lease_mark = self._router.mark() if self._router is not None else None
         try:
             self._refuse_if_draining()
@@ -207,6 +208,10 @@ class SessionService(pb_grpc.SessionServiceServicer):
                             self._router.check_lease(session.session_id)
                         if seq == 0:
                             self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
+                        if self._cut_off(session, event):
+                            outcome = "cancelled"
+                            cut_off = self._cut_off_error(session, turn_log.turn_id)
+                            raise cut_off
                         yield event
                         seq = event.seq
                         if event.HasField("result"):
@@ -227,7 +232,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 if self._router is not None
                 else error
             )
-            outcome = _outcome(exc)
+            outcome = "cancelled" if exc is cut_off else _outcome(exc)
             if isinstance(exc, SessionBusy):
                 self._metrics.busy_rejections.labels(agent).inc()
             await _abort(context, exc)
@@ -250,6 +255,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 async for event in events:
                     if self._router is not None:
                         self._router.check_lease(session.session_id)
+                    if self._cut_off(session, event):
+                        raise self._cut_off_error(session, turn_log.turn_id)
                     yield event
         except Forward as forward:
             async for event in self._forwarded_stream(forward, "WatchTurn", request, context):
@@ -445,6 +452,24 @@ class SessionService(pb_grpc.SessionServiceServicer):
         return self._proto(session)
 
     # ---- validation ----------------------------------------------------------------------
+
+    def _cut_off(self, session: Session, event: pb.PromptEvent) -> bool:
+        """Whether `event` is the CANCELLED result of a turn the drain ended (its grace over): the
+        live streams say SHUTTING_DOWN instead, so no client takes the shutdown for a cancel it
+        asked for. The turn's record keeps the result (WatchTurn after a restart shows it)."""
+        return (
+            self.draining
+            and session.ending
+            and event.HasField("result")
+            and event.result.stop_reason == pb.STOP_REASON_CANCELLED
+        )
+
+    @staticmethod
+    def _cut_off_error(session: Session, turn_id: str) -> ShuttingDown:
+        return ShuttingDown(
+            "the server is shutting down: the turn was cancelled when the drain grace ran out",
+            metadata={"session_id": session.session_id, "turn_id": turn_id},
+        )
 
     def _refuse_if_draining(self) -> None:
         if self.draining:
