@@ -132,10 +132,10 @@ def use_pidfd_child_watcher() -> None:
 
 def say_sandboxes(launcher: Launcher, agents: Iterable[AgentConfig]) -> None:
     """One line per agent at start: how it runs, and what is wrong if it cannot."""
-    agents = list(agents)
-    problems = agent_problems(launcher, agents)
     for config in agents:
-        problem = problems.get(config.name)
+        problem = launcher.problem(config)
+        if problem is None and (missing := command_problem(config)) is not None:
+            log.warning("%s; its sessions fail AGENT_UNAVAILABLE until that is fixed", missing)
         if problem is not None:
             log.error("%s; its sessions fail AGENT_UNAVAILABLE", problem)
         elif launcher.sandboxed(config) and config.network_mode == "host":
