@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import sys
+from typing import TYPE_CHECKING
 
-from server import logs
-from server.app import check_config, serve
-from server.settings import ConfigError, Settings, check_requested, load_settings
-from server.store import StoreError
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+# What the `server` extra brings: a client-only install (`pip install ./`) has none of it.
+SERVER_MODULES = ("acp", "asyncpg", "cryptography", "grpc_reflection", "prometheus_client")
+
+
+def missing_server_modules() -> list[str]:
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_server_modules()
+    if missing:
+        print(
+            f"sessiongate-server: the server's dependencies are not installed ({', '.join(missing)}): "
+            "install it with `pip install 'sessiongate[server]'` (or './[server]' from a checkout)",
+            file=sys.stderr,
+        )
+        return 1
+    # Imported here, once the dependencies are known to be there: a clear message, not a traceback.
+    from server import logs
+    from server.app import serve
+    from server.settings import ConfigError, check_requested, load_settings
+    from server.store import StoreError
+
     try:
         check = check_requested(argv)  # argparse ends --help and --version here (exit 0)
         settings = load_settings(argv)
@@ -30,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 def report_check(settings: Settings) -> int:
     """--check-config: "config ok" and what would be served (stdout), a warning per agent that
     could not start here (stderr, still exit 0); a ConfigError is raised to main (exit 2)."""
+    from server.app import check_config
+
     problems = check_config(settings)
     for problem in problems.values():
         print(
