@@ -2,9 +2,9 @@
 
 It runs in a temp dir on a loopback port, in its own process group, and is stopped (and its
 directory removed) by the tests that started it. It asks for a password (scram-sha-256, as in
-the README), never trusting whoever reaches its port. PostgreSQL refuses to run as root, so as
-root (CI) it runs as `nobody`. Each test gets a database of its own (`fresh_database`), which
-is much cheaper than a server of its own.
+docs/operations/replicas.md), never trusting whoever reaches its port. PostgreSQL refuses to
+run as root, so as root (CI) it runs as `nobody`. Each test gets a database of its own
+(`fresh_database`), which is much cheaper than a server of its own.
 """
 
 from __future__ import annotations

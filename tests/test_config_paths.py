@@ -1,5 +1,6 @@
 """A config file's relative paths are taken from the file's directory (issue 21 item 1): the
-README's `sessiongate-server --config sessiongate.toml`, run as a real server from elsewhere."""
+`sessiongate-server --config sessiongate.toml` of docs/operations/running-for-others.md, run as
+a real server from elsewhere."""
 
 from __future__ import annotations
 

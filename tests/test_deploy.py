@@ -278,7 +278,7 @@ async def test_a_draining_backend_leaves_the_ring_while_it_still_runs(front: Fro
         turn.cancel()
 
 
-# ---- deploy/envoy-config.py: the Envoy config for other ports (README "Running several replicas")
+# ---- deploy/envoy-config.py: the Envoy config for other ports (docs/operations/replicas.md)
 
 ENVOY_CONFIG_SCRIPT = DEPLOY / "envoy-config.py"
 

@@ -76,7 +76,8 @@ async def finished(gate: Gate, session_id: str, turn_id: str, timeout: float = 6
 async def test_grpcurl_killed_mid_turn_with_continue_the_turn_finishes_and_watch_gives_exactly_the_rest(
     gate: Gate,
 ) -> None:
-    """The README's walk-through: a client process killed (not a cancel) leaves a CONTINUE turn running."""
+    """The walk-through of docs/guides/durable-turns.md: a client process killed (not a cancel)
+    leaves a CONTINUE turn running."""
     session = await gate.create()
     sid = session.session_id
     body = json.dumps({"session_id": sid, "text": PACED, "on_disconnect": "ON_DISCONNECT_CONTINUE"})
