@@ -14,7 +14,7 @@ BUF        := $(NODE_DIR)/node_modules/.bin/buf
 # buf breaking compares the proto with main (on a branch) or with the previous commit (on main).
 BREAKING_BASE ?= $(shell if [ "$$(git rev-parse --abbrev-ref HEAD 2>/dev/null)" != main ] && git rev-parse -q --verify main >/dev/null 2>&1; then echo main; elif git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then echo HEAD~1; fi)
 
-.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test chaos mutate bench lint clean
+.PHONY: setup node-deps proto proto-check proto-lint proto-breaking run test chaos mutate bench lint docs clean
 
 setup: $(STAMP)
 
@@ -90,6 +90,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The documentation site (mkdocs.yml, docs/): strict, so a broken link or a page missing from the
+# nav fails; the site goes to the git-ignored site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) $(NODE_DIR)/node_modules .pytest_cache .mypy_cache .ruff_cache
