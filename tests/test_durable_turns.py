@@ -5,6 +5,7 @@ kill -9 of the server."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import os
@@ -144,8 +145,9 @@ async def test_a_watcher_that_never_reads_delays_nobody_and_then_hears_it_fell_b
 ) -> None:
     # 40 MB of output, 16 MiB kept: the stuck watcher (gRPC buffers a few MB for it) falls behind
     # what is kept. The reading watcher is a reader like any other (one slower than the trim would
-    # be dropped too), so the prompting client, which paces the agent, stays within 2000 events
-    # (2 MB) of it: on a loaded machine the test then still shows only what the stuck one costs.
+    # be dropped too), so the prompting client, which paces the agent, stays within 2 MB of it
+    # (counted in bytes: on a loaded machine the turn coalesces chunks, up to 64 KiB an event, so
+    # 2000 events could be 100 MB): the test then shows only what the stuck one costs.
     gate = await make_gate(max_turn_log_bytes=16 * MIB)
     session = await gate.create()
     sid = session.session_id
@@ -172,10 +174,18 @@ async def test_a_watcher_that_never_reads_delays_nobody_and_then_hears_it_fell_b
 
     reading = asyncio.create_task(read_watcher())
     prompted: list[pb.PromptEvent] = []
+    seqs, read_bytes = [0], [0]  # the prompting client's events: seq, and bytes read up to it
+
+    def lag() -> int:  # bytes the reading watcher is behind the prompting client
+        seen = watched[-1].seq if watched else 0
+        return read_bytes[-1] - read_bytes[bisect.bisect_right(seqs, seen) - 1]
+
     while (event := await call.read()) is not grpc.aio.EOF:  # the agent runs to its end
         prompted.append(event)
+        seqs.append(event.seq)
+        read_bytes.append(read_bytes[-1] + event.ByteSize())
         async with progress:
-            await progress.wait_for(lambda: ended or event.seq - (watched[-1].seq if watched else 0) <= 2000)
+            await progress.wait_for(lambda: ended or lag() <= 2 * MIB)
     assert prompted[-1].result.stop_reason == pb.STOP_REASON_END_TURN
     await asyncio.wait_for(reading, 60)
     assert watched[-1].HasField("result")  # the other watcher got it all too
