@@ -55,7 +55,7 @@ proto-breaking: $(NODE_STAMP)
 # Its state (database, agents' homes, the echo agent's sessions) stays in the checkout's .state/
 # (git-ignored), not in the per-user default of an installed server shared with every other clone.
 run: $(STAMP)
-	XDG_STATE_HOME='$(CURDIR)/.state' $(PY) -m server $(ARGS)
+	XDG_STATE_HOME='$(CURDIR)/.state' $(PY) -m sessiongate.server $(ARGS)
 
 # Two workers, each a whole test file at a time (a file's shared servers stay in one process).
 TEST_WORKERS ?= 2
@@ -72,7 +72,7 @@ chaos: $(STAMP)
 
 # Mutation testing of the core's modules against their own tests; prints the survivors. Narrow
 # it with MUTATE_MODULES / MUTATE_TESTS (space-separated paths), e.g.
-# `make mutate MUTATE_MODULES=server/owner.py MUTATE_TESTS=tests/test_session_core.py`.
+# `make mutate MUTATE_MODULES=server/sessions/owner.py MUTATE_TESTS=tests/test_session_core.py`.
 MUTATE_MODULES ?=
 MUTATE_TESTS ?=
 MUTATE_JOBS ?= 2

@@ -1,6 +1,6 @@
 """The sessiongate Python SDK.
 
-    from client import AsyncSessionClient, SessionClient, SessionBusy, retry_async
+    from sessiongate.client import AsyncSessionClient, SessionClient, SessionBusy, retry_async
 
 `AsyncSessionClient` (asyncio) and `SessionClient` (blocking) mirror the RPCs; failures
 raise the classes in `client.errors`, one per ErrorInfo reason, with decoded details.
@@ -9,8 +9,8 @@ turn's id and the last seq read, re-attaching by themselves after a transport fa
 the turn continues on disconnect.
 """
 
-from client.aio import AsyncSessionClient, AsyncTurnEvents
-from client.errors import (
+from sessiongate.client.aio import AsyncSessionClient, AsyncTurnEvents
+from sessiongate.client.errors import (
     AgentAuthRequired,
     AgentError,
     AgentExited,
@@ -37,8 +37,8 @@ from client.errors import (
     TurnTimeout,
     Unauthenticated,
 )
-from client.retry import retry, retry_async
-from client.sync import SessionClient, TurnEvents
+from sessiongate.client.retry import retry, retry_async
+from sessiongate.client.sync import SessionClient, TurnEvents
 
 __all__ = [
     "AgentAuthRequired",

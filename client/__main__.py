@@ -1,7 +1,7 @@
-"""`python -m client`: the sessiongate CLI."""
+"""`python -m sessiongate.client`: the sessiongate CLI."""
 
 import sys
 
-from client.cli import main
+from sessiongate.client.cli import main
 
 sys.exit(main())

@@ -11,9 +11,8 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf import duration_pb2
+from sessiongate.client.errors import RequestAnswered, RequestNotFound, SessionGateError, transport_failure
 from sessiongate.v1 import session_service_pb2 as pb
-
-from client.errors import RequestAnswered, RequestNotFound, SessionGateError, transport_failure
 
 SERVICE = "sessiongate.v1.SessionService"
 UNARY_METHODS = (

@@ -11,10 +11,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sessiongate.v1 import session_service_pb2 as pb
-from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
-
-from client._common import (
+from sessiongate.client._common import (
     GONE,
     REATTACH_TIMEOUT,
     Answer,
@@ -38,7 +35,9 @@ from client._common import (
     turn_id_of,
     watch_request,
 )
-from client.errors import from_rpc_error
+from sessiongate.client.errors import from_rpc_error
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 UNARY_TIMEOUT = 30.0  # seconds, for calls that do no agent work
 CREATE_TIMEOUT = 90.0  # CreateSession starts an agent (the server bounds that by its start timeout)

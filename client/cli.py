@@ -1,4 +1,4 @@
-"""`sessiongate`: the command-line client (also `python -m client`).
+"""`sessiongate`: the command-line client (also `python -m sessiongate.client`).
 
 Exit codes follow the gRPC status of the failure, so scripts can branch on them:
 0 ok, 1 internal or other error, 2 invalid arguments (also: a turn that would ask you for
@@ -34,12 +34,11 @@ import grpc
 import shtab
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from sessiongate.client.errors import SessionGateError, transport_failure
+from sessiongate.client.render import LiveRenderer, printable, usage_text
+from sessiongate.client.sync import SessionClient, TurnEvents
+from sessiongate.client.terminal import TerminalAsker, decline
 from sessiongate.v1 import session_service_pb2 as pb
-
-from client.errors import SessionGateError, transport_failure
-from client.render import LiveRenderer, printable, usage_text
-from client.sync import SessionClient, TurnEvents
-from client.terminal import TerminalAsker, decline
 
 DEFAULT_TARGET = "localhost:50051"
 EXIT_CODES = {

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from client.errors import PoolExhausted, SessionBusy, SessionGateError
+from sessiongate.client.errors import PoolExhausted, SessionBusy, SessionGateError
 
 T = TypeVar("T")
 RETRYABLE: tuple[type[SessionGateError], ...] = (SessionBusy, PoolExhausted)

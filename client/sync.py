@@ -10,10 +10,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sessiongate.v1 import session_service_pb2 as pb
-from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
-
-from client._common import (
+from sessiongate.client._common import (
     GONE,
     REATTACH_TIMEOUT,
     Answer,
@@ -37,8 +34,10 @@ from client._common import (
     turn_id_of,
     watch_request,
 )
-from client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
-from client.errors import from_rpc_error
+from sessiongate.client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
+from sessiongate.client.errors import from_rpc_error
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 
 class TurnEvents(Generator[pb.PromptEvent, None, None]):

@@ -16,10 +16,9 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from google.protobuf import json_format
+from sessiongate.client._common import ElicitationAnswer
+from sessiongate.client.render import printable, tool_call_label
 from sessiongate.v1 import session_service_pb2 as pb
-
-from client._common import ElicitationAnswer
-from client.render import printable, tool_call_label
 
 YES, NO = ("y", "yes", "true", "1"), ("n", "no", "false", "0")
 

@@ -1,4 +1,4 @@
-"""`python -m server` / `sessiongate-server`: flags -> settings -> serve (or --check-config)."""
+"""`python -m sessiongate.server` / `sessiongate-server`: flags -> settings -> serve (or --check-config)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from sessiongate.server.settings import Settings
 
 # What the `server` extra brings: a client-only install (`pip install ./`) has none of it.
 SERVER_MODULES = ("acp", "asyncpg", "cryptography", "grpc_reflection", "prometheus_client")
@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     # Imported here, once the dependencies are known to be there: a clear message, not a traceback.
-    from server import logs
-    from server.app import serve
-    from server.settings import ConfigError, check_requested, load_settings
-    from server.store import StoreError
+    from sessiongate.server import logs
+    from sessiongate.server.app import serve
+    from sessiongate.server.settings import ConfigError, check_requested, load_settings
+    from sessiongate.server.state.base import StoreError
 
     try:
         check = check_requested(argv)  # argparse ends --help and --version here (exit 0)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def report_check(settings: Settings) -> int:
     """--check-config: "config ok" and what would be served (stdout), a warning per agent that
     could not start here (stderr, still exit 0); a ConfigError is raised to main (exit 2)."""
-    from server.app import check_config
+    from sessiongate.server.app import check_config
 
     problems = check_config(settings)
     for problem in problems.values():

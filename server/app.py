@@ -18,26 +18,33 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from sessiongate.server.agents.holder import real_agents
+from sessiongate.server.agents.logins import AgentLogins
+from sessiongate.server.agents.spares import SparePool
+from sessiongate.server.api.metrics import Metrics
+from sessiongate.server.api.service import SessionService
+from sessiongate.server.cluster.ownership import Ownership
+from sessiongate.server.cluster.router import Router
+from sessiongate.server.sandbox.launcher import BWRAP_PACKAGE, Launcher
+from sessiongate.server.sandbox.network_proxy import NetworkProxy
+from sessiongate.server.sandbox.workdir import Roots
+from sessiongate.server.security.auth import UNAUTHENTICATED_TOTAL, AuthInterceptor
+from sessiongate.server.security.principals import TokenTable, live_limits
+from sessiongate.server.security.tls import CertificateFiles
+from sessiongate.server.sessions.pool import SessionPool
+from sessiongate.server.settings import (
+    BUILTIN_AGENT,
+    AgentConfig,
+    ConfigError,
+    ServerLimits,
+    Settings,
+    replica_token,
+)
+from sessiongate.server.state.base import Store
+from sessiongate.server.state.postgres import PostgresStore
+from sessiongate.server.state.sqlite import SessionStore
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
-
-from server.agent_logins import AgentLogins
-from server.auth import UNAUTHENTICATED_TOTAL, AuthInterceptor
-from server.holder import real_agents
-from server.metrics import Metrics
-from server.network_proxy import NetworkProxy
-from server.ownership import Ownership
-from server.pool import SessionPool
-from server.principals import TokenTable, live_limits
-from server.router import Router
-from server.sandbox import BWRAP_PACKAGE, Launcher
-from server.service import SessionService
-from server.settings import BUILTIN_AGENT, AgentConfig, ConfigError, ServerLimits, Settings, replica_token
-from server.spares import SparePool
-from server.store import Store, make_store
-from server.store_postgres import PostgresStore
-from server.tls import CertificateFiles
-from server.workdir import Roots
 
 log = logging.getLogger("sessiongate")
 
@@ -99,6 +106,13 @@ class RunningServer:
         await self.server.stop(SERVER_STOP_GRACE)
         await self._stop_watching_tokens()
         self.metrics.stop()
+
+
+def make_store(state_url: str, state_db: Path, replica_id: str = "") -> Store:
+    """PostgreSQL (shared by replicas) when a state URL is set, else the SQLite file."""
+    if state_url:
+        return PostgresStore(state_url, replica_id)
+    return SessionStore(state_db)
 
 
 def server_options(limits: ServerLimits) -> list[tuple[str, int]]:
@@ -207,7 +221,7 @@ def preflight(settings: Settings) -> Preflight:
             "replicas (state_url) with authentication need replica_token_file (--replica-token-file):"
             " a secret of 16+ characters the replicas share, to sign the calls they forward"
         )
-    # Principals' roots lie inside the server's and never contain the state dir (server/principals.py).
+    # Principals' roots lie inside the server's, never containing the state dir (security/principals.py).
     tokens = (
         TokenTable(settings.auth_tokens_file, settings.roots, settings.state_db.parent)
         if settings.auth_tokens_file

@@ -43,10 +43,10 @@ class AgentConfig:
     pass_env: tuple[str, ...] = ()  # server env vars this agent may see (e.g. its API key)
     spares: int = 0  # started, initialized processes kept ready so CreateSession is fast
     # "bwrap": in a bubblewrap sandbox; "none": as the server's user, unconfined; "": bwrap
-    # where it is installed, else none (said at start). See server/sandbox.py.
+    # where it is installed, else none (said at start). See server/sandbox/launcher.py.
     sandbox: str = ""
     # Sandboxed, the agent's network: "proxy" (only `allowed_domains`, through our filtering
-    # proxy: server/network_proxy.py), "none", or "host" (the host's own: everything the server
+    # proxy: server/sandbox/network_proxy.py), "none", or "host" (the host's own: everything the server
     # reaches). The older booleans still read: false is "none", true "proxy". See network_mode.
     network: str | bool = "proxy"
     allowed_domains: tuple[str, ...] = ()  # "proxy": hosts it may reach, exact or "*.suffix"
@@ -57,7 +57,7 @@ class AgentConfig:
     user: str = ""  # run the agent as this user (and its group); needs the server to run as root
     auth_method: str = ""  # ACP auth method every process of this agent authenticates with first
     # Client capabilities offered to the agent; off, they are not advertised and their methods
-    # answer "method not found". See server/client_fs.py and server/terminals.py.
+    # answer "method not found". See server/sandbox/files.py and server/sandbox/terminals.py.
     client_fs: bool = False  # fs/read_text_file, fs/write_text_file inside the session's cwd
     client_terminal: bool = False  # terminal/* : commands run in the session's cwd, sandboxed like the agent
 
@@ -131,7 +131,7 @@ class Settings:
     state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
     replica_id: str = ""  # this replica's name among replicas (default: host name and port)
     advertise: str = ""  # HOST:PORT the other replicas reach this one at (default: listen)
-    # A secret shared by the replicas: a forwarded call is signed with it (server/auth.py), never
+    # A secret shared by the replicas: a forwarded call is signed with it (server/security/auth.py), never
     # carries it, and the owner trusts the principal name it signs (mTLS principals included).
     replica_token_file: Path | None = None
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
@@ -159,7 +159,7 @@ def default_state_dir() -> Path:
 
 def builtin_agent() -> AgentConfig:
     """The reference ACP agent shipped with the server, run by this same interpreter."""
-    return AgentConfig(name=BUILTIN_AGENT, command=sys.executable, args=("-m", "server.echo_agent"))
+    return AgentConfig(name=BUILTIN_AGENT, command=sys.executable, args=("-m", "sessiongate.echo"))
 
 
 _LIMIT_FIELDS = {f.name: f for f in fields(ServerLimits)}
@@ -615,7 +615,7 @@ def validate(settings: Settings) -> Settings:
         if key == "listen" and value.startswith("unix://") and len(value) > len("unix://"):
             continue  # unix:///path/to/socket
         if key == "metrics_listen" and value.isdigit():
-            continue  # a bare port: 127.0.0.1 (server/metrics.py metrics_address)
+            continue  # a bare port: 127.0.0.1 (server/api/metrics.py metrics_address)
         host, sep, port = value.rpartition(":")
         if (value or key == "listen") and (not sep or (not host and key == "listen") or not port.isdigit()):
             raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from server.errors import SessionGateError
+from sessiongate.server.errors import SessionGateError
 
 log = logging.getLogger("sessiongate.supervisor")
 

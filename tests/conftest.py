@@ -25,14 +25,14 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sessiongate.server.app import RunningServer, start_server
+from sessiongate.server.settings import AgentConfig, ServerLimits, Settings, validate
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.app import RunningServer, start_server
-from server.settings import AgentConfig, ServerLimits, Settings, validate
 from tests.postgres import PostgresServer, postgres_server
 
-ECHO = (sys.executable, "-m", "server.echo_agent")
+ECHO = (sys.executable, "-m", "sessiongate.echo")
 
 
 def echo_agent(name: str, state_dir: Path, *extra: str, policy: str = "approve-reads") -> AgentConfig:

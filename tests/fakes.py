@@ -20,13 +20,12 @@ from typing import Any
 
 import acp
 from acp import schema
-
-from server.agent import AgentProcess, Handshake, UpdateSink
-from server.errors import AgentUnavailable
-from server.pool import SessionPool
-from server.settings import AgentConfig, ServerLimits
-from server.store import SessionStore
-from server.workdir import WorkDir
+from sessiongate.server.agents.protocol import AgentProcess, Handshake, UpdateSink
+from sessiongate.server.errors import AgentUnavailable
+from sessiongate.server.sandbox.workdir import WorkDir
+from sessiongate.server.sessions.pool import SessionPool
+from sessiongate.server.settings import AgentConfig, ServerLimits
+from sessiongate.server.state.sqlite import SessionStore
 
 _pids = itertools.count(1_000_000)
 
@@ -253,7 +252,7 @@ def text(value: str) -> list[Any]:
 # like a real pipe by pause_reading) and whose crash ends the prompt under way as a real
 # agent's exit does (AgentExited), so the state machine can mix every kind of turn and failure.
 
-from server.errors import AgentExited  # noqa: E402  (kept in this block: added, not merged above)
+from sessiongate.server.errors import AgentExited  # noqa: E402  (kept in this block: added, not merged above)
 
 
 class ChaosAgent(FakeAgent):

@@ -1,4 +1,4 @@
-"""Starting `python -m server` as users run it: its own process group, its own state.
+"""Starting `python -m sessiongate.server` as users run it: its own process group, its own state.
 
 Each server gets its own state database and agent state dir under the test's tmp_path, its
 log is collected line by line, and on exit whatever is left of it and its agents is killed.
@@ -29,20 +29,20 @@ drain_grace = {drain_grace}
 
 [agents.slow]
 command = "{python}"
-args = ["-m", "server.echo_agent", "--init-delay", "3600"]
+args = ["-m", "sessiongate.echo", "--init-delay", "3600"]
 env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
 sandbox = "none"
 
 [agents.echo]
 command = "{python}"
-args = ["-m", "server.echo_agent"]
+args = ["-m", "sessiongate.echo"]
 env = {{ ECHO_AGENT_STATE_DIR = "{state}" }}
 sandbox = "none"
 """
 
 
 class ServerProcess:
-    """One `python -m server` process and a channel to it."""
+    """One `python -m sessiongate.server` process and a channel to it."""
 
     def __init__(self, process: subprocess.Popen[str], port: int, state_dir: Path, log: list[str]) -> None:
         self.process = process
@@ -83,7 +83,7 @@ async def server_process(
     config.write_text(CONFIG.format(python=sys.executable, state=state, drain_grace=drain_grace))
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "server", "--config", str(config), "--listen", "127.0.0.1:0"),
+            *(sys.executable, "-m", "sessiongate.server", "--config", str(config), "--listen", "127.0.0.1:0"),
             *("--workdir", str(shared or tmp_path), "--state-db", str(tmp_path / "sessions.db")),
             *extra_args,
         ],

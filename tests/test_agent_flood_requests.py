@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from sessiongate.server.agents.transport import MAX_HELD_BYTES, MAX_REQUESTS, READ_BUFFER, AgentTransport
+from sessiongate.server.sandbox.files import MAX_READ_BYTES
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.agent_transport import MAX_HELD_BYTES, MAX_REQUESTS, READ_BUFFER, AgentTransport
-from server.client_fs import MAX_READ_BYTES
-from server.settings import AgentConfig
 from tests.conftest import Gate, GateFactory, expect_error, kill_leftovers, reply_text, wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent

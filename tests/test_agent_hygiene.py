@@ -18,10 +18,10 @@ from typing import Any
 import acp
 import grpc
 import pytest
+from sessiongate.server.errors import FieldViolation, InvalidArgument, SessionGateError
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.errors import FieldViolation, InvalidArgument, SessionGateError
-from server.settings import AgentConfig
 from tests.conftest import GateFactory, echo_agent, eventually, expect_error, rpc_error, wait_gone
 
 TRAILER_LIMIT = 8 * 1024  # grpc's default soft limit on received metadata (the hard one is 16 KiB)
@@ -208,7 +208,7 @@ ESCAPER = (
 
 def escaping_agent(state_dir: Path, pid_file: Path) -> AgentConfig:
     base = echo_agent("escaper", state_dir)
-    shell = f'{sys.executable} -c "$1" "$2" & exec {sys.executable} -m server.echo_agent'
+    shell = f'{sys.executable} -c "$1" "$2" & exec {sys.executable} -m sessiongate.echo'
     return replace(base, command="/bin/sh", args=("-c", shell, "sh", ESCAPER, str(pid_file)))
 
 

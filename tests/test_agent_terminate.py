@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sessiongate.server.agents.connection import AgentConnection
 
-from server.agent import AgentConnection
 from tests.conftest import alive, echo_agent, kill_leftovers, wait_gone
 
 STUBBORN = ("--ignore-sigterm", "--ignore-stdin-eof")  # only SIGKILL ends it

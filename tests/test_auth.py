@@ -16,10 +16,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sessiongate.client import AsyncSessionClient, Unauthenticated
+from sessiongate.server.security.principals import token_hash
 from sessiongate.v1 import session_service_pb2 as pb
 
-from client import AsyncSessionClient, Unauthenticated
-from server.principals import token_hash
 from tests.conftest import Gate, GateFactory, eventually, expect_error, reply_text
 from tests.test_cli import cli
 
@@ -287,7 +287,15 @@ async def test_state_files_are_the_servers_alone(make_gate: GateFactory, tmp_pat
 
 def test_a_network_address_without_authentication_needs_insecure_to_start(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--listen", "0.0.0.0:0", "--state-db", str(tmp_path / "db")],
+        [
+            sys.executable,
+            "-m",
+            "sessiongate.server",
+            "--listen",
+            "0.0.0.0:0",
+            "--state-db",
+            str(tmp_path / "db"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from sessiongate.server.agents.connection import AgentConnection
+from sessiongate.server.settings import ServerLimits
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.agent import AgentConnection
-from server.settings import ServerLimits
 from tests.conftest import (
     Gate,
     GateFactory,

@@ -18,25 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import sessiongate.client.cli as cli_module
+from sessiongate.client.render import BOLD, CLEAR_LINE, DIM, RESET, LiveRenderer
+from sessiongate.client.terminal import TerminalAsker
+from sessiongate.server.errors import ShuttingDown
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-import client.cli as cli_module
-from client.render import BOLD, CLEAR_LINE, DIM, RESET, LiveRenderer
-from client.terminal import TerminalAsker
-from server.errors import ShuttingDown
 from tests.conftest import Gate, GateFactory, eventually
 
 
 async def cli(
     gate: Gate | None, *args: str, stdin: str = "", env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
-    """Run `python -m client ARGS`; returns (exit code, stdout, stderr)."""
+    """Run `python -m sessiongate.client ARGS`; returns (exit code, stdout, stderr)."""
     target = ["--target", gate.target] if gate is not None else []
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "client",
+        "sessiongate.client",
         *target,
         *args,
         stdin=asyncio.subprocess.PIPE,
@@ -155,13 +155,13 @@ def test_on_a_terminal_tool_calls_update_in_place_and_thoughts_are_dimmed() -> N
 def on_a_terminal(
     gate: Gate, *args: str, answers: list[tuple[str, str]], timeout: float = 90
 ) -> tuple[int, str]:
-    """Run `python -m client ARGS` on a pseudo-terminal (stdin, stdout and stderr), typing
+    """Run `python -m sessiongate.client ARGS` on a pseudo-terminal (stdin, stdout and stderr), typing
     each answer once its question's text has appeared since the previous answer. Blocking:
     call it in a thread (the server runs on the test's event loop). Returns (exit code,
     everything the terminal showed, with \\r\\n as \\n)."""
     controller, child_end = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "client", "--target", gate.target, *args],
+        [sys.executable, "-m", "sessiongate.client", "--target", gate.target, *args],
         stdin=child_end,
         stdout=child_end,
         stderr=child_end,
@@ -536,7 +536,7 @@ async def cli_in(directory: Path, gate: Gate, *args: str) -> tuple[int, str, str
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "client",
+        "sessiongate.client",
         "--target",
         gate.target,
         *args,

@@ -9,9 +9,7 @@ import time
 import grpc
 import pytest
 from google.protobuf import json_format
-from sessiongate.v1 import session_service_pb2 as pb
-
-from client import (
+from sessiongate.client import (
     AgentAuthRequired,
     AgentProtocolError,
     AgentUnavailable,
@@ -26,6 +24,8 @@ from client import (
     retry,
     retry_async,
 )
+from sessiongate.v1 import session_service_pb2 as pb
+
 from tests.conftest import Gate, GateFactory
 
 

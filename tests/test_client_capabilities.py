@@ -1,8 +1,8 @@
 """The client capabilities the gateway offers agents: a file system confined to the session's
 directory (`client_fs`) and terminals run like the agent itself (`client_terminal`).
 
-Unit tests pin down the confinement of server/client_fs.py and the life of a terminal in
-server/terminals.py; end-to-end tests drive them through the built-in agent's directives
+Unit tests pin down the confinement of server/sandbox/files.py and the life of a terminal in
+server/sandbox/terminals.py; end-to-end tests drive them through the built-in agent's directives
 `/fs-read`, `/fs-write` and `/terminal` against a real server.
 """
 
@@ -20,14 +20,15 @@ from pathlib import Path
 import acp
 import pytest
 from acp import schema
+from sessiongate.server.sandbox import files as client_fs
+from sessiongate.server.sandbox import terminals
+from sessiongate.server.sandbox.files import FileWriteReport
+from sessiongate.server.sandbox.launcher import Launcher
+from sessiongate.server.sandbox.terminals import TerminalReport, Terminals
+from sessiongate.server.settings import AgentConfig, ConfigError, _agent_from_toml
+from sessiongate.server.turns.translate import to_event
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import client_fs, terminals
-from server.client_fs import FileWriteReport
-from server.sandbox import Launcher
-from server.settings import AgentConfig, ConfigError, _agent_from_toml
-from server.terminals import TerminalReport, Terminals
-from server.translate import to_event
 from tests.conftest import ECHO, Gate, GateFactory, alive, echo_agent, eventually, reply_text
 
 # ---- client_fs: confinement, unit level ------------------------------------------------------

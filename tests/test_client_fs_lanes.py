@@ -1,4 +1,4 @@
-"""The client file system under a hung mount (server/client_fs.py): one agent's requests stuck
+"""The client file system under a hung mount (server/sandbox/files.py): one agent's requests stuck
 in the kernel never time out another agent's, and a write reported as not done never lands.
 
 A hung file system is a monkeypatched blocking call that waits on a threading.Event the test
@@ -18,8 +18,8 @@ from typing import Any
 
 import acp
 import pytest
+from sessiongate.server.sandbox import files as client_fs
 
-from server import client_fs
 from tests.conftest import GateFactory, echo_agent, eventually, reply_text
 
 HUNG_FOR = 60.0  # seconds a hung call waits at most for the test to release it

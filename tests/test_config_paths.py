@@ -14,10 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.sandbox.launcher import _visible, find_bwrap
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.sandbox import _visible, find_bwrap
 from tests.conftest import eventually, reply_text
 from tests.processes import _port, _read_log
 
@@ -31,7 +31,7 @@ default_agent = "boxed"
 
 [agents.boxed]
 command = "{python}"
-args = ["-m", "server.echo_agent"]
+args = ["-m", "sessiongate.echo"]
 sandbox = "bwrap"
 network = "none"
 rw_paths = ["scratch"]
@@ -49,7 +49,13 @@ async def test_a_server_started_with_a_relative_config_runs_sandboxed_agents(tmp
     (conf / "sessiongate.toml").write_text(CONFIG.format(python=sys.executable))
     source_root = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--config", os.path.join("..", "conf", "sessiongate.toml")],
+        [
+            sys.executable,
+            "-m",
+            "sessiongate.server",
+            "--config",
+            os.path.join("..", "conf", "sessiongate.toml"),
+        ],
         cwd=elsewhere,
         env={**os.environ, "PYTHONPATH": str(source_root)},
         stderr=subprocess.PIPE,

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.settings import AgentConfig
 from tests.conftest import Gate, GateFactory, expect_error
 from tests.pki import Pki
 from tests.test_auth import TOKENS, tokens_file
@@ -275,7 +275,7 @@ async def test_real_codex_acp_without_credentials_fails_create_cleanly(
     error = await expect_error(gate.stub.CreateSession(pb.CreateSessionRequest(agent="codex"), timeout=60))
     assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "AGENT_AUTH_REQUIRED")
     assert {"chatgpt", "openai-api-key"} <= set(error.metadata["auth_methods"].split(","))
-    code, out, _ = await run(sys.executable, "-m", "client", "--target", gate.target, "health")
+    code, out, _ = await run(sys.executable, "-m", "sessiongate.client", "--target", gate.target, "health")
     assert (code, out.strip()) == (0, "SERVING")  # still healthy, and still serving the echo agent
     session = await gate.create()
     assert session.state == pb.SESSION_STATE_IDLE

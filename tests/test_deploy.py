@@ -26,12 +26,12 @@ import pytest_asyncio
 import yaml  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2
 from kubernetes_validate import utils as kubernetes_validate  # type: ignore[import-untyped]
+from sessiongate.echo.agent import flood_chunk
+from sessiongate.server.app import SERVICE_NAME
+from sessiongate.server.settings import ServerLimits, Settings
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.app import SERVICE_NAME
-from server.echo_agent import flood_chunk
-from server.settings import ServerLimits, Settings
 from tests.conftest import kinds, reply_text
 from tests.envoy import DEPLOY, ENVOY, ENVOY_CONFIG, NO_ENVOY, Envoy, envoy_front, needs_envoy, poll
 from tests.processes import ServerProcess, server_process

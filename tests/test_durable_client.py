@@ -19,9 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from sessiongate.v1 import session_service_pb2 as pb
-
-from client import (
+from sessiongate.client import (
     AgentError,
     AsyncSessionClient,
     SeqNotKept,
@@ -30,8 +28,10 @@ from client import (
     TurnInterrupted,
     TurnNotFound,
 )
-from client._common import Reattach
-from server.echo_agent import flood_chunk
+from sessiongate.client._common import Reattach
+from sessiongate.echo.agent import flood_chunk
+from sessiongate.v1 import session_service_pb2 as pb
+
 from tests.conftest import Gate, kinds, reply_text
 from tests.processes import server_process
 from tests.test_cli import cli

@@ -18,10 +18,11 @@ from typing import Any
 
 import grpc
 import pytest
+from sessiongate.server.state.base import SessionRecord
+from sessiongate.server.state.sqlite import SessionStore
+from sessiongate.server.state.turn_records import TurnRow
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.store import SessionRecord, SessionStore
-from server.turn_records import TurnRow
 from tests.conftest import Gate, GateFactory, StateBackend, details_of, expect_error, kinds, reply_text
 from tests.processes import server_process
 from tests.test_auth import as_, tokens_file

@@ -1,6 +1,6 @@
 """A fair share of agent slots between principals (issue 8): each principal's
 `max_live_sessions`, a reserve no single principal can take, and eviction that hits the
-principal over its share first. The rules are in server/slots.py; without authentication
+principal over its share first. The rules are in server/agents/slots.py; without authentication
 everything stays plain least-recently-used eviction."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
+from sessiongate.server.agents.slots import LiveLimit, Slots
+from sessiongate.server.errors import PoolExhausted, QuotaExceeded
+from sessiongate.server.security.principals import TokensFileError, TokenTable, token_hash
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.errors import PoolExhausted, QuotaExceeded
-from server.principals import TokensFileError, TokenTable, token_hash
-from server.slots import LiveLimit, Slots
 from tests.conftest import Gate, GateFactory, expect_error, reply_text
 
 TOKENS = {"alice": "alice-secret", "bob": "bob-secret", "dave": "dave-secret"}

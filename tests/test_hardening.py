@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.errors import CwdNotAllowed
+from sessiongate.server.sandbox.workdir import open_checked
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.errors import CwdNotAllowed
-from server.workdir import open_checked
 from tests.conftest import Gate, GateFactory, expect_error
 from tests.test_auth import as_, tokens_file
 

@@ -12,13 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from sessiongate.server.agents.holder import real_agents
+from sessiongate.server.agents.logins import AgentLogins
+from sessiongate.server.sandbox import launcher as sandbox
+from sessiongate.server.sandbox.launcher import Launcher, principal_dir
+from sessiongate.server.settings import AgentConfig, ServerLimits
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import sandbox
-from server.agent_logins import AgentLogins
-from server.holder import real_agents
-from server.sandbox import Launcher, principal_dir
-from server.settings import AgentConfig, ServerLimits
 from tests.conftest import ECHO, Gate, GateFactory, eventually, reply_text
 from tests.test_auth import as_, tokens_file
 

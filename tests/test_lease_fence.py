@@ -1,4 +1,4 @@
-"""The fence of a lost lease (server/ownership.py) against a pool of fake agents: it ends every
+"""The fence of a lost lease (server/cluster/ownership.py) against a pool of fake agents: it ends every
 session's agent whatever happens to the call that noticed the loss, and the server's shutdown
 (which reaches the ownership through stop()) waits for a fence under way."""
 
@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sessiongate.server.cluster.ownership import Ownership
+from sessiongate.server.cluster.router import Router
+from sessiongate.server.errors import OwnerLost, StreamStalled
+from sessiongate.server.sessions.pool import SessionPool
 
-from server.errors import OwnerLost, StreamStalled
-from server.ownership import Ownership
-from server.pool import SessionPool
-from server.router import Router
 from tests.conftest import eventually
 from tests.fakes import FAKE, FakeAgents, FakeBehaviour, fake_pool
 

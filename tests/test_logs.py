@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from sessiongate.server import logs
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import logs
 from tests.conftest import Gate, GateFactory, expect_error
 from tests.test_auth import as_, tokens_file
 

@@ -34,9 +34,9 @@ def test_make_run_points_the_state_into_the_checkout_and_still_passes_args() -> 
         timeout=60,
         check=True,
     )
-    (command,) = [line for line in dry.stdout.splitlines() if "-m server" in line]
+    (command,) = [line for line in dry.stdout.splitlines() if "-m sessiongate.server" in line]
     assert f"XDG_STATE_HOME='{REPO}/.state'" in command
-    assert command.endswith("-m server --listen 127.0.0.1:6000")
+    assert command.endswith("-m sessiongate.server --listen 127.0.0.1:6000")
 
 
 async def test_make_run_writes_its_state_under_the_checkout_and_nothing_per_user(tmp_path: Path) -> None:

@@ -26,10 +26,10 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.settings import AgentConfig
 from tests.conftest import (
     Gate,
     GateFactory,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
+from sessiongate.server.api import metrics
+from sessiongate.server.api.metrics import Metrics, metrics_address
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import metrics
-from server.metrics import Metrics, metrics_address
 from tests.conftest import Gate, GateFactory, expect_error
 from tests.processes import server_process
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 SERVER_ONLY = {"agent-client-protocol", "asyncpg", "prometheus-client", "cryptography", "grpcio-reflection"}
 CLIENT_SCRIPT = """
 import sys
-from client import SessionClient, SessionNotFound
+from sessiongate.client import SessionClient, SessionNotFound
 
 with SessionClient(sys.argv[1]) as client:
     session = client.create_session(labels={"from": "installed"})
@@ -50,8 +50,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("server", "client", "protos"):
-        shutil.copytree(REPO / folder, source / folder, ignore=ignore)
+    for folder in ("server", "client", "echo", "protos"):
+        shutil.copytree(REPO / folder, source / folder, ignore=ignore, symlinks=True)
     out = tmp_path_factory.mktemp("wheel")
     built = _run(
         sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", out, ".",
@@ -77,6 +77,20 @@ def _requirements(wheel: Path) -> tuple[set[str], set[str]]:
         elif 'extra == "server"' in marker:
             server.add(project.lower())
     return base, server
+
+
+def test_the_wheel_is_one_sessiongate_namespace_with_every_module_once(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".py")]
+    assert all(n.startswith("sessiongate/") for n in names), "a top-level package besides sessiongate"
+    expected = {
+        f"sessiongate/{folder}/{p.relative_to(REPO / folder).as_posix()}"
+        for folder in ("server", "client", "echo")
+        for p in (REPO / folder).rglob("*.py")
+    }
+    assert expected <= set(names), f"missing from the wheel: {sorted(expected - set(names))[:5]}"
+    assert len(names) == len(set(names))
+    assert "sessiongate/v1/session_service_pb2.py" in names
 
 
 def test_the_base_install_is_the_client_and_the_server_extra_brings_the_rest(wheel: Path) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.sandbox.launcher import principal_dir
+from sessiongate.server.security.principals import TokensFileError, TokenTable, token_hash
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.principals import TokensFileError, TokenTable, token_hash
-from server.sandbox import principal_dir
 from tests.conftest import Gate, GateFactory, expect_error, reply_text
 
 TOKENS = {"alice": "alice-secret", "bob": "bob-secret", "root": "root-secret", "../alice": "dots-secret"}
@@ -155,7 +155,7 @@ def test_a_tokens_file_with_a_root_outside_the_servers_refuses_the_start(tmp_pat
     tokens = tokens_with_roots(tmp_path / "tokens.toml", {"*": f"{tmp_path}/{{principal}}"})
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--workdir", str(work)),
+            *(sys.executable, "-m", "sessiongate.server", "--listen", "127.0.0.1:0", "--workdir", str(work)),
             *("--auth-tokens-file", str(tokens), "--state-db", str(tmp_path / "state" / "s.db")),
         ],
         capture_output=True,

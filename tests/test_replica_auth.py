@@ -12,10 +12,10 @@ from typing import Any
 
 import asyncpg
 import grpc
+from sessiongate.server.security.auth import sign
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.auth import sign
 from tests.conftest import expect_error
 from tests.postgres import PostgresServer
 from tests.test_auth import as_, tokens_file
@@ -136,7 +136,7 @@ def test_replicas_with_authentication_and_no_replica_secret_refuse_to_start(tmp_
     url = "postgresql://gate@127.0.0.1:9/sessions"  # never reached: the check comes first
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--state-url", url),
+            *(sys.executable, "-m", "sessiongate.server", "--listen", "127.0.0.1:0", "--state-url", url),
             *("--auth-tokens-file", str(tokens), "--state-db", str(tmp_path / "s.db")),
         ],
         capture_output=True,

@@ -12,11 +12,11 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from sessiongate.server.errors import StoreUnavailable
+from sessiongate.server.state import postgres as store_postgres
+from sessiongate.server.state.postgres import PostgresStore
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import store_postgres
-from server.errors import StoreUnavailable
-from server.store_postgres import PostgresStore
 from tests.conftest import ErrorDetails, details_of, expect_error, reply_text
 from tests.postgres import PostgresServer
 from tests.processes import ServerProcess

@@ -16,11 +16,11 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from sessiongate.server.cluster import router
+from sessiongate.server.cluster.ownership import TAKEOVER_MARGIN
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server import router
-from server.ownership import TAKEOVER_MARGIN
 from tests.conftest import Gate, GateFactory, details_of, expect_error, kinds, reply_text, wait_gone
 from tests.postgres import PostgresServer, free_port
 from tests.processes import ServerProcess, server_process

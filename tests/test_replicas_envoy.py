@@ -10,10 +10,10 @@ import asyncio
 from pathlib import Path
 
 import grpc
+from sessiongate.client.aio import AsyncSessionClient
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from client.aio import AsyncSessionClient
 from tests.conftest import reply_text
 from tests.envoy import Envoy, envoy_front, needs_envoy
 from tests.postgres import PostgresServer

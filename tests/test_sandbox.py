@@ -16,10 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.sandbox import launcher as sandbox
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import sandbox
-from server.settings import AgentConfig
 from tests.conftest import ECHO, GateFactory, expect_error, reply_text
 
 needs_bwrap = pytest.mark.skipif(

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sessiongate.server.sandbox import network_proxy
+from sessiongate.server.sandbox.network_proxy import NetworkProxy, address_refused, domain_allowed
+from sessiongate.server.settings import AgentConfig, ConfigError, load_settings
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import network_proxy
-from server.network_proxy import NetworkProxy, address_refused, domain_allowed
-from server.settings import AgentConfig, ConfigError, load_settings
 from tests.conftest import ECHO, Gate, GateFactory, reply_text
 from tests.test_sandbox import needs_bwrap
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.settings import AgentConfig
 from tests.conftest import ECHO, GateFactory, expect_error
 from tests.test_sandbox import needs_bwrap, say
 

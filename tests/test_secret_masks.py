@@ -18,10 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.settings import AgentConfig
 from tests.conftest import ECHO, GateFactory, reply_text
 from tests.pki import Pki
 from tests.test_auth import as_, tokens_file

@@ -151,7 +151,10 @@ def test_configuration_errors_exit_2_with_a_clear_message(tmp_path: Path) -> Non
     bad = tmp_path / "bad.toml"
     bad.write_text('[agents.x]\ncommand = "y"\npermission_policy = "maybe"\n')
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--config", str(bad)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "sessiongate.server", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "permission_policy" in result.stderr and "Traceback" not in result.stderr
@@ -161,7 +164,15 @@ def test_an_unusable_database_path_exits_1_with_a_clear_message(tmp_path: Path) 
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should be")
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--state-db", str(blocker / "db.sqlite")],
+        [
+            sys.executable,
+            "-m",
+            "sessiongate.server",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-db",
+            str(blocker / "db.sqlite"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.app import client_hint
+from sessiongate.server.settings import Settings
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.app import client_hint
-from server.settings import Settings
 from tests.conftest import eventually
 from tests.processes import server_process
 
@@ -29,7 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_server(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", "sessiongate.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
     )
 
 
@@ -54,11 +58,11 @@ async def test_the_start_log_names_a_cli_command_that_works_against_this_server(
         hint = next((line for line in server.log if " try: " in line), None)
         assert hint is not None, "".join(server.log)
         assert f"grpcurl -plaintext 127.0.0.1:{server.port} list" in hint
-        # The CLI line, pasted: `sessiongate ARGS` run as `python -m client ARGS`.
+        # The CLI line, pasted: `sessiongate ARGS` run as `python -m sessiongate.client ARGS`.
         command = shlex.split(hint.split(" try: ", 1)[1].split("  (or:", 1)[0])
         assert command[:3] == ["sessiongate", "--target", f"127.0.0.1:{server.port}"], hint
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "client", *command[1:]),
+            *(sys.executable, "-m", "sessiongate.client", *command[1:]),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=tmp_path,
@@ -164,7 +168,7 @@ def test_check_config_refuses_what_the_start_refuses_with_exit_2(
 async def test_a_cli_prompt_cut_off_by_a_shutdown_exits_6_saying_shutting_down(tmp_path: Path) -> None:
     async with server_process(tmp_path, drain_grace=1.0) as server:
         cli = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "client", "--target", f"127.0.0.1:{server.port}"),
+            *(sys.executable, "-m", "sessiongate.client", "--target", f"127.0.0.1:{server.port}"),
             *("prompt", "/sleep 120"),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

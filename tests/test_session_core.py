@@ -17,15 +17,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from sessiongate.server.errors import (
+    OwnerLost,
+    SessionBusy,
+    SessionNotFound,
+    ShuttingDown,
+    StreamStalled,
+    TurnTimeout,
+)
+from sessiongate.server.sessions.owner import Owner
+from sessiongate.server.sessions.pool import SessionPool
+from sessiongate.server.sessions.session import Session, State
+from sessiongate.server.settings import ServerLimits
+from sessiongate.server.state.base import SessionRecord
+from sessiongate.server.state.sqlite import SessionStore
+from sessiongate.server.turns.runner import TurnRunner
+from sessiongate.server.turns.turn import Notice, Turn, TurnEnd
 
-from server.errors import OwnerLost, SessionBusy, SessionNotFound, ShuttingDown, StreamStalled, TurnTimeout
-from server.owner import Owner
-from server.pool import SessionPool
-from server.runner import TurnRunner
-from server.session import Session, State
-from server.settings import ServerLimits
-from server.store import SessionRecord, SessionStore
-from server.turn import Notice, Turn, TurnEnd
 from tests.conftest import eventually
 from tests.fakes import FAKE, FAST, FakeAgents, fake_pool, text
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import sessiongate.server.turns.turn_log
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -52,16 +53,15 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from sessiongate.server.errors import SessionGateError
+from sessiongate.server.sessions.pool import SessionPool
+from sessiongate.server.sessions.session import Session
+from sessiongate.server.settings import MIN_TURN_LOG_BYTES
+from sessiongate.server.state.sqlite import SessionStore
+from sessiongate.server.turns.turn import Turn
+from sessiongate.server.turns.turn_log import TurnLog
 from sessiongate.v1 import session_service_pb2 as pb
 
-import server.turn_log
-from server.errors import SessionGateError
-from server.pool import SessionPool
-from server.session import Session
-from server.settings import MIN_TURN_LOG_BYTES
-from server.store import SessionStore
-from server.turn import Turn
-from server.turn_log import TurnLog
 from tests.fakes import FAKE, FAST, ChaosAgent, ChaosAgents, fake_pool, text
 
 T = TypeVar("T")
@@ -175,8 +175,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.endings: list[Ending] = []
         self.stall_releases: list[threading.Event] = []
         self.shut_down = False
-        self._write_timeout = server.turn_log.WRITE_TIMEOUT
-        server.turn_log.WRITE_TIMEOUT = WRITE_TIMEOUT
+        self._write_timeout = sessiongate.server.turns.turn_log.WRITE_TIMEOUT
+        sessiongate.server.turns.turn_log.WRITE_TIMEOUT = WRITE_TIMEOUT
 
     # ---- running the loop --------------------------------------------------------------
 
@@ -490,7 +490,7 @@ class SessionMachine(RuleBasedStateMachine):
                 self.loop.run_until_complete(self.store.close())
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
-            server.turn_log.WRITE_TIMEOUT = self._write_timeout
+            sessiongate.server.turns.turn_log.WRITE_TIMEOUT = self._write_timeout
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _finish(self) -> None:

@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from acp import schema
+from sessiongate.server.agents.connection import AgentConnection
+from sessiongate.server.agents.state import MAX_ITEMS, MAX_NAME, AgentState, TurnUsage
+from sessiongate.server.errors import NotSupported
+from sessiongate.server.sessions.pool import SessionPool
+from sessiongate.server.state import sqlite as store
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import store
-from server.agent import AgentConnection
-from server.agent_state import MAX_ITEMS, MAX_NAME, AgentState, TurnUsage
-from server.errors import NotSupported
-from server.pool import SessionPool
 from tests.conftest import Gate, GateFactory, StateBackend, eventually, expect_error, kinds, reply_text
 from tests.fakes import FAKE, FakeAgents, fake_pool
 

@@ -11,10 +11,10 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sessiongate.server.api import service
+from sessiongate.server.sessions.session import new_session_id
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import service
-from server.session import new_session_id
 from tests.conftest import Gate, GateFactory, echo_agent, eventually, expect_error, wait_gone
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from server import sandbox
-from server.app import start_server
-from server.settings import (
+from sessiongate.server.app import start_server
+from sessiongate.server.sandbox import launcher as sandbox
+from sessiongate.server.settings import (
     BUILTIN_AGENT,
     AgentConfig,
     ConfigError,
@@ -22,6 +21,7 @@ from server.settings import (
     load_settings,
     validate,
 )
+
 from tests.pki import Pki
 
 
@@ -34,7 +34,7 @@ def test_defaults_need_no_config_and_use_the_builtin_agent(tmp_path: Path) -> No
     settings = load_settings(["--workdir", str(tmp_path)], environ={})
     assert settings.listen == "127.0.0.1:50051"
     assert settings.default_agent == BUILTIN_AGENT
-    assert settings.agents[BUILTIN_AGENT].args == ("-m", "server.echo_agent")
+    assert settings.agents[BUILTIN_AGENT].args == ("-m", "sessiongate.echo")
     assert settings.roots == (tmp_path.resolve(),)
 
 
@@ -240,7 +240,15 @@ def test_a_root_that_contains_the_state_dir_is_refused(tmp_path: Path) -> None:
 def test_a_root_that_contains_the_state_dir_stops_the_server_with_exit_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--workdir", str(tmp_path)),
+            *(
+                sys.executable,
+                "-m",
+                "sessiongate.server",
+                "--listen",
+                "127.0.0.1:0",
+                "--workdir",
+                str(tmp_path),
+            ),
             *("--allowed-root", str(tmp_path), "--state-db", str(tmp_path / "state" / "s.db")),
         ],
         capture_output=True,
@@ -307,7 +315,15 @@ def test_with_tokens_and_no_bwrap_on_path_the_server_exits_2_naming_bubblewrap(t
     tokens = write(tmp_path / "tokens.toml", "")
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--workdir", str(work(tmp_path))),
+            *(
+                sys.executable,
+                "-m",
+                "sessiongate.server",
+                "--listen",
+                "127.0.0.1:0",
+                "--workdir",
+                str(work(tmp_path)),
+            ),
             *("--auth-tokens-file", tokens, "--state-db", str(tmp_path / "state" / "s.db")),
         ],
         capture_output=True,

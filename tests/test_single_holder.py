@@ -19,11 +19,11 @@ START_BOUND = 60.0  # seconds a second server may take to fail (or, on the old c
 
 
 def second_server(tmp_path: Path, listen: str, state_db: Path) -> tuple[int | None, str]:
-    """Start `python -m server` as a user would; its exit code and stderr once it exits, or None
+    """Start `python -m sessiongate.server` as a user would; its exit code and stderr once it exits, or None
     and its stderr so far once it says it is serving (killed then) or after START_BOUND."""
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "server", "--config", str(tmp_path / "sessiongate.toml")),
+            *(sys.executable, "-m", "sessiongate.server", "--config", str(tmp_path / "sessiongate.toml")),
             *("--listen", listen, "--workdir", str(tmp_path), "--state-db", str(state_db)),
         ],
         stderr=subprocess.PIPE,

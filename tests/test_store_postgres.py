@@ -14,13 +14,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sessiongate.server.cluster.ownership import Ownership
+from sessiongate.server.errors import OwnerLost
+from sessiongate.server.state import pg_schema
+from sessiongate.server.state.base import SessionRecord, StoreError
+from sessiongate.server.state.postgres import IDLE_IN_TRANSACTION_TIMEOUT, PostgresStore, redacted
+from sessiongate.server.state.turn_records import TurnRow
 
-from server import pg_schema
-from server.errors import OwnerLost
-from server.ownership import Ownership
-from server.store import SessionRecord, StoreError
-from server.store_postgres import IDLE_IN_TRANSACTION_TIMEOUT, PostgresStore, redacted
-from server.turn_records import TurnRow
 from tests.postgres import PostgresServer
 
 
@@ -103,7 +103,7 @@ async def test_a_database_from_a_newer_server_is_refused(postgres: PostgresServe
 def test_an_unreachable_database_exits_1_with_a_clear_message_and_no_password(tmp_path: Path) -> None:
     url = "postgresql://gate:s3cret@127.0.0.1:9/sessions"  # the discard port: nothing listens
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--state-url", url],
+        [sys.executable, "-m", "sessiongate.server", "--listen", "127.0.0.1:0", "--state-url", url],
         capture_output=True,
         text=True,
         timeout=60,
@@ -116,7 +116,7 @@ def test_an_unreachable_database_exits_1_with_a_clear_message_and_no_password(tm
 
 def test_a_state_url_that_is_not_postgresql_is_a_configuration_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--state-url", "mysql://x/y"],
+        [sys.executable, "-m", "sessiongate.server", "--state-url", "mysql://x/y"],
         capture_output=True,
         text=True,
         timeout=30,

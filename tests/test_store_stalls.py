@@ -14,12 +14,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sessiongate.server.errors import StoreUnavailable
+from sessiongate.server.state import turn_records
+from sessiongate.server.state.base import SessionRecord
+from sessiongate.server.state.postgres import PostgresStore
+from sessiongate.server.state.sqlite import SessionStore
+from sessiongate.server.state.turn_records import TurnRow
 
-from server import turn_records
-from server.errors import StoreUnavailable
-from server.store import SessionRecord, SessionStore
-from server.store_postgres import PostgresStore
-from server.turn_records import TurnRow
 from tests.postgres import PostgresServer
 
 Store = SessionStore | PostgresStore

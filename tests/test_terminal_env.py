@@ -21,12 +21,12 @@ from typing import Any
 import acp
 import pytest
 from acp import schema
+from sessiongate.server.sandbox import terminals
+from sessiongate.server.sandbox.launcher import Launcher
+from sessiongate.server.sandbox.terminals import Terminals
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import terminals
-from server.sandbox import Launcher
-from server.settings import AgentConfig
-from server.terminals import Terminals
 from tests.conftest import ECHO, GateFactory, reply_text
 
 needs_bwrap = pytest.mark.skipif(

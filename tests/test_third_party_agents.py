@@ -26,10 +26,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.settings import AgentConfig
 from tests.conftest import Gate, GateFactory, expect_error, kinds, reply_text
 from tests.test_permissions import Asking, second_stub, seconds
 

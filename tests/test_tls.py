@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sessiongate.client import AsyncSessionClient
+from sessiongate.server.security.tls import certificate_name
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from client import AsyncSessionClient
-from server.tls import certificate_name
 from tests.conftest import Gate, GateFactory, expect_error, reply_text
 from tests.pki import Pki
 from tests.test_auth import TOKENS, as_, tokens_file

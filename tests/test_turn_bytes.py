@@ -1,4 +1,4 @@
-"""The turn's buffer is bounded in bytes as well as in items (server/turn.py): a flood of
+"""The turn's buffer is bounded in bytes as well as in items (server/turns/turn.py): a flood of
 large chunks holds the agent back on its pipe once a few MiB are buffered, not 256 chunks
 of up to 64 MiB each; and once nobody reads, the same bound drops the rest.
 
@@ -9,9 +9,8 @@ as AgentTransport does (one line at a time, checking the pause before each).
 from __future__ import annotations
 
 import acp
-
-from server import turn as turn_module
-from server.turn import TextRun, Turn, TurnEnd, item_bytes
+from sessiongate.server.turns import turn as turn_module
+from sessiongate.server.turns.turn import TextRun, Turn, TurnEnd, item_bytes
 
 CHUNK = 1_000_000  # characters of one flood chunk (1 MB, as `/flood 40 1000000` sends)
 BOUND = turn_module.HIGH_WATER_BYTES + CHUNK + turn_module.ITEM_BYTES  # the high water plus one

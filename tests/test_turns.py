@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from sessiongate.echo.agent import flood_chunk
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server.echo_agent import flood_chunk
 from tests.conftest import (
     Gate,
     GateFactory,

@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sessiongate.server.security import auth
 from sessiongate.v1 import session_service_pb2 as pb
 
-from server import auth
 from tests.conftest import Gate, GateFactory, details_of
 from tests.test_auth import as_, tokens_file
 

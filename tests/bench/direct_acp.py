@@ -9,8 +9,7 @@ from typing import Any
 
 import acp
 from acp import schema
-
-from server.agent_transport import LINE_LIMIT
+from sessiongate.server.agents.transport import LINE_LIMIT
 
 
 class _Counter:
@@ -43,7 +42,7 @@ class DirectAgent:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "server.echo_agent",
+            "sessiongate.echo",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=self._env,

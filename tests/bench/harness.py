@@ -1,6 +1,6 @@
 """The benchmark: each figure next to its baseline, measured in the same run.
 
-The gateway (`python -m server`), the bare gRPC baseline server and the load generator
+The gateway (`python -m sessiongate.server`), the bare gRPC baseline server and the load generator
 (this process) are separate processes. Every figure checks its inputs (each stream really
 delivered N events), so a broken run fails instead of reporting a good ratio.
 """
@@ -27,10 +27,10 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from sessiongate.echo.agent import flood_chunk
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from server.echo_agent import flood_chunk
 from tests.bench.direct_acp import DirectAgent
 from tests.postgres import PostgresServer, free_port, postgres_server
 
@@ -114,7 +114,7 @@ class Report:
 
 
 class Gateway:
-    """A `python -m server` process with its own config, database and agent state."""
+    """A `python -m sessiongate.server` process with its own config, database and agent state."""
 
     def __init__(
         self, workdir: Path, spares: int = 0, max_sessions: int = 400, args: tuple[str, ...] = ()
@@ -130,16 +130,24 @@ class Gateway:
             "[server]\n"
             f"max_sessions = {max_sessions}\nstall_timeout = 600\nidle_ttl = 36000\nlog_level = 'WARNING'\n"
             "max_streams_per_connection = 1000\n"
-            f"[agents.echo]\ncommand = '{sys.executable}'\nargs = ['-m', 'server.echo_agent']\n"
+            f"[agents.echo]\ncommand = '{sys.executable}'\nargs = ['-m', 'sessiongate.echo']\n"
             f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\nsandbox = 'none'\n"
-            f"[agents.warm]\ncommand = '{sys.executable}'\nargs = ['-m', 'server.echo_agent']\n"
+            f"[agents.warm]\ncommand = '{sys.executable}'\nargs = ['-m', 'sessiongate.echo']\n"
             f"env = {{ ECHO_AGENT_STATE_DIR = '{state}' }}\nspares = {spares}\nsandbox = 'none'\n"
             f"[agents.misbehaving]\ncommand = '{sys.executable}'\nargs = ['-m', 'tests.misbehaving_agent']\n"
             f"env = {{ PYTHONPATH = '{ROOT}' }}\nsandbox = 'none'\n"
         )
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "server", "--config", str(config), "--listen", "127.0.0.1:0"),
+                *(
+                    sys.executable,
+                    "-m",
+                    "sessiongate.server",
+                    "--config",
+                    str(config),
+                    "--listen",
+                    "127.0.0.1:0",
+                ),
                 *(
                     "--workdir",
                     str(workdir),

@@ -1,6 +1,6 @@
 """Profile the gateway: `python -m tests.bench.profile {stream,first-event} [--turns N]`.
 
-Runs `python -m server` under cProfile in its own process, drives it from this one, stops
+Runs `python -m sessiongate.server` under cProfile in its own process, drives it from this one, stops
 it with SIGTERM (so the profile is written) and prints the functions that cost most per
 turn: `stream` floods one session (/flood), `first-event` runs short turns one after another.
 """
@@ -27,7 +27,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 def start_profiled_server(workdir: Path, profile: Path) -> tuple[subprocess.Popen[str], int]:
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "server"),
+            *(sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "sessiongate.server"),
             *("--listen", "127.0.0.1:0", "--workdir", str(workdir), "--state-db", str(workdir / "db")),
         ],
         stderr=subprocess.PIPE,

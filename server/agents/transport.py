@@ -1,0 +1,286 @@
+"""The agent's stdio as the ACP SDK's message transport, with the agent treated as a client.
+
+Everything an agent writes costs the gateway bounded work, memory and log volume:
+- a line that is not JSON (garbage, a stray print) is dropped and counted; only the first
+  few are logged (clipped), then a summary now and then, never a traceback per line;
+- the pipe is read through a small buffer (READ_BUFFER): an agent that writes faster than
+  it is read fills its pipe and blocks, not our memory; a long line is gathered piece by
+  piece, and one longer than LINE_LIMIT is skipped without being held;
+- a JSON value that is not an object, or a message whose `id` or `method` has the wrong
+  type, means the connection cannot be trusted any more: the transport ends (the SDK sees
+  end of stream, failing what waits on the agent) and reports the violation, so the agent
+  is ended and its session recovers with a fresh one;
+- end of stream while the process still runs (it closed its stdout) is reported the same way;
+- `session/update` notifications are parsed and handed to `on_update` here, in order, not
+  through the SDK (which starts a task per notification and logs a traceback per invalid
+  one): an update of a kind this SDK does not know (a newer agent's) arrives as a
+  `RawUpdate`, an invalid one is dropped with bounded logging;
+- every line is charged to the loop's shared slice (loop_share.py), so however many agents
+  write as fast as they can, they take a bounded part of each loop pass from the others;
+- the agent's requests to us (the SDK starts a task for each, without a limit) are bounded:
+  at most MAX_REQUESTS unanswered at once, and what they hold (each request's line until our
+  answer is written, and each answer from its serialization until it is written) at most
+  MAX_HELD_BYTES, whatever one request and its answer alone take. An agent over either bound
+  (one that asks without reading its answers) is a violation: its memory cost stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from acp import schema
+from pydantic import ValidationError
+from sessiongate.server.errors import clip
+from sessiongate.server.loop_share import loop_share
+
+log = logging.getLogger("sessiongate.agent")
+
+LINE_LIMIT = 64 * 1024 * 1024  # one JSON-RPC message; tool output and diffs can be long
+READ_BUFFER = 64 * 1024  # the stream reader's limit: it stops reading the pipe past twice this
+DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clipped; then a summary...
+DROP_SUMMARY_EVERY = 100_000  # ...every this many more
+LOGGED_BYTES = 200  # of one dropped line
+# The agent's requests to us: their count is what its own tool calls run in parallel (reads wait
+# for their lane, permissions for the client, terminal waits for a command), the bytes are the
+# memory; a 10 MiB fs read's answer (client_fs.MAX_READ_BYTES) is about 10 MiB of JSON.
+MAX_REQUESTS = 32  # unanswered at once
+MAX_HELD_BYTES = 32 * 1024 * 1024  # their lines until answered, answers until written
+
+# The `sessionUpdate` kinds this SDK can parse; others reach the client as `other` events.
+KNOWN_UPDATES = frozenset(
+    kind
+    for model in typing.get_args(schema.SessionNotification.model_fields["update"].annotation)
+    for kind in typing.get_args(model.model_fields["session_update"].annotation)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RawUpdate:
+    """A `session/update` of a kind this SDK does not know (a newer agent's), as JSON."""
+
+    kind: str
+    payload: dict[str, Any]
+
+
+class Violation(Exception):
+    """The agent broke the protocol so that its connection cannot be used any more."""
+
+
+class AgentTransport:
+    """`acp`'s Transport (send/receive/close of decoded messages) over an agent's pipes."""
+
+    def __init__(
+        self,
+        name: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_broken: Callable[[str, bool], None],
+        on_update: Callable[[str, Any], None],
+    ) -> None:
+        self._name = name
+        self._reader = reader
+        self._writer = writer
+        self._on_broken = on_broken
+        self._on_update = on_update
+        self._share = loop_share()
+        self._write_lock = asyncio.Lock()
+        self._flowing = asyncio.Event()  # cleared while a turn holds the agent back (backpressure)
+        self._flowing.set()
+        self.dropped: dict[str, int] = {}  # what was dropped, by kind ("garbage lines", ...)
+        self._ended = False
+        self._asked: dict[Any, list[int]] = {}  # the agent's requests unanswered: line sizes, by id
+        self._requests = 0  # how many (an id may be used twice)
+        self._held = 0  # bytes: their lines, and our answers not yet written
+
+    # ---- to the agent ----------------------------------------------------------------------
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        if "method" in message or "id" not in message:  # a request or notification of ours
+            await self._write(data)
+            return
+        # Our answer to one of the agent's requests: held (and counted) until written.
+        sizes = self._asked.get(message["id"])
+        asked = sizes.pop() if sizes else 0
+        if sizes is not None and not sizes:
+            del self._asked[message["id"]]
+        own = asked + len(data)
+        try:
+            if self._hold(len(data), own):
+                self._end(self._overheld(), eof=False)
+            if self._ended:
+                return  # nobody reads it any more
+            # Nobody waits on an answer's write: one the agent can no longer take is dropped
+            # (the SDK would log a traceback for each).
+            with contextlib.suppress(ConnectionError):
+                await self._write(data)
+        finally:
+            self._held -= own
+            if sizes is not None:
+                self._requests -= 1
+
+    async def _write(self, data: bytes) -> None:
+        async with self._write_lock:
+            if self._writer.is_closing():
+                raise ConnectionResetError(f"agent {self._name!r} closed its input")
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def close(self) -> None:
+        self._ended = True
+        self._flowing.set()  # a paused receive() returns None now
+        # The agent's stdin stays open (as with the SDK's own transport): the agent is ended by
+        # signals to its group, within the kill grace, not by an end of input it may ignore.
+
+    # ---- from the agent --------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Hand on nothing more until `resume()`. The reader's small buffer then fills, it
+        stops reading the pipe, and the agent blocks on its full pipe."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message for the SDK, or None at the end (EOF, a violation, or closed by us)."""
+        while not self._ended:
+            if not self._flowing.is_set():
+                await self._flowing.wait()
+                continue  # closed meanwhile?
+            await self._share.take(self)
+            line = await self._read_line()
+            if line is None:
+                self._end("closed its output (stdout)", eof=True)
+                return None
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                message = json.loads(line)
+            except (ValueError, RecursionError):
+                self._drop("garbage lines", "a line that is not JSON-RPC", line)
+                continue
+            try:
+                if self._sorted_out(message):
+                    continue
+                if "method" in message and "id" in message:
+                    self._admit(message["id"], len(line))
+            except Violation as violation:
+                self._end(str(violation), eof=False)
+                return None
+            return message
+        return None
+
+    def _sorted_out(self, message: Any) -> bool:
+        """Checks one message; True when it was dealt with here (not for the SDK)."""
+        if not isinstance(message, dict):
+            raise Violation(
+                f"wrote a JSON {type(message).__name__} where a JSON-RPC message (an object) belongs"
+            )
+        if "id" in message and (
+            isinstance(message["id"], bool) or not isinstance(message["id"], (str, int, type(None)))
+        ):
+            raise Violation("wrote a JSON-RPC message whose id is not a string, number or null")
+        method = message.get("method")
+        if method is not None and not isinstance(method, str):
+            raise Violation("wrote a JSON-RPC message whose method is not a string")
+        if method == "session/update" and "id" not in message:
+            self._update(message.get("params"))
+            return True
+        return False
+
+    def _admit(self, request_id: Any, size: int) -> None:
+        """Count one request of the agent's (of `size` bytes) until our answer to it is written."""
+        if self._requests >= MAX_REQUESTS:
+            raise Violation(f"sent over {MAX_REQUESTS} requests to the gateway that were not answered yet")
+        if self._hold(size, size):
+            self._held -= size
+            raise Violation(self._overheld())
+        self._asked.setdefault(request_id, []).append(size)
+        self._requests += 1
+
+    def _hold(self, size: int, own: int) -> bool:
+        """Hold `size` bytes more; True when that goes over MAX_HELD_BYTES, unless only one
+        request and its answer (`own` bytes of them) are held: a request alone always fits."""
+        self._held += size
+        return self._held > MAX_HELD_BYTES and self._held > own
+
+    def _overheld(self) -> str:
+        return (
+            f"had requests to the gateway and their answers holding over {MAX_HELD_BYTES >> 20} MiB"
+            " unanswered or unread"
+        )
+
+    def _update(self, params: Any) -> None:
+        """One `session/update`, parsed and handed on now: in order, and within the slice."""
+        update = params.get("update") if isinstance(params, dict) else None
+        kind = update.get("sessionUpdate") if isinstance(update, dict) else None
+        session_id = params.get("sessionId") if isinstance(params, dict) else None
+        item: Any
+        if isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
+            assert isinstance(update, dict)
+            item = RawUpdate(kind, update)
+        else:
+            try:
+                notification = schema.SessionNotification.model_validate(params)
+            except (ValidationError, RecursionError) as exc:
+                self._drop("invalid updates", "a session/update that does not fit the ACP schema", exc)
+                return
+            session_id, item = notification.session_id, notification.update
+        try:
+            self._on_update(session_id, item)
+        except Exception as exc:  # a bug of ours: the agent's connection stays usable
+            self._drop("unroutable updates", "a session/update that could not be handled", exc)
+            if self.dropped["unroutable updates"] == 1:
+                log.exception("agent=%s update handling failed", self._name)
+
+    async def _read_line(self) -> bytes | None:
+        """One line, None at EOF; gathered a buffer at a time, and skipped past LINE_LIMIT."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                piece = await self._reader.readuntil(b"\n")
+                complete = True
+            except asyncio.IncompleteReadError as exc:  # EOF: a last line without its newline?
+                piece, complete = exc.partial, True
+                if not piece and not parts:
+                    return None
+            except asyncio.LimitOverrunError as exc:  # no newline in the buffer yet
+                piece, complete = await self._reader.readexactly(max(exc.consumed, 1)), False
+            size += len(piece)
+            if size <= LINE_LIMIT:
+                parts.append(piece)
+            elif parts:
+                parts.clear()  # overlong: what was kept goes, the rest is only counted
+            if complete:
+                break
+        if size > LINE_LIMIT:
+            overlong = f"<a line of {size} bytes, over {LINE_LIMIT}>"
+            self._drop("garbage lines", "a line that is not JSON-RPC", overlong)
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _drop(self, kind: str, what: str, detail: object) -> None:
+        """Count something the agent wrote that was dropped; log the first few and a summary now and then."""
+        count = self.dropped[kind] = self.dropped.get(kind, 0) + 1
+        if count <= DROPS_LOGGED:
+            if isinstance(detail, bytes):
+                detail = detail[: LOGGED_BYTES * 2].decode("utf-8", "replace")
+            log.warning("agent=%s wrote %s (dropped): %s", self._name, what, clip(str(detail), LOGGED_BYTES))
+        elif count % DROP_SUMMARY_EVERY == 0 or count == DROPS_LOGGED + 1:
+            log.warning("agent=%s has written %d %s (dropped, not logged)", self._name, count, kind)
+
+    def _end(self, why: str, eof: bool) -> None:
+        """No more messages: tell the connection why (unless we closed it), and the SDK (None)."""
+        if not self._ended:
+            self._ended = True
+            self._on_broken(why, eof)

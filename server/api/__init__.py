@@ -1,0 +1,4 @@
+"""The gRPC face: the SessionService (`service`) and the Prometheus metrics (`metrics`).
+
+May import: cluster, sessions and the layers below. Only `app` imports it.
+"""

@@ -1,0 +1,356 @@
+"""Is this session mine? Serve it here, take it over, or forward the call to its owner replica.
+
+Between the service and the pool (the architecture guide's one-way flow). Without replicas
+(no state_url) every lookup is the pool's. With replicas:
+- a session in this replica's pool is served here;
+- a session whose owner's lease is alive is forwarded to the owner: the same call with the
+  same request, its deadline, and cancellation passed on, signed for the caller's principal
+  (server/security/auth.py `sign`: never the caller's token nor the replicas' secret, since the owner's
+  address is read from the database); the owner's status and details come back unchanged
+  (`Relayed`);
+- a session released on drain, or whose owner's lease ran out, is taken over (a compare-and-set
+  on its epoch) by calls that work on it (`take`): Prompt, mode and option changes, close;
+  other calls read it from the database as it was stored (a SUSPENDED view), moving nothing.
+A call that was forwarded once is never forwarded again: if the session moved meanwhile the
+caller gets OWNER_LOST and retries.
+
+A forwarded call waits on its owner only while the owner's lease lives: once the lease and the
+takeover margin have run out (by the database's clock, as for a takeover) the call is abandoned
+with OWNER_LOST, and the caller's retry takes the session over. So a frozen or cut-off owner
+costs a caller `lease_ttl` + `TAKEOVER_MARGIN` + one look at the database, not the channel's
+keepalive (25 s) or the forwarding bounds below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from sessiongate.server.cluster.ownership import DB_TIMEOUT, Owner, Ownership
+from sessiongate.server.errors import OwnerLost, SessionGateError, StoreUnavailable, clip
+from sessiongate.server.security import principals
+from sessiongate.server.security.auth import sign
+from sessiongate.server.sessions.pool import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    SessionPool,
+    decode_token,
+    encode_token,
+    sort_key,
+)
+from sessiongate.server.sessions.session import Session
+from sessiongate.server.state.postgres import DB_ERRORS, PostgresStore
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sessiongate.router")
+
+T = TypeVar("T")
+
+FORWARDED_HEADER = "sessiongate-forwarded-by"
+# Bounds of a forwarded call whose caller set no deadline: a unary call, a stream's headers (the
+# owner sends them when the turn starts), and keepalive pings that find an owner that stopped.
+FORWARD_TIMEOUT = 300.0
+FORWARD_HEADERS_TIMEOUT = 120.0
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 15_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+]
+LEASE_WATCH_DELAY = 0.5  # seconds into a forwarded call before its owner's lease is looked at
+LEASE_WATCH_RETRY = 1.0  # seconds before looking again when the database did not answer
+SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
+
+
+class Forward(Exception):
+    """The session is owned by the replica at `address`: the call goes there."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.address = address
+
+
+class Relayed(Exception):
+    """The owner's answer to a forwarded call: the same status, details and trailers."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
+
+
+class Router:
+    def __init__(
+        self, pool: SessionPool, store: PostgresStore, ownership: Ownership, replica_token: str = ""
+    ) -> None:
+        self._pool = pool
+        self._replica_token = replica_token
+        self._store = store
+        self._ownership = ownership
+        self._stubs: dict[str, pb_grpc.SessionServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def check_lease(self, session_id: str) -> None:
+        """Before each event relayed: a replica whose lease may have run out (it was paused, or
+        cut off from the database) sends nothing more; its sessions are someone else's now."""
+        if not self._ownership.valid():
+            raise _lease_lost(session_id)
+
+    def mark(self) -> int:
+        """Where the lease's losses stand: a stream takes it when it starts (see `outcome`)."""
+        return self._ownership.losses
+
+    def outcome(self, exc: Exception, session_id: str, mark: int | None = None) -> Exception:
+        """How a stream of this replica ends: whatever else went wrong (a stall timer that fired
+        as the process woke up, say), once the lease ran out it is OWNER_LOST. Also when the
+        lease was lost after the stream's `mark` and renewed again since: its session was fenced
+        meanwhile, even if the handler only got to run after the renewal (a loaded machine)."""
+        lost = not self._ownership.valid() or (mark is not None and self._ownership.losses != mark)
+        return _lease_lost(session_id) if lost else exc
+
+    async def session(self, session_id: str, context: Any, *, take: bool) -> Session:
+        """The session to serve here, or Forward to its owner."""
+        await self._ownership.check()
+        if self._pool.has(session_id):
+            return self._pool.get(session_id)  # not the caller's: NOT_FOUND
+        async with _database():
+            owner = await self._ownership.owner(session_id)
+        if owner is None or not principals.current().may_see(owner.record.owner):
+            return self._pool.get(session_id)  # NOT_FOUND, as for an unknown id
+        if owner.alive and owner.replica != self._ownership.replica_id:
+            if _forwarded(context):
+                raise OwnerLost(f"session {session_id} moved while the call was forwarded; retry")
+            raise Forward(owner.advertise)
+        if not take:
+            return self._pool.view(owner.record)
+        await self._take(owner)
+        return self._pool.get(session_id)
+
+    async def _take(self, owner: Owner) -> None:
+        async with _database():
+            taken = await self._ownership.take(owner)
+        if taken is None:  # another replica was faster, or the owner came back
+            raise OwnerLost(f"session {owner.record.session_id} is being moved between replicas; retry")
+        record, epoch = taken
+        await self._ownership.check()  # still ours to serve (the lease did not run out meanwhile)
+        self._store.owns(record.session_id, epoch)
+        await self._pool.adopt(record)  # the row as the takeover found it, not as read before
+
+    async def create_target(self, request_id: str, context: Any) -> str | None:
+        """Where a CreateSession goes: None for here. A request id another replica already made
+        a session for goes to that replica (or the session is taken over here when its replica is
+        gone); with no free agent slot here, the live replica with the most free slots."""
+        await self._ownership.check()
+        if _forwarded(context):
+            return None
+        if request_id:
+            async with _database():
+                made = await self._ownership.owner_by_request(principals.current().name, request_id)
+            if made is not None and not self._pool.has(made.record.session_id):
+                if made.alive and made.replica != self._ownership.replica_id:
+                    return made.advertise
+                await self._take(made)  # the pool then finds it by its request id
+                return None
+        if self._ownership.free_slots() > 0:
+            return None
+        async with _database():
+            return await self._ownership.most_free()
+
+    async def page(
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
+    ) -> tuple[list[tuple[Session, str]], str]:
+        """ListSessions over every replica's sessions (from the database), each with the replica
+        serving it; ones served here show their live state. Same order and tokens as the pool's."""
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        after = decode_token(page_token)
+        principal = principals.current()
+        batch = max(2 * size, 100)
+        found: list[tuple[Session, str]] = []
+        owner = owner or ("" if principal.admin else principal.name)  # only what the caller may see
+        while True:
+            async with _database():
+                rows = await self._ownership.page(after, owner, agent, batch)
+            for record, replica in rows:
+                if len(found) == size:
+                    return found, encode_token(sort_key(found[-1][0]))
+                after = (record.create_time, record.session_id)
+                if not principal.may_see(record.owner) or any(
+                    record.labels.get(k) != v for k, v in labels.items()
+                ):
+                    continue
+                local = self._pool.has(record.session_id)
+                session = self._pool.get(record.session_id) if local else self._pool.view(record)
+                found.append((session, self._ownership.replica_id if local else replica))
+            if len(rows) < batch:
+                return found, ""
+
+    # ---- forwarding ----------------------------------------------------------------------
+
+    async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
+        call = getattr(self._stub(address), method)(
+            request, timeout=_bounded(context), metadata=self._passed_on(address, method, request)
+        )
+        gone = self._watch(address)
+        try:
+            return await _unless_gone(call, gone, address)
+        except grpc.aio.AioRpcError as error:
+            raise _relayed(error, address) from None
+        finally:
+            gone.cancel()
+            call.cancel()  # the caller left, or the owner's lease ran out: the owner's call ends too
+
+    async def stream(self, address: str, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
+        call = getattr(self._stub(address), method)(
+            request, timeout=context.time_remaining(), metadata=self._passed_on(address, method, request)
+        )
+        gone = self._watch(address)
+        try:
+            try:
+                async with asyncio.timeout(FORWARD_HEADERS_TIMEOUT):
+                    headers = await _unless_gone(call.initial_metadata(), gone, address)
+            except TimeoutError:
+                raise OwnerLost(
+                    f"the replica owning the session ({clip(address)}) sent no response headers within"
+                    f" {FORWARD_HEADERS_TIMEOUT:g}s; retry",
+                    retry_after=1.0,
+                ) from None
+            ours = tuple((k, v) for k, v in (headers or ()) if k.startswith("sessiongate-"))
+            if ours:
+                await context.send_initial_metadata(ours)
+            # Past the headers the owner's call itself is cancelled when its lease runs out: no
+            # task and no wait per relayed message.
+            gone.add_done_callback(lambda watch: watch.cancelled() or call.cancel())
+            while True:
+                try:
+                    item = await call.read()
+                except asyncio.CancelledError:
+                    if _owner_was_gone(gone):
+                        raise _owner_lost(address) from None
+                    raise
+                if item is grpc.aio.EOF:
+                    break
+                yield item
+        except grpc.aio.AioRpcError as error:
+            raise _relayed(error, address) from None
+        finally:
+            gone.cancel()
+            call.cancel()  # the caller left (or the stream ended): the owner's call ends too
+
+    def _watch(self, address: str) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(
+            self._owner_gone(address), name="sessiongate-lease-watch"
+        )
+
+    async def _owner_gone(self, address: str) -> None:
+        """Returns once no replica at `address` has a lease alive plus the takeover margin: its
+        sessions may be taken over, and the replica itself has stopped serving them. Looks at the
+        database about once per renewal the owner makes; a failed look is retried."""
+        await asyncio.sleep(LEASE_WATCH_DELAY)  # most forwarded calls are answered by then
+        while True:
+            try:
+                async with asyncio.timeout(DB_TIMEOUT):
+                    left = await self._ownership.lease_left(address)
+            except Exception as exc:  # the call goes on meanwhile (keepalive still bounds it)
+                log.warning("could not read the lease of replica %s: %s", clip(address), clip(str(exc)))
+                left = LEASE_WATCH_RETRY
+            if left <= 0:
+                return
+            await asyncio.sleep(max(left, 0.05))
+
+    def _passed_on(self, address: str, method: str, request: Any) -> tuple[tuple[str, str], ...]:
+        """Who the call is for: the principal authenticated here, signed for this call to this
+        address (the owner trusts the name, however the caller proved it). Without the replicas'
+        secret nothing: authentication is off (with it on, the secret is required at start)."""
+        who: tuple[tuple[str, str], ...] = ()
+        if self._replica_token:
+            who = sign(
+                self._replica_token, f"/{SERVICE}/{method}", request, principals.current().name, address
+            )
+        return (*who, (FORWARDED_HEADER, self._ownership.replica_id))
+
+    def _stub(self, address: str) -> pb_grpc.SessionServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels.append(channel)
+            stub = self._stubs[address] = pb_grpc.SessionServiceStub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+@contextlib.asynccontextmanager
+async def _database() -> AsyncIterator[None]:
+    """A routing query: bounded, and a database that fails or does not answer is
+    UNAVAILABLE/STORE_UNAVAILABLE (retryable), never INTERNAL."""
+    try:
+        async with asyncio.timeout(DB_TIMEOUT):
+            yield
+    except TimeoutError:
+        raise StoreUnavailable(f"the session database did not answer within {DB_TIMEOUT:g}s") from None
+    except DB_ERRORS as exc:
+        raise StoreUnavailable(f"the session database failed: {clip(str(exc))}") from exc
+
+
+async def _unless_gone(step: Awaitable[T], gone: asyncio.Task[None], address: str) -> T:
+    """`step` (a wait on the owner replica), abandoned with OWNER_LOST once `gone` finds the
+    owner's lease ran out."""
+    waiting = asyncio.ensure_future(step)
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        waiting.cancel()
+        raise
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()
+    raise _owner_lost(address)
+
+
+def _owner_was_gone(gone: asyncio.Task[None]) -> bool:
+    """The owner's call was cancelled because its lease ran out, not because this task was."""
+    task = asyncio.current_task()
+    return gone.done() and not gone.cancelled() and (task is None or task.cancelling() == 0)
+
+
+def _owner_lost(address: str) -> OwnerLost:
+    return OwnerLost(
+        f"the replica owning the session ({clip(address)}) did not answer and its lease ran out;"
+        " retry (the session is taken over)",
+        retry_after=0.2,
+    )
+
+
+def _lease_lost(session_id: str) -> OwnerLost:
+    return OwnerLost(f"this replica's lease ran out: session {session_id} is being moved; retry")
+
+
+def _bounded(context: Any) -> float:
+    remaining = context.time_remaining()
+    return FORWARD_TIMEOUT if remaining is None else min(remaining, FORWARD_TIMEOUT)
+
+
+def _forwarded(context: Any) -> bool:
+    return any(key == FORWARDED_HEADER for key, _ in context.invocation_metadata() or ())
+
+
+def _relayed(error: grpc.aio.AioRpcError, address: str) -> Exception:
+    """The owner's status as it is; a transport failure (no sessiongate details) says so."""
+    trailers = error.trailing_metadata() or ()
+    detailed = any(key == "grpc-status-details-bin" for key, _ in trailers)
+    if error.code() == grpc.StatusCode.UNAVAILABLE and not detailed:
+        return _unreachable(address)
+    return Relayed(error)
+
+
+def _unreachable(address: str) -> SessionGateError:
+    return OwnerLost(
+        f"the replica owning the session ({address}) cannot be reached; retry (it is taken over once"
+        " that replica's lease runs out)",
+        retry_after=1.0,
+    )

@@ -1,0 +1,6 @@
+"""Who may do what: bearer tokens and mTLS principals and what each may use (`principals`),
+the interceptor that authenticates every call and signs forwarded ones (`auth`), TLS
+credentials (`tls`) and per-principal quotas (`quotas`).
+
+May import: sandbox (a principal's home and roots) and the root modules.
+"""

@@ -1,0 +1,307 @@
+"""One turn's events on their way from the agent to the client, and the turn's clocks.
+
+The agent connection pushes updates in, the turn's runner pushes the turn's last item (its
+result or its error), and the turn's pump takes them out into the turn log (turn_log.py),
+which every reader reads. Two things happen in between:
+- backpressure: past HIGH_WATER buffered events or HIGH_WATER_BYTES buffered bytes, whichever
+  comes first, the agent's output is no longer read, until the pump has taken the buffer down
+  to both LOW_WATER and LOW_WATER_BYTES (the pump waits for a prompting client that is
+  behind, never for watchers), so a fast agent waits on its own pipe instead of filling the
+  server's memory and event loop: the buffer holds at most HIGH_WATER_BYTES plus the one
+  update that crossed it (an agent's line is at most agent_transport.LINE_LIMIT). Once nobody
+  will read the rest (the client left, or asked to cancel) the agent is never held back
+  again: the buffer keeps as much and drops the others, so the agent's answer gets through.
+- coalescing: when the client is behind, consecutive text chunks of one message that are
+  already buffered leave as one event. Nothing is reordered and nothing waits for more.
+
+Clocks are the event loop's monotonic clock; wall-clock times are only for display.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from acp import schema
+from pydantic import BaseModel
+from sessiongate.server.agents.protocol import AgentProcess, TurnItem
+from sessiongate.server.errors import SessionGateError
+from sessiongate.server.loop_share import LoopShare, loop_share
+
+HIGH_WATER = 256
+LOW_WATER = 64
+HIGH_WATER_BYTES = 4 * 1024 * 1024  # of buffered updates, as item_bytes() estimates them
+LOW_WATER_BYTES = 1024 * 1024
+ITEM_BYTES = 64  # what an item costs besides its strings (an estimate)
+MAX_COALESCED_CHARS = 64 * 1024  # one event carries at most this much merged text
+EVENT_OVERHEAD = 1024  # bytes of an event besides its text (ids, tags), kept free when splitting
+TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A message from sessiongate itself, streamed as a turn event."""
+
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """The last item of a turn that ended OK."""
+
+    stop_reason: str
+    usage: schema.Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TextRun:
+    """Consecutive text chunks of one message, merged (see coalescing above)."""
+
+    kind: str  # "agent_message_chunk" or "agent_thought_chunk"
+    text: str
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Last:
+    """The turn's last item: a TurnEnd, or the error the client's stream ends with."""
+
+    outcome: TurnEnd | BaseException
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+@dataclass(eq=False)
+class Turn:
+    """One turn: a buffer between agent and client, and clocks readable without any lock."""
+
+    stall_timeout: float
+    max_duration: float
+    agent: AgentProcess | None = None
+    max_event_bytes: int = 1_048_576  # a longer text chunk goes out as several events, in order
+    permission_policy: str = ""  # this turn's override of the agent's policy ("ask": the client decides)
+    permission_timeout: float = 300.0  # how long a question waits on the client (questions.py)
+    asking: int = 0  # questions waiting on the client now: the stall watchdog does not count
+    started_at: float = field(default_factory=_now)  # loop time
+    started_wall: float = field(default_factory=time.time)  # for display only
+    last_event_at: float = field(default_factory=_now)  # loop time of the agent's last update
+    delivered: int = 0  # events taken by the client so far (the last one's seq)
+    dropped: int = 0  # updates dropped because nobody will read them
+    _items: deque[TurnItem | _Last] = field(default_factory=deque)
+    _sizes: deque[int] = field(default_factory=deque)  # item_bytes() of each of _items
+    _bytes: int = 0  # their sum
+    _waiter: asyncio.Future[None] | None = None
+    _ended: bool = False
+    _holding_back: bool = True  # backpressure on; off once nobody will read the rest
+    on_end: Callable[[], None] | None = None  # told when the last item is in (the turn log's pump)
+    _share: LoopShare = field(default_factory=loop_share, init=False, repr=False)  # the loop's
+
+    @property
+    def deadline(self) -> float:
+        """Loop time at which the turn times out."""
+        return self.started_at + self.max_duration
+
+    @property
+    def ended(self) -> bool:
+        """The last item is in: the client's stream ends once it has read what is buffered."""
+        return self._ended
+
+    def elapsed(self) -> float:
+        return _now() - self.started_at
+
+    def since_last_event(self) -> float:
+        return _now() - self.last_event_at
+
+    def last_event_wall(self) -> float:
+        return time.time() - self.since_last_event()
+
+    # ---- the agent side --------------------------------------------------------------
+
+    def push(self, item: TurnItem) -> None:
+        """An update from the agent (the connection's sink for this turn)."""
+        self.last_event_at = _now()
+        if self._ended:
+            return
+        if not self._holding_back and self._full():
+            self.dropped += 1
+            return
+        self._append(item)
+        if self._holding_back and self._full() and self.agent is not None:
+            self.agent.pause_reading()
+
+    def _full(self) -> bool:
+        return len(self._items) >= HIGH_WATER or self._bytes >= HIGH_WATER_BYTES
+
+    def stop_holding_back(self) -> None:
+        """Nobody will read the rest (client gone, or cancelling): never pause the agent again."""
+        self._holding_back = False
+        if self.agent is not None and self.agent.reading_paused:
+            self.agent.resume_reading()
+            self.last_event_at = _now()
+
+    # ---- the runner side -------------------------------------------------------------
+
+    def notice(self, notice: Notice) -> None:
+        if not self._ended:
+            self._append(notice)
+
+    def end(self, outcome: TurnEnd | BaseException) -> None:
+        """The turn's last item; anything pushed after it is ignored. Only the first counts."""
+        if self._ended:
+            return
+        if self.dropped:
+            self._append(Notice("events_dropped", f"{self.dropped} agent updates were dropped after cancel"))
+        self._ended = True
+        self._append(_Last(outcome))
+        if self.on_end is not None:
+            self.on_end()
+
+    def _append(self, item: TurnItem | _Last) -> None:
+        size = item_bytes(item)
+        self._items.append(item)
+        self._sizes.append(size)
+        self._bytes += size
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ---- the client side -------------------------------------------------------------
+
+    def buffered(self) -> int:
+        return len(self._items)
+
+    def buffered_bytes(self) -> int:
+        """What the buffered items hold, as item_bytes() estimates it."""
+        return self._bytes
+
+    def _pop(self) -> TurnItem | _Last:
+        self._bytes -= self._sizes.popleft()
+        return self._items.popleft()
+
+    def _put_back(self, item: TurnItem) -> None:
+        size = item_bytes(item)
+        self._items.appendleft(item)
+        self._sizes.appendleft(size)
+        self._bytes += size
+
+    async def next(self, *, fair: bool = True) -> TurnItem:
+        """The next event: updates, Notices, then the TurnEnd; a failed turn raises its error.
+
+        Waits for the runner, which always ends the turn within its bounds (stall, turn
+        duration, cancel grace), with the sweeper's reaper behind it.
+        """
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        # Relaying an event (translating it, writing it to the client) is the agent's output
+        # costing loop time too: it takes from the same slice as reading it (loop_share.py).
+        if fair:  # the turn log's pump passes False: its readers take from the share instead
+            await self._share.take(self)
+        item = self._take()
+        if isinstance(item, _Last):
+            if isinstance(item.outcome, BaseException):
+                if isinstance(item.outcome, SessionGateError) and "last_seq" in item.outcome.metadata:
+                    item.outcome.metadata["last_seq"] = str(self.delivered)  # what this client saw
+                raise item.outcome
+            item = item.outcome
+        self.delivered += 1
+        return item
+
+    def _take(self) -> TurnItem | _Last:
+        """The next item, with already-buffered text merged in."""
+        item = self._pop()
+        if self._items and getattr(item, "session_update", None) in TEXT_CHUNKS:
+            item = self._coalesce(item)
+        item = self._split(item)
+        agent = self.agent
+        # An ended turn's agent may already serve the next turn: its pauses are not ours to undo.
+        low = len(self._items) <= LOW_WATER and self._bytes <= LOW_WATER_BYTES
+        if not self._ended and agent is not None and agent.reading_paused and low:
+            agent.resume_reading()
+            self.last_event_at = _now()  # held back by us, not silent: the stall clock restarts
+        return item
+
+    def _split(self, item: Any) -> Any:
+        """A text chunk over `max_event_bytes` as its first part; the rest goes back in front."""
+        found: str | None
+        if isinstance(item, TextRun):
+            kind, found, message_id = item.kind, item.text, item.message_id
+        elif getattr(item, "session_update", None) in TEXT_CHUNKS:
+            kind, found, message_id = item.session_update, _text(item), item.message_id or ""
+        else:
+            return item
+        if found is None:
+            return item
+        text = found
+        budget = max(self.max_event_bytes - EVENT_OVERHEAD, 1024)
+        if len(text) * 4 <= budget or len(data := text.encode()) <= budget:
+            return item
+        head = data[:budget].decode(errors="ignore")  # whole characters only
+        self._put_back(TextRun(kind, text[len(head) :], message_id))
+        return TextRun(kind, head, message_id)
+
+    def _coalesce(self, first: Any) -> TurnItem:
+        kind, message_id = first.session_update, first.message_id
+        text = _text(first)
+        if text is None:
+            return first
+        parts, size = [text], len(text)
+        while self._items and size < MAX_COALESCED_CHARS:
+            following = self._items[0]
+            if isinstance(following, _Last) or getattr(following, "session_update", None) != kind:
+                break
+            if following.message_id != message_id:
+                break
+            more = _text(following)
+            if more is None:
+                break
+            self._pop()
+            parts.append(more)
+            size += len(more)
+        if len(parts) == 1:
+            return first
+        return TextRun(kind, "".join(parts), message_id or "")
+
+
+def item_bytes(item: object) -> int:
+    """A cheap estimate of the memory `item` holds: its strings' lengths plus ITEM_BYTES per
+    part. A text chunk (nearly every item of a flood) costs a length; anything else a walk of
+    its fields, less work than parsing it from the agent's line took."""
+    if isinstance(item, TextRun):
+        return ITEM_BYTES + len(item.text)
+    if getattr(item, "session_update", None) in TEXT_CHUNKS and (text := _text(item)) is not None:
+        return ITEM_BYTES + len(text)
+    size = 0
+    parts: list[object] = [item]
+    while parts:  # a stack, not recursion: JSON may nest deeply
+        part = parts.pop()
+        size += ITEM_BYTES
+        if isinstance(part, (str, bytes)):
+            size += len(part)
+        elif isinstance(part, dict):
+            parts.extend(part.keys())
+            parts.extend(part.values())
+        elif isinstance(part, (list, tuple)):
+            parts.extend(part)
+        elif isinstance(part, BaseModel):
+            parts.extend(part.__dict__.values())
+            parts.extend((part.model_extra or {}).values())
+        elif dataclasses.is_dataclass(part) and not isinstance(part, type):
+            parts.extend(getattr(part, f.name) for f in dataclasses.fields(part))
+    return size
+
+
+def _text(chunk: Any) -> str | None:
+    content = chunk.content
+    return content.text if getattr(content, "type", None) == "text" else None
