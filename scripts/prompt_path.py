@@ -21,7 +21,6 @@ from types import FrameType
 from typing import Any
 
 import grpc
-
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
