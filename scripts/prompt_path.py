@@ -55,7 +55,7 @@ async def measure(prefix: str, config: str | None) -> Tracer:
     app = __import__(f"{prefix}.app", fromlist=["start_server"])
     with tempfile.TemporaryDirectory() as tmp:
         work, state = Path(tmp, "work"), Path(tmp, "state")  # the state never inside a workdir
-        work.mkdir()
+        work.mkdir()  # noqa: ASYNC240 (before the server starts: nothing else runs yet)
         argv = ["--listen", "127.0.0.1:0", "--state-db", str(state / "s.db"), "--workdir", str(work)]
         argv += ["--config", config] if config else []
         settings = settings_module.load_settings(argv, environ={"XDG_STATE_HOME": str(state)})
@@ -64,14 +64,13 @@ async def measure(prefix: str, config: str | None) -> Tracer:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
                 stub = pb_grpc.SessionServiceStub(channel)
                 session = await stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
-                warm = stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="warm up"), timeout=30)
-                async for _ in warm:
+                sid = session.session_id
+                async for _ in stub.Prompt(pb.PromptRequest(session_id=sid, text="warm up"), timeout=30):
                     pass
                 tracer = Tracer(prefix)
                 sys.setprofile(tracer)
                 try:
-                    call = stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="hello"), timeout=30)
-                    async for _ in call:
+                    async for _ in stub.Prompt(pb.PromptRequest(session_id=sid, text="hello"), timeout=30):
                         pass
                 finally:
                     sys.setprofile(None)
