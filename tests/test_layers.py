@@ -99,17 +99,16 @@ def test_nothing_imports_the_folders_by_their_bare_names() -> None:
     .echo: importing one by its bare name (it works from the checkout's root) would load a
     second copy of every module beside the real one."""
     root = SERVER.parent
-    bare = []
+    bare: list[str] = []
     for folder in ("server", "client", "echo", "tests", "scripts"):
         for path in (root / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                names = (
-                    [node.module or ""]
-                    if isinstance(node, ast.ImportFrom) and node.level == 0
-                    else [a.name for a in node.names]
-                    if isinstance(node, ast.Import)
-                    else []
-                )
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
                 bare += [
                     f"{path.relative_to(root)}:{node.lineno} {name}"
                     for name in names
