@@ -2,8 +2,8 @@
 
 Every failure a client can see is one of these classes. Each class fixes its status code
 and `ErrorInfo.reason`; the instance carries the message and the details. `to_status()`
-is the only place that builds `google.rpc.Status`, so the status table in the
-architecture guide lives here and nowhere else.
+is the only place that builds `google.rpc.Status`: the status table of docs/reference/errors.md
+lives here and nowhere else.
 """
 
 from __future__ import annotations
