@@ -31,7 +31,7 @@ from sessiongate.server.sandbox.workdir import Roots
 from sessiongate.server.security.auth import UNAUTHENTICATED_TOTAL, AuthInterceptor
 from sessiongate.server.security.principals import TokenTable, live_limits
 from sessiongate.server.security.tls import CertificateFiles
-from sessiongate.server.sessions.pool import SessionPool
+from sessiongate.server.sessions.pool import ClosingSteps, SessionPool
 from sessiongate.server.settings import (
     BUILTIN_AGENT,
     AgentConfig,
@@ -40,7 +40,7 @@ from sessiongate.server.settings import (
     Settings,
     replica_token,
 )
-from sessiongate.server.state.base import Store
+from sessiongate.server.state.base import Fences, Store
 from sessiongate.server.state.postgres import PostgresStore
 from sessiongate.server.state.sqlite import SessionStore
 from sessiongate.v1 import session_service_pb2 as pb
@@ -108,10 +108,11 @@ class RunningServer:
         self.metrics.stop()
 
 
-def make_store(state_url: str, state_db: Path, replica_id: str = "") -> Store:
-    """PostgreSQL (shared by replicas) when a state URL is set, else the SQLite file."""
+def make_store(state_url: str, state_db: Path, replica_id: str = "", fences: Fences | None = None) -> Store:
+    """PostgreSQL (shared by replicas) when a state URL is set, else the SQLite file. `fences`
+    hears of the sessions a PostgreSQL write found moved to another replica."""
     if state_url:
-        return PostgresStore(state_url, replica_id)
+        return PostgresStore(state_url, replica_id, on_fenced=fences.report if fences is not None else None)
     return SessionStore(state_db)
 
 
@@ -312,7 +313,7 @@ async def start_server(settings: Settings) -> RunningServer:
     use_pidfd_child_watcher()
     checked = preflight(settings)
     tokens, launcher = checked.tokens, checked.launcher
-    metrics = Metrics(lambda: pool.sessions())  # the pool is made below; read at scrape time
+    metrics = Metrics()  # agent starts and proxy decisions count here; sessions at serve, below
     tighten_state_dir(settings.state_db.parent)
     say_sandboxes(launcher, settings.agents.values())
     launcher.network = NetworkProxy(metrics.proxy_decision)
@@ -320,7 +321,12 @@ async def start_server(settings: Settings) -> RunningServer:
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
     agent_factory = real_agents(launcher, logins)
     replica_id = settings.replica_id or default_replica_id(settings.listen)
-    store = make_store(settings.state_url, settings.state_db, replica_id)
+    # Two true cycles, broken by go-betweens made first: the store reports fenced sessions to the
+    # pool made with it (`fences`), and the replica's release, which needs the ownership and
+    # router made with the pool, runs before the pool closes the store (`closing`).
+    fences = Fences()
+    closing = ClosingSteps()
+    store = make_store(settings.state_url, settings.state_db, replica_id, fences)
     pool = SessionPool(
         settings.limits,
         store,
@@ -328,12 +334,14 @@ async def start_server(settings: Settings) -> RunningServer:
         agent_factory=agent_factory,
         roots=Roots(settings.roots, tokens.roots_of) if tokens is not None else settings.roots,
         live_limit=live_limits(tokens, settings.authenticated),
+        on_agent_start=metrics.agent_started,
+        fences=fences,
+        before_store_close=closing,
     )
-    pool.on_agent_start = metrics.agent_started
     restored = await pool.load(settings.agents)
     spares.start()
     log.info("session store %s: %d sessions restored (SUSPENDED)", store.where, restored)
-    router = await join_replicas(settings, replica_id, store, pool) if settings.state_url else None
+    router = await join_replicas(settings, replica_id, store, pool, closing) if settings.state_url else None
     interceptors = (
         [
             AuthInterceptor(
@@ -383,7 +391,7 @@ async def start_server(settings: Settings) -> RunningServer:
         )
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = metrics.serve(settings.metrics_listen) if settings.metrics_listen else None
+    metrics_port = metrics.serve(settings.metrics_listen, pool.sessions) if settings.metrics_listen else None
     log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
     template, addresses = client_hint(settings, port)
     log.info(template, *addresses)
@@ -440,8 +448,11 @@ def default_replica_id(listen: str) -> str:
     return f"{socket.gethostname()}:{port if port.isdigit() and port != '0' else f'pid{os.getpid()}'}"
 
 
-async def join_replicas(settings: Settings, replica_id: str, store: Store, pool: SessionPool) -> Router:
-    """Register this replica's lease; sessions found moved are fenced off; drain releases ours."""
+async def join_replicas(
+    settings: Settings, replica_id: str, store: Store, pool: SessionPool, closing: ClosingSteps
+) -> Router:
+    """Register this replica's lease (sessions found moved are fenced off through the store's
+    `fences`); the pool's `closing` steps release ours on drain."""
     assert isinstance(store, PostgresStore)
     limit = settings.limits.max_sessions
 
@@ -459,10 +470,9 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
         # A draining replica takes no forwarded creates.
         free_slots=lambda: 0 if pool.draining else limit - sum(1 for s in pool.sessions() if s.holds_slot),
         on_lost=lease_lost,
+        retention=settings.limits.session_retention,
     )
-    ownership.retention = settings.limits.session_retention
     await ownership.start()
-    store.on_fenced = pool.fence
     router = Router(pool, store, ownership, replica_token(settings))
 
     async def release() -> None:
@@ -479,7 +489,7 @@ async def join_replicas(settings: Settings, replica_id: str, store: Store, pool:
             finally:
                 await router.close()
 
-    pool.before_store_close = release
+    closing.add(release)
     log.info("replica=%s advertised at %s, lease %gs", replica_id, ownership.advertise, ownership.lease_ttl)
     return router
 

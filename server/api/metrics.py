@@ -118,9 +118,18 @@ def _http_server(host: str, port: int, registry: CollectorRegistry) -> WSGIServe
 
 
 class Metrics:
-    def __init__(self, sessions: Callable[[], Iterable[Session]]) -> None:
+    """The server's counters and histograms, and the exporter that serves them with the sessions
+    gauge.
+
+    Made before the pool (its agents' starts and the network proxy's decisions count here), so
+    the pool's sessions are given to `serve`, when scrapes begin; `sessions` here is for an
+    exporter whose sessions are known up front."""
+
+    def __init__(self, sessions: Callable[[], Iterable[Session]] | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_SessionsByState(sessions))
+        self._counting_sessions = False
+        if sessions is not None:
+            self._count_sessions(sessions)
         self.turns = Counter(
             "sessiongate_turns", "Turns by agent and outcome.", ["agent", "outcome"], registry=self.registry
         )
@@ -165,8 +174,16 @@ class Metrics:
     def proxy_decision(self, agent: str, decision: str) -> None:
         self.proxy_connections.labels(agent, decision).inc()
 
-    def serve(self, listen: str) -> int:
-        """Serve /metrics on `listen` (see metrics_address; port 0 picks one); returns the port."""
+    def _count_sessions(self, sessions: Callable[[], Iterable[Session]]) -> None:
+        if not self._counting_sessions:
+            self.registry.register(_SessionsByState(sessions))
+            self._counting_sessions = True
+
+    def serve(self, listen: str, sessions: Callable[[], Iterable[Session]] | None = None) -> int:
+        """Serve /metrics on `listen` (see metrics_address; port 0 picks one), with `sessions`
+        counted by state at each scrape; returns the port."""
+        if sessions is not None:
+            self._count_sessions(sessions)
         host, port = metrics_address(listen)
         httpd = _http_server(host, port, self.registry)
         threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

@@ -58,6 +58,7 @@ class Ownership:
         lease_ttl: float,
         free_slots: Callable[[], int],
         on_lost: Callable[[], Awaitable[None]],
+        retention: float | None = None,
     ) -> None:
         self.replica_id = replica_id
         self.advertise = advertise
@@ -74,7 +75,7 @@ class Ownership:
         self.losses = 0  # leases lost so far: a stream that saw this change had its session fenced
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
-        self.retention: float | None = None  # session_retention: expire_unowned now and then
+        self.retention = retention  # session_retention: expire_unowned now and then (None: never)
 
     def valid(self) -> bool:
         return time.monotonic() < self._valid_until

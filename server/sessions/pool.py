@@ -34,16 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from sessiongate.server.agents.holder import AgentFactory, real_agent
-from sessiongate.server.agents.protocol import Handshake
 from sessiongate.server.agents.slots import LiveLimit, Slots
 from sessiongate.server.agents.spares import SparePool
-from sessiongate.server.agents.state import AgentState
 from sessiongate.server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
 from sessiongate.server.security import principals
 from sessiongate.server.security.quotas import PromptRate, check_room, check_shared_room
-from sessiongate.server.sessions.session import Session, State
+from sessiongate.server.sessions.session import Session, SessionServices, SessionView
+from sessiongate.server.sessions.stored import State, StoredSession
 from sessiongate.server.settings import AgentConfig, ServerLimits
-from sessiongate.server.state.base import WRITE_TIMEOUT, SessionRecord, Store, Tombstone
+from sessiongate.server.state.base import WRITE_TIMEOUT, Fences, SessionRecord, Store, Tombstone
 from sessiongate.server.state.postgres import PostgresStore
 from sessiongate.server.supervisor import Supervisor, joined
 from sessiongate.server.turns.transcripts import Transcripts
@@ -67,7 +66,28 @@ class _Pending:
     task: asyncio.Task[Session]
 
 
+class ClosingSteps:
+    """What the pool awaits once its sessions have ended, before it closes the store (replicas:
+    hand this replica's sessions to the others and leave).
+
+    The steps belong to objects made after the pool, since they need it (the replica's ownership
+    and router): this list is made first and given to the pool, and they add their step as they
+    are made. A failing step is logged by the pool; the store is closed all the same."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], Awaitable[None]]] = []
+
+    def add(self, step: Callable[[], Awaitable[None]]) -> None:
+        self._steps.append(step)
+
+    async def run(self) -> None:
+        for step in self._steps:
+            await step()
+
+
 class SessionPool:
+    """Every session this server serves: their map, creation, restore, close and eviction."""
+
     def __init__(
         self,
         limits: ServerLimits,
@@ -76,16 +96,20 @@ class SessionPool:
         agent_factory: AgentFactory = real_agent,
         roots: tuple[Path, ...] = (),
         live_limit: LiveLimit | None = None,
+        *,
+        on_agent_start: Callable[[str, bool], None] | None = None,
+        fences: Fences | None = None,
+        before_store_close: ClosingSteps | None = None,
     ) -> None:
         """`live_limit`: each principal's max_live_sessions by name, given when authentication is
         configured (agent slots are then shared fairly between principals, see server/agents/slots.py);
-        None: one trust domain, plain least-recently-used eviction."""
+        None: one trust domain, plain least-recently-used eviction. `on_agent_start`: (agent name,
+        started ok) after each agent start. `fences`: where the store reports sessions another
+        replica took over (they are fenced off here). `before_store_close`: run at shutdown."""
         self.limits = limits
-        self._roots = roots  # a session's cwd must be inside one of these at every agent start
         self._store = store
         self.transcripts = Transcripts(store, limits)  # every session's turns
         self._spares = spares
-        self._agent_factory = agent_factory
         self._map_lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self._order: list[SortKey] = []  # sorted: creation order for ListSessions
@@ -100,13 +124,25 @@ class SessionPool:
         self._recently_closed: OrderedDict[str, Session] = OrderedDict()
         self._slots = Slots(limits.max_sessions, self._slot_holders, live_limit)
         self._supervisor = Supervisor()
+        self._services = SessionServices(
+            limits,
+            self._slots,
+            self._supervisor,
+            transcripts=self.transcripts,
+            on_change=self._persist_later,
+            on_agent_start=on_agent_start,
+            spares=spares,
+            agent_factory=agent_factory,
+            roots=roots,
+        )
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self._shutdown: asyncio.Future[None] | None = None
-        self.on_agent_start: Callable[[str, bool], None] | None = None  # (agent name, started ok)
         self._agents: Mapping[str, AgentConfig] = {}
         self.draining = False
-        self.before_store_close: Callable[[], Awaitable[None]] | None = None  # replicas: release
+        self._before_store_close = before_store_close
+        if fences is not None:
+            fences.handle_with(self.fence)
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -118,16 +154,24 @@ class SessionPool:
             if now - record.last_active_time > self.limits.session_retention:
                 self._store.delete_later(record.session_id)
                 continue
-            self._publish(self.view(record))
+            self._publish(self._restore(record))
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sessiongate-sweeper")
         return len(self._sessions)
 
-    def view(self, record: SessionRecord) -> Session:
-        """A stored session as a SUSPENDED Session object, not published: loaded at start, taken
-        over from another replica, or shown (GetSession, ListSessions) while another owns it."""
+    def view(self, record: SessionRecord, *, closed: bool = False) -> StoredSession:
+        """A stored session as its record has it, for showing (GetSession, ListSessions) while
+        no Session of it runs here; `closed`: a tombstone's."""
         # An agent no longer configured keeps its sessions listed; resuming them fails clearly.
         config = self._agents.get(record.agent) or AgentConfig(name=record.agent, command="")
-        return self._new_session(config, record.cwd, record.request_id, record.labels, record.owner, record)
+        return StoredSession.from_record(record, config, closed=closed)
+
+    def _restore(self, record: SessionRecord) -> Session:
+        """A stored session as a SUSPENDED Session, not published: loaded at start, or taken over
+        from another replica."""
+        stored = self.view(record)
+        return self._new_session(
+            stored.config, stored.cwd, stored.request_id, stored.labels, stored.owner_name, stored
+        )
 
     def has(self, session_id: str) -> bool:
         """Whether this replica serves the session now (whoever may see it)."""
@@ -140,7 +184,7 @@ class SessionPool:
             self._refuse_if_closed()
             session = self._sessions.get(record.session_id)
             if session is None:
-                session = self.view(record)
+                session = self._restore(record)
                 self._publish(session)
         return session
 
@@ -170,29 +214,10 @@ class SessionPool:
         request_id: str,
         labels: Mapping[str, str],
         owner: str,
-        record: SessionRecord | None = None,
+        stored: StoredSession | None = None,
     ) -> Session:
         return Session(
-            config=config,
-            cwd=cwd,
-            labels=labels,
-            request_id=request_id,
-            owner=owner,
-            limits=self.limits,
-            slots=self._slots,
-            supervisor=self._supervisor,
-            on_change=self._persist_later,
-            on_agent_start=self.on_agent_start,
-            spares=self._spares,
-            agent_factory=self._agent_factory,
-            roots=self._roots,
-            session_id=record.session_id if record else "",
-            create_time=record.create_time if record else 0.0,
-            last_active_time=record.last_active_time if record else 0.0,
-            agent_session_id=record.agent_session_id if record else "",
-            handshake=_handshake(record.agent_info) if record else None,
-            agent_state=AgentState.from_json(record.agent_state) if record else None,
-            transcripts=self.transcripts,
+            self._services, config, cwd=cwd, labels=labels, request_id=request_id, owner=owner, stored=stored
         )
 
     # ---- the map -------------------------------------------------------------------------
@@ -324,11 +349,11 @@ class SessionPool:
             page.append(session)
         return page, encode_token(sort_key(page[-1])) if more else ""
 
-    def token_after(self, session: Session) -> str:
+    def token_after(self, session: SessionView) -> str:
         """The page token of the position right after `session` (a page cut short)."""
         return encode_token(sort_key(session))
 
-    async def close(self, session_id: str) -> Session:
+    async def close(self, session_id: str) -> SessionView:
         """End a session for good; closing one that is already closed answers the same."""
         async with self._map_lock:
             closing = self._closing.get(session_id)
@@ -349,15 +374,13 @@ class SessionPool:
             return await self._tombstoned(session_id)
         return await joined(closing[1])
 
-    async def _tombstoned(self, session_id: str) -> Session:
+    async def _tombstoned(self, session_id: str) -> StoredSession:
         """A session closed within its retention, as its close answered; else (unknown, and not
         the caller's alike) not found."""
         record = await self._store.closed_session(session_id, self.limits.session_retention)
         if record is None or not principals.current().may_see(record.owner):
             raise _not_found(session_id)
-        session = self.view(record)
-        session.closed = True
-        return session
+        return self.view(record, closed=True)
 
     async def _close(self, session: Session) -> Session:
         """The close task: forget the record first (a crash now cannot bring it back), then end it.
@@ -455,9 +478,9 @@ class SessionPool:
         if work and patient:
             await asyncio.wait(work, timeout=bound)
         await self._supervisor.shutdown(timeout=2 * limits.kill_grace)
-        if self.before_store_close is not None and patient:
+        if self._before_store_close is not None and patient:
             try:
-                await self.before_store_close()
+                await self._before_store_close.run()
             except Exception:
                 log.exception("the last step before closing the store failed")
         await self._store.close()
@@ -512,7 +535,7 @@ def _request_key(session: Session) -> tuple[str, str]:
     return (session.owner_name, session.request_id)
 
 
-def sort_key(session: Session) -> SortKey:
+def sort_key(session: SessionView) -> SortKey:
     return (session.create_time, session.session_id)
 
 
@@ -541,20 +564,6 @@ def _record(session: Session) -> SessionRecord:
         agent_info=info,
         owner=session.owner_name,
         agent_state=session.agent_state.to_json(),
-    )
-
-
-def _handshake(info: Mapping[str, object]) -> Handshake | None:
-    if not info:
-        return None
-    return Handshake(
-        name=str(info.get("name", "")),
-        version=str(info.get("version", "")),
-        title=str(info.get("title", "")),
-        load_session=bool(info.get("load_session", False)),
-        auth_methods=(),
-        close_session=bool(info.get("close_session", False)),
-        resume_session=bool(info.get("resume_session", False)),
     )
 
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sessiongate.server import logs
 from sessiongate.server.agents.holder import AgentFactory, AgentHolder, real_agent
-from sessiongate.server.agents.protocol import AgentProcess, Handshake
+from sessiongate.server.agents.protocol import AgentProcess
 from sessiongate.server.agents.slots import Slots
 from sessiongate.server.agents.spares import SparePool
 from sessiongate.server.agents.state import AgentState
@@ -37,6 +37,7 @@ from sessiongate.server.errors import (
     TurnTimeout,
 )
 from sessiongate.server.sessions.owner import Owner
+from sessiongate.server.sessions.stored import State, StoredSession
 from sessiongate.server.settings import AgentConfig, ServerLimits
 from sessiongate.server.supervisor import Supervisor
 from sessiongate.server.turns.questions import Questions
@@ -47,14 +48,6 @@ from sessiongate.server.turns.turn_log import WRITE_TIMEOUT, TurnLog, pump
 from sessiongate.v1 import session_service_pb2 as pb
 
 log = logging.getLogger("sessiongate.session")
-
-
-class State(enum.Enum):
-    IDLE = "idle"
-    BUSY = "busy"
-    RECOVERING = "recovering"
-    SUSPENDED = "suspended"
-    CLOSED = "closed"
 
 
 PUMP_GRACE = WRITE_TIMEOUT + 5.0  # a closing session waits this long for its last events to be stored
@@ -75,62 +68,70 @@ def new_session_id() -> str:
     return session_id
 
 
+@dataclass(frozen=True, slots=True)
+class SessionServices:
+    """What every session of a pool shares: the limits, the agent slots and the supervisor of
+    their tasks, the transcripts of their turns, how and where their agents start, and where a
+    session reports that it changed (to be stored)."""
+
+    limits: ServerLimits
+    slots: Slots
+    supervisor: Supervisor
+    transcripts: Transcripts | None = None
+    on_change: Callable[[Session], None] | None = None
+    on_agent_start: Callable[[str, bool], None] | None = None  # (agent name, started ok)
+    spares: SparePool | None = None
+    agent_factory: AgentFactory = real_agent
+    roots: tuple[Path, ...] = ()  # a session's cwd must be inside one of these at every agent start
+
+
 class Session:
     """A gateway session: one ACP session on one agent process (respawned as needed)."""
 
     def __init__(
         self,
-        *,
+        services: SessionServices,
         config: AgentConfig,
+        *,
         cwd: str,
         labels: Mapping[str, str],
         request_id: str,
-        limits: ServerLimits,
         owner: str = "",
-        slots: Slots,
-        supervisor: Supervisor,
-        on_change: Callable[[Session], None] | None = None,
-        on_agent_start: Callable[[str, bool], None] | None = None,
-        spares: SparePool | None = None,
-        agent_factory: AgentFactory = real_agent,
-        roots: tuple[Path, ...] = (),
-        session_id: str = "",
-        create_time: float = 0.0,
-        last_active_time: float = 0.0,
-        agent_session_id: str = "",
-        handshake: Handshake | None = None,
-        agent_state: AgentState | None = None,
-        transcripts: Transcripts | None = None,
+        stored: StoredSession | None = None,
     ) -> None:
-        self.session_id = session_id or new_session_id()
+        """A new session, or (`stored`) one brought back from its record as SUSPENDED: its id,
+        times, ACP session, handshake and agent state are the record's."""
+        limits, supervisor = services.limits, services.supervisor
+        self.session_id = stored.session_id if stored is not None else new_session_id()
         self.config = config
         self.cwd = cwd
         self.labels = dict(labels)
         self.request_id = request_id
         self.owner_name = owner  # the principal that created it (empty without authentication)
         self.limits = limits
-        self.create_time = create_time or time.time()
-        self.last_active_time = last_active_time or self.create_time
-        self.handshake = handshake  # kept while suspended and across restarts, for GetSession
-        self.agent_session_id = agent_session_id
+        self.create_time = (stored.create_time if stored is not None else 0.0) or time.time()
+        self.last_active_time = (stored.last_active_time if stored is not None else 0.0) or self.create_time
+        # Kept while suspended and across restarts, for GetSession.
+        self.handshake = stored.handshake if stored is not None else None
+        self.agent_session_id = stored.agent_session_id if stored is not None else ""
         # Modes, config options, commands, title, usage: kept up to date by the agent's
         # connection (watch), also while no turn runs; kept while suspended and across restarts.
-        self.agent_state = agent_state or AgentState()
+        self.agent_state = stored.agent_state if stored is not None else AgentState()
         self._agent_calls = 0  # SetSessionMode/SetSessionConfigOption calls on the running agent
         self.owner = Owner(on_release=self._released)
         self.holder = AgentHolder(
             config,
             limits,
-            slots,
+            services.slots,
             supervisor,
-            spares=spares,
-            factory=agent_factory,
-            roots=roots,
-            on_agent_start=on_agent_start,
+            spares=services.spares,
+            factory=services.agent_factory,
+            roots=services.roots,
+            on_agent_start=services.on_agent_start,
             on_exit=self._agent_exited,
         )
         self.runner: TurnRunner | None = None
-        self.transcripts = transcripts
+        self.transcripts = services.transcripts
         self.turn_log: TurnLog | None = None  # the running turn's events, or the last turn's
         # Turn logs whose last events or record are not in the store yet (a turn's pump may still
         # write while the next turn runs), and the pumps that move turns' events into them.
@@ -144,7 +145,7 @@ class Session:
         self._cancel_pending = False  # CancelPrompt came while a turn was being handed over
         self.turns = 0  # turns started on this server, for log lines
         self._supervisor = supervisor
-        self._on_change = on_change
+        self._on_change = services.on_change
         self._context_reset = False  # the agent lost the history: the next turn starts with a notice
 
     # ---- what the session is now -------------------------------------------------------
@@ -601,3 +602,8 @@ class Session:
     def _changed(self) -> None:
         if self._on_change is not None and not self.closed:
             self._on_change(self)
+
+
+# What GetSession, ListSessions and the calls that read a session without taking it are given:
+# a session served here, or one shown from its record (see stored.py).
+SessionView = Session | StoredSession

@@ -5,6 +5,7 @@ chooses one). Backends import this module, never each other."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,6 +96,25 @@ class Tombstone:
 
     def json(self) -> str:
         return json.dumps(list(self.record.row()))
+
+
+class Fences:
+    """Where a store reports the sessions a write found moved to another replica (their epoch
+    changed), for whoever serves them here to fence them off.
+
+    The store reports to the pool, but the pool is made with the store: this go-between is made
+    before both, the store is given `report` and the pool connects its handler as it is made,
+    so neither is patched after the fact. Reports before a handler is connected go nowhere."""
+
+    def __init__(self) -> None:
+        self._handlers: list[Callable[[str], None]] = []
+
+    def handle_with(self, handler: Callable[[str], None]) -> None:
+        self._handlers.append(handler)
+
+    def report(self, session_id: str) -> None:
+        for handler in self._handlers:
+            handler(session_id)
 
 
 def tombstone_record(text: str) -> SessionRecord:

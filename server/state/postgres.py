@@ -86,13 +86,15 @@ def redacted(url: str) -> str:
 
 
 class PostgresStore:
-    def __init__(self, url: str, replica_id: str = "") -> None:
+    def __init__(
+        self, url: str, replica_id: str = "", on_fenced: Callable[[str], None] | None = None
+    ) -> None:
         self.url = url
         self.where = redacted(url)
         self.replica_id = replica_id
         # The epoch of every session this replica owns: each write of it is fenced by it.
         self.epochs: dict[str, int] = {}
-        self.on_fenced: Callable[[str], None] | None = None  # a write found the session moved
+        self.on_fenced = on_fenced  # a write found the session moved (base.Fences.report)
         self._pool: asyncpg.Pool | None = None
         self._ops: collections.deque[tuple[Op, asyncio.Future[Any] | None]] = collections.deque()
         self._wake = asyncio.Event()
