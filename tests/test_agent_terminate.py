@@ -32,14 +32,14 @@ async def test_a_terminate_whose_own_task_is_cancelled_still_kills_the_group(
     """Shutdown cancels every task, also the one terminating an agent, mid-way through its 30 s
     SIGTERM grace. Its cleanup must SIGKILL the group. The descendants sweep is left out, as
     for a sandboxed agent (its PID namespace ends the rest): the group's SIGKILL alone ends it."""
-    stubborn._descendants = None
+    stubborn.group._descendants = None
     pid = stubborn.pid
     assert pid is not None
     stopping = asyncio.create_task(stubborn.terminate())
     await asyncio.sleep(0.5)  # into the grace: SIGTERM sent and ignored
-    assert stubborn._terminating is not None and alive(pid)
+    assert stubborn.group._terminating is not None and alive(pid)
 
-    stubborn._terminating.cancel()
+    stubborn.group._terminating.cancel()
     await asyncio.gather(stopping, return_exceptions=True)
 
     assert not await asyncio.to_thread(wait_gone, {pid}, 5), "the agent outlived its cancelled terminate"
@@ -62,7 +62,7 @@ async def test_a_caller_cancelled_while_waiting_on_terminate_does_not_cut_the_st
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
 
-        assert agent._terminating is not None and not agent._terminating.cancelled()
+        assert agent.group._terminating is not None and not agent.group._terminating.cancelled()
         await asyncio.wait_for(agent.terminate(), 10)  # the same stop, not a CancelledError
         assert not await asyncio.to_thread(wait_gone, {pid}, 5)
     finally:

@@ -1,9 +1,11 @@
-"""One agent connection: spawn, initialize, new/load, prompt, cancel, kill.
+"""One agent connection: ACP to the agent (initialize, authenticate, new/load/resume, prompt,
+cancel, modes and options, close) and the routing of what it sends to each ACP session.
 
-The agent runs in its own process group with a clean environment, speaking ACP over its
-stdio through the agent-client-protocol SDK. Every request except the turn itself has a
-timeout here; the turn is bounded by the session's watchdog. `terminate()` ends the whole
-process group (SIGTERM, then SIGKILL after a grace), so no agent child outlives it.
+It composes the agent's process group (process.py: spawn, stderr, exit, terminate) and our
+answers to the agent's requests (requests.py), and speaks ACP over the process's stdio
+through the agent-client-protocol SDK. Every request except the turn itself has a timeout
+here; the turn is bounded by the session's watchdog. `terminate()` ends the whole process
+group (SIGTERM, then SIGKILL after a grace), so no agent child outlives it.
 """
 
 from __future__ import annotations
@@ -12,28 +14,17 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import acp
 from acp import schema
 from sessiongate.server.agents.logins import AgentLogins
-from sessiongate.server.agents.protocol import (
-    Asker,
-    Decision,
-    ElicitationAnswer,
-    ElicitationReport,
-    Handshake,
-    PermissionReport,
-    StateWatcher,
-    TurnItem,
-    UpdateSink,
-    decide_by_policy,
-)
+from sessiongate.server.agents.process import INHERITED_ENV, AgentProcessGroup
+from sessiongate.server.agents.protocol import Asker, Handshake, StateWatcher, TurnItem, UpdateSink
+from sessiongate.server.agents.requests import AgentRequests
 from sessiongate.server.agents.state import STATE_UPDATES, TurnUsage
-from sessiongate.server.agents.transport import READ_BUFFER, AgentTransport
+from sessiongate.server.agents.transport import AgentTransport
 from sessiongate.server.errors import (
     AgentAuthRequired,
     AgentError,
@@ -44,31 +35,20 @@ from sessiongate.server.errors import (
     NotSupported,
     clip,
 )
-from sessiongate.server.sandbox import files as client_fs
-from sessiongate.server.sandbox.descendants import Descendants
 from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.terminals import Terminals
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
 
 log = logging.getLogger("sessiongate.agent")
-stderr_log = logging.getLogger("sessiongate.agent.stderr")
 
-# Env vars an agent inherits from the server; everything else it gets from its config.
-INHERITED_ENV = ("HOME", "PATH", "USER", "LANG")
 EOF_EXIT_GRACE = 1.0  # an agent whose stdout ended and that has not exited by then is ended
-STDERR_LINE_MAX = 2000  # characters of one stderr line kept for the log
-STDERR_LOG_BUDGET = 256 * 1024  # bytes of stderr logged per agent; the rest is drained, not logged
-STDERR_TAIL_LINES = 20  # kept for error messages
-STDERR_TAIL_CHARS = 2000  # of those, at most this much goes into a status
 AUTH_REQUIRED_CODE = -32000
-
-T = TypeVar("T")
-
-
 HELD_UPDATES = 32  # state updates kept per session until it is watched (the latest)
 HELD_SESSIONS = 8  # sessions whose state updates are kept until watched
 STALE_ON_OPEN = ("current_mode_update", "config_option_update")  # what an open's answer supersedes
+
+T = TypeVar("T")
 
 
 def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolError:
@@ -79,158 +59,10 @@ def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolErr
     )
 
 
-class _GatewayClient:
-    """Our side of ACP: routes updates to the subscribed turn, and has the turn's policy (or,
-    under `ask`, the client through questions.py) answer permission requests and elicitations.
-    """
-
-    def __init__(self, connection: AgentConnection) -> None:
-        self._connection = connection
-
-    async def session_update(self, session_id: str, update: Any, **_: Any) -> None:
-        # Only reached by a `session/update` sent as a request (with an id): the transport
-        # routes the notifications itself, in order.
-        self._connection.route(session_id, update)
-
-    async def request_permission(
-        self,
-        session_id: str,
-        tool_call: schema.ToolCallUpdate,
-        options: list[schema.PermissionOption],
-        **_: Any,
-    ) -> schema.RequestPermissionResponse:
-        connection = self._connection
-        default = connection.config.permission_policy
-        asker = connection.asker(session_id)
-        if connection.is_cancelling(session_id):
-            decision = Decision("cancelled", "", "cancelled")
-        elif asker is not None:
-            decision = await asker.permission(tool_call, options, default)
-        elif default == "ask":  # no turn runs: nobody could answer
-            decision = Decision("cancelled", "", "cancelled")
-        else:
-            decision = decide_by_policy(default, tool_call.kind, options)
-        connection.route(
-            session_id,
-            PermissionReport(
-                tool_call_id=tool_call.tool_call_id,
-                title=tool_call.title or "",
-                options=tuple(options),
-                outcome=decision.outcome,
-                selected_option_id=decision.option_id,
-                policy=decision.decided_by,
-                request_id=decision.request_id,
-            ),
-        )
-        if decision.outcome == "cancelled":
-            return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
-        return schema.RequestPermissionResponse(
-            outcome=schema.AllowedOutcome(outcome="selected", option_id=decision.option_id)
-        )
-
-    async def create_elicitation(self, message: str, mode: Any, **_: Any) -> Any:
-        """`elicitation/create`: under `ask` the client answers; otherwise it is declined."""
-        connection = self._connection
-        session_id = getattr(mode, "session_id", None) or ""
-        asker = connection.asker(session_id) if session_id else None
-        if connection.is_cancelling(session_id):
-            answer = ElicitationAnswer("cancel", None, "cancelled")
-        elif asker is not None:
-            answer = await asker.elicitation(message, mode, connection.config.permission_policy)
-        else:  # not tied to a running turn's session: nobody could answer
-            answer = ElicitationAnswer("decline", None, connection.config.permission_policy)
-        if session_id:
-            connection.route(
-                session_id, ElicitationReport(answer.request_id, answer.action, answer.decided_by)
-            )
-        if answer.action == "accept":
-            return schema.AcceptElicitationResponse(action="accept", content=answer.content or {})
-        if answer.action == "cancel":
-            return schema.CancelElicitationResponse(action="cancel")
-        return schema.DeclineElicitationResponse(action="decline")
-
-    async def complete_elicitation(self, elicitation_id: str, **_: Any) -> None:
-        """A URL-mode elicitation finished on the agent's side: nothing waits on it here."""
-
-    # The client file system and terminals, when the agent's config offers them (client_fs,
-    # client_terminal); otherwise refused as JSON-RPC "method not found" (-32601), where the
-    # SDK would answer the terminal methods with empty successes.
-    async def read_text_file(
-        self, session_id: str, path: str, line: int | None = None, limit: int | None = None, **_: Any
-    ) -> schema.ReadTextFileResponse:
-        cwd = self._fs_cwd(session_id, "fs/read_text_file")
-        hidden = self._connection.hidden_paths
-        # lane: this agent's share of the client fs threads (a hung mount starves only it)
-        content = await client_fs.read(cwd, path, line, limit, hidden, lane=self._connection)
-        return schema.ReadTextFileResponse(content=content)
-
-    async def write_text_file(
-        self, session_id: str, path: str, content: str, **_: Any
-    ) -> schema.WriteTextFileResponse:
-        cwd = self._fs_cwd(session_id, "fs/write_text_file")
-        hidden = self._connection.hidden_paths
-        report = await client_fs.write(cwd, path, content, hidden, lane=self._connection)
-        self._connection.route(session_id, report)
-        return schema.WriteTextFileResponse()
-
-    async def create_terminal(
-        self,
-        session_id: str,
-        command: str,
-        args: list[str] | None = None,
-        env: list[schema.EnvVariable] | None = None,
-        cwd: str | None = None,
-        output_byte_limit: int | None = None,
-        **_: Any,
-    ) -> schema.CreateTerminalResponse:
-        session_cwd = self._connection.session_cwd(session_id)
-        terminal_id = await self._terminals("terminal/create").create(
-            session_id, session_cwd, command, args, env, cwd, output_byte_limit
-        )
-        return schema.CreateTerminalResponse(terminal_id=terminal_id)
-
-    async def terminal_output(
-        self, session_id: str, terminal_id: str, **_: Any
-    ) -> schema.TerminalOutputResponse:
-        return self._terminals("terminal/output").output(session_id, terminal_id)
-
-    async def release_terminal(
-        self, session_id: str, terminal_id: str, **_: Any
-    ) -> schema.ReleaseTerminalResponse:
-        await self._terminals("terminal/release").release(session_id, terminal_id)
-        return schema.ReleaseTerminalResponse()
-
-    async def wait_for_terminal_exit(
-        self, session_id: str, terminal_id: str, **_: Any
-    ) -> schema.WaitForTerminalExitResponse:
-        terminals = self._terminals("terminal/wait_for_exit")
-        asker = self._connection.asker(session_id)
-        if asker is None:
-            return await terminals.wait_for_exit(session_id, terminal_id)
-        with asker.waiting():  # the agent waits on a command we run: that is not silence
-            return await terminals.wait_for_exit(session_id, terminal_id)
-
-    async def kill_terminal(self, session_id: str, terminal_id: str, **_: Any) -> schema.KillTerminalResponse:
-        self._terminals("terminal/kill").kill(session_id, terminal_id)
-        return schema.KillTerminalResponse()
-
-    def _fs_cwd(self, session_id: str, method: str) -> str:
-        """The session's directory, when the agent is offered the client file system."""
-        if not self._connection.config.client_fs:
-            raise acp.RequestError.method_not_found(method)
-        cwd = self._connection.session_cwd(session_id)
-        if cwd is None:
-            raise acp.RequestError(-32602, f"unknown session {clip(session_id, 100)!r}")
-        return cwd
-
-    def _terminals(self, method: str) -> Terminals:
-        if not self._connection.config.client_terminal:
-            raise acp.RequestError.method_not_found(method)
-        return self._connection.terminals
-
-
 class AgentConnection:
-    """One running agent process and its ACP connection."""
+    """One agent: its process group (`group`), the ACP connection to it, and the routing of
+    what it sends to each ACP session's turn and watcher. `AgentProcess` is its shape as the
+    session core sees it."""
 
     def __init__(
         self,
@@ -244,59 +76,64 @@ class AgentConnection:
     ) -> None:
         self.config = config
         self._logins = logins  # the auth method this agent's processes authenticate with
-        self._launcher = launcher or Launcher()
-        self._workdir = workdir  # the session's checked directory; open until the spawn
+        launcher = launcher or Launcher()
         self.handshake: Handshake | None = None
-        self.exit_code: int | None = None
         self._request_timeout = request_timeout
         self._kill_grace = kill_grace
-        self._process: asyncio.subprocess.Process | None = None
-        self._pidfd: int | None = None  # the leader's pidfd: tells whether its PID is still ours
-        self._descendants: Descendants | None = None  # unsandboxed: finds what left the group
+        self.group = AgentProcessGroup(
+            config,
+            kill_grace=kill_grace,
+            launcher=launcher,
+            workdir=workdir,
+            wind_down=self._wind_down,
+            on_killed=self._kill_terminals,
+            on_exit=self._exited,
+        )
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
         self._watchers: dict[str, StateWatcher] = {}  # per ACP session, turn or not (agent_state.py)
         self._held: dict[str, collections.deque[Any]] = {}  # state updates of unwatched sessions
         self._askers: dict[str, Asker] = {}  # the running turn's questions, per ACP session
         self._cancelling: set[str] = set()
-        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self._background: set[asyncio.Task[None]] = set()
-        self._exited = asyncio.Event()
         self._on_exit: Callable[[AgentConnection], None] | None = None
-        self._stdout: asyncio.ReadTransport | None = None
-        self._terminating: asyncio.Task[None] | None = None
-        self._spawned: asyncio.Event | None = None  # set once a spawn under way has its process (or failed)
-        self._hurry = asyncio.Event()  # a forced terminate() skips what is left of the SIGTERM grace
         self._ending: asyncio.Task[None] | None = None  # ending the agent after a protocol violation
         self.broken: AgentProtocolError | None = None  # why its connection became unusable
         self._transport: AgentTransport | None = None
         self.reading_paused = False
         self._cwds: dict[str, str] = {}  # each ACP session's directory, as opened (client fs, terminals)
-        self.hidden_paths = self._launcher.hidden  # never served by the client fs, wherever they are
+        self.hidden_paths = launcher.hidden  # never served by the client fs, wherever they are
         self.terminals = Terminals(  # client_terminal: commands the agent runs through us
             config,
-            self._launcher,
+            launcher,
             self.route,
             inherited=INHERITED_ENV,
-            descendants=lambda: self._descendants,
+            descendants=lambda: self.group.descendants,
             held_back=lambda: self.reading_paused,
         )
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        return self.group.pid
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and not self._exited.is_set()
+        return self.group.alive
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.group.exit_code
 
     def stderr_tail(self) -> str:
         """The last lines of stderr, at most STDERR_TAIL_CHARS (they go into statuses)."""
-        return "\n".join(self._stderr_tail)[-STDERR_TAIL_CHARS:]
+        return self.group.stderr_tail()
 
     def on_exit(self, callback: Callable[[AgentConnection], None]) -> None:
         """Call `callback` once when the agent process exits (for whatever reason)."""
         self._on_exit = callback
+
+    def _exited(self) -> None:
+        if self._on_exit is not None:
+            self._on_exit(self)
 
     async def start(self, timeout: float, login: bool = True) -> Handshake:
         """Spawn and `initialize` within `timeout`, then `authenticate` with the agent's auth
@@ -438,83 +275,15 @@ class AgentConnection:
             ) from None
 
     async def _spawn(self) -> None:
-        """Start the process, unless terminate() came first: a process spawned after it would be
-        nobody's (the terminate found nothing to signal and is memoized)."""
-        if self._terminating is not None:
-            raise self._stopped_while_starting()
-        self._spawned = spawned = asyncio.Event()
-        try:
-            await self._spawn_process()
-        finally:
-            spawned.set()
-        if self._terminating is not None:  # it came while we spawned: _terminate waits for this
-            # spawn, bounded; should it have gone on without the process, the group still ends.
-            self._signal_group(signal.SIGKILL)
-            raise self._stopped_while_starting()
+        """Start the agent's process group and connect ACP to its stdio; a terminate() that
+        came first, or during the spawn, ends it (AgentProcessGroup.spawn)."""
+        await self.group.spawn(self._connect)
 
-    def _stopped_while_starting(self) -> AgentUnavailable:
-        return AgentUnavailable(
-            f"agent {self.config.name!r} was stopped while it was starting",
-            metadata={"agent": self.config.name},
-        )
-
-    async def _spawn_process(self) -> None:
-        if not self.config.command:
-            raise AgentUnavailable(
-                f"agent {self.config.name!r} is not configured on this server",
-                metadata={"agent": self.config.name},
-            )
-        # Clean environment: the basics, the variables this agent may see, its own settings.
-        env = {k: os.environ[k] for k in (*INHERITED_ENV, *self.config.pass_env) if k in os.environ}
-        env.update(self.config.env)
-        if not self._launcher.sandboxed(self.config):  # a sandbox's PID namespace ends them instead
-            self._descendants = Descendants()
-            self._descendants.mark(env)  # so what leaves the process group is still found
-        spawn = self._launcher.spawn(self.config, env, self._workdir)
-        # Our own stdout pipe, outside the process transport: its reader gets READ_BUFFER as
-        # its limit, and terminate() closes our end itself, whoever still holds the other.
-        try:
-            read_fd, write_fd = os.pipe()
-        except OSError as exc:  # out of file descriptors
-            raise AgentUnavailable(
-                f"agent {self.config.name!r} could not be started: {exc.strerror or exc}",
-                metadata={"agent": self.config.name},
-            ) from exc
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                *spawn.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=write_fd,
-                stderr=asyncio.subprocess.PIPE,
-                env=spawn.env,
-                cwd=spawn.cwd,
-                pass_fds=spawn.pass_fds,
-                start_new_session=True,  # own process group: terminate() ends the agent's children too
-            )
-        except OSError as exc:
-            os.close(read_fd)
-            raise AgentUnavailable(
-                f"agent {self.config.name!r} could not be started: {exc.strerror or exc}",
-                metadata={"agent": self.config.name, "command": self.config.command},
-            ) from exc
-        finally:
-            os.close(write_fd)
-        assert self._process.stdin and self._process.stderr
-        with contextlib.suppress(AttributeError, OSError):  # no pidfds: fall back on returncode
-            self._pidfd = os.pidfd_open(self._process.pid)
-        stdout = asyncio.StreamReader(limit=READ_BUFFER)
-        self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_fd, "rb", buffering=0)
-        )
-        self._spawn_background(self._drain_stderr(self._process.stderr))
-        self._spawn_background(self._watch_exit(self._process))
-        client = cast(acp.Client, _GatewayClient(self))
-        self._transport = AgentTransport(
-            self.config.name, stdout, self._process.stdin, self._connection_ended, self.route
-        )
+    def _connect(self, stdout: asyncio.StreamReader, stdin: asyncio.StreamWriter) -> None:
+        client = cast(acp.Client, AgentRequests(self))
+        self._transport = AgentTransport(self.config.name, stdout, stdin, self._connection_ended, self.route)
         # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
         self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)
-        log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
 
     async def _initialize(self) -> Handshake:
         response: schema.InitializeResponse = await self._call(
@@ -675,10 +444,7 @@ class AgentConnection:
 
     async def wait_exit(self, timeout: float) -> int | None:
         """The exit code once the process has exited, or None if it is still running at `timeout`."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._exited.wait()
-        return self.exit_code
+        return await self.group.wait_exit(timeout)
 
     async def terminate(self, force: bool = False) -> None:
         """End the whole process group: SIGTERM, then SIGKILL after the grace (at once if `force`).
@@ -686,93 +452,20 @@ class AgentConnection:
         Idempotent, and safe to cancel: the work runs in a task of its own that every caller
         shares, so a caller that goes away never leaves the group half-stopped.
         """
-        if force:
-            self._hurry.set()
-        if self._terminating is None:
-            self._terminating = asyncio.get_running_loop().create_task(
-                self._terminate(), name=f"terminate-{self.config.name}-{self.pid}"
-            )
-        await asyncio.shield(self._terminating)
+        await self.group.terminate(force)
 
-    async def _terminate(self) -> None:
-        process = self._process
-        swept = False
-        try:
-            spawned = self._spawned
-            if spawned is not None and not spawned.is_set():  # the process being spawned is ours to end
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._kill_grace):
-                        await spawned.wait()
-                process = self._process
-            with contextlib.suppress(Exception):  # own groups (unsandboxed): ending the agent's misses them
-                await self.terminals.release_all()
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self._kill_grace):
-                        await self._conn.close()
-            if process is not None:
-                self._signal_group(signal.SIGTERM)
-                if not await self._exit_or_hurry(self._kill_grace):
-                    log.warning(
-                        "agent ignored SIGTERM, killing agent=%s pid=%s", self.config.name, process.pid
-                    )
-                # Children may outlive the leader: the group gets SIGKILL whatever the leader did.
-                self._signal_group(signal.SIGKILL)
-                await self.wait_exit(self._kill_grace)
-                # Then what left the group (setsid), unless the exit watch did already. No await
-                # before the scan is handed to its thread: it completes even if we are cancelled.
-                swept = True
-                if not self._exited.is_set():
-                    await self._end_descendants()
-        finally:
-            # Reached even when this task is cancelled (shutdown): the group never outlives us.
-            self._signal_group(signal.SIGKILL)
-            self.terminals.kill_all()
-            if not swept and process is not None and self._descendants is not None:
-                self._descendants.end_in_background()
-            self._close_pidfd()
-            if self._stdout is not None:
-                self._stdout.close()
-            for task in list(self._background):
-                task.cancel()
-        if self._background:
-            await asyncio.wait(self._background, timeout=self._kill_grace)
+    async def _wind_down(self) -> None:
+        """Before the group is signalled: release the terminals, close the ACP connection."""
+        with contextlib.suppress(Exception):  # own groups (unsandboxed): ending the agent's misses them
+            await self.terminals.release_all()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._kill_grace):
+                    await self._conn.close()
 
-    async def _exit_or_hurry(self, timeout: float) -> bool:
-        """Wait up to `timeout` for the process to exit or a forced terminate; True if it exited."""
-        if not self._hurry.is_set():
-            waits = [asyncio.ensure_future(self._exited.wait()), asyncio.ensure_future(self._hurry.wait())]
-            try:
-                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for wait in waits:
-                    wait.cancel()
-        return self._exited.is_set()
-
-    def _leader_unreaped(self) -> bool:
-        """True while the leader's PID is still ours: running, or exited but not yet reaped."""
-        if self._pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, 0)
-                return True
-            except ProcessLookupError:
-                return False
-            except OSError:
-                pass
-        return self._process is not None and self._process.returncode is None
-
-    def _signal_group(self, signum: signal.Signals) -> None:
-        """Signal the agent's process group, but only while its id is provably ours.
-
-        The group id is the leader's PID. While the leader is unreaped that PID cannot be
-        reused, so the group is ours. Once it is reaped, a later signal could hit whoever got
-        the PID next (PID space here can be as small as 32768): the group was killed the
-        moment the leader was reaped (`_watch_exit`) and is never signalled again.
-        """
-        process = self._process
-        if process is not None and self._leader_unreaped():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signum)
+    def _kill_terminals(self) -> None:
+        """With the group's last SIGKILL, even when the terminate is cancelled."""
+        self.terminals.kill_all()
 
     def _connection(self) -> Any:
         if self._conn is None:
@@ -841,82 +534,3 @@ class AgentConnection:
         )
         log.warning("agent=%s pid=%s %s; ending it", name, self.pid, why)
         await self.terminate()
-
-    def _spawn_background(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _drain_stderr(self, stream: asyncio.StreamReader) -> None:
-        """Log the agent's stderr within a byte budget; always keep reading so the agent never blocks."""
-        budget = STDERR_LOG_BUDGET
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line beyond the stream limit: skip it
-                continue
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()[:STDERR_LINE_MAX]
-            self._stderr_tail.append(text)
-            if budget > 0:
-                budget -= len(text)
-                stderr_log.info("agent=%s pid=%s | %s", self.config.name, self.pid, text)
-                if budget <= 0:
-                    stderr_log.warning(
-                        "agent=%s stderr log budget spent; further lines dropped", self.config.name
-                    )
-
-    async def _watch_exit(self, process: asyncio.subprocess.Process) -> None:
-        # `process.wait()` returns only once the agent's pipes are closed as well: a descendant
-        # holding its stderr (one that left the group with setsid) would put that off for ever.
-        # So the leader's exit is seen on its pidfd, what it left is ended, then the pipes close.
-        await self._leader_exit(process)
-        # The leader is gone; children it left in its group (tool runs, shells) go with it.
-        # Until its reap, and right after it, the id is still ours: members keep a group id
-        # reserved, and an empty group's id could only be reused after the PID space wrapped.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await self._end_descendants()  # and those that left the group (setsid)
-        with contextlib.suppress(TimeoutError):  # a holder that escaped: the reap gives the code
-            async with asyncio.timeout(self._kill_grace):
-                await process.wait()
-        self.exit_code = process.returncode
-        self._exited.set()
-        self._close_pidfd()
-        log.info("agent exited agent=%s pid=%s code=%s", self.config.name, process.pid, self.exit_code)
-        if self._on_exit is not None:
-            self._on_exit(self)
-
-    async def _leader_exit(self, process: asyncio.subprocess.Process) -> None:
-        """Until the agent's leader has exited (reaped or not): its pidfd becomes readable."""
-        try:
-            pidfd = os.dup(self._pidfd) if self._pidfd is not None else None  # ours to close
-        except OSError:
-            pidfd = None
-        if pidfd is None:  # no pidfds here: the exit shows once the pipes are closed too
-            await process.wait()
-            return
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:  # called again while it stays readable, until removed
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, readable)
-        try:
-            await exited
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-
-    async def _end_descendants(self) -> None:
-        """SIGKILL the unsandboxed agent's descendants, also those outside its group (descendants.py)."""
-        if self._descendants is not None:
-            await self._descendants.end()
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None

@@ -119,11 +119,13 @@ class AgentProcess(Protocol):
 
     config: AgentConfig
     handshake: Handshake | None
-    exit_code: int | None
     reading_paused: bool
 
     @property
     def pid(self) -> int | None: ...
+
+    @property
+    def exit_code(self) -> int | None: ...
 
     @property
     def alive(self) -> bool: ...
