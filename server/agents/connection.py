@@ -21,7 +21,7 @@ import acp
 from acp import schema
 from sessiongate.server.agents.logins import AgentLogins
 from sessiongate.server.agents.process import INHERITED_ENV, AgentProcessGroup
-from sessiongate.server.agents.protocol import Asker, Handshake, StateWatcher, TurnItem, UpdateSink
+from sessiongate.server.agents.protocol import AgentUpdate, Asker, Handshake, StateWatcher, UpdateSink
 from sessiongate.server.agents.requests import AgentRequests
 from sessiongate.server.agents.state import STATE_UPDATES, TurnUsage
 from sessiongate.server.agents.transport import AgentTransport
@@ -414,7 +414,7 @@ class AgentConnection:
     def asker(self, session_id: str) -> Asker | None:
         return self._askers.get(session_id)
 
-    def route(self, session_id: str, item: TurnItem) -> None:
+    def route(self, session_id: str, item: AgentUpdate) -> None:
         sink = self._sinks.get(session_id)
         if sink is not None:
             sink(item)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from acp import schema
+from sessiongate.server.agents.transport import RawUpdate
+from sessiongate.server.sandbox.files import FileWriteReport
+from sessiongate.server.sandbox.terminals import TerminalReport
 from sessiongate.server.settings import AgentConfig
 
 READ_KINDS = frozenset({"read", "search", "think"})
@@ -31,9 +34,6 @@ class PermissionReport:
     request_id: str = ""  # the question's id when the client was asked
 
 
-# What flows from an agent into a turn: ACP updates as the SDK parsed them, or our reports.
-TurnItem = Any
-UpdateSink = Callable[[TurnItem], None]
 StateWatcher = Callable[[Any], None]  # gets a session's STATE_UPDATES items and TurnUsage
 
 
@@ -76,6 +76,37 @@ class ElicitationAnswer:
     content: dict[str, Any] | None
     decided_by: str
     request_id: str = ""
+
+
+# What an agent connection routes to a session's turn: the ACP updates the SDK parsed (the
+# members of `schema.SessionNotification.update`, which the SDK does not name), an update of a
+# kind it does not know, and our reports of what the agent asked of us.
+AgentUpdate = (
+    schema.UserMessageChunk
+    | schema.AgentMessageChunk
+    | schema.AgentThoughtChunk
+    | schema.ToolCallStart
+    | schema.ToolCallProgress
+    | schema.AgentPlanUpdate
+    | schema.AgentPlanContentUpdate
+    | schema.AgentPlanRemovedUpdate
+    | schema.AvailableCommandsUpdate
+    | schema.CurrentModeUpdate
+    | schema.ConfigOptionUpdate
+    | schema.SessionInfoUpdate
+    | schema.UsageUpdate
+    | RawUpdate
+    | PermissionReport
+    | ElicitationReport
+    | FileWriteReport
+    | TerminalReport
+)
+# What flows through a turn: stays Any. The turn's buffer (turns/turn.py) holds AgentUpdate and
+# its own items (Notice, TextRun, the questions' PermissionAsk and ElicitationAsk, TurnEnd) and
+# reads them by duck typing (`getattr(item, "session_update", None)`, then `.message_id`), and
+# tests push stand-ins: with a Union mypy rejects 23 of those lines in turns/ and tests/.
+TurnItem = Any
+UpdateSink = Callable[[TurnItem], None]
 
 
 def decide_by_policy(policy: str, kind: str | None, options: list[schema.PermissionOption]) -> Decision:

@@ -14,12 +14,12 @@ from typing import Any, Protocol
 import acp
 from acp import schema
 from sessiongate.server.agents.protocol import (
+    AgentUpdate,
     Asker,
     Decision,
     ElicitationAnswer,
     ElicitationReport,
     PermissionReport,
-    TurnItem,
     decide_by_policy,
 )
 from sessiongate.server.errors import clip
@@ -36,7 +36,7 @@ class SessionRoutes(Protocol):
     hidden_paths: tuple[Path, ...]  # never served by the client fs
     terminals: Terminals
 
-    def route(self, session_id: str, item: TurnItem) -> None: ...
+    def route(self, session_id: str, item: AgentUpdate) -> None: ...
 
     def asker(self, session_id: str) -> Asker | None: ...
 
