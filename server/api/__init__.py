@@ -1,4 +1,5 @@
-"""The gRPC face: the SessionService (`service`) and the Prometheus metrics (`metrics`).
+"""The gRPC face: the SessionService (`service`), the checks of its requests (`validation`) and
+the Prometheus metrics (`metrics`).
 
 May import: cluster, sessions and the layers below. Only `app` imports it.
 """

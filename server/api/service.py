@@ -1,7 +1,10 @@
 """The SessionService servicer: validate requests, call the pool/session, translate results.
 
-Thin on purpose. Every failure leaves through `_abort`, which turns a SessionGateError into
-its status (errors.py) and anything unexpected into a plain INTERNAL without a traceback.
+Thin on purpose. Requests are checked by `validation`; sessions are found through the router
+(cluster/: a `LocalRouter` without replicas), which also sends a call to the replica serving
+its session, so every handler has one path. Every failure leaves through `_abort`, which turns
+a SessionGateError into its status (errors.py) and anything unexpected into a plain INTERNAL
+without a traceback.
 """
 
 from __future__ import annotations
@@ -10,61 +13,44 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from acp import schema
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 from sessiongate.server.agents.holder import AgentFactory
 from sessiongate.server.agents.logins import AgentLogins
 from sessiongate.server.agents.spares import SparePool
-from sessiongate.server.agents.state import MAX_ID, SessionUsage
+from sessiongate.server.agents.state import SessionUsage
+from sessiongate.server.api import validation
 from sessiongate.server.api.metrics import OUTCOMES, Metrics
-from sessiongate.server.cluster.router import Forward, Relayed, Router
+from sessiongate.server.cluster.local import LocalRouter
+from sessiongate.server.cluster.router import Relayed
+from sessiongate.server.cluster.routing import Routing
 from sessiongate.server.errors import (
     AgentNotAllowed,
-    FieldViolation,
-    InvalidArgument,
     SessionBusy,
     SessionGateError,
-    SessionNotFound,
     ShuttingDown,
     clip,
 )
 from sessiongate.server.sandbox.workdir import make_first_root
 from sessiongate.server.security import principals
 from sessiongate.server.sessions.pool import SessionPool
-from sessiongate.server.sessions.session import Session, State
-from sessiongate.server.settings import PERMISSION_POLICIES, Settings
+from sessiongate.server.sessions.session import SessionView, State
+from sessiongate.server.settings import Settings
 from sessiongate.server.turns import translate
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sessiongate.service")
 
-MAX_REQUEST_ID = 128
-MAX_SESSION_ID = 128
-MAX_LABELS = 64
-MAX_LABEL_KEY = 63
-MAX_LABEL_VALUE = 256
-MAX_NANOS = 999_999_999
-MAX_CWD = 4096  # characters (PATH_MAX)
-MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
 MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page or a GetTurn at most (one session is far smaller)
-MAX_TURN_ID = 64  # characters (ids are 16)
-MAX_PAGE_TOKEN = 512  # characters of a ListTurns page token
 TURN_ID_HEADER = "sessiongate-turn-id"  # Prompt's and WatchTurn's response header: the turn's id
-MAX_ANSWER_ID = 1024  # characters of a request id or option id in an answer (questions.MAX_OPTION_ID)
-MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
-ELICITATION_ACTIONS = {
-    pb.ELICITATION_ACTION_ACCEPT: "accept",
-    pb.ELICITATION_ACTION_DECLINE: "decline",
-    pb.ELICITATION_ACTION_CANCEL: "cancel",
-}
 
 STATES = {
     State.IDLE: pb.SESSION_STATE_IDLE,
@@ -95,16 +81,16 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 def unary(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
-    """Route every exception of a unary handler through `_abort`."""
+    """Serve a unary call where its session is (the router) and route every exception through
+    `_abort`."""
 
     @wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
-            try:
-                return await method(self, request, context)
-            except Forward as forward:  # another replica owns the session
-                result: R = await self._router.unary(forward.address, method.__name__, request, context)
-                return result
+            result: R = await self._router.unary(
+                method.__name__, request, context, lambda: method(self, request, context)
+            )
+            return result
         except Exception as exc:
             await _abort(context, exc)
         raise AssertionError("unreachable: abort raises")
@@ -113,6 +99,8 @@ def unary(
 
 
 class SessionService(pb_grpc.SessionServiceServicer):
+    """The gRPC SessionService: each RPC validated, routed to its session's replica, served."""
+
     def __init__(
         self,
         settings: Settings,
@@ -122,7 +110,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         logins: AgentLogins,
         agent_factory: AgentFactory,
         spares: SparePool,
-        router: Router | None = None,
+        router: Routing | None = None,
     ) -> None:
         self._settings = settings
         self._limits = settings.limits
@@ -131,20 +119,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._logins = logins
         self._agent_factory = agent_factory
         self._spares = spares
-        self._router = router
+        self._router: Routing = router or LocalRouter(pool)  # without replicas: all served here
         self.draining = False
 
-    async def _session(self, session_id: str, context: Any, *, take: bool = False) -> Session:
-        """The session to serve here; with replicas it may be taken over (`take`: the call works on
-        it) or be another replica's (Forward). Another principal's is NOT_FOUND."""
-        if self._router is None:
-            return self._pool.get(session_id)
-        return await self._router.session(session_id, context, take=take)
-
-    def _proto(self, session: Session) -> pb.Session:
+    def _proto(self, session: SessionView) -> pb.Session:
         message = session_proto(session)
-        if self._router is not None and self._pool.has(session.session_id):
-            message.replica = self._settings.replica_id
+        message.replica = self._router.replica_of(session.session_id)
         return message
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -153,48 +133,43 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
         self._refuse_if_draining()
         agent_name = request.agent or self._settings.default_agent
-        violations = []
-        config = self._settings.agents.get(agent_name)
-        if config is None:
-            known = ", ".join(sorted(self._settings.agents))
-            violations.append(
-                FieldViolation("agent", f"unknown agent {clip(agent_name, 100)!r} (configured: {known})")
-            )
         cwd, cwd_problem = await self._resolve_cwd(request.cwd)
-        if cwd_problem:
-            violations.append(FieldViolation("cwd", cwd_problem))
-        if len(request.request_id) > MAX_REQUEST_ID:
-            violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters"))
-        violations.extend(_label_violations(request.labels))
-        if violations:
-            raise InvalidArgument(violations)
-        assert config is not None
+        config = validation.create_session(request, agent_name, self._settings.agents, cwd_problem)
         _check_agent_allowed(config.name)
-        if self._router is not None:
-            target = await self._router.create_target(request.request_id, context)
-            if target is not None:
-                raise Forward(target)
+        await self._router.place(request.request_id, context)
         session = await self._pool.create(config, str(cwd), request.request_id, dict(request.labels))
         return self._proto(session)
 
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
+        try:
+            async for event in self._router.stream(
+                "Prompt", request, context, lambda: self._prompt(request, context)
+            ):
+                yield event
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def _prompt(self, request: pb.PromptRequest, context: Any) -> AsyncGenerator[pb.PromptEvent, None]:
+        """Prompt served here: the turn's events, counted in the metrics once it ends."""
         started = time.monotonic()
         agent, seq, outcome = "", 0, "client_gone"
         cut_off: ShuttingDown | None = None
-        lease_mark = self._router.mark() if self._router is not None else None
+        lease_mark = self._router.mark()
         try:
             self._refuse_if_draining()
-            blocks, stall_timeout, wait_timeout, permissions = self._validate_prompt(request)
-            session = await self._session(request.session_id, context, take=True)
+            options = validation.prompt(request, self._limits)
+            blocks = _acp_blocks(request)
+            session = await self._router.take(request.session_id, context)
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
             await self._pool.admit_prompt()
             agent = session.config.name
             on_disconnect = request.on_disconnect
             turn, turn_log = await session.start_turn(
                 blocks,
-                stall_timeout,
-                wait_timeout,
-                *permissions,
+                options.stall_timeout,
+                options.wait_timeout,
+                options.permission_policy,
+                options.permission_timeout,
                 prompt=_prompt_blocks(request),
                 on_disconnect=on_disconnect,
             )
@@ -204,8 +179,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 # reads them from there like any watcher, but paces the agent while it reads.
                 async with contextlib.aclosing(turn_log.events(0, pace=True)) as events:
                     async for event in events:
-                        if self._router is not None:
-                            self._router.check_lease(session.session_id)
+                        self._router.check_lease(session.session_id)
                         if seq == 0:
                             self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
                         if self._cut_off(session, event):
@@ -222,20 +196,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 # unless it asked for the turn to go on.
                 if turn_log.running and on_disconnect != pb.ON_DISCONNECT_CONTINUE:
                     session.cancel(turn)
-        except Forward as forward:
-            outcome = ""  # counted by the owner
-            async for event in self._forwarded_stream(forward, "Prompt", request, context):
-                yield event
         except Exception as error:
-            exc = (
-                self._router.outcome(error, request.session_id, lease_mark)
-                if self._router is not None
-                else error
-            )
+            # Before any turn ran (refused, or served by another replica) agent is "" and
+            # nothing is counted here.
+            exc = self._router.outcome(error, request.session_id, lease_mark)
             outcome = "cancelled" if exc is cut_off else _outcome(exc)
             if isinstance(exc, SessionBusy):
                 self._metrics.busy_rejections.labels(agent).inc()
-            await _abort(context, exc)
+            if exc is not error:
+                raise exc from error
+            raise
         finally:
             if agent and outcome:  # a turn ran (not refused before it started)
                 took = time.monotonic() - started
@@ -245,53 +215,47 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 log.info("turn ended outcome=%s events=%d seconds=%.3f", outcome, seq, took)
 
     async def WatchTurn(self, request: pb.WatchTurnRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
-        lease_mark = self._router.mark() if self._router is not None else None
         try:
-            _check_turn_id(request.turn_id, required=False)
-            session = await self._session(_required_id(request.session_id), context)
-            turn_log = await self._pool.transcripts.find(session, request.turn_id)
-            await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
-            async with contextlib.aclosing(turn_log.events(request.after_seq)) as events:
-                async for event in events:
-                    if self._router is not None:
-                        self._router.check_lease(session.session_id)
-                    if self._cut_off(session, event):
-                        raise self._cut_off_error(session, turn_log.turn_id)
-                    yield event
-        except Forward as forward:
-            async for event in self._forwarded_stream(forward, "WatchTurn", request, context):
-                yield event
-        except Exception as exc:
-            lost = self._router.outcome(exc, request.session_id, lease_mark) if self._router else exc
-            await _abort(context, lost)
-
-    async def _forwarded_stream(
-        self, forward: Forward, method: str, request: Any, context: Any
-    ) -> AsyncIterator[pb.PromptEvent]:
-        assert self._router is not None
-        try:
-            async for event in self._router.stream(forward.address, method, request, context):
+            async for event in self._router.stream(
+                "WatchTurn", request, context, lambda: self._watch_turn(request, context)
+            ):
                 yield event
         except Exception as exc:
             await _abort(context, exc)
 
+    async def _watch_turn(
+        self, request: pb.WatchTurnRequest, context: Any
+    ) -> AsyncGenerator[pb.PromptEvent, None]:
+        """WatchTurn served here: the turn's events from its log, after `after_seq`."""
+        lease_mark = self._router.mark()
+        try:
+            validation.check_turn_id(request.turn_id, required=False)
+            session = await self._router.session(validation.required_id(request.session_id), context)
+            turn_log = await self._pool.transcripts.find(session, request.turn_id)
+            await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
+            async with contextlib.aclosing(turn_log.events(request.after_seq)) as events:
+                async for event in events:
+                    self._router.check_lease(session.session_id)
+                    if self._cut_off(session, event):
+                        raise self._cut_off_error(session, turn_log.turn_id)
+                    yield event
+        except Exception as exc:
+            lost = self._router.outcome(exc, request.session_id, lease_mark)
+            if lost is not exc:
+                raise lost from exc
+            raise
+
     @unary
     async def ListTurns(self, request: pb.ListTurnsRequest, context: Any) -> pb.ListTurnsResponse:
-        violations = []
-        if request.page_size < 0:
-            violations.append(FieldViolation("page_size", "must not be negative"))
-        if len(request.page_token) > MAX_PAGE_TOKEN:
-            violations.append(FieldViolation("page_token", "not a token from ListTurns"))
-        if violations:
-            raise InvalidArgument(violations)
-        session = await self._session(_required_id(request.session_id), context)
+        validation.list_turns(request)
+        session = await self._router.session(validation.required_id(request.session_id), context)
         turns, token = await self._pool.transcripts.page(session, request.page_size, request.page_token)
         return pb.ListTurnsResponse(turns=turns, next_page_token=token)
 
     @unary
     async def GetTurn(self, request: pb.GetTurnRequest, context: Any) -> pb.Turn:
-        _check_turn_id(request.turn_id, required=True)
-        session = await self._session(_required_id(request.session_id), context)
+        validation.check_turn_id(request.turn_id, required=True)
+        session = await self._router.session(validation.required_id(request.session_id), context)
         turn_log = await self._pool.transcripts.find(session, request.turn_id)
         turn = turn_log.summary()  # before the events: the log may be closed meanwhile
         events, truncated = await turn_log.page(request.after_seq, MAX_LIST_BYTES)
@@ -301,29 +265,20 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary
     async def CancelPrompt(self, request: pb.CancelPromptRequest, context: Any) -> pb.CancelPromptResponse:
-        session = await self._session(_required_id(request.session_id), context)
+        session = await self._router.session(validation.required_id(request.session_id), context)
         return pb.CancelPromptResponse(cancelled=session.cancel())
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
-        return self._proto(await self._session(_required_id(request.session_id), context))
+        return self._proto(await self._router.session(validation.required_id(request.session_id), context))
 
     @unary
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
-        violations = _label_violations(request.labels)  # lengths first: nothing unbounded is echoed
-        if request.page_size < 0:
-            violations.append(FieldViolation("page_size", "must not be negative"))
-        for name, value in (("agent", request.agent), ("owner", request.owner)):
-            if len(value) > MAX_FILTER_NAME:
-                violations.append(FieldViolation(name, f"at most {MAX_FILTER_NAME} characters"))
-        if violations:
-            raise InvalidArgument(violations)
-        args = (request.page_size, request.page_token, request.agent, request.labels, request.owner)
-        if self._router is not None:  # every replica's sessions, from the database
-            served, token = await self._router.page(*args)
-        else:
-            local, token = self._pool.page(*args)
-            served = [(session, "") for session in local]
+        validation.list_sessions(request)
+        # With replicas: every replica's sessions, from the database.
+        served, token = await self._router.page(
+            request.page_size, request.page_token, request.agent, request.labels, request.owner
+        )
         page = [session for session, _ in served]
         # Sessions carry their agents' modes, options and commands: a page is cut short of what
         # stock clients receive (4 MiB), and the token goes on after its last session.
@@ -341,10 +296,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     @unary
     async def CloseSession(self, request: pb.CloseSessionRequest, context: Any) -> pb.CloseSessionResponse:
-        session_id = _required_id(request.session_id)
-        if self._router is not None and not self._pool.has(session_id):
-            with contextlib.suppress(SessionNotFound):  # closed already: the pool answers the same
-                await self._session(session_id, context, take=True)
+        session_id = validation.required_id(request.session_id)
+        await self._router.claim(session_id, context)  # taken over if another replica released it
         session = await self._pool.close(session_id)
         return pb.CloseSessionResponse(session=session_proto(session))
 
@@ -382,17 +335,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 metadata={"principal": principal.name},
             )
         agent_name = request.agent or self._settings.default_agent
-        config = self._settings.agents.get(agent_name)
-        violations = []
-        if config is None:
-            violations.append(FieldViolation("agent", f"unknown agent {clip(agent_name, 100)!r}"))
-        if not request.method_id:
-            violations.append(FieldViolation("method_id", "required (AGENT_AUTH_REQUIRED lists the methods)"))
-        elif len(request.method_id) > MAX_ANSWER_ID:
-            violations.append(FieldViolation("method_id", f"at most {MAX_ANSWER_ID} characters"))
-        if violations:
-            raise InvalidArgument(violations)
-        assert config is not None
+        config = validation.authenticate_agent(request, agent_name, self._settings.agents)
         self._refuse_if_draining()
         await self._logins.log_in(
             config,
@@ -407,9 +350,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def RespondPermission(
         self, request: pb.RespondPermissionRequest, context: Any
     ) -> pb.RespondPermissionResponse:
-        session_id = _required_id(request.session_id)
-        _check_answer_ids(request.request_id, ("option_id", request.option_id))
-        session = await self._session(session_id, context)
+        session_id = validation.required_id(request.session_id)
+        validation.check_answer_ids(request.request_id, ("option_id", request.option_id))
+        session = await self._router.session(session_id, context)
         outcome = session.questions.answer_permission(request.request_id, request.option_id)
         return pb.RespondPermissionResponse(outcome=translate.PERMISSION_OUTCOMES[outcome])
 
@@ -417,25 +360,18 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def RespondElicitation(
         self, request: pb.RespondElicitationRequest, context: Any
     ) -> pb.RespondElicitationResponse:
-        session_id = _required_id(request.session_id)
-        _check_answer_ids(request.request_id)
-        action = ELICITATION_ACTIONS.get(request.action)
-        if action is None:
-            raise InvalidArgument.field("action", "must be ACCEPT, DECLINE or CANCEL")
-        if request.HasField("content") and action != "accept":
-            raise InvalidArgument.field("content", "only an ACCEPT answer carries content")
-        if request.content.ByteSize() > MAX_ELICITATION_CONTENT:
-            raise InvalidArgument.field("content", f"at most {MAX_ELICITATION_CONTENT} bytes")
-        session = await self._session(session_id, context)
+        session_id = validation.required_id(request.session_id)
+        action = validation.elicitation_action(request)
+        session = await self._router.session(session_id, context)
         content = json_format.MessageToDict(request.content) if action == "accept" else None
         session.questions.answer_elicitation(request.request_id, action, content)
         return pb.RespondElicitationResponse()
 
     @unary
     async def SetSessionMode(self, request: pb.SetSessionModeRequest, context: Any) -> pb.Session:
-        session_id = _required_id(request.session_id)
-        _check_state_ids(("mode_id", request.mode_id))
-        session = await self._session(session_id, context, take=True)
+        session_id = validation.required_id(request.session_id)
+        validation.check_state_ids(("mode_id", request.mode_id))
+        session = await self._router.take(session_id, context)
         _check_agent_allowed(session.config.name)
         await session.set_mode(request.mode_id)
         return self._proto(session)
@@ -444,16 +380,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def SetSessionConfigOption(
         self, request: pb.SetSessionConfigOptionRequest, context: Any
     ) -> pb.Session:
-        session_id = _required_id(request.session_id)
-        _check_state_ids(("config_id", request.config_id), ("value", request.value))
-        session = await self._session(session_id, context, take=True)
+        session_id = validation.required_id(request.session_id)
+        validation.check_state_ids(("config_id", request.config_id), ("value", request.value))
+        session = await self._router.take(session_id, context)
         _check_agent_allowed(session.config.name)
         await session.set_config_option(request.config_id, request.value)
         return self._proto(session)
 
-    # ---- validation ----------------------------------------------------------------------
+    # ---- helpers -------------------------------------------------------------------------
 
-    def _cut_off(self, session: Session, event: pb.PromptEvent) -> bool:
+    def _cut_off(self, session: SessionView, event: pb.PromptEvent) -> bool:
         """Whether `event` is the CANCELLED result of a turn the drain ended (its grace over): the
         live streams say SHUTTING_DOWN instead, so no client takes the shutdown for a cancel it
         asked for. The turn's record keeps the result (WatchTurn after a restart shows it)."""
@@ -465,7 +401,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         )
 
     @staticmethod
-    def _cut_off_error(session: Session, turn_id: str) -> ShuttingDown:
+    def _cut_off_error(session: SessionView, turn_id: str) -> ShuttingDown:
         return ShuttingDown(
             "the server is shutting down: the turn was cancelled when the drain grace ran out",
             metadata={"session_id": session.session_id, "turn_id": turn_id},
@@ -477,10 +413,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
 
     async def _resolve_cwd(self, requested: str) -> tuple[Path, str | None]:
         """The session's cwd, checked on a worker thread: a slow file system never stalls the loop."""
-        if "\x00" in requested:
-            return self._settings.workdir, "must not contain NUL"
-        if len(requested) > MAX_CWD:
-            return self._settings.workdir, f"at most {MAX_CWD} characters"
+        if problem := validation.cwd_problem(requested):
+            return self._settings.workdir, problem
         try:
             async with asyncio.timeout(CWD_CHECK_TIMEOUT):
                 return await asyncio.to_thread(self._check_cwd, requested)
@@ -512,55 +446,6 @@ class SessionService(pb_grpc.SessionServiceServicer):
             return self._settings.workdir, f"{shown} cannot be resolved: a symlink loop"
         return path, None
 
-    def _validate_prompt(
-        self, request: pb.PromptRequest
-    ) -> tuple[list[Any], float, float, tuple[str, float | None]]:
-        violations = []
-        if not request.session_id:
-            violations.append(FieldViolation("session_id", "required"))
-        elif id_problem := _session_id_problem(request.session_id):
-            violations.append(FieldViolation("session_id", id_problem))
-        if not request.text and not request.content:
-            violations.append(FieldViolation("text", "the prompt is empty: set text and/or content"))
-        for index, block in enumerate(request.content):
-            problem = translate.block_problem(block)
-            if problem:
-                violations.append(FieldViolation(f"content[{index}]", problem))
-        size = len(request.text.encode()) + sum(translate.content_size(b) for b in request.content)
-        if size > self._limits.max_prompt_bytes:
-            violations.append(
-                FieldViolation(
-                    "content", f"the prompt is {size} bytes; the limit is {self._limits.max_prompt_bytes}"
-                )
-            )
-        limits = self._limits
-        stall = _clamped(request, "stall_timeout", limits.max_stall_timeout, violations)
-        wait = _clamped(request, "wait_timeout", limits.max_wait_timeout, violations, allow_zero=True)
-        permission_timeout = _clamped(
-            request, "permission_timeout", limits.max_permission_timeout, violations
-        )
-        if request.on_disconnect not in pb.OnDisconnect.values():
-            violations.append(
-                FieldViolation("on_disconnect", "must be ON_DISCONNECT_CANCEL or ON_DISCONNECT_CONTINUE")
-            )
-        policy = request.permission_policy
-        if policy and policy not in PERMISSION_POLICIES:
-            violations.append(
-                FieldViolation(
-                    "permission_policy", "must be empty or one of " + ", ".join(PERMISSION_POLICIES)
-                )
-            )
-        if violations:
-            raise InvalidArgument(violations)
-        blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
-        blocks.extend(translate.to_acp_block(b) for b in request.content)
-        return (
-            blocks,
-            limits.stall_timeout if stall is None else stall,
-            wait or 0.0,
-            (policy, permission_timeout),
-        )
-
 
 def _outcome(exc: Exception) -> str:
     """The turns outcome of a failed Prompt; "" when it was refused before any turn ran."""
@@ -579,35 +464,11 @@ def _check_agent_allowed(agent: str) -> None:
         )
 
 
-def _check_answer_ids(request_id: str, *others: tuple[str, str]) -> None:
-    """A question's request id, and the other ids an answer names: required and bounded."""
-    violations = []
-    for name, value in (("request_id", request_id), *others):
-        if not value:
-            violations.append(FieldViolation(name, "required"))
-        elif len(value) > MAX_ANSWER_ID:
-            violations.append(FieldViolation(name, f"at most {MAX_ANSWER_ID} characters"))
-    if violations:
-        raise InvalidArgument(violations)
-
-
-def _check_state_ids(*fields: tuple[str, str]) -> None:
-    """A mode id, config option id or value: required, and no longer than any an agent can offer."""
-    violations = []
-    for name, value in fields:
-        if not value:
-            violations.append(FieldViolation(name, "required"))
-        elif len(value.encode()) > MAX_ID:
-            violations.append(FieldViolation(name, f"at most {MAX_ID} bytes"))
-    if violations:
-        raise InvalidArgument(violations)
-
-
-def _check_turn_id(turn_id: str, *, required: bool) -> None:
-    if required and not turn_id:
-        raise InvalidArgument.field("turn_id", "required (see ListTurns)")
-    if len(turn_id) > MAX_TURN_ID:
-        raise InvalidArgument.field("turn_id", f"at most {MAX_TURN_ID} characters (ids are 16)")
+def _acp_blocks(request: pb.PromptRequest) -> list[Any]:
+    """The prompt as the agent receives it: ACP content blocks."""
+    blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
+    blocks.extend(translate.to_acp_block(b) for b in request.content)
+    return blocks
 
 
 def _prompt_blocks(request: pb.PromptRequest) -> list[pb.ContentBlock]:
@@ -617,61 +478,7 @@ def _prompt_blocks(request: pb.PromptRequest) -> list[pb.ContentBlock]:
     return blocks
 
 
-def _required_id(session_id: str) -> str:
-    problem = _session_id_problem(session_id)
-    if problem:
-        raise InvalidArgument.field("session_id", problem)
-    return session_id
-
-
-def _session_id_problem(session_id: str) -> str:
-    if not session_id:
-        return "required"
-    if len(session_id) > MAX_SESSION_ID:
-        return f"at most {MAX_SESSION_ID} characters (ids are 24)"
-    return ""
-
-
-def _clamped(
-    request: Any, name: str, maximum: float, violations: list[FieldViolation], allow_zero: bool = False
-) -> float | None:
-    """A request's optional Duration field in seconds, clamped to `maximum`; None when unset or
-    malformed (then a violation says why)."""
-    if not request.HasField(name):
-        return None
-    seconds, problem = _duration(getattr(request, name), allow_zero=allow_zero)
-    if problem:
-        violations.append(FieldViolation(name, problem))
-        return None
-    return min(seconds, maximum)
-
-
-def _duration(value: duration_pb2.Duration, *, allow_zero: bool) -> tuple[float, str | None]:
-    """Seconds of a Duration, or why it is malformed."""
-    if abs(value.nanos) > MAX_NANOS or (
-        value.seconds and value.nanos and (value.seconds > 0) != (value.nanos > 0)
-    ):
-        return 0.0, "malformed duration: nanos must be within ±999999999 and share the sign of seconds"
-    seconds = value.seconds + value.nanos / 1e9
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        return 0.0, "must be positive" if not allow_zero else "must not be negative"
-    return seconds, None
-
-
-def _label_violations(labels: Any) -> list[FieldViolation]:
-    out = []
-    if len(labels) > MAX_LABELS:
-        out.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
-    for key, value in labels.items():
-        where = f"labels[{clip(key, MAX_LABEL_KEY)!r}]"
-        if not key or len(key) > MAX_LABEL_KEY:
-            out.append(FieldViolation(where, f"keys must be 1 to {MAX_LABEL_KEY} characters"))
-        if len(value) > MAX_LABEL_VALUE:
-            out.append(FieldViolation(where, f"values must be at most {MAX_LABEL_VALUE} characters"))
-    return out
-
-
-def session_proto(session: Session) -> pb.Session:
+def session_proto(session: SessionView) -> pb.Session:
     message = pb.Session(
         session_id=session.session_id,
         agent=session.config.name,

@@ -1,7 +1,8 @@
 """Is this session mine? Serve it here, take it over, or forward the call to its owner replica.
 
 Between the service and the pool (the architecture guide's one-way flow). Without replicas
-(no state_url) every lookup is the pool's. With replicas:
+(no state_url) the service holds a `LocalRouter` (local.py) instead, and every lookup is the
+pool's. With replicas:
 - a session in this replica's pool is served here;
 - a session whose owner's lease is alive is forwarded to the owner: the same call with the
   same request, its deadline, and cancellation passed on, signed for the caller's principal
@@ -26,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 from sessiongate.server.cluster.ownership import DB_TIMEOUT, Owner, Ownership
-from sessiongate.server.errors import OwnerLost, SessionGateError, StoreUnavailable, clip
+from sessiongate.server.errors import OwnerLost, SessionGateError, SessionNotFound, StoreUnavailable, clip
 from sessiongate.server.security import principals
 from sessiongate.server.security.auth import sign
 from sessiongate.server.sessions.pool import (
@@ -42,7 +43,7 @@ from sessiongate.server.sessions.pool import (
     encode_token,
     sort_key,
 )
-from sessiongate.server.sessions.session import Session
+from sessiongate.server.sessions.session import Session, SessionView
 from sessiongate.server.state.postgres import DB_ERRORS, PostgresStore
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
@@ -50,6 +51,8 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 log = logging.getLogger("sessiongate.router")
 
 T = TypeVar("T")
+R = TypeVar("R")
+E = TypeVar("E")
 
 FORWARDED_HEADER = "sessiongate-forwarded-by"
 # Bounds of a forwarded call whose caller set no deadline: a unary call, a stream's headers (the
@@ -67,7 +70,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
 class Forward(Exception):
-    """The session is owned by the replica at `address`: the call goes there."""
+    """The session is owned by the replica at `address`: the call goes there. Raised by the
+    lookups (`session`, `place`) and caught by `unary` and `stream` around the call: the
+    router's own signal, never seen by the service (`outcome` passes it on unchanged)."""
 
     def __init__(self, address: str) -> None:
         super().__init__(address)
@@ -83,6 +88,8 @@ class Relayed(Exception):
 
 
 class Router:
+    """Routing between replicas sharing a PostgreSQL database (see routing.Routing)."""
+
     def __init__(
         self, pool: SessionPool, store: PostgresStore, ownership: Ownership, replica_token: str = ""
     ) -> None:
@@ -108,11 +115,44 @@ class Router:
         as the process woke up, say), once the lease ran out it is OWNER_LOST. Also when the
         lease was lost after the stream's `mark` and renewed again since: its session was fenced
         meanwhile, even if the handler only got to run after the renewal (a loaded machine)."""
+        if isinstance(exc, Forward):  # not an error: the call goes to the owner
+            return exc
         lost = not self._ownership.valid() or (mark is not None and self._ownership.losses != mark)
         return _lease_lost(session_id) if lost else exc
 
-    async def session(self, session_id: str, context: Any, *, take: bool) -> Session:
-        """The session to serve here, or Forward to its owner."""
+    async def unary(self, method: str, request: Any, context: Any, here: Callable[[], Awaitable[R]]) -> R:
+        """`here()`, or the call forwarded to the owner replica its lookup found."""
+        try:
+            return await here()
+        except Forward as forward:
+            result: R = await self._forward_unary(forward.address, method, request, context)
+            return result
+
+    async def stream(
+        self, method: str, request: Any, context: Any, here: Callable[[], AsyncGenerator[E, None]]
+    ) -> AsyncIterator[E]:
+        """The events of `here()`, or of the call forwarded to the owner its lookup found."""
+        try:
+            async with contextlib.aclosing(here()) as events:
+                async for event in events:
+                    yield event
+            return
+        except Forward as forward:
+            address = forward.address
+        async for item in self._forward_stream(address, method, request, context):
+            yield item
+
+    async def session(self, session_id: str, context: Any) -> SessionView:
+        """The session to read here (another replica's released one as stored), or Forward."""
+        return await self._find(session_id, context, take=False)
+
+    async def take(self, session_id: str, context: Any) -> Session:
+        """The session to work on here, taken over if its owner released it, or Forward."""
+        found = await self._find(session_id, context, take=True)
+        assert isinstance(found, Session)  # served here: the pool's
+        return found
+
+    async def _find(self, session_id: str, context: Any, *, take: bool) -> SessionView:
         await self._ownership.check()
         if self._pool.has(session_id):
             return self._pool.get(session_id)  # not the caller's: NOT_FOUND
@@ -126,10 +166,10 @@ class Router:
             raise Forward(owner.advertise)
         if not take:
             return self._pool.view(owner.record)
-        await self._take(owner)
+        await self._take_over(owner)
         return self._pool.get(session_id)
 
-    async def _take(self, owner: Owner) -> None:
+    async def _take_over(self, owner: Owner) -> None:
         async with _database():
             taken = await self._ownership.take(owner)
         if taken is None:  # another replica was faster, or the owner came back
@@ -138,6 +178,23 @@ class Router:
         await self._ownership.check()  # still ours to serve (the lease did not run out meanwhile)
         self._store.owns(record.session_id, epoch)
         await self._pool.adopt(record)  # the row as the takeover found it, not as read before
+
+    async def claim(self, session_id: str, context: Any) -> None:
+        """Before a close: a session another replica released is taken over, one a live owner
+        serves is forwarded (Forward); one closed already is left to the pool to answer."""
+        if not self._pool.has(session_id):
+            with contextlib.suppress(SessionNotFound):
+                await self.take(session_id, context)
+
+    async def place(self, request_id: str, context: Any) -> None:
+        """Returns when a CreateSession makes its session here; else Forward (`create_target`)."""
+        target = await self.create_target(request_id, context)
+        if target is not None:
+            raise Forward(target)
+
+    def replica_of(self, session_id: str) -> str:
+        """This replica for a session it serves; "" for a stored view of another's."""
+        return self._ownership.replica_id if self._pool.has(session_id) else ""
 
     async def create_target(self, request_id: str, context: Any) -> str | None:
         """Where a CreateSession goes: None for here. A request id another replica already made
@@ -152,7 +209,7 @@ class Router:
             if made is not None and not self._pool.has(made.record.session_id):
                 if made.alive and made.replica != self._ownership.replica_id:
                     return made.advertise
-                await self._take(made)  # the pool then finds it by its request id
+                await self._take_over(made)  # the pool then finds it by its request id
                 return None
         if self._ownership.free_slots() > 0:
             return None
@@ -161,14 +218,14 @@ class Router:
 
     async def page(
         self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
-    ) -> tuple[list[tuple[Session, str]], str]:
+    ) -> tuple[list[tuple[SessionView, str]], str]:
         """ListSessions over every replica's sessions (from the database), each with the replica
         serving it; ones served here show their live state. Same order and tokens as the pool's."""
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         after = decode_token(page_token)
         principal = principals.current()
         batch = max(2 * size, 100)
-        found: list[tuple[Session, str]] = []
+        found: list[tuple[SessionView, str]] = []
         owner = owner or ("" if principal.admin else principal.name)  # only what the caller may see
         while True:
             async with _database():
@@ -189,7 +246,7 @@ class Router:
 
     # ---- forwarding ----------------------------------------------------------------------
 
-    async def unary(self, address: str, method: str, request: Any, context: Any) -> Any:
+    async def _forward_unary(self, address: str, method: str, request: Any, context: Any) -> Any:
         call = getattr(self._stub(address), method)(
             request, timeout=_bounded(context), metadata=self._passed_on(address, method, request)
         )
@@ -202,7 +259,9 @@ class Router:
             gone.cancel()
             call.cancel()  # the caller left, or the owner's lease ran out: the owner's call ends too
 
-    async def stream(self, address: str, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def _forward_stream(
+        self, address: str, method: str, request: Any, context: Any
+    ) -> AsyncIterator[Any]:
         call = getattr(self._stub(address), method)(
             request, timeout=context.time_remaining(), metadata=self._passed_on(address, method, request)
         )

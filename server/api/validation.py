@@ -1,0 +1,258 @@
+"""Request validation: the bounds and shapes a request must have before anything acts on it.
+
+Pure checks of the request (and of the limits and agents configured): each raises
+InvalidArgument with one FieldViolation per problem found, so a client learns all of them at
+once. What needs the file system or a session (a cwd's resolution, a turn's existence) is the
+service's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import duration_pb2
+from sessiongate.server.agents.state import MAX_ID
+from sessiongate.server.errors import FieldViolation, InvalidArgument, clip
+from sessiongate.server.settings import PERMISSION_POLICIES, AgentConfig, ServerLimits
+from sessiongate.server.turns import translate
+from sessiongate.v1 import session_service_pb2 as pb
+
+MAX_REQUEST_ID = 128
+MAX_SESSION_ID = 128
+MAX_LABELS = 64
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_NANOS = 999_999_999
+MAX_CWD = 4096  # characters (PATH_MAX)
+MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
+MAX_TURN_ID = 64  # characters (ids are 16)
+MAX_PAGE_TOKEN = 512  # characters of a ListTurns page token
+MAX_ANSWER_ID = 1024  # characters of a request id or option id in an answer (questions.MAX_OPTION_ID)
+MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
+ELICITATION_ACTIONS = {
+    pb.ELICITATION_ACTION_ACCEPT: "accept",
+    pb.ELICITATION_ACTION_DECLINE: "decline",
+    pb.ELICITATION_ACTION_CANCEL: "cancel",
+}
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """A valid Prompt's timeouts (seconds, clamped to the limits) and permission choices."""
+
+    stall_timeout: float
+    wait_timeout: float
+    permission_policy: str
+    permission_timeout: float | None
+
+
+def raise_any(violations: list[FieldViolation]) -> None:
+    """INVALID_ARGUMENT naming every violation, if there is one."""
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def create_session(
+    request: pb.CreateSessionRequest,
+    agent_name: str,
+    agents: Mapping[str, AgentConfig],
+    cwd_problem: str | None,
+) -> AgentConfig:
+    """The agent a CreateSession names; `cwd_problem` is what resolving its cwd found."""
+    violations = []
+    config = agents.get(agent_name)
+    if config is None:
+        known = ", ".join(sorted(agents))
+        violations.append(
+            FieldViolation("agent", f"unknown agent {clip(agent_name, 100)!r} (configured: {known})")
+        )
+    if cwd_problem:
+        violations.append(FieldViolation("cwd", cwd_problem))
+    if len(request.request_id) > MAX_REQUEST_ID:
+        violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters"))
+    violations.extend(label_violations(request.labels))
+    raise_any(violations)
+    assert config is not None
+    return config
+
+
+def cwd_problem(requested: str) -> str | None:
+    """What is wrong with a requested cwd before the file system is asked."""
+    if "\x00" in requested:
+        return "must not contain NUL"
+    if len(requested) > MAX_CWD:
+        return f"at most {MAX_CWD} characters"
+    return None
+
+
+def prompt(request: pb.PromptRequest, limits: ServerLimits) -> PromptOptions:
+    violations = []
+    if not request.session_id:
+        violations.append(FieldViolation("session_id", "required"))
+    elif id_problem := session_id_problem(request.session_id):
+        violations.append(FieldViolation("session_id", id_problem))
+    if not request.text and not request.content:
+        violations.append(FieldViolation("text", "the prompt is empty: set text and/or content"))
+    for index, block in enumerate(request.content):
+        problem = translate.block_problem(block)
+        if problem:
+            violations.append(FieldViolation(f"content[{index}]", problem))
+    size = len(request.text.encode()) + sum(translate.content_size(b) for b in request.content)
+    if size > limits.max_prompt_bytes:
+        violations.append(
+            FieldViolation("content", f"the prompt is {size} bytes; the limit is {limits.max_prompt_bytes}")
+        )
+    stall = _clamped(request, "stall_timeout", limits.max_stall_timeout, violations)
+    wait = _clamped(request, "wait_timeout", limits.max_wait_timeout, violations, allow_zero=True)
+    permission_timeout = _clamped(request, "permission_timeout", limits.max_permission_timeout, violations)
+    if request.on_disconnect not in pb.OnDisconnect.values():
+        violations.append(
+            FieldViolation("on_disconnect", "must be ON_DISCONNECT_CANCEL or ON_DISCONNECT_CONTINUE")
+        )
+    policy = request.permission_policy
+    if policy and policy not in PERMISSION_POLICIES:
+        violations.append(
+            FieldViolation("permission_policy", "must be empty or one of " + ", ".join(PERMISSION_POLICIES))
+        )
+    raise_any(violations)
+    return PromptOptions(
+        stall_timeout=limits.stall_timeout if stall is None else stall,
+        wait_timeout=wait or 0.0,
+        permission_policy=policy,
+        permission_timeout=permission_timeout,
+    )
+
+
+def list_turns(request: pb.ListTurnsRequest) -> None:
+    violations = []
+    if request.page_size < 0:
+        violations.append(FieldViolation("page_size", "must not be negative"))
+    if len(request.page_token) > MAX_PAGE_TOKEN:
+        violations.append(FieldViolation("page_token", "not a token from ListTurns"))
+    raise_any(violations)
+
+
+def list_sessions(request: pb.ListSessionsRequest) -> None:
+    violations = label_violations(request.labels)  # lengths first: nothing unbounded is echoed
+    if request.page_size < 0:
+        violations.append(FieldViolation("page_size", "must not be negative"))
+    for name, value in (("agent", request.agent), ("owner", request.owner)):
+        if len(value) > MAX_FILTER_NAME:
+            violations.append(FieldViolation(name, f"at most {MAX_FILTER_NAME} characters"))
+    raise_any(violations)
+
+
+def authenticate_agent(
+    request: pb.AuthenticateAgentRequest, agent_name: str, agents: Mapping[str, AgentConfig]
+) -> AgentConfig:
+    """The agent an AuthenticateAgent names, with a method id to log in with."""
+    config = agents.get(agent_name)
+    violations = []
+    if config is None:
+        violations.append(FieldViolation("agent", f"unknown agent {clip(agent_name, 100)!r}"))
+    if not request.method_id:
+        violations.append(FieldViolation("method_id", "required (AGENT_AUTH_REQUIRED lists the methods)"))
+    elif len(request.method_id) > MAX_ANSWER_ID:
+        violations.append(FieldViolation("method_id", f"at most {MAX_ANSWER_ID} characters"))
+    raise_any(violations)
+    assert config is not None
+    return config
+
+
+def elicitation_action(request: pb.RespondElicitationRequest) -> str:
+    """The action of an elicitation answer ("accept", "decline", "cancel"), its content checked."""
+    check_answer_ids(request.request_id)
+    action = ELICITATION_ACTIONS.get(request.action)
+    if action is None:
+        raise InvalidArgument.field("action", "must be ACCEPT, DECLINE or CANCEL")
+    if request.HasField("content") and action != "accept":
+        raise InvalidArgument.field("content", "only an ACCEPT answer carries content")
+    if request.content.ByteSize() > MAX_ELICITATION_CONTENT:
+        raise InvalidArgument.field("content", f"at most {MAX_ELICITATION_CONTENT} bytes")
+    return action
+
+
+def check_answer_ids(request_id: str, *others: tuple[str, str]) -> None:
+    """A question's request id, and the other ids an answer names: required and bounded."""
+    violations = []
+    for name, value in (("request_id", request_id), *others):
+        if not value:
+            violations.append(FieldViolation(name, "required"))
+        elif len(value) > MAX_ANSWER_ID:
+            violations.append(FieldViolation(name, f"at most {MAX_ANSWER_ID} characters"))
+    raise_any(violations)
+
+
+def check_state_ids(*fields: tuple[str, str]) -> None:
+    """A mode id, config option id or value: required, and no longer than any an agent can offer."""
+    violations = []
+    for name, value in fields:
+        if not value:
+            violations.append(FieldViolation(name, "required"))
+        elif len(value.encode()) > MAX_ID:
+            violations.append(FieldViolation(name, f"at most {MAX_ID} bytes"))
+    raise_any(violations)
+
+
+def check_turn_id(turn_id: str, *, required: bool) -> None:
+    if required and not turn_id:
+        raise InvalidArgument.field("turn_id", "required (see ListTurns)")
+    if len(turn_id) > MAX_TURN_ID:
+        raise InvalidArgument.field("turn_id", f"at most {MAX_TURN_ID} characters (ids are 16)")
+
+
+def required_id(session_id: str) -> str:
+    """`session_id`, present and bounded."""
+    problem = session_id_problem(session_id)
+    if problem:
+        raise InvalidArgument.field("session_id", problem)
+    return session_id
+
+
+def session_id_problem(session_id: str) -> str:
+    if not session_id:
+        return "required"
+    if len(session_id) > MAX_SESSION_ID:
+        return f"at most {MAX_SESSION_ID} characters (ids are 24)"
+    return ""
+
+
+def label_violations(labels: Any) -> list[FieldViolation]:
+    out = []
+    if len(labels) > MAX_LABELS:
+        out.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
+    for key, value in labels.items():
+        where = f"labels[{clip(key, MAX_LABEL_KEY)!r}]"
+        if not key or len(key) > MAX_LABEL_KEY:
+            out.append(FieldViolation(where, f"keys must be 1 to {MAX_LABEL_KEY} characters"))
+        if len(value) > MAX_LABEL_VALUE:
+            out.append(FieldViolation(where, f"values must be at most {MAX_LABEL_VALUE} characters"))
+    return out
+
+
+def _clamped(
+    request: Any, name: str, maximum: float, violations: list[FieldViolation], allow_zero: bool = False
+) -> float | None:
+    """A request's optional Duration field in seconds, clamped to `maximum`; None when unset or
+    malformed (then a violation says why)."""
+    if not request.HasField(name):
+        return None
+    seconds, problem = _duration(getattr(request, name), allow_zero=allow_zero)
+    if problem:
+        violations.append(FieldViolation(name, problem))
+        return None
+    return min(seconds, maximum)
+
+
+def _duration(value: duration_pb2.Duration, *, allow_zero: bool) -> tuple[float, str | None]:
+    """Seconds of a Duration, or why it is malformed."""
+    if abs(value.nanos) > MAX_NANOS or (
+        value.seconds and value.nanos and (value.seconds > 0) != (value.nanos > 0)
+    ):
+        return 0.0, "malformed duration: nanos must be within ±999999999 and share the sign of seconds"
+    seconds = value.seconds + value.nanos / 1e9
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        return 0.0, "must be positive" if not allow_zero else "must not be negative"
+    return seconds, None
