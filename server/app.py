@@ -312,11 +312,10 @@ async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
     use_pidfd_child_watcher()
     checked = preflight(settings)
-    tokens, launcher = checked.tokens, checked.launcher
     metrics = Metrics()  # agent starts and proxy decisions count here; sessions at serve, below
+    tokens, launcher = checked.tokens, checked.launcher.with_network(NetworkProxy(metrics.proxy_decision))
     tighten_state_dir(settings.state_db.parent)
     say_sandboxes(launcher, settings.agents.values())
-    launcher.network = NetworkProxy(metrics.proxy_decision)
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
     agent_factory = real_agents(launcher, logins)

@@ -1,6 +1,6 @@
 """Is this session mine? Serve it here, take it over, or forward the call to its owner replica.
 
-Between the service and the pool (the architecture guide's one-way flow). Without replicas
+Between the service and the pool (docs/architecture.md's one-way flow). Without replicas
 (no state_url) the service holds a `LocalRouter` (local.py) instead, and every lookup is the
 pool's. With replicas:
 - a session in this replica's pool is served here;

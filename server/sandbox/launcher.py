@@ -124,18 +124,21 @@ class Launcher:
         hidden: Iterable[Path] = (),
         homes: Path | None = None,
         principal: str = "",
+        network: NetworkProxy | None = None,
     ) -> None:
         self.bwrap = bwrap  # the bwrap executable, or None where it is not installed
         self._hidden = tuple(Path(p) for p in hidden)  # the server's secrets, kept from agents
         self._homes = homes  # where agents without `home` or `user` get one of their own
         self.principal = principal  # whose agents these are ("": no one's, no authentication)
-        self.network: NetworkProxy | None = None  # network = "proxy" goes through it; None: no network
+        self.network = network  # network = "proxy" goes through it; None: no network
 
     def for_principal(self, principal: str) -> Launcher:
         """This launcher for the agents (and their terminals) of `principal`'s sessions."""
-        launcher = Launcher(self.bwrap, self._hidden, self._homes, principal)
-        launcher.network = self.network
-        return launcher
+        return Launcher(self.bwrap, self._hidden, self._homes, principal, self.network)
+
+    def with_network(self, network: NetworkProxy) -> Launcher:
+        """This launcher with the gateway's proxy for agents whose network is "proxy"."""
+        return Launcher(self.bwrap, self._hidden, self._homes, self.principal, network)
 
     @property
     def hidden(self) -> tuple[Path, ...]:

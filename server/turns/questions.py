@@ -36,7 +36,7 @@ MAX_OPEN = 64  # questions one session may have open at once; more are cancelled
 SETTLED_KEPT = 256  # ids of settled questions remembered, to say "answered" rather than "unknown"
 MAX_SCHEMA_BYTES = 64 * 1024  # an elicitation schema larger than this is declined
 MAX_OPTIONS = 64  # a permission request offering more options is cancelled at once
-MAX_OPTION_ID = 1024  # characters of an option id a client can answer with (service.MAX_ANSWER_ID)
+MAX_OPTION_ID = 1024  # characters of an option id a client can answer with (validation.MAX_ANSWER_ID)
 ELICITATION_ACTIONS = ("accept", "decline", "cancel")
 
 
