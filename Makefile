@@ -72,7 +72,7 @@ chaos: $(STAMP)
 
 # Mutation testing of the core's modules against their own tests; prints the survivors. Narrow
 # it with MUTATE_MODULES / MUTATE_TESTS (space-separated paths), e.g.
-# `make mutate MUTATE_MODULES=server/sessions/owner.py MUTATE_TESTS=tests/test_session_core.py`.
+# `make mutate MUTATE_MODULES=server/sessions/lock.py MUTATE_TESTS=tests/test_session_core.py`.
 MUTATE_MODULES ?=
 MUTATE_TESTS ?=
 MUTATE_JOBS ?= 2

@@ -9,7 +9,7 @@ one above (tests/test_layers.py holds the order, docs/architecture.md explains i
     state/      what is kept: the store interface, SQLite, PostgreSQL, turn records
     agents/     agent processes and the ACP connection to them
     turns/      one prompt's life: the turn, its log, questions, transcripts, translation
-    sessions/   sessions, their owner and the pool of them
+    sessions/   sessions, their locks and the pool of them
     cluster/    replicas: who owns a session and forwarding to it
     api/        the gRPC face: the service and its metrics
     app, __main__   wiring it all together and starting it

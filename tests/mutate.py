@@ -2,7 +2,7 @@
 
 The modules and tests are `[tool.mutmut]` in pyproject.toml; MUTATE_MODULES and MUTATE_TESTS
 (space-separated paths) narrow them for one run, e.g.
-`make mutate MUTATE_MODULES=server/sessions/owner.py MUTATE_TESTS=tests/test_session_core.py`.
+`make mutate MUTATE_MODULES=server/sessions/lock.py MUTATE_TESTS=tests/test_session_core.py`.
 MUTATE_JOBS: parallel mutants (default 2). mutants/ is made afresh each run: mutmut keeps a
 file it has already copied, so a stale copy would test yesterday's code.
 """

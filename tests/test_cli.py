@@ -94,7 +94,7 @@ async def test_errors_print_status_reason_and_hint_and_set_the_exit_code(gate: G
         cli(gate, "prompt", "--wait", "30", "--session", session.session_id, "waited")
     )
     live = gate.running.pool.get(session.session_id)
-    await eventually(lambda: live.owner.waiting == 1, 30, "the CLI to wait for the session")
+    await eventually(lambda: live.lock.waiting == 1, 30, "the CLI to wait for the session")
     await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=session.session_id), timeout=5)
     code, out, _ = await waiting
     assert code == 0 and "waited" in out

@@ -1,4 +1,4 @@
-"""The session core (pool, session, owner, holder, runner, turn, slots) against fake agents.
+"""The session core (pool, session, lock, holder, runner, turn, slots) against fake agents.
 
 Each test pins down a way a cancellation or an unlucky interleaving used to leave a session
 waiting, unusable, or leaking an agent, a slot or a record. Fake agents (tests/fakes.py) make
@@ -25,7 +25,7 @@ from sessiongate.server.errors import (
     StreamStalled,
     TurnTimeout,
 )
-from sessiongate.server.sessions.owner import Owner
+from sessiongate.server.sessions.lock import SessionLock
 from sessiongate.server.sessions.pool import SessionPool
 from sessiongate.server.sessions.session import Session, State
 from sessiongate.server.settings import ServerLimits
@@ -73,7 +73,7 @@ async def a_turn_and_a_waiter(session: Session, second: str = "wait") -> tuple[T
     """A running "wait" turn, and a second prompt queued behind it (wait_timeout 30 s)."""
     first = await session.begin_turn(text("wait"), 5, 0)
     waiting = asyncio.create_task(session.begin_turn(text(second), 5, 30))
-    await eventually(lambda: session.owner.waiting == 1, what="the second prompt to queue")
+    await eventually(lambda: session.lock.waiting == 1, what="the second prompt to queue")
     return first, waiting
 
 
@@ -83,14 +83,14 @@ async def finish_and_probe_the_hand_off(
     """End the running turn; `probe()` runs the instant it lets the session go, before the
     waiter it was handed to runs again. Returns what the probe returned."""
     seen: list[T] = []
-    release = session.owner.release
+    release = session.lock.release
 
     def releasing() -> None:
         release()
         if not seen:
             seen.append(probe())
 
-    monkeypatch.setattr(session.owner, "release", releasing)
+    monkeypatch.setattr(session.lock, "release", releasing)
     agents.last.finish_turn()
     assert (await drain(first))[-1].stop_reason == "end_turn"
     return seen[0]
@@ -104,28 +104,28 @@ def stored_ids(path: Path) -> set[str]:
 # ---- 1. "busy" never waits -------------------------------------------------------------------
 
 
-async def test_ownership_passes_straight_to_a_waiter_so_busy_has_no_window() -> None:
-    owner = Owner()
-    assert owner.try_take("a")
-    waiter = asyncio.create_task(owner.take("b", 30))
-    await eventually(lambda: owner.waiting == 1, what="b to queue")
-    owner.release()
+async def test_the_lock_passes_straight_to_a_waiter_so_busy_has_no_window() -> None:
+    lock = SessionLock()
+    assert lock.try_take("a")
+    waiter = asyncio.create_task(lock.take("b", 30))
+    await eventually(lambda: lock.waiting == 1, what="b to queue")
+    lock.release()
     # Before b has even run again, the session is b's: a fail-fast caller sees it busy.
-    assert owner.busy and owner.role == "b"
-    assert not await owner.take("c", 0)
+    assert lock.busy and lock.role == "b"
+    assert not await lock.take("c", 0)
     assert await waiter
 
 
-async def test_a_waiter_that_gives_up_never_keeps_ownership() -> None:
-    owner = Owner()
-    owner.try_take("a")
-    timed_out = await owner.take("b", 0.05)
-    cancelled = asyncio.create_task(owner.take("c", 30))
-    await eventually(lambda: owner.waiting == 1, what="c to queue")
+async def test_a_waiter_that_gives_up_never_keeps_the_lock() -> None:
+    lock = SessionLock()
+    lock.try_take("a")
+    timed_out = await lock.take("b", 0.05)
+    cancelled = asyncio.create_task(lock.take("c", 30))
+    await eventually(lambda: lock.waiting == 1, what="c to queue")
     cancelled.cancel()
     await asyncio.gather(cancelled, return_exceptions=True)
-    owner.release()
-    assert not timed_out and not owner.busy and owner.waiting == 0
+    lock.release()
+    assert not timed_out and not lock.busy and lock.waiting == 0
 
 
 async def test_during_a_hand_off_a_fail_fast_prompt_is_busy_and_the_session_is_not_evictable(
@@ -138,7 +138,7 @@ async def test_during_a_hand_off_a_fail_fast_prompt_is_busy_and_the_session_is_n
 
     def probe() -> dict[str, Any]:
         return {
-            "busy": session.owner.busy,
+            "busy": session.lock.busy,
             "evictable": session.evictable(),
             "fail_fast": asyncio.ensure_future(session.begin_turn(text("echo c"), 5, 0)),
         }
@@ -352,7 +352,7 @@ async def test_a_zombie_turn_is_reaped_once_and_its_slot_is_held_until_its_agent
     with pytest.raises(SessionBusy):  # the reaped turn still owns the session: no second turn yet
         await session.begin_turn(text("echo x"), 5, 0)
     await asyncio.wait_for(hung.terminated.wait(), 5)
-    await eventually(lambda: pool._slots.used == 0 and not session.owner.busy, 5, "the slot to be freed")
+    await eventually(lambda: pool._slots.used == 0 and not session.lock.busy, 5, "the slot to be freed")
     assert session.state is State.SUSPENDED
 
 
@@ -515,7 +515,7 @@ async def test_prompts_waiting_for_their_session_do_not_start_turns_once_the_ser
     assert (await drain(first))[-1].stop_reason == "end_turn"  # a running turn may finish
     with pytest.raises(ShuttingDown):
         await waiting
-    assert not session.owner.busy
+    assert not session.lock.busy
 
 
 async def test_a_create_whose_caller_leaves_just_as_it_succeeds_is_closed_not_orphaned(
@@ -572,7 +572,7 @@ async def test_a_fence_in_the_same_loop_pass_as_a_hand_off_still_ends_the_handed
 
     with pytest.raises(OwnerLost):
         await drain(second)
-    await eventually(lambda: not session.owner.busy and session.runner is None, 5, "the session to be let go")
+    await eventually(lambda: not session.lock.busy and session.runner is None, 5, "the session to be let go")
     await eventually(lambda: pool._slots.used == 0 and not agents.running(), 5, "the agent to be ended")
 
 
@@ -586,13 +586,13 @@ async def test_the_reaper_ends_a_turn_whose_runner_task_ended_without_ending_it(
     never_ran = asyncio.get_running_loop().create_task(asyncio.sleep(0))
     never_ran.cancel()
     await asyncio.gather(never_ran, return_exceptions=True)
-    assert session.owner.try_take("turn")
+    assert session.lock.try_take("turn")
     stuck = session.runner = TurnRunner(session, Turn(stall_timeout=5, max_duration=60), text("wait"))
     stuck.task = never_ran  # not through start(): nothing settles its turn when the task ends
 
     assert session.zombie()
     session.reap()
 
-    assert not session.owner.busy and session.runner is None
+    assert not session.lock.busy and session.runner is None
     with pytest.raises(TurnTimeout):
         await drain(stuck.turn)

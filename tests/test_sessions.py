@@ -197,7 +197,7 @@ async def test_a_prompt_waiting_on_a_session_that_gets_closed_is_not_found_and_s
         )
     )
     live = gate.running.pool.get(session.session_id)
-    await eventually(lambda: live.owner.waiting == 1, what="the late prompt to queue for the session")
+    await eventually(lambda: live.lock.waiting == 1, what="the late prompt to queue for the session")
     await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=15)
     error = await asyncio.wait_for(waiting, 15)
     assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")

@@ -107,7 +107,7 @@ class AgentHolder:
         self._stopping: asyncio.Task[None] | None = None
         self._dying: AgentProcess | None = None  # the agent a running stop is ending
         # Counts stop() calls: a start under way when it changes was stopped (a close, a kill or
-        # a fence does not take the session's ownership), so it ends what it started and fails.
+        # a fence does not take the session's lock), so it ends what it started and fails.
         self._stops = 0
 
     @property

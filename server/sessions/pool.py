@@ -528,7 +528,7 @@ def _visible(session: Session) -> bool:
 
 def _expirable(session: Session) -> bool:
     """Suspended, and nobody works on it or is stopping its agent."""
-    return session.state is State.SUSPENDED and not session.owner.busy and not session.holder.stopping
+    return session.state is State.SUSPENDED and not session.lock.busy and not session.holder.stopping
 
 
 def _request_key(session: Session) -> tuple[str, str]:

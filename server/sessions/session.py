@@ -1,8 +1,8 @@
 """One session: who works on it now, its agent, its turns, and how it ends.
 
-A session is a small state machine read off three facts: whether it is closed, who owns it
-(`Owner`: a turn, its recovery, a start, a suspend...), and whether its agent runs
-(`AgentHolder`). Work on a session needs ownership, taken fail-fast (or within the caller's
+A session is a small state machine read off three facts: whether it is closed, who holds its
+lock (`SessionLock`: a turn, its recovery, a start, a suspend...), and whether its agent runs
+(`AgentHolder`). Work on a session needs the lock, taken fail-fast (or within the caller's
 bounded wait): a busy session answers SESSION_BUSY, never a hang.
 
 Work that must not be cut in half runs in tasks of its own, never in an RPC handler: each
@@ -36,7 +36,7 @@ from sessiongate.server.errors import (
     ShuttingDown,
     TurnTimeout,
 )
-from sessiongate.server.sessions.owner import Owner
+from sessiongate.server.sessions.lock import SessionLock
 from sessiongate.server.sessions.stored import State, StoredSession
 from sessiongate.server.settings import AgentConfig, ServerLimits
 from sessiongate.server.supervisor import Supervisor
@@ -118,7 +118,7 @@ class Session:
         # connection (watch), also while no turn runs; kept while suspended and across restarts.
         self.agent_state = stored.agent_state if stored is not None else AgentState()
         self._agent_calls = 0  # SetSessionMode/SetSessionConfigOption calls on the running agent
-        self.owner = Owner(on_release=self._released)
+        self.lock = SessionLock(on_release=self._released)
         self.holder = AgentHolder(
             config,
             limits,
@@ -154,7 +154,7 @@ class Session:
     def state(self) -> State:
         if self.closed:
             return State.CLOSED
-        role = self.owner.role
+        role = self.lock.role
         if role in ROLE_STATES:
             return ROLE_STATES[role]
         if role is None and self.holder.alive:
@@ -176,7 +176,7 @@ class Session:
     async def start(self) -> None:
         """Start the agent and open the ACP session (CreateSession). Bounded by the start timeout."""
         logs.bind(session=self.session_id, agent=self.config.name)
-        if not self.owner.try_take("start"):
+        if not self.lock.try_take("start"):
             raise self._busy()
         try:
             await self.prepare_agent()
@@ -262,7 +262,7 @@ class Session:
         Not once closed: a closing session's agent is its close's to end.
         """
         return (
-            not self.owner.busy
+            not self.lock.busy
             and self.holder.alive
             and not self.ending
             and not self.closed
@@ -274,7 +274,7 @@ class Session:
 
         Never waits on the session: returns False at once when somebody works on it.
         """
-        if not self.evictable() or not self.owner.try_take("suspend"):
+        if not self.evictable() or not self.lock.try_take("suspend"):
             return False
         try:
             await self.holder.stop()
@@ -322,12 +322,12 @@ class Session:
         """
         logs.bind(session=self.session_id, agent=self.config.name)
         self._check_open()
-        if not await self.owner.take("turn", wait_timeout):
+        if not await self.lock.take("turn", wait_timeout):
             raise self._busy()
-        # Ownership is ours: no await until the runner's task holds it.
+        # The lock is ours: no await until the runner's task holds it.
         if self.closed or self.ending or self.draining:
             self._cancel_pending = False
-            self.owner.release()
+            self.lock.release()
             self._check_open()
             raise ShuttingDown("the server is shutting down; retry on another instance")
         self.turns += 1
@@ -403,7 +403,7 @@ class Session:
         stream cancels only its own turn.
         """
         runner = self.runner
-        if runner is None and turn is None and self.owner.role == "turn":
+        if runner is None and turn is None and self.lock.role == "turn":
             self._cancel_pending = True  # handed to a waiting prompt that has not started yet
             return True
         if runner is None or (turn is not None and runner.turn is not turn):
@@ -421,7 +421,7 @@ class Session:
     # ---- the runner's host (TurnHost) ----------------------------------------------------
 
     async def prepare_agent(self) -> None:
-        """By the owner: make sure an agent runs this session, resuming it if it can."""
+        """By the lock's holder: make sure an agent runs this session, resuming it if it can."""
         self._check_open()
         if self.holder.alive:  # the usual case: nothing to start, nothing to store
             return
@@ -479,7 +479,7 @@ class Session:
         self._check_open()
         if self.agent_state.known or self.holder.alive:
             check()  # a bad request resumes nothing
-        role, agent, turn = self.owner.role, self.holder.agent, self.turn
+        role, agent, turn = self.lock.role, self.holder.agent, self.turn
         # Idle, or a turn under way (its agent is ready once the turn has it: not while starting).
         ready = role is None or (role == "turn" and turn is not None and turn.agent is agent)
         if ready and agent is not None and agent.alive:
@@ -491,7 +491,7 @@ class Session:
             finally:
                 self._agent_calls -= 1
             return
-        if role is not None or not self.owner.try_take("start"):
+        if role is not None or not self.lock.try_take("start"):
             raise self._busy()
         try:
             if self.draining:
@@ -522,7 +522,7 @@ class Session:
         return Notice("context_reset", "the agent was restarted without its history; context was reset")
 
     def recovering(self) -> None:
-        self.owner.hand_over("recovery")
+        self.lock.hand_over("recovery")
         self._changed()
 
     def turn_over(self, runner: TurnRunner) -> None:
@@ -556,7 +556,7 @@ class Session:
             raise self.gone_error()
 
     def _busy(self) -> SessionBusy:
-        role = self.owner.role or "turn"
+        role = self.lock.role or "turn"
         metadata: dict[str, object] = {
             "session_id": self.session_id,
             "state": self.state.value,
@@ -572,7 +572,7 @@ class Session:
         )
 
     def _release(self) -> None:
-        self.owner.release()
+        self.lock.release()
 
     def _released(self) -> None:
         """After every release (to the next waiter, if any): clean up a dead agent left behind."""
@@ -582,22 +582,22 @@ class Session:
         self._changed()
 
     def _agent_exited(self, agent: AgentProcess) -> None:
-        """The agent process ended by itself. Its owner, if any, deals with it; else we do."""
-        if agent is self.holder.agent and not self.owner.busy:
+        """The agent process ended by itself. The lock's holder, if any, deals with it; else we do."""
+        if agent is self.holder.agent and not self.lock.busy:
             log.warning("agent exited while idle session=%s code=%s", self.session_id, agent.exit_code)
             self._clean_up_if_dead()
             self._changed()
 
     def _clean_up_if_dead(self) -> None:
         agent = self.holder.agent
-        if agent is not None and not agent.alive and self.owner.try_take("stop"):
+        if agent is not None and not agent.alive and self.lock.try_take("stop"):
             self._supervisor.spawn(self._stop_dead_agent(), name=f"stop-dead-{self.session_id}")
 
     async def _stop_dead_agent(self) -> None:
         try:
             await self.holder.stop()
         finally:
-            self.owner.release()
+            self.lock.release()
 
     def _changed(self) -> None:
         if self._on_change is not None and not self.closed:

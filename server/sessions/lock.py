@@ -1,12 +1,13 @@
-"""Who works on a session right now: one owner at a time, waiters served in arrival order.
+"""Who works on a session right now: one holder of its lock at a time, waiters served in
+arrival order.
 
-This replaces an `asyncio.Lock` on purpose. A lock's `locked()` is False between a release
+This replaces an `asyncio.Lock` on purpose. Its `locked()` is False between a release
 and the moment the woken waiter runs, so a fail-fast check ("is anyone working on it?")
 could see a session free that was already promised to a waiter, and then queue behind that
-waiter's whole turn. Here a release hands ownership to the first waiter at once: `busy` is
+waiter's whole turn. Here a release hands the lock to the first waiter at once: `busy` is
 True for the whole hand-off, and a caller that must not wait never does.
 
-The owner is named by its role ("turn", "recovery", "start", ...) so the session's state
+The holder is named by its role ("turn", "recovery", "start", ...) so the session's state
 can be read off it.
 """
 
@@ -24,9 +25,11 @@ class _Waiter:
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class Owner:
+class SessionLock:
+    """The lock on a session's work: held by one role at a time, handed straight to a waiter."""
+
     def __init__(self, on_release: Callable[[], None] | None = None) -> None:
-        self.role: str | None = None  # None: nobody owns the session
+        self.role: str | None = None  # None: nobody holds the lock
         self._waiters: deque[_Waiter] = deque()
         self._on_release = on_release  # after every release, whoever made it
 
@@ -36,18 +39,18 @@ class Owner:
 
     @property
     def waiting(self) -> int:
-        """Callers queued for ownership (prompts with a wait_timeout)."""
+        """Callers queued for the lock (prompts with a wait_timeout)."""
         return len(self._waiters)
 
     def try_take(self, role: str) -> bool:
-        """Take ownership if nobody has it; never waits."""
+        """Take the lock if nobody holds it; never waits."""
         if self.role is not None:
             return False
         self.role = role
         return True
 
     async def take(self, role: str, timeout: float) -> bool:
-        """Take ownership within `timeout` seconds (0: only if free now). False if not granted."""
+        """Take the lock within `timeout` seconds (0: only if free now). False if not granted."""
         if self.try_take(role):
             return True
         if timeout <= 0:
@@ -70,12 +73,12 @@ class Owner:
                 self._waiters.remove(waiter)
 
     def hand_over(self, role: str) -> None:
-        """The owner changes role (a turn becomes its own recovery) without releasing."""
-        assert self.role is not None, "hand_over without ownership"
+        """The holder changes role (a turn becomes its own recovery) without releasing."""
+        assert self.role is not None, "hand_over without the lock"
         self.role = role
 
     def release(self) -> None:
-        """Give ownership to the first waiter still waiting, or to nobody."""
+        """Give the lock to the first waiter still waiting, or to nobody."""
         self.role = None
         while self._waiters:
             waiter = self._waiters.popleft()
