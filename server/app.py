@@ -23,7 +23,7 @@ from sessiongate.server.agents.logins import AgentLogins
 from sessiongate.server.agents.spares import SparePool
 from sessiongate.server.api.metrics import Metrics
 from sessiongate.server.api.service import SessionService
-from sessiongate.server.cluster.ownership import Ownership
+from sessiongate.server.cluster.leases import Leases
 from sessiongate.server.cluster.router import Router
 from sessiongate.server.sandbox.launcher import BWRAP_PACKAGE, Launcher
 from sessiongate.server.sandbox.network_proxy import NetworkProxy
@@ -321,7 +321,7 @@ async def start_server(settings: Settings) -> RunningServer:
     agent_factory = real_agents(launcher, logins)
     replica_id = settings.replica_id or default_replica_id(settings.listen)
     # Two true cycles, broken by go-betweens made first: the store reports fenced sessions to the
-    # pool made with it (`fences`), and the replica's release, which needs the ownership and
+    # pool made with it (`fences`), and the replica's release, which needs the leases and
     # router made with the pool, runs before the pool closes the store (`closing`).
     fences = Fences()
     closing = ClosingSteps()
@@ -460,7 +460,7 @@ async def join_replicas(
             store.disown(session_id)
         await pool.fence_all()
 
-    ownership = Ownership(
+    leases = Leases(
         store.url,
         store.pool,
         replica_id,
@@ -471,25 +471,25 @@ async def join_replicas(
         on_lost=lease_lost,
         retention=settings.limits.session_retention,
     )
-    await ownership.start()
-    router = Router(pool, store, ownership, replica_token(settings))
+    await leases.start()
+    router = Router(pool, store, leases, replica_token(settings))
 
     async def release() -> None:
         # Alone, it keeps its sessions: restarted under the same replica id it serves them again.
         # A fence under way ends its agents first: released rows must not have agents running.
-        await ownership.fenced()
+        await leases.fenced()
         try:
-            if await ownership.peers():
+            if await leases.peers():
                 released = await store.release()
                 log.info("released %d sessions to the other replicas replica=%s", released, replica_id)
         finally:
             try:
-                await ownership.leave()
+                await leases.leave()
             finally:
                 await router.close()
 
     closing.add(release)
-    log.info("replica=%s advertised at %s, lease %gs", replica_id, ownership.advertise, ownership.lease_ttl)
+    log.info("replica=%s advertised at %s, lease %gs", replica_id, leases.advertise, leases.lease_ttl)
     return router
 
 

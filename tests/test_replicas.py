@@ -17,7 +17,7 @@ import asyncpg
 import grpc
 import pytest
 from sessiongate.server.cluster import router
-from sessiongate.server.cluster.ownership import TAKEOVER_MARGIN
+from sessiongate.server.cluster.leases import TAKEOVER_MARGIN
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 

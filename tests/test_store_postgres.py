@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sessiongate.server.cluster.ownership import Ownership
+from sessiongate.server.cluster.leases import Leases
 from sessiongate.server.errors import OwnerLost
 from sessiongate.server.state import pg_schema
 from sessiongate.server.state.base import SessionRecord, StoreError
@@ -42,11 +42,11 @@ async def test_replicas_starting_at_once_run_each_schema_step_once_and_writes_ar
     assert await versions(url) == list(range(1, pg_schema.SCHEMA_VERSION + 1))
     info = {"name": "x"}
     record = SessionRecord("s1", "echo", "/", {"k": "v"}, "idle", "a1", "r1", 1.0, 2.0, info, "alice")
-    owner, other, reader = stores
-    await owner.put(record)
+    leaseholder, other, reader = stores
+    await leaseholder.put(record)
     turn = TurnRow("t1", "s1", 5.0, None, "running", 1, 0, b"record")
-    await owner.put_turn(turn)
-    await owner.add_turn_events("t1", [(1, b"e1"), (2, b"e2")], 1, 2, 10)
+    await leaseholder.put_turn(turn)
+    await leaseholder.add_turn_events("t1", [(1, b"e1"), (2, b"e2")], 1, 2, 10)
     assert await reader.turn_events("t1", 2, 10, 1 << 20) == [b"e2"]
     assert await reader.get_turn("s1", "") == TurnRow("t1", "s1", 5.0, None, "running", 1, 2, b"record")
     # A replica that does not own the session at its epoch changes nothing of it, and hears so.
@@ -59,7 +59,7 @@ async def test_replicas_starting_at_once_run_each_schema_step_once_and_writes_ar
     assert await reader.turn_events("t1", 1, 10, 1 << 20) == [b"e1", b"e2"]
     for store in stores:
         await store.close()
-    again = PostgresStore(url, "a")  # the owner, restarted under its replica id
+    again = PostgresStore(url, "a")  # the leaseholder, restarted under its replica id
     assert await again.open() == [record]
     assert again.epochs == {"s1": 2}  # a new epoch: the previous process's writes are fenced off
     # A turn that was running when its server went away is interrupted.
@@ -134,7 +134,7 @@ async def test_sessions_no_replica_serves_are_deleted_past_the_retention_and_oth
     async def nothing() -> None:
         return None
 
-    alive = Ownership(url, store.pool, "a", "127.0.0.1:1", 30, free_slots=lambda: 1, on_lost=nothing)
+    alive = Leases(url, store.pool, "a", "127.0.0.1:1", 30, free_slots=lambda: 1, on_lost=nothing)
     await alive.start()
     try:
         old = SessionRecord("old", "echo", "/", {}, "suspended", "", "", 1.0, 1.0)
@@ -144,8 +144,8 @@ async def test_sessions_no_replica_serves_are_deleted_past_the_retention_and_oth
         await store.add_turn_events("t-old", [(1, b"e")], 1, 1, 10)
         assert await store.release() == 2  # as on drain: no replica serves them now
         await store.put(replace(old, session_id="served", create_time=3.0))  # a's own, as old
-        sweeper = Ownership(url, store.pool, "b", "127.0.0.1:2", 30, free_slots=lambda: 1, on_lost=nothing)
-        assert await sweeper.expire_unowned(3600) == 1
+        sweeper = Leases(url, store.pool, "b", "127.0.0.1:2", 30, free_slots=lambda: 1, on_lost=nothing)
+        assert await sweeper.expire_unleased(3600) == 1
         left = await sweeper.page(None, "", "", 10)
         assert [(record.session_id, replica) for record, replica in left] == [("recent", ""), ("served", "a")]
         assert await store.turn_events("t-old", 1, 10, 1 << 20) == []
@@ -220,15 +220,15 @@ async def test_a_stale_owner_neither_brings_back_a_deleted_session_nor_takes_one
     async def nothing() -> None:
         return None
 
-    unleased = Ownership(url, store.pool, "c", "127.0.0.1:3", 10, free_slots=lambda: 1, on_lost=nothing)
-    owner = await unleased.owner("s2")
-    assert owner is not None and owner.replica == "" and not owner.alive
-    assert await unleased.take(owner) is None
+    unleased = Leases(url, store.pool, "c", "127.0.0.1:3", 10, free_slots=lambda: 1, on_lost=nothing)
+    lease = await unleased.lease("s2")
+    assert lease is not None and lease.replica == "" and not lease.alive
+    assert await unleased.take(lease) is None
     with pytest.raises(OwnerLost):
         await unleased.check()
     await unleased.start()  # now with a lease
     try:
-        taken = await unleased.take(owner)
+        taken = await unleased.take(lease)
         assert taken is not None and taken[1] == 5 and taken[0].session_id == "s2"
     finally:
         await unleased.stop()

@@ -2,7 +2,7 @@
 
 Two implementations: `LocalRouter` (local.py) for a single replica, where every session is
 served here, and `Router` (router.py) for replicas sharing a PostgreSQL database, which takes
-sessions over and forwards calls to their owners. The service holds one of them and has one
+sessions over and forwards calls to their leaseholders. The service holds one of them and has one
 path for both.
 """
 

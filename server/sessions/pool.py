@@ -70,7 +70,7 @@ class ClosingSteps:
     """What the pool awaits once its sessions have ended, before it closes the store (replicas:
     hand this replica's sessions to the others and leave).
 
-    The steps belong to objects made after the pool, since they need it (the replica's ownership
+    The steps belong to objects made after the pool, since they need it (the replica's leases
     and router): this list is made first and given to the pool, and they add their step as they
     are made. A failing step is logged by the pool; the store is closed all the same."""
 

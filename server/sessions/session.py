@@ -195,8 +195,8 @@ class Session:
         self._changed()
 
     async def fence(self) -> None:
-        """This replica lost the session (ownership.py): its turn ends OWNER_LOST and its agent's
-        group ends now; nothing more of it is written here (the new owner has its record)."""
+        """This replica lost the session (cluster/leases.py): its turn ends OWNER_LOST and its agent's
+        group ends now; nothing more of it is written here (the new leaseholder has its record)."""
         self.fenced = True
         self.closed = True
         for log in list(self.live_logs.values()):

@@ -55,9 +55,9 @@ SESSIONS_LOCK = "SELECT pg_advisory_xact_lock(hashtext('sessiongate-quota:' || $
 PROMPTS_LOCK = "SELECT pg_advisory_xact_lock(hashtext('sessiongate-rate:' || $1))"
 
 _NAMES = [c.strip() for c in COLUMNS.split(",")]
-# A new session's row; then every write of it is an update by its owner at its epoch (the fencing
-# token, ownership.py): a replica that lost the session writes nothing ("UPDATE 0"), and a row
-# deleted meanwhile is never brought back.
+# A new session's row; then every write of it is an update by its leaseholder at its epoch (the
+# fencing token, cluster/leases.py): a replica that lost the session writes nothing ("UPDATE 0"),
+# and a row deleted meanwhile is never brought back.
 INSERT_SESSION = (
     f"INSERT INTO sessions ({COLUMNS}, replica, epoch)"
     f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_NAMES) + 2))})"
@@ -144,7 +144,7 @@ class PostgresStore:
         return self._pool
 
     def owns(self, session_id: str, epoch: int) -> None:
-        """A session taken over (ownership.py): written from now on at this epoch (the newest of
+        """A session taken over (cluster/leases.py): written from now on at this epoch (the newest of
         two takeovers that finished out of order)."""
         self.epochs[session_id] = max(epoch, self.epochs.get(session_id, 0))
 
@@ -388,14 +388,14 @@ class PostgresStore:
                 self._fenced(item.session_id)
             return
         turn_id, events, first_seq, last_seq = item
-        owner = await db.fetchrow(
+        lease = await db.fetchrow(
             "SELECT s.session_id, s.replica, s.epoch FROM turns t JOIN sessions s USING (session_id)"
             " WHERE t.turn_id = $1 FOR SHARE OF s",
             turn_id,
         )
-        if owner is None or owner[0] not in self.epochs:
+        if lease is None or lease[0] not in self.epochs:
             return  # deleted with its session meanwhile (its row is always written first), or not ours
-        session_id, replica, epoch = owner
+        session_id, replica, epoch = lease
         if (replica, epoch) != (self.replica_id, self.epochs[session_id]):
             self._fenced(session_id)  # the session moved
             return

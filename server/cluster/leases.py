@@ -1,10 +1,11 @@
-"""This replica's place among replicas sharing one PostgreSQL store: its lease, and who owns what.
+"""This replica's place among replicas sharing one PostgreSQL store: its lease, and which
+replica holds each session (its leaseholder).
 
 Each replica renews a lease in the `replicas` table every third of `lease_ttl`. Each session row
-names its owner replica and an epoch, the fencing token: ownership moves only by a
+names its leaseholder replica and an epoch, the fencing token: a session moves only by a
 compare-and-set on the epoch, and only away from a replica whose lease has run out (plus a
 margin) or that released the session on drain. Every write of a session checks the epoch
-(store_postgres.py), so a replica that lost a session can change nothing of it.
+(state/postgres.py), so a replica that lost a session can change nothing of it.
 
 Time is the database's clock for leases (replicas' clocks may differ); the replica itself counts
 its lease from when its last successful renewal started, on its own monotonic clock, and stops
@@ -38,17 +39,20 @@ FENCE_TIMEOUT = 30.0  # stop() waits this long for a fence under way (each agent
 
 
 @dataclass(frozen=True, slots=True)
-class Owner:
-    """Who owns a session, as the database says now."""
+class Lease:
+    """Which replica holds a session (its leaseholder), as the database says now."""
 
     record: SessionRecord
     replica: str  # '' when released
     epoch: int
-    advertise: str  # the owner's address ('' when released or unknown)
-    alive: bool  # its lease (plus the takeover margin) has not run out
+    advertise: str  # the leaseholder's address ('' when released or unknown)
+    alive: bool  # the leaseholder's lease (plus the takeover margin) has not run out
 
 
-class Ownership:
+class Leases:
+    """This replica's lease (renewed in the background, fenced when it may have run out) and
+    the leases on sessions: who holds each, taking one over, listing them."""
+
     def __init__(
         self,
         url: str,
@@ -75,7 +79,7 @@ class Ownership:
         self.losses = 0  # leases lost so far: a stream that saw this change had its session fenced
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
-        self.retention = retention  # session_retention: expire_unowned now and then (None: never)
+        self.retention = retention  # session_retention: expire_unleased now and then (None: never)
 
     def valid(self) -> bool:
         return time.monotonic() < self._valid_until
@@ -90,7 +94,7 @@ class Ownership:
         """Apart from the lease's renewals, which nothing may hold up."""
         while self.retention is not None:
             try:
-                await self.expire_unowned(self.retention)
+                await self.expire_unleased(self.retention)
             except Exception as exc:
                 log.error("expiring sessions no replica serves failed: %s", clip(str(exc)))
             await asyncio.sleep(EXPIRY_INTERVAL)
@@ -181,14 +185,14 @@ class Ownership:
             await self._lose()
             raise OwnerLost("this replica's lease ran out; retry (another replica serves the session)")
 
-    async def owner(self, session_id: str) -> Owner | None:
-        return await self._owner("s.session_id = $2", session_id)
+    async def lease(self, session_id: str) -> Lease | None:
+        return await self._lease("s.session_id = $2", session_id)
 
-    async def owner_by_request(self, owner: str, request_id: str) -> Owner | None:
+    async def lease_by_request(self, principal: str, request_id: str) -> Lease | None:
         """The session a principal's CreateSession with this request id made, on any replica."""
-        return await self._owner("s.owner = $2 AND s.request_id = $3", owner, request_id)
+        return await self._lease("s.owner = $2 AND s.request_id = $3", principal, request_id)
 
-    async def _owner(self, condition: str, *args: str) -> Owner | None:
+    async def _lease(self, condition: str, *args: str) -> Lease | None:
         row = await self._pool.fetchrow(
             f"SELECT {_qualified(COLUMNS)}, s.replica, s.epoch, coalesce(r.advertise, ''),"
             " coalesce(r.lease_until + make_interval(secs => $1) > clock_timestamp(), false)"
@@ -202,7 +206,7 @@ class Ownership:
         count = len(COLUMNS.split(","))
         replica, epoch, advertise, alive = values[count:]
         record = SessionRecord.from_row(values[:count])
-        return Owner(record, replica, epoch, advertise, bool(alive and replica))
+        return Lease(record, replica, epoch, advertise, bool(alive and replica))
 
     async def lease_left(self, address: str) -> float:
         """Seconds, by the database's clock, until no replica at `address` has a lease alive (plus
@@ -228,7 +232,7 @@ class Ownership:
         return str(found) if found is not None else None
 
     async def page(
-        self, after: tuple[float, str] | None, owner: str, agent: str, limit: int
+        self, after: tuple[float, str] | None, principal: str, agent: str, limit: int
     ) -> list[tuple[SessionRecord, str]]:
         """Stored sessions in creation order after `after`, each with the replica serving it now
         ('' when none does), for ListSessions over all replicas."""
@@ -237,7 +241,7 @@ class Ownership:
         if after is not None:
             args += [after[0], after[1]]
             conditions.append(f"(s.create_time, s.session_id) > (${len(args) - 1}, ${len(args)})")
-        for column, value in (("owner", owner), ("agent", agent)):
+        for column, value in (("owner", principal), ("agent", agent)):  # owner: the principal's column
             if value:
                 args.append(value)
                 conditions.append(f"s.{column} = ${len(args)}")
@@ -252,10 +256,10 @@ class Ownership:
         )
         return [(SessionRecord.from_row(tuple(row)[:-1]), row[-1]) for row in rows]
 
-    async def take(self, owner: Owner) -> tuple[SessionRecord, int] | None:
+    async def take(self, lease: Lease) -> tuple[SessionRecord, int] | None:
         """Take a session over (compare-and-set on its epoch, and only while our own lease is
         alive); the row as it is now and its new epoch, or None when another replica moved it
-        first or its owner is alive again. Its running turns are interrupted."""
+        first or its leaseholder is alive again. Its running turns are interrupted."""
         async with self._pool.acquire(timeout=DB_TIMEOUT) as db, db.transaction():
             row = await db.fetchrow(
                 "UPDATE sessions s SET replica = $1, epoch = epoch + 1 WHERE session_id = $2 AND epoch = $3"
@@ -266,26 +270,26 @@ class Ownership:
                 " AND m.lease_until > clock_timestamp())"
                 f" RETURNING {COLUMNS}, epoch",
                 self.replica_id,
-                owner.record.session_id,
-                owner.epoch,
+                lease.record.session_id,
+                lease.epoch,
                 TAKEOVER_MARGIN,
             )
             if row is None:
                 return None
             await db.execute(
                 "UPDATE turns SET state = 'interrupted' WHERE session_id = $1 AND state = 'running'",
-                owner.record.session_id,
+                lease.record.session_id,
             )
         epoch = int(row[-1])
         log.info(
             "took over session=%s from replica=%s epoch=%d",
-            owner.record.session_id,
-            owner.replica or "(released)",
+            lease.record.session_id,
+            lease.replica or "(released)",
             epoch,
         )
         return SessionRecord.from_row(tuple(row)[:-1]), epoch
 
-    async def expire_unowned(self, retention: float) -> int:
+    async def expire_unleased(self, retention: float) -> int:
         """Sessions no live replica serves (released, or their replica is gone) unused for
         `retention` are deleted with their turns, as each replica's sweeper deletes its own."""
         async with self._pool.acquire(timeout=DB_TIMEOUT) as db, db.transaction():
@@ -312,7 +316,7 @@ class Ownership:
         return int(count)
 
     async def leave(self) -> None:
-        """Drain, once the sessions are released (store_postgres.py): we leave the table."""
+        """Drain, once the sessions are released (state/postgres.py): we leave the table."""
         await self.stop()
         await self._pool.execute("DELETE FROM replicas WHERE replica_id = $1", self.replica_id)
 
