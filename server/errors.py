@@ -259,7 +259,7 @@ class RequestIdTaken(SessionGateError):
 
 class OwnerLost(SessionGateError):
     """This replica no longer owns the session (its lease ran out, or another replica took it
-    over): whatever it was doing for the session stopped; a retry reaches the new owner."""
+    over): whatever it was doing for the session stopped; a retry reaches the new leaseholder."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "OWNER_LOST"

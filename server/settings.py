@@ -132,7 +132,7 @@ class Settings:
     replica_id: str = ""  # this replica's name among replicas (default: host name and port)
     advertise: str = ""  # HOST:PORT the other replicas reach this one at (default: listen)
     # A secret shared by the replicas: a forwarded call is signed with it (server/security/auth.py), never
-    # carries it, and the owner trusts the principal name it signs (mTLS principals included).
+    # carries it, and the leaseholder trusts the principal name it signs (mTLS principals included).
     replica_token_file: Path | None = None
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"

@@ -1,4 +1,4 @@
-"""One owner for the server's background tasks (the pattern of the ACP SDK's TaskSupervisor).
+"""One keeper of the server's background tasks (the pattern of the ACP SDK's TaskSupervisor).
 
 Work that must not be cut in half by a client going away (a turn, a close, stopping an
 agent, a create that others may join) runs in a task of its own, started here. Callers

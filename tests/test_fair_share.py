@@ -74,10 +74,10 @@ def test_the_tokens_file_takes_max_live_sessions_and_refuses_a_bad_one(tmp_path:
 
 @dataclass(eq=False)
 class Seat:
-    """A session as the slots see it: an owner, a slot or not, idle or busy."""
+    """A session as the slots see it: a principal, a slot or not, idle or busy."""
 
     slots: Slots
-    owner_name: str
+    principal: str
     last_active_time: float
     idle: bool = True
     holds_slot: bool = False
@@ -97,15 +97,15 @@ class Seats:
         self.all: list[Seat] = []
         self.slots = Slots(limit, lambda: self.all, live_limit)
 
-    async def take(self, owner: str, last_active_time: float = 0.0, idle: bool = True) -> Seat:
-        seat = Seat(self.slots, owner, last_active_time, idle)
+    async def take(self, principal: str, last_active_time: float = 0.0, idle: bool = True) -> Seat:
+        seat = Seat(self.slots, principal, last_active_time, idle)
         self.all.append(seat)
         await self.slots.acquire(seat)
         seat.holds_slot = True  # as the holder does once acquire returns
         return seat
 
     def suspended(self) -> list[tuple[str, float]]:
-        return [(s.owner_name, s.last_active_time) for s in self.all if s.suspended]
+        return [(s.principal, s.last_active_time) for s in self.all if s.suspended]
 
 
 def no_limits(name: str) -> int | None:
@@ -145,7 +145,7 @@ async def test_a_principal_with_its_share_evicts_its_own_idle_session_not_one_of
     await seats.take("alice", 9.0)  # alice has 6 of 8 (share 4): she may not push bob out
     assert seats.suspended() == [("alice", 2.0)]
     for seat in seats.all:
-        seat.idle = seat.owner_name == "bob" and seat.last_active_time == 0.0
+        seat.idle = seat.principal == "bob" and seat.last_active_time == 0.0
     with pytest.raises(PoolExhausted):
         await seats.take("alice", 10.0)  # bob's idle session stays his
     await seats.take("bob", 11.0)  # bob, within his share, may evict (his own, the oldest idle)

@@ -28,7 +28,7 @@ from sessiongate.server.agents.protocol import AgentProcess
 from sessiongate.server.agents.slots import Slots
 from sessiongate.server.agents.spares import SparePool
 from sessiongate.server.errors import AgentAuthRequired, AgentUnavailable, CwdNotAllowed, SessionGateError
-from sessiongate.server.sandbox.launcher import Launcher, home_owner, homes_of
+from sessiongate.server.sandbox.launcher import Launcher, home_principal, homes_of
 from sessiongate.server.sandbox.workdir import WorkDir, open_workdir, roots_of
 from sessiongate.server.settings import AgentConfig, ServerLimits
 from sessiongate.server.supervisor import Supervisor, joined
@@ -57,7 +57,7 @@ def real_agents(launcher: Launcher, logins: AgentLogins | None = None) -> AgentF
             config,
             request_timeout=limits.agent_request_timeout,
             kill_grace=limits.kill_grace,
-            launcher=launcher.for_principal(home_owner()),  # the session owner's home
+            launcher=launcher.for_principal(home_principal()),  # the home of the session's principal
             workdir=workdir,
             logins=logins,
         )
@@ -130,11 +130,11 @@ class AgentHolder:
             return Opened(resume_id, True)
         await self.stop()  # a dead agent's group may still hold children; an earlier stop may still run
         stops = self._stops
-        # The directory is checked against the roots in force now (its owner's), and the agent is
+        # The directory is checked against the roots in force now (its principal's), and the agent is
         # started in exactly the directory checked: CwdNotAllowed leaves the session as it was.
-        workdir = await open_workdir(cwd, roots_of(self._roots, _owner(requester)))
+        workdir = await open_workdir(cwd, roots_of(self._roots, _principal(requester)))
         try:
-            with homes_of(_owner(requester)):
+            with homes_of(_principal(requester)):
                 return await self._start(workdir, resume_id, requester, stops)
         finally:
             workdir.close()  # the agent has its own hold on the directory by now
@@ -217,14 +217,14 @@ class AgentHolder:
         await self.stop()
         stops = self._stops
         try:
-            workdir = await open_workdir(cwd, roots_of(self._roots, _owner(requester)))
+            workdir = await open_workdir(cwd, roots_of(self._roots, _principal(requester)))
         except CwdNotAllowed:
             return None
         try:
             if self._stops != stops or not self._slots.try_acquire(requester):
                 return None  # stopped meanwhile (a kill), or no free slot
             self.has_slot = True
-            with homes_of(_owner(requester)):
+            with homes_of(_principal(requester)):
                 agent = self.agent = self._factory(self.config, self.limits, workdir)
             try:
                 await agent.start(self.limits.agent_start_timeout)
@@ -311,7 +311,7 @@ class AgentHolder:
             self._slots.release()
 
 
-def _owner(requester: object) -> str:
+def _principal(requester: object) -> str:
     """The principal whose session starts an agent: its agent gets that principal's home."""
-    owner = getattr(requester, "owner_name", "")
-    return owner if isinstance(owner, str) else ""
+    principal = getattr(requester, "principal", "")
+    return principal if isinstance(principal, str) else ""

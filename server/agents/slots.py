@@ -8,7 +8,7 @@ session somebody is working on: `suspend()` answers at once when the victim is i
 
 Without authentication (`live_limit` is None) every session is the one trust domain's, and
 the victim is simply the least recently used idle session. With authentication the slots are
-shared between principals (the owners of the sessions), by three rules:
+shared between principals (whose the sessions are), by three rules:
 
 1. A cap per principal: at most its `max_live_sessions` (tokens file; absent = no own limit)
    and never more than `limit - reserved_slots(limit)` live agents, so that one principal can
@@ -23,7 +23,7 @@ shared between principals (the owners of the sessions), by three rules:
    taking the slot keeps it within its fair share: one that already has its share cannot push
    out those who hold less. Nothing to evict: POOL_EXHAUSTED.
 
-The owner of each slot is read off the sessions (`holds_slot`, `owner_name`), so slots need
+Which principal holds each slot is read off the sessions (`holds_slot`, `principal`), so slots need
 no bookkeeping of their own beyond `used`, and never import sessions or the pool.
 """
 
@@ -53,7 +53,7 @@ class Evictable(Protocol):
     """What slots need of a session: whose it is, whether it holds a slot, is it idle, and
     suspend it (never waiting on whoever works on it)."""
 
-    owner_name: str  # the principal the session belongs to ("" without authentication)
+    principal: str  # the principal the session belongs to ("" without authentication)
     last_active_time: float
 
     @property
@@ -95,27 +95,27 @@ class Slots:
         Raises QuotaExceeded (the requester's principal is at its cap and none of its sessions
         is idle) or PoolExhausted (every slot taken and nothing this request may evict is idle).
         """
-        owner = requester.owner_name if isinstance(requester, Evictable) else ""
+        principal = requester.principal if isinstance(requester, Evictable) else ""
         # Each pass re-reads who holds what: a suspend awaits its victim's stop, and others
         # may take or give back slots meanwhile.
         while True:
             others = [s for s in self._candidates() if s is not requester]
-            held = Counter(s.owner_name for s in others if s.holds_slot)
-            cap = self._cap(owner)
-            if cap is not None and held[owner] >= cap.limit:
-                victims = _lru(s for s in others if s.owner_name == owner and s.evictable())
+            held = Counter(s.principal for s in others if s.holds_slot)
+            cap = self._cap(principal)
+            if cap is not None and held[principal] >= cap.limit:
+                victims = _lru(s for s in others if s.principal == principal and s.evictable())
                 if not victims:
                     raise QuotaExceeded(
-                        f"principal {owner!r} {cap.why}, and none of its sessions is idle to suspend",
-                        metadata={"principal": owner, **cap.metadata},
+                        f"principal {principal!r} {cap.why}, and none of its sessions is idle to suspend",
+                        metadata={"principal": principal, **cap.metadata},
                         retry_after=POOL_RETRY_AFTER,
-                        quota=(f"principal:{owner}", cap.quota),
+                        quota=(f"principal:{principal}", cap.quota),
                     )
             elif self.used < self.limit:
                 self.used += 1
                 return
             else:
-                victims = self._victims(owner, others, held)
+                victims = self._victims(principal, others, held)
                 if not victims:
                     raise self._exhausted()
             # suspend() frees the victim's slot once its agent is gone; if the victim was
@@ -127,11 +127,13 @@ class Slots:
         never suspends anyone (tidying up after a close)."""
         if self.used >= self.limit:
             return False
-        owner = requester.owner_name if isinstance(requester, Evictable) else ""
-        cap = self._cap(owner)
+        principal = requester.principal if isinstance(requester, Evictable) else ""
+        cap = self._cap(principal)
         if cap is not None:
             held = sum(
-                1 for s in self._candidates() if s is not requester and s.holds_slot and s.owner_name == owner
+                1
+                for s in self._candidates()
+                if s is not requester and s.holds_slot and s.principal == principal
             )
             if held >= cap.limit:
                 return False
@@ -142,13 +144,13 @@ class Slots:
         assert self.used > 0, "slot released twice"
         self.used -= 1
 
-    def _cap(self, owner: str) -> _Cap | None:
+    def _cap(self, principal: str) -> _Cap | None:
         """Rule 1: the tighter of the principal's max_live_sessions and the others' reserve."""
         if self._live_limit is None:
             return None
         reserve = reserved_slots(self.limit)
         most = self.limit - reserve
-        own = self._live_limit(owner)
+        own = self._live_limit(principal)
         if own is None and reserve == 0:
             return None  # a single slot: nothing to keep for others
         if own is not None and own <= most:
@@ -165,19 +167,19 @@ class Slots:
             {"max_sessions": self.limit, "reserved_slots": reserve},
         )
 
-    def _victims(self, owner: str, others: list[Evictable], held: Counter[str]) -> list[Evictable]:
-        """Rules 2 and 3: who may be suspended for `owner` when every slot is taken, best first."""
+    def _victims(self, principal: str, others: list[Evictable], held: Counter[str]) -> list[Evictable]:
+        """Rules 2 and 3: who may be suspended for `principal` when every slot is taken, best first."""
         idle = [s for s in others if s.evictable()]
         if self._live_limit is None:
             return _lru(idle)
-        share = self.limit / len(held.keys() | {owner})
+        share = self.limit / len(held.keys() | {principal})
         over = {}
-        for name in held.keys() | {owner}:
+        for name in held.keys() | {principal}:
             cap = self._cap(name)
             over[name] = held[name] > share or (cap is not None and held[name] > cap.limit)
-        within = held[owner] + 1 <= share  # still within its share with this slot
-        allowed = [s for s in idle if within or s.owner_name == owner or over.get(s.owner_name, False)]
-        return sorted(allowed, key=lambda s: (not over.get(s.owner_name, False), s.last_active_time))
+        within = held[principal] + 1 <= share  # still within its share with this slot
+        allowed = [s for s in idle if within or s.principal == principal or over.get(s.principal, False)]
+        return sorted(allowed, key=lambda s: (not over.get(s.principal, False), s.last_active_time))
 
     def _exhausted(self) -> SessionGateError:
         shared = self._live_limit is not None

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from sessiongate.server.agents.connection import AgentConnection
 from sessiongate.server.agents.logins import AgentLogins
 from sessiongate.server.errors import AgentUnavailable
-from sessiongate.server.sandbox.launcher import Launcher, home_owner
+from sessiongate.server.sandbox.launcher import Launcher, home_principal
 from sessiongate.server.settings import AgentConfig, ServerLimits
 
 log = logging.getLogger("sessiongate.spares")
@@ -70,7 +70,7 @@ class SparePool:
         """A ready spare of `agent`, or None; a replacement starts in the background. None for
         an agent made for a principal (sandbox.homes_of) whose home is not the spares' home."""
         ready = self._ready.get(agent, [])
-        if ready and not self._same_home(self._configs[agent], home_owner()):
+        if ready and not self._same_home(self._configs[agent], home_principal()):
             return None
         while ready:
             spare = ready.pop(0)
@@ -80,9 +80,9 @@ class SparePool:
                 return spare
         return None
 
-    def _same_home(self, config: AgentConfig, owner: str) -> bool:
+    def _same_home(self, config: AgentConfig, principal: str) -> bool:
         try:
-            return self._launcher.for_principal(owner).home(config) == self._launcher.home(config)
+            return self._launcher.for_principal(principal).home(config) == self._launcher.home(config)
         except AgentUnavailable:  # no such user: no spare started either
             return False
 

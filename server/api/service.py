@@ -64,7 +64,7 @@ R = TypeVar("R")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    if isinstance(exc, Relayed):  # the owner replica's answer, passed on unchanged
+    if isinstance(exc, Relayed):  # the leaseholder's answer, passed on unchanged
         error = exc.error
         await context.abort(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()))
     if isinstance(exc, SessionGateError):
@@ -489,7 +489,7 @@ def session_proto(session: SessionView) -> pb.Session:
         labels=session.labels,
         agent_session_id=session.agent_session_id,
         request_id=session.request_id,
-        owner=session.owner_name,
+        owner=session.principal,
         turn_id=session.turn_log.turn_id if session.turn_log is not None else "",
     )
     if session.handshake is not None:

@@ -46,9 +46,9 @@ class LocalRouter:
         return ""
 
     async def page(
-        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], principal: str
     ) -> tuple[list[tuple[SessionView, str]], str]:
-        sessions, token = self._pool.page(page_size, page_token, agent, labels, owner)
+        sessions, token = self._pool.page(page_size, page_token, agent, labels, principal)
         return [(session, "") for session in sessions], token
 
     def mark(self) -> int:

@@ -158,7 +158,7 @@ class Router:
             return self._pool.get(session_id)  # not the caller's: NOT_FOUND
         async with _database():
             lease = await self._leases.lease(session_id)
-        if lease is None or not principals.current().may_see(lease.record.owner):
+        if lease is None or not principals.current().may_see(lease.record.principal):
             return self._pool.get(session_id)  # NOT_FOUND, as for an unknown id
         if lease.alive and lease.replica != self._leases.replica_id:
             if _forwarded(context):
@@ -217,24 +217,24 @@ class Router:
             return await self._leases.most_free()
 
     async def page(
-        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], principal: str
     ) -> tuple[list[tuple[SessionView, str]], str]:
         """ListSessions over every replica's sessions (from the database), each with the replica
         serving it; ones served here show their live state. Same order and tokens as the pool's."""
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         after = decode_token(page_token)
-        principal = principals.current()
+        caller = principals.current()
         batch = max(2 * size, 100)
         found: list[tuple[SessionView, str]] = []
-        owner = owner or ("" if principal.admin else principal.name)  # only what the caller may see
+        principal = principal or ("" if caller.admin else caller.name)  # only what the caller may see
         while True:
             async with _database():
-                rows = await self._leases.page(after, owner, agent, batch)
+                rows = await self._leases.page(after, principal, agent, batch)
             for record, replica in rows:
                 if len(found) == size:
                     return found, encode_token(sort_key(found[-1][0]))
                 after = (record.create_time, record.session_id)
-                if not principal.may_see(record.owner) or any(
+                if not caller.may_see(record.principal) or any(
                     record.labels.get(k) != v for k, v in labels.items()
                 ):
                     continue

@@ -52,9 +52,10 @@ class Routing(Protocol):
         ...
 
     async def page(
-        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], principal: str
     ) -> tuple[list[tuple[SessionView, str]], str]:
-        """A ListSessions page: each session with the replica serving it, and the next token."""
+        """A ListSessions page (`principal`: the request's owner filter): each session with the
+        replica serving it, and the next token."""
         ...
 
     def mark(self) -> int:

@@ -16,7 +16,7 @@ An agent runs tools a model chose, with whatever its process can reach. Sandboxe
 - the session's cwd read-write (bound through the checked directory's descriptor, so a
   symlink swapped in after the check cannot move it), its home read-write, and the extra
   `ro_paths`/`rw_paths` configured for it;
-- a home of the session owner's own: `<state dir>/homes/<principal>/<agent>` (see `home()`),
+- a home of its principal's own: `<state dir>/homes/<principal>/<agent>` (see `home()`),
   never another principal's, whose transcripts, logins and hook-running settings live there;
 - none of the server's secrets: the state directory (other sessions, the database) is an
   empty tmpfs; the tokens file, TLS key, config and socket are left out of every read-only
@@ -75,24 +75,24 @@ SYSTEM_PATHS_TRY = ("/run/systemd/resolve",)  # where /etc/resolv.conf may point
 ETC = Path("/etc")
 MAX_VIEW_ENTRIES = 4096  # bind mounts for the read-only directories that show a secret
 
-# The principal an agent is being made for: the owner of its session, set by the holder around
+# The principal an agent is being made for: the one its session belongs to, set by the holder around
 # the start (which may run in a task no caller's principal is in, or an admin's), read when the
 # agent is made. "" (no authentication, or an agent made for no session: a spare, a login).
-_home_owner: ContextVar[str] = ContextVar("sessiongate_home_owner", default="")
+_home_principal: ContextVar[str] = ContextVar("sessiongate_home_principal", default="")
 
 
 @contextmanager
-def homes_of(owner: str) -> Iterator[None]:
-    """Agents made inside get `owner`'s homes (and spares of another home are not used)."""
-    token = _home_owner.set(owner)
+def homes_of(principal: str) -> Iterator[None]:
+    """Agents made inside get `principal`'s homes (and spares of another home are not used)."""
+    token = _home_principal.set(principal)
     try:
         yield
     finally:
-        _home_owner.reset(token)
+        _home_principal.reset(token)
 
 
-def home_owner() -> str:
-    return _home_owner.get()
+def home_principal() -> str:
+    return _home_principal.get()
 
 
 def principal_dir(name: str) -> str:

@@ -5,7 +5,7 @@ file descriptor, not from the name: a symlink swapped in between the check and t
 cannot move the agent, because the agent is started in exactly the directory that was
 checked (`chdir` through the descriptor, or bubblewrap's `--bind-fd`). The check runs on
 every agent start (create, resume after suspend or restart), against the roots in force then:
-the session owner's own roots (the tokens file's `roots`) where it has some, else the server's.
+the own roots of the session's principal (the tokens file's `roots`) where it has some, else the server's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefi
 
 class Roots(tuple[Path, ...]):
     """The server's roots (the tuple itself, so it goes wherever they go), and a principal's
-    own looked up by name: `of(owner)`."""
+    own looked up by name: `of(principal)`."""
 
     own: Callable[[str], tuple[Path, ...]]
 
@@ -40,14 +40,14 @@ class Roots(tuple[Path, ...]):
         made.own = own
         return made
 
-    def of(self, owner: str) -> tuple[Path, ...]:
-        return (self.own(owner) if owner else ()) or tuple(self)
+    def of(self, principal: str) -> tuple[Path, ...]:
+        return (self.own(principal) if principal else ()) or tuple(self)
 
 
-def roots_of(roots: tuple[Path, ...], owner: str) -> tuple[Path, ...]:
-    """The roots in force for `owner`'s sessions (the owner's, never the caller's: an admin
+def roots_of(roots: tuple[Path, ...], principal: str) -> tuple[Path, ...]:
+    """The roots in force for `principal`'s sessions (the principal's, never the caller's: an admin
     resuming alice's session is held to alice's roots)."""
-    return roots.of(owner) if isinstance(roots, Roots) else roots
+    return roots.of(principal) if isinstance(roots, Roots) else roots
 
 
 def make_first_root(path: Path) -> None:

@@ -12,7 +12,7 @@ never a token or a prompt.
 
 A replica forwarding a call never sends a reusable secret: it signs the call (`sign`) with the
 replicas' shared secret, bound to the method, the session, the whole request, the principal, the
-owner's address and a timestamp and nonce; the owner checks it (`ReplicaSignatures`). A listener
+leaseholder's address and a timestamp and nonce; the leaseholder checks it (`ReplicaSignatures`). A listener
 that got a forwarded call (say, at an address planted in the database) can use what it received
 for nothing else: not another call, not another replica, not twice, not after the window.
 """
@@ -44,7 +44,7 @@ REFLECTION = "/grpc.reflection."
 OLD_REPLICA_HEADER = "sessiongate-replica-token"  # the shared secret itself, once: refused now
 SIGNATURE_HEADER = "sessiongate-replica-signature"  # a forwarding replica's signature (router.py)
 PRINCIPAL_HEADER = "sessiongate-principal"  # ...and the principal it forwards the call for
-SIGNATURE_WINDOW = 30.0  # seconds a signature is good for, either side of the owner's clock
+SIGNATURE_WINDOW = 30.0  # seconds a signature is good for, either side of the leaseholder's clock
 MAX_NONCES = 100_000  # nonces remembered (2 windows); past it forwarded calls are refused
 _SIGNATURE = re.compile(r"v1:([0-9]{1,16}):([0-9a-f]{32}):([0-9a-f]{64})")
 # Public calls (health, reflection when public) at once, per client address and in all. grpc's

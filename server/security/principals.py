@@ -16,14 +16,14 @@ them, and none may contain the state directory (checked at start, exit 2, and at
 `{principal}` is the principal's name made one safe path component (as its home is: a name
 with `/`, `..` or a leading dot cannot climb out). A principal with roots has its first root as
 its default cwd, made 0700 when missing (only that last directory). Its sessions' directories
-are checked against them, the owner's, at every agent start, whoever asks for it.
+are checked against them, its principal's, at every agent start, whoever asks for it.
 
 A presented token is hashed and compared with every stored hash in constant time. The file
 is re-read when it changes; a file that no longer parses keeps the last good table (logged).
 
 The principal of the call being served travels in a context variable set by the auth
 interceptor, never as a parameter: `current()` is ANONYMOUS when no authentication is
-configured: sessions created then have no owner, and every session is visible.
+configured: sessions created then belong to no principal, and every session is visible.
 """
 
 from __future__ import annotations
@@ -72,12 +72,13 @@ class Principal:
     def may_use(self, agent: str) -> bool:
         return not self.agents or agent in self.agents
 
-    def may_see(self, owner: str) -> bool:
-        return self.admin or owner == self.name
+    def may_see(self, principal: str) -> bool:
+        """Whether sessions of `principal` (a name) are this one's to see."""
+        return self.admin or principal == self.name
 
 
-# No authentication configured: one trust domain. Its sessions have no owner, and it sees every
-# session (also those owned by principals of an earlier run with authentication).
+# No authentication configured: one trust domain. Its sessions belong to no principal, and it
+# sees every session (also those of principals of an earlier run with authentication).
 ANONYMOUS = Principal(name="", admin=True)
 
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar(

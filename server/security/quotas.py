@@ -28,7 +28,7 @@ class Shared(Protocol):
     """The counts the replicas share (store_postgres.PostgresStore); STORE_UNAVAILABLE when the
     database fails or does not answer."""
 
-    async def count_sessions(self, owner: str) -> int: ...
+    async def count_sessions(self, principal: str) -> int: ...
 
     async def admit_prompt(self, principal: str, limit: int, window: float) -> float | None:
         """Count a prompt unless `limit` were sent in the last `window` seconds; else the seconds
@@ -86,15 +86,15 @@ async def check_shared_room(shared: Shared | None, principal: Principal) -> None
         raise too_many_sessions(principal.name, limit)
 
 
-def check_room(owners: Iterable[str], principal: Principal, max_stored: int) -> None:
-    """Before a create: `owners` are the owners of every session kept or being created here."""
-    owners = list(owners)
-    if len(owners) >= max_stored:
+def check_room(kept_by: Iterable[str], principal: Principal, max_stored: int) -> None:
+    """Before a create: `kept_by` are the principals of every session kept or being created here."""
+    kept_by = list(kept_by)
+    if len(kept_by) >= max_stored:
         raise QuotaExceeded(
             f"the server keeps at most {max_stored} sessions; close some first",
             metadata={"max_stored_sessions": max_stored},
             quota=("server", f"max_stored_sessions is {max_stored}"),
         )
     limit = principal.max_sessions
-    if limit is not None and sum(owner == principal.name for owner in owners) >= limit:
+    if limit is not None and sum(name == principal.name for name in kept_by) >= limit:
         raise too_many_sessions(principal.name, limit)

@@ -113,7 +113,7 @@ class SessionPool:
         self._map_lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self._order: list[SortKey] = []  # sorted: creation order for ListSessions
-        # request_id idempotency is per principal: keys are (owner, request_id).
+        # request_id idempotency is per principal: keys are (principal, request_id).
         self._by_request_id: dict[tuple[str, str], Session] = {}
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._starting: dict[asyncio.Task[Session], Session] = {}
@@ -170,7 +170,7 @@ class SessionPool:
         from another replica."""
         stored = self.view(record)
         return self._new_session(
-            stored.config, stored.cwd, stored.request_id, stored.labels, stored.owner_name, stored
+            stored.config, stored.cwd, stored.request_id, stored.labels, stored.principal, stored
         )
 
     def has(self, session_id: str) -> bool:
@@ -213,11 +213,17 @@ class SessionPool:
         cwd: str,
         request_id: str,
         labels: Mapping[str, str],
-        owner: str,
+        principal: str,
         stored: StoredSession | None = None,
     ) -> Session:
         return Session(
-            self._services, config, cwd=cwd, labels=labels, request_id=request_id, owner=owner, stored=stored
+            self._services,
+            config,
+            cwd=cwd,
+            labels=labels,
+            request_id=request_id,
+            principal=principal,
+            stored=stored,
         )
 
     # ---- the map -------------------------------------------------------------------------
@@ -226,8 +232,7 @@ class SessionPool:
         self, config: AgentConfig, cwd: str, request_id: str, labels: Mapping[str, str]
     ) -> Session:
         principal = principals.current()
-        owner = principal.name
-        key = (owner, request_id)
+        key = (principal.name, request_id)
         if not request_id or (key not in self._by_request_id and key not in self._pending):
             await check_shared_room(self._shared, principal)  # (a retried create is not refused)
         async with self._map_lock:
@@ -242,9 +247,9 @@ class SessionPool:
                 _check_same_request(request_id, pending.agent, pending.cwd, config.name, cwd)
                 task = pending.task
             else:
-                owners = (s.owner_name for s in (*self._sessions.values(), *self._starting.values()))
-                check_room(owners, principals.current(), self.limits.max_stored_sessions)
-                session = self._new_session(config, cwd, request_id, labels, owner)
+                kept_by = (s.principal for s in (*self._sessions.values(), *self._starting.values()))
+                check_room(kept_by, principals.current(), self.limits.max_stored_sessions)
+                session = self._new_session(config, cwd, request_id, labels, principal.name)
                 task = self._spawn(
                     self._start(session, principal.max_sessions), f"create-{session.session_id}"
                 )
@@ -264,7 +269,7 @@ class SessionPool:
 
     async def _start(self, session: Session, max_sessions: int | None) -> Session:
         """The create task: start the agent, store the record durably, then publish the session.
-        With replicas the insert is refused once the owner keeps `max_sessions` over all of them."""
+        With replicas the insert is refused once the principal keeps `max_sessions` over all of them."""
         written = False
         try:
             await session.start()
@@ -323,7 +328,7 @@ class SessionPool:
         return session
 
     def page(
-        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], owner: str = ""
+        self, page_size: int, page_token: str, agent: str, labels: Mapping[str, str], principal: str = ""
     ) -> tuple[list[Session], str]:
         """One page of sessions in creation order, and the token of the next page ("" at the end).
 
@@ -337,7 +342,7 @@ class SessionPool:
         more = False
         for index in range(start, len(self._order)):
             session = self._sessions[self._order[index][1]]
-            if not _visible(session) or (owner and session.owner_name != owner):
+            if not _visible(session) or (principal and session.principal != principal):
                 continue
             if (agent and session.config.name != agent) or any(
                 session.labels.get(k) != v for k, v in labels.items()
@@ -378,7 +383,7 @@ class SessionPool:
         """A session closed within its retention, as its close answered; else (unknown, and not
         the caller's alike) not found."""
         record = await self._store.closed_session(session_id, self.limits.session_retention)
-        if record is None or not principals.current().may_see(record.owner):
+        if record is None or not principals.current().may_see(record.principal):
             raise _not_found(session_id)
         return self.view(record, closed=True)
 
@@ -522,8 +527,8 @@ class SessionPool:
 
 
 def _visible(session: Session) -> bool:
-    """Whether the caller may see `session` at all: its owner, or an admin."""
-    return principals.current().may_see(session.owner_name)
+    """Whether the caller may see `session` at all: its principal's, or an admin."""
+    return principals.current().may_see(session.principal)
 
 
 def _expirable(session: Session) -> bool:
@@ -532,7 +537,7 @@ def _expirable(session: Session) -> bool:
 
 
 def _request_key(session: Session) -> tuple[str, str]:
-    return (session.owner_name, session.request_id)
+    return (session.principal, session.request_id)
 
 
 def sort_key(session: SessionView) -> SortKey:
@@ -562,7 +567,7 @@ def _record(session: Session) -> SessionRecord:
         create_time=session.create_time,
         last_active_time=session.last_active_time,
         agent_info=info,
-        owner=session.owner_name,
+        principal=session.principal,
         agent_state=session.agent_state.to_json(),
     )
 

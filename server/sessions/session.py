@@ -96,7 +96,7 @@ class Session:
         cwd: str,
         labels: Mapping[str, str],
         request_id: str,
-        owner: str = "",
+        principal: str = "",
         stored: StoredSession | None = None,
     ) -> None:
         """A new session, or (`stored`) one brought back from its record as SUSPENDED: its id,
@@ -107,7 +107,7 @@ class Session:
         self.cwd = cwd
         self.labels = dict(labels)
         self.request_id = request_id
-        self.owner_name = owner  # the principal that created it (empty without authentication)
+        self.principal = principal  # the principal that created it (empty without authentication)
         self.limits = limits
         self.create_time = (stored.create_time if stored is not None else 0.0) or time.time()
         self.last_active_time = (stored.last_active_time if stored is not None else 0.0) or self.create_time
@@ -253,7 +253,7 @@ class Session:
 
     @property
     def holds_slot(self) -> bool:
-        """Whether an agent slot is counted against this session (and so its owner) now."""
+        """Whether an agent slot is counted against this session (and so its principal) now."""
         return self.holder.has_slot
 
     def evictable(self) -> bool:

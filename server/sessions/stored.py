@@ -1,8 +1,8 @@
 """A session as its record keeps it, for showing while no `Session` of it runs here.
 
-GetSession and ListSessions show a row another replica owns, or one no replica serves now
-(released, or its owner's lease ran out), and a retried CloseSession answers with a closed
-session's tombstone: none of them needs an agent holder, an owner or questions, only what the
+GetSession and ListSessions show a row another replica holds, or one no replica serves now
+(released, or its leaseholder's lease ran out), and a retried CloseSession answers with a closed
+session's tombstone: none of them needs an agent holder, a lock or questions, only what the
 record says. Calls that read a session without taking it over (WatchTurn, ListTurns, GetTurn,
 CancelPrompt, the answers to questions) also get this view there: it has no live turn, no
 running turn to cancel and no open question. The pool makes a real `Session` from one when it
@@ -43,7 +43,7 @@ class StoredSession:
     cwd: str
     labels: Mapping[str, str]
     request_id: str
-    owner_name: str
+    principal: str
     create_time: float
     last_active_time: float
     agent_session_id: str
@@ -62,7 +62,7 @@ class StoredSession:
             cwd=record.cwd,
             labels=dict(record.labels),
             request_id=record.request_id,
-            owner_name=record.owner,
+            principal=record.principal,
             create_time=record.create_time,
             last_active_time=record.last_active_time,
             agent_session_id=record.agent_session_id,

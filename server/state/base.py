@@ -47,7 +47,7 @@ class SessionRecord:
     create_time: float
     last_active_time: float
     agent_info: dict[str, Any] = field(default_factory=dict)
-    owner: str = ""
+    principal: str = ""  # the principal that created it; stored in the `owner` column
     agent_state: dict[str, Any] = field(default_factory=dict)  # AgentState.to_json()
 
     def row(self) -> tuple[Any, ...]:
@@ -62,13 +62,15 @@ class SessionRecord:
             self.create_time,
             self.last_active_time,
             json.dumps(self.agent_info, sort_keys=True),
-            self.owner,
+            self.principal,
             json.dumps(self.agent_state, sort_keys=True) if self.agent_state else "",
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> SessionRecord:
-        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info, owner, agent_state = row
+        sid, agent, cwd, labels, state, acp_id, request_id, created, active, info, principal, agent_state = (
+            row
+        )
         return cls(
             sid,
             agent,
@@ -80,7 +82,7 @@ class SessionRecord:
             created,
             active,
             json.loads(info),
-            owner,
+            principal,
             _json_object(agent_state),
         )
 

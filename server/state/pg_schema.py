@@ -17,7 +17,7 @@ MIGRATION_LOCK = 0x7367736368656D61
 REQUEST_ID_INDEX = "sessions_owner_request"
 
 # Each version's step from the one before. Version 1 is the SQLite schema at its version 4
-# (sessions with owners and agent state, turns and their events).
+# (sessions with their principals and agent state, turns and their events).
 MIGRATIONS: dict[int, str] = {
     1: """
 CREATE TABLE sessions (
@@ -54,7 +54,7 @@ CREATE TABLE turn_events (
     PRIMARY KEY (turn_id, seq)
 );
 """,
-    # Replicas: each registers with a lease; each session has an owner replica and an epoch (the
+    # Replicas: each registers with a lease; each session has a leaseholder replica and an epoch (the
     # fencing token every write of the session checks). '' owns nothing: released on drain.
     2: """
 CREATE TABLE replicas (
@@ -83,8 +83,9 @@ CREATE TABLE closed_sessions (
 );
 CREATE INDEX closed_sessions_by_time ON closed_sessions (closed_time);
 """,
-    # Quotas over all replicas (quotas.py): a principal's sessions are counted by owner, and its
-    # prompts of the last minute are kept as timestamps (the database's clock), pruned as it prompts.
+    # Quotas over all replicas (quotas.py): a principal's sessions are counted by their `owner`
+    # column, and its prompts of the last minute are kept as timestamps (the database's clock),
+    # pruned as it prompts.
     5: """
 CREATE INDEX sessions_by_owner ON sessions (owner);
 CREATE TABLE prompt_times (

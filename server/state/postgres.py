@@ -172,17 +172,19 @@ class PostgresStore:
             self.on_fenced(session_id)
 
     async def _insert(self, db: asyncpg.Connection, record: SessionRecord, max_sessions: int | None) -> None:
-        """A new session, owned by this replica from epoch 1; refused (QUOTA_EXCEEDED) if its owner
-        already keeps `max_sessions`, counted over all replicas under the owner's lock."""
+        """A new session, owned by this replica from epoch 1; refused (QUOTA_EXCEEDED) if its
+        principal already keeps `max_sessions`, counted over all replicas under the principal's lock."""
         self.epochs[record.session_id] = 1
         try:
             async with db.transaction():
                 if max_sessions is not None:
-                    await db.execute(SESSIONS_LOCK, record.owner)
-                    kept = await db.fetchval("SELECT count(*) FROM sessions WHERE owner = $1", record.owner)
+                    await db.execute(SESSIONS_LOCK, record.principal)
+                    kept = await db.fetchval(
+                        "SELECT count(*) FROM sessions WHERE owner = $1", record.principal
+                    )
                     if kept >= max_sessions:
                         self.epochs.pop(record.session_id, None)
-                        raise too_many_sessions(record.owner, max_sessions)
+                        raise too_many_sessions(record.principal, max_sessions)
                 await db.execute(INSERT_SESSION, *record.row(), self.replica_id, 1)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != pg_schema.REQUEST_ID_INDEX:
@@ -204,15 +206,15 @@ class PostgresStore:
 
     async def put(self, record: SessionRecord, max_sessions: int | None = None) -> None:
         """Store a new session's record and wait until it is committed (later changes of it go
-        through put_later). With `max_sessions`, only while its owner keeps fewer (all replicas)."""
+        through put_later). With `max_sessions`, only while its principal keeps fewer (all replicas)."""
         await self._run(lambda db: self._insert(db, record, max_sessions))
 
     # ---- quotas over all replicas (quotas.Shared) -----------------------------------------
 
-    async def count_sessions(self, owner: str) -> int:
-        """The sessions `owner` keeps over all replicas (its rows)."""
+    async def count_sessions(self, principal: str) -> int:
+        """The sessions `principal` keeps over all replicas (its rows)."""
         count: int = await self._quota_query(
-            lambda db: db.fetchval("SELECT count(*) FROM sessions WHERE owner = $1", owner)
+            lambda db: db.fetchval("SELECT count(*) FROM sessions WHERE owner = $1", principal)
         )
         return count
 
@@ -319,7 +321,7 @@ class PostgresStore:
                     " VALUES ($1, $2, $3, $4) ON CONFLICT (session_id) DO UPDATE SET owner = EXCLUDED.owner,"
                     " closed_time = EXCLUDED.closed_time, record = EXCLUDED.record",
                     session_id,
-                    tombstone.record.owner,
+                    tombstone.record.principal,
                     now,
                     tombstone.json(),
                 )

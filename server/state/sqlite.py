@@ -196,7 +196,7 @@ class SessionStore:
                 self._db.execute("DELETE FROM closed_sessions WHERE closed_time < ?", (now - tombstone.keep,))
                 self._db.execute(
                     "INSERT OR REPLACE INTO closed_sessions VALUES (?, ?, ?, ?)",
-                    (session_id, tombstone.record.owner, now, tombstone.json()),
+                    (session_id, tombstone.record.principal, now, tombstone.json()),
                 )
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -402,7 +402,7 @@ class SessionStore:
                     f"cannot bring session database {self.path} from schema version {step - 1} to"
                     f" {step}: {exc}; it is left as it was"
                 ) from exc
-        for suffix in ("", "-wal", "-shm"):  # sessions' cwds, labels and owners: ours to read only
+        for suffix in ("", "-wal", "-shm"):  # sessions' cwds, labels and principals: ours to read only
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(self.path.with_name(self.path.name + suffix), 0o600)
         turn_records.after_restart(db)

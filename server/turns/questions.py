@@ -3,7 +3,7 @@
 A permission request (`session/request_permission`) or an elicitation (`elicitation/create`)
 is decided by the turn's permission policy. Under `ask` the client decides: the question goes
 into the turn's stream as an event with a request id, and any connection of the session's
-owner answers it (RespondPermission / RespondElicitation) while the agent waits on us.
+principal answers it (RespondPermission / RespondElicitation) while the agent waits on us.
 
 Every wait is bounded by the turn's permission timeout (then the reject option, or decline),
 and every question still open is answered `cancelled` at once when the turn is cancelled,
@@ -79,7 +79,7 @@ class _Open:
 
 
 class Questions:
-    """One session's open questions, answerable from any connection of its owner."""
+    """One session's open questions, answerable from any connection of its principal."""
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id

@@ -242,7 +242,7 @@ class TurnLog:
         self._unread_bytes = 0
 
     def abandon(self) -> None:
-        """The session moved to another replica (a fence): the new owner has its record, so
+        """The session moved to another replica (a fence): the new leaseholder has its record, so
         nothing more of this turn is written here, and nothing waits on a store that may hang
         (a write under way is cancelled). Its readers still get what is in memory and the end."""
         self._abandoned = self._closing = True
