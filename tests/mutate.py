@@ -3,28 +3,52 @@
 The modules and tests are `[tool.mutmut]` in pyproject.toml; MUTATE_MODULES and MUTATE_TESTS
 (space-separated paths) narrow them for one run, e.g.
 `make mutate MUTATE_MODULES=server/sessions/lock.py MUTATE_TESTS=tests/test_session_core.py`.
-MUTATE_JOBS: parallel mutants (default 2). mutants/ is made afresh each run: mutmut keeps a
-file it has already copied, so a stale copy would test yesterday's code.
+MUTATE_JOBS: parallel mutants (default 2).
+
+mutmut names a mutant after its file's path (src/ stripped), and the tests import the server
+as sessiongate.server: so it runs in build/mutate/, a copy of the checkout laid out as the
+installed package (src/sessiongate/{server,client,echo,v1}), made afresh each run (mutmut
+keeps a file it has already copied, so a stale copy would test yesterday's code).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+STAGE = ROOT / "build" / "mutate"
+PACKAGE = "src/sessiongate/"  # where server/ is in the staged copy
+
+
+def stage() -> None:
+    """build/mutate/: the package as installed, the tests, and pyproject.toml with mutmut's paths
+    (and pytest's import path) pointing into src/."""
+    shutil.rmtree(STAGE, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "protos" / "sessiongate", STAGE / PACKAGE, ignore=ignore)  # follows the symlinks
+    (STAGE / "tests").symlink_to(ROOT / "tests")
+    text = (ROOT / "pyproject.toml").read_text()
+    text = text.replace('pythonpath = ["protos"]', 'pythonpath = ["src"]')
+    text = re.sub(r'"server(/[^"]*)?"', lambda m: f'"{PACKAGE}server{m.group(1) or ""}"', text)
+    (STAGE / "pyproject.toml").write_text(text)
+
 
 def main() -> int:
-    shutil.rmtree("mutants", ignore_errors=True)
+    stage()
+    os.chdir(STAGE)
     from mutmut import configuration  # reads [tool.mutmut] from ./pyproject.toml
 
     config = configuration.config()
-    modules = os.environ.get("MUTATE_MODULES", "").split()
+    modules = [PACKAGE + m for m in os.environ.get("MUTATE_MODULES", "").split()]
     tests = os.environ.get("MUTATE_TESTS", "").split()
     if modules:
         unknown = [m for m in modules if m not in config.only_mutate]
         if unknown:
+            unknown = [m.removeprefix(PACKAGE) for m in unknown]
             print(f"not a core module in [tool.mutmut] only_mutate: {unknown}", file=sys.stderr)
             return 2
         config.only_mutate = modules
