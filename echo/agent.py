@@ -44,6 +44,14 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
                     JSON-RPC errors: "terminal error <code>: <message>"
   /terminal-env NAME=VALUE... [--limit N] [--keep] CMD...
                     /terminal, asking for the environment variables NAME=VALUE (terminal/create's env)
+  /mcp list         one line per MCP server of the session (as the last session/new, /load or
+                    /resume gave them): "NAME stdio|http|sse [command basename] [env: NAMES]
+                    [headers: NAMES]", never a value; "no mcp servers" when there are none
+  /mcp tools SERVER the server's tool names, comma-separated (official `mcp` SDK)
+  /mcp call SERVER TOOL [JSON]
+                    connect, initialize, call TOOL with the JSON object (default {}), reply its text
+                    content; any failure (unknown server, bad JSON, cannot connect, tool error,
+                    30 s without an answer) replies one short "mcp ..." line
 Sessions have modes `ask` and `code` (default; session/set_mode, refused during a turn) and
 config options `model` (select: echo-small (default), echo-large) and `verbose` (boolean,
 default false; session/set_config_option, allowed during a turn), kept with the session.
@@ -76,6 +84,7 @@ from typing import Any, TypeVar, cast
 import acp
 from acp import helpers, schema
 from acp.schema import StopReason
+from sessiongate.echo.mcp_client import McpCallError, McpServer, call_tool, clip, list_tools
 
 AGENT_NAME = "sessiongate-echo"
 AGENT_VERSION = "0.1.0"
@@ -160,6 +169,9 @@ class EchoAgent:
         self.settings: dict[str, Settings] = {}
         self.running: set[str] = set()  # sessions with a turn under way
         self.terminals = 0  # /terminal tool calls so far (their ids: echo-term-<n>)
+        # Each session's MCP servers, as the last session/new, /load or /resume passed them. Kept
+        # in memory only: they hold secret values, and ACP passes them again on every load/resume.
+        self.mcp_servers: dict[str, tuple[McpServer, ...]] = {}
 
     def on_connect(self, conn: Any) -> None:
         self.client = conn
@@ -178,6 +190,7 @@ class EchoAgent:
             protocol_version=acp.PROTOCOL_VERSION,
             agent_capabilities=schema.AgentCapabilities(
                 load_session=not self.opts.no_load_session,
+                mcp_capabilities=schema.McpCapabilities(http=True, sse=True),
                 session_capabilities=schema.SessionCapabilities(
                     close=schema.SessionCloseCapabilities(),
                     resume=None if self.opts.no_resume_session else schema.SessionResumeCapabilities(),
@@ -196,18 +209,22 @@ class EchoAgent:
         self.logged_in = True
         return schema.AuthenticateResponse()
 
-    async def new_session(self, cwd: str, **_: Any) -> schema.NewSessionResponse:
+    async def new_session(
+        self, cwd: str, mcp_servers: list[Any] | None = None, **_: Any
+    ) -> schema.NewSessionResponse:
         if self.opts.auth_required and not self.logged_in:
             raise acp.RequestError.auth_required({"authMethods": ["echo-login"]})
         session_id = f"echo-{uuid.uuid4().hex}"
         settings = Settings(cwd=cwd)
         self._save(session_id, settings.store({"cwd": cwd, "history": []}))
-        self._activate(session_id, settings)
+        self._activate(session_id, settings, mcp_servers)
         return schema.NewSessionResponse(
             session_id=session_id, modes=settings.modes(), config_options=settings.config_options()
         )
 
-    async def load_session(self, cwd: str, session_id: str, **_: Any) -> schema.LoadSessionResponse:
+    async def load_session(
+        self, cwd: str, session_id: str, mcp_servers: list[Any] | None = None, **_: Any
+    ) -> schema.LoadSessionResponse:
         if self.opts.no_load_session:
             raise acp.RequestError.method_not_found("session/load")
         await self._fail_resuming()
@@ -217,10 +234,12 @@ class EchoAgent:
         for user_text, reply in record["history"]:  # replay, as ACP asks of session/load
             await self._send(session_id, acp.update_user_message_text(user_text))
             await self._send(session_id, acp.update_agent_message_text(reply))
-        settings = self._activate(session_id, Settings.from_record(record, cwd))
+        settings = self._activate(session_id, Settings.from_record(record, cwd), mcp_servers)
         return schema.LoadSessionResponse(modes=settings.modes(), config_options=settings.config_options())
 
-    async def resume_session(self, cwd: str, session_id: str, **_: Any) -> schema.ResumeSessionResponse:
+    async def resume_session(
+        self, cwd: str, session_id: str, mcp_servers: list[Any] | None = None, **_: Any
+    ) -> schema.ResumeSessionResponse:
         """Like session/load, without replaying the history."""
         if self.opts.no_resume_session:
             raise acp.RequestError.method_not_found("session/resume")
@@ -228,7 +247,7 @@ class EchoAgent:
         record = self._load(session_id)
         if record is None:
             raise acp.RequestError.invalid_params({"details": f"unknown session {session_id}"})
-        settings = self._activate(session_id, Settings.from_record(record, cwd))
+        settings = self._activate(session_id, Settings.from_record(record, cwd), mcp_servers)
         return schema.ResumeSessionResponse(modes=settings.modes(), config_options=settings.config_options())
 
     async def _fail_resuming(self) -> None:
@@ -273,6 +292,7 @@ class EchoAgent:
         """The gateway closed the session for good: forget it, and delete what was stored."""
         self.known.discard(session_id)
         self.settings.pop(session_id, None)
+        self.mcp_servers.pop(session_id, None)
         if "/" not in session_id and not session_id.startswith("."):
             self._path(session_id).unlink(missing_ok=True)
         return schema.CloseSessionResponse()
@@ -603,6 +623,32 @@ class EchoAgent:
         truncated = "true" if output.truncated else "false"
         return await self._reply(session_id, f"terminal exit {status} truncated={truncated}: {output.output}")
 
+    async def _mcp(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        """/mcp list | tools SERVER | call SERVER TOOL [JSON]: the session's MCP servers."""
+        action, _, args = rest.strip().partition(" ")
+        servers = self.mcp_servers.get(session_id, ())
+        if action == "list":
+            return await self._reply(
+                session_id, "\n".join(server.describe() for server in servers) or "no mcp servers"
+            )
+        if action not in ("tools", "call"):
+            return await self._reply(
+                session_id, "mcp usage: /mcp list | tools SERVER | call SERVER TOOL [JSON]"
+            )
+        name, _, args = args.strip().partition(" ")
+        server = next((server for server in servers if server.name == name), None)
+        if server is None:
+            return await self._reply(session_id, f"mcp error: no server named {clip(name, 100)!r}")
+        try:
+            if action == "tools":
+                reply = ", ".join(await list_tools(server)) or "no tools"
+            else:
+                tool, _, raw = args.strip().partition(" ")
+                reply = await call_tool(server, tool, _json_object(raw))
+        except McpCallError as exc:
+            reply = str(exc)
+        return await self._reply(session_id, reply)
+
     async def _commands(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         # Advertise the directives as slash commands, as real agents advertise theirs.
         commands = [
@@ -626,9 +672,11 @@ class EchoAgent:
         await self._send(session_id, acp.update_agent_message_text(text))
         return text, stop
 
-    def _activate(self, session_id: str, settings: Settings) -> Settings:
+    def _activate(self, session_id: str, settings: Settings, mcp_servers: list[Any] | None) -> Settings:
         self.known.add(session_id)
         self.settings[session_id] = settings
+        servers = (McpServer.from_acp(server) for server in mcp_servers or [])
+        self.mcp_servers[session_id] = tuple(server for server in servers if server is not None)
         return settings
 
     def _settings(self, session_id: str) -> Settings:
@@ -711,6 +759,7 @@ DIRECTIVES = {
     "/fs-write": EchoAgent._fs_write,
     "/terminal": EchoAgent._terminal,
     "/terminal-env": EchoAgent._terminal_env,
+    "/mcp": EchoAgent._mcp,
 }
 
 
@@ -750,6 +799,17 @@ def _terminal_args(rest: str) -> tuple[int, bool, str]:
     if not rest:
         raise acp.RequestError.invalid_params({"details": "/terminal needs CMD"})
     return limit, keep, rest
+
+
+def _json_object(raw: str) -> dict[str, Any]:
+    """/mcp call's arguments: a JSON object ({} when absent), else McpCallError."""
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise McpCallError(f"mcp error: arguments are not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise McpCallError("mcp error: arguments must be a JSON object")
+    return value
 
 
 def _head(path: str, size: int) -> bytes:
