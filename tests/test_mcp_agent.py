@@ -105,12 +105,12 @@ async def echo_agent(state_dir: Path) -> AsyncIterator[EchoOverAcp]:
         await process.wait()
 
 
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[str]:
-    """tests/mcp_server.py over streamable HTTP on a loopback port: its URL. Stopped with its group."""
+@contextlib.contextmanager
+def serving(transport: str) -> Iterator[int]:
+    """tests/mcp_server.py over `transport` (http or sse) on a loopback port; stopped with its group."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.mcp_server", "http", "--port", str(port)],
+        [sys.executable, "-m", "tests.mcp_server", transport, "--port", str(port)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -121,11 +121,11 @@ def http_server() -> Iterator[str]:
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
-            assert process.poll() is None, "the MCP HTTP server exited"
+            assert process.poll() is None, "the MCP server exited"
             time.sleep(0.05)
         else:
-            raise AssertionError("the MCP HTTP server did not listen within 10s")
-        yield f"http://127.0.0.1:{port}/mcp"
+            raise AssertionError("the MCP server did not listen within 10s")
+        yield port
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -135,6 +135,13 @@ def http_server() -> Iterator[str]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         assert not wait_gone({process.pid})
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[str]:
+    """The streamable HTTP server's URL."""
+    with serving("http") as port:
+        yield f"http://127.0.0.1:{port}/mcp"
 
 
 def stdio_server(name: str, command: str = sys.executable) -> schema.McpServerStdio:
@@ -153,6 +160,11 @@ def http_mcp_server(name: str, url: str) -> schema.HttpMcpServer:
         url=url,
         headers=[schema.HttpHeader(name="Authorization", value=HEADER_SECRET)],
     )
+
+
+def sse_mcp_server(name: str, url: str) -> schema.SseMcpServer:
+    header = schema.HttpHeader(name="Authorization", value=HEADER_SECRET)
+    return schema.SseMcpServer(type="sse", name=name, url=url, headers=[header])
 
 
 def assert_no_secret(agent: EchoOverAcp) -> None:
@@ -179,6 +191,17 @@ async def test_list_and_call_over_stdio_and_http(tmp_path: Path, http_server: st
         assert await agent.turn('/mcp call local secret_env {"name": "SECRET_TOKEN"}') == "set"
         assert await agent.turn('/mcp call local secret_env {"name": "NOT_GIVEN_TOKEN"}') == "unset"
         assert_no_secret(agent)
+
+
+async def test_call_over_sse(tmp_path: Path) -> None:
+    with serving("sse") as port:
+        async with echo_agent(tmp_path / "state") as agent:
+            servers = [sse_mcp_server("events", f"http://127.0.0.1:{port}/sse")]
+            created = await agent.conn.new_session(cwd=str(tmp_path), mcp_servers=servers)
+            agent.session_id = created.session_id
+            assert await agent.turn("/mcp list") == "events sse headers: Authorization"
+            assert await agent.turn('/mcp call events add {"a": 20, "b": 22}') == "42"
+            assert_no_secret(agent)
 
 
 async def test_errors_reply_one_line_and_the_agent_stays_healthy(tmp_path: Path) -> None:
