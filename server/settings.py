@@ -1,8 +1,10 @@
 """One Settings object: built-in defaults, then a TOML file, then env vars, then flags.
 
 The TOML file has a `[server]` table with the keys of `ServerLimits` plus `listen`,
-`default_agent`, `workdir` and `allowed_roots`, and one `[agents.NAME]` table per agent
-(`command`, `args`, `env`, `permission_policy`). Env vars are `SESSIONGATE_<KEY>` in upper
+`default_agent`, `workdir` and `allowed_roots`, one `[agents.NAME]` table per agent
+(`command`, `args`, `env`, `permission_policy`, `mcp_servers`, ...) and one `[mcp_servers.NAME]`
+table per operator-named MCP server (stdio: `command`, `args`, `env`, `env_from`; remote:
+`type`, `url`, `headers`, `headers_from`). Env vars are `SESSIONGATE_<KEY>` in upper
 case (e.g. `SESSIONGATE_STALL_TIMEOUT=30`); flags are `--<key-with-dashes>`.
 """
 
@@ -29,6 +31,40 @@ MIN_TURN_LOG_BYTES = 1024 * 1024  # several written batches of a turn's events m
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
+
+
+MCP_TRANSPORTS = ("stdio", "http", "sse")
+_MCP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # a bounded identifier: shown, logged, stored
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class McpServerConfig:
+    """One operator-named MCP server (`[mcp_servers.NAME]`), given to the sessions that use it.
+
+    Values that may be secret (`env`, `headers`) and the names of the server's env vars to read
+    them from at each session start (`env_from`, `headers_from`) never show in its repr: a
+    Settings printed or logged shows the names and transports only.
+    """
+
+    name: str
+    transport: str  # "stdio", "http" or "sse"
+    command: str = ""  # stdio: the program the agent starts
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    env_from: tuple[str, ...] = field(default=(), repr=False)  # server env vars passed by name
+    url: str = ""  # http, sse
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    headers_from: Mapping[str, str] = field(default_factory=dict, repr=False)  # header -> env var
+
+    def resolved_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """`env`, plus each `env_from` variable `environ` has (read now, at a session's start)."""
+        return {**self.env, **{k: environ[k] for k in self.env_from if k in environ}}
+
+    def resolved_headers(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """`headers`, plus each `headers_from` header whose env var `environ` has."""
+        found = {h: environ[v] for h, v in self.headers_from.items() if v in environ}
+        return {**self.headers, **found}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +96,10 @@ class AgentConfig:
     # answer "method not found". See server/sandbox/files.py and server/sandbox/terminals.py.
     client_fs: bool = False  # fs/read_text_file, fs/write_text_file inside the session's cwd
     client_terminal: bool = False  # terminal/* : commands run in the session's cwd, sandboxed like the agent
+    mcp_servers: tuple[str, ...] = ()  # operator-named MCP servers given to every session of it
+    # Every [mcp_servers.*] table, so the names a session asked for resolve at each of its starts
+    # (load_settings fills it; the same mapping as Settings.mcp_servers).
+    mcp_catalog: Mapping[str, McpServerConfig] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def network_mode(self) -> str:
@@ -123,6 +163,7 @@ class Settings:
     workdir: Path = field(default_factory=Path.cwd)
     allowed_roots: tuple[Path, ...] = ()  # empty: only `workdir` and below
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
+    mcp_servers: Mapping[str, McpServerConfig] = field(default_factory=dict)  # [mcp_servers.NAME]
     limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "INFO"
     log_format: str = "text"  # "text" (key=value) or "json"
@@ -192,6 +233,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
     opts.pop("check_config")  # what to do, not a setting: see check_requested
     raw: dict[str, Any] = {}
     agents: dict[str, AgentConfig] = {BUILTIN_AGENT: builtin_agent()}
+    mcp_servers: dict[str, McpServerConfig] = {}
     config_path = opts.pop("config") or environ.get(ENV_PREFIX + "CONFIG")
     if config_path:
         document = _read_toml(Path(config_path))
@@ -203,7 +245,9 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
         raw.update(_paths_from(base, raw))
         for name, table in _table(document, "agents").items():
             agents[name] = _agent_from_toml(name, table, base)
-        unknown = set(document) - {"server", "agents", "auth", "tls"}
+        for name, table in _table(document, "mcp_servers").items():
+            mcp_servers[name] = mcp_server_from_toml(name, table, base)
+        unknown = set(document) - {"server", "agents", "auth", "tls", "mcp_servers"}
         if unknown:
             raise ConfigError(f"{config_path}: unknown top-level keys {sorted(unknown)}")
     from_env: dict[str, str] = {}  # key -> the env var its value came from
@@ -214,7 +258,7 @@ def load_settings(argv: list[str] | None = None, environ: Mapping[str, str] | No
             from_env[key] = ENV_PREFIX + key.upper()
     raw.update({k: v for k, v in opts.items() if v is not None})
     try:
-        settings = _build(raw, agents)
+        settings = _build(raw, agents, mcp_servers)
     except ConfigError as exc:  # "stall_timeout must be a number": say where the value came from
         key = str(exc).split(" ", 1)[0]
         if key in from_env and opts.get(key) is None:
@@ -365,6 +409,7 @@ def _agent_from_toml(name: str, table: Any, base: Path | None = None) -> AgentCo
         "pass_env",
         "spares",
         "auth_method",
+        "mcp_servers",
         *SANDBOX_KEYS,
         *CAPABILITY_KEYS,
     }
@@ -395,10 +440,100 @@ def _agent_from_toml(name: str, table: Any, base: Path | None = None) -> AgentCo
     auth_method = table.get("auth_method", "")
     if not isinstance(auth_method, str):
         raise ConfigError(f"{where}: `auth_method` must be a string (one of the agent's auth method ids)")
+    mcp_names = table.get("mcp_servers", [])
+    if not isinstance(mcp_names, list) or not all(isinstance(n, str) for n in mcp_names):
+        raise ConfigError(f"{where}: `mcp_servers` must be a list of [mcp_servers.NAME] names")
     config = AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
     capabilities = _capabilities_from_toml(where, table)
     sandbox = _sandbox_from_toml(where, table, base)
-    return replace(config, auth_method=auth_method, **sandbox, **capabilities)
+    return replace(config, auth_method=auth_method, mcp_servers=tuple(mcp_names), **sandbox, **capabilities)
+
+
+MCP_STDIO_KEYS = ("command", "args", "env", "env_from")
+MCP_REMOTE_KEYS = ("type", "url", "headers", "headers_from")
+
+
+def mcp_server_from_toml(name: str, table: Any, base: Path | None = None) -> McpServerConfig:
+    """One `[mcp_servers.NAME]` table: stdio (`command`, `args`, `env`, `env_from`) or remote
+    (`type` "http" or "sse", `url`, `headers`, `headers_from`); exactly one of command and url.
+    A relative command path is taken from `base` (the config file's directory)."""
+    where = f"[mcp_servers.{name}]"
+    if not _MCP_NAME.fullmatch(name):
+        raise ConfigError(
+            f"[mcp_servers.{name[:64]}]: the name must be a letter then letters, digits, - or _ (at most 64)"
+        )
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - {*MCP_STDIO_KEYS, *MCP_REMOTE_KEYS}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    if ("command" in table) == ("url" in table):
+        raise ConfigError(f"{where}: set exactly one of `command` (stdio) and `url` (http, sse)")
+    if "command" in table:
+        return _mcp_stdio(where, name, table, base or Path.cwd())
+    return _mcp_remote(where, name, table)
+
+
+def _mcp_stdio(where: str, name: str, table: dict[str, Any], base: Path) -> McpServerConfig:
+    remote = set(table) & set(MCP_REMOTE_KEYS)
+    if remote:
+        raise ConfigError(f"{where}: {sorted(remote)} are for http/sse servers, not with `command`")
+    command = table["command"]
+    if not isinstance(command, str) or not command:
+        raise ConfigError(f"{where}: `command` must be a non-empty string")
+    if "/" in command:
+        command = _from(base, command)
+    args = table.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ConfigError(f"{where}: `args` must be a list of strings")
+    env = _string_table(where, "env", table.get("env", {}))
+    env_from = table.get("env_from", [])
+    if not isinstance(env_from, list) or not all(
+        isinstance(v, str) and _ENV_NAME.fullmatch(v) for v in env_from
+    ):
+        raise ConfigError(f"{where}: `env_from` must be a list of environment variable names")
+    return McpServerConfig(name, "stdio", command, tuple(args), env, tuple(env_from))
+
+
+def _mcp_remote(where: str, name: str, table: dict[str, Any]) -> McpServerConfig:
+    stdio = set(table) & set(MCP_STDIO_KEYS)
+    if stdio:
+        raise ConfigError(f"{where}: {sorted(stdio)} are for stdio servers, not with `url`")
+    transport = table.get("type")
+    if transport not in ("http", "sse"):
+        raise ConfigError(f'{where}: `type` must be "http" or "sse" (a server with `url`)')
+    url = table["url"]
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: `url` must be an http:// or https:// URL")
+    headers = _string_table(where, "headers", table.get("headers", {}))
+    headers_from = _string_table(where, "headers_from", table.get("headers_from", {}))
+    if not all(_ENV_NAME.fullmatch(v) for v in headers_from.values()):
+        raise ConfigError(f"{where}: `headers_from` maps header names to environment variable names")
+    return McpServerConfig(name, transport, url=url, headers=headers, headers_from=headers_from)
+
+
+def _string_table(where: str, key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) and k for k, v in value.items()):
+        raise ConfigError(f"{where}: `{key}` must be a table of strings")
+    return dict(value)
+
+
+def with_mcp_servers(
+    agents: Mapping[str, AgentConfig], mcp_servers: Mapping[str, McpServerConfig]
+) -> dict[str, AgentConfig]:
+    """Each agent with the catalog of MCP servers; an agent's `mcp_servers` naming a server not
+    configured is a ConfigError."""
+    found = {}
+    for name, config in agents.items():
+        for server in config.mcp_servers:
+            if server not in mcp_servers:
+                known = ", ".join(sorted(mcp_servers)) or "none"
+                raise ConfigError(
+                    f"[agents.{name}] mcp_servers: no [mcp_servers.{server[:64]}] is configured "
+                    f"(configured: {known})"
+                )
+        found[name] = replace(config, mcp_catalog=mcp_servers)
+    return found
 
 
 CAPABILITY_KEYS = ("client_fs", "client_terminal")
@@ -480,7 +615,9 @@ def _tls_from_toml(table: dict[str, Any]) -> dict[str, Any]:
     return {f"tls_{k}": v for k, v in table.items()}
 
 
-def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
+def _build(
+    raw: dict[str, Any], agents: dict[str, AgentConfig], mcp_servers: dict[str, McpServerConfig]
+) -> Settings:
     unknown = set(raw) - set(_SCALAR_KEYS) - set(_LIMIT_FIELDS)
     if unknown:
         raise ConfigError(f"unknown server keys {sorted(unknown)}")
@@ -492,7 +629,7 @@ def _build(raw: dict[str, Any], agents: dict[str, AgentConfig]) -> Settings:
             )
     if limits.max_turn_log_bytes < MIN_TURN_LOG_BYTES:
         raise ConfigError(f"max_turn_log_bytes must be at least {MIN_TURN_LOG_BYTES} (1 MiB)")
-    settings = Settings(agents=agents, limits=limits)
+    settings = Settings(agents=agents, mcp_servers=mcp_servers, limits=limits)
     if "listen" in raw:
         settings = replace(settings, listen=str(raw["listen"]))
     if "default_agent" in raw:
@@ -622,6 +759,7 @@ def validate(settings: Settings) -> Settings:
     replica_token(settings)  # a token file too short stops the start here, before anything runs
     for config in settings.agents.values():
         _check_user(config)
+    agents = with_mcp_servers(settings.agents, settings.mcp_servers)
     workdir = settings.workdir.expanduser().resolve()
     if not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} is not a directory")
@@ -646,7 +784,7 @@ def validate(settings: Settings) -> Settings:
         )
         if getattr(settings, key) is not None
     }
-    return replace(settings, workdir=workdir, allowed_roots=roots, **files)
+    return replace(settings, agents=agents, workdir=workdir, allowed_roots=roots, **files)
 
 
 def _check_state_dir_outside(settings: Settings, roots: tuple[Path, ...], workdir: Path) -> None:
