@@ -123,6 +123,14 @@ class NotSupported(SessionGateError):
     """FAILED_PRECONDITION: the agent does not offer what was asked (no modes, no such auth method)."""
 
 
+class McpServerNotAllowed(SessionGateError):
+    """PERMISSION_DENIED: the caller's principal may not use that MCP server (`metadata['server']`)."""
+
+
+class McpTransportUnsupported(SessionGateError):
+    """FAILED_PRECONDITION: a session's MCP server uses a transport the agent does not advertise."""
+
+
 class TurnNotFound(SessionGateError):
     """NOT_FOUND: the session has no such turn (or no turn yet) (`metadata['turn_id']`)."""
 
@@ -158,6 +166,8 @@ BY_REASON: dict[str, type[SessionGateError]] = {
     "REQUEST_ANSWERED": RequestAnswered,
     "AGENT_REFUSED": AgentRefused,
     "NOT_SUPPORTED": NotSupported,
+    "MCP_SERVER_NOT_ALLOWED": McpServerNotAllowed,
+    "MCP_TRANSPORT_UNSUPPORTED": McpTransportUnsupported,
     "TURN_NOT_FOUND": TurnNotFound,
     "SEQ_NOT_KEPT": SeqNotKept,
     "TURN_INTERRUPTED": TurnInterrupted,

@@ -298,6 +298,20 @@ class NotSupported(SessionGateError):
     reason = "NOT_SUPPORTED"
 
 
+class McpServerNotAllowed(SessionGateError):
+    """CreateSession named an operator's MCP server the caller's principal may not use."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "MCP_SERVER_NOT_ALLOWED"
+
+
+class McpTransportUnsupported(SessionGateError):
+    """A session's MCP server uses a transport (http, sse) the agent does not advertise."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MCP_TRANSPORT_UNSUPPORTED"
+
+
 class TurnNotFound(SessionGateError):
     """WatchTurn/GetTurn: no such turn on the session (or no turn yet)."""
 

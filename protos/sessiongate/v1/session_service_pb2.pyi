@@ -110,7 +110,7 @@ class AgentInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., title: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage", "turn_id", "replica")
+    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage", "turn_id", "replica", "mcp_servers")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class Session(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     agent: str
     cwd: str
@@ -162,7 +163,18 @@ class Session(_message.Message):
     usage: SessionUsage
     turn_id: str
     replica: str
-    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ..., turn_id: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServerInfo]
+    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ..., turn_id: _Optional[str] = ..., replica: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerInfo, _Mapping]]] = ...) -> None: ...
+
+class McpServerInfo(_message.Message):
+    __slots__ = ("name", "transport", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    transport: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., transport: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class SessionMode(_message.Message):
     __slots__ = ("id", "name", "description")
@@ -237,7 +249,7 @@ class SessionUsage(_message.Message):
     def __init__(self, context_used: _Optional[int] = ..., context_size: _Optional[int] = ..., cost_amount: _Optional[float] = ..., cost_currency: _Optional[str] = ..., last_turn: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("agent", "cwd", "request_id", "labels")
+    __slots__ = ("agent", "cwd", "request_id", "labels", "mcp_servers")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -249,11 +261,13 @@ class CreateSessionRequest(_message.Message):
     CWD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     agent: str
     cwd: str
     request_id: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TextContent(_message.Message):
     __slots__ = ("text",)
