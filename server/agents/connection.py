@@ -14,14 +14,22 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import acp
 from acp import schema
 from sessiongate.server.agents.logins import AgentLogins
 from sessiongate.server.agents.process import INHERITED_ENV, AgentProcessGroup
-from sessiongate.server.agents.protocol import AgentUpdate, Asker, Handshake, StateWatcher, UpdateSink
+from sessiongate.server.agents.protocol import (
+    AgentUpdate,
+    Asker,
+    Handshake,
+    StateWatcher,
+    UpdateSink,
+    session_mcp_servers,
+)
 from sessiongate.server.agents.requests import AgentRequests
 from sessiongate.server.agents.state import STATE_UPDATES, TurnUsage
 from sessiongate.server.agents.transport import AgentTransport
@@ -32,13 +40,14 @@ from sessiongate.server.errors import (
     AgentProtocolError,
     AgentRefused,
     AgentUnavailable,
+    McpTransportUnsupported,
     NotSupported,
     clip,
 )
 from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.terminals import Terminals
 from sessiongate.server.sandbox.workdir import WorkDir
-from sessiongate.server.settings import AgentConfig
+from sessiongate.server.settings import AgentConfig, McpServerConfig
 
 log = logging.getLogger("sessiongate.agent")
 
@@ -49,6 +58,7 @@ HELD_SESSIONS = 8  # sessions whose state updates are kept until watched
 STALE_ON_OPEN = ("current_mode_update", "config_option_update")  # what an open's answer supersedes
 
 T = TypeVar("T")
+AcpMcpServer = schema.McpServerStdio | schema.HttpMcpServer | schema.SseMcpServer
 
 
 def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolError:
@@ -57,6 +67,19 @@ def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolErr
         f"agent {agent!r} answered {method} with an invalid result: {clip(str(exc))}",
         metadata={"agent": agent, "method": method, "error": clip(str(exc))},
     )
+
+
+def acp_mcp_server(server: McpServerConfig, environ: Mapping[str, str]) -> AcpMcpServer:
+    """One MCP server as ACP passes it, its env and header values resolved from `environ`."""
+    if server.transport == "stdio":
+        env = [schema.EnvVariable(name=k, value=v) for k, v in server.resolved_env(environ).items()]
+        return schema.McpServerStdio(
+            name=server.name, command=server.command, args=list(server.args), env=env
+        )
+    headers = [schema.HttpHeader(name=k, value=v) for k, v in server.resolved_headers(environ).items()]
+    if server.transport == "sse":
+        return schema.SseMcpServer(name=server.name, url=server.url, headers=headers, type="sse")
+    return schema.HttpMcpServer(name=server.name, url=server.url, headers=headers, type="http")
 
 
 class AgentConnection:
@@ -168,7 +191,13 @@ class AgentConnection:
                 metadata={"agent": name, "method_id": clip(method_id, 100)},
             ) from None
 
-    async def load(self, cwd: str, session_id: str, timeout: float) -> schema.LoadSessionResponse:
+    async def load(
+        self,
+        cwd: str,
+        session_id: str,
+        timeout: float,
+        mcp_servers: tuple[McpServerConfig, ...] | None = None,
+    ) -> schema.LoadSessionResponse:
         """Resume an ACP session with `session/load` within `timeout`; returns the agent's
         answer (its modes and config options).
 
@@ -178,19 +207,29 @@ class AgentConnection:
         """
         async with self._bounded(timeout, "load the session"):
             response: schema.LoadSessionResponse = await self._call(
-                self._connection().load_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
+                self._connection().load_session(
+                    cwd=cwd, session_id=session_id, mcp_servers=self._mcp_servers(mcp_servers)
+                ),
                 "session/load",
             )
         self._cwds[session_id] = cwd
         self._drop_held(session_id, STALE_ON_OPEN)
         return response
 
-    async def resume(self, cwd: str, session_id: str, timeout: float) -> schema.ResumeSessionResponse:
+    async def resume(
+        self,
+        cwd: str,
+        session_id: str,
+        timeout: float,
+        mcp_servers: tuple[McpServerConfig, ...] | None = None,
+    ) -> schema.ResumeSessionResponse:
         """Resume an ACP session with `session/resume` (no history replayed) within `timeout`;
         returns the agent's answer (its modes and config options)."""
         async with self._bounded(timeout, "resume the session"):
             response: schema.ResumeSessionResponse = await self._call(
-                self._connection().resume_session(cwd=cwd, session_id=session_id, mcp_servers=[]),
+                self._connection().resume_session(
+                    cwd=cwd, session_id=session_id, mcp_servers=self._mcp_servers(mcp_servers)
+                ),
                 "session/resume",
             )
         self._cwds[session_id] = cwd
@@ -240,15 +279,35 @@ class AgentConnection:
         async with self._bounded(timeout, "close the session"):
             await self._call(self._connection().close_session(session_id=session_id), "session/close")
 
-    async def new_session(self, cwd: str, timeout: float) -> schema.NewSessionResponse:
+    async def new_session(
+        self, cwd: str, timeout: float, mcp_servers: tuple[McpServerConfig, ...] | None = None
+    ) -> schema.NewSessionResponse:
         """Open a new ACP session within `timeout`; returns the agent's answer (its id, modes
-        and config options)."""
+        and config options). `mcp_servers` (new, load and resume alike; None: those of the
+        session being started, protocol.giving_mcp_servers) are given to the agent, their
+        secret values read from the server's environment now."""
         async with self._bounded(timeout, "open a session"):
             response: schema.NewSessionResponse = await self._call(
-                self._connection().new_session(cwd=cwd, mcp_servers=[]), "session/new"
+                self._connection().new_session(cwd=cwd, mcp_servers=self._mcp_servers(mcp_servers)),
+                "session/new",
             )
             self._cwds[response.session_id] = cwd
             return response
+
+    def _mcp_servers(self, servers: tuple[McpServerConfig, ...] | None) -> list[AcpMcpServer]:
+        """The ACP form of a session's MCP servers; one over a transport the agent did not
+        advertise is McpTransportUnsupported (before anything is sent)."""
+        servers = session_mcp_servers() if servers is None else servers
+        handshake = self.handshake or Handshake("", "", "", False, ())
+        for server in servers:
+            if not handshake.takes_mcp_transport(server.transport):
+                agent = self.config.name
+                raise McpTransportUnsupported(
+                    f"MCP server {server.name!r} uses {server.transport}, which agent {agent!r} "
+                    "does not advertise (its mcpCapabilities)",
+                    metadata={"agent": agent, "server": server.name, "transport": server.transport},
+                )
+        return [acp_mcp_server(server, os.environ) for server in servers]
 
     def session_cwd(self, session_id: str) -> str | None:
         """The directory the ACP session was opened in (new, load or resume), or None."""
@@ -328,6 +387,8 @@ class AgentConnection:
             resume_session=bool(
                 capabilities.session_capabilities and capabilities.session_capabilities.resume is not None
             ),
+            mcp_http=bool(capabilities.mcp_capabilities and capabilities.mcp_capabilities.http),
+            mcp_sse=bool(capabilities.mcp_capabilities and capabilities.mcp_capabilities.sse),
         )
         return self.handshake
 

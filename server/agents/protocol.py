@@ -8,7 +8,8 @@ updates, and the connection reports back with the items defined here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ from acp import schema
 from sessiongate.server.agents.transport import RawUpdate
 from sessiongate.server.sandbox.files import FileWriteReport
 from sessiongate.server.sandbox.terminals import TerminalReport
-from sessiongate.server.settings import AgentConfig
+from sessiongate.server.settings import AgentConfig, McpServerConfig
 
 READ_KINDS = frozenset({"read", "search", "think"})
 
@@ -48,6 +49,40 @@ class Handshake:
     auth_methods: tuple[str, ...]
     close_session: bool = False  # it advertised `session/close`
     resume_session: bool = False  # it advertised `session/resume`
+    mcp_http: bool = False  # mcpCapabilities.http: it connects to MCP servers over streamable HTTP
+    mcp_sse: bool = False  # mcpCapabilities.sse
+
+    def takes_mcp_transport(self, transport: str) -> bool:
+        """Whether the agent connects to an MCP server over `transport` (stdio: every agent)."""
+        return (
+            transport == "stdio"
+            or (transport == "http" and self.mcp_http)
+            or (transport == "sse" and self.mcp_sse)
+        )
+
+
+# The MCP servers of the session whose agent is being started: a session sets them around its
+# holder's start (`giving_mcp_servers`), and the connection's session/new, /load and /resume
+# send them. A context variable, as the principal's home is (sandbox.launcher.homes_of): the
+# holder between them starts agents and spares alike, and never needs to know.
+_SESSION_MCP_SERVERS: contextvars.ContextVar[tuple[McpServerConfig, ...]] = contextvars.ContextVar(
+    "sessiongate_session_mcp_servers", default=()
+)
+
+
+@contextlib.contextmanager
+def giving_mcp_servers(servers: tuple[McpServerConfig, ...]) -> Iterator[None]:
+    """ACP sessions opened within get `servers` (resolved from the config at each start)."""
+    token = _SESSION_MCP_SERVERS.set(servers)
+    try:
+        yield
+    finally:
+        _SESSION_MCP_SERVERS.reset(token)
+
+
+def session_mcp_servers() -> tuple[McpServerConfig, ...]:
+    """The MCP servers of the session being started here (none outside `giving_mcp_servers`)."""
+    return _SESSION_MCP_SERVERS.get()
 
 
 @dataclass(frozen=True, slots=True)

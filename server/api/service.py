@@ -32,6 +32,7 @@ from sessiongate.server.cluster.router import Relayed
 from sessiongate.server.cluster.routing import Routing
 from sessiongate.server.errors import (
     AgentNotAllowed,
+    McpServerNotAllowed,
     SessionBusy,
     SessionGateError,
     ShuttingDown,
@@ -41,7 +42,7 @@ from sessiongate.server.sandbox.workdir import make_first_root
 from sessiongate.server.security import principals
 from sessiongate.server.sessions.pool import SessionPool
 from sessiongate.server.sessions.session import SessionView, State
-from sessiongate.server.settings import Settings
+from sessiongate.server.settings import AgentConfig, Settings
 from sessiongate.server.turns import translate
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
@@ -134,10 +135,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
         self._refuse_if_draining()
         agent_name = request.agent or self._settings.default_agent
         cwd, cwd_problem = await self._resolve_cwd(request.cwd)
-        config = validation.create_session(request, agent_name, self._settings.agents, cwd_problem)
+        config = validation.create_session(
+            request, agent_name, self._settings.agents, cwd_problem, self._settings.mcp_servers
+        )
         _check_agent_allowed(config.name)
+        mcp_servers = tuple(dict.fromkeys(request.mcp_servers))
+        _check_mcp_servers_allowed(config, mcp_servers)
         await self._router.place(request.request_id, context)
-        session = await self._pool.create(config, str(cwd), request.request_id, dict(request.labels))
+        session = await self._pool.create(
+            config, str(cwd), request.request_id, dict(request.labels), mcp_servers
+        )
         return self._proto(session)
 
     async def Prompt(self, request: pb.PromptRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:
@@ -464,6 +471,17 @@ def _check_agent_allowed(agent: str) -> None:
         )
 
 
+def _check_mcp_servers_allowed(config: AgentConfig, names: tuple[str, ...]) -> None:
+    """Each requested MCP server is the agent's own or one the caller's principal may use."""
+    principal = principals.current()
+    for name in names:
+        if name not in config.mcp_servers and not principal.may_use_mcp_server(name):
+            raise McpServerNotAllowed(
+                f"principal {principal.name!r} may not use MCP server {name!r}",
+                metadata={"principal": principal.name, "server": name},
+            )
+
+
 def _acp_blocks(request: pb.PromptRequest) -> list[Any]:
     """The prompt as the agent receives it: ACP content blocks."""
     blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
@@ -491,6 +509,10 @@ def session_proto(session: SessionView) -> pb.Session:
         request_id=session.request_id,
         owner=session.principal,
         turn_id=session.turn_log.turn_id if session.turn_log is not None else "",
+        mcp_servers=[  # names and transports only: never an env or header value
+            pb.McpServerInfo(name=a.server.name, transport=a.server.transport, source=a.source)
+            for a in session.mcp_servers
+        ],
     )
     if session.handshake is not None:
         hs = session.handshake

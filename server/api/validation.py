@@ -15,11 +15,12 @@ from typing import Any
 from google.protobuf import duration_pb2
 from sessiongate.server.agents.state import MAX_ID
 from sessiongate.server.errors import FieldViolation, InvalidArgument, clip
-from sessiongate.server.settings import PERMISSION_POLICIES, AgentConfig, ServerLimits
+from sessiongate.server.settings import PERMISSION_POLICIES, AgentConfig, McpServerConfig, ServerLimits
 from sessiongate.server.turns import translate
 from sessiongate.v1 import session_service_pb2 as pb
 
 MAX_REQUEST_ID = 128
+MAX_MCP_SERVERS = 32  # names in one CreateSession
 MAX_SESSION_ID = 128
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
@@ -59,8 +60,10 @@ def create_session(
     agent_name: str,
     agents: Mapping[str, AgentConfig],
     cwd_problem: str | None,
+    mcp_servers: Mapping[str, McpServerConfig] | None = None,
 ) -> AgentConfig:
-    """The agent a CreateSession names; `cwd_problem` is what resolving its cwd found."""
+    """The agent a CreateSession names; `cwd_problem` is what resolving its cwd found; every
+    name in its `mcp_servers` must be one of `mcp_servers` (the configured ones)."""
     violations = []
     config = agents.get(agent_name)
     if config is None:
@@ -73,9 +76,22 @@ def create_session(
     if len(request.request_id) > MAX_REQUEST_ID:
         violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID} characters"))
     violations.extend(label_violations(request.labels))
+    if problem := mcp_servers_problem(request.mcp_servers, mcp_servers or {}):
+        violations.append(FieldViolation("mcp_servers", problem))
     raise_any(violations)
     assert config is not None
     return config
+
+
+def mcp_servers_problem(names: Any, configured: Mapping[str, McpServerConfig]) -> str | None:
+    """What is wrong with the MCP server names a CreateSession asks for, if anything."""
+    if len(names) > MAX_MCP_SERVERS:
+        return f"at most {MAX_MCP_SERVERS} names"
+    unknown = [n for n in names if n not in configured]
+    if unknown:
+        known = ", ".join(sorted(configured)) or "none"
+        return f"unknown MCP server {clip(unknown[0], 64)!r} (configured: {clip(known)})"
+    return None
 
 
 def cwd_problem(requested: str) -> str | None:

@@ -10,6 +10,7 @@ The tokens file is TOML, one table per principal; only SHA-256 hashes of tokens 
     max_live_sessions = 4              # of them with a running agent at once; absent: no own limit
     max_prompts_per_minute = 30        # absent: no limit
     roots = ["/srv/work/{principal}"]  # where its sessions may be; absent: the server's roots
+    mcp_servers = ["github"]           # operator-named MCP servers it may ask for; absent: none
 
 `roots` narrow the server's own (allowed_roots, or the workdir): each must lie inside one of
 them, and none may contain the state directory (checked at start, exit 2, and at each reload).
@@ -48,7 +49,7 @@ log = logging.getLogger("sessiongate.auth")
 
 RELOAD_INTERVAL = 2.0  # seconds between checks of the tokens file for changes
 LIMIT_KEYS = ("max_sessions", "max_live_sessions", "max_prompts_per_minute")  # whole numbers >= 1
-KEYS = ("token_sha256", "admin", "agents", "roots", *LIMIT_KEYS)
+KEYS = ("token_sha256", "admin", "agents", "roots", "mcp_servers", *LIMIT_KEYS)
 
 
 class TokensFileError(ConfigError):
@@ -68,9 +69,15 @@ class Principal:
     # Where its sessions' directories may be (resolved; the first is its default cwd); empty:
     # the server's roots.
     roots: tuple[Path, ...] = ()
+    # Operator-named MCP servers it may ask for in CreateSession (beyond its agent's own); None:
+    # every one (no authentication: ANONYMOUS).
+    mcp_servers: tuple[str, ...] | None = ()
 
     def may_use(self, agent: str) -> bool:
         return not self.agents or agent in self.agents
+
+    def may_use_mcp_server(self, name: str) -> bool:
+        return self.mcp_servers is None or name in self.mcp_servers
 
     def may_see(self, principal: str) -> bool:
         """Whether sessions of `principal` (a name) are this one's to see."""
@@ -79,7 +86,7 @@ class Principal:
 
 # No authentication configured: one trust domain. Its sessions belong to no principal, and it
 # sees every session (also those of principals of an earlier run with authentication).
-ANONYMOUS = Principal(name="", admin=True)
+ANONYMOUS = Principal(name="", admin=True, mcp_servers=None)
 
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "sessiongate_principal", default=ANONYMOUS
@@ -247,7 +254,12 @@ def _principal(name: str, table: dict[str, Any], rules: _RootRules) -> Principal
             raise TokensFileError(f"{where}: {key} must be a whole number, 1 or more")
         limits[key] = value
     roots = _roots(where, name, table.get("roots", []), rules)
-    return Principal(name=name, admin=admin, agents=tuple(agents), roots=roots, **limits)
+    mcp_servers = table.get("mcp_servers", [])
+    if not isinstance(mcp_servers, list) or not all(isinstance(m, str) and m for m in mcp_servers):
+        raise TokensFileError(f"{where}: mcp_servers must be a list of [mcp_servers.NAME] names")
+    return Principal(
+        name=name, admin=admin, agents=tuple(agents), roots=roots, mcp_servers=tuple(mcp_servers), **limits
+    )
 
 
 def _roots(where: str, name: str, templates: Any, rules: _RootRules) -> tuple[Path, ...]:

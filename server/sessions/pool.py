@@ -40,7 +40,7 @@ from sessiongate.server.errors import InvalidArgument, SessionGateError, Session
 from sessiongate.server.security import principals
 from sessiongate.server.security.quotas import PromptRate, check_room, check_shared_room
 from sessiongate.server.sessions.session import Session, SessionServices, SessionView
-from sessiongate.server.sessions.stored import State, StoredSession
+from sessiongate.server.sessions.stored import MCP_SERVERS_KEY, State, StoredSession
 from sessiongate.server.settings import AgentConfig, ServerLimits
 from sessiongate.server.state.base import WRITE_TIMEOUT, Fences, SessionRecord, Store, Tombstone
 from sessiongate.server.state.postgres import PostgresStore
@@ -170,7 +170,13 @@ class SessionPool:
         from another replica."""
         stored = self.view(record)
         return self._new_session(
-            stored.config, stored.cwd, stored.request_id, stored.labels, stored.principal, stored
+            stored.config,
+            stored.cwd,
+            stored.request_id,
+            stored.labels,
+            stored.principal,
+            stored,
+            stored.requested_mcp_servers,
         )
 
     def has(self, session_id: str) -> bool:
@@ -215,6 +221,7 @@ class SessionPool:
         labels: Mapping[str, str],
         principal: str,
         stored: StoredSession | None = None,
+        mcp_servers: tuple[str, ...] = (),
     ) -> Session:
         return Session(
             self._services,
@@ -224,13 +231,21 @@ class SessionPool:
             request_id=request_id,
             principal=principal,
             stored=stored,
+            mcp_servers=mcp_servers,
         )
 
     # ---- the map -------------------------------------------------------------------------
 
     async def create(
-        self, config: AgentConfig, cwd: str, request_id: str, labels: Mapping[str, str]
+        self,
+        config: AgentConfig,
+        cwd: str,
+        request_id: str,
+        labels: Mapping[str, str],
+        mcp_servers: tuple[str, ...] = (),
     ) -> Session:
+        """A new session (or the one `request_id` already made); `mcp_servers`: operator-named
+        servers asked for, besides the agent's own (checked by the caller)."""
         principal = principals.current()
         key = (principal.name, request_id)
         if not request_id or (key not in self._by_request_id and key not in self._pending):
@@ -249,7 +264,9 @@ class SessionPool:
             else:
                 kept_by = (s.principal for s in (*self._sessions.values(), *self._starting.values()))
                 check_room(kept_by, principals.current(), self.limits.max_stored_sessions)
-                session = self._new_session(config, cwd, request_id, labels, principal.name)
+                session = self._new_session(
+                    config, cwd, request_id, labels, principal.name, mcp_servers=mcp_servers
+                )
                 task = self._spawn(
                     self._start(session, principal.max_sessions), f"create-{session.session_id}"
                 )
@@ -555,7 +572,11 @@ def _record(session: Session) -> SessionRecord:
             "load_session": hs.load_session,
             "close_session": hs.close_session,
             "resume_session": hs.resume_session,
+            "mcp_http": hs.mcp_http,
+            "mcp_sse": hs.mcp_sse,
         }
+    if session.requested_mcp_servers:  # names only: the config has the rest, secrets included
+        info[MCP_SERVERS_KEY] = list(session.requested_mcp_servers)
     return SessionRecord(
         session_id=session.session_id,
         agent=session.config.name,

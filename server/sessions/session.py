@@ -24,7 +24,7 @@ from typing import Any
 
 from sessiongate.server import logs
 from sessiongate.server.agents.holder import AgentFactory, AgentHolder, real_agent
-from sessiongate.server.agents.protocol import AgentProcess
+from sessiongate.server.agents.protocol import AgentProcess, giving_mcp_servers
 from sessiongate.server.agents.slots import Slots
 from sessiongate.server.agents.spares import SparePool
 from sessiongate.server.agents.state import AgentState
@@ -37,7 +37,13 @@ from sessiongate.server.errors import (
     TurnTimeout,
 )
 from sessiongate.server.sessions.lock import SessionLock
-from sessiongate.server.sessions.stored import State, StoredSession
+from sessiongate.server.sessions.stored import (
+    AttachedMcpServer,
+    State,
+    StoredSession,
+    attached_mcp_servers,
+    missing_mcp_servers,
+)
 from sessiongate.server.settings import AgentConfig, ServerLimits
 from sessiongate.server.supervisor import Supervisor
 from sessiongate.server.turns.questions import Questions
@@ -98,9 +104,11 @@ class Session:
         request_id: str,
         principal: str = "",
         stored: StoredSession | None = None,
+        mcp_servers: tuple[str, ...] = (),
     ) -> None:
         """A new session, or (`stored`) one brought back from its record as SUSPENDED: its id,
-        times, ACP session, handshake and agent state are the record's."""
+        times, ACP session, handshake and agent state are the record's. `mcp_servers`: the
+        operator-named MCP servers asked for besides the agent's own (the record's, restored)."""
         limits, supervisor = services.limits, services.supervisor
         self.session_id = stored.session_id if stored is not None else new_session_id()
         self.config = config
@@ -108,6 +116,10 @@ class Session:
         self.labels = dict(labels)
         self.request_id = request_id
         self.principal = principal  # the principal that created it (empty without authentication)
+        # Names only, kept with the session: each agent start resolves them from the config, so the
+        # same servers come back on every load/resume and no secret is ever stored.
+        self.requested_mcp_servers = tuple(mcp_servers)
+        self._mcp_missing: tuple[str, ...] = ()  # asked for, no longer configured: said at the next turn
         self.limits = limits
         self.create_time = (stored.create_time if stored is not None else 0.0) or time.time()
         self.last_active_time = (stored.last_active_time if stored is not None else 0.0) or self.create_time
@@ -425,11 +437,20 @@ class Session:
         self._check_open()
         if self.holder.alive:  # the usual case: nothing to start, nothing to store
             return
+        missing = missing_mcp_servers(self.config, self.requested_mcp_servers)
+        if missing:
+            log.warning(
+                "MCP servers no longer configured, starting without them session=%s servers=%s",
+                self.session_id,
+                ",".join(missing),
+            )
         try:
-            opened = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
+            with giving_mcp_servers(tuple(a.server for a in self.mcp_servers)):
+                opened = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
         except SessionGateError:
             self._check_open()  # closed, killed or fenced meanwhile: that, not the stopped start
             raise
+        self._mcp_missing = missing
         if self.agent_session_id and not opened.resumed:
             self._context_reset = True
         if not opened.resumed:
@@ -515,11 +536,22 @@ class Session:
 
         return on_update
 
+    @property
+    def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
+        """The MCP servers its agent is given (the agent's own, then the requested), as configured now."""
+        return attached_mcp_servers(self.config, self.requested_mcp_servers)
+
     def take_notice(self) -> Notice | None:
-        if not self._context_reset:
-            return None
-        self._context_reset = False
-        return Notice("context_reset", "the agent was restarted without its history; context was reset")
+        if self._context_reset:
+            self._context_reset = False
+            return Notice("context_reset", "the agent was restarted without its history; context was reset")
+        if self._mcp_missing:
+            missing, self._mcp_missing = self._mcp_missing, ()
+            return Notice(
+                "mcp_servers_missing",
+                f"MCP servers no longer configured, the agent started without them: {', '.join(missing)}",
+            )
+        return None
 
     def recovering(self) -> None:
         self.lock.hand_over("recovery")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from sessiongate.server.agents.protocol import Handshake
 from sessiongate.server.agents.state import AgentState
-from sessiongate.server.settings import AgentConfig
+from sessiongate.server.settings import AgentConfig, McpServerConfig
 from sessiongate.server.state.base import SessionRecord
 from sessiongate.server.turns.questions import Questions
 from sessiongate.server.turns.turn import Turn
@@ -51,6 +51,8 @@ class StoredSession:
     agent_state: AgentState
     closed: bool = False
     live_logs: dict[str, TurnLog] = field(default_factory=dict)  # none: no turn runs here
+    # Operator-named MCP servers CreateSession asked for (names only: the config has the rest).
+    requested_mcp_servers: tuple[str, ...] = ()
 
     @classmethod
     def from_record(
@@ -69,7 +71,12 @@ class StoredSession:
             handshake=handshake(record.agent_info),
             agent_state=AgentState.from_json(record.agent_state),
             closed=closed,
+            requested_mcp_servers=requested_mcp_servers(record.agent_info),
         )
+
+    @property
+    def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
+        return attached_mcp_servers(self.config, self.requested_mcp_servers)
 
     @property
     def state(self) -> State:
@@ -101,9 +108,44 @@ class StoredSession:
         return Questions(self.session_id)
 
 
+@dataclass(frozen=True, slots=True)
+class AttachedMcpServer:
+    """An MCP server a session's agent is given, and why: "agent" (its config) or "request"."""
+
+    server: McpServerConfig
+    source: str
+
+
+def attached_mcp_servers(config: AgentConfig, requested: tuple[str, ...]) -> tuple[AttachedMcpServer, ...]:
+    """The agent's own MCP servers, then the requested ones, as the config has them now: a name
+    no longer configured is left out (`missing_mcp_servers` names it)."""
+    catalog = config.mcp_catalog
+    found = [AttachedMcpServer(catalog[n], "agent") for n in config.mcp_servers if n in catalog]
+    found += [
+        AttachedMcpServer(catalog[n], "request")
+        for n in dict.fromkeys(requested)
+        if n in catalog and n not in config.mcp_servers
+    ]
+    return tuple(found)
+
+
+def missing_mcp_servers(config: AgentConfig, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested MCP servers the config no longer has (removed since the session was made)."""
+    return tuple(n for n in dict.fromkeys(requested) if n not in config.mcp_catalog)
+
+
+MCP_SERVERS_KEY = "mcp_servers"  # in a record's agent_info: the requested names (never secrets)
+
+
+def requested_mcp_servers(info: Mapping[str, object]) -> tuple[str, ...]:
+    """The MCP server names a record keeps (`agent_info`), ignoring anything not a string."""
+    names = info.get(MCP_SERVERS_KEY)
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
+
+
 def handshake(info: Mapping[str, object]) -> Handshake | None:
-    """The agent's handshake as a record keeps it (`agent_info`; empty: never started)."""
-    if not info:
+    """The agent's handshake as a record keeps it (`agent_info`; no name: never started)."""
+    if "name" not in info:
         return None
     return Handshake(
         name=str(info.get("name", "")),
@@ -113,4 +155,6 @@ def handshake(info: Mapping[str, object]) -> Handshake | None:
         auth_methods=(),
         close_session=bool(info.get("close_session", False)),
         resume_session=bool(info.get("resume_session", False)),
+        mcp_http=bool(info.get("mcp_http", False)),
+        mcp_sse=bool(info.get("mcp_sse", False)),
     )
