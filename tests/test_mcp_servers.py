@@ -3,8 +3,8 @@ and per principal; CreateSession's `mcp_servers`; what the agent is given at ses
 again at session/load; and no secret value anywhere a client, a log or the database sees.
 
 What the agent received is recorded by a tiny raw JSON-RPC agent written by these tests
-(`RECORDER`): the built-in agent's `/mcp list` directive was not committed yet when this was
-written.
+(`RECORDER`, exact ACP payloads), and proved end to end with the built-in agent's `/mcp list`
+and `/mcp call` against tests/mcp_server.py (a real MCP server over stdio).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from sessiongate.server.security.principals import TokensFileError, TokenTable, 
 from sessiongate.server.settings import AgentConfig, ConfigError, McpServerConfig, load_settings
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import Gate, GateFactory, expect_error
+from tests.conftest import Gate, GateFactory, echo_agent, expect_error, reply_text
 
+MCP_SERVER_SCRIPT = Path(__file__).with_name("mcp_server.py")
 SECRET = "s3cr3t-mcp-value-7f1e"  # in the server's environment only
 SECRET_ENV = "SG_TEST_MCP_SECRET"
 HEADER_SECRET = "hdr-s3cr3t-91ac"
@@ -332,3 +333,37 @@ async def test_principals_use_only_the_servers_they_are_allowed(
         pb.CreateSessionRequest(agent="rec", mcp_servers=["tools"]), metadata=bob, timeout=30
     )
     assert ("tools", "stdio", "request") in shown(allowed)
+
+
+async def test_the_builtin_agent_reaches_a_named_servers_tool_with_its_secret(
+    make_gate: GateFactory, tmp_path: Path, secrets_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    catalog = {
+        "testtools": McpServerConfig(
+            "testtools",
+            "stdio",
+            command=sys.executable,
+            args=(str(MCP_SERVER_SCRIPT), "stdio"),
+            env_from=(SECRET_ENV,),
+        )
+    }
+    agent = echo_agent("echo-mcp", tmp_path / "echo-state")
+    gate: Gate = await make_gate(
+        agents={"echo-mcp": agent}, settings={"mcp_servers": catalog}, idle_ttl=1.0, sweep_interval=0.2
+    )
+    created = await gate.stub.CreateSession(
+        pb.CreateSessionRequest(agent="echo-mcp", mcp_servers=["testtools"]), timeout=30
+    )
+    listed = reply_text(await gate.prompt(created.session_id, "/mcp list"))
+    assert listed.startswith("testtools stdio") and SECRET_ENV in listed and SECRET not in listed
+    call = f'/mcp call testtools secret_env {{"name": "{SECRET_ENV}"}}'
+    events = await gate.prompt(created.session_id, call, timeout=60)
+    assert "set" in reply_text(events) and "unset" not in reply_text(events)
+    # Suspended, then loaded again: the agent has the same server.
+    await gate.wait_state(created.session_id, pb.SESSION_STATE_SUSPENDED)
+    again = await gate.prompt(created.session_id, "/mcp list")
+    assert reply_text(again) == listed
+    for event in [*events, *again]:
+        assert SECRET.encode() not in event.SerializeToString()
+    assert SECRET not in caplog.text
