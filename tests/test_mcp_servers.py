@@ -9,6 +9,7 @@ and `/mcp call` against tests/mcp_server.py (a real MCP server over stdio).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -184,6 +185,21 @@ def recorded(tmp_path: Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+async def prompt_once_suspended(gate: Gate, session_id: str, text: str) -> list[pb.PromptEvent]:
+    """Wait for the idle suspend, then prompt (session/load). GetSession says SUSPENDED while the
+    suspend still ends the agent's group (SESSION_BUSY meanwhile): retried until it is done."""
+    await gate.wait_state(session_id, pb.SESSION_STATE_SUSPENDED)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:
+        try:
+            return await gate.prompt(session_id, text)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.1)
+
+
 def shown(session: pb.Session) -> list[tuple[str, str, str]]:
     return [(m.name, m.transport, m.source) for m in session.mcp_servers]
 
@@ -231,8 +247,7 @@ async def test_named_servers_reach_the_agent_and_show_without_secrets(
         },
     ]
     # Suspended (idle), then a prompt loads it again: the same servers, from the config.
-    await gate.wait_state(created.session_id, pb.SESSION_STATE_SUSPENDED)
-    await gate.prompt(created.session_id, "hello")
+    await prompt_once_suspended(gate, created.session_id, "hello")
     first, again = recorded(tmp_path, "rec")
     assert again["method"] == "session/load" and again["mcpServers"] == first["mcpServers"]
     fetched = await gate.stub.GetSession(pb.GetSessionRequest(session_id=created.session_id), timeout=10)
@@ -361,8 +376,7 @@ async def test_the_builtin_agent_reaches_a_named_servers_tool_with_its_secret(
     events = await gate.prompt(created.session_id, call, timeout=60)
     assert "set" in reply_text(events) and "unset" not in reply_text(events)
     # Suspended, then loaded again: the agent has the same server.
-    await gate.wait_state(created.session_id, pb.SESSION_STATE_SUSPENDED)
-    again = await gate.prompt(created.session_id, "/mcp list")
+    again = await prompt_once_suspended(gate, created.session_id, "/mcp list")
     assert reply_text(again) == listed
     for event in [*events, *again]:
         assert SECRET.encode() not in event.SerializeToString()
