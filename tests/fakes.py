@@ -20,7 +20,7 @@ from typing import Any
 
 import acp
 from acp import schema
-from sessiongate.server.agents.protocol import AgentProcess, Handshake, UpdateSink
+from sessiongate.server.agents.protocol import AgentProcess, Handshake, McpServers, UpdateSink
 from sessiongate.server.errors import AgentUnavailable
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.sessions.pool import SessionPool
@@ -87,14 +87,18 @@ class FakeAgent:
         self.handshake = Handshake("fake", "1", "Fake", self.behaviour.load_session, ())
         return self.handshake
 
-    async def load(self, cwd: str, session_id: str, timeout: float) -> schema.LoadSessionResponse:
+    async def load(
+        self, cwd: str, session_id: str, timeout: float, mcp_servers: McpServers = ()
+    ) -> schema.LoadSessionResponse:
         if self.behaviour.refuse_load:
             # An error answer (a JSON-RPC code), as AgentConnection reports one; the agent lives on.
             raise AgentUnavailable(f"fake agent: unknown session {session_id}", metadata={"code": -32602})
         self.sessions.append(session_id)
         return schema.LoadSessionResponse()
 
-    async def resume(self, cwd: str, session_id: str, timeout: float) -> schema.ResumeSessionResponse:
+    async def resume(
+        self, cwd: str, session_id: str, timeout: float, mcp_servers: McpServers = ()
+    ) -> schema.ResumeSessionResponse:
         raise AgentUnavailable("fake agent: no session/resume")  # not advertised either
 
     async def set_mode(self, session_id: str, mode_id: str) -> None:
@@ -108,7 +112,9 @@ class FakeAgent:
     async def close_session(self, session_id: str, timeout: float) -> None:
         self.closed_sessions.append(session_id)
 
-    async def new_session(self, cwd: str, timeout: float) -> schema.NewSessionResponse:
+    async def new_session(
+        self, cwd: str, timeout: float, mcp_servers: McpServers = ()
+    ) -> schema.NewSessionResponse:
         session_id = f"fake-{self.pid_value}-{len(self.sessions)}"
         self.sessions.append(session_id)
         return schema.NewSessionResponse(session_id=session_id)

@@ -26,9 +26,9 @@ from sessiongate.server.agents.protocol import (
     AgentUpdate,
     Asker,
     Handshake,
+    McpServers,
     StateWatcher,
     UpdateSink,
-    session_mcp_servers,
 )
 from sessiongate.server.agents.requests import AgentRequests
 from sessiongate.server.agents.state import STATE_UPDATES, TurnUsage
@@ -196,7 +196,7 @@ class AgentConnection:
         cwd: str,
         session_id: str,
         timeout: float,
-        mcp_servers: tuple[McpServerConfig, ...] | None = None,
+        mcp_servers: McpServers = (),
     ) -> schema.LoadSessionResponse:
         """Resume an ACP session with `session/load` within `timeout`; returns the agent's
         answer (its modes and config options).
@@ -221,7 +221,7 @@ class AgentConnection:
         cwd: str,
         session_id: str,
         timeout: float,
-        mcp_servers: tuple[McpServerConfig, ...] | None = None,
+        mcp_servers: McpServers = (),
     ) -> schema.ResumeSessionResponse:
         """Resume an ACP session with `session/resume` (no history replayed) within `timeout`;
         returns the agent's answer (its modes and config options)."""
@@ -280,12 +280,11 @@ class AgentConnection:
             await self._call(self._connection().close_session(session_id=session_id), "session/close")
 
     async def new_session(
-        self, cwd: str, timeout: float, mcp_servers: tuple[McpServerConfig, ...] | None = None
+        self, cwd: str, timeout: float, mcp_servers: McpServers = ()
     ) -> schema.NewSessionResponse:
         """Open a new ACP session within `timeout`; returns the agent's answer (its id, modes
-        and config options). `mcp_servers` (new, load and resume alike; None: those of the
-        session being started, protocol.giving_mcp_servers) are given to the agent, their
-        secret values read from the server's environment now."""
+        and config options). `mcp_servers` (new, load and resume alike) are given to the
+        agent, their secret values read from the server's environment now."""
         async with self._bounded(timeout, "open a session"):
             response: schema.NewSessionResponse = await self._call(
                 self._connection().new_session(cwd=cwd, mcp_servers=self._mcp_servers(mcp_servers)),
@@ -294,10 +293,9 @@ class AgentConnection:
             self._cwds[response.session_id] = cwd
             return response
 
-    def _mcp_servers(self, servers: tuple[McpServerConfig, ...] | None) -> list[AcpMcpServer]:
+    def _mcp_servers(self, servers: McpServers) -> list[AcpMcpServer]:
         """The ACP form of a session's MCP servers; one over a transport the agent did not
         advertise is McpTransportUnsupported (before anything is sent)."""
-        servers = session_mcp_servers() if servers is None else servers
         handshake = self.handshake or Handshake("", "", "", False, ())
         for server in servers:
             if not handshake.takes_mcp_transport(server.transport):

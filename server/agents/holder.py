@@ -24,7 +24,7 @@ from typing import Any
 
 from sessiongate.server.agents.connection import AgentConnection
 from sessiongate.server.agents.logins import AgentLogins
-from sessiongate.server.agents.protocol import AgentProcess
+from sessiongate.server.agents.protocol import AgentProcess, McpServers
 from sessiongate.server.agents.slots import Slots
 from sessiongate.server.agents.spares import SparePool
 from sessiongate.server.errors import AgentAuthRequired, AgentUnavailable, CwdNotAllowed, SessionGateError
@@ -118,13 +118,16 @@ class AgentHolder:
     def stopping(self) -> bool:
         return self._stopping is not None and not self._stopping.done()
 
-    async def ensure(self, cwd: str, resume_id: str, requester: object) -> Opened:
+    async def ensure(
+        self, cwd: str, resume_id: str, requester: object, mcp_servers: McpServers = ()
+    ) -> Opened:
         """Make sure an agent runs with the ACP session open.
 
         A running agent is kept. Otherwise one is started within the start timeout, and
         `resume_id` (if any) is resumed or loaded; if both are refused a new session is opened
         (resumed=False, the caller tells the client its context was reset). On any failure, or
         if the caller is cancelled, nothing is left running and the slot is free again.
+        `mcp_servers` go to the agent with whichever of new, load or resume opens the session.
         """
         if self.alive:
             return Opened(resume_id, True)
@@ -135,11 +138,13 @@ class AgentHolder:
         workdir = await open_workdir(cwd, roots_of(self._roots, _principal(requester)))
         try:
             with homes_of(_principal(requester)):
-                return await self._start(workdir, resume_id, requester, stops)
+                return await self._start(workdir, resume_id, requester, stops, mcp_servers)
         finally:
             workdir.close()  # the agent has its own hold on the directory by now
 
-    async def _start(self, workdir: WorkDir, resume_id: str, requester: object, stops: int) -> Opened:
+    async def _start(
+        self, workdir: WorkDir, resume_id: str, requester: object, stops: int, mcp_servers: McpServers
+    ) -> Opened:
         await self._slots.acquire(requester)  # may suspend another idle session, or PoolExhausted
         if self._stops != stops:  # stopped while we waited: the slot is this start's alone
             self._slots.release()
@@ -157,7 +162,7 @@ class AgentHolder:
                     if self._on_agent_start is not None:
                         self._on_agent_start(self.config.name, True)
                 try:
-                    opened = await self._open(agent, workdir.path, resume_id)
+                    opened = await self._open(agent, workdir.path, resume_id, mcp_servers)
                 except _Unanswered:
                     # Stuck, gone, or still loading (it could replay the history later): a
                     # fresh agent, in the same slot, opens a new session.
@@ -168,7 +173,7 @@ class AgentHolder:
                     started = False
                     await agent.start(self.limits.agent_start_timeout)
                     started = True
-                    opened = await self._new(agent, workdir.path)
+                    opened = await self._new(agent, workdir.path, mcp_servers)
         except BaseException as exc:
             if not started and self._on_agent_start is not None and isinstance(exc, SessionGateError):
                 self._on_agent_start(self.config.name, False)
@@ -239,7 +244,7 @@ class AgentHolder:
         finally:
             workdir.close()
 
-    async def _open(self, agent: AgentProcess, cwd: str, resume_id: str) -> Opened:
+    async def _open(self, agent: AgentProcess, cwd: str, resume_id: str, mcp_servers: McpServers) -> Opened:
         """Resume `resume_id` with session/resume if the agent offers it (no history replayed),
         else, or if that is refused, with session/load; else, or if that is refused too, a new
         session. Both ways share RESUME_SHARE of the start timeout; one that is not answered in
@@ -254,7 +259,9 @@ class AgentHolder:
             for method, way in ways:
                 try:
                     return Opened(
-                        resume_id, True, await way(cwd, resume_id, max(0.0, deadline - loop.time()))
+                        resume_id,
+                        True,
+                        await way(cwd, resume_id, max(0.0, deadline - loop.time()), mcp_servers),
                     )
                 except AgentAuthRequired:
                     raise
@@ -266,10 +273,10 @@ class AgentHolder:
                     log.warning("%s refused agent=%s: %s", method, self.config.name, exc)
             if ways:
                 log.warning("opening a new ACP session instead agent=%s", self.config.name)
-        return await self._new(agent, cwd)
+        return await self._new(agent, cwd, mcp_servers)
 
-    async def _new(self, agent: AgentProcess, cwd: str) -> Opened:
-        response = await agent.new_session(cwd, self.limits.agent_start_timeout)
+    async def _new(self, agent: AgentProcess, cwd: str, mcp_servers: McpServers) -> Opened:
+        response = await agent.new_session(cwd, self.limits.agent_start_timeout, mcp_servers)
         return Opened(response.session_id, False, response)
 
     async def stop(self, force: bool = False) -> None:

@@ -8,8 +8,7 @@ updates, and the connection reports back with the items defined here.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +18,8 @@ from sessiongate.server.sandbox.files import FileWriteReport
 from sessiongate.server.sandbox.terminals import TerminalReport
 from sessiongate.server.settings import AgentConfig, McpServerConfig
 
+# A session's MCP servers, given to the agent at session/new, /load and /resume alike.
+McpServers = tuple[McpServerConfig, ...]
 READ_KINDS = frozenset({"read", "search", "think"})
 
 
@@ -59,30 +60,6 @@ class Handshake:
             or (transport == "http" and self.mcp_http)
             or (transport == "sse" and self.mcp_sse)
         )
-
-
-# The MCP servers of the session whose agent is being started: a session sets them around its
-# holder's start (`giving_mcp_servers`), and the connection's session/new, /load and /resume
-# send them. A context variable, as the principal's home is (sandbox.launcher.homes_of): the
-# holder between them starts agents and spares alike, and never needs to know.
-_SESSION_MCP_SERVERS: contextvars.ContextVar[tuple[McpServerConfig, ...]] = contextvars.ContextVar(
-    "sessiongate_session_mcp_servers", default=()
-)
-
-
-@contextlib.contextmanager
-def giving_mcp_servers(servers: tuple[McpServerConfig, ...]) -> Iterator[None]:
-    """ACP sessions opened within get `servers` (resolved from the config at each start)."""
-    token = _SESSION_MCP_SERVERS.set(servers)
-    try:
-        yield
-    finally:
-        _SESSION_MCP_SERVERS.reset(token)
-
-
-def session_mcp_servers() -> tuple[McpServerConfig, ...]:
-    """The MCP servers of the session being started here (none outside `giving_mcp_servers`)."""
-    return _SESSION_MCP_SERVERS.get()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,11 +179,15 @@ class AgentProcess(Protocol):
 
     async def authenticate(self, method_id: str) -> None: ...
 
-    async def load(self, cwd: str, session_id: str, timeout: float) -> Any: ...
+    async def load(self, cwd: str, session_id: str, timeout: float, mcp_servers: McpServers = ()) -> Any: ...
 
-    async def resume(self, cwd: str, session_id: str, timeout: float) -> Any: ...
+    async def resume(
+        self, cwd: str, session_id: str, timeout: float, mcp_servers: McpServers = ()
+    ) -> Any: ...
 
-    async def new_session(self, cwd: str, timeout: float) -> schema.NewSessionResponse: ...
+    async def new_session(
+        self, cwd: str, timeout: float, mcp_servers: McpServers = ()
+    ) -> schema.NewSessionResponse: ...
 
     async def set_mode(self, session_id: str, mode_id: str) -> None: ...
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from sessiongate.server import logs
 from sessiongate.server.agents.holder import AgentFactory, AgentHolder, real_agent
-from sessiongate.server.agents.protocol import AgentProcess, giving_mcp_servers
+from sessiongate.server.agents.protocol import AgentProcess
 from sessiongate.server.agents.slots import Slots
 from sessiongate.server.agents.spares import SparePool
 from sessiongate.server.agents.state import AgentState
@@ -445,8 +445,8 @@ class Session:
                 ",".join(missing),
             )
         try:
-            with giving_mcp_servers(tuple(a.server for a in self.mcp_servers)):
-                opened = await self.holder.ensure(self.cwd, self.agent_session_id, requester=self)
+            servers = tuple(a.server for a in self.mcp_servers)
+            opened = await self.holder.ensure(self.cwd, self.agent_session_id, self, servers)
         except SessionGateError:
             self._check_open()  # closed, killed or fenced meanwhile: that, not the stopped start
             raise
