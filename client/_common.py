@@ -127,13 +127,20 @@ def duration(seconds: float | None) -> duration_pb2.Duration | None:
 
 
 def create_request(
-    agent: str, cwd: str, request_id: str | None, labels: Mapping[str, str] | None
+    agent: str,
+    cwd: str,
+    request_id: str | None,
+    labels: Mapping[str, str] | None,
+    mcp_servers: Sequence[str] = (),
 ) -> pb.CreateSessionRequest:
+    if isinstance(mcp_servers, str):  # one name passed bare would become its letters
+        raise TypeError("mcp_servers takes a list of names, not a string")
     return pb.CreateSessionRequest(
         agent=agent,
         cwd=cwd,
         request_id=request_id if request_id is not None else f"sdk-{uuid.uuid4().hex}",
         labels=dict(labels or {}),
+        mcp_servers=list(mcp_servers),
     )
 
 

@@ -138,13 +138,18 @@ class AsyncSessionClient:
         *,
         request_id: str | None = None,
         labels: Mapping[str, str] | None = None,
+        mcp_servers: Sequence[str] = (),
         timeout: float = CREATE_TIMEOUT,
     ) -> pb.Session:
         """Start a session on `agent` (default: the server's). A request_id is generated when
-        none is given, so the transparent retries of a lost response never create two."""
-        return await self._call(
-            self._stub.CreateSession, create_request(agent, cwd, request_id, labels), timeout
-        )
+        none is given, so the transparent retries of a lost response never create two.
+
+        `mcp_servers`: names of the server's operator-named MCP servers to give the agent, on
+        top of its own (the session's `mcp_servers` lists them all). An unknown name raises
+        InvalidRequest, one the principal may not use McpServerNotAllowed, an http/sse one the
+        agent cannot reach McpTransportUnsupported."""
+        request = create_request(agent, cwd, request_id, labels, mcp_servers)
+        return await self._call(self._stub.CreateSession, request, timeout)
 
     def prompt(
         self,

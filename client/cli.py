@@ -5,10 +5,10 @@ Exit codes follow the gRPC status of the failure, so scripts can branch on them:
 permission, off a terminal; a `watch --from` older than what the turn keeps), 3 not found,
 4 busy or pool exhausted (retry later), 5 stalled or timed out, 6 unavailable (server or
 agent; also a call the server ended, e.g. shutting down), 7 a failed precondition (the agent
-needs credentials, or refused or does not offer a mode, config option or auth method),
-8 no valid token, 9 not allowed, 130 interrupted (the turn was cancelled, except after
-`prompt --detach` or during `watch`: then it runs on), 141 output closed early (e.g.
-`| head`; the turn was cancelled unless detached).
+needs credentials, or refused or does not offer a mode, config option, auth method or an MCP
+server's transport), 8 no valid token, 9 not allowed (an agent, an MCP server), 130
+interrupted (the turn was cancelled, except after `prompt --detach` or during `watch`: then it
+runs on), 141 output closed early (e.g. `| head`; the turn was cancelled unless detached).
 
 The shared options (--target, --token, --tls-*, --json) go before or after the command.
 `sessiongate completion bash|zsh|tcsh` prints a shell completion script (made by shtab).
@@ -232,6 +232,13 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
         "--cwd", default="", help="working directory for the agent (a relative one: from here)"
     )
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label, repeatable")
+    parser.add_argument(
+        "--mcp",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="give the agent this MCP server of the server's config ([mcp_servers.NAME]), repeatable",
+    )
 
 
 def _seq(value: str) -> int:
@@ -273,7 +280,7 @@ def _agents(client: SessionClient, opts: argparse.Namespace) -> None:
 
 
 def _create(client: SessionClient, opts: argparse.Namespace) -> None:
-    session = client.create_session(opts.agent, _cwd(opts), labels=_labels(opts.label))
+    session = client.create_session(opts.agent, _cwd(opts), labels=_labels(opts.label), mcp_servers=opts.mcp)
     print(_json(session) if opts.json else session.session_id)
 
 
@@ -284,6 +291,12 @@ def _cwd(opts: argparse.Namespace) -> str:
 
 
 def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
+    if opts.session and opts.mcp:  # said before reading a prompt from standard input
+        raise UsageError(
+            "--mcp gives MCP servers to the session this command creates, and --session names one "
+            "that exists (its servers were chosen when it was created)",
+            hint="drop --session to create a session with them, or drop --mcp",
+        )
     text = _prompt_text(opts)
     interactive = sys.stdin.isatty()  # the person who answers questions is at this terminal
     if not interactive and _would_ask(client, opts):
@@ -294,7 +307,10 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
         )
     session_id = opts.session
     if not session_id:
-        session_id = client.create_session(opts.agent, _cwd(opts), labels=_labels(opts.label)).session_id
+        created = client.create_session(
+            opts.agent, _cwd(opts), labels=_labels(opts.label), mcp_servers=opts.mcp
+        )
+        session_id = created.session_id
         print(f"session {session_id}", file=sys.stderr)
     renderer = _renderer(opts)
     asker = TerminalAsker(
@@ -612,11 +628,18 @@ def _get(client: SessionClient, opts: argparse.Namespace) -> None:
         print(_json(session))
         return
     for key, value in json_format.MessageToDict(session, preserving_proto_field_name=True).items():
-        if key not in STATE_FIELDS:
+        if key == "mcp_servers":
+            print(printable(f"{key:<18} {mcp_servers_text(session.mcp_servers)}"))
+        elif key not in STATE_FIELDS:
             shown = pairs(value) if isinstance(value, dict) else value  # labels, agent_info
             print(printable(f"{key:<18} {shown}"))
     for line in _state_lines(session):
         print(printable(line))  # titles, names and descriptions come from the agent
+
+
+def mcp_servers_text(servers: Iterable[pb.McpServerInfo]) -> str:
+    """`NAME (TRANSPORT, SOURCE), …`: what a session's agent was given, by name only."""
+    return ", ".join(f"{s.name} ({s.transport}, {s.source})" for s in servers)
 
 
 def _state_lines(session: pb.Session) -> list[str]:
@@ -780,6 +803,9 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "REQUEST_NOT_FOUND": "no such question on this session (it belongs to another session?)",
         "REQUEST_ANSWERED": "that question was already answered, expired or cancelled",
         "AGENT_REFUSED": "the agent said no; see the message above",
+        "MCP_SERVER_NOT_ALLOWED": "your principal may not use that MCP server: ask the operator to add it "
+        "to your mcp_servers in the tokens file",
+        "MCP_TRANSPORT_UNSUPPORTED": "that agent cannot use http/sse MCP servers: use a stdio one",
         "TURN_NOT_FOUND": f"see the session's turns with `sessiongate history {session}`",
         "SEQ_NOT_KEPT": _seq_hint(error, opts),
         "TURN_INTERRUPTED": "the server stopped during this turn; what it kept is in "
@@ -790,6 +816,8 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     }
     if error.reason in hints:
         return printable(hints[error.reason])
+    if "mcp_servers" in error.violations:
+        return "--mcp takes the name of one of the MCP servers the server's config has (listed above)"
     cwd = _cwd(opts) if getattr(opts, "cwd", "") else ""
     said = error.violations.get("cwd", "does not exist")
     if "does not exist" not in said and cwd and not os.path.exists(cwd):

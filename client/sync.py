@@ -122,10 +122,12 @@ class SessionClient:
         *,
         request_id: str | None = None,
         labels: Mapping[str, str] | None = None,
+        mcp_servers: Sequence[str] = (),
         timeout: float = CREATE_TIMEOUT,
     ) -> pb.Session:
         """See AsyncSessionClient.create_session."""
-        return self._call(self._stub.CreateSession, create_request(agent, cwd, request_id, labels), timeout)
+        request = create_request(agent, cwd, request_id, labels, mcp_servers)
+        return self._call(self._stub.CreateSession, request, timeout)
 
     def prompt(
         self,
