@@ -255,7 +255,7 @@ async def test_the_proxy_refuses_what_a_hostile_agent_sends_its_socket_itself(
     monkeypatch.setattr(network_proxy, "MAX_CONNECTIONS", 1)
     config = AgentConfig(name="hostile", command="x", allowed_domains=("metadata.test",))
     try:
-        path = proxy.open(config, "bob", "s1", None)
+        path = proxy.open(config, "bob", "s1", None).path
         huge = b"GET http://metadata.test/ HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"
         assert (await ask(path, huge)).startswith(b"HTTP/1.1 431")
         assert (await ask(path, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 400")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -45,6 +47,7 @@ from sessiongate.server.errors import (
     clip,
 )
 from sessiongate.server.sandbox.launcher import Launcher
+from sessiongate.server.sandbox.network_proxy import MAX_MCP_DESTINATIONS, address_refused
 from sessiongate.server.sandbox.terminals import Terminals
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig, McpServerConfig
@@ -67,6 +70,27 @@ def protocol_error(agent: str, method: str, exc: ValueError) -> AgentProtocolErr
         f"agent {agent!r} answered {method} with an invalid result: {clip(str(exc))}",
         metadata={"agent": agent, "method": method, "error": clip(str(exc))},
     )
+
+
+def mcp_destination(url: str) -> tuple[str, int]:
+    """The (host, port) an http/sse MCP server's `url` names; ValueError when it names none."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def unreachable_literal(host: str, allow_private: bool) -> str | None:
+    """Why a sandbox behind the proxy cannot reach `host` when it is an address (or localhost):
+    "loopback" (inside, its loopback is its own), "link-local", "reserved", "private"; else None
+    (a name: the proxy checks what it resolves to at each connection)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return "loopback"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return address_refused(host, allow_private)
 
 
 def acp_mcp_server(server: McpServerConfig, environ: Mapping[str, str]) -> AcpMcpServer:
@@ -305,7 +329,53 @@ class AgentConnection:
                     "does not advertise (its mcpCapabilities)",
                     metadata={"agent": agent, "server": server.name, "transport": server.transport},
                 )
+        self._reach_mcp_hosts([server for server in servers if server.transport != "stdio"])
         return [acp_mcp_server(server, os.environ) for server in servers]
+
+    def _reach_mcp_hosts(self, servers: list[McpServerConfig]) -> None:
+        """Let this agent's sandbox reach its session's http/sse MCP servers, exactly their
+        host:port, before the session is opened (a stdio server is the agent's child: inside its
+        sandbox, under its network rules already). The proxy box is this agent process's own, and
+        the process is this session's, so no other session gains them. One it cannot reach is
+        McpTransportUnsupported: network "none", or an address the proxy refuses. An
+        operator-named server may be at a private address (that one, not the range); a
+        client-supplied one only with allow_private_destinations, like allowed_domains."""
+        if not servers or self.group.on_host_network:
+            return
+        agent, network = self.config.name, self.group.network
+        if network is None:
+            first = servers[0]
+            raise McpTransportUnsupported(
+                f"MCP server {first.name!r} uses {first.transport}, and agent {agent!r} runs "
+                'with network = "none": its sandbox reaches no host',
+                metadata={"agent": agent, "server": first.name, "network": "none"},
+            )
+        destinations: list[tuple[str, int, bool]] = []
+        for server in servers:
+            metadata = {"agent": agent, "server": server.name, "transport": server.transport}
+            named = self.config.mcp_catalog.get(server.name) == server  # by the operator
+            try:
+                host, port = mcp_destination(server.url)
+            except ValueError:
+                raise McpTransportUnsupported(
+                    f"MCP server {server.name!r} has no host in its url", metadata=metadata
+                ) from None
+            why = unreachable_literal(host, named or self.config.allow_private_destinations)
+            if why is not None:
+                hint = ": its loopback is its own, give the server another address" * (why == "loopback")
+                raise McpTransportUnsupported(
+                    f"MCP server {server.name!r} is at a {why} address ({clip(host, 100)}), which agent "
+                    f'{agent!r} cannot reach from its sandbox (network = "proxy"){hint}',
+                    metadata={**metadata, "address": why},
+                )
+            destinations.append((host, port, named))
+        try:
+            network.allow_mcp(destinations)
+        except ValueError:
+            raise McpTransportUnsupported(
+                f"agent {agent!r} cannot reach more than {MAX_MCP_DESTINATIONS} MCP hosts",
+                metadata={"agent": agent},
+            ) from None
 
     def session_cwd(self, session_id: str) -> str | None:
         """The directory the ACP session was opened in (new, load or resume), or None."""

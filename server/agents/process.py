@@ -22,6 +22,7 @@ from sessiongate.server.agents.transport import READ_BUFFER
 from sessiongate.server.errors import AgentUnavailable
 from sessiongate.server.sandbox.descendants import Descendants
 from sessiongate.server.sandbox.launcher import Launcher
+from sessiongate.server.sandbox.network_proxy import SandboxNetwork
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
 
@@ -69,6 +70,7 @@ class AgentProcessGroup:
         self._process: asyncio.subprocess.Process | None = None
         self._pidfd: int | None = None  # the leader's pidfd: tells whether its PID is still ours
         self._descendants: Descendants | None = None  # unsandboxed: finds what left the group
+        self._network: SandboxNetwork | None = None  # network = "proxy": its sandbox's socket on the proxy
         self._stdout: asyncio.ReadTransport | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._background: set[asyncio.Task[None]] = set()
@@ -89,6 +91,17 @@ class AgentProcessGroup:
     def descendants(self) -> Descendants | None:
         """The unsandboxed agent's marker (descendants.py); None when sandboxed or not spawned."""
         return self._descendants
+
+    @property
+    def on_host_network(self) -> bool:
+        """Whether the agent reaches what the server reaches: unsandboxed, or network = "host"."""
+        return not self._launcher.sandboxed(self.config) or self.config.network_mode == "host"
+
+    @property
+    def network(self) -> SandboxNetwork | None:
+        """Sandboxed with network = "proxy": its socket on the gateway's proxy, once spawned (where
+        its session's MCP hosts are added); None otherwise (no way out, or the host's network)."""
+        return self._network
 
     def stderr_tail(self) -> str:
         """The last lines of stderr, at most STDERR_TAIL_CHARS (they go into statuses)."""
@@ -139,6 +152,7 @@ class AgentProcessGroup:
             self._descendants = Descendants()
             self._descendants.mark(env)  # so what leaves the process group is still found
         spawn = self._launcher.spawn(self.config, env, self._workdir)
+        self._network = spawn.network
         # Our own stdout pipe, outside the process transport: its reader gets READ_BUFFER as
         # its limit, and terminate() closes our end itself, whoever still holds the other.
         try:

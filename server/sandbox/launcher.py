@@ -26,7 +26,8 @@ An agent runs tools a model chose, with whatever its process can reach. Sandboxe
   an empty tmpfs, and a secret right in such a path refuses the agent (`_own_and_masks`);
 - its network (`network`): "proxy" (the default) a namespace of its own whose one way out is
   our filtering proxy, reaching only `allowed_domains` at public addresses (network_proxy.py);
-  "none" only a loopback of its own; "host" the host's, all of it (said at start);
+  "none" only a loopback of its own; "host" the host's, all of it (said at start). With "proxy"
+  the spawn's `network` handle adds the hosts of its session's http/sse MCP servers later;
 - no capabilities, even when the server runs as root;
 - `--die-with-parent`: it ends with the server.
 The process is the leader of its own process group, as unsandboxed agents are, so stopping
@@ -52,7 +53,7 @@ from pathlib import Path
 
 from sessiongate.server import logs
 from sessiongate.server.errors import AgentUnavailable
-from sessiongate.server.sandbox.network_proxy import NetworkProxy, bridge_command
+from sessiongate.server.sandbox.network_proxy import NetworkProxy, SandboxNetwork, bridge_command
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
 
@@ -113,6 +114,8 @@ class Spawn:
     env: Mapping[str, str]
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()
+    # network = "proxy": the sandbox's socket on the proxy, where its session's MCP hosts are added
+    network: SandboxNetwork | None = None
 
 
 class Launcher:
@@ -228,25 +231,27 @@ class Launcher:
             return Spawn((*identity, *command), env, cwd=chdir)
         assert self.bwrap is not None
         options = self._bwrap_options(config, home, workdir, start.path if start is not None else None)
-        network, first = self._network(config, user)
+        network, first, box = self._network(config, user)
         argv = [*identity, self.bwrap, *options, *network, "--", *first, *command]
         fds = (workdir.fd,) if workdir is not None else ()
-        return Spawn(tuple(argv), env, pass_fds=fds)
+        return Spawn(tuple(argv), env, pass_fds=fds, network=box)
 
-    def _network(self, config: AgentConfig, user: int | None) -> tuple[list[str], list[str]]:
+    def _network(
+        self, config: AgentConfig, user: int | None
+    ) -> tuple[list[str], list[str], SandboxNetwork | None]:
         """The sandbox's network: bwrap options (after the private /tmp, which the proxy's socket
-        is bound into), and the command run first inside it (the bridge to the proxy)."""
+        is bound into), the command run first inside it (the bridge to the proxy), and the
+        handle of its socket on the proxy."""
         mode = config.network_mode
         if mode == "host":
-            return [], []
+            return [], [], None
         if mode != "proxy" or self.network is None:  # "none", or no proxy to go through: nothing
-            return ["--unshare-net"], []
+            return ["--unshare-net"], [], None
         # The session is the one being started (the log context), "" for an agent of none.
         session = logs._fields.get().get("session", "")
-        path = self.network.open(config, self.principal, session, user)
-        return ["--unshare-net", "--bind", str(path), BRIDGE_SOCKET], bridge_command(
-            _bridge_python(user), BRIDGE_SOCKET
-        )
+        box = self.network.open(config, self.principal, session, user)
+        options = ["--unshare-net", "--bind", str(box.path), BRIDGE_SOCKET]
+        return options, bridge_command(_bridge_python(user), BRIDGE_SOCKET), box
 
     def _bwrap_options(
         self, config: AgentConfig, home: str | None, workdir: WorkDir | None, chdir: str | None

@@ -13,6 +13,9 @@ resolved here, is public: loopback, link-local (metadata endpoints), multicast a
 addresses always refused, private ones (RFC 1918, CGNAT, ULA) unless the agent's
 `allow_private_destinations`. So the gateway's own port, the database and the LAN stay out of
 reach, and a DNS answer pointing at them changes nothing (we connect to the address we checked).
+A session's http/sse MCP servers (`allow_mcp`, when its agent opens the session: a box is one
+agent process's, so one session's) add their exact host:port; one the operator named may be
+at a private address (the one named, not the range); loopback and link-local never.
 Every decision is counted (`sessiongate_proxy_connections{agent,decision}`) and logged with the
 session and principal. Bounded: the request head (8 KiB, 10 s), the connect (10 s), idleness
 (300 s), and connections at once per agent and principal (64).
@@ -30,7 +33,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ HOLD_GRACE = 60.0  # a sandbox's socket nobody holds after this long (the sandbo
 CHUNK = 65536
 HOLD = b"SESSIONGATE-HOLD"  # the bridge's first connection: held open for the sandbox's life
 SHOWN = 120  # characters of a host name we log
+MAX_MCP_DESTINATIONS = 64  # host:port pairs a sandbox's MCP servers may add
 
 Counter = Callable[[str, str], None]  # (agent, decision)
 
@@ -123,7 +127,36 @@ class _Sandbox:
     path: Path
     server: asyncio.AbstractServer | None = None
     held: bool = False
+    # A session's MCP servers: (host, port) -> may it be a private address (operator-named).
+    mcp: dict[tuple[str, int], bool] = field(default_factory=dict)
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+
+def _host_key(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+class SandboxNetwork:
+    """The handle of one sandbox's socket, kept by its agent process: where to bind it, and the
+    destinations its session's MCP servers add once the session is opened."""
+
+    def __init__(self, box: _Sandbox) -> None:
+        self._box = box
+
+    @property
+    def path(self) -> Path:
+        """The socket on the host, bound into the sandbox."""
+        return self._box.path
+
+    def allow_mcp(self, destinations: Iterable[tuple[str, int, bool]]) -> None:
+        """Let the sandbox reach each (host, port) exactly, still at a public address only unless
+        its flag (an operator-named server: that host may be private) or allow_private_destinations.
+        ValueError past MAX_MCP_DESTINATIONS."""
+        for host, port, private in destinations:
+            key = (_host_key(host), port)
+            if key not in self._box.mcp and len(self._box.mcp) >= MAX_MCP_DESTINATIONS:
+                raise ValueError(f"over {MAX_MCP_DESTINATIONS} MCP destinations")
+            self._box.mcp[key] = self._box.mcp.get(key, False) or private
 
 
 class NetworkProxy:
@@ -139,8 +172,8 @@ class NetworkProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def open(self, config: AgentConfig, principal: str, session: str, uid: int | None) -> Path:
-        """A new socket for one sandbox of `config`'s agent (its host path, to bind inside).
+    def open(self, config: AgentConfig, principal: str, session: str, uid: int | None) -> SandboxNetwork:
+        """A new socket for one sandbox of `config`'s agent (its handle: `path` to bind inside).
         It closes when the sandbox's bridge lets go of it, or unheld after HOLD_GRACE."""
         if self._closed:
             raise RuntimeError("the network proxy is stopped")
@@ -163,7 +196,7 @@ class NetworkProxy:
         )
         self._sandboxes.add(box)
         self._spawn(self._serve(box, listener))
-        return path
+        return SandboxNetwork(box)
 
     def _spawn(self, work: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
@@ -297,15 +330,17 @@ class NetworkProxy:
 
     async def _check(self, box: _Sandbox, host: str, port: int) -> str:
         """The address to connect to, or Refused."""
-        if not domain_allowed(host, box.domains):
+        mcp = box.mcp.get((_host_key(host), port))
+        if mcp is None and not domain_allowed(host, box.domains):
             raise Refused("refused_domain", "403 Forbidden", "host not in allowed_domains")
+        allow_private = box.allow_private or bool(mcp)
         try:
             addresses = await asyncio.wait_for(resolve(host, port), CONNECT_TIMEOUT)
         except (TimeoutError, OSError):
             raise Refused("unreachable", "502 Bad Gateway", "cannot resolve") from None
         why = "no address"
         for address in addresses:
-            refused = address_refused(address, box.allow_private)
+            refused = address_refused(address, allow_private)
             if refused is None:
                 return address
             why = f"{refused} address {address}"
