@@ -817,7 +817,10 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     if error.reason in hints:
         return printable(hints[error.reason])
     if "mcp_servers" in error.violations:
-        return "--mcp takes the name of one of the MCP servers the server's config has (listed above)"
+        return (
+            "--mcp takes the name of an [mcp_servers.NAME] table of the server's config "
+            "(its names are listed above)"
+        )
     cwd = _cwd(opts) if getattr(opts, "cwd", "") else ""
     said = error.violations.get("cwd", "does not exist")
     if "does not exist" not in said and cwd and not os.path.exists(cwd):

@@ -151,7 +151,10 @@ async def test_cli_refused_names_exit_with_their_code_and_hint(
     code, _, err = await cli(gate, "--token", ALICE, "create", "--mcp", "nope")
     assert code == 2, err
     assert "error: INVALID_ARGUMENT" in err and "mcp_servers: unknown MCP server 'nope'" in err
-    assert "hint: --mcp takes the name of one of the MCP servers" in err
+    assert (
+        "(configured: testtools, tracker)" in err
+        and "hint: --mcp takes the name of an [mcp_servers.NAME]" in err
+    )
     code, _, err = await cli(gate, "--token", ALICE, "create", "--mcp", "testtools")
     assert code == 9, err
     assert "error: PERMISSION_DENIED MCP_SERVER_NOT_ALLOWED" in err
