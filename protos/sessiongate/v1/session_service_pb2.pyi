@@ -249,7 +249,7 @@ class SessionUsage(_message.Message):
     def __init__(self, context_used: _Optional[int] = ..., context_size: _Optional[int] = ..., cost_amount: _Optional[float] = ..., cost_currency: _Optional[str] = ..., last_turn: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("agent", "cwd", "request_id", "labels", "mcp_servers")
+    __slots__ = ("agent", "cwd", "request_id", "labels", "mcp_servers", "client_mcp_servers")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -262,12 +262,58 @@ class CreateSessionRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     agent: str
     cwd: str
     request_id: str
     labels: _containers.ScalarMap[str, str]
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServer]
+    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., client_mcp_servers: _Optional[_Iterable[_Union[McpServer, _Mapping]]] = ...) -> None: ...
+
+class McpServer(_message.Message):
+    __slots__ = ("name", "stdio", "http", "sse")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STDIO_FIELD_NUMBER: _ClassVar[int]
+    HTTP_FIELD_NUMBER: _ClassVar[int]
+    SSE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stdio: McpStdio
+    http: McpRemote
+    sse: McpRemote
+    def __init__(self, name: _Optional[str] = ..., stdio: _Optional[_Union[McpStdio, _Mapping]] = ..., http: _Optional[_Union[McpRemote, _Mapping]] = ..., sse: _Optional[_Union[McpRemote, _Mapping]] = ...) -> None: ...
+
+class McpStdio(_message.Message):
+    __slots__ = ("command", "args", "env")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class McpRemote(_message.Message):
+    __slots__ = ("url", "headers")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    headers: _containers.ScalarMap[str, str]
+    def __init__(self, url: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TextContent(_message.Message):
     __slots__ = ("text",)
