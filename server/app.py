@@ -30,6 +30,7 @@ from sessiongate.server.sandbox.network_proxy import NetworkProxy
 from sessiongate.server.sandbox.workdir import Roots
 from sessiongate.server.security.auth import UNAUTHENTICATED_TOTAL, AuthInterceptor
 from sessiongate.server.security.principals import TokenTable, live_limits
+from sessiongate.server.security.secrets import SecretBox
 from sessiongate.server.security.tls import CertificateFiles
 from sessiongate.server.sessions.pool import ClosingSteps, SessionPool
 from sessiongate.server.settings import (
@@ -234,7 +235,13 @@ def preflight(settings: Settings) -> Preflight:
     # our own Unix socket (an agent could use the API over it as the server's user).
     listening = settings.listen.startswith("unix://")
     unix_socket = Path(settings.listen.removeprefix("unix://")) if listening else None
-    secrets = (settings.auth_tokens_file, settings.tls_key, settings.config_file, settings.replica_token_file)
+    secrets = (
+        settings.auth_tokens_file,
+        settings.tls_key,
+        settings.config_file,
+        settings.replica_token_file,
+        settings.mcp_key_path,  # the key of client-supplied MCP servers' secrets
+    )
     launcher = Launcher.for_server(settings.state_db, (*secrets, unix_socket))
     refuse_unconfined(launcher, settings)
     return Preflight(tokens, launcher, certificate_files(settings))
@@ -315,6 +322,7 @@ async def start_server(settings: Settings) -> RunningServer:
     metrics = Metrics()  # agent starts and proxy decisions count here; sessions at serve, below
     tokens, launcher = checked.tokens, checked.launcher.with_network(NetworkProxy(metrics.proxy_decision))
     tighten_state_dir(settings.state_db.parent)
+    secret_box = SecretBox.from_key_file(settings.mcp_key_path)  # made on the first start
     say_sandboxes(launcher, settings.agents.values())
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
@@ -336,6 +344,7 @@ async def start_server(settings: Settings) -> RunningServer:
         on_agent_start=metrics.agent_started,
         fences=fences,
         before_store_close=closing,
+        secret_box=secret_box,
     )
     restored = await pool.load(settings.agents)
     spares.start()

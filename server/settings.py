@@ -34,8 +34,8 @@ class ConfigError(Exception):
 
 
 MCP_TRANSPORTS = ("stdio", "http", "sse")
-_MCP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # a bounded identifier: shown, logged, stored
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MCP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # a bounded identifier: shown, logged, stored
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +175,9 @@ class Settings:
     # A secret shared by the replicas: a forwarded call is signed with it (server/security/auth.py), never
     # carries it, and the leaseholder trusts the principal name it signs (mTLS principals included).
     replica_token_file: Path | None = None
+    # The Fernet key that encrypts client-supplied MCP servers at rest (server/security/secrets.py);
+    # None: mcp.key beside state_db, made on first start. Replicas must share one.
+    mcp_key_file: Path | None = None
     auth_tokens_file: Path | None = None  # [auth] tokens_file: bearer tokens of principals
     reflection: str = "authenticated"  # [auth] reflection: "authenticated" or "public"
     insecure: bool = False  # serve a non-loopback address without authentication, on purpose
@@ -190,6 +193,11 @@ class Settings:
     @property
     def roots(self) -> tuple[Path, ...]:
         return self.allowed_roots or (self.workdir,)
+
+    @property
+    def mcp_key_path(self) -> Path:
+        """Where the key of client-supplied MCP servers is (mcp_key_file, or beside state_db)."""
+        return self.mcp_key_file or self.state_db.parent / "mcp.key"
 
 
 def default_state_dir() -> Path:
@@ -217,6 +225,7 @@ _SCALAR_KEYS = (
     "replica_id",
     "advertise",
     "replica_token_file",
+    "mcp_key_file",
     "auth_tokens_file",
     "reflection",
     "insecure",
@@ -273,6 +282,7 @@ _PATH_KEYS = (
     "workdir",
     "state_db",
     "replica_token_file",
+    "mcp_key_file",
     "auth_tokens_file",
     "tls_cert",
     "tls_key",
@@ -352,6 +362,11 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
         "--replica-token-file",
         dest="replica_token_file",
         help="file holding the secret replicas authenticate each other with when they forward calls",
+    )
+    parser.add_argument(
+        "--mcp-key-file",
+        dest="mcp_key_file",
+        help="Fernet key encrypting client-supplied MCP servers at rest (default: mcp.key beside state_db)",
     )
     parser.add_argument(
         "--auth-tokens-file", dest="auth_tokens_file", help="TOML file of principals and their token hashes"
@@ -458,7 +473,7 @@ def mcp_server_from_toml(name: str, table: Any, base: Path | None = None) -> Mcp
     (`type` "http" or "sse", `url`, `headers`, `headers_from`); exactly one of command and url.
     A relative command path is taken from `base` (the config file's directory)."""
     where = f"[mcp_servers.{name}]"
-    if not _MCP_NAME.fullmatch(name):
+    if not MCP_NAME.fullmatch(name):
         raise ConfigError(
             f"[mcp_servers.{name[:64]}]: the name must be a letter then letters, digits, - or _ (at most 64)"
         )
@@ -489,7 +504,7 @@ def _mcp_stdio(where: str, name: str, table: dict[str, Any], base: Path) -> McpS
     env = _string_table(where, "env", table.get("env", {}))
     env_from = table.get("env_from", [])
     if not isinstance(env_from, list) or not all(
-        isinstance(v, str) and _ENV_NAME.fullmatch(v) for v in env_from
+        isinstance(v, str) and ENV_NAME.fullmatch(v) for v in env_from
     ):
         raise ConfigError(f"{where}: `env_from` must be a list of environment variable names")
     return McpServerConfig(name, "stdio", command, tuple(args), env, tuple(env_from))
@@ -507,7 +522,7 @@ def _mcp_remote(where: str, name: str, table: dict[str, Any]) -> McpServerConfig
         raise ConfigError(f"{where}: `url` must be an http:// or https:// URL")
     headers = _string_table(where, "headers", table.get("headers", {}))
     headers_from = _string_table(where, "headers_from", table.get("headers_from", {}))
-    if not all(_ENV_NAME.fullmatch(v) for v in headers_from.values()):
+    if not all(ENV_NAME.fullmatch(v) for v in headers_from.values()):
         raise ConfigError(f"{where}: `headers_from` maps header names to environment variable names")
     return McpServerConfig(name, transport, url=url, headers=headers, headers_from=headers_from)
 
@@ -669,6 +684,8 @@ def _build(
         settings = replace(settings, advertise=str(raw["advertise"]))
     if raw.get("replica_token_file"):
         settings = replace(settings, replica_token_file=Path(str(raw["replica_token_file"])).expanduser())
+    if raw.get("mcp_key_file"):
+        settings = replace(settings, mcp_key_file=Path(str(raw["mcp_key_file"])).expanduser())
     if "allowed_roots" in raw:
         roots = raw["allowed_roots"]
         if not isinstance(roots, list | tuple):
@@ -781,6 +798,7 @@ def validate(settings: Settings) -> Settings:
             "tls_client_ca",
             "config_file",
             "replica_token_file",
+            "mcp_key_file",
         )
         if getattr(settings, key) is not None
     }

@@ -141,9 +141,12 @@ class SessionService(pb_grpc.SessionServiceServicer):
         _check_agent_allowed(config.name)
         mcp_servers = tuple(dict.fromkeys(request.mcp_servers))
         _check_mcp_servers_allowed(config, mcp_servers)
+        if request.client_mcp_servers:
+            _check_client_mcp_servers_allowed()
+        client_mcp_servers = validation.client_mcp_configs(request.client_mcp_servers)
         await self._router.place(request.request_id, context)
         session = await self._pool.create(
-            config, str(cwd), request.request_id, dict(request.labels), mcp_servers
+            config, str(cwd), request.request_id, dict(request.labels), mcp_servers, client_mcp_servers
         )
         return self._proto(session)
 
@@ -480,6 +483,16 @@ def _check_mcp_servers_allowed(config: AgentConfig, names: tuple[str, ...]) -> N
                 f"principal {principal.name!r} may not use MCP server {name!r}",
                 metadata={"principal": principal.name, "server": name},
             )
+
+
+def _check_client_mcp_servers_allowed() -> None:
+    """The caller's principal may supply its own MCP servers (the tokens file's client_mcp_servers)."""
+    principal = principals.current()
+    if not principal.client_mcp_servers:
+        raise McpServerNotAllowed(
+            f"client-supplied MCP servers are not allowed for principal {principal.name!r}",
+            metadata={"principal": principal.name},
+        )
 
 
 def _acp_blocks(request: pb.PromptRequest) -> list[Any]:

@@ -8,19 +8,36 @@ service's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import duration_pb2
 from sessiongate.server.agents.state import MAX_ID
 from sessiongate.server.errors import FieldViolation, InvalidArgument, clip
-from sessiongate.server.settings import PERMISSION_POLICIES, AgentConfig, McpServerConfig, ServerLimits
+from sessiongate.server.settings import (
+    ENV_NAME,
+    MCP_NAME,
+    PERMISSION_POLICIES,
+    AgentConfig,
+    McpServerConfig,
+    ServerLimits,
+)
 from sessiongate.server.turns import translate
 from sessiongate.v1 import session_service_pb2 as pb
 
 MAX_REQUEST_ID = 128
 MAX_MCP_SERVERS = 32  # names in one CreateSession
+# Client-supplied MCP servers (CreateSession's client_mcp_servers): bounds of each part.
+MAX_CLIENT_MCP_SERVERS = 8
+MAX_MCP_COMMAND = 4096  # characters of a command, and of each argument
+MAX_MCP_ARGS = 64
+MAX_MCP_ENTRIES = 64  # env variables, or headers, of one server
+MAX_MCP_KEY = 128  # characters of an env variable's or a header's name
+MAX_MCP_VALUE = 8 * 1024  # UTF-8 bytes of an env or header value
+MAX_MCP_URL = 2048
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 MAX_SESSION_ID = 128
 MAX_LABELS = 64
 MAX_LABEL_KEY = 63
@@ -78,6 +95,8 @@ def create_session(
     violations.extend(label_violations(request.labels))
     if problem := mcp_servers_problem(request.mcp_servers, mcp_servers or {}):
         violations.append(FieldViolation("mcp_servers", problem))
+    named = {*request.mcp_servers, *(config.mcp_servers if config is not None else ())}
+    violations.extend(client_mcp_violations(request.client_mcp_servers, named))
     raise_any(violations)
     assert config is not None
     return config
@@ -92,6 +111,108 @@ def mcp_servers_problem(names: Any, configured: Mapping[str, McpServerConfig]) -
         known = ", ".join(sorted(configured)) or "none"
         return f"unknown MCP server {clip(unknown[0], 64)!r} (configured: {clip(known)})"
     return None
+
+
+def client_mcp_violations(servers: Sequence[pb.McpServer], named: set[str]) -> list[FieldViolation]:
+    """What is wrong with a CreateSession's client-supplied MCP servers: bounds and shapes only,
+    in messages that never repeat a value (env and header values may be secrets)."""
+    field = "client_mcp_servers"
+    if len(servers) > MAX_CLIENT_MCP_SERVERS:
+        return [FieldViolation(field, f"at most {MAX_CLIENT_MCP_SERVERS} servers")]
+    violations = []
+    seen = set(named)
+    for index, server in enumerate(servers):
+        where = f"{field}[{index}]"
+        if not MCP_NAME.fullmatch(server.name):
+            violations.append(
+                FieldViolation(f"{where}.name", "a letter, then letters, digits, - or _ (at most 64)")
+            )
+        elif server.name in seen:
+            violations.append(
+                FieldViolation(f"{where}.name", "another MCP server of the session has this name")
+            )
+        seen.add(server.name)
+        kind = server.WhichOneof("transport")
+        if kind is None:
+            violations.append(FieldViolation(where, "set one transport: stdio, http or sse"))
+        elif kind == "stdio":
+            violations.extend(_stdio_violations(f"{where}.stdio", server.stdio))
+        else:
+            violations.extend(_remote_violations(f"{where}.{kind}", getattr(server, kind)))
+    return violations
+
+
+def _stdio_violations(where: str, stdio: pb.McpStdio) -> list[FieldViolation]:
+    violations = []
+    if not stdio.command:
+        violations.append(FieldViolation(f"{where}.command", "required"))
+    elif len(stdio.command) > MAX_MCP_COMMAND or "\x00" in stdio.command:
+        violations.append(FieldViolation(f"{where}.command", f"at most {MAX_MCP_COMMAND} characters, no NUL"))
+    if len(stdio.args) > MAX_MCP_ARGS:
+        violations.append(FieldViolation(f"{where}.args", f"at most {MAX_MCP_ARGS} arguments"))
+    elif any(len(a) > MAX_MCP_COMMAND or "\x00" in a for a in stdio.args):
+        violations.append(
+            FieldViolation(f"{where}.args", f"each at most {MAX_MCP_COMMAND} characters, no NUL")
+        )
+    violations.extend(_entries_violations(f"{where}.env", stdio.env, ENV_NAME, "\x00"))
+    return violations
+
+
+def _remote_violations(where: str, remote: pb.McpRemote) -> list[FieldViolation]:
+    violations = []
+    url = remote.url
+    if (
+        len(url) > MAX_MCP_URL
+        or not url.startswith(("http://", "https://"))
+        or len(url.split("://", 1)[1]) == 0
+    ):
+        violations.append(
+            FieldViolation(f"{where}.url", f"an http:// or https:// URL of at most {MAX_MCP_URL} characters")
+        )
+    elif any(c.isspace() or ord(c) < 0x20 for c in url):
+        violations.append(FieldViolation(f"{where}.url", "no spaces or control characters"))
+    violations.extend(_entries_violations(f"{where}.headers", remote.headers, HEADER_NAME, "\x00\r\n"))
+    return violations
+
+
+def _entries_violations(
+    where: str, entries: Mapping[str, str], key_pattern: re.Pattern[str], banned: str
+) -> list[FieldViolation]:
+    """An env's or headers' bounds: count, names of `key_pattern`, values' size and characters."""
+    if len(entries) > MAX_MCP_ENTRIES:
+        return [FieldViolation(where, f"at most {MAX_MCP_ENTRIES} entries")]
+    violations = []
+    if any(len(k) > MAX_MCP_KEY or not key_pattern.fullmatch(k) for k in entries):
+        violations.append(
+            FieldViolation(where, f"a name is not valid here (at most {MAX_MCP_KEY} characters)")
+        )
+    if any(len(v.encode()) > MAX_MCP_VALUE or any(c in v for c in banned) for v in entries.values()):
+        violations.append(
+            FieldViolation(
+                where, f"a value is too long (at most {MAX_MCP_VALUE} bytes) or has a forbidden character"
+            )
+        )
+    return violations
+
+
+def client_mcp_configs(servers: Sequence[pb.McpServer]) -> tuple[McpServerConfig, ...]:
+    """Valid client-supplied servers (see client_mcp_violations) as the agent will be given them."""
+    found = []
+    for server in servers:
+        kind = server.WhichOneof("transport")
+        if kind == "stdio":
+            stdio = server.stdio
+            found.append(
+                McpServerConfig(
+                    server.name, "stdio", command=stdio.command, args=tuple(stdio.args), env=dict(stdio.env)
+                )
+            )
+        else:
+            remote = getattr(server, str(kind))
+            found.append(
+                McpServerConfig(server.name, str(kind), url=remote.url, headers=dict(remote.headers))
+            )
+    return tuple(found)
 
 
 def cwd_problem(requested: str) -> str | None:

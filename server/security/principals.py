@@ -11,6 +11,7 @@ The tokens file is TOML, one table per principal; only SHA-256 hashes of tokens 
     max_prompts_per_minute = 30        # absent: no limit
     roots = ["/srv/work/{principal}"]  # where its sessions may be; absent: the server's roots
     mcp_servers = ["github"]           # operator-named MCP servers it may ask for; absent: none
+    client_mcp_servers = false         # may it supply its own MCP servers; absent: false
 
 `roots` narrow the server's own (allowed_roots, or the workdir): each must lie inside one of
 them, and none may contain the state directory (checked at start, exit 2, and at each reload).
@@ -49,7 +50,7 @@ log = logging.getLogger("sessiongate.auth")
 
 RELOAD_INTERVAL = 2.0  # seconds between checks of the tokens file for changes
 LIMIT_KEYS = ("max_sessions", "max_live_sessions", "max_prompts_per_minute")  # whole numbers >= 1
-KEYS = ("token_sha256", "admin", "agents", "roots", "mcp_servers", *LIMIT_KEYS)
+KEYS = ("token_sha256", "admin", "agents", "roots", "mcp_servers", "client_mcp_servers", *LIMIT_KEYS)
 
 
 class TokensFileError(ConfigError):
@@ -72,6 +73,7 @@ class Principal:
     # Operator-named MCP servers it may ask for in CreateSession (beyond its agent's own); None:
     # every one (no authentication: ANONYMOUS).
     mcp_servers: tuple[str, ...] | None = ()
+    client_mcp_servers: bool = False  # may it supply its own MCP servers in CreateSession
 
     def may_use(self, agent: str) -> bool:
         return not self.agents or agent in self.agents
@@ -86,7 +88,7 @@ class Principal:
 
 # No authentication configured: one trust domain. Its sessions belong to no principal, and it
 # sees every session (also those of principals of an earlier run with authentication).
-ANONYMOUS = Principal(name="", admin=True, mcp_servers=None)
+ANONYMOUS = Principal(name="", admin=True, mcp_servers=None, client_mcp_servers=True)
 
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "sessiongate_principal", default=ANONYMOUS
@@ -257,8 +259,17 @@ def _principal(name: str, table: dict[str, Any], rules: _RootRules) -> Principal
     mcp_servers = table.get("mcp_servers", [])
     if not isinstance(mcp_servers, list) or not all(isinstance(m, str) and m for m in mcp_servers):
         raise TokensFileError(f"{where}: mcp_servers must be a list of [mcp_servers.NAME] names")
+    client_mcp_servers = table.get("client_mcp_servers", False)
+    if not isinstance(client_mcp_servers, bool):
+        raise TokensFileError(f"{where}: client_mcp_servers must be true or false")
     return Principal(
-        name=name, admin=admin, agents=tuple(agents), roots=roots, mcp_servers=tuple(mcp_servers), **limits
+        name=name,
+        admin=admin,
+        agents=tuple(agents),
+        roots=roots,
+        mcp_servers=tuple(mcp_servers),
+        client_mcp_servers=client_mcp_servers,
+        **limits,
     )
 
 

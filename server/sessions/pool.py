@@ -36,12 +36,20 @@ from typing import Any
 from sessiongate.server.agents.holder import AgentFactory, real_agent
 from sessiongate.server.agents.slots import LiveLimit, Slots
 from sessiongate.server.agents.spares import SparePool
-from sessiongate.server.errors import InvalidArgument, SessionGateError, SessionNotFound, ShuttingDown, clip
+from sessiongate.server.errors import (
+    InvalidArgument,
+    NotSupported,
+    SessionGateError,
+    SessionNotFound,
+    ShuttingDown,
+    clip,
+)
 from sessiongate.server.security import principals
 from sessiongate.server.security.quotas import PromptRate, check_room, check_shared_room
+from sessiongate.server.security.secrets import SecretBox
 from sessiongate.server.sessions.session import Session, SessionServices, SessionView
-from sessiongate.server.sessions.stored import MCP_SERVERS_KEY, State, StoredSession
-from sessiongate.server.settings import AgentConfig, ServerLimits
+from sessiongate.server.sessions.stored import MCP_SERVERS_KEY, ClientMcpServers, State, StoredSession
+from sessiongate.server.settings import AgentConfig, McpServerConfig, ServerLimits
 from sessiongate.server.state.base import WRITE_TIMEOUT, Fences, SessionRecord, Store, Tombstone
 from sessiongate.server.state.postgres import PostgresStore
 from sessiongate.server.supervisor import Supervisor, joined
@@ -100,12 +108,14 @@ class SessionPool:
         on_agent_start: Callable[[str, bool], None] | None = None,
         fences: Fences | None = None,
         before_store_close: ClosingSteps | None = None,
+        secret_box: SecretBox | None = None,
     ) -> None:
         """`live_limit`: each principal's max_live_sessions by name, given when authentication is
         configured (agent slots are then shared fairly between principals, see server/agents/slots.py);
         None: one trust domain, plain least-recently-used eviction. `on_agent_start`: (agent name,
         started ok) after each agent start. `fences`: where the store reports sessions another
-        replica took over (they are fenced off here). `before_store_close`: run at shutdown."""
+        replica took over (they are fenced off here). `before_store_close`: run at shutdown.
+        `secret_box`: seals client-supplied MCP servers (none: CreateSession may not supply any)."""
         self.limits = limits
         self._store = store
         self.transcripts = Transcripts(store, limits)  # every session's turns
@@ -134,6 +144,7 @@ class SessionPool:
             spares=spares,
             agent_factory=agent_factory,
             roots=roots,
+            secret_box=secret_box,
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -177,6 +188,7 @@ class SessionPool:
             stored.principal,
             stored,
             stored.requested_mcp_servers,
+            stored.client_mcp,
         )
 
     def has(self, session_id: str) -> bool:
@@ -222,6 +234,7 @@ class SessionPool:
         principal: str,
         stored: StoredSession | None = None,
         mcp_servers: tuple[str, ...] = (),
+        client_mcp: ClientMcpServers | None = None,
     ) -> Session:
         return Session(
             self._services,
@@ -232,6 +245,7 @@ class SessionPool:
             principal=principal,
             stored=stored,
             mcp_servers=mcp_servers,
+            client_mcp=client_mcp,
         )
 
     # ---- the map -------------------------------------------------------------------------
@@ -243,10 +257,13 @@ class SessionPool:
         request_id: str,
         labels: Mapping[str, str],
         mcp_servers: tuple[str, ...] = (),
+        client_mcp_servers: tuple[McpServerConfig, ...] = (),
     ) -> Session:
         """A new session (or the one `request_id` already made); `mcp_servers`: operator-named
-        servers asked for, besides the agent's own (checked by the caller)."""
+        servers asked for, besides the agent's own; `client_mcp_servers`: the client's own (both
+        checked by the caller), sealed here before anything keeps them."""
         principal = principals.current()
+        client_mcp = self._seal(client_mcp_servers)
         key = (principal.name, request_id)
         if not request_id or (key not in self._by_request_id and key not in self._pending):
             await check_shared_room(self._shared, principal)  # (a retried create is not refused)
@@ -265,7 +282,13 @@ class SessionPool:
                 kept_by = (s.principal for s in (*self._sessions.values(), *self._starting.values()))
                 check_room(kept_by, principals.current(), self.limits.max_stored_sessions)
                 session = self._new_session(
-                    config, cwd, request_id, labels, principal.name, mcp_servers=mcp_servers
+                    config,
+                    cwd,
+                    request_id,
+                    labels,
+                    principal.name,
+                    mcp_servers=mcp_servers,
+                    client_mcp=client_mcp,
                 )
                 task = self._spawn(
                     self._start(session, principal.max_sessions), f"create-{session.session_id}"
@@ -283,6 +306,14 @@ class SessionPool:
                 else:
                     task.cancel()
             raise
+
+    def _seal(self, servers: tuple[McpServerConfig, ...]) -> ClientMcpServers:
+        box = self._services.secret_box
+        if not servers:
+            return ClientMcpServers()
+        if box is None:  # (app always gives one: a pool built without can keep no secret)
+            raise NotSupported("this server keeps no key for client-supplied MCP servers")
+        return ClientMcpServers.seal(box, servers)
 
     async def _start(self, session: Session, max_sessions: int | None) -> Session:
         """The create task: start the agent, store the record durably, then publish the session.
@@ -577,6 +608,7 @@ def _record(session: Session) -> SessionRecord:
         }
     if session.requested_mcp_servers:  # names only: the config has the rest, secrets included
         info[MCP_SERVERS_KEY] = list(session.requested_mcp_servers)
+    info.update(session.client_mcp.to_info())  # names, transports and one sealed token: no value in the clear
     return SessionRecord(
         session_id=session.session_id,
         agent=session.config.name,

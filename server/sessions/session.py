@@ -36,15 +36,17 @@ from sessiongate.server.errors import (
     ShuttingDown,
     TurnTimeout,
 )
+from sessiongate.server.security.secrets import SecretBox, SecretUnreadable
 from sessiongate.server.sessions.lock import SessionLock
 from sessiongate.server.sessions.stored import (
     AttachedMcpServer,
+    ClientMcpServers,
     State,
     StoredSession,
     attached_mcp_servers,
     missing_mcp_servers,
 )
-from sessiongate.server.settings import AgentConfig, ServerLimits
+from sessiongate.server.settings import AgentConfig, McpServerConfig, ServerLimits
 from sessiongate.server.supervisor import Supervisor
 from sessiongate.server.turns.questions import Questions
 from sessiongate.server.turns.runner import TurnRunner
@@ -89,6 +91,7 @@ class SessionServices:
     spares: SparePool | None = None
     agent_factory: AgentFactory = real_agent
     roots: tuple[Path, ...] = ()  # a session's cwd must be inside one of these at every agent start
+    secret_box: SecretBox | None = None  # opens sessions' client-supplied MCP servers at each start
 
 
 class Session:
@@ -105,10 +108,12 @@ class Session:
         principal: str = "",
         stored: StoredSession | None = None,
         mcp_servers: tuple[str, ...] = (),
+        client_mcp: ClientMcpServers | None = None,
     ) -> None:
         """A new session, or (`stored`) one brought back from its record as SUSPENDED: its id,
         times, ACP session, handshake and agent state are the record's. `mcp_servers`: the
-        operator-named MCP servers asked for besides the agent's own (the record's, restored)."""
+        operator-named MCP servers asked for besides the agent's own (the record's, restored);
+        `client_mcp`: the client-supplied ones, sealed (`services.secret_box` opens them)."""
         limits, supervisor = services.limits, services.supervisor
         self.session_id = stored.session_id if stored is not None else new_session_id()
         self.config = config
@@ -120,6 +125,8 @@ class Session:
         # same servers come back on every load/resume and no secret is ever stored.
         self.requested_mcp_servers = tuple(mcp_servers)
         self._mcp_missing: tuple[str, ...] = ()  # asked for, no longer configured: said at the next turn
+        self.client_mcp = client_mcp or ClientMcpServers()
+        self._secret_box = services.secret_box
         self.limits = limits
         self.create_time = (stored.create_time if stored is not None else 0.0) or time.time()
         self.last_active_time = (stored.last_active_time if stored is not None else 0.0) or self.create_time
@@ -444,8 +451,11 @@ class Session:
                 self.session_id,
                 ",".join(missing),
             )
+        supplied, unreadable = self._client_mcp_servers()
+        missing += unreadable
         try:
-            servers = tuple(a.server for a in self.mcp_servers)
+            named = attached_mcp_servers(self.config, self.requested_mcp_servers)
+            servers = (*(a.server for a in named), *supplied)
             opened = await self.holder.ensure(self.cwd, self.agent_session_id, self, servers)
         except SessionGateError:
             self._check_open()  # closed, killed or fenced meanwhile: that, not the stopped start
@@ -538,8 +548,29 @@ class Session:
 
     @property
     def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
-        """The MCP servers its agent is given (the agent's own, then the requested), as configured now."""
-        return attached_mcp_servers(self.config, self.requested_mcp_servers)
+        """The MCP servers its agent is given (the agent's own, then the requested, as configured
+        now, then the client-supplied ones: names and transports only)."""
+        return attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
+
+    def _client_mcp_servers(self) -> tuple[tuple[McpServerConfig, ...], tuple[str, ...]]:
+        """The client-supplied servers opened for this start, and the names of those that cannot
+        be (the key file changed): the agent starts without them, logged and said at the next turn."""
+        client = self.client_mcp
+        if not client.sealed:
+            return (), ()
+        try:
+            if self._secret_box is None:
+                raise SecretUnreadable("no key")
+            return client.open(self._secret_box), ()
+        except (SecretUnreadable, ValueError):
+            names = tuple(s.name for s in client.shown)
+            log.warning(
+                "client MCP servers cannot be opened with the MCP key, starting without them"
+                " session=%s servers=%s",
+                self.session_id,
+                ",".join(names),
+            )
+            return (), names
 
     def take_notice(self) -> Notice | None:
         if self._context_reset:

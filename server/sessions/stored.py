@@ -12,11 +12,13 @@ serves the session (at start, or taken over).
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sessiongate.server.agents.protocol import Handshake
 from sessiongate.server.agents.state import AgentState
+from sessiongate.server.security.secrets import SecretBox
 from sessiongate.server.settings import AgentConfig, McpServerConfig
 from sessiongate.server.state.base import SessionRecord
 from sessiongate.server.turns.questions import Questions
@@ -53,6 +55,7 @@ class StoredSession:
     live_logs: dict[str, TurnLog] = field(default_factory=dict)  # none: no turn runs here
     # Operator-named MCP servers CreateSession asked for (names only: the config has the rest).
     requested_mcp_servers: tuple[str, ...] = ()
+    client_mcp: ClientMcpServers = field(default_factory=lambda: ClientMcpServers())
 
     @classmethod
     def from_record(
@@ -72,11 +75,12 @@ class StoredSession:
             agent_state=AgentState.from_json(record.agent_state),
             closed=closed,
             requested_mcp_servers=requested_mcp_servers(record.agent_info),
+            client_mcp=ClientMcpServers.from_info(record.agent_info),
         )
 
     @property
     def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
-        return attached_mcp_servers(self.config, self.requested_mcp_servers)
+        return attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
 
     @property
     def state(self) -> State:
@@ -116,9 +120,12 @@ class AttachedMcpServer:
     source: str
 
 
-def attached_mcp_servers(config: AgentConfig, requested: tuple[str, ...]) -> tuple[AttachedMcpServer, ...]:
-    """The agent's own MCP servers, then the requested ones, as the config has them now: a name
-    no longer configured is left out (`missing_mcp_servers` names it)."""
+def attached_mcp_servers(
+    config: AgentConfig, requested: tuple[str, ...], supplied: tuple[McpServerConfig, ...] = ()
+) -> tuple[AttachedMcpServer, ...]:
+    """The agent's own MCP servers, then the requested ones, as the config has them now (a name
+    no longer configured is left out: `missing_mcp_servers` names it), then those the client
+    `supplied` (source "request" too)."""
     catalog = config.mcp_catalog
     found = [AttachedMcpServer(catalog[n], "agent") for n in config.mcp_servers if n in catalog]
     found += [
@@ -126,6 +133,7 @@ def attached_mcp_servers(config: AgentConfig, requested: tuple[str, ...]) -> tup
         for n in dict.fromkeys(requested)
         if n in catalog and n not in config.mcp_servers
     ]
+    found += [AttachedMcpServer(server, "request") for server in supplied]
     return tuple(found)
 
 
@@ -157,4 +165,75 @@ def handshake(info: Mapping[str, object]) -> Handshake | None:
         resume_session=bool(info.get("resume_session", False)),
         mcp_http=bool(info.get("mcp_http", False)),
         mcp_sse=bool(info.get("mcp_sse", False)),
+    )
+
+
+CLIENT_MCP_KEY = "client_mcp_servers"  # in agent_info: each client-supplied server's name and transport
+CLIENT_MCP_SEALED_KEY = "client_mcp_sealed"  # in agent_info: their whole definitions, one Fernet token
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMcpServers:
+    """A session's client-supplied MCP servers as it keeps them: `shown`, each one's name and
+    transport only (what GetSession shows, readable without the key); `sealed`, the whole
+    definitions (env and header values too) encrypted by the server's SecretBox, opened at each
+    agent start. Never the values in the clear, in memory between starts or in the record."""
+
+    shown: tuple[McpServerConfig, ...] = ()
+    sealed: str = ""
+
+    @classmethod
+    def seal(cls, box: SecretBox, servers: tuple[McpServerConfig, ...]) -> ClientMcpServers:
+        if not servers:
+            return cls()
+        data = json.dumps([_definition(s) for s in servers]).encode()
+        return cls(tuple(McpServerConfig(s.name, s.transport) for s in servers), box.seal(data))
+
+    def open(self, box: SecretBox) -> tuple[McpServerConfig, ...]:
+        """The whole definitions (SecretUnreadable: not sealed with this box's key, or altered)."""
+        if not self.sealed:
+            return ()
+        return tuple(_from_definition(d) for d in json.loads(box.open(self.sealed)))
+
+    def to_info(self) -> dict[str, object]:
+        if not self.shown:
+            return {}
+        shown = [{"name": s.name, "transport": s.transport} for s in self.shown]
+        return {CLIENT_MCP_KEY: shown, CLIENT_MCP_SEALED_KEY: self.sealed}
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, object]) -> ClientMcpServers:
+        shown, sealed = info.get(CLIENT_MCP_KEY), info.get(CLIENT_MCP_SEALED_KEY)
+        if not isinstance(shown, list) or not isinstance(sealed, str):
+            return cls()
+        servers = tuple(
+            McpServerConfig(str(s.get("name", "")), str(s.get("transport", "")))
+            for s in shown
+            if isinstance(s, dict)
+        )
+        return cls(servers, sealed)
+
+
+def _definition(server: McpServerConfig) -> dict[str, object]:
+    return {
+        "name": server.name,
+        "transport": server.transport,
+        "command": server.command,
+        "args": list(server.args),
+        "env": dict(server.env),
+        "url": server.url,
+        "headers": dict(server.headers),
+    }
+
+
+def _from_definition(found: dict[str, object]) -> McpServerConfig:
+    args, env, headers = found.get("args"), found.get("env"), found.get("headers")
+    return McpServerConfig(
+        name=str(found.get("name", "")),
+        transport=str(found.get("transport", "")),
+        command=str(found.get("command", "")),
+        args=tuple(str(a) for a in args) if isinstance(args, list) else (),
+        env={str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {},
+        url=str(found.get("url", "")),
+        headers={str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {},
     )
