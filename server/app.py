@@ -231,6 +231,8 @@ def preflight(settings: Settings) -> Preflight:
     )
     if tokens is not None:
         tokens.load()  # an unusable tokens file stops the start (configuration error, exit 2)
+    if settings.mcp_key_path.exists():  # (made by the first start, not by --check-config)
+        SecretBox.from_key_file(settings.mcp_key_path)  # not a Fernet key: exit 2
     # What agents must not see: the tokens, the TLS key, the config (other agents' env), and
     # our own Unix socket (an agent could use the API over it as the server's user).
     listening = settings.listen.startswith("unix://")

@@ -36,6 +36,7 @@ from tests.test_mcp_servers import (
 )
 from tests.test_sandbox import needs_bwrap
 from tests.test_secret_masks import boxed, outside_tmp, say
+from tests.test_server_startup import run_server
 
 __all__ = ["outside_tmp"]  # a fixture, used here
 
@@ -313,3 +314,16 @@ def test_a_principals_client_mcp_servers_key_must_be_a_boolean(tmp_path: Path) -
     table.load()
     alice = table.principal(TOKENS["alice"])
     assert alice is not None and alice.client_mcp_servers
+
+
+def test_check_config_refuses_a_bad_key_file_without_making_one(tmp_path: Path) -> None:
+    state = ["--state-db", str(tmp_path / "state" / "sessions.db")]
+    missing = tmp_path / "missing.key"
+    result = run_server("--check-config", *state, "--mcp-key-file", str(missing))
+    assert result.returncode == 0, result.stderr
+    assert not missing.exists()  # a start makes it, a check does not
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a fernet key\n")
+    result = run_server("--check-config", *state, "--mcp-key-file", str(bad))
+    assert result.returncode == 2 and "bad.key is not a Fernet key" in result.stderr, result.stderr
+    assert "not a fernet key" not in result.stderr and "Traceback" not in result.stderr
