@@ -6,7 +6,9 @@
 raise the classes in `client.errors`, one per ErrorInfo reason, with decoded details.
 `prompt` and `watch_turn` return `AsyncTurnEvents` / `TurnEvents`: a turn's events, with the
 turn's id and the last seq read, re-attaching by themselves after a transport failure when
-the turn continues on disconnect.
+the turn continues on disconnect. `McpStdioServer`, `McpHttpServer` and `McpSseServer`
+(or `load_mcp_config(path)`, an editor's `mcpServers` file) are `create_session`'s
+`client_mcp_servers`.
 """
 
 from sessiongate.client.aio import AsyncSessionClient, AsyncTurnEvents
@@ -39,6 +41,13 @@ from sessiongate.client.errors import (
     TurnTimeout,
     Unauthenticated,
 )
+from sessiongate.client.mcp import (
+    McpConfigError,
+    McpHttpServer,
+    McpSseServer,
+    McpStdioServer,
+    load_mcp_config,
+)
 from sessiongate.client.retry import retry, retry_async
 from sessiongate.client.sync import SessionClient, TurnEvents
 
@@ -54,7 +63,11 @@ __all__ = [
     "AsyncTurnEvents",
     "CwdNotAllowed",
     "InvalidRequest",
+    "McpConfigError",
+    "McpHttpServer",
     "McpServerNotAllowed",
+    "McpSseServer",
+    "McpStdioServer",
     "McpTransportUnsupported",
     "NotSupported",
     "PoolExhausted",
@@ -74,6 +87,7 @@ __all__ = [
     "TurnNotFound",
     "TurnTimeout",
     "Unauthenticated",
+    "load_mcp_config",
     "retry",
     "retry_async",
 ]

@@ -12,6 +12,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 from google.protobuf import duration_pb2
 from sessiongate.client.errors import RequestAnswered, RequestNotFound, SessionGateError, transport_failure
+from sessiongate.client.mcp import ClientMcpServer, proto_servers
 from sessiongate.v1 import session_service_pb2 as pb
 
 SERVICE = "sessiongate.v1.SessionService"
@@ -132,6 +133,7 @@ def create_request(
     request_id: str | None,
     labels: Mapping[str, str] | None,
     mcp_servers: Sequence[str] = (),
+    client_mcp_servers: Iterable[ClientMcpServer] = (),
 ) -> pb.CreateSessionRequest:
     if isinstance(mcp_servers, str):  # one name passed bare would become its letters
         raise TypeError("mcp_servers takes a list of names, not a string")
@@ -141,6 +143,7 @@ def create_request(
         request_id=request_id if request_id is not None else f"sdk-{uuid.uuid4().hex}",
         labels=dict(labels or {}),
         mcp_servers=list(mcp_servers),
+        client_mcp_servers=proto_servers(client_mcp_servers),
     )
 
 

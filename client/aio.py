@@ -36,6 +36,7 @@ from sessiongate.client._common import (
     watch_request,
 )
 from sessiongate.client.errors import from_rpc_error
+from sessiongate.client.mcp import ClientMcpServer
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -139,6 +140,7 @@ class AsyncSessionClient:
         request_id: str | None = None,
         labels: Mapping[str, str] | None = None,
         mcp_servers: Sequence[str] = (),
+        client_mcp_servers: Sequence[ClientMcpServer] = (),
         timeout: float = CREATE_TIMEOUT,
     ) -> pb.Session:
         """Start a session on `agent` (default: the server's). A request_id is generated when
@@ -147,8 +149,17 @@ class AsyncSessionClient:
         `mcp_servers`: names of the server's operator-named MCP servers to give the agent, on
         top of its own (the session's `mcp_servers` lists them all). An unknown name raises
         InvalidRequest, one the principal may not use McpServerNotAllowed, an http/sse one the
-        agent cannot reach McpTransportUnsupported."""
-        request = create_request(agent, cwd, request_id, labels, mcp_servers)
+        agent cannot reach McpTransportUnsupported.
+
+        `client_mcp_servers`: MCP servers of your own, as `McpStdioServer(name, command, args,
+        env)`, `McpHttpServer(name, url, headers)` or `McpSseServer(name, url, headers)` (or
+        `pb.McpServer` messages; `load_mcp_config(path)` reads an editor's `mcpServers` JSON
+        file into them). Your principal must be allowed them (the tokens file's
+        `client_mcp_servers = true`, else McpServerNotAllowed without `metadata['server']`); a
+        bad one raises InvalidRequest (`.violations['client_mcp_servers[i]...']`). Env and
+        header values are sent once, kept encrypted by the server and never shown again: the
+        session lists these servers by name and transport (source "request")."""
+        request = create_request(agent, cwd, request_id, labels, mcp_servers, client_mcp_servers)
         return await self._call(self._stub.CreateSession, request, timeout)
 
     def prompt(

@@ -35,6 +35,15 @@ import shtab
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from sessiongate.client.errors import SessionGateError, transport_failure
+from sessiongate.client.mcp import (
+    McpConfigError,
+    McpHttpServer,
+    McpSseServer,
+    McpStdioServer,
+    check_unique,
+    load_mcp_config,
+    shown_name,
+)
 from sessiongate.client.render import LiveRenderer, printable, usage_text
 from sessiongate.client.sync import SessionClient, TurnEvents
 from sessiongate.client.terminal import TerminalAsker, decline
@@ -204,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="|".join(SHELLS))
     for action in parser._actions + [a for p in commands.choices.values() for a in p._actions]:
-        if action.dest in ("file", "tls_ca", "tls_cert", "tls_key"):
+        if action.dest in ("file", "tls_ca", "tls_cert", "tls_key", "mcp_config"):
             action.complete = shtab.FILE  # type: ignore[attr-defined]  # shtab reads this attribute
         elif action.dest == "cwd":
             action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
@@ -238,6 +247,15 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="give the agent this MCP server of the server's config ([mcp_servers.NAME]), repeatable",
+    )
+    parser.add_argument(
+        "--mcp-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='give the agent your own MCP servers: a JSON file of {"mcpServers": {NAME: {...}}} as '
+        "editors use (command/args/env, or type http|sse with url/headers; ${VAR} from the "
+        "environment), repeatable; your principal needs client_mcp_servers = true",
     )
 
 
@@ -280,8 +298,33 @@ def _agents(client: SessionClient, opts: argparse.Namespace) -> None:
 
 
 def _create(client: SessionClient, opts: argparse.Namespace) -> None:
-    session = client.create_session(opts.agent, _cwd(opts), labels=_labels(opts.label), mcp_servers=opts.mcp)
+    session = client.create_session(
+        opts.agent,
+        _cwd(opts),
+        labels=_labels(opts.label),
+        mcp_servers=opts.mcp,
+        client_mcp_servers=_client_mcp_servers(opts),
+    )
     print(_json(session) if opts.json else session.session_id)
+
+
+def _client_mcp_servers(opts: argparse.Namespace) -> list[McpStdioServer | McpHttpServer | McpSseServer]:
+    """The servers of the --mcp-config files, read before any call; a file that cannot be used is
+    a usage error naming the file, server and key (never a value). Their names, in order, are
+    kept for the hint of a server the server refuses (client_mcp_servers[i])."""
+    try:
+        servers = [server for path in opts.mcp_config for server in load_mcp_config(path)]
+        check_unique(servers)
+    except McpConfigError as error:
+        raise UsageError(
+            str(error),
+            hint='--mcp-config takes a JSON file like {"mcpServers": {"NAME": {"command": "...", '
+            '"args": [], "env": {}}}}, or {"type": "http", "url": "...", "headers": {}} for a remote one',
+        ) from None
+    if opts.mcp_config and not servers:
+        raise UsageError(f"no MCP server in {', '.join(opts.mcp_config)} (all disabled?)")
+    opts.client_mcp_names = [server.name for server in servers]
+    return servers
 
 
 def _cwd(opts: argparse.Namespace) -> str:
@@ -291,12 +334,14 @@ def _cwd(opts: argparse.Namespace) -> str:
 
 
 def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
-    if opts.session and opts.mcp:  # said before reading a prompt from standard input
+    if opts.session and (opts.mcp or opts.mcp_config):  # said before reading a prompt from stdin
+        flag = "--mcp" if opts.mcp else "--mcp-config"
         raise UsageError(
-            "--mcp gives MCP servers to the session this command creates, and --session names one "
+            f"{flag} gives MCP servers to the session this command creates, and --session names one "
             "that exists (its servers were chosen when it was created)",
-            hint="drop --session to create a session with them, or drop --mcp",
+            hint=f"drop --session to create a session with them, or drop {flag}",
         )
+    client_mcp_servers = _client_mcp_servers(opts)
     text = _prompt_text(opts)
     interactive = sys.stdin.isatty()  # the person who answers questions is at this terminal
     if not interactive and _would_ask(client, opts):
@@ -308,7 +353,11 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
     session_id = opts.session
     if not session_id:
         created = client.create_session(
-            opts.agent, _cwd(opts), labels=_labels(opts.label), mcp_servers=opts.mcp
+            opts.agent,
+            _cwd(opts),
+            labels=_labels(opts.label),
+            mcp_servers=opts.mcp,
+            client_mcp_servers=client_mcp_servers,
         )
         session_id = created.session_id
         print(f"session {session_id}", file=sys.stderr)
@@ -804,7 +853,10 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "REQUEST_ANSWERED": "that question was already answered, expired or cancelled",
         "AGENT_REFUSED": "the agent said no; see the message above",
         "MCP_SERVER_NOT_ALLOWED": "your principal may not use that MCP server: ask the operator to add it "
-        "to your mcp_servers in the tokens file",
+        "to your mcp_servers in the tokens file"
+        if "server" in error.metadata  # a name refused; without one: servers of your own
+        else "your principal may not supply its own MCP servers (--mcp-config): ask the operator to set "
+        "client_mcp_servers = true for it in the tokens file, or use --mcp with a server they named",
         "MCP_TRANSPORT_UNSUPPORTED": "that agent cannot use http/sse MCP servers: use a stdio one",
         "TURN_NOT_FOUND": f"see the session's turns with `sessiongate history {session}`",
         "SEQ_NOT_KEPT": _seq_hint(error, opts),
@@ -816,6 +868,9 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     }
     if error.reason in hints:
         return printable(hints[error.reason])
+    supplied = _supplied_hint(error, opts)
+    if supplied:
+        return supplied
     if "mcp_servers" in error.violations:
         return (
             "--mcp takes the name of an [mcp_servers.NAME] table of the server's config "
@@ -839,6 +894,18 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     if error.code == grpc.StatusCode.UNAVAILABLE:
         return f"is the server running at {opts.target}? (--target or SESSIONGATE_TARGET)"
     return ""
+
+
+def _supplied_hint(error: SessionGateError, opts: argparse.Namespace) -> str:
+    """Which --mcp-config server each `client_mcp_servers[i]` violation is about."""
+    names = getattr(opts, "client_mcp_names", [])
+    indexes = sorted(
+        {int(m.group(1)) for f in error.violations if (m := re.match(r"client_mcp_servers\[(\d+)\]", f))}
+    )
+    named = [f"client_mcp_servers[{i}] is {shown_name(names[i])}" for i in indexes if i < len(names)]
+    if not named:
+        return ""
+    return printable(f"{', '.join(named)} (the servers of your --mcp-config files, in order)")
 
 
 def _handshake_cut(error: SessionGateError, opts: argparse.Namespace) -> bool:

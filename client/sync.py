@@ -36,6 +36,7 @@ from sessiongate.client._common import (
 )
 from sessiongate.client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
 from sessiongate.client.errors import from_rpc_error
+from sessiongate.client.mcp import ClientMcpServer
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -123,10 +124,11 @@ class SessionClient:
         request_id: str | None = None,
         labels: Mapping[str, str] | None = None,
         mcp_servers: Sequence[str] = (),
+        client_mcp_servers: Sequence[ClientMcpServer] = (),
         timeout: float = CREATE_TIMEOUT,
     ) -> pb.Session:
         """See AsyncSessionClient.create_session."""
-        request = create_request(agent, cwd, request_id, labels, mcp_servers)
+        request = create_request(agent, cwd, request_id, labels, mcp_servers, client_mcp_servers)
         return self._call(self._stub.CreateSession, request, timeout)
 
     def prompt(
