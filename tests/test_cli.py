@@ -642,7 +642,7 @@ async def test_completion_scripts_complete_commands_and_their_flags(tmp_path: Pa
     assert complete_in_bash(script, "sessiongate", "cr") == ["create"]
     assert complete_in_bash(script, "sessiongate", "co") == ["completion", "config"]
     assert complete_in_bash(script, "sessiongate", "prompt", "--de") == ["--deny-all", "--detach"]
-    assert complete_in_bash(script, "sessiongate", "create", "--m") == ["--mcp"]
+    assert complete_in_bash(script, "sessiongate", "create", "--m") == ["--mcp", "--mcp-config"]
     assert complete_in_bash(script, "sessiongate", "completion", "") == ["bash", "tcsh", "zsh"]
     (tmp_path / "project").mkdir()
     (tmp_path / "prompt.txt").write_text("")
