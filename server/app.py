@@ -324,7 +324,7 @@ async def start_server(settings: Settings) -> RunningServer:
     metrics = Metrics()  # agent starts and proxy decisions count here; sessions at serve, below
     tokens, launcher = checked.tokens, checked.launcher.with_network(NetworkProxy(metrics.proxy_decision))
     tighten_state_dir(settings.state_db.parent)
-    secret_box = SecretBox.from_key_file(settings.mcp_key_path)  # made on the first start
+    secret_box = SecretBox.at(settings.mcp_key_path)  # read, or made, once the store has its directory
     say_sandboxes(launcher, settings.agents.values())
     logins = AgentLogins(settings.agents)
     spares = SparePool(settings.agents, settings.limits, metrics.agent_started, launcher, logins)
@@ -349,6 +349,7 @@ async def start_server(settings: Settings) -> RunningServer:
         secret_box=secret_box,
     )
     restored = await pool.load(settings.agents)
+    secret_box.ready()  # the first start makes the key (a corrupt one was refused by preflight)
     spares.start()
     log.info("session store %s: %d sessions restored (SUSPENDED)", store.where, restored)
     router = await join_replicas(settings, replica_id, store, pool, closing) if settings.state_url else None

@@ -10,6 +10,7 @@ Fernet (AES-128-CBC with an HMAC-SHA256) is `cryptography`'s: nothing home-made.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -26,34 +27,56 @@ class SecretUnreadable(Exception):
 class SecretBox:
     """Seals and opens values with one Fernet key."""
 
-    def __init__(self, key: bytes) -> None:
-        self._fernet = Fernet(key)
+    def __init__(self, key: bytes | None = None, path: Path | None = None) -> None:
+        self._fernet = Fernet(key) if key is not None else None
+        self._path = path  # where the key is read (or made) at its first use, without `key`
 
     def __repr__(self) -> str:
         return "SecretBox(<key hidden>)"
 
     @classmethod
+    def at(cls, path: Path) -> SecretBox:
+        """The box of the key in `path`, read (or made) by `ready()` or its first use: a server
+        makes it once its store has made the state directory, which reports a directory that
+        cannot be made."""
+        return cls(path=path)
+
+    @classmethod
     def from_key_file(cls, path: Path) -> SecretBox:
         """The box of the key in `path`, made there (0600) when there is no file yet; a file that
         does not hold a Fernet key is a ConfigError naming it (never showing its content)."""
-        key = _read_or_create(path)
+        box = cls.at(path)
+        box.ready()
+        return box
+
+    def ready(self) -> None:
+        """Read the key, or make it when there is no file yet (see from_key_file)."""
+        if self._fernet is not None:
+            return
+        assert self._path is not None, "a SecretBox has a key or a key file"
+        key = _read_or_create(self._path)
         try:
-            return cls(key.strip())
+            self._fernet = Fernet(key.strip())
         except ValueError:
             raise ConfigError(
-                f"{path} is not a Fernet key (mcp_key_file: 32 url-safe base64-encoded bytes);"
+                f"{self._path} is not a Fernet key (mcp_key_file: 32 url-safe base64-encoded bytes);"
                 " restore the right one, or move it away to make a new key (stored client MCP"
                 " servers then cannot be read)"
             ) from None
 
+    def _key(self) -> Fernet:
+        self.ready()
+        assert self._fernet is not None
+        return self._fernet
+
     def seal(self, data: bytes) -> str:
         """`data` encrypted and authenticated: one Fernet token (ASCII)."""
-        return self._fernet.encrypt(data).decode("ascii")
+        return self._key().encrypt(data).decode("ascii")
 
     def open(self, token: str) -> bytes:
         """What `seal` sealed; SecretUnreadable when this key did not seal it or it was altered."""
         try:
-            return self._fernet.decrypt(token.encode("ascii"))
+            return self._key().decrypt(token.encode("ascii"))
         except (InvalidToken, UnicodeEncodeError):
             raise SecretUnreadable("a sealed value cannot be opened with this key") from None
 
@@ -78,7 +101,8 @@ def _read_or_create(path: Path) -> bytes:
     except OSError as exc:
         raise ConfigError(f"cannot create the MCP key file {path}: {exc.strerror}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never hides what went wrong above
+            temporary.unlink(missing_ok=True)
     return key
 
 
