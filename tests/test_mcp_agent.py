@@ -12,10 +12,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,8 +23,8 @@ import pytest
 from acp import schema
 from sessiongate.server.agents.transport import LINE_LIMIT
 
-from tests.conftest import eventually, wait_gone
-from tests.postgres import free_port
+from tests.conftest import eventually
+from tests.mcp_server import serving
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = f"s3cret-{uuid.uuid4().hex}"  # an env value that must reach the stdio server, never a reply
@@ -103,38 +100,6 @@ async def echo_agent(state_dir: Path) -> AsyncIterator[EchoOverAcp]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the agent and any MCP server it started
         await process.wait()
-
-
-@contextlib.contextmanager
-def serving(transport: str) -> Iterator[int]:
-    """tests/mcp_server.py over `transport` (http or sse) on a loopback port; stopped with its group."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.mcp_server", transport, "--port", str(port)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert process.poll() is None, "the MCP server exited"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the MCP server did not listen within 10s")
-        yield port
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        assert not wait_gone({process.pid})
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,6 @@ address (a private one on a test machine: an operator-named server may be there,
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +25,11 @@ from sessiongate.server.settings import AgentConfig, McpServerConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import ECHO, Gate, GateFactory, expect_error, reply_text
+from tests.mcp_server import serving
 from tests.test_sandbox import needs_bwrap
 from tests.test_sandbox_network import ask, local_address
 
 REPO = Path(__file__).resolve().parent.parent
-SERVE = (
-    "import sys\nfrom tests.mcp_server import server\n"
-    "server.run('streamable-http', host=sys.argv[1], port=int(sys.argv[2]), streamable_http_path='/mcp')"
-)
 
 
 @pytest.fixture(scope="module")
@@ -50,41 +40,11 @@ def address() -> str:
     return found
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def mcp_url(address: str) -> Iterator[str]:
     """tests/mcp_server.py over streamable HTTP on `address`; stopped with its group."""
-    port = free_port(address)
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVE, address, str(port)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as probe:
-                if probe.connect_ex((address, port)) == 0:
-                    break
-            assert process.poll() is None, "the MCP server exited"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the MCP server did not listen within 10s")
+    with serving("http", address) as port:
         yield f"http://{address}:{port}/mcp"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def boxed(name: str, network: str) -> AgentConfig:
