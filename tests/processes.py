@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -81,12 +82,49 @@ async def server_process(
     state = (shared or tmp_path) / "agent-state"
     config = tmp_path / "sessiongate.toml"
     config.write_text(CONFIG.format(python=sys.executable, state=state, drain_grace=drain_grace))
+    argv = [
+        *(sys.executable, "-m", "sessiongate.server", "--config", str(config), "--listen", "127.0.0.1:0"),
+        *("--workdir", str(shared or tmp_path), "--state-db", str(tmp_path / "sessions.db")),
+        *extra_args,
+    ]
+    server: ServerProcess | None = None
+    try:
+        async with running(argv) as started:
+            server = ServerProcess(started.process, started.port, state, started.log)
+            try:
+                yield server
+            finally:
+                await server.channel.close()
+    finally:
+        if server is not None:
+            kill_leftovers(wait_gone(server.agent_pids(), 0))
+
+
+@dataclass
+class Started:
+    """A process that said it is serving: its port and its log so far (still growing)."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log: list[str]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    start_bound: float = 30,
+    what: str = "server",
+) -> AsyncIterator[Started]:
+    """`argv` (a server, or `make run`) in its own process group, its stderr collected line by
+    line; yields once it logs "serving on … (port N)". Afterwards its whole group is killed."""
     process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "sessiongate.server", "--config", str(config), "--listen", "127.0.0.1:0"),
-            *("--workdir", str(shared or tmp_path), "--state-db", str(tmp_path / "sessions.db")),
-            *extra_args,
-        ],
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -94,22 +132,18 @@ async def server_process(
     )
     log: list[str] = []
     reader = asyncio.create_task(asyncio.to_thread(_read_log, process, log))
-    server: ServerProcess | None = None
     try:
-        await eventually(lambda: _port(log) is not None or process.poll() is not None, 30, "server start")
+        await eventually(
+            lambda: _port(log) is not None or process.poll() is not None, start_bound, f"{what} start"
+        )
         port = _port(log)
-        assert port is not None, "server exited before serving:\n" + "".join(log)
-        server = ServerProcess(process, port, state, log)
-        yield server
+        assert port is not None, f"{what} exited before serving:\n" + "".join(log)
+        yield Started(process, port, log)
     finally:
-        if server is not None:
-            await server.channel.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         await asyncio.to_thread(process.wait, 10)
         await reader
-        if server is not None:
-            kill_leftovers(wait_gone(server.agent_pids(), 0))
 
 
 def _read_log(process: subprocess.Popen[str], log: list[str]) -> None:

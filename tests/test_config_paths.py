@@ -4,11 +4,7 @@ a real server from elsewhere."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +14,8 @@ from sessiongate.server.sandbox.launcher import _visible, find_bwrap
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import eventually, reply_text
-from tests.processes import _port, _read_log
+from tests.conftest import reply_text
+from tests.processes import running
 
 CONFIG = """
 [server]
@@ -48,28 +44,16 @@ async def test_a_server_started_with_a_relative_config_runs_sandboxed_agents(tmp
         directory.mkdir(parents=True)
     (conf / "sessiongate.toml").write_text(CONFIG.format(python=sys.executable))
     source_root = Path(__file__).resolve().parent.parent
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sessiongate.server",
-            "--config",
-            os.path.join("..", "conf", "sessiongate.toml"),
-        ],
-        cwd=elsewhere,
-        env={**os.environ, "PYTHONPATH": str(source_root)},
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    log: list[str] = []
-    reader = asyncio.create_task(asyncio.to_thread(_read_log, process, log))
-    try:
-        await eventually(lambda: _port(log) is not None or process.poll() is not None, 30, "server start")
-        port = _port(log)
-        assert port is not None, "server exited before serving:\n" + "".join(log)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    argv = [
+        sys.executable,
+        "-m",
+        "sessiongate.server",
+        "--config",
+        os.path.join("..", "conf", "sessiongate.toml"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(source_root)}
+    async with running(argv, cwd=elsewhere, env=env) as started:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{started.port}") as channel:
             stub = pb_grpc.SessionServiceStub(channel)
             session = await stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
             assert session.cwd == str((conf / "work").resolve())
@@ -77,11 +61,6 @@ async def test_a_server_started_with_a_relative_config_runs_sandboxed_agents(tmp
             assert reply_text([e async for e in stub.Prompt(prompt, timeout=30)]) == "hello"
         assert (conf / "state" / "sessions.db").is_file()
         assert not (elsewhere / "state").exists() and not (elsewhere / "work").exists()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await asyncio.to_thread(process.wait, 10)
-        await reader
 
 
 def test_the_sandbox_visibility_check_is_total() -> None:

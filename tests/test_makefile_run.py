@@ -5,7 +5,6 @@ restore every other clone's sessions."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -16,8 +15,8 @@ import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import eventually, reply_text
-from tests.processes import _port, _read_log
+from tests.conftest import reply_text
+from tests.processes import running
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
@@ -45,41 +44,23 @@ async def test_make_run_writes_its_state_under_the_checkout_and_nothing_per_user
     for directory in (checkout, home, xdg):
         directory.mkdir()
     env = {**os.environ, "HOME": str(home), "XDG_STATE_HOME": str(xdg)}
-    process = subprocess.Popen(
-        [
-            *("make", "-s", "-f", str(REPO / "Makefile"), "-C", str(checkout), f"VENV={VENV}", *NO_SETUP),
-            *("run", "ARGS=--listen 127.0.0.1:0"),
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    log: list[str] = []
-    reader = asyncio.create_task(asyncio.to_thread(_read_log, process, log))
-    try:
-        await eventually(lambda: _port(log) is not None or process.poll() is not None, 60, "server start")
-        port = _port(log)
-        assert port is not None, "make run exited before serving:\n" + "".join(log)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    argv = [
+        *("make", "-s", "-f", str(REPO / "Makefile"), "-C", str(checkout), f"VENV={VENV}", *NO_SETUP),
+        *("run", "ARGS=--listen 127.0.0.1:0"),
+    ]
+    async with running(argv, env=env, start_bound=60, what="make run") as started:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{started.port}") as channel:
             stub = pb_grpc.SessionServiceStub(channel)
             session = await stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
             events = [
                 e async for e in stub.Prompt(pb.PromptRequest(session_id=session.session_id, text="hi"))
             ]
             assert reply_text(events) == "hi"
-        os.killpg(process.pid, signal.SIGTERM)  # Ctrl-C's way: the group make and the server share
-        await asyncio.to_thread(process.wait, 30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await asyncio.to_thread(process.wait, 10)
-        await reader
+        os.killpg(started.process.pid, signal.SIGTERM)  # Ctrl-C's way: the group make and the server share
+        await asyncio.to_thread(started.process.wait, 30)
 
     state = checkout / ".state" / "sessiongate"
-    assert (state / "sessions.db").is_file(), "".join(log)
+    assert (state / "sessions.db").is_file(), "".join(started.log)
     if shutil.which("bwrap") is None:
         return  # unsandboxed, the built-in agent keeps its own records in the server user's HOME
     # The built-in agent's own record of the session (its home is under the state dir too).
