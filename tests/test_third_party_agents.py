@@ -30,7 +30,7 @@ from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import Gate, GateFactory, expect_error, kinds, reply_text
+from tests.conftest import Gate, GateFactory, expect_error, kinds, reply_text, require_installed
 from tests.test_permissions import Asking, second_stub, seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,18 +47,14 @@ ALLOWED_TEXT = "Perfect! I've successfully updated the configuration."
 REJECTED_TEXT = "I understand you prefer not to make that change."
 
 
-def tool(path: Path | str | None, why: str) -> str:
-    if path is None or not Path(path).exists():
-        pytest.skip(f"{why} is not installed (run `make test`, which installs it)")
-    return str(path)
-
-
 @pytest.fixture
 async def gate(make_gate: GateFactory) -> Gate:
     """A server whose `zed-example` agent is Zed's example agent, run with tsx."""
-    tool(shutil.which("node"), "node")
-    tsx = tool(TSX, "tsx (npm, tests/node)")
-    example = tool(EXAMPLE, "Zed's example agent (npm @zed-industries/agent-client-protocol, tests/node)")
+    require_installed(shutil.which("node"), "node")
+    tsx = require_installed(TSX, "tsx (npm, tests/node)")
+    example = require_installed(
+        EXAMPLE, "Zed's example agent (npm @zed-industries/agent-client-protocol, tests/node)"
+    )
     config = AgentConfig(name=AGENT, command=tsx, args=(example,), sandbox="none")
     made: Gate = await make_gate(agents={AGENT: config})
     return made
