@@ -100,6 +100,21 @@ async def server_process(
             kill_leftovers(wait_gone(server.agent_pids(), 0))
 
 
+def run_server(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m sessiongate.server ARGS` run to its exit (a start it refuses, --version,
+    --check-config): its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "sessiongate.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
 @dataclass
 class Started:
     """A process that said it is serving: its port and its log so far (still growing)."""

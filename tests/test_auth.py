@@ -7,8 +7,6 @@ import asyncio
 import logging
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from sessiongate.server.security.principals import token_hash
 from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import Gate, GateFactory, eventually, expect_error, reply_text
+from tests.processes import run_server
 from tests.test_cli import cli
 
 TOKENS = {"alice": "alice-secret", "bob": "bob-secret", "root": "root-secret", "carol": "carol-secret"}
@@ -286,20 +285,7 @@ async def test_state_files_are_the_servers_alone(make_gate: GateFactory, tmp_pat
 
 
 def test_a_network_address_without_authentication_needs_insecure_to_start(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sessiongate.server",
-            "--listen",
-            "0.0.0.0:0",
-            "--state-db",
-            str(tmp_path / "db"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_server("--listen", "0.0.0.0:0", "--state-db", str(tmp_path / "db"), timeout=30)
     assert result.returncode == 2
     assert "--auth-tokens-file" in result.stderr and "--insecure" in result.stderr
     assert "Traceback" not in result.stderr

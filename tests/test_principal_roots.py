@@ -6,8 +6,6 @@ root that contains the state directory."""
 from __future__ import annotations
 
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -17,6 +15,7 @@ from sessiongate.server.security.principals import TokensFileError, TokenTable, 
 from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import Gate, GateFactory, expect_error, reply_text
+from tests.processes import run_server
 
 TOKENS = {"alice": "alice-secret", "bob": "bob-secret", "root": "root-secret", "../alice": "dots-secret"}
 
@@ -153,14 +152,9 @@ def test_a_tokens_file_with_a_root_outside_the_servers_refuses_the_start(tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     tokens = tokens_with_roots(tmp_path / "tokens.toml", {"*": f"{tmp_path}/{{principal}}"})
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "sessiongate.server", "--listen", "127.0.0.1:0", "--workdir", str(work)),
-            *("--auth-tokens-file", str(tokens), "--state-db", str(tmp_path / "state" / "s.db")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_server(
+        *("--listen", "127.0.0.1:0", "--workdir", str(work), "--auth-tokens-file", str(tokens)),
+        *("--state-db", str(tmp_path / "state" / "s.db")),
     )
     assert result.returncode == 2, result.stderr
     assert "roots" in result.stderr and "outside the server's roots" in result.stderr

@@ -4,8 +4,6 @@ received works anywhere else. Real replica processes, a real PostgreSQL, the bui
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from tests.conftest import expect_error
 from tests.postgres import PostgresServer
+from tests.processes import run_server
 from tests.test_auth import as_, tokens_file
 from tests.test_replicas import replicas
 
@@ -134,14 +133,9 @@ def test_replicas_with_authentication_and_no_replica_secret_refuse_to_start(tmp_
     address read from the database: the server refuses to start so (exit 2) instead."""
     tokens = tokens_file(tmp_path / "tokens.toml")
     url = "postgresql://gate@127.0.0.1:9/sessions"  # never reached: the check comes first
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "sessiongate.server", "--listen", "127.0.0.1:0", "--state-url", url),
-            *("--auth-tokens-file", str(tokens), "--state-db", str(tmp_path / "s.db")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_server(
+        *("--listen", "127.0.0.1:0", "--state-url", url, "--auth-tokens-file", str(tokens)),
+        *("--state-db", str(tmp_path / "s.db")),
     )
     assert result.returncode == 2, result.stderr
     assert "replica_token_file" in result.stderr and "Traceback" not in result.stderr

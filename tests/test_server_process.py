@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -15,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import StateBackend, eventually, expect_error, reply_text, wait_gone
-from tests.processes import server_process
+from tests.processes import run_server, server_process
 
 
 async def test_sigterm_drains_exits_zero_and_leaves_no_agent_behind(tmp_path: Path) -> None:
@@ -150,12 +148,7 @@ async def test_reflection_lists_the_services_without_proto_files(tmp_path: Path)
 def test_configuration_errors_exit_2_with_a_clear_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[agents.x]\ncommand = "y"\npermission_policy = "maybe"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "sessiongate.server", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_server("--config", str(bad), timeout=30)
     assert result.returncode == 2
     assert "permission_policy" in result.stderr and "Traceback" not in result.stderr
 
@@ -163,20 +156,7 @@ def test_configuration_errors_exit_2_with_a_clear_message(tmp_path: Path) -> Non
 def test_an_unusable_database_path_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should be")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sessiongate.server",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-db",
-            str(blocker / "db.sqlite"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_server("--listen", "127.0.0.1:0", "--state-db", str(blocker / "db.sqlite"), timeout=30)
     assert result.returncode == 1
     assert "cannot create the directory" in result.stderr and "Traceback" not in result.stderr
 

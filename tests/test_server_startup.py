@@ -22,19 +22,9 @@ from sessiongate.server.settings import Settings
 from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import eventually
-from tests.processes import server_process
+from tests.processes import run_server, server_process
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_server(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sessiongate.server", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-    )
 
 
 # ---- --version -----------------------------------------------------------------------------

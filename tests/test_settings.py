@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from sessiongate.server.settings import (
 )
 
 from tests.pki import Pki
+from tests.processes import run_server
 
 
 def write(path: Path, text: str) -> str:
@@ -238,22 +238,9 @@ def test_a_root_that_contains_the_state_dir_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_root_that_contains_the_state_dir_stops_the_server_with_exit_2(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            *(
-                sys.executable,
-                "-m",
-                "sessiongate.server",
-                "--listen",
-                "127.0.0.1:0",
-                "--workdir",
-                str(tmp_path),
-            ),
-            *("--allowed-root", str(tmp_path), "--state-db", str(tmp_path / "state" / "s.db")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_server(
+        *("--listen", "127.0.0.1:0", "--workdir", str(tmp_path), "--allowed-root", str(tmp_path)),
+        *("--state-db", str(tmp_path / "state" / "s.db")),
     )
     assert result.returncode == 2, result.stderr
     assert "allowed_roots" in result.stderr and "state directory" in result.stderr
@@ -313,22 +300,9 @@ async def test_with_authentication_an_agent_never_runs_unconfined_by_default(
 
 def test_with_tokens_and_no_bwrap_on_path_the_server_exits_2_naming_bubblewrap(tmp_path: Path) -> None:
     tokens = write(tmp_path / "tokens.toml", "")
-    result = subprocess.run(
-        [
-            *(
-                sys.executable,
-                "-m",
-                "sessiongate.server",
-                "--listen",
-                "127.0.0.1:0",
-                "--workdir",
-                str(work(tmp_path)),
-            ),
-            *("--auth-tokens-file", tokens, "--state-db", str(tmp_path / "state" / "s.db")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_server(
+        *("--listen", "127.0.0.1:0", "--workdir", str(work(tmp_path)), "--auth-tokens-file", tokens),
+        *("--state-db", str(tmp_path / "state" / "s.db")),
         env={**os.environ, "PATH": str(tmp_path / "empty")},  # no bwrap to find
     )
     assert result.returncode == 2, result.stderr
