@@ -110,7 +110,7 @@ class AgentInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., title: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage", "turn_id", "replica", "mcp_servers")
+    __slots__ = ("session_id", "agent", "cwd", "state", "create_time", "last_active_time", "labels", "agent_session_id", "agent_info", "turn_start_time", "last_event_time", "request_id", "turn_elapsed", "since_last_event", "owner", "modes", "config_options", "available_commands", "title", "usage", "turn_id", "replica", "mcp_servers", "client_tools")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Session(_message.Message):
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOOLS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     agent: str
     cwd: str
@@ -164,7 +165,8 @@ class Session(_message.Message):
     turn_id: str
     replica: str
     mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServerInfo]
-    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ..., turn_id: _Optional[str] = ..., replica: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerInfo, _Mapping]]] = ...) -> None: ...
+    client_tools: _containers.RepeatedCompositeFieldContainer[ClientTool]
+    def __init__(self, session_id: _Optional[str] = ..., agent: _Optional[str] = ..., cwd: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_active_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_session_id: _Optional[str] = ..., agent_info: _Optional[_Union[AgentInfo, _Mapping]] = ..., turn_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., turn_elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., since_last_event: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., modes: _Optional[_Union[SessionModes, _Mapping]] = ..., config_options: _Optional[_Iterable[_Union[ConfigOption, _Mapping]]] = ..., available_commands: _Optional[_Iterable[_Union[AvailableCommand, _Mapping]]] = ..., title: _Optional[str] = ..., usage: _Optional[_Union[SessionUsage, _Mapping]] = ..., turn_id: _Optional[str] = ..., replica: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[_Union[McpServerInfo, _Mapping]]] = ..., client_tools: _Optional[_Iterable[_Union[ClientTool, _Mapping]]] = ...) -> None: ...
 
 class McpServerInfo(_message.Message):
     __slots__ = ("name", "transport", "source")
@@ -249,7 +251,7 @@ class SessionUsage(_message.Message):
     def __init__(self, context_used: _Optional[int] = ..., context_size: _Optional[int] = ..., cost_amount: _Optional[float] = ..., cost_currency: _Optional[str] = ..., last_turn: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("agent", "cwd", "request_id", "labels", "mcp_servers", "client_mcp_servers")
+    __slots__ = ("agent", "cwd", "request_id", "labels", "mcp_servers", "client_mcp_servers", "client_tools")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -263,13 +265,25 @@ class CreateSessionRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TOOLS_FIELD_NUMBER: _ClassVar[int]
     agent: str
     cwd: str
     request_id: str
     labels: _containers.ScalarMap[str, str]
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
     client_mcp_servers: _containers.RepeatedCompositeFieldContainer[McpServer]
-    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., client_mcp_servers: _Optional[_Iterable[_Union[McpServer, _Mapping]]] = ...) -> None: ...
+    client_tools: _containers.RepeatedCompositeFieldContainer[ClientTool]
+    def __init__(self, agent: _Optional[str] = ..., cwd: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., client_mcp_servers: _Optional[_Iterable[_Union[McpServer, _Mapping]]] = ..., client_tools: _Optional[_Iterable[_Union[ClientTool, _Mapping]]] = ...) -> None: ...
+
+class ClientTool(_message.Message):
+    __slots__ = ("name", "description", "input_schema")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    input_schema: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class McpServer(_message.Message):
     __slots__ = ("name", "stdio", "http", "sse")
@@ -644,7 +658,7 @@ class TurnResult(_message.Message):
     def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class PromptEvent(_message.Message):
-    __slots__ = ("seq", "message_chunk", "thought_chunk", "tool_call", "tool_call_update", "plan", "permission", "notice", "other", "result", "permission_request", "elicitation_request", "elicitation", "mode_update", "config_update", "commands_update", "session_info", "usage_update", "file_write", "terminal_output")
+    __slots__ = ("seq", "message_chunk", "thought_chunk", "tool_call", "tool_call_update", "plan", "permission", "notice", "other", "result", "permission_request", "elicitation_request", "elicitation", "mode_update", "config_update", "commands_update", "session_info", "usage_update", "file_write", "terminal_output", "tool_request", "tool_outcome")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     THOUGHT_CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -665,6 +679,8 @@ class PromptEvent(_message.Message):
     USAGE_UPDATE_FIELD_NUMBER: _ClassVar[int]
     FILE_WRITE_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TOOL_OUTCOME_FIELD_NUMBER: _ClassVar[int]
     seq: int
     message_chunk: ContentChunk
     thought_chunk: ContentChunk
@@ -685,7 +701,33 @@ class PromptEvent(_message.Message):
     usage_update: SessionUsage
     file_write: FileWrite
     terminal_output: TerminalOutput
-    def __init__(self, seq: _Optional[int] = ..., message_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., thought_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_update: _Optional[_Union[ToolCallUpdate, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., permission: _Optional[_Union[PermissionEvent, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., other: _Optional[_Union[OtherUpdate, _Mapping]] = ..., result: _Optional[_Union[TurnResult, _Mapping]] = ..., permission_request: _Optional[_Union[PermissionRequest, _Mapping]] = ..., elicitation_request: _Optional[_Union[ElicitationRequest, _Mapping]] = ..., elicitation: _Optional[_Union[ElicitationEvent, _Mapping]] = ..., mode_update: _Optional[_Union[ModeUpdate, _Mapping]] = ..., config_update: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., commands_update: _Optional[_Union[CommandsUpdate, _Mapping]] = ..., session_info: _Optional[_Union[SessionInfo, _Mapping]] = ..., usage_update: _Optional[_Union[SessionUsage, _Mapping]] = ..., file_write: _Optional[_Union[FileWrite, _Mapping]] = ..., terminal_output: _Optional[_Union[TerminalOutput, _Mapping]] = ...) -> None: ...
+    tool_request: ToolRequest
+    tool_outcome: ToolOutcome
+    def __init__(self, seq: _Optional[int] = ..., message_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., thought_chunk: _Optional[_Union[ContentChunk, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_update: _Optional[_Union[ToolCallUpdate, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., permission: _Optional[_Union[PermissionEvent, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., other: _Optional[_Union[OtherUpdate, _Mapping]] = ..., result: _Optional[_Union[TurnResult, _Mapping]] = ..., permission_request: _Optional[_Union[PermissionRequest, _Mapping]] = ..., elicitation_request: _Optional[_Union[ElicitationRequest, _Mapping]] = ..., elicitation: _Optional[_Union[ElicitationEvent, _Mapping]] = ..., mode_update: _Optional[_Union[ModeUpdate, _Mapping]] = ..., config_update: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., commands_update: _Optional[_Union[CommandsUpdate, _Mapping]] = ..., session_info: _Optional[_Union[SessionInfo, _Mapping]] = ..., usage_update: _Optional[_Union[SessionUsage, _Mapping]] = ..., file_write: _Optional[_Union[FileWrite, _Mapping]] = ..., terminal_output: _Optional[_Union[TerminalOutput, _Mapping]] = ..., tool_request: _Optional[_Union[ToolRequest, _Mapping]] = ..., tool_outcome: _Optional[_Union[ToolOutcome, _Mapping]] = ...) -> None: ...
+
+class ToolRequest(_message.Message):
+    __slots__ = ("request_id", "tool", "input", "expire_time")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tool: str
+    input: _struct_pb2.Struct
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ToolOutcome(_message.Message):
+    __slots__ = ("request_id", "tool", "is_error", "decided_by")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tool: str
+    is_error: bool
+    decided_by: str
+    def __init__(self, request_id: _Optional[str] = ..., tool: _Optional[str] = ..., is_error: _Optional[bool] = ..., decided_by: _Optional[str] = ...) -> None: ...
 
 class CancelPromptRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -807,6 +849,30 @@ class RespondElicitationRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[ElicitationAction, str]] = ..., content: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class RespondElicitationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RespondToolCallRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "result", "error")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: str
+    result: ToolResult
+    error: str
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., result: _Optional[_Union[ToolResult, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ToolResult(_message.Message):
+    __slots__ = ("text", "structured")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    structured: _struct_pb2.Struct
+    def __init__(self, text: _Optional[str] = ..., structured: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class RespondToolCallResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

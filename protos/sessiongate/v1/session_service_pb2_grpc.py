@@ -80,6 +80,11 @@ class SessionServiceStub:
                 request_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationRequest.SerializeToString,
                 response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationResponse.FromString,
                 _registered_method=True)
+        self.RespondToolCall = channel.unary_unary(
+                '/sessiongate.v1.SessionService/RespondToolCall',
+                request_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondToolCallRequest.SerializeToString,
+                response_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondToolCallResponse.FromString,
+                _registered_method=True)
         self.SetSessionMode = channel.unary_unary(
                 '/sessiongate.v1.SessionService/SetSessionMode',
                 request_serializer=sessiongate_dot_v1_dot_session__service__pb2.SetSessionModeRequest.SerializeToString,
@@ -204,6 +209,16 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RespondToolCall(self, request, context):
+        """Answers a call of one of the session's client tools (a `tool_request` event): with a
+        result the agent gets, or with an error it gets as a failed tool call. Any connection of
+        the session's owner may answer. Errors as for RespondPermission; INVALID_ARGUMENT for a
+        result or error larger than 1 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetSessionMode(self, request, context):
         """Switches the session's mode (ACP `session/set_mode`) and returns the session. Does not
         wait for a running turn: the agent decides whether it allows the switch now
@@ -307,6 +322,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.RespondElicitation,
                     request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationRequest.FromString,
                     response_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationResponse.SerializeToString,
+            ),
+            'RespondToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondToolCall,
+                    request_deserializer=sessiongate_dot_v1_dot_session__service__pb2.RespondToolCallRequest.FromString,
+                    response_serializer=sessiongate_dot_v1_dot_session__service__pb2.RespondToolCallResponse.SerializeToString,
             ),
             'SetSessionMode': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSessionMode,
@@ -583,6 +603,33 @@ class SessionService:
             '/sessiongate.v1.SessionService/RespondElicitation',
             sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationRequest.SerializeToString,
             sessiongate_dot_v1_dot_session__service__pb2.RespondElicitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessiongate.v1.SessionService/RespondToolCall',
+            sessiongate_dot_v1_dot_session__service__pb2.RespondToolCallRequest.SerializeToString,
+            sessiongate_dot_v1_dot_session__service__pb2.RespondToolCallResponse.FromString,
             options,
             channel_credentials,
             insecure,
