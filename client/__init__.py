@@ -8,7 +8,9 @@ raise the classes in `client.errors`, one per ErrorInfo reason, with decoded det
 turn's id and the last seq read, re-attaching by themselves after a transport failure when
 the turn continues on disconnect. `McpStdioServer`, `McpHttpServer` and `McpSseServer`
 (or `load_mcp_config(path)`, an editor's `mcpServers` file) are `create_session`'s
-`client_mcp_servers`.
+`client_mcp_servers`. `Tool(name, handler, description, input_schema)` declares a function of
+yours the agent may call (`create_session(client_tools=[...])`): the client's streams answer
+its calls for you (or answer by hand with `respond_tool_call`).
 """
 
 from sessiongate.client.aio import AsyncSessionClient, AsyncTurnEvents
@@ -50,6 +52,7 @@ from sessiongate.client.mcp import (
 )
 from sessiongate.client.retry import retry, retry_async
 from sessiongate.client.sync import SessionClient, TurnEvents
+from sessiongate.client.tools import Tool, ToolsFileError, load_tools
 
 __all__ = [
     "AgentAuthRequired",
@@ -82,12 +85,15 @@ __all__ = [
     "ShuttingDown",
     "StoreUnavailable",
     "StreamStalled",
+    "Tool",
+    "ToolsFileError",
     "TurnEvents",
     "TurnInterrupted",
     "TurnNotFound",
     "TurnTimeout",
     "Unauthenticated",
     "load_mcp_config",
+    "load_tools",
     "retry",
     "retry_async",
 ]

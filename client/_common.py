@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import duration_pb2
 from sessiongate.client.errors import RequestAnswered, RequestNotFound, SessionGateError, transport_failure
 from sessiongate.client.mcp import ClientMcpServer, proto_servers
+from sessiongate.client.tools import ClientToolDeclaration, proto_tools
 from sessiongate.v1 import session_service_pb2 as pb
 
 SERVICE = "sessiongate.v1.SessionService"
@@ -134,6 +135,7 @@ def create_request(
     labels: Mapping[str, str] | None,
     mcp_servers: Sequence[str] = (),
     client_mcp_servers: Iterable[ClientMcpServer] = (),
+    client_tools: Iterable[ClientToolDeclaration] = (),
 ) -> pb.CreateSessionRequest:
     if isinstance(mcp_servers, str):  # one name passed bare would become its letters
         raise TypeError("mcp_servers takes a list of names, not a string")
@@ -144,6 +146,7 @@ def create_request(
         labels=dict(labels or {}),
         mcp_servers=list(mcp_servers),
         client_mcp_servers=proto_servers(client_mcp_servers),
+        client_tools=proto_tools(client_tools),
     )
 
 

@@ -35,8 +35,19 @@ from sessiongate.client._common import (
     turn_id_of,
     watch_request,
 )
-from sessiongate.client.errors import from_rpc_error
+from sessiongate.client.errors import InvalidRequest, from_rpc_error
 from sessiongate.client.mcp import ClientMcpServer
+from sessiongate.client.tools import (
+    ClientToolDeclaration,
+    ServedTools,
+    ToolHandler,
+    ToolValue,
+    answered,
+    failed,
+    refused,
+    respond_tool_call_request,
+    tool_input,
+)
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -116,6 +127,7 @@ class AsyncSessionClient:
         self._stub = pb_grpc.SessionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (*metadata, *bearer(token))
+        self._tools = ServedTools()
 
     async def __aenter__(self) -> AsyncSessionClient:
         return self
@@ -141,6 +153,7 @@ class AsyncSessionClient:
         labels: Mapping[str, str] | None = None,
         mcp_servers: Sequence[str] = (),
         client_mcp_servers: Sequence[ClientMcpServer] = (),
+        client_tools: Sequence[ClientToolDeclaration] = (),
         timeout: float = CREATE_TIMEOUT,
     ) -> pb.Session:
         """Start a session on `agent` (default: the server's). A request_id is generated when
@@ -158,9 +171,23 @@ class AsyncSessionClient:
         `client_mcp_servers = true`, else McpServerNotAllowed without `metadata['server']`); a
         bad one raises InvalidRequest (`.violations['client_mcp_servers[i]...']`). Env and
         header values are sent once, kept encrypted by the server and never shown again: the
-        session lists these servers by name and transport (source "request")."""
-        request = create_request(agent, cwd, request_id, labels, mcp_servers, client_mcp_servers)
-        return await self._call(self._stub.CreateSession, request, timeout)
+        session lists these servers by name and transport (source "request").
+
+        `client_tools`: functions of yours the agent may call, as `Tool(name, handler,
+        description, input_schema)` (the agent sees them as the MCP server `client_tools`).
+        This client remembers the handlers for the new session: its `prompt` and `watch_turn`
+        streams answer each `tool_request` of them for you (see `serve_tools`)."""
+        request = create_request(
+            agent, cwd, request_id, labels, mcp_servers, client_mcp_servers, client_tools
+        )
+        session: pb.Session = await self._call(self._stub.CreateSession, request, timeout)
+        self._tools.remember(session.session_id, client_tools)
+        return session
+
+    def serve_tools(self, session_id: str, tools: Sequence[ClientToolDeclaration]) -> None:
+        """Answer the calls of these tools of an existing session (created by another client
+        object, or before a restart) in this client's streams from now on, by their handlers."""
+        self._tools.remember(session_id, tools)
 
     def prompt(
         self,
@@ -260,7 +287,8 @@ class AsyncSessionClient:
         reading. After a transport failure (UNAVAILABLE with no sessiongate reason) the
         iteration re-attaches by itself after the last event it yielded, as `prompt` does
         for a turn that continues on disconnect (at most `reattach_timeout` seconds per
-        outage; 0: never). `timeout`: a deadline for the whole watch.
+        outage; 0: never). `timeout`: a deadline for the whole watch. Calls of the tools this
+        client serves are answered for you, as in `prompt` (each once per client object).
 
         TurnNotFound: no such turn; SeqNotKept: `after_seq` is older than what is kept (see
         `metadata['oldest_kept_seq']`) or past the last event; TurnInterrupted: the server
@@ -325,6 +353,9 @@ class AsyncSessionClient:
                 asked = question(event, on_permission, on_elicitation)
                 if asked is not None:
                     answers.add(asyncio.create_task(self._ask(events.session_id, *asked)))
+                served = self._tools.take(events.session_id, event)
+                if served is not None:
+                    answers.add(asyncio.create_task(self._serve_tool(events.session_id, *served)))
                 events.last_seq = event.seq
                 reattach.progressed()
                 yield event
@@ -369,6 +400,22 @@ class AsyncSessionClient:
         with contextlib.suppress(*GONE):
             await self._call(method, answer, UNARY_TIMEOUT)
 
+    async def _serve_tool(self, session_id: str, handler: ToolHandler, request: pb.ToolRequest) -> None:
+        """Answer a tool call with its handler's result, or with the error it raised."""
+        try:
+            answer = answered(session_id, request, await _run_handler(handler, tool_input(request)))
+        except Exception as error:  # the handler's failure is the agent's, not this stream's
+            answer = failed(session_id, request, error)
+        try:
+            with contextlib.suppress(*GONE):
+                await self._call(self._stub.RespondToolCall, answer, UNARY_TIMEOUT)
+        except InvalidRequest as error:  # the result is too large: the agent gets an error instead
+            instead = refused(answer, error.message)
+            if instead is None:
+                raise
+            with contextlib.suppress(*GONE):
+                await self._call(self._stub.RespondToolCall, instead, UNARY_TIMEOUT)
+
     async def reply(self, session_id: str, text: str = "", **options: Any) -> tuple[str, pb.TurnResult]:
         """Run one turn and return its whole reply text and its result (options as for prompt)."""
         reply = Reply()
@@ -401,6 +448,22 @@ class AsyncSessionClient:
         schema), "decline" or "cancel" (or the ElicitationAction enum)."""
         request = respond_elicitation_request(session_id, request_id, action, content)
         await self._call(self._stub.RespondElicitation, request, timeout)
+
+    async def respond_tool_call(
+        self,
+        session_id: str,
+        request_id: str,
+        result: ToolValue = None,
+        *,
+        error: str | None = None,
+        timeout: float = UNARY_TIMEOUT,
+    ) -> None:
+        """Answer a `tool_request` event by hand: with `result` (text, or a dict: structured
+        content and its JSON text; None: empty text), or with `error`, the text the agent gets
+        as a failed call. RequestNotFound for an unknown request, RequestAnswered when it was
+        already answered, timed out or cancelled; InvalidRequest for an answer over 1 MiB."""
+        request = respond_tool_call_request(session_id, request_id, result, error)
+        await self._call(self._stub.RespondToolCall, request, timeout)
 
     async def set_mode(self, session_id: str, mode_id: str, *, timeout: float = CREATE_TIMEOUT) -> pb.Session:
         """Switch the session to one of `session.modes.available_modes`; returns the session."""
@@ -483,6 +546,7 @@ class AsyncSessionClient:
         response = await self._call(
             self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout
         )
+        self._tools.forget(session_id)
         return response.session
 
     async def list_agents(self, *, timeout: float = UNARY_TIMEOUT) -> pb.ListAgentsResponse:
@@ -494,6 +558,18 @@ class AsyncSessionClient:
             self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+async def _run_handler(handler: ToolHandler, arguments: dict[str, Any]) -> Any:
+    """A handler's return value: a coroutine function awaited, a plain one run in a thread so
+    that it does not block the event loop (and an awaitable it returns awaited)."""
+    if inspect.iscoroutinefunction(handler):
+        value = await handler(arguments)
+    else:
+        value = await asyncio.to_thread(handler, arguments)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
 
 
 def _reap(answers: set[asyncio.Task[None]]) -> None:

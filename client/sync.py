@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,8 +36,19 @@ from sessiongate.client._common import (
     watch_request,
 )
 from sessiongate.client.aio import CREATE_TIMEOUT, UNARY_TIMEOUT
-from sessiongate.client.errors import from_rpc_error
+from sessiongate.client.errors import InvalidRequest, from_rpc_error
 from sessiongate.client.mcp import ClientMcpServer
+from sessiongate.client.tools import (
+    ClientToolDeclaration,
+    ServedTools,
+    ToolHandler,
+    ToolValue,
+    answered,
+    failed,
+    refused,
+    respond_tool_call_request,
+    tool_input,
+)
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -100,6 +112,7 @@ class SessionClient:
         self._stub = pb_grpc.SessionServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (*metadata, *bearer(token))
+        self._tools = ServedTools()
 
     def __enter__(self) -> SessionClient:
         return self
@@ -125,11 +138,20 @@ class SessionClient:
         labels: Mapping[str, str] | None = None,
         mcp_servers: Sequence[str] = (),
         client_mcp_servers: Sequence[ClientMcpServer] = (),
+        client_tools: Sequence[ClientToolDeclaration] = (),
         timeout: float = CREATE_TIMEOUT,
     ) -> pb.Session:
-        """See AsyncSessionClient.create_session."""
-        request = create_request(agent, cwd, request_id, labels, mcp_servers, client_mcp_servers)
-        return self._call(self._stub.CreateSession, request, timeout)
+        """See AsyncSessionClient.create_session. The tools' handlers are plain functions."""
+        request = create_request(
+            agent, cwd, request_id, labels, mcp_servers, client_mcp_servers, client_tools
+        )
+        session: pb.Session = self._call(self._stub.CreateSession, request, timeout)
+        self._tools.remember(session.session_id, client_tools)
+        return session
+
+    def serve_tools(self, session_id: str, tools: Sequence[ClientToolDeclaration]) -> None:
+        """See AsyncSessionClient.serve_tools."""
+        self._tools.remember(session_id, tools)
 
     def prompt(
         self,
@@ -151,7 +173,8 @@ class SessionClient:
         `on_disconnect="continue"`: then it runs on, and a transport failure re-attaches).
 
         The callbacks are plain functions, called in the iterating thread when the iteration
-        resumes after yielding the question's event (events arriving meanwhile are buffered).
+        resumes after yielding the question's event (events arriving meanwhile are buffered);
+        so are the handlers of the tools this client serves, whose calls it answers for you.
         """
         request = prompt_request(
             session_id,
@@ -254,6 +277,9 @@ class SessionClient:
                     answer = answer_request(events.session_id, message, callback(message))
                     if answer is not None:
                         self._answer(answer)
+                served = self._tools.take(events.session_id, event)
+                if served is not None:
+                    self._serve_tool(events.session_id, *served)
         finally:
             call.cancel()
 
@@ -265,6 +291,26 @@ class SessionClient:
         )
         with contextlib.suppress(*GONE):
             self._call(method, answer, UNARY_TIMEOUT)
+
+    def _serve_tool(self, session_id: str, handler: ToolHandler, request: pb.ToolRequest) -> None:
+        """See AsyncSessionClient._serve_tool (the handler runs in this thread)."""
+        try:
+            value = handler(tool_input(request))
+            if inspect.iscoroutine(value):  # an async handler needs AsyncSessionClient
+                value.close()
+                raise TypeError("an async tool handler needs AsyncSessionClient")
+            answer = answered(session_id, request, value)
+        except Exception as error:  # the handler's failure is the agent's, not this stream's
+            answer = failed(session_id, request, error)
+        try:
+            with contextlib.suppress(*GONE):
+                self._call(self._stub.RespondToolCall, answer, UNARY_TIMEOUT)
+        except InvalidRequest as error:  # the result is too large: the agent gets an error instead
+            instead = refused(answer, error.message)
+            if instead is None:
+                raise
+            with contextlib.suppress(*GONE):
+                self._call(self._stub.RespondToolCall, instead, UNARY_TIMEOUT)
 
     def reply(self, session_id: str, text: str = "", **options: Any) -> tuple[str, pb.TurnResult]:
         """Run one turn and return its whole reply text and its result (options as for prompt)."""
@@ -294,6 +340,19 @@ class SessionClient:
         """See AsyncSessionClient.respond_elicitation."""
         request = respond_elicitation_request(session_id, request_id, action, content)
         self._call(self._stub.RespondElicitation, request, timeout)
+
+    def respond_tool_call(
+        self,
+        session_id: str,
+        request_id: str,
+        result: ToolValue = None,
+        *,
+        error: str | None = None,
+        timeout: float = UNARY_TIMEOUT,
+    ) -> None:
+        """See AsyncSessionClient.respond_tool_call."""
+        request = respond_tool_call_request(session_id, request_id, result, error)
+        self._call(self._stub.RespondToolCall, request, timeout)
 
     def set_mode(self, session_id: str, mode_id: str, *, timeout: float = CREATE_TIMEOUT) -> pb.Session:
         """See AsyncSessionClient.set_mode."""
@@ -362,6 +421,7 @@ class SessionClient:
 
     def close_session(self, session_id: str, *, timeout: float = UNARY_TIMEOUT) -> pb.Session:
         response = self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout)
+        self._tools.forget(session_id)
         return response.session
 
     def list_agents(self, *, timeout: float = UNARY_TIMEOUT) -> pb.ListAgentsResponse:
