@@ -44,6 +44,7 @@ from sessiongate.server.sessions.pool import SessionPool
 from sessiongate.server.sessions.session import SessionView, State
 from sessiongate.server.settings import AgentConfig, Settings
 from sessiongate.server.turns import translate
+from sessiongate.server.turns.client_tools import ClientToolSpec
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -144,9 +145,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
         if request.client_mcp_servers:
             _check_client_mcp_servers_allowed()
         client_mcp_servers = validation.client_mcp_configs(request.client_mcp_servers)
+        client_tools = validation.client_tool_specs(request.client_tools)
         await self._router.place(request.request_id, context)
         session = await self._pool.create(
-            config, str(cwd), request.request_id, dict(request.labels), mcp_servers, client_mcp_servers
+            config,
+            str(cwd),
+            request.request_id,
+            dict(request.labels),
+            mcp_servers,
+            client_mcp_servers,
+            client_tools,
         )
         return self._proto(session)
 
@@ -378,6 +386,16 @@ class SessionService(pb_grpc.SessionServiceServicer):
         return pb.RespondElicitationResponse()
 
     @unary
+    async def RespondToolCall(
+        self, request: pb.RespondToolCallRequest, context: Any
+    ) -> pb.RespondToolCallResponse:
+        session_id = validation.required_id(request.session_id)
+        answer = validation.tool_answer(request)
+        session = await self._router.session(session_id, context)
+        session.questions.answer_tool(request.request_id, answer)
+        return pb.RespondToolCallResponse()
+
+    @unary
     async def SetSessionMode(self, request: pb.SetSessionModeRequest, context: Any) -> pb.Session:
         session_id = validation.required_id(request.session_id)
         validation.check_state_ids(("mode_id", request.mode_id))
@@ -509,6 +527,13 @@ def _prompt_blocks(request: pb.PromptRequest) -> list[pb.ContentBlock]:
     return blocks
 
 
+def _client_tool(spec: ClientToolSpec) -> pb.ClientTool:
+    tool = pb.ClientTool(name=spec.name, description=spec.description)
+    if spec.input_schema is not None:
+        tool.input_schema.update(spec.input_schema)
+    return tool
+
+
 def session_proto(session: SessionView) -> pb.Session:
     message = pb.Session(
         session_id=session.session_id,
@@ -526,6 +551,7 @@ def session_proto(session: SessionView) -> pb.Session:
             pb.McpServerInfo(name=a.server.name, transport=a.server.transport, source=a.source)
             for a in session.mcp_servers
         ],
+        client_tools=[_client_tool(tool) for tool in session.client_tool_specs],
     )
     if session.handshake is not None:
         hs = session.handshake

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from sessiongate.server.agents.state import MAX_ID
 from sessiongate.server.errors import FieldViolation, InvalidArgument, clip
 from sessiongate.server.settings import (
@@ -25,6 +25,8 @@ from sessiongate.server.settings import (
     ServerLimits,
 )
 from sessiongate.server.turns import translate
+from sessiongate.server.turns.client_tools import MAX_TOOLS, SERVER_NAME, ClientToolSpec
+from sessiongate.server.turns.questions import ToolAnswer
 from sessiongate.v1 import session_service_pb2 as pb
 
 MAX_REQUEST_ID = 128
@@ -49,6 +51,9 @@ MAX_TURN_ID = 64  # characters (ids are 16)
 MAX_PAGE_TOKEN = 512  # characters of a ListTurns page token
 MAX_ANSWER_ID = 1024  # characters of a request id or option id in an answer (questions.MAX_OPTION_ID)
 MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
+MAX_TOOL_DESCRIPTION = 4096  # characters of a client tool's description
+MAX_TOOL_SCHEMA = 64 * 1024  # bytes of a client tool's input schema
+MAX_TOOL_ANSWER = 1024 * 1024  # bytes of a RespondToolCall's result or error
 ELICITATION_ACTIONS = {
     pb.ELICITATION_ACTION_ACCEPT: "accept",
     pb.ELICITATION_ACTION_DECLINE: "decline",
@@ -97,6 +102,9 @@ def create_session(
         violations.append(FieldViolation("mcp_servers", problem))
     named = {*request.mcp_servers, *(config.mcp_servers if config is not None else ())}
     violations.extend(client_mcp_violations(request.client_mcp_servers, named))
+    if request.client_tools:
+        supplied = {server.name for server in request.client_mcp_servers}
+        violations.extend(client_tool_violations(request.client_tools, named | supplied))
     raise_any(violations)
     assert config is not None
     return config
@@ -193,6 +201,76 @@ def _entries_violations(
             )
         )
     return violations
+
+
+def client_tool_violations(tools: Sequence[pb.ClientTool], servers: set[str]) -> list[FieldViolation]:
+    """What is wrong with a CreateSession's client tools: bounds, names, schemas; and an MCP
+    server of the session (`servers`) that takes the name their server needs."""
+    field = "client_tools"
+    if len(tools) > MAX_TOOLS:
+        return [FieldViolation(field, f"at most {MAX_TOOLS} tools")]
+    violations = []
+    if SERVER_NAME in servers:
+        problem = f"another MCP server of the session is named {SERVER_NAME!r}, the name their server takes"
+        violations.append(FieldViolation(field, problem))
+    seen: set[str] = set()
+    for index, tool in enumerate(tools):
+        where = f"{field}[{index}]"
+        if not MCP_NAME.fullmatch(tool.name):
+            problem = "a letter, then letters, digits, - or _ (at most 64)"
+            violations.append(FieldViolation(f"{where}.name", problem))
+        elif tool.name in seen:
+            violations.append(FieldViolation(f"{where}.name", "another client tool has this name"))
+        seen.add(tool.name)
+        if len(tool.description) > MAX_TOOL_DESCRIPTION:
+            problem = f"at most {MAX_TOOL_DESCRIPTION} characters"
+            violations.append(FieldViolation(f"{where}.description", problem))
+        if schema_problem := _schema_problem(tool):
+            violations.append(FieldViolation(f"{where}.input_schema", schema_problem))
+    return violations
+
+
+def _schema_problem(tool: pb.ClientTool) -> str | None:
+    if not tool.HasField("input_schema"):
+        return None
+    if tool.input_schema.ByteSize() > MAX_TOOL_SCHEMA:
+        return f"at most {MAX_TOOL_SCHEMA} bytes"
+    kind = tool.input_schema.fields.get("type")
+    if kind is not None and kind.string_value != "object":
+        return 'an object schema ("type": "object")'
+    return None
+
+
+def client_tool_specs(tools: Sequence[pb.ClientTool]) -> tuple[ClientToolSpec, ...]:
+    """Valid client tools (see client_tool_violations) as the session keeps them."""
+    return tuple(
+        ClientToolSpec(
+            tool.name,
+            tool.description,
+            json_format.MessageToDict(tool.input_schema) if tool.HasField("input_schema") else None,
+        )
+        for tool in tools
+    )
+
+
+def tool_answer(request: pb.RespondToolCallRequest) -> ToolAnswer:
+    """A RespondToolCall's answer as the agent gets it: required, bounded."""
+    check_answer_ids(request.request_id)
+    kind = request.WhichOneof("answer")
+    if kind is None:
+        raise InvalidArgument.field("answer", "set result or error")
+    if kind == "error":
+        if len(request.error.encode()) > MAX_TOOL_ANSWER:
+            raise InvalidArgument.field("error", f"at most {MAX_TOOL_ANSWER} bytes")
+        return ToolAnswer(request.error, None, True, "client", request.request_id)
+    if request.result.ByteSize() > MAX_TOOL_ANSWER:
+        raise InvalidArgument.field("result", f"at most {MAX_TOOL_ANSWER} bytes")
+    structured = (
+        json_format.MessageToDict(request.result.structured)
+        if request.result.HasField("structured")
+        else None
+    )
+    return ToolAnswer(request.result.text, structured, False, "client", request.request_id)
 
 
 def client_mcp_configs(servers: Sequence[pb.McpServer]) -> tuple[McpServerConfig, ...]:

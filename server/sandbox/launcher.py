@@ -96,6 +96,28 @@ def home_principal() -> str:
     return _home_principal.get()
 
 
+# Gateway sockets the agent being made reaches at the same path inside its sandbox (its session's
+# client tools: turns/client_tools.py), set by the session around the start like homes_of. Each
+# lives under /tmp, which is the sandbox's own tmpfs, so bwrap can make the path there.
+_agent_sockets: ContextVar[tuple[str, ...]] = ContextVar("sessiongate_agent_sockets", default=())
+
+
+@contextmanager
+def sockets_for_agent(paths: Iterable[str]) -> Iterator[None]:
+    """Agents made inside see these sockets (bound into a sandbox at the same path)."""
+    token = _agent_sockets.set(tuple(paths))
+    try:
+        yield
+    finally:
+        _agent_sockets.reset(token)
+
+
+def agent_python(config: AgentConfig) -> str:
+    """The interpreter a command run inside `config`'s sandbox uses for our standard-library
+    helpers (the network bridge, the client tools relay): see _bridge_python."""
+    return _bridge_python(_identity(config.user)[0])
+
+
 def principal_dir(name: str) -> str:
     """`name` as one safe path component: a plain name as it is; any other (a `/`, `..`, NUL, a
     leading dot, a long one) as `~<its plain characters>~<hash>`, which no plain name can be and
@@ -232,7 +254,8 @@ class Launcher:
         assert self.bwrap is not None
         options = self._bwrap_options(config, home, workdir, start.path if start is not None else None)
         network, first, box = self._network(config, user)
-        argv = [*identity, self.bwrap, *options, *network, "--", *first, *command]
+        sockets = [a for path in _agent_sockets.get() for a in ("--bind", path, path)]
+        argv = [*identity, self.bwrap, *options, *network, *sockets, "--", *first, *command]
         fds = (workdir.fd,) if workdir is not None else ()
         return Spawn(tuple(argv), env, pass_fds=fds, network=box)
 

@@ -48,11 +48,18 @@ from sessiongate.server.security import principals
 from sessiongate.server.security.quotas import PromptRate, check_room, check_shared_room
 from sessiongate.server.security.secrets import SecretBox
 from sessiongate.server.sessions.session import Session, SessionServices, SessionView
-from sessiongate.server.sessions.stored import MCP_SERVERS_KEY, ClientMcpServers, State, StoredSession
+from sessiongate.server.sessions.stored import (
+    CLIENT_TOOLS_KEY,
+    MCP_SERVERS_KEY,
+    ClientMcpServers,
+    State,
+    StoredSession,
+)
 from sessiongate.server.settings import AgentConfig, McpServerConfig, ServerLimits
 from sessiongate.server.state.base import WRITE_TIMEOUT, Fences, SessionRecord, Store, Tombstone
 from sessiongate.server.state.postgres import PostgresStore
 from sessiongate.server.supervisor import Supervisor, joined
+from sessiongate.server.turns.client_tools import ClientToolSpec
 from sessiongate.server.turns.transcripts import Transcripts
 
 log = logging.getLogger("sessiongate.pool")
@@ -189,6 +196,7 @@ class SessionPool:
             stored,
             stored.requested_mcp_servers,
             stored.client_mcp,
+            stored.client_tools,
         )
 
     def has(self, session_id: str) -> bool:
@@ -235,6 +243,7 @@ class SessionPool:
         stored: StoredSession | None = None,
         mcp_servers: tuple[str, ...] = (),
         client_mcp: ClientMcpServers | None = None,
+        client_tools: tuple[ClientToolSpec, ...] = (),
     ) -> Session:
         return Session(
             self._services,
@@ -246,6 +255,7 @@ class SessionPool:
             stored=stored,
             mcp_servers=mcp_servers,
             client_mcp=client_mcp,
+            client_tools=client_tools,
         )
 
     # ---- the map -------------------------------------------------------------------------
@@ -258,10 +268,12 @@ class SessionPool:
         labels: Mapping[str, str],
         mcp_servers: tuple[str, ...] = (),
         client_mcp_servers: tuple[McpServerConfig, ...] = (),
+        client_tools: tuple[ClientToolSpec, ...] = (),
     ) -> Session:
         """A new session (or the one `request_id` already made); `mcp_servers`: operator-named
         servers asked for, besides the agent's own; `client_mcp_servers`: the client's own (both
-        checked by the caller), sealed here before anything keeps them."""
+        checked by the caller), sealed here before anything keeps them; `client_tools`: the tools
+        the client serves (checked by the caller)."""
         principal = principals.current()
         client_mcp = self._seal(client_mcp_servers)
         key = (principal.name, request_id)
@@ -289,6 +301,7 @@ class SessionPool:
                     principal.name,
                     mcp_servers=mcp_servers,
                     client_mcp=client_mcp,
+                    client_tools=client_tools,
                 )
                 task = self._spawn(
                     self._start(session, principal.max_sessions), f"create-{session.session_id}"
@@ -609,6 +622,8 @@ def _record(session: Session) -> SessionRecord:
     if session.requested_mcp_servers:  # names only: the config has the rest, secrets included
         info[MCP_SERVERS_KEY] = list(session.requested_mcp_servers)
     info.update(session.client_mcp.to_info())  # names, transports and one sealed token: no value in the clear
+    if session.client_tools is not None:  # declarations only: nothing secret
+        info[CLIENT_TOOLS_KEY] = [tool.to_info() for tool in session.client_tools.tools]
     return SessionRecord(
         session_id=session.session_id,
         agent=session.config.name,

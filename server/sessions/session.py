@@ -36,9 +36,11 @@ from sessiongate.server.errors import (
     ShuttingDown,
     TurnTimeout,
 )
+from sessiongate.server.sandbox.launcher import sockets_for_agent
 from sessiongate.server.security.secrets import SecretBox, SecretUnreadable
 from sessiongate.server.sessions.lock import SessionLock
 from sessiongate.server.sessions.stored import (
+    CLIENT_TOOLS_SERVER,
     AttachedMcpServer,
     ClientMcpServers,
     State,
@@ -48,7 +50,8 @@ from sessiongate.server.sessions.stored import (
 )
 from sessiongate.server.settings import AgentConfig, McpServerConfig, ServerLimits
 from sessiongate.server.supervisor import Supervisor
-from sessiongate.server.turns.questions import Questions
+from sessiongate.server.turns.client_tools import ClientTools, ClientToolSpec
+from sessiongate.server.turns.questions import Questions, TurnAsker
 from sessiongate.server.turns.runner import TurnRunner
 from sessiongate.server.turns.transcripts import Transcripts
 from sessiongate.server.turns.turn import Notice, Turn
@@ -109,11 +112,13 @@ class Session:
         stored: StoredSession | None = None,
         mcp_servers: tuple[str, ...] = (),
         client_mcp: ClientMcpServers | None = None,
+        client_tools: tuple[ClientToolSpec, ...] = (),
     ) -> None:
         """A new session, or (`stored`) one brought back from its record as SUSPENDED: its id,
         times, ACP session, handshake and agent state are the record's. `mcp_servers`: the
         operator-named MCP servers asked for besides the agent's own (the record's, restored);
-        `client_mcp`: the client-supplied ones, sealed (`services.secret_box` opens them)."""
+        `client_mcp`: the client-supplied ones, sealed (`services.secret_box` opens them);
+        `client_tools`: the tools the client serves (given to the agent as one MCP server)."""
         limits, supervisor = services.limits, services.supervisor
         self.session_id = stored.session_id if stored is not None else new_session_id()
         self.config = config
@@ -157,6 +162,9 @@ class Session:
         self.live_logs: dict[str, TurnLog] = {}
         self._pumps: set[asyncio.Task[None]] = set()
         self.questions = Questions(self.session_id)  # the agent's questions waiting on a client
+        self.client_tools = (
+            ClientTools(self.session_id, client_tools, self._tool_asker) if client_tools else None
+        )
         self.closed = False
         self.fenced = False  # another replica owns it now (replicas): gone from here, kept there
         self.ending = False  # close or shutdown under way: turns end CANCELLED, nothing respawns
@@ -228,6 +236,7 @@ class Session:
         if self.runner is not None:
             self.runner.abort(self.gone_error())
         await self.holder.stop(force=True)
+        await self._close_tools()
         self._changed()
 
     async def _end(self, forget: bool = False) -> None:
@@ -248,6 +257,16 @@ class Session:
                 await self._forget_upstream()
         finally:
             await self.holder.stop()
+            await self._close_tools()
+
+    async def _close_tools(self) -> None:
+        if self.client_tools is not None:
+            await self.client_tools.close()
+
+    def _tool_asker(self) -> TurnAsker | None:
+        """Who answers a call of a client tool now: the running turn's client, or no one."""
+        turn = self.turn
+        return self.questions.asker(turn) if turn is not None and not turn.ended else None
 
     async def _forget_upstream(self) -> None:
         """Ask the agent to close the ACP session (`session/close`: the built-in agent deletes
@@ -456,7 +475,12 @@ class Session:
         try:
             named = attached_mcp_servers(self.config, self.requested_mcp_servers)
             servers = (*(a.server for a in named), *supplied)
-            opened = await self.holder.ensure(self.cwd, self.agent_session_id, self, servers)
+            sockets: tuple[str, ...] = ()
+            if self.client_tools is not None:
+                sockets = (await self.client_tools.listen(),)
+                servers += (self.client_tools.mcp_server(self.config),)
+            with sockets_for_agent(sockets):
+                opened = await self.holder.ensure(self.cwd, self.agent_session_id, self, servers)
         except SessionGateError:
             self._check_open()  # closed, killed or fenced meanwhile: that, not the stopped start
             raise
@@ -550,7 +574,13 @@ class Session:
     def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
         """The MCP servers its agent is given (the agent's own, then the requested, as configured
         now, then the client-supplied ones: names and transports only)."""
-        return attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
+        attached = attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
+        return (*attached, CLIENT_TOOLS_SERVER) if self.client_tools is not None else attached
+
+    @property
+    def client_tool_specs(self) -> tuple[ClientToolSpec, ...]:
+        """The tools the client serves, as it declared them."""
+        return self.client_tools.tools if self.client_tools is not None else ()
 
     def _client_mcp_servers(self) -> tuple[tuple[McpServerConfig, ...], tuple[str, ...]]:
         """The client-supplied servers opened for this start, and the names of those that cannot

@@ -21,6 +21,7 @@ from sessiongate.server.agents.state import AgentState
 from sessiongate.server.security.secrets import SecretBox
 from sessiongate.server.settings import AgentConfig, McpServerConfig
 from sessiongate.server.state.base import SessionRecord
+from sessiongate.server.turns.client_tools import SERVER_NAME, ClientToolSpec
 from sessiongate.server.turns.questions import Questions
 from sessiongate.server.turns.turn import Turn
 from sessiongate.server.turns.turn_log import TurnLog
@@ -56,6 +57,7 @@ class StoredSession:
     # Operator-named MCP servers CreateSession asked for (names only: the config has the rest).
     requested_mcp_servers: tuple[str, ...] = ()
     client_mcp: ClientMcpServers = field(default_factory=lambda: ClientMcpServers())
+    client_tools: tuple[ClientToolSpec, ...] = ()
 
     @classmethod
     def from_record(
@@ -76,11 +78,17 @@ class StoredSession:
             closed=closed,
             requested_mcp_servers=requested_mcp_servers(record.agent_info),
             client_mcp=ClientMcpServers.from_info(record.agent_info),
+            client_tools=client_tools(record.agent_info),
         )
 
     @property
     def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
-        return attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
+        attached = attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
+        return (*attached, CLIENT_TOOLS_SERVER) if self.client_tools else attached
+
+    @property
+    def client_tool_specs(self) -> tuple[ClientToolSpec, ...]:
+        return self.client_tools
 
     @property
     def state(self) -> State:
@@ -143,6 +151,17 @@ def missing_mcp_servers(config: AgentConfig, requested: tuple[str, ...]) -> tupl
 
 
 MCP_SERVERS_KEY = "mcp_servers"  # in a record's agent_info: the requested names (never secrets)
+CLIENT_TOOLS_KEY = "client_tools"  # in a record's agent_info: the client tools' declarations
+# How GetSession shows the MCP server that serves a session's client tools.
+CLIENT_TOOLS_SERVER = AttachedMcpServer(McpServerConfig(SERVER_NAME, "stdio"), "client_tools")
+
+
+def client_tools(info: Mapping[str, object]) -> tuple[ClientToolSpec, ...]:
+    """The client tools a record keeps (`agent_info`), ignoring anything not one."""
+    kept = info.get(CLIENT_TOOLS_KEY)
+    if not isinstance(kept, list):
+        return ()
+    return tuple(spec for spec in map(ClientToolSpec.from_info, kept) if spec is not None)
 
 
 def requested_mcp_servers(info: Mapping[str, object]) -> tuple[str, ...]:

@@ -4,6 +4,8 @@ A permission request (`session/request_permission`) or an elicitation (`elicitat
 is decided by the turn's permission policy. Under `ask` the client decides: the question goes
 into the turn's stream as an event with a request id, and any connection of the session's
 principal answers it (RespondPermission / RespondElicitation) while the agent waits on us.
+A call of one of the session's client tools (turns/client_tools.py) is always the client's to
+answer (RespondToolCall), whatever the policy: the client declared the tool.
 
 Every wait is bounded by the turn's permission timeout (then the reject option, or decline),
 and every question still open is answered `cancelled` at once when the turn is cancelled,
@@ -63,6 +65,38 @@ class ElicitationAsk:
     expire_wall: float
 
 
+@dataclass(frozen=True, slots=True)
+class ToolAsk:
+    """Turn item: a call of a client tool waiting for the client's answer."""
+
+    request_id: str
+    tool: str
+    arguments: dict[str, Any]
+    expire_wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class ToolReport:
+    """Turn item: what became of a client tool call."""
+
+    request_id: str
+    tool: str
+    is_error: bool
+    decided_by: str  # "client", "timeout" or "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolAnswer:
+    """What the agent gets for a client tool call: `text` (the result, or the error's text),
+    the result's `structured` object, whether it is an error, and who decided."""
+
+    text: str
+    structured: dict[str, Any] | None
+    is_error: bool
+    decided_by: str
+    request_id: str = ""
+
+
 class _Sentinel:
     """An answer no client gives: the question was cancelled, or it expired."""
 
@@ -109,6 +143,11 @@ class Questions:
     def answer_elicitation(self, request_id: str, action: str, content: dict[str, Any] | None) -> None:
         question = self._find(request_id, "elicitation")
         self._settle(request_id, question, (action, content if action == "accept" else None), "answered")
+
+    def answer_tool(self, request_id: str, answer: ToolAnswer) -> None:
+        """Answer an open client tool call with a result or an error."""
+        question = self._find(request_id, "tool")
+        self._settle(request_id, question, answer, "answered")
 
     def cancel_all(self) -> int:
         """Answer every open question `cancelled` (turn cancelled or ended, session closed)."""
@@ -231,6 +270,29 @@ class TurnAsker:
                 return Decision("rejected", reject, "timeout", request_id)
             return Decision("cancelled", "", "timeout", request_id)
         return Decision("cancelled", "", "cancelled", request_id)
+
+    async def client_tool(self, tool: str, arguments: dict[str, Any]) -> ToolAnswer:
+        """Put a call of a client tool to the client: its answer, or an error after the turn's
+        permission timeout, or at once when the turn is cancelled or ends. The outcome goes into
+        the turn's stream after the request."""
+        request_id = ""
+
+        def item(rid: str, expire: float) -> ToolAsk:
+            nonlocal request_id
+            request_id = rid
+            return ToolAsk(rid, tool, arguments, expire)
+
+        how, answer = await self._questions._ask(self._turn, "tool", item, {})
+        if how == "client":
+            result: ToolAnswer = answer
+        elif how == "timeout":
+            text = f"{tool}: the client did not answer within {self._turn.permission_timeout:g}s"
+            result = ToolAnswer(text, None, True, "timeout")
+        else:
+            result = ToolAnswer(f"{tool}: cancelled (the turn ended)", None, True, "cancelled")
+        if not self._turn.ended and request_id:
+            self._turn.push(ToolReport(request_id, tool, result.is_error, result.decided_by))
+        return result
 
     async def elicitation(self, message: str, mode: Any, default: str) -> ElicitationAnswer:
         policy = self.policy(default)

@@ -17,7 +17,7 @@ from sessiongate.server.agents.transport import RawUpdate
 from sessiongate.server.errors import clip
 from sessiongate.server.sandbox.files import FileWriteReport
 from sessiongate.server.sandbox.terminals import TerminalReport
-from sessiongate.server.turns.questions import ElicitationAsk, PermissionAsk
+from sessiongate.server.turns.questions import ElicitationAsk, PermissionAsk, ToolAsk, ToolReport
 from sessiongate.server.turns.turn import Notice, TextRun, TurnEnd
 from sessiongate.v1 import session_service_pb2 as pb
 
@@ -255,6 +255,13 @@ def to_event(seq: int, item: Any, bounded: bool = False) -> pb.PromptEvent:
             request_id=item.request_id, action=ELICITATION_ACTIONS[item.action], policy=item.decided_by
         )
         return pb.PromptEvent(seq=seq, elicitation=event)
+    if isinstance(item, ToolAsk):
+        return pb.PromptEvent(seq=seq, tool_request=_tool_request(item, bounded))
+    if isinstance(item, ToolReport):
+        outcome = pb.ToolOutcome(
+            request_id=item.request_id, tool=item.tool, is_error=item.is_error, decided_by=item.decided_by
+        )
+        return pb.PromptEvent(seq=seq, tool_outcome=outcome)
     if isinstance(item, Notice):
         return pb.PromptEvent(seq=seq, notice=pb.Notice(kind=item.kind, message=item.message))
     if isinstance(item, FileWriteReport):
@@ -403,6 +410,12 @@ def _elicitation_request(ask: ElicitationAsk, bounded: bool) -> pb.ElicitationRe
     )
     if ask.requested_schema is not None:
         request.requested_schema.update(_depth_checked(ask.requested_schema, bounded))
+    return request
+
+
+def _tool_request(ask: ToolAsk, bounded: bool) -> pb.ToolRequest:
+    request = pb.ToolRequest(request_id=ask.request_id, tool=ask.tool, expire_time=timestamp(ask.expire_wall))
+    request.input.update(_depth_checked(ask.arguments, bounded))
     return request
 
 
