@@ -35,6 +35,7 @@ VALID_FIELDS: dict[str, dict[str, Any]] = {
     "Prompt": {"text": "hi"},
     "RespondPermission": {"request_id": "r1", "option_id": "allow"},
     "RespondElicitation": {"request_id": "r1", "action": pb.ELICITATION_ACTION_DECLINE},
+    "RespondToolCall": {"request_id": "r1", "error": "no"},
     "SetSessionMode": {"mode_id": "ask"},  # one the echo agent offers, not its first
     "SetSessionConfigOption": {"config_id": "c", "value": "v"},
     "GetTurn": {"turn_id": "t"},
