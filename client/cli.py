@@ -47,6 +47,7 @@ from sessiongate.client.mcp import (
 from sessiongate.client.render import LiveRenderer, printable, usage_text
 from sessiongate.client.sync import SessionClient, TurnEvents
 from sessiongate.client.terminal import TerminalAsker, decline
+from sessiongate.client.tools import Tool, ToolsFileError, load_tools
 from sessiongate.v1 import session_service_pb2 as pb
 
 DEFAULT_TARGET = "localhost:50051"
@@ -184,6 +185,19 @@ def _parser() -> argparse.ArgumentParser:
     history = command("history", _history, "list a session's turns, or show one turn with its events")
     history.add_argument("session")
     history.add_argument("turn", nargs="?", default="", help="a turn id: show its prompt and events")
+    respond_tool = command(
+        "respond-tool", _respond_tool, "answer a call of one of a session's client tools (a `? tool` line)"
+    )
+    respond_tool.add_argument("session")
+    respond_tool.add_argument("request", help="the call's request id")
+    answer = respond_tool.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--result", metavar="TEXT", help="the tool's result, as text for the model")
+    answer.add_argument(
+        "--result-json",
+        metavar="JSON_OBJECT",
+        help="the tool's result as a JSON object (structured content, and its JSON text)",
+    )
+    answer.add_argument("--error", metavar="TEXT", help="the tool failed: the text the agent gets")
     command("cancel", _cancel, "cancel the running turn of a session").add_argument("session")
     command("get", _get, "show one session").add_argument("session")
     listing = command("list", _list, "list sessions")
@@ -213,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="|".join(SHELLS))
     for action in parser._actions + [a for p in commands.choices.values() for a in p._actions]:
-        if action.dest in ("file", "tls_ca", "tls_cert", "tls_key", "mcp_config"):
+        if action.dest in ("file", "tls_ca", "tls_cert", "tls_key", "mcp_config", "client_tools"):
             action.complete = shtab.FILE  # type: ignore[attr-defined]  # shtab reads this attribute
         elif action.dest == "cwd":
             action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
@@ -256,6 +270,14 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
         help='give the agent your own MCP servers: a JSON file of {"mcpServers": {NAME: {...}}} as '
         "editors use (command/args/env, or type http|sse with url/headers; ${VAR} from the "
         "environment), repeatable; your principal needs client_mcp_servers = true",
+    )
+    parser.add_argument(
+        "--client-tools",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="declare tools the agent may call, answered with `sessiongate respond-tool`: a JSON file of "
+        '[{"name": ..., "description": ..., "input_schema": {...}}], repeatable',
     )
 
 
@@ -304,8 +326,22 @@ def _create(client: SessionClient, opts: argparse.Namespace) -> None:
         labels=_labels(opts.label),
         mcp_servers=opts.mcp,
         client_mcp_servers=_client_mcp_servers(opts),
+        client_tools=_client_tools(opts),
     )
     print(_json(session) if opts.json else session.session_id)
+
+
+def _client_tools(opts: argparse.Namespace) -> list[Tool]:
+    """The tools the --client-tools files declare, read before any call (a bad file is a usage
+    error naming the file and tool)."""
+    try:
+        return [tool for path in opts.client_tools for tool in load_tools(path)]
+    except ToolsFileError as error:
+        raise UsageError(
+            str(error),
+            hint='--client-tools takes a JSON file like [{"name": "add", "description": "adds two numbers", '
+            '"input_schema": {"type": "object"}}]',
+        ) from None
 
 
 def _client_mcp_servers(opts: argparse.Namespace) -> list[McpStdioServer | McpHttpServer | McpSseServer]:
@@ -334,14 +370,16 @@ def _cwd(opts: argparse.Namespace) -> str:
 
 
 def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
-    if opts.session and (opts.mcp or opts.mcp_config):  # said before reading a prompt from stdin
-        flag = "--mcp" if opts.mcp else "--mcp-config"
+    if opts.session and (opts.mcp or opts.mcp_config or opts.client_tools):  # before reading stdin
+        flag = "--mcp" if opts.mcp else "--mcp-config" if opts.mcp_config else "--client-tools"
+        what = "client tools" if flag == "--client-tools" else "MCP servers"
         raise UsageError(
-            f"{flag} gives MCP servers to the session this command creates, and --session names one "
-            "that exists (its servers were chosen when it was created)",
+            f"{flag} gives {what} to the session this command creates, and --session names one "
+            f"that exists (its {what} were chosen when it was created)",
             hint=f"drop --session to create a session with them, or drop {flag}",
         )
     client_mcp_servers = _client_mcp_servers(opts)
+    client_tools = _client_tools(opts)
     text = _prompt_text(opts)
     interactive = sys.stdin.isatty()  # the person who answers questions is at this terminal
     if not interactive and _would_ask(client, opts):
@@ -358,10 +396,11 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
             labels=_labels(opts.label),
             mcp_servers=opts.mcp,
             client_mcp_servers=client_mcp_servers,
+            client_tools=client_tools,
         )
         session_id = created.session_id
         print(f"session {session_id}", file=sys.stderr)
-    renderer = _renderer(opts)
+    renderer = _renderer(opts, session_id)
     asker = TerminalAsker(
         sys.stdin,
         sys.stderr,
@@ -408,7 +447,7 @@ def _prompt(client: SessionClient, opts: argparse.Namespace) -> int | None:
 
 
 def _watch(client: SessionClient, opts: argparse.Namespace) -> int | None:
-    renderer = _renderer(opts)
+    renderer = _renderer(opts, opts.session)
     events = client.watch_turn(opts.session, opts.after_seq, opts.turn)
     shown = Shown(opts.after_seq)
     with contextlib.closing(events):  # watching never cancels the turn
@@ -428,8 +467,10 @@ def _watch(client: SessionClient, opts: argparse.Namespace) -> int | None:
     return None
 
 
-def _renderer(opts: argparse.Namespace) -> LiveRenderer | None:
-    return None if opts.json else LiveRenderer(sys.stdout, terminal=sys.stdout.isatty())
+def _renderer(opts: argparse.Namespace, session_id: str) -> LiveRenderer | None:
+    if opts.json:
+        return None
+    return LiveRenderer(sys.stdout, terminal=sys.stdout.isatty(), session_id=session_id)
 
 
 class Shown:
@@ -559,7 +600,7 @@ def _show_turn(client: SessionClient, opts: argparse.Namespace) -> None:
     """The turn's summary and prompt, then its events as `prompt` shows them (GetTurn, every
     page), then how it ended."""
     turn = client.get_turn(opts.session, opts.turn)
-    renderer = _renderer(opts)
+    renderer = _renderer(opts, opts.session)
     summary = pb.Turn()
     summary.CopyFrom(turn)
     summary.ClearField("events")
@@ -659,6 +700,21 @@ def _prompt_line(turn: pb.Turn) -> str:
     return " ".join(" ".join(_prompt_lines(turn)).split())
 
 
+def _respond_tool(client: SessionClient, opts: argparse.Namespace) -> None:
+    result: str | dict[str, Any] | None = opts.result
+    if opts.result_json is not None:
+        try:
+            result = json.loads(opts.result_json)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--result-json is not JSON ({error.msg} at {error.pos})") from None
+        if not isinstance(result, dict):
+            raise UsageError(
+                "--result-json takes a JSON object", hint="pass other values as text with --result"
+            )
+    client.respond_tool_call(opts.session, opts.request, result, error=opts.error)
+    print(json.dumps({"answered": True}) if opts.json else printable(f"answered {opts.request}"))
+
+
 def _cancel(client: SessionClient, opts: argparse.Namespace) -> None:
     cancelled = client.cancel_prompt(opts.session)
     print(
@@ -679,6 +735,8 @@ def _get(client: SessionClient, opts: argparse.Namespace) -> None:
     for key, value in json_format.MessageToDict(session, preserving_proto_field_name=True).items():
         if key == "mcp_servers":
             print(printable(f"{key:<18} {mcp_servers_text(session.mcp_servers)}"))
+        elif key == "client_tools":
+            print(printable(f"{key:<18} {', '.join(t.name for t in session.client_tools)}"))
         elif key not in STATE_FIELDS:
             shown = pairs(value) if isinstance(value, dict) else value  # labels, agent_info
             print(printable(f"{key:<18} {shown}"))
@@ -824,6 +882,7 @@ def _report(error: SessionGateError, opts: argparse.Namespace, out: TextIO = sys
 def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
     retry = f"retry in {error.retry_delay:g}s" if error.retry_delay is not None else "retry later"
     session = getattr(opts, "session", None) or "SESSION"
+    question = "tool call" if getattr(opts, "run", None) is _respond_tool else "question"
     hints = {
         "SESSION_BUSY": f"a turn is running on this session: {retry}, pass --wait SECONDS, "
         f"or stop it with `sessiongate cancel {session}`",
@@ -849,8 +908,8 @@ def _hint(error: SessionGateError, opts: argparse.Namespace) -> str:
         "CWD_NOT_ALLOWED": "the session's directory is outside the server's allowed roots now (or gone); "
         "the session is kept: restore the directory, or close it",
         "SHUTTING_DOWN": "the server is draining: retry shortly, or against another instance",
-        "REQUEST_NOT_FOUND": "no such question on this session (it belongs to another session?)",
-        "REQUEST_ANSWERED": "that question was already answered, expired or cancelled",
+        "REQUEST_NOT_FOUND": f"no such {question} on this session (it belongs to another session?)",
+        "REQUEST_ANSWERED": f"that {question} was already answered, expired or cancelled",
         "AGENT_REFUSED": "the agent said no; see the message above",
         "MCP_SERVER_NOT_ALLOWED": "your principal may not use that MCP server: ask the operator to add it "
         "to your mcp_servers in the tokens file"

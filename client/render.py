@@ -1,14 +1,16 @@
 """Live rendering of a turn for a person: reply text as it arrives, tool calls as status
 lines that update in place (on a terminal), thoughts dimmed, questions the agent asks
-(permission requests, elicitations) and what became of them, session state changes (mode,
+(permission requests, elicitations, client tool calls) and what became of them, session state changes (mode,
 config, commands, title, usage) as dimmed lines, terminal output as it comes, and a final
 stop-reason line."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TextIO
 
+from sessiongate.client.tools import tool_input
 from sessiongate.v1 import session_service_pb2 as pb
 
 DIM, BOLD, RESET, CLEAR_LINE = "\033[2m", "\033[1m", "\033[0m", "\r\033[K"
@@ -30,14 +32,19 @@ ELICITATION_OUTCOMES: dict[int, str] = {
     pb.ELICITATION_ACTION_CANCEL: "cancelled",
 }
 MAX_COMMANDS_SHOWN = 8
+INPUT_SHOWN = 200  # characters of a client tool call's input JSON (the agent chose it)
 # C0 controls, DEL and C1 controls: in what an agent sends they could move the cursor, clear
 # lines or restyle the terminal (redraw a question's options, say), so never reach it raw.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class LiveRenderer:
-    def __init__(self, out: TextIO, *, terminal: bool) -> None:
+    """Writes a turn's events to `out` as a person reads them. `session_id`: the turn's
+    session, for the `respond-tool` command a client tool call line suggests."""
+
+    def __init__(self, out: TextIO, *, terminal: bool, session_id: str = "") -> None:
         self._out = out
+        self._session_id = session_id
         self._terminal = terminal  # colours and in-place updates only on a terminal
         self._tools: dict[str, tuple[str, int]] = {}  # tool_call_id -> (title, status)
         self._status_line: str | None = None  # tool call whose status line is the last line shown
@@ -75,6 +82,11 @@ class LiveRenderer:
         elif kind == "elicitation":
             e = event.elicitation
             self._line(f"input: {ELICITATION_OUTCOMES.get(e.action, '?')} ({e.policy})")
+        elif kind == "tool_request":
+            self._line(self._tool_request(event.tool_request), bold=True)
+        elif kind == "tool_outcome":
+            o = event.tool_outcome
+            self._line(f"tool {o.tool}: {'error' if o.is_error else 'answered'} ({o.decided_by})")
         elif kind == "notice":
             self._line(f"notice: {event.notice.message}", bold=True)
         elif kind == "result":
@@ -86,6 +98,15 @@ class LiveRenderer:
             self._line(f"wrote {w.path} ({w.bytes} bytes{', new file' if w.created else ''})", dim=True)
         elif kind in STATE_UPDATES:
             self._line(state_update(event), dim=True)
+
+    def _tool_request(self, request: pb.ToolRequest) -> str:
+        """`? tool NAME INPUT (request ID; answer: sessiongate respond-tool ...)`."""
+        shown = json.dumps(tool_input(request), ensure_ascii=False, sort_keys=True)
+        if len(shown) > INPUT_SHOWN:
+            shown = shown[: INPUT_SHOWN - 1] + "…"
+        session = self._session_id or "SESSION"
+        answer = f"sessiongate respond-tool {session} {request.request_id} --result TEXT"
+        return f"? tool {request.tool} {shown} (request {request.request_id}; answer: {answer})"
 
     def _flow(self, mode: str, text: str) -> None:
         if self._mode != mode:
