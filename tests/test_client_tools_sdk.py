@@ -68,10 +68,11 @@ async def test_the_async_client_answers_calls_with_its_handlers(make_gate: GateF
         Tool("add", add, "adds two numbers", SCHEMA),
         Tool("ticket", ticket, "reads a ticket"),
         Tool("broken", broken),
+        Tool("huge", lambda arguments: "x" * (1024 * 1024 + 1)),  # over what the gateway takes
     ]
     async with AsyncSessionClient(gate.target) as client:
         session = await client.create_session(client_tools=tools)
-        assert [t.name for t in session.client_tools] == ["add", "ticket", "broken"]
+        assert [t.name for t in session.client_tools] == ["add", "ticket", "broken", "huge"]
         assert session.client_tools[0].input_schema["type"] == "object"
 
         events = [event async for event in client.prompt(session.session_id, ADD, timeout=60)]
@@ -92,6 +93,11 @@ async def test_the_async_client_answers_calls_with_its_handlers(make_gate: GateF
         assert events[-1].WhichOneof("event") == "result"
         text, _ = await client.reply(session.session_id, ADD, timeout=60)
         assert text == "5"  # the session goes on too
+
+        # A result the gateway refuses (over 1 MiB): the agent gets an error, not silence.
+        events = [e async for e in client.prompt(session.session_id, call("huge", {}), timeout=60)]
+        assert "the tool's result was refused" in reply_of(events)
+        assert outcomes(events) == [("huge", True, "client")]
 
 
 async def test_the_blocking_client_answers_calls_with_its_handlers(make_gate: GateFactory) -> None:
