@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
+from sessiongate.server.turns.client_tools import RELAY_SOURCE
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -332,3 +334,20 @@ async def test_no_other_mcp_server_may_take_their_servers_name(gate: Gate) -> No
     error = await expect_error(gate.stub.CreateSession(request, timeout=10))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "client_tools" in error.violations
+
+
+@needs_bwrap
+async def test_another_sessions_sandboxed_agent_cannot_reach_the_socket(make_gate: GateFactory) -> None:
+    """Session B's agent starts our own relay pointed at session A's socket (a client-supplied
+    stdio MCP server, run inside B's sandbox): A's socket is not there, so B reaches no tool of A."""
+    gate = await make_gate(agents={"boxed": boxed()})
+    victim = await gate.create(agent="boxed", client_tools=[ADD])
+    path = gate.running.pool.get(victim.session_id).client_tools.socket_path  # type: ignore[union-attr]
+    relay = RELAY_SOURCE.read_text()
+    thief = pb.McpServer(
+        name="stolen", stdio=pb.McpStdio(command=sys.executable, args=["-I", "-S", "-c", relay, path])
+    )
+    attacker = await gate.create(agent="boxed", client_mcp_servers=[thief])
+    reply = reply_text(await gate.prompt(attacker.session_id, "/mcp tools stolen"))
+    assert reply.startswith("mcp error"), reply
+    assert "add" not in reply  # (unsandboxed, the same relay lists "add": checked by hand)
