@@ -120,6 +120,27 @@ async def test_the_blocking_client_answers_calls_with_its_handlers(make_gate: Ga
     assert told == [("broken", True, "client")]
 
 
+async def test_a_watching_client_answers_a_call_the_prompting_one_leaves(make_gate: GateFactory) -> None:
+    gate = await make_gate()
+    calls: list[dict[str, Any]] = []
+
+    def add(arguments: dict[str, Any]) -> str:
+        calls.append(arguments)
+        return str(arguments["a"] + arguments["b"])
+
+    async with AsyncSessionClient(gate.target) as owner, AsyncSessionClient(gate.target) as prompter:
+        sid = (await owner.create_session(client_tools=[Tool("add", add)])).session_id
+        events = prompter.prompt(sid, ADD, timeout=60)  # this client serves no tool: it leaves the call
+        seen = [await events.__anext__()]
+        while seen[-1].WhichOneof("event") != "tool_request":
+            seen.append(await events.__anext__())
+        watched = [e async for e in owner.watch_turn(sid, 0, events.turn_id, timeout=60)]
+        seen += [e async for e in events]
+    assert calls == [{"a": 2, "b": 3}]  # answered once, by the watcher's handler
+    assert reply_of(seen) == reply_of(watched) == "5"
+    assert outcomes(seen) == [("add", False, "client")]
+
+
 # ---- SDK: answered by hand -------------------------------------------------------------------
 
 
