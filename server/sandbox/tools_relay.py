@@ -31,13 +31,16 @@ def main(argv: list[str]) -> None:
         sys.stderr.write(f"client_tools: cannot reach the gateway ({error.strerror})\n")
         sys.exit(1)
     threading.Thread(target=_to_gateway, args=(upstream,), daemon=True).start()
-    while True:  # the gateway's answers, until it closes: then we are done
-        data = upstream.recv(CHUNK)
-        if not data:
-            break
-        view = memoryview(data)
-        while view:
-            view = view[os.write(1, view) :]
+    try:
+        while True:  # the gateway's answers, until it closes (or the agent stops reading)
+            data = upstream.recv(CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                view = view[os.write(1, view) :]
+    except OSError:
+        pass
     os._exit(0)
 
 
