@@ -50,7 +50,12 @@ class ToolCalls(RuleBasedStateMachine):
         self.turn = self.loop.run_until_complete(self._turn())
         self.pushed: list[Any] = []
         push = self.turn.push
-        self.turn.push = lambda item: (self.pushed.append(item), push(item))  # type: ignore[method-assign]
+
+        def recorded(item: Any) -> None:
+            self.pushed.append(item)
+            push(item)
+
+        self.turn.push = recorded  # type: ignore[method-assign]
         self.asker = self.questions.asker(self.turn)
         self.calls: list[Call] = []
         self.ended = False
