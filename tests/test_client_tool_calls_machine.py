@@ -38,6 +38,7 @@ class Call:
     number: int
     task: asyncio.Task[ToolAnswer]
     request_id: str = ""
+    asked_at: float = 0.0  # loop time of the call
     settled: str = ""  # "", or how: "client", "timeout", "cancelled"
     text: str = ""  # the client's answer, when it gave one
 
@@ -63,9 +64,18 @@ class ToolCalls(RuleBasedStateMachine):
     async def _turn(self) -> Turn:
         return Turn(stall_timeout=60, max_duration=60, permission_timeout=TIMEOUT)
 
-    def settle_loop(self, seconds: float = 0.0) -> None:
+    def settle_loop(self, seconds: float = 0.0, cancelled: bool = False) -> None:
+        """Run the loop; a call may expire whenever the loop runs (a busy machine makes any step
+        long), never before its timeout; after a cancel, every open call is cancelled."""
         self.loop.run_until_complete(asyncio.sleep(seconds))
         self.loop.run_until_complete(asyncio.sleep(0))
+        for call in self.calls:
+            if call.request_id and not call.settled and call.task.done():
+                how = call.task.result().decided_by
+                assert how == "timeout" or (cancelled and how == "cancelled"), call
+                if how == "timeout":
+                    assert self.loop.time() - call.asked_at >= TIMEOUT, f"{call} expired early"
+                call.settled = how
 
     def teardown(self) -> None:
         for call in self.calls:
@@ -79,7 +89,7 @@ class ToolCalls(RuleBasedStateMachine):
     def the_agent_calls(self) -> None:
         number = len(self.calls)
         task = self.loop.create_task(self.asker.client_tool("add", {"n": number}))
-        call = Call(number, task)
+        call = Call(number, task, asked_at=self.loop.time())
         self.calls.append(call)
         self.settle_loop()
         asks = [i for i in self.pushed if isinstance(i, ToolAsk) and i.arguments == {"n": number}]
@@ -122,9 +132,6 @@ class ToolCalls(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.05, TIMEOUT + 0.1]))
     def time_passes(self, seconds: float) -> None:
         self.settle_loop(seconds)
-        for call in self.calls:
-            if call.request_id and not call.settled and call.task.done():
-                call.settled = "timeout"
 
     @rule()
     def cancel_prompt(self) -> None:
@@ -140,10 +147,8 @@ class ToolCalls(RuleBasedStateMachine):
         self._all_open_cancelled()
 
     def _all_open_cancelled(self) -> None:
-        self.settle_loop()
-        for call in self.calls:
-            if call.request_id and not call.settled:
-                call.settled = "timeout" if call.task.result().decided_by == "timeout" else "cancelled"
+        self.settle_loop(cancelled=True)
+        assert all(call.settled for call in self.calls if call.request_id), "a call outlived the cancel"
 
     # ---- what must hold -----------------------------------------------------------------
 
