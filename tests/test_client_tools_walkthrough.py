@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests.conftest import require_installed
 from tests.markdown_blocks import Block, Command, parse
-from tests.test_readme_blocks import ROOT, VENV_BIN, Walk, salient, start_server
+from tests.test_readme_blocks import ROOT, VENV_BIN, Walk, as_make_run, salient
 
 GUIDE = ROOT / "docs" / "guides" / "client-tools.md"
 SERVICE = "sessiongate.v1.SessionService"
@@ -93,16 +93,7 @@ def test_the_guides_grpcurl_walk_through_answered_from_a_second_shell(tmp_path: 
     rest = next(b for b in blocks if b.line > respond_block.line)
     assert rest.lang == "" and "tool_outcome" in rest.text, f"{rest.where}: not shell 1's rest"
 
-    home, work, state = tmp_path / "home", tmp_path / "work", tmp_path / "state"
-    for directory in (home, work, state):
-        directory.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_") and k != "VIRTUAL_ENV"}
-    path_var = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"  # as `. .venv/bin/activate` does
-    env.update(PATH=path_var, HOME=str(home), XDG_STATE_HOME=str(state))
-    # As `make run` serves: the default configuration (the built-in agent), reflection on.
-    server, port = start_server(
-        [str(VENV_BIN / "sessiongate-server"), "--listen", "127.0.0.1:0"], env, work, tmp_path / "server.log"
-    )
+    server, port, env = as_make_run(tmp_path)
     walk = Walk(env, port, tmp_path)
     shell1 = None
     try:

@@ -105,6 +105,21 @@ class Server:
         self.process.wait(10)
 
 
+def as_make_run(tmp_path: Path) -> tuple[Server, int, dict[str, str]]:
+    """The server as `make run` serves it (the default configuration: the built-in agent,
+    reflection on) in a HOME and state directory of its own, and a reader's shell environment
+    (the virtualenv active, no SESSIONGATE_* of ours)."""
+    home, work, state = tmp_path / "home", tmp_path / "work", tmp_path / "state"
+    for directory in (home, work, state):
+        directory.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_") and k != "VIRTUAL_ENV"}
+    path_var = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"  # as `. .venv/bin/activate` does
+    env.update(PATH=path_var, HOME=str(home), XDG_STATE_HOME=str(state))
+    argv = [str(VENV_BIN / "sessiongate-server"), "--listen", "127.0.0.1:0"]
+    server, port = start_server(argv, env, work, tmp_path / "server.log")
+    return server, port, env
+
+
 def start_server(argv: list[str] | str, env: dict[str, str], cwd: Path, log: Path) -> tuple[Server, int]:
     """Start a server in its own process group and wait (bounded) for its 'serving on' line."""
     shell = isinstance(argv, str)
@@ -236,16 +251,7 @@ def test_shell_blocks_run_as_written(path: Path, tmp_path: Path) -> None:
     runnable = [b for b in blocks if b.skip_reason is None]
     if not runnable:
         pytest.skip(f"{path.name}: " + ("every shell block is marked skip" if blocks else "no shell blocks"))
-    home, work, state = tmp_path / "home", tmp_path / "work", tmp_path / "state"
-    for directory in (home, work, state):
-        directory.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONGATE_") and k != "VIRTUAL_ENV"}
-    path_var = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"  # as `. .venv/bin/activate` does
-    env.update(PATH=path_var, HOME=str(home), XDG_STATE_HOME=str(state))
-    # As `make run` serves: the default configuration, in its own state directory.
-    server, port = start_server(
-        [str(VENV_BIN / "sessiongate-server"), "--listen", "127.0.0.1:0"], env, work, tmp_path / "server.log"
-    )
+    server, port, env = as_make_run(tmp_path)
     env["SESSIONGATE_TARGET"] = f"localhost:{port}"  # the CLI's default target is the README's port
     walk = Walk(env, port, tmp_path)
     try:
