@@ -44,7 +44,9 @@ async def create_when_a_slot_frees(gate: Gate, timeout: float = 10, **kwargs: An
     deadline = time.monotonic() + timeout
     while True:
         try:
-            session: pb.Session = await gate.stub.CreateSession(pb.CreateSessionRequest(**kwargs), timeout=5)
+            # Each attempt may start an agent: on a busy machine that takes seconds, not a refusal.
+            request = pb.CreateSessionRequest(**kwargs)
+            session: pb.Session = await gate.stub.CreateSession(request, timeout=30)
             return session
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
