@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _shared_defaults(opts)
     if opts.run is _completion:  # no server involved
         return _completion(opts)
+    if opts.run is _acp:  # an ACP agent on stdin/stdout, on its own event loop
+        return _acp(opts)
     tls = {"tls_ca": opts.tls_ca, "client_cert": opts.tls_cert, "client_key": opts.tls_key}
     with SessionClient(opts.target, token=opts.token or None, **tls) as client:
         try:
@@ -145,6 +147,20 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command("agents", _agents, "list the configured agents")
+    front = command(
+        "acp",
+        _acp,
+        "be an ACP agent on stdin/stdout whose sessions are the gateway's (an editor's agent command)",
+    )
+    front.add_argument("--agent", help="the gateway agent new sessions use (default: the gateway's default)")
+    front.add_argument("--label", action="append", metavar="K=V", help="a label for every session it creates")
+    front.add_argument(
+        "--permission-policy",
+        default="ask",
+        choices=("ask", "approve-all", "approve-reads", "deny-all", ""),
+        help="who decides the agent's permission requests: ask (the editor, the default), a gateway "
+        "policy, or '' for the agent's own",
+    )
     create = command("create", _create, "create a session; prints its id")
     _session_options(create)
     prompt = command("prompt", _prompt, "send a prompt and show the turn live")
@@ -303,6 +319,21 @@ def _json(message: Message) -> str:
 
 
 # ---- commands ------------------------------------------------------------------------------
+
+
+def _acp(opts: argparse.Namespace) -> int:
+    try:
+        from sessiongate.client import acp_front
+    except ImportError as error:  # a client-only install without the ACP SDK
+        print(
+            f"sessiongate acp needs the ACP SDK ({error.name}): pip install 'sessiongate[acp]'",
+            file=sys.stderr,
+        )
+        return 1
+    for label in opts.label or ():
+        if "=" not in label:
+            opts.command_parser.error(f"--label wants K=V, not {label[:100]!r}")
+    return acp_front.run(opts)
 
 
 def _agents(client: SessionClient, opts: argparse.Namespace) -> None:

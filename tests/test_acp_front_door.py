@@ -1,0 +1,154 @@
+"""The ACP front door (issue 24): `sessiongate acp` driven by the Python ACP SDK's client, over
+its stdin/stdout, against a real gateway and its built-in agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import acp
+import pytest
+from acp import schema
+from acp.exceptions import RequestError
+
+from tests.conftest import Gate, GateFactory, eventually
+
+LINE_LIMIT = 16 * 1024 * 1024
+
+
+class Editor:
+    """The client side of ACP, as an editor: collects updates, answers permission requests."""
+
+    def __init__(self, permission: str = "allow_once") -> None:
+        self.updates: list[tuple[str, Any]] = []
+        self.permission = permission  # the option kind chosen, or "cancelled"
+        self.asked: list[Any] = []
+
+    async def session_update(self, session_id: str, update: Any, **_: Any) -> None:
+        self.updates.append((session_id, update))
+
+    async def request_permission(self, options: list[Any], tool_call: Any, **_: Any) -> Any:
+        self.asked.append(tool_call)
+        chosen = next((o for o in options if o.kind == self.permission), None)
+        if chosen is None:
+            return schema.RequestPermissionResponse(outcome=schema.DeniedOutcome(outcome="cancelled"))
+        return schema.RequestPermissionResponse(
+            outcome=schema.AllowedOutcome(outcome="selected", option_id=chosen.option_id)
+        )
+
+    def text(self, kind: str = "agent_message_chunk") -> str:
+        return "".join(u.content.text for _, u in self.updates if getattr(u, "session_update", "") == kind)
+
+    def kinds(self) -> list[str]:
+        return [getattr(u, "session_update", "") for _, u in self.updates]
+
+
+@contextlib.asynccontextmanager
+async def front_door(
+    target: str, *extra: str, editor: Editor | None = None
+) -> AsyncIterator[tuple[Any, Editor]]:
+    """`sessiongate acp --target TARGET` in its own process group, connected to an editor."""
+    editor = editor or Editor()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sessiongate.client",
+        "acp",
+        "--target",
+        target,
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        limit=LINE_LIMIT,
+    )
+    assert process.stdin and process.stdout
+    conn: Any = acp.connect_to_agent(editor, process.stdin, process.stdout)  # type: ignore[arg-type]
+    try:
+        yield conn, editor
+    finally:
+        await conn.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+def text(value: str) -> list[Any]:
+    return [schema.TextContentBlock(type="text", text=value)]
+
+
+async def test_a_prompt_through_the_front_door(gate: Gate, tmp_path: Path) -> None:
+    async with front_door(gate.target) as (conn, editor):
+        hello = await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        assert hello.agent_capabilities.load_session
+        assert hello.agent_info.name == "sessiongate-acp"
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        response = await conn.prompt(session_id=new.session_id, prompt=text("hello through the door"))
+        assert response.stop_reason == "end_turn"
+        await eventually(lambda: "hello through the door" in editor.text(), 5, "the reply")
+        assert {"agent_thought_chunk", "tool_call", "tool_call_update", "plan"} <= set(editor.kinds())
+        listed = await conn.list_sessions()
+        assert new.session_id in [s.session_id for s in listed.sessions]
+
+    # A second editor loads the session: its history is replayed, prompt first.
+    async with front_door(gate.target) as (conn, editor):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        await conn.load_session(cwd=str(gate.workdir), session_id=new.session_id, mcp_servers=[])
+        await eventually(lambda: "hello through the door" in editor.text(), 5, "the replay")
+        assert editor.text("user_message_chunk") == "hello through the door"
+        assert editor.kinds().index("user_message_chunk") < editor.kinds().index("agent_message_chunk")
+        await conn.close_session(session_id=new.session_id)
+        with pytest.raises(RequestError) as refused:
+            await conn.prompt(session_id=new.session_id, prompt=text("again"))
+        assert (refused.value.data or {}).get("code") == "NOT_FOUND"
+
+
+async def test_permission_requests_reach_the_editor(gate: Gate) -> None:
+    for kind, expected in (("allow_once", "permission allow"), ("reject_once", "permission reject")):
+        async with front_door(gate.target, editor=Editor(kind)) as (conn, editor):
+            await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+            new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+            response = await conn.prompt(session_id=new.session_id, prompt=text("/permission"))
+            assert response.stop_reason == "end_turn"
+            assert editor.asked, "the editor was not asked"
+            await eventually(lambda e=editor, x=expected: x in e.text(), 5, f"the agent's {expected!r}")
+
+
+async def test_cancel_ends_the_turn_cancelled(gate: Gate) -> None:
+    async with front_door(gate.target) as (conn, _):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        turn = asyncio.ensure_future(conn.prompt(session_id=new.session_id, prompt=text("/sleep 20")))
+        await asyncio.sleep(1.0)
+        await conn.cancel(session_id=new.session_id)
+        response = await asyncio.wait_for(turn, 15)
+        assert response.stop_reason == "cancelled"
+
+
+async def test_a_gateway_that_is_down_is_a_clear_error_at_initialize() -> None:
+    async with front_door("127.0.0.1:9") as (conn, _):
+        with pytest.raises(RequestError) as refused:
+            await asyncio.wait_for(conn.initialize(protocol_version=acp.PROTOCOL_VERSION), 30)
+        assert "cannot be reached" in str(refused.value)
+        assert (refused.value.data or {}).get("code") in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+async def test_mode_and_config_option(make_gate: GateFactory) -> None:
+    gate = await make_gate()
+    async with front_door(gate.target) as (conn, editor):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        assert new.modes is not None and new.modes.current_mode_id == "code"
+        await conn.set_session_mode(session_id=new.session_id, mode_id="ask")
+        changed = await conn.set_config_option(
+            session_id=new.session_id, config_id="model", value="echo-large"
+        )
+        assert any(o.current_value == "echo-large" for o in changed.config_options if o.id == "model")
+        await conn.prompt(session_id=new.session_id, prompt=text("/state"))
+        await eventually(lambda: "mode=ask model=echo-large" in editor.text(), 5, "the agent's state")
