@@ -28,7 +28,7 @@ from acp.exceptions import RequestError
 from pydantic import ValidationError
 from sessiongate.client import acp_updates
 from sessiongate.client.aio import AsyncSessionClient
-from sessiongate.client.errors import SessionGateError
+from sessiongate.client.errors import McpServerNotAllowed, McpTransportUnsupported, SessionGateError
 from sessiongate.client.mcp import ClientMcpServer, McpHttpServer, McpSseServer, McpStdioServer
 from sessiongate.v1 import session_service_pb2 as pb
 
@@ -78,7 +78,7 @@ class FrontDoor:
         self._target = target
         self._conn: Any = None
         self._elicitation = False  # the editor answers elicitation/create (its capabilities)
-        self._prompts: dict[str, asyncio.Task[Any]] = {}  # running session/prompt per session
+        self._followers: set[asyncio.Task[None]] = set()  # running turns followed after a load
 
     def on_connect(self, conn: Any) -> None:
         self._conn = conn
@@ -145,18 +145,32 @@ class FrontDoor:
         self, cwd: str, mcp_servers: list[Any] | None = None, **_: Any
     ) -> schema.NewSessionResponse:
         servers = [_mcp_server(s) for s in mcp_servers or ()]
-        session = await self._gateway(
-            lambda: self._client.create_session(
+
+        async def create(servers: list[ClientMcpServer]) -> pb.Session:
+            return await self._client.create_session(
                 self._agent, cwd, labels=self._labels, client_mcp_servers=servers
             )
-        )
+
+        try:
+            session = await create(servers)
+        except (McpServerNotAllowed, McpTransportUnsupported) as refused:
+            # The editor's MCP servers go where the gateway allows them; where it does not, the
+            # session is still made, without them (said on stderr, which editors log).
+            log.warning(
+                "the gateway refused the editor's MCP servers (%s); starting without them", refused.reason
+            )
+            session = await self._gateway(lambda: create([]))
+        except SessionGateError as error:
+            raise gateway_error(error) from None
         return schema.NewSessionResponse(session_id=session.session_id, **_session_state(session))
 
     async def load_session(
         self, cwd: str, session_id: str, mcp_servers: list[Any] | None = None, **_: Any
     ) -> schema.LoadSessionResponse:
         session = await self._gateway(lambda: self._client.get_session(session_id))
-        await self._gateway(lambda: self._replay(session_id))
+        running = await self._gateway(lambda: self._replay(session_id))
+        if running is not None:  # a turn runs (another editor's): follow it live to its end
+            self._follow(session_id, *running)
         return schema.LoadSessionResponse(**_session_state(session))
 
     async def resume_session(
@@ -253,9 +267,25 @@ class FrontDoor:
             return
         await self._conn.session_update(session_id=session_id, update=notification.update)
 
-    async def _replay(self, session_id: str) -> None:
+    def _follow(self, session_id: str, turn_id: str, after_seq: int) -> None:
+        """Pass a running turn's live events on (WatchTurn after what was replayed) until it ends;
+        a watch never takes the session, so this editor may prompt once the turn is over."""
+
+        async def follow() -> None:
+            try:
+                async for event in self._client.watch_turn(session_id, after_seq, turn_id):
+                    await self._send(session_id, event)
+            except SessionGateError as error:
+                log.warning("following the running turn of session %s ended: %s", session_id, error)
+
+        task = asyncio.get_running_loop().create_task(follow())
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _replay(self, session_id: str) -> tuple[str, int] | None:
         """The session's stored turns, oldest first, as the notifications they were: each prompt
-        as user message chunks, then its events."""
+        as user message chunks, then its events. Returns the running turn's id and the last seq
+        replayed of it, if one runs."""
         turns = []
         async for turn in self._client.list_turns(session_id):
             turns.append(turn)
@@ -278,6 +308,9 @@ class FrontDoor:
                     after = event.seq
                 if not turn.events_truncated or not turn.events:
                     break
+            if turn.state == pb.TURN_STATE_RUNNING and summary is turns[0]:
+                return summary.turn_id, after
+        return None
 
     async def _ask_permission(self, session_id: str, request: pb.PermissionRequest) -> str | None:
         tool_call = schema.ToolCallUpdate.model_validate(acp_updates.tool_call_fields(request.tool_call))

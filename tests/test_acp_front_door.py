@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from acp import schema
 from acp.exceptions import RequestError
 
 from tests.conftest import Gate, GateFactory, eventually
+from tests.processes import server_process
 
 LINE_LIMIT = 16 * 1024 * 1024
 
@@ -158,3 +160,48 @@ async def test_mode_and_config_option(make_gate: GateFactory) -> None:
         assert any(o.current_value == "echo-large" for o in changed.config_options if o.id == "model")
         await conn.prompt(session_id=new.session_id, prompt=text("/state"))
         await eventually(lambda: "mode=ask model=echo-large" in editor.text(), 5, "the agent's state")
+
+
+async def test_a_second_editor_loading_the_session_sees_the_running_turn(gate: Gate) -> None:
+    async with (
+        front_door(gate.target) as (first, first_editor),
+        front_door(gate.target) as (second, second_editor),
+    ):
+        await first.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        await second.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        new = await first.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        words = " ".join(f"w{i}" for i in range(12))
+        turn = asyncio.ensure_future(
+            first.prompt(session_id=new.session_id, prompt=text(f"/pace 400 {words}"))
+        )
+        await eventually(lambda: "w1" in first_editor.text(), 10, "the first words")
+        await second.load_session(cwd=str(gate.workdir), session_id=new.session_id, mcp_servers=[])
+        assert (await asyncio.wait_for(turn, 30)).stop_reason == "end_turn"
+        # The second editor saw what was said before its load (replayed) and the rest live.
+        await eventually(lambda: "w11" in second_editor.text(), 10, "the live rest in the second editor")
+        assert second_editor.text().replace(" ", "") == first_editor.text().replace(" ", "")
+
+
+async def test_a_gateway_restart_mid_turn_ends_the_turn_as_reported_and_the_next_prompt_works(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    async with front_door(target) as (conn, editor):
+        async with server_process(tmp_path, extra_args=("--listen", target)) as server:
+            await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+            new = await conn.new_session(cwd=str(tmp_path), mcp_servers=[])
+            turn = asyncio.ensure_future(conn.prompt(session_id=new.session_id, prompt=text("/sleep 30")))
+            await asyncio.sleep(1.5)
+            assert await server.stop(signal.SIGTERM) == 0
+            with pytest.raises(RequestError) as ended:
+                await asyncio.wait_for(turn, 30)
+            assert (ended.value.data or {}).get("reason") == "SHUTTING_DOWN"
+        async with server_process(tmp_path, extra_args=("--listen", target)):
+            response = await asyncio.wait_for(
+                conn.prompt(session_id=new.session_id, prompt=text("back again")), 60
+            )
+            assert response.stop_reason == "end_turn"
+            await eventually(lambda: "back again" in editor.text(), 5, "the reply after the restart")
