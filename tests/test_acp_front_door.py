@@ -21,6 +21,7 @@ from acp.exceptions import RequestError
 
 from tests.conftest import Gate, GateFactory, eventually
 from tests.processes import server_process
+from tests.test_durable_client import Proxy
 
 LINE_LIMIT = 16 * 1024 * 1024
 
@@ -205,3 +206,18 @@ async def test_a_gateway_restart_mid_turn_ends_the_turn_as_reported_and_the_next
             )
             assert response.stop_reason == "end_turn"
             await eventually(lambda: "back again" in editor.text(), 5, "the reply after the restart")
+
+
+async def test_a_broken_grpc_stream_mid_turn_reattaches_with_no_gap_and_no_duplicate(gate: Gate) -> None:
+    async with Proxy(gate.running.port) as proxy, front_door(proxy.target) as (conn, editor):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        words = [f"w{i}" for i in range(12)]
+        turn = asyncio.ensure_future(
+            conn.prompt(session_id=new.session_id, prompt=text(f"/pace 300 {' '.join(words)}"))
+        )
+        await eventually(lambda: "w2" in editor.text(), 10, "the first words")
+        proxy.cut()  # the front door's stream fails UNAVAILABLE: it re-attaches with WatchTurn
+        assert (await asyncio.wait_for(turn, 30)).stop_reason == "end_turn"
+        assert editor.text().split() == words
+        assert proxy.accepted >= 2, "the front door did not reconnect"
