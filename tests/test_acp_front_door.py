@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import signal
 import socket
@@ -19,9 +20,10 @@ import pytest
 from acp import schema
 from acp.exceptions import RequestError
 
-from tests.conftest import Gate, GateFactory, eventually
+from tests.conftest import Gate, GateFactory, eventually, kill_leftovers, wait_gone
 from tests.processes import server_process
 from tests.test_durable_client import Proxy
+from tests.test_misbehaving_agents import bad_agent, recorded
 
 LINE_LIMIT = 16 * 1024 * 1024
 
@@ -221,3 +223,53 @@ async def test_a_broken_grpc_stream_mid_turn_reattaches_with_no_gap_and_no_dupli
         assert (await asyncio.wait_for(turn, 30)).stop_reason == "end_turn"
         assert editor.text().split() == words
         assert proxy.accepted >= 2, "the front door did not reconnect"
+
+
+async def test_an_update_of_a_kind_no_sdk_knows_is_passed_on_unchanged(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    """Read off the wire (no SDK between): the agent's `future_update_kind` reaches the editor as
+    the agent sent it."""
+    gate = await make_gate(agents={"bad": bad_agent(tmp_path / "pids")})
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sessiongate.client", "acp", "--target", gate.target, "--agent", "bad"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        limit=LINE_LIMIT,
+    )
+    assert process.stdin and process.stdout
+    stdin, stdout = process.stdin, process.stdout
+
+    async def call(
+        number: int, method: str, params: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        stdin.write(
+            json.dumps({"jsonrpc": "2.0", "id": number, "method": method, "params": params}).encode() + b"\n"
+        )
+        await stdin.drain()
+        notes = []
+        while True:
+            message = json.loads(await asyncio.wait_for(stdout.readline(), 30))
+            if message.get("id") == number:
+                return message, notes
+            notes.append(message)
+
+    try:
+        await call(1, "initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        created, _ = await call(2, "session/new", {"cwd": str(gate.workdir), "mcpServers": []})
+        session_id = created["result"]["sessionId"]
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "/unknown"}]}
+        answered, notes = await call(3, "session/prompt", prompt)
+        assert answered["result"]["stopReason"] == "end_turn"
+        updates = [n["params"]["update"] for n in notes if n.get("method") == "session/update"]
+        assert {
+            "sessionUpdate": "future_update_kind",
+            "answer": 42,
+            "detail": {"nested": ["x", "y"]},
+        } in updates
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        kill_leftovers(wait_gone(set(recorded(tmp_path / "pids", "agent")), 10))
