@@ -248,7 +248,7 @@ async def test_an_update_of_a_kind_no_sdk_knows_is_passed_on_unchanged(
             json.dumps({"jsonrpc": "2.0", "id": number, "method": method, "params": params}).encode() + b"\n"
         )
         await stdin.drain()
-        notes = []
+        notes: list[dict[str, Any]] = []
         while True:
             message = json.loads(await asyncio.wait_for(stdout.readline(), 30))
             if message.get("id") == number:
