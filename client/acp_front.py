@@ -329,20 +329,18 @@ class FrontDoor:
             return "decline"  # the editor did not say it answers elicitations
         from google.protobuf import json_format
 
-        mode: dict[str, Any]
+        mode: Any
         if request.mode == "url":
-            mode = {
-                "mode": "url",
-                "url": request.url,
-                "sessionId": session_id,
-                "elicitationId": request.request_id,
-            }
+            mode = schema.ElicitationUrlSessionMode.model_validate(
+                {"sessionId": session_id, "elicitationId": request.request_id, "url": request.url}
+            )
         else:
-            mode = {
-                "mode": "form",
-                "sessionId": session_id,
-                "requestedSchema": json_format.MessageToDict(request.requested_schema),
-            }
+            mode = schema.ElicitationFormSessionMode.model_validate(
+                {
+                    "sessionId": session_id,
+                    "requestedSchema": json_format.MessageToDict(request.requested_schema),
+                }
+            )
         response = await self._conn.create_elicitation(message=request.message, mode=mode)
         action = getattr(response, "action", "decline")
         return (action, getattr(response, "content", None)) if action == "accept" else action

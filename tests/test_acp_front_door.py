@@ -48,6 +48,10 @@ class Editor:
             outcome=schema.AllowedOutcome(outcome="selected", option_id=chosen.option_id)
         )
 
+    async def create_elicitation(self, message: str, mode: Any, **_: Any) -> Any:
+        self.asked.append(message)
+        return schema.AcceptElicitationResponse(action="accept", content={"name": "Ada"})
+
     def text(self, kind: str = "agent_message_chunk") -> str:
         return "".join(u.content.text for _, u in self.updates if getattr(u, "session_update", "") == kind)
 
@@ -75,7 +79,8 @@ async def front_door(
         limit=LINE_LIMIT,
     )
     assert process.stdin and process.stdout
-    conn: Any = acp.connect_to_agent(editor, process.stdin, process.stdout)  # type: ignore[arg-type]
+    client: Any = editor
+    conn: Any = acp.connect_to_agent(client, process.stdin, process.stdout, use_unstable_protocol=True)
     try:
         yield conn, editor
     finally:
@@ -273,3 +278,21 @@ async def test_an_update_of_a_kind_no_sdk_knows_is_passed_on_unchanged(
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
         kill_leftovers(wait_gone(set(recorded(tmp_path / "pids", "agent")), 10))
+
+
+async def test_an_elicitation_reaches_an_editor_that_answers_them(gate: Gate) -> None:
+    elicitation = schema.ElicitationCapabilities(form=schema.ElicitationFormCapabilities())
+    capabilities = schema.ClientCapabilities(elicitation=elicitation)
+    async with front_door(gate.target) as (conn, editor):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION, client_capabilities=capabilities)
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        await conn.prompt(session_id=new.session_id, prompt=text("/elicit"))
+        await eventually(lambda: "elicitation accept" in editor.text(), 5, "the agent's answer")
+        assert '"Ada"' in editor.text() and editor.asked == ["What is your name?"]
+    # An editor that does not say it answers elicitations is not asked: the gateway declines.
+    async with front_door(gate.target) as (conn, editor):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        await conn.prompt(session_id=new.session_id, prompt=text("/elicit"))
+        await eventually(lambda: "elicitation decline" in editor.text(), 5, "the agent's answer")
+        assert editor.asked == []
