@@ -1,7 +1,7 @@
 """Third-party ACP clients driving an ACP agent command: the TypeScript SDK, the Python SDK, acpx.
 
-Every helper takes the agent command (argv) as a parameter, so the same scenarios run against
-the built-in agent (`python -m sessiongate.echo`) or `sessiongate acp --target ...`.
+Every helper takes the agent command (argv) as a parameter; tests/test_acp_front_door_clients.py
+gives them `sessiongate acp --target GATEWAY` (front_door_command).
 
 The TypeScript and Python clients run one scripted scenario, a list of steps, and return one
 dict per step in the same shape (tests/node/acp_client.mjs documents both):
@@ -17,7 +17,8 @@ acpx runs with HOME (its state, ~/.acpx) in a temporary directory. The commands 
   acpx --agent CMD --ttl 1 [--format json|quiet] [--approve-all|--deny-all] prompt TEXT
   acpx --agent CMD --format json cancel           cancel the running prompt of the cwd's session
   acpx --agent CMD --format json sessions list    session/list if the agent advertises
-                                                  sessionCapabilities.list, else the local records
+                                                  sessionCapabilities.list ("source": "agent"),
+                                                  else the local records
   acpx --agent CMD sessions close
 Each prompt hands the session to a detached "queue owner" process (its own process group) that
 keeps the agent running for --ttl seconds; a later invocation within that time reuses it, after
@@ -52,9 +53,9 @@ TS_SDK = NODE_DIR / "node_modules" / "@agentclientprotocol" / "sdk"
 LINE_LIMIT = 16 * 1024 * 1024  # a replayed history can be one long line of JSON
 
 
-def echo_agent_command(state_dir: Path, *extra: str) -> list[str]:
-    """The built-in agent as an ACP agent command, its sessions kept in `state_dir`."""
-    return [sys.executable, "-m", "sessiongate.echo", "--state-dir", str(state_dir), *extra]
+def front_door_command(target: str, *extra: str) -> list[str]:
+    """`sessiongate acp --target TARGET [EXTRA...]` as an editor's ACP agent command."""
+    return [sys.executable, "-m", "sessiongate.client", "acp", "--target", target, *extra]
 
 
 @dataclass
@@ -342,12 +343,15 @@ class Acpx:
         assert finished.code == 0, finished.stderr[-2000:]
         return bool(jsonrpc_lines(finished.stdout)[-1].get("cancelled"))
 
-    async def sessions(self) -> list[dict[str, Any]]:
-        """`--format json sessions list`: the sessions acpx lists for this agent and cwd."""
+    async def sessions(self) -> tuple[str, list[dict[str, Any]]]:
+        """`--format json sessions list`: where the list came from ("agent" when acpx called
+        session/list, else "local") and the sessions acpx lists for this agent and cwd."""
         finished = await self.run("--format", "json", "sessions", "list")
         assert finished.code == 0, finished.stderr[-2000:]
         listed: Any = json.loads(finished.stdout)
-        return listed if isinstance(listed, list) else list(listed.get("sessions", []))
+        if isinstance(listed, list):
+            return "local", listed
+        return str(listed.get("source", "local")), list(listed.get("sessions", []))
 
     def queue_owner_pids(self) -> set[int]:
         pids = set()
