@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -402,4 +404,20 @@ async def serve(opts: argparse.Namespace) -> int:
 
 def run(opts: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="sessiongate acp: %(message)s")
+    if not _speaks_on_stdin():
+        print(
+            "sessiongate acp speaks ACP on its stdin and stdout: an editor or ACP client starts it "
+            "(its stdin a pipe or a terminal, not a file or /dev/null)",
+            file=sys.stderr,
+        )
+        return 2
     return asyncio.run(serve(opts))
+
+
+def _speaks_on_stdin() -> bool:
+    """Whether stdin can carry ACP: a pipe, a socket or a terminal (asyncio cannot watch a file)."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(0)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -296,3 +297,15 @@ async def test_an_elicitation_reaches_an_editor_that_answers_them(gate: Gate) ->
         await conn.prompt(session_id=new.session_id, prompt=text("/elicit"))
         await eventually(lambda: "elicitation decline" in editor.text(), 5, "the agent's answer")
         assert editor.asked == []
+
+
+def test_a_front_door_without_a_pipe_on_stdin_says_so_and_exits() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sessiongate.client", "acp", "--target", "127.0.0.1:9"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "an editor or ACP client starts it" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""

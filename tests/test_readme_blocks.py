@@ -72,7 +72,8 @@ class Shell:
         env_file, cwd_file = self.state / "env", self.state / "cwd"
         keep = f"env -0 > {shlex.quote(str(env_file))}; pwd > {shlex.quote(str(cwd_file))}"
         script = f"trap 'rc=$?; {keep}; exit $rc' EXIT\nset -a\n{command}\n"
-        done = subprocess.run(
+        # Its own process group: a command that outlives its bound is ended with all it started.
+        process = subprocess.Popen(
             ["bash", "-c", script],
             env=self.env,
             cwd=self.cwd,
@@ -80,8 +81,15 @@ class Shell:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            timeout=timeout,
+            start_new_session=True,
         )
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # anything it left running in the background
+            process.wait()
+        done = subprocess.CompletedProcess(process.args, process.returncode, output)
         if env_file.exists():
             pairs = (item.split("=", 1) for item in env_file.read_text().split("\0") if "=" in item)
             self.env = {k: v for k, v in pairs if k not in ("_", "SHLVL", "PWD", "OLDPWD")}
