@@ -20,9 +20,11 @@ import acp
 import pytest
 from acp import schema
 from acp.exceptions import RequestError
+from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import Gate, GateFactory, eventually, kill_leftovers, wait_gone
 from tests.processes import server_process
+from tests.test_auth import TOKENS, as_, tokens_file
 from tests.test_durable_client import Proxy
 from tests.test_misbehaving_agents import bad_agent, recorded
 
@@ -309,3 +311,26 @@ def test_a_front_door_without_a_pipe_on_stdin_says_so_and_exits() -> None:
     )
     assert done.returncode == 2 and "an editor or ACP client starts it" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+async def test_a_token_makes_the_front_door_its_principal_and_lists_only_its_sessions(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    gate = await make_gate(auth_tokens_file=tokens_file(tmp_path / "tokens.toml"))
+    bobs = await gate.stub.CreateSession(pb.CreateSessionRequest(), metadata=as_("bob"), timeout=30)
+    async with front_door(gate.target, "--token", TOKENS["alice"]) as (conn, _):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        mine = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        listed = [s.session_id for s in (await conn.list_sessions()).sessions]
+        assert listed == [mine.session_id]
+        with pytest.raises(RequestError) as refused:  # bob's session is not alice's to load
+            await conn.load_session(cwd=str(gate.workdir), session_id=bobs.session_id, mcp_servers=[])
+        assert (refused.value.data or {}).get("code") == "NOT_FOUND"
+    owner = await gate.stub.GetSession(
+        pb.GetSessionRequest(session_id=mine.session_id), metadata=as_("alice")
+    )
+    assert owner.owner == "alice"
+    async with front_door(gate.target, "--token", "not-a-token") as (conn, _):
+        with pytest.raises(RequestError) as unknown:
+            await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        assert (unknown.value.data or {}).get("code") == "UNAUTHENTICATED"
