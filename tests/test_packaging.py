@@ -124,6 +124,10 @@ async def test_the_installed_sdk_talks_to_a_server_from_outside_the_checkout(
     server = _run(venv / "bin" / "sessiongate-server", "--listen", "127.0.0.1:0", cwd=project, timeout=60)
     assert server.returncode == 1
     assert "sessiongate[server]" in server.stderr and "Traceback" not in server.stderr
+    # So does the ACP front door, whose SDK is the `acp` extra.
+    front = _run(venv / "bin" / "sessiongate", "acp", "--target", "127.0.0.1:9", cwd=project, timeout=60)
+    assert front.returncode == 1
+    assert "sessiongate[acp]" in front.stderr and "Traceback" not in front.stderr
 
     (project / "example.py").write_text(CLIENT_SCRIPT)
     async with server_process(tmp_path) as gate:
