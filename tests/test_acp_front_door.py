@@ -334,3 +334,18 @@ async def test_a_token_makes_the_front_door_its_principal_and_lists_only_its_ses
         with pytest.raises(RequestError) as unknown:
             await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
         assert (unknown.value.data or {}).get("code") == "UNAUTHENTICATED"
+
+
+async def test_a_decision_the_gateway_made_by_policy_is_reported_not_asked(gate: Gate) -> None:
+    async with front_door(gate.target, "--permission-policy", "deny-all") as (conn, editor):
+        await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
+        new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
+        await conn.prompt(session_id=new.session_id, prompt=text("/permission"))
+        await eventually(lambda: "permission reject" in editor.text(), 5, "the agent's reply")
+        assert editor.asked == []
+        reports = [
+            u.field_meta["sessiongate"]
+            for _, u in editor.updates
+            if getattr(u, "session_update", "") == "tool_call_update" and u.field_meta
+        ]
+        assert reports == [{"permission": "rejected", "decidedBy": "deny-all"}]
