@@ -58,8 +58,11 @@ def agents_started(pid_file: Path) -> list[int]:
     return [int(line.split()[1]) for line in pid_file.read_text().splitlines() if line.startswith("agent ")]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def pid_file(tmp_path: Path) -> Iterator[Path]:
+    """Autouse, so set up before make_gate and torn down after its servers drained (which ends
+    their agents): what is left then was left behind. Waiting while a server still ran its
+    agents cost 10 s a test."""
     path = tmp_path / "flood-pids"
     yield path
     kill_leftovers(wait_gone(set(agents_started(path)), 10))
