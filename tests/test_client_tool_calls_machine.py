@@ -195,7 +195,7 @@ def test_client_tool_calls_state_machine() -> None:
     run_state_machine_as_test(
         ToolCalls,
         settings=settings(
-            max_examples=25,
+            max_examples=15,
             stateful_step_count=12,
             deadline=None,
             derandomize=True,
