@@ -21,7 +21,16 @@ from sessiongate.server.cluster.leases import TAKEOVER_MARGIN
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.conftest import Gate, GateFactory, details_of, expect_error, kinds, reply_text, wait_gone
+from tests.conftest import (
+    Gate,
+    GateFactory,
+    details_of,
+    eventually,
+    expect_error,
+    kinds,
+    reply_text,
+    wait_gone,
+)
 from tests.postgres import PostgresServer, free_port
 from tests.processes import ServerProcess, server_process
 from tests.test_auth import as_, tokens_file
@@ -359,9 +368,9 @@ async def test_replicas_authenticate_each_other_and_forward_as_the_callers_princ
         request = pb.PromptRequest(session_id=sid, text="mine")
         events = [e async for e in b.stub.Prompt(request, metadata=as_("alice"), timeout=30)]
         assert reply_text(events) == "mine"
-        assert a.log_has(
-            f"call principal=alice rpc=/sessiongate.v1.SessionService/Prompt session={sid} code=OK"
-        )
+        # The owner writes its call line as its side of the stream ends, which may be after ours.
+        audit = f"call principal=alice rpc=/sessiongate.v1.SessionService/Prompt session={sid} code=OK"
+        await eventually(lambda: a.log_has(audit), 10, "the owner's call line")
         for rpc in ("Prompt", "GetSession"):  # another principal: not found, on the owner as here
             call = (
                 b.stub.Prompt(request, metadata=as_("bob"), timeout=10)
