@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -367,6 +368,9 @@ class Acpx:
                 if os.getpgid(pid) == pid:  # a queue owner leads its own group, with its agent
                     os.killpg(pid, signal.SIGKILL)
         shutil.rmtree(self.home, ignore_errors=True)
+        # acpx keeps its socket in /tmp/acpx-<sha256 of HOME, 10 hex digits>, whatever TMPDIR says.
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:10]
+        shutil.rmtree(f"/tmp/acpx-{digest}", ignore_errors=True)
 
 
 def jsonrpc_lines(stdout: str) -> list[dict[str, Any]]:
