@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
-from sessiongate.server.turns.client_tools import RELAY_SOURCE
+from sessiongate.server.sandbox.launcher import stdlib_script
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -343,10 +343,8 @@ async def test_another_sessions_sandboxed_agent_cannot_reach_the_socket(make_gat
     gate = await make_gate(agents={"boxed": boxed()})
     victim = await gate.create(agent="boxed", client_tools=[ADD])
     path = gate.running.pool.get(victim.session_id).client_tools.socket_path  # type: ignore[union-attr]
-    relay = RELAY_SOURCE.read_text()
-    thief = pb.McpServer(
-        name="stolen", stdio=pb.McpStdio(command=sys.executable, args=["-I", "-S", "-c", relay, path])
-    )
+    command, *args = stdlib_script(sys.executable, "tools_relay.py", path)
+    thief = pb.McpServer(name="stolen", stdio=pb.McpStdio(command=command, args=args))
     attacker = await gate.create(agent="boxed", client_mcp_servers=[thief])
     reply = reply_text(await gate.prompt(attacker.session_id, "/mcp tools stolen"))
     assert reply.startswith("mcp error"), reply

@@ -262,7 +262,7 @@ def tool_answer(request: pb.RespondToolCallRequest) -> ToolAnswer:
     if kind == "error":
         if len(request.error.encode()) > MAX_TOOL_ANSWER:
             raise InvalidArgument.field("error", f"at most {MAX_TOOL_ANSWER} bytes")
-        return ToolAnswer(request.error, None, True, "client", request.request_id)
+        return ToolAnswer(request.error, None, True, "client")
     if request.result.ByteSize() > MAX_TOOL_ANSWER:
         raise InvalidArgument.field("result", f"at most {MAX_TOOL_ANSWER} bytes")
     structured = (
@@ -270,7 +270,7 @@ def tool_answer(request: pb.RespondToolCallRequest) -> ToolAnswer:
         if request.result.HasField("structured")
         else None
     )
-    return ToolAnswer(request.result.text, structured, False, "client", request.request_id)
+    return ToolAnswer(request.result.text, structured, False, "client")
 
 
 def client_mcp_configs(servers: Sequence[pb.McpServer]) -> tuple[McpServerConfig, ...]:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from sessiongate.server import logs
 from sessiongate.server.errors import AgentUnavailable
-from sessiongate.server.sandbox.network_proxy import NetworkProxy, SandboxNetwork, bridge_command
+from sessiongate.server.sandbox.network_proxy import NetworkProxy, SandboxNetwork
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
 
@@ -67,6 +67,7 @@ def find_bwrap() -> str | None:
 PRIVATE_TMP = "/tmp"
 BRIDGE_SOCKET = "/tmp/.sessiongate-proxy.sock"  # the network proxy's socket, inside the sandbox
 SETPRIV = "setpriv"  # util-linux: takes another user's identity, then execs
+SANDBOX_DIR = Path(__file__).parent  # our standard-library scripts run inside sandboxes
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout: the built-in agent's code
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # a principal name used as it is
 # The host a sandboxed agent sees, read-only (each where it exists; a symlink such as
@@ -112,10 +113,17 @@ def sockets_for_agent(paths: Iterable[str]) -> Iterator[None]:
         _agent_sockets.reset(token)
 
 
-def agent_python(config: AgentConfig) -> str:
-    """The interpreter a command run inside `config`'s sandbox uses for our standard-library
-    helpers (the network bridge, the client tools relay): see _bridge_python."""
-    return _bridge_python(_identity(config.user)[0])
+def stdlib_script(python: str, script: str, *args: str) -> list[str]:
+    """`python` running `script`, one of this package's standard-library scripts (`bridge.py`,
+    `tools_relay.py`), by source with `args`, inside a sandbox that has none of our packages.
+    -I -S: the agent's PYTHON* variables, site-packages and cwd play no part in it."""
+    return [python, "-I", "-S", "-c", (SANDBOX_DIR / script).read_text(), *args]
+
+
+def agent_script(config: AgentConfig, script: str, *args: str) -> list[str]:
+    """`stdlib_script` as `config`'s agent runs it (another user's gets a system python3: see
+    _bridge_python), e.g. the client tools relay it starts as an MCP server."""
+    return stdlib_script(_bridge_python(_identity(config.user)[0]), script, *args)
 
 
 def principal_dir(name: str) -> str:
@@ -274,7 +282,7 @@ class Launcher:
         session = logs._fields.get().get("session", "")
         box = self.network.open(config, self.principal, session, user)
         options = ["--unshare-net", "--bind", str(box.path), BRIDGE_SOCKET]
-        return options, bridge_command(_bridge_python(user), BRIDGE_SOCKET), box
+        return options, stdlib_script(_bridge_python(user), "bridge.py", BRIDGE_SOCKET, "--"), box
 
     def _bwrap_options(
         self, config: AgentConfig, home: str | None, workdir: WorkDir | None, chdir: str | None

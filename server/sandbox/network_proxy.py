@@ -396,10 +396,3 @@ async def _pipe(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def bridge_command(python: str, socket_path: str) -> list[str]:
-    """The command run first inside the sandbox, before the agent's own (see sandbox_bridge)."""
-    source = (Path(__file__).parent / "bridge.py").read_text()
-    # -I -S: the agent's PYTHON* variables, site-packages and cwd play no part in it.
-    return [python, "-I", "-S", "-c", source, socket_path, "--"]

@@ -40,7 +40,6 @@ from sessiongate.server.sandbox.launcher import sockets_for_agent
 from sessiongate.server.security.secrets import SecretBox, SecretUnreadable
 from sessiongate.server.sessions.lock import SessionLock
 from sessiongate.server.sessions.stored import (
-    CLIENT_TOOLS_SERVER,
     AttachedMcpServer,
     ClientMcpServers,
     State,
@@ -573,9 +572,11 @@ class Session:
     @property
     def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
         """The MCP servers its agent is given (the agent's own, then the requested, as configured
-        now, then the client-supplied ones: names and transports only)."""
-        attached = attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
-        return (*attached, CLIENT_TOOLS_SERVER) if self.client_tools is not None else attached
+        now, then the client-supplied ones, then the one serving its client tools: names and
+        transports only)."""
+        return attached_mcp_servers(
+            self.config, self.requested_mcp_servers, self.client_mcp.shown, self.client_tools is not None
+        )
 
     @property
     def client_tool_specs(self) -> tuple[ClientToolSpec, ...]:

@@ -83,8 +83,9 @@ class StoredSession:
 
     @property
     def mcp_servers(self) -> tuple[AttachedMcpServer, ...]:
-        attached = attached_mcp_servers(self.config, self.requested_mcp_servers, self.client_mcp.shown)
-        return (*attached, CLIENT_TOOLS_SERVER) if self.client_tools else attached
+        return attached_mcp_servers(
+            self.config, self.requested_mcp_servers, self.client_mcp.shown, bool(self.client_tools)
+        )
 
     @property
     def client_tool_specs(self) -> tuple[ClientToolSpec, ...]:
@@ -129,11 +130,14 @@ class AttachedMcpServer:
 
 
 def attached_mcp_servers(
-    config: AgentConfig, requested: tuple[str, ...], supplied: tuple[McpServerConfig, ...] = ()
+    config: AgentConfig,
+    requested: tuple[str, ...],
+    supplied: tuple[McpServerConfig, ...] = (),
+    client_tools: bool = False,
 ) -> tuple[AttachedMcpServer, ...]:
     """The agent's own MCP servers, then the requested ones, as the config has them now (a name
     no longer configured is left out: `missing_mcp_servers` names it), then those the client
-    `supplied` (source "request" too)."""
+    `supplied` (source "request" too), then (`client_tools`) the one serving the client's tools."""
     catalog = config.mcp_catalog
     found = [AttachedMcpServer(catalog[n], "agent") for n in config.mcp_servers if n in catalog]
     found += [
@@ -142,6 +146,8 @@ def attached_mcp_servers(
         if n in catalog and n not in config.mcp_servers
     ]
     found += [AttachedMcpServer(server, "request") for server in supplied]
+    if client_tools:
+        found.append(CLIENT_TOOLS_SERVER)
     return tuple(found)
 
 

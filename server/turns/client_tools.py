@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sessiongate.server.sandbox.launcher import agent_python
+from sessiongate.server.sandbox.launcher import agent_script
 from sessiongate.server.settings import AgentConfig, McpServerConfig
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ MAX_LINE = 2 * 1024 * 1024  # one MCP message from the agent's side
 MAX_INPUT_BYTES = 256 * 1024  # a call's arguments as JSON; larger ones get an error, not an event
 MAX_CONNECTIONS = 8  # the agent (re)starting its MCP server: more at once are closed at once
 WRITE_TIMEOUT = 30.0  # seconds an agent may leave our answer unread before we hang up
-RELAY_SOURCE = Path(__file__).parents[1] / "sandbox" / "tools_relay.py"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +113,8 @@ class ClientTools:
 
     def mcp_server(self, config: AgentConfig) -> McpServerConfig:
         """The stdio MCP server `config`'s agent starts: the relay to our socket."""
-        source = RELAY_SOURCE.read_text()
-        # -I -S: the agent's PYTHON* variables, site-packages and cwd play no part in it.
-        return McpServerConfig(
-            SERVER_NAME, "stdio", command=agent_python(config), args=("-I", "-S", "-c", source, self._path)
-        )
+        command, *args = agent_script(config, "tools_relay.py", self._path)
+        return McpServerConfig(SERVER_NAME, "stdio", command=command, args=tuple(args))
 
     async def close(self) -> None:
         server, self._server = self._server, None

@@ -94,7 +94,6 @@ class ToolAnswer:
     structured: dict[str, Any] | None
     is_error: bool
     decided_by: str
-    request_id: str = ""
 
 
 class _Sentinel:
@@ -290,7 +289,7 @@ class TurnAsker:
             result = ToolAnswer(text, None, True, "timeout")
         else:
             result = ToolAnswer(f"{tool}: cancelled (the turn ended)", None, True, "cancelled")
-        if not self._turn.ended and request_id:
+        if request_id:  # (a turn that ended takes nothing more: Turn.push)
             self._turn.push(ToolReport(request_id, tool, result.is_error, result.decided_by))
         return result
 
