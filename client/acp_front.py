@@ -37,7 +37,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 log = logging.getLogger("sessiongate.acp")
 
 CONNECT_TIMEOUT = 10.0  # seconds initialize waits for the gateway before saying it is unreachable
-MAX_REPLAYED_TURNS = 1000  # turns session/load replays (newest kept); older ones are said to be left out
+MAX_REPLAYED_TURNS = 1000  # turns session/load replays: the newest; older ones are not replayed
 SERVER_NAME = "sessiongate-acp"
 # JSON-RPC error codes for gateway statuses (ACP's own where it has one).
 ERROR_CODES = {
@@ -256,8 +256,11 @@ class FrontDoor:
 
     async def _send(self, session_id: str, event: pb.PromptEvent) -> None:
         update = acp_updates.session_update(event)
-        if update is None:
-            return
+        if update is not None:
+            await self._notify(session_id, update)
+
+    async def _notify(self, session_id: str, update: dict[str, Any]) -> None:
+        """One `session/update`, checked against the SDK's models where it knows the kind."""
         try:
             notification = schema.SessionNotification.model_validate(
                 {"sessionId": session_id, "update": update}
@@ -296,12 +299,7 @@ class FrontDoor:
         for summary in reversed(turns):
             for block in summary.prompt:
                 user = {"sessionUpdate": "user_message_chunk", "content": acp_updates.content_block(block)}
-                await self._conn.session_update(
-                    session_id=session_id,
-                    update=schema.SessionNotification.model_validate(
-                        {"sessionId": session_id, "update": user}
-                    ).update,
-                )
+                await self._notify(session_id, user)
             after = 0
             while True:
                 turn = await self._client.get_turn(session_id, summary.turn_id, after)

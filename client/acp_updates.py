@@ -34,6 +34,11 @@ TOOL_STATUSES = {
 NOTICE_PREFIX = "[sessiongate] "  # a gateway notice, shown to the editor as a thought
 
 
+def _given(*fields: tuple[str, Any]) -> dict[str, Any]:
+    """The optional fields that are set (protobuf's unset is "" or 0: ACP leaves them out)."""
+    return {key: value for key, value in fields if value}
+
+
 def content_block(block: pb.ContentBlock) -> dict[str, Any]:
     kind = block.WhichOneof("block")
     if kind == "image":
@@ -45,17 +50,17 @@ def content_block(block: pb.ContentBlock) -> dict[str, Any]:
         return {**image, "uri": block.image.uri} if block.image.uri else image
     if kind == "resource_link":
         link = block.resource_link
-        found: dict[str, Any] = {"type": "resource_link", "uri": link.uri, "name": link.name}
-        for key, value in (
-            ("mimeType", link.mime_type),
-            ("title", link.title),
-            ("description", link.description),
-        ):
-            if value:
-                found[key] = value
-        if link.size:
-            found["size"] = link.size
-        return found
+        return {
+            "type": "resource_link",
+            "uri": link.uri,
+            "name": link.name,
+            **_given(
+                ("mimeType", link.mime_type),
+                ("title", link.title),
+                ("description", link.description),
+                ("size", link.size),
+            ),
+        }
     if kind == "resource":
         resource = block.resource
         contents: dict[str, Any] = {"uri": resource.uri}
@@ -192,19 +197,16 @@ def modes(session: pb.Session) -> dict[str, Any] | None:
 def usage(value: pb.Usage) -> dict[str, Any] | None:
     if not (value.total_tokens or value.input_tokens or value.output_tokens):
         return None
-    found = {
+    return {
         "totalTokens": value.total_tokens,
         "inputTokens": value.input_tokens,
         "outputTokens": value.output_tokens,
+        **_given(
+            ("thoughtTokens", value.thought_tokens),
+            ("cachedReadTokens", value.cached_read_tokens),
+            ("cachedWriteTokens", value.cached_write_tokens),
+        ),
     }
-    for key, number in (
-        ("thoughtTokens", value.thought_tokens),
-        ("cachedReadTokens", value.cached_read_tokens),
-        ("cachedWriteTokens", value.cached_write_tokens),
-    ):
-        if number:
-            found[key] = number
-    return found
 
 
 def session_update(event: pb.PromptEvent) -> dict[str, Any] | None:
