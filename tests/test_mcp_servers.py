@@ -261,15 +261,21 @@ async def test_named_servers_reach_the_agent_and_show_without_secrets(
             assert secret.encode() not in db.read_bytes(), db
 
 
+async def created_then_stopped(make_gate: GateFactory, tmp_path: Path, state_db: Path) -> pb.Session:
+    """A `rec` session asking for `tools`, made on a server on `state_db` that then stops."""
+    gate = await gate_with(make_gate, tmp_path, state_db=state_db)
+    created: pb.Session = await gate.stub.CreateSession(
+        pb.CreateSessionRequest(agent="rec", mcp_servers=["tools"]), timeout=30
+    )
+    await gate.running.drain(1.0)
+    return created
+
+
 async def test_a_session_resumed_after_a_restart_keeps_its_servers(
     make_gate: GateFactory, tmp_path: Path, secrets_env: None
 ) -> None:
     state_db = tmp_path / "kept.db"
-    gate = await gate_with(make_gate, tmp_path, state_db=state_db)
-    created = await gate.stub.CreateSession(
-        pb.CreateSessionRequest(agent="rec", mcp_servers=["tools"]), timeout=30
-    )
-    await gate.running.drain(1.0)
+    created = await created_then_stopped(make_gate, tmp_path, state_db)
     again = await gate_with(make_gate, tmp_path, state_db=state_db)
     fetched = await again.stub.GetSession(pb.GetSessionRequest(session_id=created.session_id), timeout=10)
     assert shown(fetched) == [("docs", "stdio", "agent"), ("tools", "stdio", "request")]
@@ -282,11 +288,7 @@ async def test_a_server_removed_from_the_config_is_left_out_with_a_notice(
     make_gate: GateFactory, tmp_path: Path, secrets_env: None
 ) -> None:
     state_db = tmp_path / "kept.db"
-    gate = await gate_with(make_gate, tmp_path, state_db=state_db)
-    created = await gate.stub.CreateSession(
-        pb.CreateSessionRequest(agent="rec", mcp_servers=["tools"]), timeout=30
-    )
-    await gate.running.drain(1.0)
+    created = await created_then_stopped(make_gate, tmp_path, state_db)
     catalog = {k: v for k, v in CATALOG.items() if k != "tools"}
     agents = {"rec": recorder(tmp_path, "rec", own=("docs",))}
     again = await make_gate(agents=agents, settings={"mcp_servers": catalog}, state_db=state_db)
