@@ -38,6 +38,7 @@ so sandboxed agents get no warm spares.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import pwd
@@ -117,7 +118,13 @@ def stdlib_script(python: str, script: str, *args: str) -> list[str]:
     """`python` running `script`, one of this package's standard-library scripts (`bridge.py`,
     `tools_relay.py`), by source with `args`, inside a sandbox that has none of our packages.
     -I -S: the agent's PYTHON* variables, site-packages and cwd play no part in it."""
-    return [python, "-I", "-S", "-c", (SANDBOX_DIR / script).read_text(), *args]
+    return [python, "-I", "-S", "-c", _script_source(script), *args]
+
+
+@functools.cache
+def _script_source(script: str) -> str:
+    """A script's source, read once (every sandboxed start and every client tools session runs one)."""
+    return (SANDBOX_DIR / script).read_text()
 
 
 def agent_script(config: AgentConfig, script: str, *args: str) -> list[str]:
