@@ -202,3 +202,25 @@ def test_client_tool_calls_state_machine() -> None:
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+def test_request_ids_never_read_as_an_option_in_a_shell() -> None:
+    """`sessiongate respond-tool SID ID` takes the id as an argument: one starting with "-" was an
+    unknown option there (1 id in 64 before, from secrets.token_urlsafe)."""
+
+    async def asked() -> list[str]:
+        questions = Questions("s1")
+        turn = Turn(stall_timeout=60, max_duration=60, permission_timeout=60)
+        pushed: list[Any] = []
+        turn.push = pushed.append  # type: ignore[method-assign, assignment]
+        asker = questions.asker(turn)
+        for _ in range(20):  # 20 x 50 calls: MAX_OPEN is 64
+            calls = [asyncio.ensure_future(asker.client_tool("add", {})) for _ in range(50)]
+            await asyncio.sleep(0)
+            questions.cancel_all()
+            await asyncio.gather(*calls)
+        return [item.request_id for item in pushed if isinstance(item, ToolAsk)]
+
+    ids = asyncio.run(asked())
+    assert len(ids) == 1000 and len(set(ids)) == 1000
+    assert not [i for i in ids if i.startswith("-")]

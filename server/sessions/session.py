@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from sessiongate.server.errors import (
     ShuttingDown,
     TurnTimeout,
 )
+from sessiongate.server.ids import opaque_id
 from sessiongate.server.sandbox.launcher import sockets_for_agent
 from sessiongate.server.security.secrets import SecretBox, SecretUnreadable
 from sessiongate.server.sessions.lock import SessionLock
@@ -72,10 +72,8 @@ BUSY_WITH = {
 
 
 def new_session_id() -> str:
-    """144 random bits, URL-safe, never starting with "-" (it would read as an option in a shell)."""
-    while (session_id := secrets.token_urlsafe(18)).startswith("-"):
-        pass
-    return session_id
+    """144 random bits (see ids.opaque_id)."""
+    return opaque_id(18)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from acp import schema
 from sessiongate.server.agents.protocol import Decision, ElicitationAnswer, decide_by_policy, first_of_kind
 from sessiongate.server.errors import InvalidArgument, RequestAnswered, RequestNotFound, clip
+from sessiongate.server.ids import opaque_id
 
 if TYPE_CHECKING:
     from sessiongate.server.turns.turn import Turn
@@ -197,7 +197,7 @@ class Questions:
             if not turn.ended:
                 log.warning("too many open questions session=%s; cancelling one", self.session_id)
             return "cancelled", None
-        request_id = secrets.token_urlsafe(12)
+        request_id = opaque_id(12)  # the CLI takes it as an argument: never "-..."
         timeout = turn.permission_timeout
         loop = asyncio.get_running_loop()
         question = _Open(kind, loop.create_future(), option_kinds)

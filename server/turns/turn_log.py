@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
@@ -43,6 +42,7 @@ from sessiongate.server.errors import (
     TurnInterrupted,
     failure_status,
 )
+from sessiongate.server.ids import opaque_id
 from sessiongate.server.loop_share import loop_share
 from sessiongate.server.settings import MIN_TURN_LOG_BYTES
 from sessiongate.server.state.base import Store
@@ -73,10 +73,8 @@ STATES = {
 
 
 def new_turn_id() -> str:
-    """96 random bits, URL-safe, never starting with "-"."""
-    while (turn_id := secrets.token_urlsafe(12)).startswith("-"):
-        pass
-    return turn_id
+    """96 random bits (see ids.opaque_id)."""
+    return opaque_id(12)
 
 
 @dataclass(slots=True)
