@@ -9,7 +9,7 @@ import pytest
 from sessiongate.server import logs
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import Gate, GateFactory, expect_error
+from tests.conftest import Gate, GateFactory, eventually, expect_error
 from tests.test_auth import as_, tokens_file
 
 
@@ -102,8 +102,14 @@ async def test_a_session_id_cannot_forge_the_principal_of_an_audit_line(
     )
     assert error.reason == "SESSION_NOT_FOUND"
     formatter = logs.TextFormatter()
-    lines = [formatter.format(r) for r in caplog.records if r.name == "sessiongate.audit"]
-    line = next(line for line in lines if "GetSession" in line)
+
+    def lines() -> list[str]:
+        return [formatter.format(r) for r in caplog.records if r.name == "sessiongate.audit"]
+
+    # The call's line is written as its handler returns, which can be just after the client saw
+    # the status (as tests/test_auth.py waits for it too).
+    await eventually(lambda: any("GetSession" in line for line in lines()), 5, "the call's audit line")
+    line = next(line for line in lines() if "GetSession" in line)
     pairs = logfmt(line)
     assert [v for k, v in pairs if k == "principal"] == ["bob"], line
     assert ("session", forged) in pairs, line
