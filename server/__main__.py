@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sessiongate.server.settings import Settings
 
 # What the `server` extra brings: a client-only install (`pip install ./`) has none of it.
-SERVER_MODULES = ("acp", "asyncpg", "cryptography", "grpc_reflection", "prometheus_client")
+SERVER_MODULES = (
+    *("acp", "asyncpg", "cryptography", "grpc_reflection", "orjson", "prometheus_client", "uvloop"),
+)
 
 
 def missing_server_modules() -> list[str]:
@@ -39,13 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_format)
         if check:
             return report_check(settings)
-        return asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            return runner.run(serve(settings))
     except ConfigError as exc:  # in the settings, or found while starting (a tokens file, say)
         print(f"sessiongate-server: configuration error: {exc}", file=sys.stderr)
         return 2
     except (OSError, StoreError) as exc:
         print(f"sessiongate-server: {exc}", file=sys.stderr)
         return 1
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop (libuv's), or None: asyncio's own (the default)."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 def report_check(settings: Settings) -> int:

@@ -403,7 +403,15 @@ async def start_server(settings: Settings) -> RunningServer:
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_listen, pool.sessions) if settings.metrics_listen else None
-    log.info("serving on %s (port %d), default agent %s", settings.listen, port, settings.default_agent)
+    log.info(
+        "serving on %s (port %d), default agent %s, event loop %s",
+        *(
+            settings.listen,
+            port,
+            settings.default_agent,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
+        ),
+    )
     template, addresses = client_hint(settings, port)
     log.info(template, *addresses)
     return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens, launcher.network)

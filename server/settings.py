@@ -167,6 +167,9 @@ class Settings:
     limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "INFO"
     log_format: str = "text"  # "text" (key=value) or "json"
+    # "asyncio" (the standard library's loop) or "uvloop" (libuv's): see docs/benchmarks.md for why
+    # uvloop is not the default (agents' starts crashed in the child under it, for no gain measured).
+    event_loop: str = "asyncio"
     metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
     state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
@@ -211,6 +214,7 @@ def builtin_agent() -> AgentConfig:
     return AgentConfig(name=BUILTIN_AGENT, command=sys.executable, args=("-m", "sessiongate.echo"))
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
 _LIMIT_FIELDS = {f.name: f for f in fields(ServerLimits)}
 _SCALAR_KEYS = (
     "listen",
@@ -219,6 +223,7 @@ _SCALAR_KEYS = (
     "allowed_roots",
     "log_level",
     "log_format",
+    "event_loop",
     "metrics_listen",
     "state_db",
     "state_url",
@@ -341,6 +346,9 @@ def _parse_flags(argv: list[str] | None) -> dict[str, Any]:
     )
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--log-format", dest="log_format", help="text (key=value, default) or json")
+    parser.add_argument(
+        "--event-loop", dest="event_loop", help="asyncio (the standard library's loop, default) or uvloop"
+    )
     parser.add_argument(
         "--metrics-listen",
         dest="metrics_listen",
@@ -653,6 +661,8 @@ def _build(
         settings = replace(settings, log_level=str(raw["log_level"]).upper())
     if "log_format" in raw:
         settings = replace(settings, log_format=str(raw["log_format"]).lower())
+    if "event_loop" in raw:
+        settings = replace(settings, event_loop=str(raw["event_loop"]).lower())
     if "metrics_listen" in raw:
         settings = replace(settings, metrics_listen=str(raw["metrics_listen"]))
     if "workdir" in raw:
@@ -734,6 +744,8 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {settings.log_level!r}")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"log_format must be text or json, got {settings.log_format!r}")
+    if settings.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"event_loop must be uvloop or asyncio, got {settings.event_loop[:40]!r}")
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("TLS needs a certificate and its key: set both (--tls-cert, --tls-key)")
     if settings.tls_client_ca is not None and settings.tls_cert is None:

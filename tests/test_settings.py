@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from sessiongate.server.app import start_server
 from sessiongate.server.sandbox import launcher as sandbox
@@ -20,9 +21,11 @@ from sessiongate.server.settings import (
     load_settings,
     validate,
 )
+from sessiongate.v1 import session_service_pb2 as pb
+from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
 from tests.pki import Pki
-from tests.processes import run_server
+from tests.processes import run_server, running
 
 
 def write(path: Path, text: str) -> str:
@@ -331,3 +334,24 @@ def test_a_bad_env_value_names_its_variable(tmp_path: Path) -> None:
         load_settings(["--workdir", str(tmp_path)], environ=environ)
     with pytest.raises(ConfigError, match=r"^stall_timeout must be a number"):  # a flag's value: no env var
         load_settings(["--workdir", str(tmp_path), "--stall-timeout", "abc"], environ=environ)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_the_event_loop_is_a_setting_and_both_loops_serve_a_turn(tmp_path: Path, loop: str) -> None:
+    argv = [sys.executable, "-m", "sessiongate.server", "--listen", "127.0.0.1:0", "--event-loop", loop]
+    argv += ["--workdir", str(work(tmp_path)), "--state-db", str(tmp_path / "state" / "s.db")]
+    async with running(argv) as started, grpc.aio.insecure_channel(f"127.0.0.1:{started.port}") as channel:
+        stub = pb_grpc.SessionServiceStub(channel)
+        session = await stub.CreateSession(pb.CreateSessionRequest(), timeout=30)
+        request = pb.PromptRequest(session_id=session.session_id, text="hi")
+        events = [event async for event in stub.Prompt(request, timeout=30)]
+        assert events[-1].result.stop_reason == pb.STOP_REASON_END_TURN
+        assert "".join(e.message_chunk.content.text.text for e in events) == "hi"
+        serving = next(line for line in started.log if "serving on" in line)
+        assert f"event loop {loop}" in serving, serving  # uvloop's loop class lives in module "uvloop"
+
+
+def test_an_unknown_event_loop_is_refused(tmp_path: Path) -> None:
+    result = run_server("--listen", "127.0.0.1:0", "--workdir", str(work(tmp_path)), "--event-loop", "trio")
+    assert result.returncode == 2 and "event_loop must be uvloop or asyncio, got 'trio'" in result.stderr
+    assert "Traceback" not in result.stderr

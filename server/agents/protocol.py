@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from acp import schema
-from sessiongate.server.agents.transport import RawUpdate
+from sessiongate.server.agents.transport import RawUpdate, TextRun
 from sessiongate.server.sandbox.files import FileWriteReport
 from sessiongate.server.sandbox.terminals import TerminalReport
 from sessiongate.server.settings import AgentConfig, McpServerConfig
@@ -108,6 +108,7 @@ AgentUpdate = (
     | schema.SessionInfoUpdate
     | schema.UsageUpdate
     | RawUpdate
+    | TextRun
     | PermissionReport
     | ElicitationReport
     | FileWriteReport

@@ -14,7 +14,9 @@ Everything an agent writes costs the gateway bounded work, memory and log volume
 - `session/update` notifications are parsed and handed to `on_update` here, in order, not
   through the SDK (which starts a task per notification and logs a traceback per invalid
   one): an update of a kind this SDK does not know (a newer agent's) arrives as a
-  `RawUpdate`, an invalid one is dropped with bounded logging;
+  `RawUpdate`, an invalid one is dropped with bounded logging. A plain text chunk (most of
+  what a turn streams) is checked here and becomes a `TextRun` without a pydantic model:
+  the line is parsed once (orjson), and the update costs a few dict lookups;
 - every line is charged to the loop's shared slice (loop_share.py), so however many agents
   write as fast as they can, they take a bounded part of each loop pass from the others;
 - the agent's requests to us (the SDK starts a task for each, without a limit) are bounded:
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from acp import schema
 from pydantic import ValidationError
 from sessiongate.server.errors import clip
@@ -59,6 +62,42 @@ KNOWN_UPDATES = frozenset(
     for model in typing.get_args(schema.SessionNotification.model_fields["update"].annotation)
     for kind in typing.get_args(model.model_fields["session_update"].annotation)
 )
+
+
+TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
+_TEXT_UPDATE_KEYS = frozenset(("sessionUpdate", "content", "messageId"))
+_TEXT_BLOCK_KEYS = frozenset(("type", "text"))
+_NOTIFICATION_KEYS = frozenset(("sessionId", "update"))
+
+
+@dataclass(frozen=True, slots=True)
+class TextRun:
+    """Text of one message: an agent's plain text chunk, or consecutive ones merged (turn.py)."""
+
+    kind: str  # "agent_message_chunk" or "agent_thought_chunk"
+    text: str
+    message_id: str
+
+
+def text_chunk(params: dict[str, Any]) -> TextRun | None:
+    """`params` of a `session/update` as a TextRun when it is a plain text chunk: nothing but a
+    session id and an update with a text block and maybe a message id, all of the types the
+    ACP schema wants. Anything else (annotations, _meta, other content) is None: the schema's
+    models parse it, as before."""
+    update = params.get("update")
+    if type(update) is not dict or not params.keys() <= _NOTIFICATION_KEYS:
+        return None
+    if not update.keys() <= _TEXT_UPDATE_KEYS:
+        return None
+    kind, content, message_id = update.get("sessionUpdate"), update.get("content"), update.get("messageId")
+    if kind not in TEXT_CHUNKS or type(content) is not dict or content.keys() != _TEXT_BLOCK_KEYS:
+        return None
+    text = content["text"]
+    if content["type"] != "text" or type(text) is not str:
+        return None
+    if message_id is not None and type(message_id) is not str:
+        return None
+    return TextRun(kind, text, message_id or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +203,7 @@ class AgentTransport:
             if not line:
                 continue
             try:
-                message = json.loads(line)
+                message = orjson.loads(line)
             except (ValueError, RecursionError):
                 self._drop("garbage lines", "a line that is not JSON-RPC", line)
                 continue
@@ -225,7 +264,9 @@ class AgentTransport:
         kind = update.get("sessionUpdate") if isinstance(update, dict) else None
         session_id = params.get("sessionId") if isinstance(params, dict) else None
         item: Any
-        if isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
+        if kind in TEXT_CHUNKS and type(session_id) is str and (run := text_chunk(params)) is not None:
+            item = run
+        elif isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
             assert isinstance(update, dict)
             item = RawUpdate(kind, update)
         else:

@@ -30,6 +30,7 @@ from typing import Any
 from acp import schema
 from pydantic import BaseModel
 from sessiongate.server.agents.protocol import AgentProcess, TurnItem
+from sessiongate.server.agents.transport import TEXT_CHUNKS, TextRun
 from sessiongate.server.errors import SessionGateError
 from sessiongate.server.loop_share import LoopShare, loop_share
 
@@ -40,7 +41,6 @@ LOW_WATER_BYTES = 1024 * 1024
 ITEM_BYTES = 64  # what an item costs besides its strings (an estimate)
 MAX_COALESCED_CHARS = 64 * 1024  # one event carries at most this much merged text
 EVENT_OVERHEAD = 1024  # bytes of an event besides its text (ids, tags), kept free when splitting
-TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +57,6 @@ class TurnEnd:
 
     stop_reason: str
     usage: schema.Usage | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TextRun:
-    """Consecutive text chunks of one message, merged (see coalescing above)."""
-
-    kind: str  # "agent_message_chunk" or "agent_thought_chunk"
-    text: str
-    message_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +212,8 @@ class Turn:
     def _take(self) -> TurnItem | _Last:
         """The next item, with already-buffered text merged in."""
         item = self._pop()
-        if self._items and getattr(item, "session_update", None) in TEXT_CHUNKS:
-            item = self._coalesce(item)
+        if self._items and (run := _as_text(item)) is not None:
+            item = self._coalesce(item, run)
         item = self._split(item)
         agent = self.agent
         # An ended turn's agent may already serve the next turn: its pauses are not ours to undo.
@@ -251,27 +242,19 @@ class Turn:
         self._put_back(TextRun(kind, text[len(head) :], message_id))
         return TextRun(kind, head, message_id)
 
-    def _coalesce(self, first: Any) -> TurnItem:
-        kind, message_id = first.session_update, first.message_id
-        text = _text(first)
-        if text is None:
-            return first
-        parts, size = [text], len(text)
+    def _coalesce(self, first: TurnItem, run: TextRun) -> TurnItem:
+        """`first` (whose text is `run`) with the chunks of its message buffered after it."""
+        parts, size = [run.text], len(run.text)
         while self._items and size < MAX_COALESCED_CHARS:
-            following = self._items[0]
-            if isinstance(following, _Last) or getattr(following, "session_update", None) != kind:
-                break
-            if following.message_id != message_id:
-                break
-            more = _text(following)
-            if more is None:
+            following = _as_text(self._items[0])
+            if following is None or following.kind != run.kind or following.message_id != run.message_id:
                 break
             self._pop()
-            parts.append(more)
-            size += len(more)
+            parts.append(following.text)
+            size += len(following.text)
         if len(parts) == 1:
             return first
-        return TextRun(kind, "".join(parts), message_id or "")
+        return TextRun(run.kind, "".join(parts), run.message_id)
 
 
 def item_bytes(item: object) -> int:
@@ -300,6 +283,16 @@ def item_bytes(item: object) -> int:
         elif dataclasses.is_dataclass(part) and not isinstance(part, type):
             parts.extend(getattr(part, f.name) for f in dataclasses.fields(part))
     return size
+
+
+def _as_text(item: object) -> TextRun | None:
+    """A text chunk's text: a TextRun as it is, an ACP text chunk (a model) as one; else None."""
+    if type(item) is TextRun:
+        return item
+    kind = getattr(item, "session_update", None)
+    if kind in TEXT_CHUNKS and (text := _text(item)) is not None:
+        return TextRun(kind, text, getattr(item, "message_id", None) or "")
+    return None
 
 
 def _text(chunk: Any) -> str | None:

@@ -1,16 +1,22 @@
-"""Profile the gateway: `python -m tests.bench.profile {stream,first-event} [--turns N]`.
+"""Profile the gateway with a sampling profiler:
+`python -m tests.bench.profile {stream,first-event,concurrent} [--turns N] [--svg FILE]`.
 
-Runs `python -m sessiongate.server` under cProfile in its own process, drives it from this one, stops
-it with SIGTERM (so the profile is written) and prints the functions that cost most per
-turn: `stream` floods one session (/flood), `first-event` runs short turns one after another.
+Starts `python -m sessiongate.server`, samples it with py-spy while this process drives it,
+and prints the frames that the samples spent most time in, own and inclusive (a flame graph's
+widest frames), as shares of the samples taken while the workload ran:
+- `stream` floods one session (/flood 20000 64), `concurrent` floods 16 sessions at once;
+- `first-event` runs short turns one after another (the time to first event's path).
+`--svg` also writes the flame graph. Extra server options follow `--`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import pstats
+import collections
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,79 +29,108 @@ import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-
-def start_profiled_server(workdir: Path, profile: Path) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "sessiongate.server"),
-            *("--listen", "127.0.0.1:0", "--workdir", str(workdir), "--state-db", str(workdir / "db")),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        match = re.search(r"serving on .* \(port (\d+)\)", line)
-        if match:
-            # Keep draining the log so the server never blocks on a full pipe.
-            threading.Thread(target=process.stderr.read, daemon=True).start()
-            return process, int(match.group(1))
-    raise RuntimeError("the profiled server did not start")
+from tests.bench.harness import Gateway, _cpu_seconds
 
 
-async def drive(port: int, workload: str, turns: int) -> str:
+async def drive(pid: int, port: int, workload: str, turns: int, profiling: threading.Event) -> str:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.SessionServiceStub(channel)
-        session = await stub.CreateSession(pb.CreateSessionRequest(), timeout=60)
-        text = "/flood 20000 64" if workload == "stream" else "hi"
-        firsts = []
-        started = time.perf_counter()
-        for _ in range(turns):
-            t0 = time.perf_counter()
-            call = stub.Prompt(pb.PromptRequest(session_id=session.session_id, text=text))
-            await call.read()
-            firsts.append((time.perf_counter() - t0) * 1000)
-            while await call.read() is not grpc.aio.EOF:
-                pass
-        took = time.perf_counter() - started
+        count = 16 if workload == "concurrent" else 1
+        create = pb.CreateSessionRequest(agent="echo")
+        ids = [(await stub.CreateSession(create, timeout=60)).session_id for _ in range(count)]
+        text = "hi" if workload == "first-event" else "/flood 20000 64"
+        firsts: list[float] = []
+
+        async def one(sid: str) -> None:
+            for _ in range(turns):
+                t0 = time.perf_counter()
+                call = stub.Prompt(pb.PromptRequest(session_id=sid, text=text))
+                await call.read()
+                firsts.append((time.perf_counter() - t0) * 1000)
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+
+        await one(ids[0])  # warm up, unsampled
+        firsts.clear()
+        profiling.set()
+        await asyncio.sleep(0.5)
+        started, cpu = time.perf_counter(), _cpu_seconds(pid)[0]
+        await asyncio.gather(*(one(s) for s in ids))
+        took, cpu = time.perf_counter() - started, _cpu_seconds(pid)[0] - cpu
     firsts.sort()
-    return f"{turns} turns in {took:.1f}s, first event p50 {firsts[len(firsts) // 2]:.2f} ms (under cProfile)"
+    chunks = turns * count * (1 if workload == "first-event" else 20000)
+    return (
+        f"{turns * count} turns in {took:.1f}s, first event p50 {firsts[len(firsts) // 2]:.2f} ms,"
+        f" gateway CPU {cpu / chunks * 1e6:.1f} µs per chunk"
+    )
 
 
-def report(profile: Path, turns: int, top: int) -> None:
-    stats = pstats.Stats(str(profile)).stats  # type: ignore[attr-defined]
-    rows = []
-    for (path, _line, name), (_cc, calls, own, cumulative, _callers) in stats.items():
-        short = path.split("site-packages/")[-1].split(str(Path.cwd()) + "/")[-1]
-        startup = "importlib" in short or name in (
-            "<built-in method builtins.exec>",
-            "<built-in method builtins.__build_class__>",
-        )
-        if calls >= turns and not startup:  # per-turn work, not imports and start-up
-            rows.append((cumulative / turns * 1000, own / turns * 1000, calls, f"{short}:{name}"))
-    rows.sort(reverse=True)
-    print("per turn: cumulative ms, own ms, calls, function")
-    for cumulative, own, calls, where in rows[:top]:
-        print(f"{cumulative:8.3f} {own:8.3f} {calls:8d}  {where}")
+def report(raw: Path, top: int) -> None:
+    """Own and inclusive shares of py-spy's collapsed stacks ("frame;frame;... count")."""
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r" \((?:.*/)?([^/:]*)(?::\d+)?\)$", r" (\1)", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    print(f"{total} samples")
+    for title, counter in (("own", own), ("inclusive", inclusive)):
+        print(f"\ntop frames, {title} share of the samples:")
+        for frame, n in counter.most_common(top):
+            print(f"{100 * n / total:6.1f}%  {frame}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.profile")
-    parser.add_argument("workload", choices=["stream", "first-event"])
-    parser.add_argument("--turns", type=int, help="turns to run (default: 3 for stream, 300 for first-event)")
-    parser.add_argument("--top", type=int, default=30)
-    opts = parser.parse_args()
-    turns = opts.turns or (3 if opts.workload == "stream" else 300)
+    parser.add_argument("workload", choices=["stream", "concurrent", "first-event"])
+    parser.add_argument("--turns", type=int, help="turns to run (default: 3 for floods, 300 for first-event)")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--svg", type=Path, help="also write the flame graph here")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
+    parser.add_argument("--no-sample", action="store_true", help="only the figures, no profiler")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ours, server_args = argv[:cut], argv[cut + 1 :]
+    opts = parser.parse_args(ours)
+    turns = opts.turns or (300 if opts.workload == "first-event" else 3)
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if spy is None:
+        sys.exit("py-spy is not installed: make setup installs it")
     with tempfile.TemporaryDirectory(prefix="sessiongate-profile-") as tmp:
-        workdir, profile = Path(tmp), Path(tmp) / "server.prof"
-        process, port = start_profiled_server(workdir, profile)
+        workdir, raw = Path(tmp), Path(tmp) / "stacks.txt"
+        gate = Gateway(workdir, args=tuple(server_args))
+        process, port = gate.process, gate.port
+        profiling = threading.Event()
+        sampler: list[subprocess.Popen[bytes]] = []
+
+        def sample() -> None:
+            profiling.wait()
+            if opts.no_sample:
+                return
+            command = [spy, "record", "--pid", str(process.pid), "--rate", "250", "--nonblocking"]
+            command += ["--gil"] if opts.gil else []
+            outputs = [["--format", "raw", "-o", str(raw)], *([["-o", str(opts.svg)]] if opts.svg else [])]
+            for output in outputs:
+                sampler.append(subprocess.Popen([*command, *output], stdout=subprocess.DEVNULL))
+
+        threading.Thread(target=sample, daemon=True).start()
         try:
-            print(asyncio.run(drive(port, opts.workload, turns)))
+            print(asyncio.run(drive(process.pid, port, opts.workload, turns, profiling)))
         finally:
+            for spying in sampler:
+                spying.send_signal(signal.SIGINT)
+                spying.wait(60)
             process.send_signal(signal.SIGTERM)
             process.wait(60)
-        report(profile, turns, opts.top)
+        if not opts.no_sample:
+            report(raw, opts.top)
 
 
 if __name__ == "__main__":
