@@ -1,0 +1,89 @@
+"""The agent's plain text chunks skip pydantic (transport.text_chunk): they must read exactly as
+the ACP schema's models read them, and anything else must go the models' way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from acp import schema
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from sessiongate.server.agents.transport import TextRun, text_chunk
+
+scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+    max_leaves=4,
+)
+kinds = st.sampled_from(["agent_message_chunk", "agent_thought_chunk", "user_message_chunk", "plan", 3])
+blocks = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", 1])},
+    optional={"text": st.text(max_size=8) | scalars, "annotations": values, "_meta": values, "data": values},
+)
+updates = st.fixed_dictionaries(
+    {"sessionUpdate": kinds},
+    optional={"content": blocks | values, "messageId": scalars, "_meta": values, "extra": values},
+)
+params = st.fixed_dictionaries(
+    {"sessionId": st.just("s1"), "update": updates | values}, optional={"_meta": values, "other": values}
+)
+
+
+def _plain(message: dict[str, Any]) -> bool:
+    """Only the keys a plain text chunk has (its values may still be wrong)."""
+    update = message["update"]
+    if message.keys() != {"sessionId", "update"} or not isinstance(update, dict):
+        return False
+    content = update.get("content")
+    return (
+        update.keys() <= {"sessionUpdate", "content", "messageId"}
+        and isinstance(content, dict)
+        and content.keys() == {"type", "text"}
+    )
+
+
+def by_the_models(message: dict[str, Any]) -> TextRun | None:
+    """What the schema's models make of `message`, as a TextRun when it is a plain text chunk."""
+    try:
+        update = schema.SessionNotification.model_validate(message).update
+    except ValidationError:
+        return None
+    content = getattr(update, "content", None)
+    if update.session_update not in ("agent_message_chunk", "agent_thought_chunk") or content.type != "text":
+        return None
+    return TextRun(update.session_update, content.text, update.message_id or "")
+
+
+@settings(max_examples=600, derandomize=True, deadline=None)
+@given(params)
+def test_a_fast_chunk_is_what_the_models_read_and_only_a_valid_one_is_fast(message: dict[str, Any]) -> None:
+    fast, read = text_chunk(message), by_the_models(message)
+    if fast is not None:
+        assert fast == read
+    if _plain(message):
+        assert fast == read  # a plain chunk the models read is always read fast
+
+
+def test_plain_chunks_take_the_fast_path_and_decorated_ones_the_models() -> None:
+    plain = {
+        "sessionId": "s",
+        "update": {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "hi"}},
+    }
+    assert text_chunk(plain) == TextRun("agent_message_chunk", "hi", "")
+    with_id = {
+        **plain,
+        "update": {**plain["update"], "messageId": "m1", "sessionUpdate": "agent_thought_chunk"},
+    }
+    assert text_chunk(with_id) == TextRun("agent_thought_chunk", "hi", "m1")
+    annotated = {
+        **plain,
+        "update": {**plain["update"], "content": {"type": "text", "text": "hi", "annotations": None}},
+    }
+    assert text_chunk(annotated) is None and by_the_models(annotated) == TextRun(
+        "agent_message_chunk", "hi", ""
+    )
+    assert text_chunk({**plain, "_meta": {}}) is None
+    wrong = {**plain, "update": {**plain["update"], "content": {"type": "text", "text": 5}}}
+    assert text_chunk(wrong) is None and by_the_models(wrong) is None
