@@ -50,7 +50,7 @@ def by_the_models(message: dict[str, Any]) -> TextRun | None:
         update = schema.SessionNotification.model_validate(message).update
     except ValidationError:
         return None
-    content = getattr(update, "content", None)
+    content: Any = getattr(update, "content", None)
     if update.session_update not in ("agent_message_chunk", "agent_thought_chunk") or content.type != "text":
         return None
     return TextRun(update.session_update, content.text, update.message_id or "")
