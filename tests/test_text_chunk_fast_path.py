@@ -67,7 +67,7 @@ def test_a_fast_chunk_is_what_the_models_read_and_only_a_valid_one_is_fast(messa
 
 
 def test_plain_chunks_take_the_fast_path_and_decorated_ones_the_models() -> None:
-    plain = {
+    plain: dict[str, Any] = {
         "sessionId": "s",
         "update": {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "hi"}},
     }
