@@ -25,6 +25,7 @@ from sessiongate.server.errors import (
     StreamStalled,
     TurnTimeout,
 )
+from sessiongate.server.sessions import pool as pool_module
 from sessiongate.server.sessions.lock import SessionLock
 from sessiongate.server.sessions.pool import SessionPool
 from sessiongate.server.sessions.session import Session, State
@@ -596,3 +597,36 @@ async def test_the_reaper_ends_a_turn_whose_runner_task_ended_without_ending_it(
     assert not session.lock.busy and session.runner is None
     with pytest.raises(TurnTimeout):
         await drain(stuck.turn)
+
+
+class CountingStore(SessionStore):
+    """A real store that remembers every record queued for writing."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.queued: list[SessionRecord] = []
+
+    def put_later(self, record: SessionRecord) -> None:
+        self.queued.append(record)
+        super().put_later(record)
+
+
+async def test_a_turns_changes_are_written_together_later_and_the_last_is_on_disk_after_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is not built and written at each change (a turn's start and end, in the first
+    event's way), but once for the changes of PERSIST_DELAY; a shutdown writes what is pending."""
+    monkeypatch.setattr(pool_module, "PERSIST_DELAY", 3600)  # nothing is written by the timer here
+    store = CountingStore(tmp_path / "sessions.db")
+    pool = await fake_pool(tmp_path, FakeAgents(), store=store)
+    session = await new_session(pool)
+    for _ in range(5):
+        assert (await drain(await session.begin_turn(text("echo"), 5, 0)))[-1].stop_reason == "end_turn"
+    assert store.queued == []  # ten changes, nothing built or queued yet
+    await pool.shutdown()
+    assert [r.session_id for r in store.queued] == [session.session_id]  # one record, at the end
+    with sqlite3.connect(tmp_path / "sessions.db") as db:
+        (last_active,) = db.execute(
+            "SELECT last_active_time FROM sessions WHERE session_id = ?", (session.session_id,)
+        ).fetchone()
+    assert last_active == session.last_active_time  # the last change is on disk

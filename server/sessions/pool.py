@@ -68,6 +68,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 MAX_TOKEN = 256  # characters of a page token (ours are about 80)
 CLOSED_KEPT = 1024  # recently closed sessions remembered for an idempotent CloseSession
+# A changed session's record is built and queued for writing this long after its first change:
+# a turn's start and end (and turns in a row) become one write, made off the first event's path.
+PERSIST_DELAY = 0.1
 
 SortKey = tuple[float, str]  # (create_time, session_id): the listing order, and page tokens
 
@@ -129,6 +132,8 @@ class SessionPool:
         self._spares = spares
         self._map_lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
+        self._unpersisted: dict[str, Session] = {}  # changed since their records were last queued
+        self._persist_timer: asyncio.TimerHandle | None = None
         self._order: list[SortKey] = []  # sorted: creation order for ListSessions
         # request_id idempotency is per principal: keys are (principal, request_id).
         self._by_request_id: dict[tuple[str, str], Session] = {}
@@ -549,6 +554,7 @@ class SessionPool:
                 await self._before_store_close.run()
             except Exception:
                 log.exception("the last step before closing the store failed")
+        self._persist_now()
         await self._store.close()
 
     # ---- the sweeper -------------------------------------------------------------------
@@ -584,7 +590,20 @@ class SessionPool:
     def _persist_later(self, session: Session) -> None:
         if session.session_id in self._sessions:
             # (A session being created is written by _start, durably, once it is ready.)
-            self._store.put_later(_record(session))
+            self._unpersisted[session.session_id] = session
+            if self._persist_timer is None:
+                self._persist_timer = asyncio.get_running_loop().call_later(PERSIST_DELAY, self._persist_now)
+
+    def _persist_now(self) -> None:
+        """Queue the records of the sessions changed since the last time (still this pool's:
+        a closed one's record is deleted, not written)."""
+        if self._persist_timer is not None:
+            self._persist_timer.cancel()
+            self._persist_timer = None
+        changed, self._unpersisted = self._unpersisted, {}
+        for session_id, session in changed.items():
+            if self._sessions.get(session_id) is session:
+                self._store.put_later(_record(session))
 
 
 def _visible(session: Session) -> bool:
