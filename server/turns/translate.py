@@ -206,13 +206,14 @@ def to_event(seq: int, item: Any, bounded: bool = False) -> pb.PromptEvent:
     JSON from the agent deeper than MAX_JSON_DEPTH raises DeepJson, or with `bounded` is cut."""
     if isinstance(item, TurnEnd):
         return pb.PromptEvent(seq=seq, result=_result(item))
-    if isinstance(item, TextRun):
-        chunk = pb.ContentChunk(
-            content=pb.ContentBlock(text=pb.TextContent(text=item.text)), message_id=item.message_id
-        )
-        if item.kind == "agent_message_chunk":
-            return pb.PromptEvent(seq=seq, message_chunk=chunk)
-        return pb.PromptEvent(seq=seq, thought_chunk=chunk)
+    if type(item) is TextRun:  # most of a turn's events: set in place (half the cost of nesting)
+        built = pb.PromptEvent(seq=seq)
+        chunk = built.message_chunk if item.kind == "agent_message_chunk" else built.thought_chunk
+        block = chunk.content.text
+        block.text = item.text
+        block.SetInParent()  # present even with empty text
+        chunk.message_id = item.message_id
+        return built
     kind = getattr(item, "session_update", None)
     if kind == "agent_message_chunk":
         return pb.PromptEvent(seq=seq, message_chunk=_chunk(item))
