@@ -40,6 +40,7 @@ async def drive(pid: int, port: int, workload: str, turns: int, profiling: threa
         ids = [(await stub.CreateSession(create, timeout=60)).session_id for _ in range(count)]
         text = "hi" if workload == "first-event" else "/flood 20000 64"
         firsts: list[float] = []
+        received = [0]
 
         async def one(sid: str) -> None:
             for _ in range(turns):
@@ -48,10 +49,11 @@ async def drive(pid: int, port: int, workload: str, turns: int, profiling: threa
                 await call.read()
                 firsts.append((time.perf_counter() - t0) * 1000)
                 while await call.read() is not grpc.aio.EOF:
-                    pass
+                    received[0] += 1
 
         await one(ids[0])  # warm up, unsampled
         firsts.clear()
+        received[0] = 0
         profiling.set()
         await asyncio.sleep(0.5)
         started, cpu = time.perf_counter(), _cpu_seconds(pid)[0]
@@ -61,7 +63,8 @@ async def drive(pid: int, port: int, workload: str, turns: int, profiling: threa
     chunks = turns * count * (1 if workload == "first-event" else 20000)
     return (
         f"{turns * count} turns in {took:.1f}s, first event p50 {firsts[len(firsts) // 2]:.2f} ms,"
-        f" gateway CPU {cpu / chunks * 1e6:.1f} µs per chunk"
+        f" gateway CPU {cpu / chunks * 1e6:.1f} µs per chunk,"
+        f" {chunks / max(received[0], 1):.1f} chunks per event"
     )
 
 
@@ -128,7 +131,11 @@ def main() -> None:
                 spying.send_signal(signal.SIGINT)
                 spying.wait(60)
             process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
         if not opts.no_sample:
             report(raw, opts.top)
 
