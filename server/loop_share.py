@@ -45,14 +45,27 @@ class LoopShare:
 
     async def take(self, taker: object) -> None:
         """Returns at once while the slice lasts, else when the next one starts."""
+        if not self.take_now(taker):
+            await self.wait_turn(taker)
+
+    def take_now(self, taker: object) -> bool:
+        """`take()` when it would return at once (True); False: the caller awaits `wait_turn()`.
+        For the hot paths (a line, an event): most takes find the slice open, and then no
+        coroutine is made."""
         now = time.perf_counter()
         if self._started is None:
             self._started = now
             self._loop.call_soon(self._pass_ended)
         elif self._resting or now - self._started >= SLICE:
-            turn = self._loop.create_future()
-            (self._spent if taker is self._last else self._waiting).append(turn)
-            await turn
+            return False
+        self._last = taker
+        return True
+
+    async def wait_turn(self, taker: object) -> None:
+        """Until the next slice lets `taker` through (it found this one spent)."""
+        turn = self._loop.create_future()
+        (self._spent if taker is self._last else self._waiting).append(turn)
+        await turn
         self._last = taker
 
     def _pass_ended(self) -> None:

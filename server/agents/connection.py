@@ -34,7 +34,7 @@ from sessiongate.server.agents.protocol import (
 )
 from sessiongate.server.agents.requests import AgentRequests
 from sessiongate.server.agents.state import STATE_UPDATES, TurnUsage
-from sessiongate.server.agents.transport import AgentTransport
+from sessiongate.server.agents.transport import AgentTransport, TextRun
 from sessiongate.server.errors import (
     AgentAuthRequired,
     AgentError,
@@ -547,7 +547,7 @@ class AgentConnection:
         sink = self._sinks.get(session_id)
         if sink is not None:
             sink(item)
-        if getattr(item, "session_update", None) in STATE_UPDATES:
+        if type(item) is not TextRun and getattr(item, "session_update", None) in STATE_UPDATES:
             self._to_watcher(session_id, item)
 
     def _to_watcher(self, session_id: str, item: Any) -> None:

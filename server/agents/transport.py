@@ -29,6 +29,7 @@ Everything an agent writes costs the gateway bounded work, memory and log volume
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -65,9 +66,6 @@ KNOWN_UPDATES = frozenset(
 
 
 TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
-_TEXT_UPDATE_KEYS = frozenset(("sessionUpdate", "content", "messageId"))
-_TEXT_BLOCK_KEYS = frozenset(("type", "text"))
-_NOTIFICATION_KEYS = frozenset(("sessionId", "update"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +81,19 @@ def text_chunk(params: dict[str, Any]) -> TextRun | None:
     """`params` of a `session/update` as a TextRun when it is a plain text chunk: nothing but a
     session id and an update with a text block and maybe a message id, all of the types the
     ACP schema wants. Anything else (annotations, _meta, other content) is None: the schema's
-    models parse it, as before."""
+    models parse it, as before. (Key counts, not key sets: this runs for every chunk.)"""
     update = params.get("update")
-    if type(update) is not dict or not params.keys() <= _NOTIFICATION_KEYS:
+    if type(update) is not dict or len(params) != 2 or type(params.get("sessionId")) is not str:
         return None
-    if not update.keys() <= _TEXT_UPDATE_KEYS:
+    if len(update) != (3 if "messageId" in update else 2):  # sessionUpdate, content: nothing else
         return None
-    kind, content, message_id = update.get("sessionUpdate"), update.get("content"), update.get("messageId")
-    if kind not in TEXT_CHUNKS or type(content) is not dict or content.keys() != _TEXT_BLOCK_KEYS:
+    kind, content = update.get("sessionUpdate"), update.get("content")
+    if kind not in TEXT_CHUNKS or type(content) is not dict or len(content) != 2:
         return None
-    text = content["text"]
-    if content["type"] != "text" or type(text) is not str:
+    text = content.get("text")
+    if type(text) is not str or content.get("type") != "text":
         return None
+    message_id = update.get("messageId")
     if message_id is not None and type(message_id) is not str:
         return None
     return TextRun(kind, text, message_id or "")
@@ -137,6 +136,10 @@ class AgentTransport:
         self._asked: dict[Any, list[int]] = {}  # the agent's requests unanswered: line sizes, by id
         self._requests = 0  # how many (an id may be used twice)
         self._held = 0  # bytes: their lines, and our answers not yet written
+        self._lines: collections.deque[bytes] = collections.deque()  # read, not handled yet: one buffer's
+        self._partial: list[bytes] = []  # a line whose newline has not come yet...
+        self._partial_size = 0  # ...and its size so far (counted on past LINE_LIMIT)
+        self._at_eof = False
 
     # ---- to the agent ----------------------------------------------------------------------
 
@@ -189,23 +192,30 @@ class AgentTransport:
         self._flowing.set()
 
     async def receive(self) -> dict[str, Any] | None:
-        """The next message for the SDK, or None at the end (EOF, a violation, or closed by us)."""
+        """The next message for the SDK, or None at the end (EOF, a violation, or closed by us).
+
+        `session/update` notifications, most of what an agent writes, are handled here in the
+        loop and never returned: each line costs no coroutine of its own unless it has to wait
+        (for a new buffer from the pipe, or for the loop's next slice)."""
+        share, lines = self._share, self._lines
         while not self._ended:
             if not self._flowing.is_set():
                 await self._flowing.wait()
                 continue  # closed meanwhile?
-            await self._share.take(self)
-            line = await self._read_line()
+            if not share.take_now(self):
+                await share.wait_turn(self)
+            line = lines.popleft() if lines else await self._read_line()
             if line is None:
                 self._end("closed its output (stdout)", eof=True)
                 return None
-            line = line.strip()
-            if not line:
-                continue
             try:
-                message = orjson.loads(line)
+                message = orjson.loads(line)  # surrounding whitespace is JSON's too
             except (ValueError, RecursionError):
-                self._drop("garbage lines", "a line that is not JSON-RPC", line)
+                if line.strip():
+                    self._drop("garbage lines", "a line that is not JSON-RPC", line)
+                continue  # (an empty line is skipped)
+            if type(message) is dict and message.get("method") == "session/update" and "id" not in message:
+                self._update(message.get("params"))
                 continue
             try:
                 if self._sorted_out(message):
@@ -260,13 +270,14 @@ class AgentTransport:
 
     def _update(self, params: Any) -> None:
         """One `session/update`, parsed and handed on now: in order, and within the slice."""
+        item: Any = text_chunk(params) if type(params) is dict else None
+        if item is not None:  # the bulk of a turn: no model, nothing else to check
+            self._route(params["sessionId"], item)
+            return
         update = params.get("update") if isinstance(params, dict) else None
         kind = update.get("sessionUpdate") if isinstance(update, dict) else None
         session_id = params.get("sessionId") if isinstance(params, dict) else None
-        item: Any
-        if kind in TEXT_CHUNKS and type(session_id) is str and (run := text_chunk(params)) is not None:
-            item = run
-        elif isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
+        if isinstance(kind, str) and kind not in KNOWN_UPDATES and isinstance(session_id, str):
             assert isinstance(update, dict)
             item = RawUpdate(kind, update)
         else:
@@ -276,6 +287,9 @@ class AgentTransport:
                 self._drop("invalid updates", "a session/update that does not fit the ACP schema", exc)
                 return
             session_id, item = notification.session_id, notification.update
+        self._route(session_id, item)
+
+    def _route(self, session_id: str, item: Any) -> None:
         try:
             self._on_update(session_id, item)
         except Exception as exc:  # a bug of ours: the agent's connection stays usable
@@ -284,31 +298,47 @@ class AgentTransport:
                 log.exception("agent=%s update handling failed", self._name)
 
     async def _read_line(self) -> bytes | None:
-        """One line, None at EOF; gathered a buffer at a time, and skipped past LINE_LIMIT."""
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                piece = await self._reader.readuntil(b"\n")
-                complete = True
-            except asyncio.IncompleteReadError as exc:  # EOF: a last line without its newline?
-                piece, complete = exc.partial, True
-                if not piece and not parts:
-                    return None
-            except asyncio.LimitOverrunError as exc:  # no newline in the buffer yet
-                piece, complete = await self._reader.readexactly(max(exc.consumed, 1)), False
-            size += len(piece)
-            if size <= LINE_LIMIT:
-                parts.append(piece)
-            elif parts:
-                parts.clear()  # overlong: what was kept goes, the rest is only counted
-            if complete:
-                break
+        """One line (without its newline), None at EOF. What the pipe's buffer holds is taken at
+        once and split here, so a flood of short lines costs one read per buffer, not one per
+        line; a line longer than LINE_LIMIT is counted, not held, and read as b"" (dropped)."""
+        while not self._lines:
+            if self._at_eof:
+                return None
+            data = await self._reader.read(READ_BUFFER)
+            if not data:  # EOF: a last line without its newline?
+                self._at_eof = True
+                if self._partial_size:
+                    self._lines.append(self._finish_line(b""))
+                continue
+            pieces = data.split(b"\n")
+            if len(pieces) == 1:
+                self._gather(data)
+                continue
+            first, *complete, rest = pieces
+            self._lines.append(self._finish_line(first) if self._partial_size else first)
+            self._lines.extend(complete)
+            if rest:
+                self._gather(rest)
+        return self._lines.popleft()
+
+    def _gather(self, piece: bytes) -> None:
+        """Part of a line whose newline has not come yet: kept up to LINE_LIMIT, then only counted."""
+        self._partial_size += len(piece)
+        if self._partial_size <= LINE_LIMIT:
+            self._partial.append(piece)
+        else:
+            self._partial.clear()  # overlong: what was kept goes, the rest is only counted
+
+    def _finish_line(self, last: bytes) -> bytes:
+        """The gathered line, with its `last` piece; b"" (and a drop) when it was overlong."""
+        self._gather(last)
+        size, parts = self._partial_size, self._partial
+        self._partial, self._partial_size = [], 0
         if size > LINE_LIMIT:
             overlong = f"<a line of {size} bytes, over {LINE_LIMIT}>"
             self._drop("garbage lines", "a line that is not JSON-RPC", overlong)
             return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)
 
     def _drop(self, kind: str, what: str, detail: object) -> None:
         """Count something the agent wrote that was dropped; log the first few and a summary now and then."""
