@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -31,14 +32,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     # Imported here, once the dependencies are known to be there: a clear message, not a traceback.
-    from sessiongate.server import logs
-    from sessiongate.server.app import serve
     from sessiongate.server.settings import ConfigError, check_requested, load_settings
-    from sessiongate.server.state.base import StoreError
 
     try:
         check = check_requested(argv)  # argparse ends --help and --version here (exit 0)
         settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"sessiongate-server: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sessiongate-server: {exc}", file=sys.stderr)
+        return 1
+    if settings.event_loop == "uvloop":
+        # uvloop starts agents with libuv's fork(), which runs grpc's fork handlers in the child
+        # (asyncio's loop uses vfork or posix_spawn, which do not): about 1 agent start in 13
+        # died of SIGSEGV before its exec. The server never forks otherwise. Before grpc loads.
+        os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+    from sessiongate.server import logs
+    from sessiongate.server.app import serve
+    from sessiongate.server.state.base import StoreError
+
+    try:
         logs.configure(settings.log_level, settings.log_format)
         if check:
             return report_check(settings)

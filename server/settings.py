@@ -167,8 +167,8 @@ class Settings:
     limits: ServerLimits = field(default_factory=ServerLimits)
     log_level: str = "INFO"
     log_format: str = "text"  # "text" (key=value) or "json"
-    # "asyncio" (the standard library's loop) or "uvloop" (libuv's): see docs/benchmarks.md for why
-    # uvloop is not the default (agents' starts crashed in the child under it, for no gain measured).
+    # "asyncio" (the standard library's loop) or "uvloop" (libuv's, no faster here: see
+    # docs/benchmarks.md; __main__ keeps grpc's fork handlers out of its agent starts).
     event_loop: str = "asyncio"
     metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
