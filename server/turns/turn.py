@@ -199,6 +199,10 @@ class Turn:
         # costing loop time too: it takes from the same slice as reading it (loop_share.py).
         if fair:  # the turn log's pump passes False: its readers take from the share instead
             await self._share.take(self)
+        return self.next_ready()
+
+    def next_ready(self) -> TurnItem:
+        """`next()` when an item is buffered, without its waits (the pump's usual case)."""
         item = self._take()
         if isinstance(item, _Last):
             if isinstance(item.outcome, BaseException):

@@ -215,14 +215,16 @@ class TurnLog:
         or a write finishing (it notifies, and is retried while the store fails). What the client
         has read and the disk holds is trimmed here too, not only at the next append: the pump
         must never wait for kept bytes to fall, since only a trim makes them fall."""
-        while True:
-            if self._turn_over:  # what is left is the Turn's bounded buffer: the pump never waits
-                return
-            if self._kept_bytes > self.max_bytes:
-                self._trim()
-            if not (self._client_behind() or self._unwritten_bytes > self._max_unwritten):
-                return
+        while not self.has_room():
             await self._wait()
+
+    def has_room(self) -> bool:
+        """Whether `room()` would return at once (the pump's usual case: no coroutine then)."""
+        if self._turn_over:  # what is left is the Turn's bounded buffer: the pump never waits
+            return True
+        if self._kept_bytes > self.max_bytes:
+            self._trim()
+        return not (self._client_behind() or self._unwritten_bytes > self._max_unwritten)
 
     def _client_behind(self) -> bool:
         """The prompting client is far enough behind that the pump waits for it: PACE_LAG
@@ -353,7 +355,8 @@ class TurnLog:
         async with contextlib.aclosing(self.read(after_seq, pace=pace)) as batches:
             async for batch in batches:
                 for event in batch:
-                    await share.take(self)
+                    if not share.take_now(self):
+                        await share.wait_turn(self)
                     yield event
 
     async def page(self, after_seq: int, max_bytes: int) -> tuple[list[pb.PromptEvent], bool]:
@@ -528,9 +531,10 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
         log_.turn_over()
     try:
         while True:
-            await log_.room()
+            if not log_.has_room():
+                await log_.room()
             try:
-                item: Any = await turn.next(fair=False)
+                item: Any = turn.next_ready() if turn.buffered() else await turn.next(fair=False)
             except Exception as exc:  # the turn failed: its error is the log's end
                 if not isinstance(exc, SessionGateError):
                     log.error("turn failed turn=%s", log_.turn_id, exc_info=exc)
