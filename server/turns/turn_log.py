@@ -56,7 +56,7 @@ log = logging.getLogger("sessiongate.turn_log")
 FLUSH_BYTES = 128 * 1024  # a batch of events is written once this much is waiting...
 FLUSH_INTERVAL = 0.5  # ...or this many seconds after the first of them came
 MEMORY_BYTES = 256 * 1024  # written events kept in memory for the readers that keep up
-MAX_UNWRITTEN = 1024 * 1024  # the pump waits while this much is not on disk yet (a slow disk)
+MAX_UNWRITTEN = 512 * 1024  # the pump waits while this much is not on disk yet (a slow disk)
 PACE_LAG = 4  # events the pump may run ahead of the prompting client (few: what waits in the
 # Turn is coalesced, see turn.py, and a stream of merged chunks relays more per event)
 UNREAD_KEPT = 4096  # sizes kept for a prompting client that has not come to read yet
