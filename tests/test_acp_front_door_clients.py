@@ -137,14 +137,14 @@ async def test_client_cancels_and_closes(client: Runner, gate: Gate, tmp_path: P
         [
             {"op": "initialize"},
             {"op": "new", "cwd": str(gate.workdir)},
-            {"op": "prompt", "text": "/sleep 5", "cancelAfterMs": 1000},
+            {"op": "prompt", "text": "/sleep 60", "cancelAfterMs": 1000},
             {"op": "close"},
             {"op": "prompt", "text": "too late"},
         ],
         workdir=tmp_path,
     )
     assert cancelled["stopReason"] == "cancelled", cancelled
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # well before the agent's 60 s (a loaded machine is slow)
     assert any("cancel" in line for line in gate.events_log())
     assert closed["ok"] and closed["sessionId"] == new["sessionId"], closed
     assert not after["ok"], after
@@ -218,7 +218,7 @@ async def test_acpx_cancels_a_running_prompt(gate: Gate, acpx_home: Path) -> Non
     try:
         await acpx.new_session()
         lines: list[str] = []
-        running = asyncio.ensure_future(acpx.prompt("/sleep 5", lines=lines))
+        running = asyncio.ensure_future(acpx.prompt("/sleep 60", lines=lines))
         # Cancelled before it reaches the agent, a queued prompt is dropped unsent: wait until
         # acpx has sent it.
         sent = lambda: any('"session/prompt"' in line for line in lines)  # noqa: E731
@@ -228,7 +228,7 @@ async def test_acpx_cancels_a_running_prompt(gate: Gate, acpx_home: Path) -> Non
         finished = await running
         assert stop_reason(finished.stdout) == "cancelled"
         assert "session/cancel" in methods_seen(finished.stdout)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # well before the agent's 60 s
         assert any("cancel" in line for line in gate.events_log())
     finally:
         acpx.close()
