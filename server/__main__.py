@@ -14,7 +14,13 @@ if TYPE_CHECKING:
 
 # What the `server` extra brings: a client-only install (`pip install ./`) has none of it.
 SERVER_MODULES = (
-    *("acp", "asyncpg", "cryptography", "grpc_reflection", "orjson", "prometheus_client", "uvloop"),
+    "acp",
+    "asyncpg",
+    "cryptography",
+    "grpc_reflection",
+    "orjson",
+    "prometheus_client",
+    "uvloop",
 )
 
 

@@ -403,14 +403,13 @@ async def start_server(settings: Settings) -> RunningServer:
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_listen, pool.sessions) if settings.metrics_listen else None
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "asyncio" or "uvloop"
     log.info(
         "serving on %s (port %d), default agent %s, event loop %s",
-        *(
-            settings.listen,
-            port,
-            settings.default_agent,
-            type(asyncio.get_running_loop()).__module__.split(".")[0],
-        ),
+        settings.listen,
+        port,
+        settings.default_agent,
+        loop,
     )
     template, addresses = client_hint(settings, port)
     log.info(template, *addresses)

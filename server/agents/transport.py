@@ -229,7 +229,8 @@ class AgentTransport:
         return None
 
     def _sorted_out(self, message: Any) -> bool:
-        """Checks one message; True when it was dealt with here (not for the SDK)."""
+        """Checks one message for the SDK (session/update notifications never come here: receive()
+        handles them); True when it was dealt with here."""
         if not isinstance(message, dict):
             raise Violation(
                 f"wrote a JSON {type(message).__name__} where a JSON-RPC message (an object) belongs"
@@ -241,9 +242,6 @@ class AgentTransport:
         method = message.get("method")
         if method is not None and not isinstance(method, str):
             raise Violation("wrote a JSON-RPC message whose method is not a string")
-        if method == "session/update" and "id" not in message:
-            self._update(message.get("params"))
-            return True
         return False
 
     def _admit(self, request_id: Any, size: int) -> None:

@@ -229,16 +229,10 @@ class Turn:
 
     def _split(self, item: Any) -> Any:
         """A text chunk over `max_event_bytes` as its first part; the rest goes back in front."""
-        found: str | None
-        if isinstance(item, TextRun):
-            kind, found, message_id = item.kind, item.text, item.message_id
-        elif getattr(item, "session_update", None) in TEXT_CHUNKS:
-            kind, found, message_id = item.session_update, _text(item), item.message_id or ""
-        else:
+        run = _as_text(item)
+        if run is None:
             return item
-        if found is None:
-            return item
-        text = found
+        kind, text, message_id = run.kind, run.text, run.message_id
         budget = max(self.max_event_bytes - EVENT_OVERHEAD, 1024)
         if len(text) * 4 <= budget or len(data := text.encode()) <= budget:
             return item
@@ -265,10 +259,8 @@ def item_bytes(item: object) -> int:
     """A cheap estimate of the memory `item` holds: its strings' lengths plus ITEM_BYTES per
     part. A text chunk (nearly every item of a flood) costs a length; anything else a walk of
     its fields, less work than parsing it from the agent's line took."""
-    if isinstance(item, TextRun):
-        return ITEM_BYTES + len(item.text)
-    if getattr(item, "session_update", None) in TEXT_CHUNKS and (text := _text(item)) is not None:
-        return ITEM_BYTES + len(text)
+    if (run := _as_text(item)) is not None:
+        return ITEM_BYTES + len(run.text)
     size = 0
     parts: list[object] = [item]
     while parts:  # a stack, not recursion: JSON may nest deeply
