@@ -201,14 +201,11 @@ async def test_acpx_approve_all_and_deny_all(gate: Gate, acpx_home: Path) -> Non
     acpx = Acpx(front_door(gate), cwd=gate.workdir, home=acpx_home)
     try:
         await acpx.new_session()
-        approved = await acpx.prompt("/permission", "--approve-all")
-        assert approved.code == 0, approved.stderr[-2000:]
-        assert "session/request_permission" in methods_seen(approved.stdout)
-        assert reply_text(approved.stdout) == "permission allow"
-        denied = await acpx.prompt("/permission", "--deny-all")
-        assert denied.code == 0, denied.stderr[-2000:]
-        assert "session/request_permission" in methods_seen(denied.stdout)
-        assert reply_text(denied.stdout) == "permission reject"
+        for flag, reply in (("--approve-all", "permission allow"), ("--deny-all", "permission reject")):
+            decided = await acpx.prompt("/permission", flag)
+            assert decided.code == 0, decided.stderr[-2000:]
+            assert "session/request_permission" in methods_seen(decided.stdout)
+            assert reply_text(decided.stdout) == reply
     finally:
         acpx.close()
 
