@@ -40,7 +40,8 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
                     terminal, then terminal/wait_for_exit (cancellable), terminal/output and
                     terminal/release; reply "terminal exit <code|signal> truncated=<true|false>: <output>"
                     ("terminal cancelled" on session/cancel). With --keep: reply "terminal kept <id>"
-                    right after the create, never waiting nor releasing (the client cleans up).
+                    once the command has printed something (terminal/output polled, at most 10 s),
+                    never waiting for its exit nor releasing it (the client cleans up).
                     JSON-RPC errors: "terminal error <code>: <message>"
   /terminal-env NAME=VALUE... [--limit N] [--keep] CMD...
                     /terminal, asking for the environment variables NAME=VALUE (terminal/create's env)
@@ -565,6 +566,17 @@ class EchoAgent:
             head, _, tail = tail.lstrip().partition(" ")
         return await self._terminal(session_id, f"{head} {tail}", cancel, env)
 
+    async def _first_output(self, session_id: str, terminal_id: str) -> None:
+        """Until the terminal has printed something (or 10 s): a test that reads what a kept command
+        wrote then knows it ran before the turn ended, which ends the turn's terminals."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 10
+        while loop.time() < give_up:
+            shown = await self.client.terminal_output(session_id=session_id, terminal_id=terminal_id)
+            if shown.output or shown.exit_status is not None:
+                return
+            await asyncio.sleep(0.02)
+
     async def _terminal(
         self, session_id: str, rest: str, cancel: asyncio.Event, env: list[schema.EnvVariable] | None = None
     ) -> tuple[str, StopReason]:
@@ -596,7 +608,8 @@ class EchoAgent:
                 ),
             )
             shown = True
-            if keep:  # left running for the client to clean up
+            if keep:  # left running for the client to clean up, once it has surely started
+                await self._first_output(session_id, terminal_id)
                 await self._send(session_id, acp.update_tool_call(tool_call_id, status="completed"))
                 return await self._reply(session_id, f"terminal kept {terminal_id}")
             finished, exited = await _unless_cancelled(

@@ -412,10 +412,9 @@ async def test_a_silent_command_longer_than_the_stall_timeout_does_not_stall_the
 async def test_a_kept_terminal_ends_with_its_turn(make_gate: GateFactory, tmp_path: Path) -> None:
     gate, sid = await capable_session(make_gate, tmp_path)
     pid_file = gate.workdir / "sleeper.pid"
-    reply, _ = await say(gate, sid, f"/terminal --keep sleep 60 & echo $! > {pid_file}; wait")
+    reply, _ = await say(gate, sid, f"/terminal --keep sleep 60 & echo $! > {pid_file}; echo started; wait")
     assert reply.startswith("terminal kept ")
-    await eventually(lambda: pid_file.exists() and pid_file.read_text().strip().isdigit(), what="pid file")
-    pid = int(pid_file.read_text())
+    pid = int(pid_file.read_text())  # written before the output the agent waited for
     try:
         await eventually(lambda: not alive(pid), timeout=5, what="the kept command ended with the turn")
     finally:
@@ -426,10 +425,9 @@ async def test_a_kept_terminal_ends_with_its_turn(make_gate: GateFactory, tmp_pa
 async def test_a_kept_terminal_ends_when_the_session_closes(make_gate: GateFactory, tmp_path: Path) -> None:
     gate, sid = await capable_session(make_gate, tmp_path)
     pid_file = gate.workdir / "closer.pid"
-    reply, _ = await say(gate, sid, f"/terminal --keep echo $$ > {pid_file}; exec sleep 60")
+    reply, _ = await say(gate, sid, f"/terminal --keep echo $$ > {pid_file}; echo started; exec sleep 60")
     assert reply.startswith("terminal kept ")
-    await eventually(lambda: pid_file.exists() and pid_file.read_text().strip().isdigit(), what="pid file")
-    pid = int(pid_file.read_text())
+    pid = int(pid_file.read_text())  # written before the output the agent waited for
     try:
         await gate.stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=15)
         await eventually(lambda: not alive(pid), timeout=5, what="the kept command ended with its session")
