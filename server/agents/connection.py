@@ -406,9 +406,13 @@ class AgentConnection:
         came first, or during the spawn, ends it (AgentProcessGroup.spawn)."""
         await self.group.spawn(self._connect)
 
-    def _connect(self, stdout: asyncio.StreamReader, stdin: asyncio.StreamWriter) -> None:
+    def _connect(
+        self, stdout: asyncio.StreamReader, pipe: asyncio.ReadTransport, stdin: asyncio.StreamWriter
+    ) -> None:
         client = cast(acp.Client, AgentRequests(self))
-        self._transport = AgentTransport(self.config.name, stdout, stdin, self._connection_ended, self.route)
+        self._transport = AgentTransport(
+            self.config.name, stdout, stdin, self._connection_ended, self.route, pipe=pipe
+        )
         # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
         self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)
 

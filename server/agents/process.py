@@ -36,8 +36,8 @@ STDERR_LOG_BUDGET = 256 * 1024  # bytes of stderr logged per agent; the rest is 
 STDERR_TAIL_LINES = 20  # kept for error messages
 STDERR_TAIL_CHARS = 2000  # of those, at most this much goes into a status
 
-# What the spawn hands on: the agent's stdout (our reader) and stdin.
-Connect = Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
+# What the spawn hands on: the agent's stdout (our reader, and the pipe it reads) and stdin.
+Connect = Callable[[asyncio.StreamReader, asyncio.ReadTransport, asyncio.StreamWriter], None]
 
 
 class AgentProcessGroup:
@@ -190,7 +190,7 @@ class AgentProcessGroup:
         )
         self._spawn_background(self._drain_stderr(self._process.stderr))
         self._spawn_background(self._watch_exit(self._process))
-        connect(stdout, self._process.stdin)
+        connect(stdout, self._stdout, self._process.stdin)
         log.info("agent started agent=%s pid=%s", self.config.name, self._process.pid)
 
     def _spawn_background(self, coro: Awaitable[None]) -> None:

@@ -50,6 +50,8 @@ LINE_LIMIT = 64 * 1024 * 1024  # one JSON-RPC message; tool output and diffs can
 READ_BUFFER = 64 * 1024  # the stream reader's limit: it stops reading the pipe past twice this
 DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clipped; then a summary...
 DROP_SUMMARY_EVERY = 100_000  # ...every this many more
+READ_GAP = 0.001  # seconds: a flood's reads are at least this far apart (see _read)
+STREAK = 3  # ...once this many reads in a row came within the gap
 LOGGED_BYTES = 200  # of one dropped line
 # The agent's requests to us: their count is what its own tool calls run in parallel (reads wait
 # for their lane, permissions for the client, terminal waits for a command), the bytes are the
@@ -121,8 +123,11 @@ class AgentTransport:
         writer: asyncio.StreamWriter,
         on_broken: Callable[[str, bool], None],
         on_update: Callable[[str, Any], None],
+        *,
+        pipe: asyncio.ReadTransport | None = None,
     ) -> None:
         self._name = name
+        self._pipe = pipe  # what `reader` reads: not polled while a flood's read waits (_read)
         self._reader = reader
         self._writer = writer
         self._on_broken = on_broken
@@ -140,6 +145,8 @@ class AgentTransport:
         self._partial: list[bytes] = []  # a line whose newline has not come yet...
         self._partial_size = 0  # ...and its size so far (counted on past LINE_LIMIT)
         self._at_eof = False
+        self._read_at = 0.0  # loop time of the last read
+        self._streak = 0  # small reads in a row, each within READ_GAP of the one before
 
     # ---- to the agent ----------------------------------------------------------------------
 
@@ -302,7 +309,7 @@ class AgentTransport:
         while not self._lines:
             if self._at_eof:
                 return None
-            data = await self._reader.read(READ_BUFFER)
+            data = await self._read()
             if not data:  # EOF: a last line without its newline?
                 self._at_eof = True
                 if self._partial_size:
@@ -318,6 +325,31 @@ class AgentTransport:
             if rest:
                 self._gather(rest)
         return self._lines.popleft()
+
+    async def _read(self) -> bytes:
+        """What the pipe has (up to READ_BUFFER). While the agent writes without a pause (STREAK
+        small reads in a row each found data within READ_GAP), the next read waits until READ_GAP
+        after the last: a flood is then read a gap's worth at a time, not a write at a time, and
+        a line after a pause is read at once."""
+        loop = asyncio.get_running_loop()
+        if self._streak >= STREAK and (wait := self._read_at + READ_GAP - loop.time()) > 0:
+            # Unpolled meanwhile, or each of the agent's writes would wake the loop to read it.
+            # (One the reader paused itself, its buffer full, is the reader's to resume.)
+            pipe = self._pipe if self._pipe is not None and self._pipe.is_reading() else None
+            if pipe is not None:
+                pipe.pause_reading()
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                if pipe is not None and not pipe.is_closing():
+                    pipe.resume_reading()
+        asked = loop.time()
+        data = await self._reader.read(READ_BUFFER)
+        now = loop.time()
+        streaming = now - asked < READ_GAP and len(data) < READ_BUFFER // 2  # the agent kept writing
+        self._streak = self._streak + 1 if streaming else 0
+        self._read_at = now
+        return data
 
     def _gather(self, piece: bytes) -> None:
         """Part of a line whose newline has not come yet: kept up to LINE_LIMIT, then only counted."""

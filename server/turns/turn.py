@@ -11,8 +11,9 @@ which every reader reads. Two things happen in between:
   update that crossed it (an agent's line is at most agent_transport.LINE_LIMIT). Once nobody
   will read the rest (the client left, or asked to cancel) the agent is never held back
   again: the buffer keeps as much and drops the others, so the agent's answer gets through.
-- coalescing: when the client is behind, consecutive text chunks of one message that are
-  already buffered leave as one event. Nothing is reordered and nothing waits for more.
+- coalescing: consecutive text chunks of one message that are already buffered leave as one
+  event. Nothing is reordered; the turn log's pump waits for more only while text streams
+  faster than one event per turn_log.EVENT_GAP (a flood), never for a first chunk.
 
 Clocks are the event loop's monotonic clock; wall-clock times are only for display.
 """
@@ -189,17 +190,29 @@ class Turn:
         Waits for the runner, which always ends the turn within its bounds (stall, turn
         duration, cancel grace), with the sweeper's reaper behind it.
         """
+        await self.buffering()
+        # Relaying an event (translating it, writing it to the client) is the agent's output
+        # costing loop time too: it takes from the same slice as reading it (loop_share.py).
+        if fair:  # the turn log's pump passes False: its readers take from the share instead
+            await self._share.take(self)
+        return self.next_ready()
+
+    async def buffering(self) -> None:
+        """Until an item is buffered (`next()` without taking it)."""
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        # Relaying an event (translating it, writing it to the client) is the agent's output
-        # costing loop time too: it takes from the same slice as reading it (loop_share.py).
-        if fair:  # the turn log's pump passes False: its readers take from the share instead
-            await self._share.take(self)
-        return self.next_ready()
+
+    def text_to_merge(self) -> bool:
+        """What is buffered is text still coming (the first and the newest buffered items are
+        text chunks, the turn not over): waiting a moment more lets more of it leave as one event."""
+        items = self._items
+        if not items or self._ended:
+            return False
+        return _as_text(items[0]) is not None and _as_text(items[-1]) is not None
 
     def next_ready(self) -> TurnItem:
         """`next()` when an item is buffered, without its waits (the pump's usual case)."""

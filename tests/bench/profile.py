@@ -56,16 +56,24 @@ async def drive(pid: int, port: int, workload: str, turns: int, profiling: threa
         received[0] = 0
         profiling.set()
         await asyncio.sleep(0.5)
-        started, cpu = time.perf_counter(), _cpu_seconds(pid)[0]
+        started, cpu, system = time.perf_counter(), _cpu_seconds(pid)[0], _system_seconds(pid)
         await asyncio.gather(*(one(s) for s in ids))
         took, cpu = time.perf_counter() - started, _cpu_seconds(pid)[0] - cpu
+        system = _system_seconds(pid) - system
     firsts.sort()
     chunks = turns * count * (1 if workload == "first-event" else 20000)
     return (
         f"{turns * count} turns in {took:.1f}s, first event p50 {firsts[len(firsts) // 2]:.2f} ms,"
-        f" gateway CPU {cpu / chunks * 1e6:.1f} µs per chunk,"
+        f" gateway CPU {cpu / chunks * 1e6:.1f} µs per chunk"
+        f" ({system / chunks * 1e6:.1f} µs of it in the kernel),"
         f" {chunks / max(received[0], 1):.1f} chunks per event"
     )
+
+
+def _system_seconds(pid: int) -> float:
+    """The CPU time a process spent in the kernel so far (its system calls)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def report(raw: Path, top: int) -> None:

@@ -1,0 +1,189 @@
+"""A flood is relayed a gap at a time, not a chunk at a time (issue 25), and nothing else waits:
+- the turn log's pump (turn_log.EVENT_GAP): text that follows its last event sooner waits out
+  the gap and leaves merged with what came meanwhile; a first chunk, a chunk after a pause,
+  and anything that is not text leave at once;
+- the agent's reader (transport.READ_GAP): once STREAK small reads in a row found the agent
+  writing, the next read waits out the gap with the pipe unpolled (one wake-up per gap, not
+  per write); a line after a pause is read at once.
+
+The gaps are stretched to seconds here, so what waits and what does not is plain whatever the
+machine's load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import orjson
+import pytest
+from sessiongate.server.agents import transport as transport_module
+from sessiongate.server.agents.transport import READ_BUFFER, AgentTransport, TextRun
+from sessiongate.server.state.sqlite import SessionStore
+from sessiongate.server.turns import turn_log as turn_log_module
+from sessiongate.server.turns.turn import Notice, Turn, TurnEnd
+from sessiongate.server.turns.turn_log import TurnLog, pump
+from sessiongate.v1 import session_service_pb2 as pb
+
+from tests.conftest import eventually
+
+GAP = 2.0  # seconds: each gap under test, stretched
+
+
+def chunk(text: str) -> TextRun:
+    return TextRun("agent_message_chunk", text, "")
+
+
+@contextlib.asynccontextmanager
+async def pumping(tmp_path: Path) -> AsyncIterator[tuple[Turn, TurnLog]]:
+    store = SessionStore(tmp_path / "sessions.db")
+    await store.open()
+    turn = Turn(stall_timeout=60, max_duration=600)
+    log = TurnLog(store, pb.Turn(turn_id="t1", session_id="s1"), max_bytes=1 << 24)
+    task = asyncio.create_task(pump(turn, log, 1 << 20))
+    try:
+        yield turn, log
+    finally:
+        turn.end(TurnEnd("end_turn"))
+        await asyncio.wait_for(task, 10)
+        await store.close()
+
+
+def texts(log: TurnLog) -> list[str]:
+    return [e.message_chunk.content.text.text for e in log._mem if e.WhichOneof("event") == "message_chunk"]
+
+
+async def test_a_flood_leaves_one_event_per_gap_and_a_first_chunk_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
+    loop = asyncio.get_running_loop()
+    async with pumping(tmp_path) as (turn, log):
+        started = loop.time()
+        turn.push(chunk("a"))
+        await eventually(lambda: texts(log) == ["a"], what="the first chunk, at once")
+        assert loop.time() - started < GAP / 2
+        turn.push(chunk("b"))
+        for _ in range(20):  # the pump runs, and waits out the gap for more text
+            await asyncio.sleep(0)
+        assert texts(log) == ["a"]
+        turn.push(chunk("c"))
+        turn.push(chunk("d"))
+        await eventually(lambda: len(texts(log)) == 2, what="the merged chunks after the gap")
+        assert texts(log) == ["a", "bcd"]
+        assert loop.time() - started >= GAP * 0.99
+
+
+async def test_what_is_not_text_never_waits_for_the_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
+    loop = asyncio.get_running_loop()
+    async with pumping(tmp_path) as (turn, log):
+        turn.push(chunk("a"))
+        await eventually(lambda: texts(log) == ["a"], what="the first chunk")
+        started = loop.time()
+        turn.notice(Notice("info", "not text"))  # right behind the last event: still at once
+        await eventually(lambda: len(log._mem) == 2, what="the notice")
+        turn.push(chunk("b"))
+        turn.notice(Notice("info", "text is followed by more than text"))  # so b has nothing to wait for
+        await eventually(lambda: len(log._mem) == 4, what="the chunk and the notice")
+        assert texts(log) == ["a", "b"]
+        assert loop.time() - started < GAP / 2
+
+
+async def test_a_chunk_after_a_pause_leaves_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turn_log_module, "EVENT_GAP", 0.5)
+    loop = asyncio.get_running_loop()
+    async with pumping(tmp_path) as (turn, log):
+        turn.push(chunk("a"))
+        await eventually(lambda: texts(log) == ["a"], what="the first chunk")
+        await asyncio.sleep(0.6)  # a pause longer than the gap
+        started = loop.time()
+        turn.push(chunk("b"))
+        await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after the pause")
+        assert loop.time() - started < 0.4
+
+
+def update_line(text: str) -> bytes:
+    params = {
+        "sessionId": "s",
+        "update": {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}},
+    }
+    return orjson.dumps({"jsonrpc": "2.0", "method": "session/update", "params": params}) + b"\n"
+
+
+class Stdin:
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def agent_pipe() -> AsyncIterator[tuple[int, asyncio.ReadTransport, list[str]]]:
+    """A real pipe read by an AgentTransport: (the agent's end, our transport, texts received)."""
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.StreamReader(limit=READ_BUFFER)
+    pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    received: list[str] = []
+    transport = AgentTransport(
+        "t",
+        reader,
+        cast(asyncio.StreamWriter, Stdin()),
+        lambda *_: None,
+        lambda _sid, item: received.append(item.text),
+        pipe=pipe,
+    )
+    task = asyncio.create_task(transport.receive())
+    try:
+        yield write_fd, pipe, received
+    finally:
+        os.close(write_fd)
+        await asyncio.wait_for(task, 10)
+        pipe.close()
+
+
+async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport_module, "READ_GAP", GAP)
+    loop = asyncio.get_running_loop()
+    async with agent_pipe() as (agent, pipe, received):
+        for index in range(transport_module.STREAK):  # small reads, each finding the agent writing
+            os.write(agent, update_line(f"{index}"))
+            await eventually(lambda index=index: len(received) == index + 1, what="each line, at once")
+        last_read = loop.time()
+        os.write(agent, update_line("x"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert received == [str(i) for i in range(transport_module.STREAK)]  # waiting out the gap
+        assert not pipe.is_reading()  # and not polling the pipe meanwhile
+        os.write(agent, update_line("y"))
+        await eventually(lambda: received[-2:] == ["x", "y"], what="the lines written during the gap")
+        assert loop.time() - last_read >= GAP - 0.5  # (last_read: up to a poll after the read)
+        await eventually(pipe.is_reading, what="the pipe polled again")
+
+
+async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "READ_GAP", 0.5)
+    loop = asyncio.get_running_loop()
+    async with agent_pipe() as (agent, _pipe, received):
+        for index in range(transport_module.STREAK + 2):
+            os.write(agent, update_line(f"{index}"))
+            await eventually(lambda index=index: len(received) == index + 1, what="each line")
+        await asyncio.sleep(0.6)  # the agent pauses for longer than the gap...
+        started = loop.time()
+        os.write(agent, update_line("after"))  # ...so this one is read at once
+        await eventually(lambda: received[-1] == "after", what="the line after the pause")
+        assert loop.time() - started < 0.4
