@@ -67,6 +67,10 @@ class McpServerConfig:
         return {**self.headers, **found}
 
 
+DEFAULT_NICE = 10  # see AgentConfig.nice
+MAX_NICE = 19  # the lowest CPU priority there is
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     """How to start one kind of agent."""
@@ -78,6 +82,10 @@ class AgentConfig:
     permission_policy: str = "approve-reads"
     pass_env: tuple[str, ...] = ()  # server env vars this agent may see (e.g. its API key)
     spares: int = 0  # started, initialized processes kept ready so CreateSession is fast
+    # The agent's CPU priority below the gateway's (`nice` 0-19, inherited by all it starts, its
+    # terminals' commands too): the gateway's own work, which every session waits on, runs first
+    # when agents take every core. 0: the gateway's own priority.
+    nice: int = DEFAULT_NICE
     # "bwrap": in a bubblewrap sandbox; "none": as the server's user, unconfined; "": bwrap
     # where it is installed, else none (said at start). See server/sandbox/launcher.py.
     sandbox: str = ""
@@ -431,6 +439,7 @@ def _agent_from_toml(name: str, table: Any, base: Path | None = None) -> AgentCo
         "permission_policy",
         "pass_env",
         "spares",
+        "nice",
         "auth_method",
         "mcp_servers",
         *SANDBOX_KEYS,
@@ -460,6 +469,9 @@ def _agent_from_toml(name: str, table: Any, base: Path | None = None) -> AgentCo
     spares = table.get("spares", 0)
     if not isinstance(spares, int) or isinstance(spares, bool) or spares < 0:
         raise ConfigError(f"{where}: `spares` must be a whole number, 0 or more")
+    nice = table.get("nice", DEFAULT_NICE)
+    if not isinstance(nice, int) or isinstance(nice, bool) or not 0 <= nice <= MAX_NICE:
+        raise ConfigError(f"{where}: `nice` must be a whole number from 0 to {MAX_NICE}")
     auth_method = table.get("auth_method", "")
     if not isinstance(auth_method, str):
         raise ConfigError(f"{where}: `auth_method` must be a string (one of the agent's auth method ids)")
@@ -469,7 +481,9 @@ def _agent_from_toml(name: str, table: Any, base: Path | None = None) -> AgentCo
     config = AgentConfig(name, command, tuple(args), dict(env), policy, tuple(pass_env), spares)
     capabilities = _capabilities_from_toml(where, table)
     sandbox = _sandbox_from_toml(where, table, base)
-    return replace(config, auth_method=auth_method, mcp_servers=tuple(mcp_names), **sandbox, **capabilities)
+    return replace(
+        config, nice=nice, auth_method=auth_method, mcp_servers=tuple(mcp_names), **sandbox, **capabilities
+    )
 
 
 MCP_STDIO_KEYS = ("command", "args", "env", "env_from")

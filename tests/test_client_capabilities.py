@@ -436,6 +436,32 @@ async def test_a_kept_terminal_ends_when_the_session_closes(make_gate: GateFacto
             os.kill(pid, signal.SIGKILL)
 
 
+def niceness(pid: int) -> int:
+    """A process's nice value (/proc/PID/stat's 19th field)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
+    make_gate: GateFactory, tmp_path: Path
+) -> None:
+    """An agent starts `nice` steps below the gateway (so does what it has the client run), and
+    an agent at 0 at the gateway's own priority: agents taking every core leave the gateway's
+    work, which every session waits on, to run first."""
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    agents = {
+        "low": dataclasses.replace(capable(tmp_path / "low", "low"), nice=7),
+        "level": dataclasses.replace(capable(tmp_path / "level", "level"), nice=0),
+    }
+    gate = await make_gate(agents=agents)
+    for name, below in (("low", 7), ("level", 0)):
+        sid = (await gate.create(agent=name)).session_id
+        (pid,) = (int(p.name) for p in (tmp_path / name / "agent-state" / "pids").iterdir())
+        assert niceness(pid) == min(ours + below, 19)
+        reply, _ = await say(gate, sid, "/terminal echo $(cut -d' ' -f19 /proc/self/stat)")
+        assert reply == f"terminal exit 0 truncated=false: {min(ours + below, 19)}\n"
+
+
 @pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="bwrap is not installed (Debian package bubblewrap)"
 )

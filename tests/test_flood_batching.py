@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
 
@@ -117,6 +117,10 @@ def update_line(text: str) -> bytes:
     return orjson.dumps({"jsonrpc": "2.0", "method": "session/update", "params": params}) + b"\n"
 
 
+def has(received: list[str], count: int) -> Callable[[], bool]:
+    return lambda: len(received) == count
+
+
 class Stdin:
     def is_closing(self) -> bool:
         return False
@@ -162,7 +166,7 @@ async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhil
     async with agent_pipe() as (agent, pipe, received):
         for index in range(transport_module.STREAK):  # small reads, each finding the agent writing
             os.write(agent, update_line(f"{index}"))
-            await eventually(lambda index=index: len(received) == index + 1, what="each line, at once")
+            await eventually(has(received, index + 1), what="each line, at once")
         last_read = loop.time()
         os.write(agent, update_line("x"))
         for _ in range(20):
@@ -181,7 +185,7 @@ async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest
     async with agent_pipe() as (agent, _pipe, received):
         for index in range(transport_module.STREAK + 2):
             os.write(agent, update_line(f"{index}"))
-            await eventually(lambda index=index: len(received) == index + 1, what="each line")
+            await eventually(has(received, index + 1), what="each line")
         await asyncio.sleep(0.6)  # the agent pauses for longer than the gap...
         started = loop.time()
         os.write(agent, update_line("after"))  # ...so this one is read at once

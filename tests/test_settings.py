@@ -124,6 +124,19 @@ def test_spares_are_a_whole_number_per_agent(tmp_path: Path) -> None:
             load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
 
 
+def test_an_agents_nice_is_0_to_19_and_10_by_default(tmp_path: Path) -> None:
+    plain = write(tmp_path / "plain.toml", "[agents.x]\ncommand = 'x'\n")
+    assert load_settings(["--config", plain, "--workdir", str(tmp_path)], environ={}).agents["x"].nice == 10
+    for value in (0, 19):
+        good = write(tmp_path / "good.toml", f"[agents.x]\ncommand = 'x'\nnice = {value}\n")
+        settings = load_settings(["--config", good, "--workdir", str(tmp_path)], environ={})
+        assert settings.agents["x"].nice == value
+    for bad in ("-1", "20", "1.5", "true", "'5'"):
+        config = write(tmp_path / "bad.toml", f"[agents.x]\ncommand = 'x'\nnice = {bad}\n")
+        with pytest.raises(ConfigError, match="nice"):
+            load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
+
+
 def test_sandbox_keys_per_agent_are_read_and_checked(tmp_path: Path) -> None:
     good = write(
         tmp_path / "good.toml",
