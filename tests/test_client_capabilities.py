@@ -447,8 +447,11 @@ async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
 ) -> None:
     """An agent starts `nice` steps below the gateway (so does what it has the client run), and
     an agent at 0 at the gateway's own priority: agents taking every core leave the gateway's
-    work, which every session waits on, to run first."""
+    work, which every session waits on, to run first. Where the kernel schedules each session
+    as a group (autogroups), the agent's and each terminal's session get that nice too."""
     ours = os.getpriority(os.PRIO_PROCESS, 0)
+    autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    grouped = autogroups.exists() and autogroups.read_text().strip() == "1"
     agents = {
         "low": dataclasses.replace(capable(tmp_path / "low", "low"), nice=7),
         "level": dataclasses.replace(capable(tmp_path / "level", "level"), nice=0),
@@ -460,6 +463,10 @@ async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
         assert niceness(pid) == min(ours + below, 19)
         reply, _ = await say(gate, sid, "/terminal echo $(cut -d' ' -f19 /proc/self/stat)")
         assert reply == f"terminal exit 0 truncated=false: {min(ours + below, 19)}\n"
+        if grouped:  # the kernel schedules sessions as groups: each one's group is lowered too
+            assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == str(below)
+            reply, _ = await say(gate, sid, "/terminal cat /proc/self/autogroup")
+            assert reply.endswith(f" nice {below}\n"), reply
 
 
 @pytest.mark.skipif(

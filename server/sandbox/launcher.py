@@ -583,3 +583,16 @@ def _niced(nice: int) -> list[str]:
     """The argv prefix that starts a command `nice` steps below our CPU priority (so does all it
     starts): raising nice needs no privilege, and exec keeps the pid and process group."""
     return [NICE, "-n", str(nice), "--"] if nice > 0 else []
+
+
+def lower_autogroup(pid: int, nice: int) -> None:
+    """Give the session that `pid` leads (start_new_session) `nice` as its autogroup's priority.
+    Where the kernel groups processes by session for scheduling (sched_autogroup_enabled), a
+    process's own nice weighs only against its session's others, so an agent's `nice` alone
+    would not put it below the gateway: the group's nice does, for every process of the
+    session, those already started too. Elsewhere (no autogroups) there is nothing to do."""
+    if nice <= 0:
+        return
+    # (OSError: no autogroups here, or the session is not ours to lower)
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as autogroup:
+        autogroup.write(str(nice))
