@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import signal
@@ -467,6 +468,32 @@ async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
             assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == str(below)
             reply, _ = await say(gate, sid, "/terminal cat /proc/self/autogroup")
             assert reply.endswith(f" nice {below}\n"), reply
+
+
+async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
+    make_gate: GateFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past FLOOD_BYTES of output within a second an agent is demoted to nice 19 (its session's
+    autogroup too, where there are autogroups), for good; an agent that answers stays where
+    it started."""
+    caplog.set_level(logging.INFO, logger="sessiongate")
+    agents = {name: capable(tmp_path / name, name) for name in ("quiet", "loud")}
+    gate = await make_gate(agents=agents)
+    autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    grouped = autogroups.exists() and autogroups.read_text().strip() == "1"
+    pids = {}
+    for name, text in (("quiet", "hi"), ("loud", "/flood 20000 64")):  # about 7 MiB of lines
+        sid = (await gate.create(agent=name)).session_id
+        (pids[name],) = (int(p.name) for p in (tmp_path / name / "agent-state" / "pids").iterdir())
+        events = await gate.prompt(sid, text)
+        assert events[-1].HasField("result"), events[-1]
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness(pids["quiet"]) == min(ours + 10, 19)
+    assert niceness(pids["loud"]) == 19
+    if grouped:
+        assert Path(f"/proc/{pids['quiet']}/autogroup").read_text().split()[-1] == "10"
+        assert Path(f"/proc/{pids['loud']}/autogroup").read_text().split()[-1] == "19"
+    assert f"agent=loud pid={pids['loud']} floods its output" in caplog.text
 
 
 @pytest.mark.skipif(

@@ -46,11 +46,11 @@ from sessiongate.server.errors import (
     NotSupported,
     clip,
 )
-from sessiongate.server.sandbox.launcher import Launcher
+from sessiongate.server.sandbox.launcher import Launcher, lower_autogroup
 from sessiongate.server.sandbox.network_proxy import MAX_MCP_DESTINATIONS, address_refused
 from sessiongate.server.sandbox.terminals import Terminals
 from sessiongate.server.sandbox.workdir import WorkDir
-from sessiongate.server.settings import AgentConfig, McpServerConfig
+from sessiongate.server.settings import MAX_NICE, AgentConfig, McpServerConfig
 
 log = logging.getLogger("sessiongate.agent")
 
@@ -406,12 +406,30 @@ class AgentConnection:
         came first, or during the spawn, ends it (AgentProcessGroup.spawn)."""
         await self.group.spawn(self._connect)
 
+    def _flooding(self) -> None:
+        """The agent floods its output (transport.FLOOD_BYTES within a second): it drops to the
+        lowest CPU priority, for good (raising it back needs privilege), so that on busy cores it
+        waits for the agents that answer their sessions, and for the gateway, not they for it."""
+        pid = self.group.pid
+        if pid is None:
+            return
+        with contextlib.suppress(OSError):  # gone, or another user's (the server not root)
+            os.setpriority(os.PRIO_PGRP, pid, MAX_NICE)
+        lower_autogroup(pid, MAX_NICE)
+        log.info("agent=%s pid=%s floods its output: lowest CPU priority from now on", self.config.name, pid)
+
     def _connect(
         self, stdout: asyncio.StreamReader, pipe: asyncio.ReadTransport, stdin: asyncio.StreamWriter
     ) -> None:
         client = cast(acp.Client, AgentRequests(self))
         self._transport = AgentTransport(
-            self.config.name, stdout, stdin, self._connection_ended, self.route, pipe=pipe
+            self.config.name,
+            stdout,
+            stdin,
+            self._connection_ended,
+            self.route,
+            pipe=pipe,
+            on_flood=self._flooding,
         )
         # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
         self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)
