@@ -411,7 +411,7 @@ class AgentConnection:
         lowest CPU priority, for good (raising it back needs privilege), so that on busy cores it
         waits for the agents that answer their sessions, and for the gateway, not they for it."""
         pid = self.group.pid
-        if pid is None:
+        if pid is None or not self.group.alive:  # an exited group's id may be someone else's
             return
         with contextlib.suppress(OSError):  # gone, or another user's (the server not root)
             os.setpriority(os.PRIO_PGRP, pid, MAX_NICE)
