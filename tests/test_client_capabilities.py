@@ -437,6 +437,12 @@ async def test_a_kept_terminal_ends_when_the_session_closes(make_gate: GateFacto
             os.kill(pid, signal.SIGKILL)
 
 
+def autogroups_on() -> bool:
+    """Whether the kernel schedules each session as a group (so agents' sessions are lowered too)."""
+    switch = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    return switch.exists() and switch.read_text().strip() == "1"
+
+
 def niceness(pid: int) -> int:
     """A process's nice value (/proc/PID/stat's 19th field)."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -451,8 +457,7 @@ async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
     work, which every session waits on, to run first. Where the kernel schedules each session
     as a group (autogroups), the agent's and each terminal's session get that nice too."""
     ours = os.getpriority(os.PRIO_PROCESS, 0)
-    autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
-    grouped = autogroups.exists() and autogroups.read_text().strip() == "1"
+    grouped = autogroups_on()
     agents = {
         "low": dataclasses.replace(capable(tmp_path / "low", "low"), nice=7),
         "level": dataclasses.replace(capable(tmp_path / "level", "level"), nice=0),
@@ -462,11 +467,12 @@ async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
         sid = (await gate.create(agent=name)).session_id
         (pid,) = (int(p.name) for p in (tmp_path / name / "agent-state" / "pids").iterdir())
         assert niceness(pid) == min(ours + below, 19)
-        reply, _ = await say(gate, sid, "/terminal echo $(cut -d' ' -f19 /proc/self/stat)")
+        # (after a moment: the group is lowered right after the command starts)
+        reply, _ = await say(gate, sid, "/terminal sleep 0.2; echo $(cut -d' ' -f19 /proc/self/stat)")
         assert reply == f"terminal exit 0 truncated=false: {min(ours + below, 19)}\n"
         if grouped:  # the kernel schedules sessions as groups: each one's group is lowered too
             assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == str(below)
-            reply, _ = await say(gate, sid, "/terminal cat /proc/self/autogroup")
+            reply, _ = await say(gate, sid, "/terminal sleep 0.2; cat /proc/self/autogroup")
             assert reply.endswith(f" nice {below}\n"), reply
 
 
@@ -479,8 +485,7 @@ async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
     caplog.set_level(logging.INFO, logger="sessiongate")
     agents = {name: capable(tmp_path / name, name) for name in ("quiet", "loud")}
     gate = await make_gate(agents=agents)
-    autogroups = Path("/proc/sys/kernel/sched_autogroup_enabled")
-    grouped = autogroups.exists() and autogroups.read_text().strip() == "1"
+    grouped = autogroups_on()
     pids = {}
     for name, text in (("quiet", "hi"), ("loud", "/flood 20000 64")):  # about 7 MiB of lines
         sid = (await gate.create(agent=name)).session_id

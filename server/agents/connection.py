@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -46,7 +47,8 @@ from sessiongate.server.errors import (
     NotSupported,
     clip,
 )
-from sessiongate.server.sandbox.launcher import Launcher, lower_autogroup
+from sessiongate.server.sandbox import priority
+from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.network_proxy import MAX_MCP_DESTINATIONS, address_refused
 from sessiongate.server.sandbox.terminals import Terminals
 from sessiongate.server.sandbox.workdir import WorkDir
@@ -57,6 +59,11 @@ log = logging.getLogger("sessiongate.agent")
 EOF_EXIT_GRACE = 1.0  # an agent whose stdout ended and that has not exited by then is ended
 AUTH_REQUIRED_CODE = -32000
 HELD_UPDATES = 32  # state updates kept per session until it is watched (the latest)
+# An agent whose turns stream more text than this within FLOOD_WINDOW seconds floods (a model
+# streaming an answer writes a few KiB a second; a replayed history is not a turn's): it drops
+# to the lowest CPU priority (sandbox/priority.py), once.
+FLOOD_CHARS = 128 * 1024
+FLOOD_WINDOW = 1.0
 HELD_SESSIONS = 8  # sessions whose state updates are kept until watched
 STALE_ON_OPEN = ("current_mode_update", "config_option_update")  # what an open's answer supersedes
 
@@ -138,6 +145,9 @@ class AgentConnection:
         )
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
+        self._flooded = False  # lowered already
+        self._text_since = 0.0  # when the current FLOOD_WINDOW began (monotonic)
+        self._text_chars = 0  # text streamed into turns within it
         self._watchers: dict[str, StateWatcher] = {}  # per ACP session, turn or not (agent_state.py)
         self._held: dict[str, collections.deque[Any]] = {}  # state updates of unwatched sessions
         self._askers: dict[str, Asker] = {}  # the running turn's questions, per ACP session
@@ -406,17 +416,19 @@ class AgentConnection:
         came first, or during the spawn, ends it (AgentProcessGroup.spawn)."""
         await self.group.spawn(self._connect)
 
-    def _flooding(self) -> None:
-        """The agent floods its output (transport.FLOOD_BYTES within a second): it drops to the
-        lowest CPU priority, for good (raising it back needs privilege), so that on busy cores it
-        waits for the agents that answer their sessions, and for the gateway, not they for it."""
+    def _count_text(self, chars: int) -> None:
+        """Text the agent streamed into a turn: past FLOOD_CHARS within FLOOD_WINDOW it floods, and
+        drops to the lowest CPU priority, so that on busy cores it waits for the agents that
+        answer their sessions, and for the gateway, not they for it."""
+        now = time.monotonic()
+        if now - self._text_since > FLOOD_WINDOW:
+            self._text_since, self._text_chars = now, 0
+        self._text_chars += chars
         pid = self.group.pid
-        if pid is None or not self.group.alive:  # an exited group's id may be someone else's
-            return
-        with contextlib.suppress(OSError):  # gone, or another user's (the server not root)
-            os.setpriority(os.PRIO_PGRP, pid, MAX_NICE)
-        lower_autogroup(pid, MAX_NICE)
-        log.info("agent=%s pid=%s floods its output: lowest CPU priority from now on", self.config.name, pid)
+        if self._text_chars > FLOOD_CHARS and pid is not None:
+            self._flooded = True
+            priority.lower(pid, MAX_NICE, lambda: self.group.alive)
+            log.info("agent=%s pid=%s floods its output: lowest CPU priority now", self.config.name, pid)
 
     def _connect(
         self, stdout: asyncio.StreamReader, pipe: asyncio.ReadTransport, stdin: asyncio.StreamWriter
@@ -429,7 +441,6 @@ class AgentConnection:
             self._connection_ended,
             self.route,
             pipe=pipe,
-            on_flood=self._flooding,
         )
         # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
         self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)
@@ -569,6 +580,8 @@ class AgentConnection:
         sink = self._sinks.get(session_id)
         if sink is not None:
             sink(item)
+            if type(item) is TextRun and not self._flooded:
+                self._count_text(len(item.text))
         if type(item) is not TextRun and getattr(item, "session_update", None) in STATE_UPDATES:
             self._to_watcher(session_id, item)
 

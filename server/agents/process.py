@@ -20,8 +20,9 @@ from collections.abc import Awaitable, Callable
 
 from sessiongate.server.agents.transport import READ_BUFFER
 from sessiongate.server.errors import AgentUnavailable
+from sessiongate.server.sandbox import priority
 from sessiongate.server.sandbox.descendants import Descendants
-from sessiongate.server.sandbox.launcher import Launcher, lower_autogroup
+from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.network_proxy import SandboxNetwork
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
@@ -184,7 +185,7 @@ class AgentProcessGroup:
         assert self._process.stdin and self._process.stderr
         with contextlib.suppress(AttributeError, OSError):  # no pidfds: fall back on returncode
             self._pidfd = os.pidfd_open(self._process.pid)
-        lower_autogroup(self._process.pid, self.config.nice)  # the agent's session, below ours
+        priority.lower(self._process.pid, self.config.nice, lambda: self.alive)  # the group leads
         stdout = asyncio.StreamReader(limit=READ_BUFFER)
         self._stdout, _ = await asyncio.get_running_loop().connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_fd, "rb", buffering=0)

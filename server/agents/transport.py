@@ -17,8 +17,6 @@ Everything an agent writes costs the gateway bounded work, memory and log volume
   `RawUpdate`, an invalid one is dropped with bounded logging. A plain text chunk (most of
   what a turn streams) is checked here and becomes a `TextRun` without a pydantic model:
   the line is parsed once (orjson), and the update costs a few dict lookups;
-- a flood (over FLOOD_BYTES within FLOOD_WINDOW) is told to `on_flood`, once: the connection
-  lowers the agent's CPU priority, so it waits for the agents that answer, and for us;
 - every line is charged to the loop's shared slice (loop_share.py), so however many agents
   write as fast as they can, they take a bounded part of each loop pass from the others;
 - the agent's requests to us (the SDK starts a task for each, without a limit) are bounded:
@@ -52,8 +50,6 @@ LINE_LIMIT = 64 * 1024 * 1024  # one JSON-RPC message; tool output and diffs can
 READ_BUFFER = 64 * 1024  # the stream reader's limit: it stops reading the pipe past twice this
 DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clipped; then a summary...
 DROP_SUMMARY_EVERY = 100_000  # ...every this many more
-FLOOD_BYTES = 512 * 1024  # an agent that writes this much within FLOOD_WINDOW floods...
-FLOOD_WINDOW = 1.0  # ...seconds: `on_flood` is told, once (connection.py lowers its CPU priority)
 READ_GAP = 0.001  # seconds: a flood's reads are at least this far apart (see _read)
 STREAK = 3  # ...once this many reads in a row came within the gap
 LOGGED_BYTES = 200  # of one dropped line
@@ -129,13 +125,9 @@ class AgentTransport:
         on_update: Callable[[str, Any], None],
         *,
         pipe: asyncio.ReadTransport | None = None,
-        on_flood: Callable[[], None] | None = None,
     ) -> None:
         self._name = name
         self._pipe = pipe  # what `reader` reads: not polled while a flood's read waits (_read)
-        self._on_flood = on_flood
-        self._window_at = 0.0  # loop time the current FLOOD_WINDOW began
-        self._window_bytes = 0  # read in it
         self._reader = reader
         self._writer = writer
         self._on_broken = on_broken
@@ -357,12 +349,6 @@ class AgentTransport:
         streaming = now - asked < READ_GAP and len(data) < READ_BUFFER // 2  # the agent kept writing
         self._streak = self._streak + 1 if streaming else 0
         self._read_at = now
-        if now - self._window_at > FLOOD_WINDOW:
-            self._window_at, self._window_bytes = now, 0
-        self._window_bytes += len(data)
-        if self._window_bytes > FLOOD_BYTES and self._on_flood is not None:
-            flooding, self._on_flood = self._on_flood, None  # once
-            flooding()
         return data
 
     def _gather(self, piece: bytes) -> None:

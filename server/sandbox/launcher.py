@@ -230,14 +230,6 @@ class Launcher:
         return None
 
     def spawn(self, config: AgentConfig, env: Mapping[str, str], workdir: WorkDir | None) -> Spawn:
-        if _niced(config.nice) and not self.sandboxed(config):
-            # `nice` would start and report a missing command (exit 127): say it as our own exec would.
-            path = env.get("PATH", os.defpath)
-            if shutil.which(config.command, path=path) is None:
-                raise AgentUnavailable(
-                    f"agent {config.name!r} could not be started: No such file or directory",
-                    metadata={"agent": config.name, "command": config.command},
-                )
         return self._confined(config, (config.command, *config.args), env, workdir, None)
 
     def wrap(
@@ -269,7 +261,7 @@ class Launcher:
         # Another user's identity is taken by setpriv after the exec, not by the child between
         # fork and exec: a uid or groups for subprocess rule out vfork, and a plain fork of this
         # threaded server (gRPC's threads) can crash the child before it execs.
-        identity = [*_niced(config.nice), *_setpriv(user, group)]
+        identity = _setpriv(user, group)
         start = cwd if cwd is not None else workdir
         if not self.sandboxed(config):
             chdir = start.fd_path if start is not None else None  # chdir in the child, by descriptor
@@ -574,25 +566,3 @@ def _private_dirs(base: Path, leaf: Path) -> None:
             raise OSError(f"{path} is not a directory")
         if stat.S_IMODE(info.st_mode) & 0o077:
             os.chmod(path, 0o700)  # made by an older version: tighten it
-
-
-NICE = shutil.which("nice") or "/usr/bin/nice"  # coreutils: runs a command at a lower CPU priority
-
-
-def _niced(nice: int) -> list[str]:
-    """The argv prefix that starts a command `nice` steps below our CPU priority (so does all it
-    starts): raising nice needs no privilege, and exec keeps the pid and process group."""
-    return [NICE, "-n", str(nice), "--"] if nice > 0 else []
-
-
-def lower_autogroup(pid: int, nice: int) -> None:
-    """Give the session that `pid` leads (start_new_session) `nice` as its autogroup's priority.
-    Where the kernel groups processes by session for scheduling (sched_autogroup_enabled), a
-    process's own nice weighs only against its session's others, so an agent's `nice` alone
-    would not put it below the gateway: the group's nice does, for every process of the
-    session, those already started too. Elsewhere (no autogroups) there is nothing to do."""
-    if nice <= 0:
-        return
-    # (OSError: no autogroups here, or the session is not ours to lower)
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as autogroup:
-        autogroup.write(str(nice))

@@ -50,8 +50,9 @@ import acp
 from acp import schema
 from sessiongate.server.errors import SessionGateError, clip
 from sessiongate.server.sandbox import files as client_fs
+from sessiongate.server.sandbox import priority
 from sessiongate.server.sandbox.descendants import MARKER_ENV, Descendants
-from sessiongate.server.sandbox.launcher import Launcher, lower_autogroup
+from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
 
@@ -407,7 +408,7 @@ class Terminals:
             raise _invalid(f"{clip(argv[0], 100)!r} cannot be started: {clip(why, 200)}") from None
         finally:
             os.close(write_fd)
-        lower_autogroup(process.pid, self._config.nice)
+        priority.lower(process.pid, self._config.nice, lambda: process.returncode is None)  # unreaped
         terminal = _Terminal(f"term-{secrets.token_urlsafe(12)}", session_id, process, _Output(limit))
         with contextlib.suppress(AttributeError, OSError):  # no pidfds: exits are polled for
             terminal.pidfd = os.pidfd_open(process.pid)

@@ -13,7 +13,7 @@ which every reader reads. Two things happen in between:
   again: the buffer keeps as much and drops the others, so the agent's answer gets through.
 - coalescing: consecutive text chunks of one message that are already buffered leave as one
   event. Nothing is reordered; the turn log's pump waits for more only while text streams
-  faster than one event per turn_log.EVENT_GAP (a flood), never for a first chunk.
+  faster than one event per turn_log.EVENT_GAP (a flood), never for a turn's first event.
 
 Clocks are the event loop's monotonic clock; wall-clock times are only for display.
 """
