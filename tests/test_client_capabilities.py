@@ -479,15 +479,17 @@ async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(
 async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
     make_gate: GateFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Past FLOOD_BYTES of output within a second an agent is demoted to nice 19 (its session's
-    autogroup too, where there are autogroups), for good; an agent that answers stays where
-    it started."""
+    """Past FLOOD_CHARS of text within a second an agent is demoted to nice 19 (its session's
+    autogroup too, where there are autogroups); an agent that answers stays where it started,
+    and one configured at nice 0 stays at the gateway's priority, flooding or not."""
     caplog.set_level(logging.INFO, logger="sessiongate")
     agents = {name: capable(tmp_path / name, name) for name in ("quiet", "loud")}
+    agents["level"] = dataclasses.replace(capable(tmp_path / "level", "level"), nice=0)  # opted out
     gate = await make_gate(agents=agents)
     grouped = autogroups_on()
     pids = {}
-    for name, text in (("quiet", "hi"), ("loud", "/flood 20000 64")):  # about 7 MiB of lines
+    flood = "/flood 20000 64"  # 1.25 MiB of text
+    for name, text in (("quiet", "hi"), ("loud", flood), ("level", flood)):
         sid = (await gate.create(agent=name)).session_id
         (pids[name],) = (int(p.name) for p in (tmp_path / name / "agent-state" / "pids").iterdir())
         events = await gate.prompt(sid, text)
@@ -495,9 +497,11 @@ async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
     ours = os.getpriority(os.PRIO_PROCESS, 0)
     assert niceness(pids["quiet"]) == min(ours + 10, 19)
     assert niceness(pids["loud"]) == 19
+    assert niceness(pids["level"]) == ours
     if grouped:
         assert Path(f"/proc/{pids['quiet']}/autogroup").read_text().split()[-1] == "10"
         assert Path(f"/proc/{pids['loud']}/autogroup").read_text().split()[-1] == "19"
+        assert Path(f"/proc/{pids['level']}/autogroup").read_text().split()[-1] == "0"
     assert f"agent=loud pid={pids['loud']} floods its output" in caplog.text
 
 
