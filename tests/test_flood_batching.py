@@ -39,7 +39,11 @@ def chunk(text: str) -> TextRun:
 
 
 @contextlib.asynccontextmanager
-async def pumping(tmp_path: Path) -> AsyncIterator[tuple[Turn, TurnLog]]:
+async def pumping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gap: float
+) -> AsyncIterator[tuple[Turn, TurnLog]]:
+    """A turn pumped into its log, with turn_log.EVENT_GAP stretched to `gap`."""
+    monkeypatch.setattr(turn_log_module, "EVENT_GAP", gap)
     store = SessionStore(tmp_path / "sessions.db")
     await store.open()
     turn = Turn(stall_timeout=60, max_duration=600)
@@ -60,9 +64,8 @@ def texts(log: TurnLog) -> list[str]:
 async def test_a_flood_leaves_one_event_per_gap_and_a_first_chunk_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path) as (turn, log):
+    async with pumping(tmp_path, monkeypatch, GAP) as (turn, log):
         started = loop.time()
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk, at once")
@@ -81,9 +84,8 @@ async def test_a_flood_leaves_one_event_per_gap_and_a_first_chunk_at_once(
 async def test_what_is_not_text_never_waits_for_the_gap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path) as (turn, log):
+    async with pumping(tmp_path, monkeypatch, GAP) as (turn, log):
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
         started = loop.time()
@@ -97,9 +99,8 @@ async def test_what_is_not_text_never_waits_for_the_gap(
 
 
 async def test_a_chunk_after_a_pause_leaves_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(turn_log_module, "EVENT_GAP", 0.5)
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path) as (turn, log):
+    async with pumping(tmp_path, monkeypatch, 0.5) as (turn, log):
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
         await asyncio.sleep(0.6)  # a pause longer than the gap
