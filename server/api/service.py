@@ -53,7 +53,6 @@ log = logging.getLogger("sessiongate.service")
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
 MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page or a GetTurn at most (one session is far smaller)
 TURN_ID_HEADER = "sessiongate-turn-id"  # Prompt's and WatchTurn's response header: the turn's id
-TURN_START_STEPS = 2  # loop passes given to a new turn before its headers are sent (see _prompt)
 
 STATES = {
     State.IDLE: pb.SESSION_STATE_IDLE,
@@ -193,11 +192,6 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 on_disconnect=on_disconnect,
             )
             try:
-                # The turn's first steps (its runner, then the prompt's write to the agent) run
-                # before the response headers go out: the first event waits on the agent, which
-                # then works while the headers are sent.
-                for _ in range(TURN_START_STEPS):
-                    await asyncio.sleep(0)
                 await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
                 # The turn runs in its own task and its events go to its log; this handler
                 # reads them from there like any watcher, but paces the agent while it reads.
