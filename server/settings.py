@@ -67,7 +67,7 @@ class McpServerConfig:
         return {**self.headers, **found}
 
 
-DEFAULT_NICE = 10  # see AgentConfig.nice
+DEFAULT_NICE = 0  # see AgentConfig.nice
 MAX_NICE = 19  # the lowest CPU priority there is
 
 
@@ -84,7 +84,8 @@ class AgentConfig:
     spares: int = 0  # started, initialized processes kept ready so CreateSession is fast
     # The agent's CPU priority below the gateway's (`nice` 0-19, inherited by all it starts, its
     # terminals' commands too): the gateway's own work, which every session waits on, runs first
-    # when agents take every core. 0: the gateway's own priority.
+    # when agents take every core. 0 (the default): the gateway's own priority, until it floods
+    # (agents/connection.py: then 19).
     nice: int = DEFAULT_NICE
     # "bwrap": in a bubblewrap sandbox; "none": as the server's user, unconfined; "": bwrap
     # where it is installed, else none (said at start). See server/sandbox/launcher.py.

@@ -124,9 +124,9 @@ def test_spares_are_a_whole_number_per_agent(tmp_path: Path) -> None:
             load_settings(["--config", config, "--workdir", str(tmp_path)], environ={})
 
 
-def test_an_agents_nice_is_0_to_19_and_10_by_default(tmp_path: Path) -> None:
+def test_an_agents_nice_is_0_to_19_and_0_by_default(tmp_path: Path) -> None:
     plain = write(tmp_path / "plain.toml", "[agents.x]\ncommand = 'x'\n")
-    assert load_settings(["--config", plain, "--workdir", str(tmp_path)], environ={}).agents["x"].nice == 10
+    assert load_settings(["--config", plain, "--workdir", str(tmp_path)], environ={}).agents["x"].nice == 0
     for value in (0, 19):
         good = write(tmp_path / "good.toml", f"[agents.x]\ncommand = 'x'\nnice = {value}\n")
         settings = load_settings(["--config", good, "--workdir", str(tmp_path)], environ={})

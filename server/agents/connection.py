@@ -145,7 +145,7 @@ class AgentConnection:
         )
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
-        self._flooded = config.nice == 0  # lowered already (nice 0: kept at the gateway's priority)
+        self._flooded = False  # lowered already
         self._text_since = 0.0  # when the current FLOOD_WINDOW began (monotonic)
         self._text_chars = 0  # text streamed into turns within it
         self._watchers: dict[str, StateWatcher] = {}  # per ACP session, turn or not (agent_state.py)
