@@ -61,7 +61,7 @@ async def test_a_slow_reader_gets_every_chunk_in_order_within_the_bound() -> Non
             turn.push(chunk(sent))
             sent += 1
             assert turn.buffered_bytes() <= BOUND
-        item = await turn.next(fair=False)
+        item = await turn.next()
         text = item.text if isinstance(item, TextRun) else item.content.text
         while text:  # coalesced or split: cut back into chunks
             received.append(int(text[:8]))
@@ -81,7 +81,7 @@ async def test_nobody_reading_drops_past_the_byte_bound_and_the_end_gets_through
     assert not agent.reading_paused
     assert turn.dropped >= 40 - BOUND // CHUNK
     turn.end(TurnEnd("end_turn"))
-    items = [await turn.next(fair=False) for _ in range(turn.buffered())]
+    items = [await turn.next() for _ in range(turn.buffered())]
     assert items[-1] == TurnEnd("end_turn")
     assert turn.buffered_bytes() == 0
 

@@ -424,8 +424,7 @@ class AgentConnection:
         if now - self._text_since > FLOOD_WINDOW:
             self._text_since, self._text_chars = now, 0
         self._text_chars += chars
-        pid = self.group.pid
-        if self._text_chars > FLOOD_CHARS and pid is not None:
+        if self._text_chars > FLOOD_CHARS and (pid := self.group.pid) is not None:
             self._flooded = True
             priority.lower(pid, MAX_NICE, lambda: self.group.alive)
             log.info("agent=%s pid=%s floods its output: lowest CPU priority now", self.config.name, pid)

@@ -33,7 +33,6 @@ from pydantic import BaseModel
 from sessiongate.server.agents.protocol import AgentProcess, TurnItem
 from sessiongate.server.agents.transport import TEXT_CHUNKS, TextRun
 from sessiongate.server.errors import SessionGateError
-from sessiongate.server.loop_share import LoopShare, loop_share
 
 HIGH_WATER = 256
 LOW_WATER = 64
@@ -94,7 +93,6 @@ class Turn:
     _ended: bool = False
     _holding_back: bool = True  # backpressure on; off once nobody will read the rest
     on_end: Callable[[], None] | None = None  # told when the last item is in (the turn log's pump)
-    _share: LoopShare = field(default_factory=loop_share, init=False, repr=False)  # the loop's
 
     @property
     def deadline(self) -> float:
@@ -184,17 +182,13 @@ class Turn:
         self._sizes.appendleft(size)
         self._bytes += size
 
-    async def next(self, *, fair: bool = True) -> TurnItem:
+    async def next(self) -> TurnItem:
         """The next event: updates, Notices, then the TurnEnd; a failed turn raises its error.
 
         Waits for the runner, which always ends the turn within its bounds (stall, turn
         duration, cancel grace), with the sweeper's reaper behind it.
         """
         await self.buffering()
-        # Relaying an event (translating it, writing it to the client) is the agent's output
-        # costing loop time too: it takes from the same slice as reading it (loop_share.py).
-        if fair:  # the turn log's pump passes False: its readers take from the share instead
-            await self._share.take(self)
         return self.next_ready()
 
     async def buffering(self) -> None:
