@@ -104,11 +104,17 @@ def require_installed(path: Path | str | None, why: str) -> str:
     return str(path)
 
 
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (whose parentheses may hold anything): [0]
+    is the state, [1] the parent, [16] the nice value (the file's 3rd, 4th and 19th fields)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()
+
+
 def alive(pid: int) -> bool:
     """True while `pid` runs (a zombie awaiting its parent's wait counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
 

@@ -30,7 +30,7 @@ from sessiongate.server.settings import AgentConfig, ConfigError, _agent_from_to
 from sessiongate.server.turns.translate import to_event
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import ECHO, Gate, GateFactory, alive, echo_agent, eventually, reply_text
+from tests.conftest import ECHO, Gate, GateFactory, alive, echo_agent, eventually, proc_stat, reply_text
 
 # ---- client_fs: confinement, unit level ------------------------------------------------------
 
@@ -444,9 +444,7 @@ def autogroups_on() -> bool:
 
 
 def niceness(pid: int) -> int:
-    """A process's nice value (/proc/PID/stat's 19th field)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[16])
+    return int(proc_stat(pid)[16])
 
 
 async def test_agents_and_their_terminals_run_below_the_gateways_cpu_priority(

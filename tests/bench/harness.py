@@ -246,8 +246,8 @@ def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+            with contextlib.suppress(OSError):
+                if int(_stat_fields(int(entry))[1]) == pid:
                     out.append(int(entry))
     return out
 
@@ -1118,12 +1118,18 @@ async def placed(gates: dict[str, Gateway], per_replica: int) -> dict[str, list[
     return owned
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (whose parentheses may hold anything): [1]
+    is the parent, [11] and [12] the user and system CPU time in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """(user plus system CPU time of a process so far, time its main thread waited to run: runnable
     but not running, as /proc/PID/schedstat counts it); zeros once it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        fields = _stat_fields(pid)
         with open(f"/proc/{pid}/schedstat") as schedstat:
             waited = int(schedstat.read().split()[1]) / 1e9
     except (OSError, IndexError):

@@ -29,7 +29,7 @@ import grpc
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.bench.harness import Gateway, _cpu_seconds
+from tests.bench.harness import Gateway, _cpu_seconds, _stat_fields
 
 
 async def drive(pid: int, port: int, workload: str, turns: int, profiling: threading.Event) -> str:
@@ -72,8 +72,7 @@ async def drive(pid: int, port: int, workload: str, turns: int, profiling: threa
 
 def _system_seconds(pid: int) -> float:
     """The CPU time a process spent in the kernel so far (its system calls)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[12]) / os.sysconf("SC_CLK_TCK")
+    return int(_stat_fields(pid)[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def report(raw: Path, top: int) -> None:
