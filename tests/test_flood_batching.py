@@ -31,7 +31,7 @@ from sessiongate.v1 import session_service_pb2 as pb
 
 from tests.conftest import eventually
 
-GAP = 2.0  # seconds: each gap under test, stretched
+GAP = 3.0  # seconds: each gap under test, stretched (what is "at once" gets half of it)
 
 
 def chunk(text: str) -> TextRun:
@@ -39,11 +39,9 @@ def chunk(text: str) -> TextRun:
 
 
 @contextlib.asynccontextmanager
-async def pumping(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gap: float
-) -> AsyncIterator[tuple[Turn, TurnLog]]:
-    """A turn pumped into its log, with turn_log.EVENT_GAP stretched to `gap`."""
-    monkeypatch.setattr(turn_log_module, "EVENT_GAP", gap)
+async def pumping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Turn, TurnLog]]:
+    """A turn pumped into its log, with turn_log.EVENT_GAP stretched to GAP."""
+    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
     store = SessionStore(tmp_path / "sessions.db")
     await store.open()
     turn = Turn(stall_timeout=60, max_duration=600)
@@ -65,7 +63,7 @@ async def test_a_flood_leaves_one_event_per_gap_and_a_first_chunk_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch, GAP) as (turn, log):
+    async with pumping(tmp_path, monkeypatch) as (turn, log):
         started = loop.time()
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk, at once")
@@ -85,7 +83,7 @@ async def test_what_is_not_text_never_waits_for_the_gap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch, GAP) as (turn, log):
+    async with pumping(tmp_path, monkeypatch) as (turn, log):
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
         started = loop.time()
@@ -100,14 +98,14 @@ async def test_what_is_not_text_never_waits_for_the_gap(
 
 async def test_a_chunk_after_a_pause_leaves_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch, 0.5) as (turn, log):
+    async with pumping(tmp_path, monkeypatch) as (turn, log):
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
-        await asyncio.sleep(0.6)  # a pause longer than the gap
+        await asyncio.sleep(GAP + 0.2)  # a pause longer than the gap
         started = loop.time()
         turn.push(chunk("b"))
         await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after the pause")
-        assert loop.time() - started < 0.4
+        assert loop.time() - started < GAP / 2
 
 
 def update_line(text: str) -> bytes:
@@ -181,14 +179,14 @@ async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhil
 
 
 async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport_module, "READ_GAP", 0.5)
+    monkeypatch.setattr(transport_module, "READ_GAP", GAP)
     loop = asyncio.get_running_loop()
     async with agent_pipe() as (agent, _pipe, received):
         for index in range(transport_module.STREAK + 2):
             os.write(agent, update_line(f"{index}"))
             await eventually(has(received, index + 1), what="each line")
-        await asyncio.sleep(0.6)  # the agent pauses for longer than the gap...
+        await asyncio.sleep(GAP + 0.2)  # the agent pauses for longer than the gap...
         started = loop.time()
         os.write(agent, update_line("after"))  # ...so this one is read at once
         await eventually(lambda: received[-1] == "after", what="the line after the pause")
-        assert loop.time() - started < 0.4
+        assert loop.time() - started < GAP / 2

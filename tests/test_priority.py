@@ -53,7 +53,8 @@ async def test_retries_are_bounded_and_end_with_the_process(monkeypatch: pytest.
     always_busy = Autogroups(busy=1_000)
     monkeypatch.setattr(priority, "open", always_busy.open, raising=False)
     priority.lower(4242, 10, lambda: True)
-    await asyncio.sleep(0.5)  # far longer than 5 tries take
+    await eventually(lambda: always_busy.busy == 1_000 - 5, timeout=10, what="5 tries")
+    await asyncio.sleep(0.2)  # ten retry periods more: no sixth try
     assert always_busy.busy == 1_000 - 5 and not always_busy.written
 
     gone_soon = Autogroups(busy=1_000)
