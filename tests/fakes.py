@@ -58,6 +58,7 @@ class FakeAgent:
         self.watchers: dict[str, Callable[[Any], None]] = {}  # state updates, turn or not
         self.sessions: list[str] = []
         self.closed_sessions: list[str] = []  # session/close calls
+        self.prompts: list[str] = []  # each prompt's text, noted in prompt()'s first step
         self._on_exit: Callable[[Any], None] | None = None
         self._cancelled = asyncio.Event()
         self._finish = asyncio.Event()
@@ -122,7 +123,8 @@ class FakeAgent:
     async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
         self._cancelled.clear()
         self._finish.clear()
-        command, _, rest = " ".join(b.text for b in blocks).partition(" ")
+        self.prompts.append(" ".join(b.text for b in blocks))
+        command, _, rest = self.prompts[-1].partition(" ")
         if command == "echo":
             for word in rest.split():
                 self.send(session_id, word)

@@ -236,6 +236,29 @@ async def test_a_refused_session_load_opens_a_new_session_and_says_the_context_w
     assert not any(isinstance(item, Notice) for item in later)  # said once
 
 
+async def test_a_turn_is_underway_once_its_prompt_is_with_the_agent_or_its_agent_must_start(
+    pools: PoolFactory,
+) -> None:
+    """Prompt's response headers wait for this: the prompt first, so that the agent works while
+    they go out; but never for an agent to start."""
+    agents = FakeAgents()
+    pool = await pools(agents)
+    session = await new_session(pool)
+    turn = await session.begin_turn(text("wait"), 5, 0)
+    await turn.wait_underway(30)
+    assert agents.last.prompts == ["wait"]  # written before the waiter ran again
+    agents.last.finish_turn()
+    await drain(turn)
+    await eventually(lambda: session.state is State.IDLE, what="the first turn to end")
+
+    assert await session.suspend()
+    agents.behaviour.start_delay = 2.0  # within FAST's agent_start_timeout
+    resumed = await session.begin_turn(text("echo later"), 30, 0)
+    await resumed.wait_underway(30)
+    assert [a.prompts for a in agents.made] == [["wait"]]  # its agent still starts: not waited for
+    assert (await drain(resumed))[-1].stop_reason == "end_turn"
+
+
 # ---- 5. single-flight creates run in their own task ------------------------------------------
 
 

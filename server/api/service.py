@@ -52,6 +52,7 @@ log = logging.getLogger("sessiongate.service")
 
 CWD_CHECK_TIMEOUT = 10.0  # seconds to resolve and stat a requested cwd
 MAX_LIST_BYTES = 3 * 1024 * 1024  # a ListSessions page or a GetTurn at most (one session is far smaller)
+UNDERWAY_WAIT = 1.0  # seconds Prompt's headers wait at most for the prompt to be on its way
 TURN_ID_HEADER = "sessiongate-turn-id"  # Prompt's and WatchTurn's response header: the turn's id
 
 STATES = {
@@ -192,6 +193,9 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 on_disconnect=on_disconnect,
             )
             try:
+                # The prompt goes to the agent before the response headers go out: sending them
+                # is work on the loop, which the agent's own work on its answer now overlaps.
+                await turn.wait_underway(UNDERWAY_WAIT)
                 await context.send_initial_metadata(((TURN_ID_HEADER, turn_log.turn_id),))
                 # The turn runs in its own task and its events go to its log; this handler
                 # reads them from there like any watcher, but paces the agent while it reads.

@@ -139,6 +139,8 @@ class TurnRunner:
         turn = self.turn
         try:
             try:
+                if not self.host.holder.alive:
+                    turn.underway()  # an agent to start first: its client gets the headers meanwhile
                 await self.host.prepare_agent()
                 notice = self.host.take_notice()
                 if notice is not None:
@@ -184,6 +186,7 @@ class TurnRunner:
         agent.ask_with(acp_session_id, self.host.questions.asker(turn))
         self._prompt = asyncio.get_running_loop().create_task(agent.prompt(acp_session_id, self.blocks))
         self._prompt.add_done_callback(self._prompt_done)
+        turn.underway()  # the prompt task writes before whoever waits on this runs again
         while True:
             if self._prompt.done():
                 return self._answer(self._prompt)

@@ -21,6 +21,7 @@ Clocks are the event loop's monotonic clock; wall-clock times are only for displ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -93,6 +94,7 @@ class Turn:
     _ended: bool = False
     _holding_back: bool = True  # backpressure on; off once nobody will read the rest
     on_end: Callable[[], None] | None = None  # told when the last item is in (the turn log's pump)
+    _underway: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def deadline(self) -> float:
@@ -139,6 +141,19 @@ class Turn:
 
     # ---- the runner side -------------------------------------------------------------
 
+    def underway(self) -> None:
+        """The prompt is on its way to the agent (its write goes before the waiting handler
+        runs again: asyncio runs callbacks in the order they were scheduled), or the turn has
+        to start its agent first, or it ended: its client's response headers need not wait."""
+        self._underway.set()
+
+    async def wait_underway(self, timeout: float) -> None:
+        """Until underway(), at most `timeout` seconds (it comes within the runner's first steps)."""
+        if not self._underway.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._underway.wait()
+
     def notice(self, notice: Notice) -> None:
         if not self._ended:
             self._append(notice)
@@ -150,6 +165,7 @@ class Turn:
         if self.dropped:
             self._append(Notice("events_dropped", f"{self.dropped} agent updates were dropped after cancel"))
         self._ended = True
+        self._underway.set()
         self._append(_Last(outcome))
         if self.on_end is not None:
             self.on_end()
