@@ -4,7 +4,9 @@
   and anything that is not text leave at once;
 - the agent's reader (transport.READ_GAP): once STREAK small reads in a row found the agent
   writing, the next read waits out the gap with the pipe unpolled (one wake-up per gap, not
-  per write); a line after a pause is read at once.
+  per write); a line after a pause is read at once;
+- both gaps are shared rates (loop_share.FloodRate): while several turns or agents flood,
+  each one's gap grows with their number, so many floods cost no more events or reads than few.
 
 The gaps are stretched to seconds here, so what waits and what does not is plain whatever the
 machine's load.
@@ -23,6 +25,7 @@ import orjson
 import pytest
 from sessiongate.server.agents import transport as transport_module
 from sessiongate.server.agents.transport import READ_BUFFER, AgentTransport, TextRun
+from sessiongate.server.loop_share import FloodRate
 from sessiongate.server.state.sqlite import SessionStore
 from sessiongate.server.turns import turn_log as turn_log_module
 from sessiongate.server.turns.turn import Notice, Turn, TurnEnd
@@ -38,20 +41,30 @@ def chunk(text: str) -> TextRun:
     return TextRun("agent_message_chunk", text, "")
 
 
+def flood_rate(least: float = GAP) -> FloodRate:
+    """A shared rate whose gap is GAP for one flood, and GAP more for each flood besides."""
+    return FloodRate(least, 1 / GAP)
+
+
 @contextlib.asynccontextmanager
-async def pumping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Turn, TurnLog]]:
-    """A turn pumped into its log, with turn_log.EVENT_GAP stretched to GAP."""
-    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
+async def pumping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turns: int = 1, floods: FloodRate | None = None
+) -> AsyncIterator[list[tuple[Turn, TurnLog]]]:
+    """Turns pumped into their logs, with the event gap stretched to GAP."""
+    monkeypatch.setattr(turn_log_module, "FLOODS", floods or flood_rate())
     store = SessionStore(tmp_path / "sessions.db")
     await store.open()
-    turn = Turn(stall_timeout=60, max_duration=600)
-    log = TurnLog(store, pb.Turn(turn_id="t1", session_id="s1"), max_bytes=1 << 24)
-    task = asyncio.create_task(pump(turn, log, 1 << 20))
+    pumped = []
+    for index in range(turns):
+        turn = Turn(stall_timeout=60, max_duration=600)
+        log = TurnLog(store, pb.Turn(turn_id=f"t{index}", session_id="s1"), max_bytes=1 << 24)
+        pumped.append((turn, log, asyncio.create_task(pump(turn, log, 1 << 20))))
     try:
-        yield turn, log
+        yield [(turn, log) for turn, log, _ in pumped]
     finally:
-        turn.end(TurnEnd("end_turn"))
-        await asyncio.wait_for(task, 10)
+        for turn, _, task in pumped:
+            turn.end(TurnEnd("end_turn"))
+            await asyncio.wait_for(task, 10)
         await store.close()
 
 
@@ -63,7 +76,7 @@ async def test_a_flood_leaves_one_event_per_gap_and_a_first_chunk_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch) as (turn, log):
+    async with pumping(tmp_path, monkeypatch) as [(turn, log)]:
         started = loop.time()
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk, at once")
@@ -83,7 +96,7 @@ async def test_what_is_not_text_never_waits_for_the_gap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch) as (turn, log):
+    async with pumping(tmp_path, monkeypatch) as [(turn, log)]:
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
         started = loop.time()
@@ -98,7 +111,7 @@ async def test_what_is_not_text_never_waits_for_the_gap(
 
 async def test_a_chunk_after_a_pause_leaves_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch) as (turn, log):
+    async with pumping(tmp_path, monkeypatch) as [(turn, log)]:
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
         await asyncio.sleep(GAP + 0.2)  # a pause longer than the gap
@@ -106,6 +119,52 @@ async def test_a_chunk_after_a_pause_leaves_at_once(tmp_path: Path, monkeypatch:
         turn.push(chunk("b"))
         await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after the pause")
         assert loop.time() - started < GAP / 2
+
+
+async def test_while_two_turns_flood_each_ones_gap_is_twice_as_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with pumping(tmp_path, monkeypatch, turns=2, floods=flood_rate(least=0)) as pumped:
+        for turn, _ in pumped:
+            turn.push(chunk("a"))
+        await eventually(lambda: all(texts(log) == ["a"] for _, log in pumped), what="the first chunks")
+        started = loop.time()
+        for turn, _ in pumped:
+            turn.push(chunk("b"))  # both flood now: each waits out 2 x GAP
+        await asyncio.sleep(GAP * 1.5)
+        assert [texts(log) for _, log in pumped] == [["a"], ["a"]]  # one flood's gap is not enough
+        for turn, _ in pumped:
+            turn.push(chunk("c"))
+        await eventually(
+            lambda: all(texts(log) == ["a", "bc"] for _, log in pumped), what="the merged chunks", timeout=20
+        )
+        assert loop.time() - started >= 2 * GAP * 0.99
+    async with pumping(tmp_path, monkeypatch, floods=flood_rate(least=0)) as [(turn, log)]:
+        turn.push(chunk("a"))
+        await eventually(lambda: texts(log) == ["a"], what="the first chunk")
+        started = loop.time()
+        turn.push(chunk("b"))  # alone again: one gap
+        await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after one gap", timeout=20)
+        assert GAP * 0.99 <= loop.time() - started < GAP * 1.5
+
+
+def test_a_flood_rate_counts_the_floods_that_joined_and_not_those_gone() -> None:
+    class Flood:
+        pass
+
+    rate = FloodRate(0.001, 1000)
+    floods = [Flood() for _ in range(3)]
+    assert rate.gap() == 0.001  # at least `least`
+    for flood in floods:
+        rate.join(flood)
+        rate.join(flood)  # once only
+    assert rate.gap() == pytest.approx(0.003)
+    rate.leave(floods.pop())
+    rate.leave(Flood())  # one that never joined
+    assert rate.gap() == pytest.approx(0.002)
+    floods.pop()  # collected without leaving
+    assert rate.gap() == pytest.approx(0.001)
 
 
 def update_line(text: str) -> bytes:
@@ -161,6 +220,7 @@ async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhil
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(transport_module, "READ_GAP", GAP)
+    monkeypatch.setattr(transport_module, "READS", flood_rate())
     loop = asyncio.get_running_loop()
     async with agent_pipe() as (agent, pipe, received):
         for index in range(transport_module.STREAK):  # small reads, each finding the agent writing
@@ -180,6 +240,7 @@ async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhil
 
 async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "READ_GAP", GAP)
+    monkeypatch.setattr(transport_module, "READS", flood_rate())
     loop = asyncio.get_running_loop()
     async with agent_pipe() as (agent, _pipe, received):
         for index in range(transport_module.STREAK + 2):
@@ -190,3 +251,26 @@ async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest
         os.write(agent, update_line("after"))  # ...so this one is read at once
         await eventually(lambda: received[-1] == "after", what="the line after the pause")
         assert loop.time() - started < GAP / 2
+
+
+async def test_while_two_agents_flood_each_ones_pipe_is_read_half_as_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport_module, "READ_GAP", GAP)
+    monkeypatch.setattr(transport_module, "READS", flood_rate(least=0))
+    loop = asyncio.get_running_loop()
+    async with agent_pipe() as (first, _, got_first), agent_pipe() as (second, _, got_second):
+        pipes = ((first, got_first), (second, got_second))
+        for index in range(transport_module.STREAK):  # both in a streak: two floods
+            for agent, received in pipes:
+                os.write(agent, update_line(f"{index}"))
+                await eventually(has(received, index + 1), what="each line, at once")
+        last_read = loop.time()
+        for agent, _ in pipes:
+            os.write(agent, update_line("x"))
+        await asyncio.sleep(GAP * 1.5)
+        assert [len(received) for _, received in pipes] == [transport_module.STREAK] * 2  # not yet
+        await eventually(
+            lambda: all(received[-1] == "x" for _, received in pipes), what="the lines, 2 gaps on", timeout=20
+        )
+        assert loop.time() - last_read >= 2 * GAP - 0.5

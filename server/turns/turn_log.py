@@ -43,7 +43,7 @@ from sessiongate.server.errors import (
     failure_status,
 )
 from sessiongate.server.ids import opaque_id
-from sessiongate.server.loop_share import loop_share
+from sessiongate.server.loop_share import FloodRate, loop_share
 from sessiongate.server.settings import MIN_TURN_LOG_BYTES
 from sessiongate.server.state.base import Store
 from sessiongate.server.state.turn_records import TurnRow
@@ -60,6 +60,8 @@ MAX_UNWRITTEN = 512 * 1024  # the pump waits while this much is not on disk yet 
 EVENT_GAP = 0.001  # seconds: text that follows its last event sooner waits out the gap, merging
 # what comes meanwhile (turn.py), so a flood costs an event per gap, not per chunk, and a chunk
 # after a pause leaves at once. Each event costs the gateway (and its client) tens of µs.
+FLOOD_EVENTS = 1000  # events a second for all floods together: each flood's gap grows with their
+# number (never below EVENT_GAP), so that many floods cost the gateway no more events than a few.
 PACE_LAG = 4  # events the pump may run ahead of the prompting client (few: what waits in the
 # Turn is coalesced, see turn.py, and a stream of merged chunks relays more per event)
 UNREAD_KEPT = 4096  # sizes kept for a prompting client that has not come to read yet
@@ -527,6 +529,10 @@ class _Internal(SessionGateError):
     code = grpc.StatusCode.INTERNAL
 
 
+# The turns whose text outpaces their relay: their pumps find it buffered whenever they look.
+FLOODS = FloodRate(EVENT_GAP, FLOOD_EVENTS)
+
+
 async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
     """The turn's items into its log, numbered and translated, until its last one."""
     turn.on_end = log_.turn_over
@@ -539,9 +545,12 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
             if not log_.has_room():
                 await log_.room()
             if not turn.buffered():
+                FLOODS.leave(turn)  # the agent does not outpace the relay (now)
                 await turn.buffering()
-            if turn.text_to_merge() and (wait := last_event_at + EVENT_GAP - loop.time()) > 0:
-                await asyncio.sleep(wait)
+            if turn.text_to_merge():
+                FLOODS.join(turn)
+                if FLOODS.left(last_event_at) > 0:
+                    await FLOODS.wait_out(last_event_at)
             last_event_at = loop.time()
             try:
                 item: Any = turn.next_ready()
@@ -561,6 +570,7 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
                 log_.complete(events[0].result)
                 break
     finally:
+        FLOODS.leave(turn)
         if log_.running:  # the pump itself was cancelled (a bug, or the loop ending)
             log_.fail(ShuttingDown("the server is shutting down"))
         with contextlib.suppress(Exception):
