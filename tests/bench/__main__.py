@@ -22,7 +22,12 @@ def main() -> None:
     table = report.markdown()
     out = opts.out or (Path("bench-results/quick.md") if opts.quick else Path("docs/benchmarks.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# sessiongate benchmark ({scale.name})\n\n{table}")
+    title = f"# sessiongate benchmark ({scale.name})\n"
+    page = out.read_text() if out.exists() else ""
+    if opts.only and page.startswith(title):  # some figures of a run at this scale: only theirs change
+        out.write_text(report.merged_into(page, opts.only))
+    else:
+        out.write_text(f"{title}\n{table}")
     print()
     print(table)
     print(f"written to {out}")

@@ -97,17 +97,56 @@ class Report:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
             f"Python {sys.version.split()[0]}. Medians of {self.scale.reps} repetitions where repeated.",
             "",
-            "| figure | baseline | sessiongate | ratio | target | met |",
+            TABLE_HEAD,
             "| --- | ---: | ---: | ---: | --- | --- |",
+            *self._row_lines().values(),
         ]
-        for r in self.rows:
-            met = "yes" if r.met else "**no**"
-            lines.append(
-                f"| {r.figure} | {r.baseline:,.2f} {r.unit} | {r.ours:,.2f} {r.unit} | {r.ratio:.2f} "
-                f"| {r.target} | {met} |"
-            )
-        notes = [f"- {r.figure}: {r.note}" for r in self.rows if r.note]
+        notes = list(self._note_lines().values())
         return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
+
+    def merged_into(self, page: str, only: list[str]) -> str:
+        """A page this harness wrote (its markdown()), with this run's rows and notes in place of
+        the same figures' (new ones after the others), and a line before the table saying which
+        figures were re-measured when: `--only` re-measures some figures of a whole run."""
+        rows, notes = self._row_lines(), self._note_lines()
+        lines = page.rstrip("\n").split("\n")
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        said = f"Re-measured {stamp} with `--only {' '.join(only)}`: those figures' rows and notes below."
+        merged: list[str] = []
+        for line in lines:
+            if line == TABLE_HEAD:
+                merged += [said, ""]
+            if row := _row_figure(line, rows):
+                line = rows.pop(row)
+            elif note := _note_figure(line, notes):
+                line = notes.pop(note)
+            merged.append(line)
+        table_end = max(i for i, line in enumerate(merged) if line.startswith("| ")) + 1
+        merged[table_end:table_end] = rows.values()
+        return "\n".join(merged + ([""] if notes and merged[-1] else []) + list(notes.values())) + "\n"
+
+    def _row_lines(self) -> dict[str, str]:
+        return {
+            r.figure: f"| {r.figure} | {r.baseline:,.2f} {r.unit} | {r.ours:,.2f} {r.unit} | {r.ratio:.2f} "
+            f"| {r.target} | {'yes' if r.met else '**no**'} |"
+            for r in self.rows
+        }
+
+    def _note_lines(self) -> dict[str, str]:
+        return {r.figure: f"- {r.figure}: {r.note}" for r in self.rows if r.note}
+
+
+TABLE_HEAD = "| figure | baseline | sessiongate | ratio | target | met |"
+
+
+def _row_figure(line: str, figures: dict[str, str]) -> str:
+    """The figure whose table row `line` is ("" if none of `figures`)."""
+    return next((f for f in figures if line.startswith(f"| {f} | ")), "")
+
+
+def _note_figure(line: str, figures: dict[str, str]) -> str:
+    """The figure whose note `line` is ("" if none of `figures`)."""
+    return max((f for f in figures if line.startswith(f"- {f}: ")), key=len, default="")  # "a: b" over "a"
 
 
 # ---- processes -----------------------------------------------------------------------------
