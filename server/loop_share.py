@@ -22,8 +22,8 @@ Each agent's reader, and each turn's relay, calls `take()` before each line or e
 
 Output that does not fill a slice (the usual case) never waits.
 
-FloodRate is the other bound: floods wait out gaps between their reads and their events, and
-the gap grows with the number of floods, so that many floods cost no more of either than few.
+FloodRate is the other bound: floods wait out gaps between their events, and the gap grows with
+the number of floods, so that many floods cost no more events than a few.
 """
 
 from __future__ import annotations
@@ -90,11 +90,10 @@ class LoopShare:
 
 
 class FloodRate:
-    """A rate shared by the floods of one kind (agents' pipes read, turns' events relayed): while
-    `n` of them flood, each one's steps are n / per_second seconds apart, `least` at least, so
-    that many floods together cost the gateway no more steps a second than a few, and one flood
-    alone is not slowed. A flood counts from `join` to `leave`, or until it is collected (held
-    weakly: one that ended without leaving does not count for ever)."""
+    """A rate shared by the floods of one kind: while `n` of them flood, each one's steps are
+    n / per_second seconds apart, `least` at least, so that many floods together cost the
+    gateway no more steps a second than a few, and one flood alone is not slowed. A flood
+    counts from `join` to `leave`, or until it is collected (held weakly)."""
 
     def __init__(self, least: float, per_second: float) -> None:
         self.least = least
@@ -113,13 +112,6 @@ class FloodRate:
     def left(self, since: float) -> float:
         """Seconds left of a gap that began at `since` (loop time); none when not above 0."""
         return since + self.gap() - asyncio.get_running_loop().time()
-
-    async def wait_out(self, since: float) -> None:
-        """Until no gap is left: floods that join meanwhile lengthen it."""
-        left = self.left(since)
-        while left > 0:
-            await asyncio.sleep(left)
-            left = self.left(since)
 
 
 _shares: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopShare] = weakref.WeakKeyDictionary()

@@ -37,6 +37,7 @@ def test_a_partial_run_replaces_only_its_figures_rows_and_notes_and_says_so() ->
         "| third figure | 2.00 µs | 1.00 µs | 0.50 | <= 3 | yes |",
         "| a new figure | 1.00 ev/s | 4.00 ev/s | 4.00 | >= 1 | yes |",
     ]
+    assert "" not in lines[lines.index("- first figure: old note: one") :]  # one list of notes
     notes = [line for line in lines if line.startswith("- ")]
     assert notes == [
         "- first figure: old note: one",
@@ -47,3 +48,15 @@ def test_a_partial_run_replaces_only_its_figures_rows_and_notes_and_says_so() ->
     said = lines.index("| figure | baseline | sessiongate | ratio | target | met |") - 2
     assert lines[said].startswith("Re-measured ") and "`--only second_figure new_figure`" in lines[said]
     assert lines[2].startswith("Run: `make bench` (full)")  # the whole run's line stays
+
+
+def test_the_first_notes_go_below_the_table() -> None:
+    page = (
+        "# sessiongate benchmark (full)\n\n" + report(Row("first", "ms", 1.0, 2.0, "<= 3", True)).markdown()
+    )
+
+    lines = (
+        report(Row("second", "ms", 1.0, 2.0, "<= 3", True, "a note")).merged_into(page, ["b"]).splitlines()
+    )
+
+    assert lines[-3:] == ["| second | 1.00 ms | 2.00 ms | 2.00 | <= 3 | yes |", "", "- second: a note"]

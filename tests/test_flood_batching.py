@@ -5,8 +5,9 @@
 - the agent's reader (transport.READ_GAP): once STREAK small reads in a row found the agent
   writing, the next read waits out the gap with the pipe unpolled (one wake-up per gap, not
   per write); a line after a pause is read at once;
-- both gaps are shared rates (loop_share.FloodRate): while several turns or agents flood,
-  each one's gap grows with their number, so many floods cost no more events or reads than few.
+- the event gap is a shared rate (loop_share.FloodRate): while several turns have text to send,
+  each one's gap grows with their number, so many streams cost no more events than a few; a
+  turn that has none (paused, or done) does not count, and whatever is not text ends a wait.
 
 The gaps are stretched to seconds here, so what waits and what does not is plain whatever the
 machine's load.
@@ -41,17 +42,14 @@ def chunk(text: str) -> TextRun:
     return TextRun("agent_message_chunk", text, "")
 
 
-def flood_rate(least: float = GAP) -> FloodRate:
-    """A shared rate whose gap is GAP for one flood, and GAP more for each flood besides."""
-    return FloodRate(least, 1 / GAP)
-
-
 @contextlib.asynccontextmanager
 async def pumping(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turns: int = 1, floods: FloodRate | None = None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, turns: int = 1
 ) -> AsyncIterator[list[tuple[Turn, TurnLog]]]:
-    """Turns pumped into their logs, with the event gap stretched to GAP."""
-    monkeypatch.setattr(turn_log_module, "FLOODS", floods or flood_rate())
+    """Turns pumped into their logs, with the gaps stretched: GAP for each turn with text to send
+    (GAP for one alone, 2 x GAP each while two have)."""
+    monkeypatch.setattr(turn_log_module, "EVENT_GAP", GAP)
+    monkeypatch.setattr(turn_log_module, "FLOOD_EVENTS", 1 / GAP)
     store = SessionStore(tmp_path / "sessions.db")
     await store.open()
     pumped = []
@@ -125,11 +123,11 @@ async def test_while_two_turns_flood_each_ones_gap_is_twice_as_long(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
-    async with pumping(tmp_path, monkeypatch, turns=2, floods=flood_rate(least=0)) as pumped:
+    async with pumping(tmp_path, monkeypatch, turns=2) as pumped:
+        started = loop.time()  # before the first events: the gaps count from them
         for turn, _ in pumped:
             turn.push(chunk("a"))
         await eventually(lambda: all(texts(log) == ["a"] for _, log in pumped), what="the first chunks")
-        started = loop.time()
         for turn, _ in pumped:
             turn.push(chunk("b"))  # both flood now: each waits out 2 x GAP
         await asyncio.sleep(GAP * 1.5)
@@ -139,14 +137,43 @@ async def test_while_two_turns_flood_each_ones_gap_is_twice_as_long(
         await eventually(
             lambda: all(texts(log) == ["a", "bc"] for _, log in pumped), what="the merged chunks", timeout=20
         )
-        assert loop.time() - started >= 2 * GAP * 0.99
-    async with pumping(tmp_path, monkeypatch, floods=flood_rate(least=0)) as [(turn, log)]:
+        assert loop.time() - started >= 2 * GAP
+    async with pumping(tmp_path, monkeypatch) as [(turn, log)]:
+        started = loop.time()
         turn.push(chunk("a"))
         await eventually(lambda: texts(log) == ["a"], what="the first chunk")
-        started = loop.time()
         turn.push(chunk("b"))  # alone again: one gap
         await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after one gap", timeout=20)
-        assert GAP * 0.99 <= loop.time() - started < GAP * 1.5
+        assert GAP <= loop.time() - started < GAP * 1.5
+
+
+async def test_a_turn_with_no_text_waiting_does_not_lengthen_the_others_gaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with pumping(tmp_path, monkeypatch, turns=2) as [(streaming, log), (paused, paused_log)]:
+        started = loop.time()
+        streaming.push(chunk("a"))
+        paused.push(chunk("a"))
+        await eventually(lambda: texts(log) == texts(paused_log) == ["a"], what="the first chunks")
+        streaming.push(chunk("b"))  # only this one streams on: one gap, not two
+        await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after one gap", timeout=20)
+        assert GAP <= loop.time() - started < GAP * 1.5
+
+
+async def test_what_is_not_text_ends_a_floods_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    async with pumping(tmp_path, monkeypatch) as [(turn, log)]:
+        turn.push(chunk("a"))
+        await eventually(lambda: texts(log) == ["a"], what="the first chunk")
+        turn.push(chunk("b"))  # a flood: waits out the gap for more text...
+        for _ in range(20):
+            await asyncio.sleep(0)
+        started = loop.time()
+        turn.notice(Notice("info", "not text"))  # ...until this comes
+        await eventually(lambda: len(log._mem) == 3, what="the chunk and the notice")
+        assert texts(log) == ["a", "b"]
+        assert loop.time() - started < GAP / 2
 
 
 def test_a_flood_rate_counts_the_floods_that_joined_and_not_those_gone() -> None:
@@ -220,7 +247,6 @@ async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhil
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(transport_module, "READ_GAP", GAP)
-    monkeypatch.setattr(transport_module, "READS", flood_rate())
     loop = asyncio.get_running_loop()
     async with agent_pipe() as (agent, pipe, received):
         for index in range(transport_module.STREAK):  # small reads, each finding the agent writing
@@ -240,7 +266,6 @@ async def test_a_flooding_agents_pipe_is_read_once_per_gap_and_unpolled_meanwhil
 
 async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "READ_GAP", GAP)
-    monkeypatch.setattr(transport_module, "READS", flood_rate())
     loop = asyncio.get_running_loop()
     async with agent_pipe() as (agent, _pipe, received):
         for index in range(transport_module.STREAK + 2):
@@ -251,26 +276,3 @@ async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest
         os.write(agent, update_line("after"))  # ...so this one is read at once
         await eventually(lambda: received[-1] == "after", what="the line after the pause")
         assert loop.time() - started < GAP / 2
-
-
-async def test_while_two_agents_flood_each_ones_pipe_is_read_half_as_often(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(transport_module, "READ_GAP", GAP)
-    monkeypatch.setattr(transport_module, "READS", flood_rate(least=0))
-    loop = asyncio.get_running_loop()
-    async with agent_pipe() as (first, _, got_first), agent_pipe() as (second, _, got_second):
-        pipes = ((first, got_first), (second, got_second))
-        for index in range(transport_module.STREAK):  # both in a streak: two floods
-            for agent, received in pipes:
-                os.write(agent, update_line(f"{index}"))
-                await eventually(has(received, index + 1), what="each line, at once")
-        last_read = loop.time()
-        for agent, _ in pipes:
-            os.write(agent, update_line("x"))
-        await asyncio.sleep(GAP * 1.5)
-        assert [len(received) for _, received in pipes] == [transport_module.STREAK] * 2  # not yet
-        await eventually(
-            lambda: all(received[-1] == "x" for _, received in pipes), what="the lines, 2 gaps on", timeout=20
-        )
-        assert loop.time() - last_read >= 2 * GAP - 0.5

@@ -42,7 +42,7 @@ import orjson
 from acp import schema
 from pydantic import ValidationError
 from sessiongate.server.errors import clip
-from sessiongate.server.loop_share import FloodRate, loop_share
+from sessiongate.server.loop_share import loop_share
 
 log = logging.getLogger("sessiongate.agent")
 
@@ -52,8 +52,6 @@ DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clippe
 DROP_SUMMARY_EVERY = 100_000  # ...every this many more
 READ_GAP = 0.001  # seconds: a flood's reads are at least this far apart (see _read)
 STREAK = 3  # ...once this many reads in a row came within the gap
-FLOOD_READS = 1000  # pipe reads a second for all floods together: each one's gap grows with their
-# number (READ_GAP at least), so that many floods are read in larger pieces, not a line at a time
 LOGGED_BYTES = 200  # of one dropped line
 # The agent's requests to us: their count is what its own tool calls run in parallel (reads wait
 # for their lane, permissions for the client, terminal waits for a command), the bytes are the
@@ -70,9 +68,6 @@ KNOWN_UPDATES = frozenset(
 
 
 TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
-
-# The agents read in a streak now (see _read): each found its agent still writing.
-READS = FloodRate(READ_GAP, FLOOD_READS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +184,6 @@ class AgentTransport:
 
     async def close(self) -> None:
         self._ended = True
-        READS.leave(self)
         self._flowing.set()  # a paused receive() returns None now
         # The agent's stdin stays open (as with the SDK's own transport): the agent is ended by
         # signals to its group, within the kill grace, not by an end of input it may ignore.
@@ -334,19 +328,18 @@ class AgentTransport:
 
     async def _read(self) -> bytes:
         """What the pipe has (up to READ_BUFFER). While the agent writes without a pause (STREAK
-        small reads in a row each found data within READ_GAP), the next read waits out a gap
-        after the last (READS.gap(): READ_GAP, longer while many agents flood): a flood is then
-        read a gap's worth at a time, not a write at a time, and a line after a pause is read
-        at once."""
+        small reads in a row each found data within READ_GAP), the next read waits until READ_GAP
+        after the last: a flood is then read a gap's worth at a time, not a write at a time, and
+        a line after a pause is read at once."""
         loop = asyncio.get_running_loop()
-        if self._streak >= STREAK and READS.left(self._read_at) > 0:
+        if self._streak >= STREAK and (wait := self._read_at + READ_GAP - loop.time()) > 0:
             # Unpolled meanwhile, or each of the agent's writes would wake the loop to read it.
             # (One the reader paused itself, its buffer full, is the reader's to resume.)
             pipe = self._pipe if self._pipe is not None and self._pipe.is_reading() else None
             if pipe is not None:
                 pipe.pause_reading()
             try:
-                await READS.wait_out(self._read_at)
+                await asyncio.sleep(wait)
             finally:
                 if pipe is not None and not pipe.is_closing():
                     pipe.resume_reading()
@@ -354,11 +347,7 @@ class AgentTransport:
         data = await self._reader.read(READ_BUFFER)
         now = loop.time()
         streaming = now - asked < READ_GAP and len(data) < READ_BUFFER // 2  # the agent kept writing
-        self._streak = self._streak + 1 if streaming and data else 0
-        if self._streak == STREAK:
-            READS.join(self)
-        elif not self._streak:
-            READS.leave(self)
+        self._streak = self._streak + 1 if streaming else 0
         self._read_at = now
         return data
 
@@ -393,7 +382,6 @@ class AgentTransport:
 
     def _end(self, why: str, eof: bool) -> None:
         """No more messages: tell the connection why (unless we closed it), and the SDK (None)."""
-        READS.leave(self)
         if not self._ended:
             self._ended = True
             self._on_broken(why, eof)

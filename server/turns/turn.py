@@ -13,7 +13,8 @@ which every reader reads. Two things happen in between:
   again: the buffer keeps as much and drops the others, so the agent's answer gets through.
 - coalescing: consecutive text chunks of one message that are already buffered leave as one
   event. Nothing is reordered; the turn log's pump waits for more only while text streams
-  faster than one event per turn_log.EVENT_GAP (a flood), never for a turn's first event.
+  faster than one event per turn_log.EVENT_GAP (a flood; the gap grows while many turns
+  stream text), never for a turn's first event, and not once something that is not text comes.
 
 Clocks are the event loop's monotonic clock; wall-clock times are only for display.
 """
@@ -91,6 +92,7 @@ class Turn:
     _sizes: deque[int] = field(default_factory=deque)  # item_bytes() of each of _items
     _bytes: int = 0  # their sum
     _waiter: asyncio.Future[None] | None = None
+    _not_text_waiter: asyncio.Future[None] | None = None  # until_not_text()'s
     _ended: bool = False
     _holding_back: bool = True  # backpressure on; off once nobody will read the rest
     on_end: Callable[[], None] | None = None  # told when the last item is in (the turn log's pump)
@@ -178,6 +180,9 @@ class Turn:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        waiter = self._not_text_waiter
+        if waiter is not None and not waiter.done() and _as_text(item) is None:
+            waiter.set_result(None)
 
     # ---- the client side -------------------------------------------------------------
 
@@ -215,6 +220,19 @@ class Turn:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def until_not_text(self, timeout: float) -> bool:
+        """Until something that is not text is buffered (the turn's end included: True), at most
+        `timeout` seconds (False): text that comes meanwhile does not wake the waiter."""
+        self._not_text_waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._not_text_waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._not_text_waiter = None
 
     def text_to_merge(self) -> bool:
         """What is buffered is text still coming (the first and the newest buffered items are

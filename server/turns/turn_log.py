@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -60,8 +61,8 @@ MAX_UNWRITTEN = 512 * 1024  # the pump waits while this much is not on disk yet 
 EVENT_GAP = 0.001  # seconds: text that follows its last event sooner waits out the gap, merging
 # what comes meanwhile (turn.py), so a flood costs an event per gap, not per chunk, and a chunk
 # after a pause leaves at once. Each event costs the gateway (and its client) tens of µs.
-FLOOD_EVENTS = 1000  # events a second for all floods together: each flood's gap grows with their
-# number (never below EVENT_GAP), so that many floods cost the gateway no more events than a few.
+FLOOD_EVENTS = 1000  # text events a second for all turns streaming text at once: each one's gap
+# grows with their number (EVENT_GAP at least), so that many streams cost no more events than few.
 PACE_LAG = 4  # events the pump may run ahead of the prompting client (few: what waits in the
 # Turn is coalesced, see turn.py, and a stream of merged chunks relays more per event)
 UNREAD_KEPT = 4096  # sizes kept for a prompting client that has not come to read yet
@@ -529,8 +530,25 @@ class _Internal(SessionGateError):
     code = grpc.StatusCode.INTERNAL
 
 
-# The turns whose text outpaces their relay: their pumps find it buffered whenever they look.
-FLOODS = FloodRate(EVENT_GAP, FLOOD_EVENTS)
+_floods: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FloodRate] = weakref.WeakKeyDictionary()
+
+
+def floods() -> FloodRate:
+    """The running loop's text streams: the turns whose pumps have text to send now."""
+    loop = asyncio.get_running_loop()
+    rate = _floods.get(loop)
+    if rate is None:
+        rate = _floods[loop] = FloodRate(EVENT_GAP, FLOOD_EVENTS)
+    return rate
+
+
+async def _merge_more(turn: Turn, rate: FloodRate, since: float, left: float) -> None:
+    """Until the flood's gap after `since` is over (floods that join meanwhile lengthen it), or
+    something that is not text comes: it never waits."""
+    while left > 0 and turn.text_to_merge():
+        if await turn.until_not_text(left):
+            return
+        left = rate.left(since)
 
 
 async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
@@ -539,18 +557,25 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
     if turn.ended:
         log_.turn_over()
     loop = asyncio.get_running_loop()
+    rate = floods()
     last_event_at = 0.0
     try:
         while True:
             if not log_.has_room():
+                rate.leave(turn)  # a client behind streams nothing meanwhile
                 await log_.room()
             if not turn.buffered():
-                FLOODS.leave(turn)  # the agent does not outpace the relay (now)
+                rate.leave(turn)  # nor does an agent that pauses
                 await turn.buffering()
             if turn.text_to_merge():
-                FLOODS.join(turn)
-                if FLOODS.left(last_event_at) > 0:
-                    await FLOODS.wait_out(last_event_at)
+                # Text streaming: it waits out the gap after its last event (EVENT_GAP, or more
+                # while many turns stream text), merging what comes meanwhile; whatever is not
+                # text ends the wait.
+                rate.join(turn)
+                if (left := rate.left(last_event_at)) > 0:
+                    await _merge_more(turn, rate, last_event_at, left)
+            else:
+                rate.leave(turn)
             last_event_at = loop.time()
             try:
                 item: Any = turn.next_ready()
@@ -570,7 +595,7 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
                 log_.complete(events[0].result)
                 break
     finally:
-        FLOODS.leave(turn)
+        rate.leave(turn)
         if log_.running:  # the pump itself was cancelled (a bug, or the loop ending)
             log_.fail(ShuttingDown("the server is shutting down"))
         with contextlib.suppress(Exception):

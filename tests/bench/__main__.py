@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from tests.bench.harness import FIGURES, FULL, QUICK, run
+from tests.bench.harness import FIGURES, FULL, QUICK, TABLE_HEAD, run
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"# sessiongate benchmark ({scale.name})\n"
     page = out.read_text() if out.exists() else ""
-    if opts.only and page.startswith(title):  # some figures of a run at this scale: only theirs change
+    if opts.only and page.startswith(title) and TABLE_HEAD in page:  # only these figures' rows change
         out.write_text(report.merged_into(page, opts.only))
     else:
         out.write_text(f"{title}\n{table}")

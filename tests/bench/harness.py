@@ -105,9 +105,11 @@ class Report:
         return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 
     def merged_into(self, page: str, only: list[str]) -> str:
-        """A page this harness wrote (its markdown()), with this run's rows and notes in place of
-        the same figures' (new ones after the others), and a line before the table saying which
-        figures were re-measured when: `--only` re-measures some figures of a whole run."""
+        """A page this harness wrote (its markdown(), with its table), with this run's rows and
+        notes in place of the same figures' (new ones after the others), and a line before the
+        table saying which figures were re-measured when: `--only` re-measures some figures of a
+        whole run. Rows are matched by their label: a figure whose label changed since the page
+        was written gets a row of its own, beside the old one."""
         rows, notes = self._row_lines(), self._note_lines()
         lines = page.rstrip("\n").split("\n")
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -123,7 +125,13 @@ class Report:
             merged.append(line)
         table_end = max(i for i, line in enumerate(merged) if line.startswith("| ")) + 1
         merged[table_end:table_end] = rows.values()
-        return "\n".join(merged + ([""] if notes and merged[-1] else []) + list(notes.values())) + "\n"
+        noted = [i for i, line in enumerate(merged) if line.startswith("- ")]
+        if noted:  # after the page's notes
+            merged[noted[-1] + 1 : noted[-1] + 1] = notes.values()
+        elif notes:  # the first notes, below the table
+            table_end += len(rows)
+            merged[table_end:table_end] = ["", *notes.values()]
+        return "\n".join(merged) + "\n"
 
     def _row_lines(self) -> dict[str, str]:
         return {
