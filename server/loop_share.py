@@ -106,6 +106,9 @@ class FloodRate:
     def leave(self, flood: object) -> None:
         self._floods.discard(flood)
 
+    def counts(self, flood: object) -> bool:
+        return flood in self._floods
+
     def gap(self) -> float:
         return max(self.least, len(self._floods) / self.per_second)
 

@@ -147,18 +147,25 @@ async def test_while_two_turns_flood_each_ones_gap_is_twice_as_long(
         assert GAP <= loop.time() - started < GAP * 1.5
 
 
-async def test_a_turn_with_no_text_waiting_does_not_lengthen_the_others_gaps(
+async def test_a_turn_that_pauses_for_a_gap_no_longer_lengthens_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loop = asyncio.get_running_loop()
     async with pumping(tmp_path, monkeypatch, turns=2) as [(streaming, log), (paused, paused_log)]:
-        started = loop.time()
         streaming.push(chunk("a"))
         paused.push(chunk("a"))
         await eventually(lambda: texts(log) == texts(paused_log) == ["a"], what="the first chunks")
-        streaming.push(chunk("b"))  # only this one streams on: one gap, not two
-        await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after one gap", timeout=20)
-        assert GAP <= loop.time() - started < GAP * 1.5
+        streaming.push(chunk("b"))  # both count for now: 2 x GAP
+        await eventually(lambda: texts(log) == ["a", "b"], what="the chunk after two gaps", timeout=20)
+        await eventually(
+            lambda: not turn_log_module.floods().counts(paused),
+            what="the paused turn to stop counting",
+            timeout=20,
+        )
+        started = loop.time()
+        streaming.push(chunk("c"))  # alone now: one gap after b
+        await eventually(lambda: texts(log) == ["a", "b", "c"], what="the chunk after one gap", timeout=20)
+        assert loop.time() - started < GAP * 1.5
 
 
 async def test_what_is_not_text_ends_a_floods_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -221,6 +221,13 @@ class Turn:
             finally:
                 self._waiter = None
 
+    async def buffering_within(self, timeout: float) -> bool:
+        """`buffering()` for at most `timeout` seconds: whether an item is buffered."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.buffering()
+        return bool(self._items)
+
     async def until_not_text(self, timeout: float) -> bool:
         """Until something that is not text is buffered (the turn's end included: True), at most
         `timeout` seconds (False): text that comes meanwhile does not wake the waiter."""

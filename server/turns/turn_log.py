@@ -564,8 +564,10 @@ async def pump(turn: Turn, log_: TurnLog, max_event_bytes: int) -> None:
             if not log_.has_room():
                 rate.leave(turn)  # a client behind streams nothing meanwhile
                 await log_.room()
-            if not turn.buffered():
-                rate.leave(turn)  # nor does an agent that pauses
+            # A turn streaming text counts until it pauses for a gap: one read in batches is
+            # still streaming between them.
+            if not turn.buffered() and (not rate.counts(turn) or not await turn.buffering_within(rate.gap())):
+                rate.leave(turn)
                 await turn.buffering()
             if turn.text_to_merge():
                 # Text streaming: it waits out the gap after its last event (EVENT_GAP, or more
