@@ -31,6 +31,10 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SLICE = 0.001  # seconds of agents' output handled in one go, all agents together
 REST = 0.0015  # seconds for everything else after a contended slice, before the next one
@@ -117,13 +121,18 @@ class FloodRate:
         return since + self.gap() - asyncio.get_running_loop().time()
 
 
+def per_loop(registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T], make: Callable[[], T]) -> T:
+    """The running loop's entry of `registry`, made by `make()` the first time it is asked for."""
+    loop = asyncio.get_running_loop()
+    entry = registry.get(loop)
+    if entry is None:
+        entry = registry[loop] = make()
+    return entry
+
+
 _shares: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopShare] = weakref.WeakKeyDictionary()
 
 
 def loop_share() -> LoopShare:
     """The running loop's share (one per loop: the agents on it share its slices)."""
-    loop = asyncio.get_running_loop()
-    share = _shares.get(loop)
-    if share is None:
-        share = _shares[loop] = LoopShare(loop)
-    return share
+    return per_loop(_shares, lambda: LoopShare(asyncio.get_running_loop()))

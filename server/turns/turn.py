@@ -22,11 +22,10 @@ Clocks are the event loop's monotonic clock; wall-clock times are only for displ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,9 +151,7 @@ class Turn:
     async def wait_underway(self, timeout: float) -> None:
         """Until underway(), at most `timeout` seconds (it comes within the runner's first steps)."""
         if not self._underway.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._underway.wait()
+            await _within(timeout, self._underway.wait())
 
     def notice(self, notice: Notice) -> None:
         if not self._ended:
@@ -223,21 +220,14 @@ class Turn:
 
     async def buffering_within(self, timeout: float) -> bool:
         """`buffering()` for at most `timeout` seconds: whether an item is buffered."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self.buffering()
-        return bool(self._items)
+        return await _within(timeout, self.buffering())
 
     async def until_not_text(self, timeout: float) -> bool:
         """Until something that is not text is buffered (the turn's end included: True), at most
         `timeout` seconds (False): text that comes meanwhile does not wake the waiter."""
         self._not_text_waiter = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout(timeout):
-                await self._not_text_waiter
-            return True
-        except TimeoutError:
-            return False
+            return await _within(timeout, self._not_text_waiter)
         finally:
             self._not_text_waiter = None
 
@@ -301,6 +291,16 @@ class Turn:
         if len(parts) == 1:
             return first
         return TextRun(run.kind, "".join(parts), run.message_id)
+
+
+async def _within(timeout: float, awaitable: Awaitable[object]) -> bool:
+    """Whether `awaitable` is done within `timeout` seconds (it is cancelled if not)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await awaitable
+    except TimeoutError:
+        return False
+    return True
 
 
 def item_bytes(item: object) -> int:

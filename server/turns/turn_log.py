@@ -44,7 +44,7 @@ from sessiongate.server.errors import (
     failure_status,
 )
 from sessiongate.server.ids import opaque_id
-from sessiongate.server.loop_share import FloodRate, loop_share
+from sessiongate.server.loop_share import FloodRate, loop_share, per_loop
 from sessiongate.server.settings import MIN_TURN_LOG_BYTES
 from sessiongate.server.state.base import Store
 from sessiongate.server.state.turn_records import TurnRow
@@ -535,11 +535,7 @@ _floods: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FloodRate] = weakr
 
 def floods() -> FloodRate:
     """The running loop's text streams: the turns whose pumps have text to send now."""
-    loop = asyncio.get_running_loop()
-    rate = _floods.get(loop)
-    if rate is None:
-        rate = _floods[loop] = FloodRate(EVENT_GAP, FLOOD_EVENTS)
-    return rate
+    return per_loop(_floods, lambda: FloodRate(EVENT_GAP, FLOOD_EVENTS))
 
 
 async def _merge_more(turn: Turn, rate: FloodRate, since: float, left: float) -> None:
