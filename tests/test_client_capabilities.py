@@ -228,11 +228,12 @@ async def test_terminals_are_bounded_killed_and_reaped(
 ) -> None:
     owner, reports, cwd = terms
     ids = [
-        await owner.create("s", str(cwd), "sh", ["-c", "sleep 60 & echo $! > pid-$$; wait"])
+        await owner.create("s", str(cwd), "sh", ["-c", "sleep 60 & echo $! > tmp-$$; mv tmp-$$ pid-$$; wait"])
         for _ in range(terminals.MAX_TERMINALS)
     ]
     with pytest.raises(acp.RequestError, match="too many terminals"):
         await owner.create("s", str(cwd), "true")
+    # Each pid file is written aside and renamed into place, so a file seen is a whole pid.
     await eventually(lambda: len(list(cwd.glob("pid-*"))) == len(ids), what="every command started")
     pids = {int(p.read_text()) for p in cwd.glob("pid-*")}
     try:
