@@ -24,6 +24,7 @@ Directives at the start of the prompt text (used by tests, benchmarks and demos)
   /mode MODE        switch its own mode (as an agent leaving plan mode does): current_mode_update,
                     reply "mode MODE"; an unknown MODE fails the turn (invalid params)
   /state            reply "mode=<mode> model=<model> verbose=<true|false>"
+  /blocks           reply the prompt's content blocks as its SDK parsed them, one JSON per line
   /title TEXT       session_info_update with title TEXT; reply "title set"
   /usage USED SIZE  usage_update (USED of SIZE tokens, cost 0.01 USD); reply "usage sent"
   /elicit [url]     elicitation/create (form, or url mode) asking "What is your name?";
@@ -169,6 +170,7 @@ class EchoAgent:
         self.logged_in = False  # --auth-required: until `authenticate` with "echo-login"
         self.settings: dict[str, Settings] = {}
         self.running: set[str] = set()  # sessions with a turn under way
+        self.prompts: dict[str, list[Any]] = {}  # each session's prompt under way (for /blocks)
         self.terminals = 0  # /terminal tool calls so far (their ids: echo-term-<n>)
         # Each session's MCP servers, as the last session/new, /load or /resume passed them. Kept
         # in memory only: they hold secret values, and ACP passes them again on every load/resume.
@@ -314,6 +316,7 @@ class EchoAgent:
         if directive == "/badresult":  # a dict is sent as is: the SDK validates only models
             return cast(schema.PromptResponse, {"stopReason": "bogus"})
         self.running.add(session_id)
+        self.prompts[session_id] = prompt
         try:
             if handler is not None:
                 reply, stop = await handler(self, session_id, rest, cancel)
@@ -321,6 +324,7 @@ class EchoAgent:
                 reply, stop = await self._normal_turn(session_id, text, cancel)
         finally:
             self.running.discard(session_id)
+            self.prompts.pop(session_id, None)
         self._remember(session_id, text, reply)
         words = len(text.split())
         usage = schema.Usage(input_tokens=words, output_tokens=len(reply.split()), total_tokens=words * 2)
@@ -476,6 +480,12 @@ class EchoAgent:
         settings = self._settings(session_id)
         verbose = "true" if settings.verbose else "false"
         return await self._reply(session_id, f"mode={settings.mode} model={settings.model} verbose={verbose}")
+
+    async def _blocks(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
+        blocks = self.prompts.get(session_id, [])
+        return await self._reply(
+            session_id, "\n".join(b.model_dump_json(by_alias=True, exclude_none=True) for b in blocks)
+        )
 
     async def _title(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
         title = rest.strip()
@@ -765,6 +775,7 @@ DIRECTIVES = {
     "/history": EchoAgent._history,
     "/mode": EchoAgent._mode,
     "/state": EchoAgent._state,
+    "/blocks": EchoAgent._blocks,
     "/title": EchoAgent._title,
     "/usage": EchoAgent._usage,
     "/elicit": EchoAgent._elicit,

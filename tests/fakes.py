@@ -120,10 +120,10 @@ class FakeAgent:
         self.sessions.append(session_id)
         return schema.NewSessionResponse(session_id=session_id)
 
-    async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
+    async def prompt(self, session_id: str, blocks: list[dict[str, Any]]) -> schema.PromptResponse:
         self._cancelled.clear()
         self._finish.clear()
-        self.prompts.append(" ".join(b.text for b in blocks))
+        self.prompts.append(" ".join(b["text"] for b in blocks))
         command, _, rest = self.prompts[-1].partition(" ")
         if command == "echo":
             for word in rest.split():
@@ -251,8 +251,9 @@ async def fake_pool(
     return pool
 
 
-def text(value: str) -> list[Any]:
-    return [schema.TextContentBlock(type="text", text=value)]
+def text(value: str) -> list[dict[str, Any]]:
+    """A prompt as the runner hands it to the agent: ACP content blocks as JSON."""
+    return [{"type": "text", "text": value}]
 
 
 # ---- chaos agents (tests/test_session_machine.py) ---------------------------------------------
@@ -271,7 +272,7 @@ class ChaosAgent(FakeAgent):
         super().__init__(config, behaviour)
         self._died = asyncio.Event()
 
-    async def prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
+    async def prompt(self, session_id: str, blocks: list[dict[str, Any]]) -> schema.PromptResponse:
         if not self.alive:
             raise AgentExited("fake agent: exited")
         work = asyncio.ensure_future(self._prompt(session_id, blocks))
@@ -286,8 +287,8 @@ class ChaosAgent(FakeAgent):
             raise AgentExited(f"fake agent {self.pid_value} exited during the prompt")
         return work.result()
 
-    async def _prompt(self, session_id: str, blocks: list[Any]) -> schema.PromptResponse:
-        command, _, rest = " ".join(b.text for b in blocks).partition(" ")
+    async def _prompt(self, session_id: str, blocks: list[dict[str, Any]]) -> schema.PromptResponse:
+        command, _, rest = " ".join(b["text"] for b in blocks).partition(" ")
         if command != "flood":
             return await super().prompt(session_id, blocks)
         self._cancelled.clear()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +82,52 @@ async def test_content_blocks_are_sent_after_text(gate: Gate) -> None:
     content = [pb.ContentBlock(text=pb.TextContent(text="from a block"))]
     events = await gate.prompt(session.session_id, "first", content=content)
     assert reply_text(events) == "first from a block"
+
+
+async def test_every_kind_of_content_block_reaches_the_agent_as_the_acp_schema_has_it(gate: Gate) -> None:
+    """The prompt goes to the agent as JSON the gateway builds (translate.prompt_json), not the
+    SDK's models: the agent's own SDK parses each kind, in order, with every field (/blocks)."""
+    session = await gate.create()
+    content = [
+        pb.ContentBlock(text=pb.TextContent(text="a block")),
+        pb.ContentBlock(image=pb.ImageContent(data=b"\x89PNG", mime_type="image/png", uri="file:///i.png")),
+        pb.ContentBlock(
+            resource_link=pb.ResourceLink(
+                uri="file:///a.txt",
+                name="a.txt",
+                mime_type="text/plain",
+                title="A",
+                description="the a",
+                size=12,
+            )
+        ),
+        pb.ContentBlock(
+            resource=pb.EmbeddedResource(uri="file:///b.txt", mime_type="text/plain", text="bee")
+        ),
+        pb.ContentBlock(resource=pb.EmbeddedResource(uri="file:///c.bin", blob=b"\x00\x01")),
+    ]
+    events = await gate.prompt(session.session_id, "/blocks", content=content)
+    assert [json.loads(line) for line in reply_text(events).splitlines()] == [
+        {"type": "text", "text": "/blocks"},
+        {"type": "text", "text": "a block"},
+        {
+            "type": "image",
+            "data": base64.b64encode(b"\x89PNG").decode(),
+            "mimeType": "image/png",
+            "uri": "file:///i.png",
+        },
+        {
+            "type": "resource_link",
+            "uri": "file:///a.txt",
+            "name": "a.txt",
+            "mimeType": "text/plain",
+            "title": "A",
+            "description": "the a",
+            "size": 12,
+        },
+        {"type": "resource", "resource": {"uri": "file:///b.txt", "mimeType": "text/plain", "text": "bee"}},
+        {"type": "resource", "resource": {"uri": "file:///c.bin", "blob": "AAE="}},
+    ]
 
 
 async def test_second_prompt_on_busy_session_fails_fast_while_first_turn_completes(gate: Gate) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from acp import schema
 from google.protobuf import json_format
 from sessiongate.server.agents.holder import AgentFactory
 from sessiongate.server.agents.logins import AgentLogins
@@ -177,7 +176,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
         try:
             self._refuse_if_draining()
             options = validation.prompt(request, self._limits)
-            blocks = _acp_blocks(request)
+            blocks = translate.prompt_json(request.text, request.content)
             session = await self._router.take(request.session_id, context)
             _check_agent_allowed(session.config.name)  # the caller's allowed agents may have changed
             await self._pool.admit_prompt()
@@ -515,13 +514,6 @@ def _check_client_mcp_servers_allowed() -> None:
             f"client-supplied MCP servers are not allowed for principal {principal.name!r}",
             metadata={"principal": principal.name},
         )
-
-
-def _acp_blocks(request: pb.PromptRequest) -> list[Any]:
-    """The prompt as the agent receives it: ACP content blocks."""
-    blocks: list[Any] = [schema.TextContentBlock(type="text", text=request.text)] if request.text else []
-    blocks.extend(translate.to_acp_block(b) for b in request.content)
-    return blocks
 
 
 def _prompt_blocks(request: pb.PromptRequest) -> list[pb.ContentBlock]:

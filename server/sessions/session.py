@@ -344,7 +344,7 @@ class Session:
 
     async def begin_turn(
         self,
-        blocks: list[Any],
+        blocks: list[dict[str, Any]],
         stall_timeout: float,
         wait_timeout: float,
         permission_policy: str = "",
@@ -385,7 +385,7 @@ class Session:
 
     async def start_turn(
         self,
-        blocks: list[Any],
+        blocks: list[dict[str, Any]],
         stall_timeout: float,
         wait_timeout: float,
         permission_policy: str = "",

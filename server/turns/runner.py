@@ -55,7 +55,7 @@ class TurnHost(Protocol):
 
 
 class TurnRunner:
-    def __init__(self, host: TurnHost, turn: Turn, blocks: list[Any]) -> None:
+    def __init__(self, host: TurnHost, turn: Turn, blocks: list[dict[str, Any]]) -> None:
         self.host = host
         self.turn = turn
         self.blocks = blocks

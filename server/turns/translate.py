@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from acp import schema
@@ -54,6 +55,22 @@ PERMISSION_OUTCOMES = {
 def content_size(block: pb.ContentBlock) -> int:
     """Bytes a block contributes to the prompt-size limit."""
     return block.ByteSize()
+
+
+def prompt_json(text: str, content: Iterable[pb.ContentBlock]) -> list[dict[str, Any]]:
+    """A prompt (its text, then its content) as the agent receives it: ACP content blocks as
+    JSON, in the wire form the SDK's models dump to. Text needs no model; the other kinds are
+    built by the schema's models, which check them, then dumped."""
+    blocks = [{"type": "text", "text": text}] if text else []
+    for block in content:
+        if block.WhichOneof("block") == "text":
+            blocks.append({"type": "text", "text": block.text.text})
+        else:
+            model = to_acp_block(block)
+            blocks.append(
+                model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+            )
+    return blocks
 
 
 def to_acp_block(block: pb.ContentBlock) -> Any:
