@@ -85,8 +85,9 @@ async def test_content_blocks_are_sent_after_text(gate: Gate) -> None:
 
 
 async def test_every_kind_of_content_block_reaches_the_agent_as_the_acp_schema_has_it(gate: Gate) -> None:
-    """The prompt goes to the agent as JSON the gateway builds (translate.prompt_json), not the
-    SDK's models: the agent's own SDK parses each kind, in order, with every field (/blocks)."""
+    """The prompt goes to the agent as JSON the gateway builds (translate.prompt_json), not
+    through the SDK's PromptRequest: the agent's own SDK parses each kind, in order, with every
+    field (/blocks)."""
     session = await gate.create()
     content = [
         pb.ContentBlock(text=pb.TextContent(text="a block")),

@@ -531,8 +531,10 @@ class AgentConnection:
         `prompt()` would build a PromptRequest model and dump it again on the first event's path
         (about 0.1 ms of it on a busy 2-core machine). The SDK's connection still does the
         JSON-RPC: the id, the answer or the error. It also skips the SDK's wait for its own
-        session/update tasks, which never run: the transport hands every update on itself."""
-        connection = self._connection()._conn  # the SDK's acp.connection.Connection
+        session/update tasks, which never run: the transport hands every update on itself.
+        `_conn` is the SDK's own attribute (its acp.connection.Connection), not its API: the SDK
+        is pinned below 0.13 in pyproject.toml, and every prompt in the tests goes this way."""
+        connection = self._connection()._conn
         return cast(
             Awaitable[Any],
             connection.send_request(PROMPT_METHOD, {"sessionId": session_id, "prompt": blocks}),

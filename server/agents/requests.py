@@ -57,8 +57,9 @@ class AgentRequests:
         self._connection = connection
 
     async def session_update(self, session_id: str, update: Any, **_: Any) -> None:
-        # Only reached by a `session/update` sent as a request (with an id): the transport
-        # routes the notifications itself, in order.
+        # Not reached: the transport routes every session/update notification itself, in order,
+        # and the SDK's router answers one sent as a request (with an id) "method not found".
+        # The SDK's Client protocol has it, so it stays, routing as the transport does.
         self._connection.route(session_id, update)
 
     async def request_permission(

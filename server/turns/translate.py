@@ -59,25 +59,27 @@ def content_size(block: pb.ContentBlock) -> int:
 
 def prompt_json(text: str, content: Iterable[pb.ContentBlock]) -> list[dict[str, Any]]:
     """A prompt (its text, then its content) as the agent receives it: ACP content blocks as
-    JSON, in the wire form the SDK's models dump to. Text needs no model; the other kinds are
-    built by the schema's models, which check them, then dumped."""
-    blocks = [{"type": "text", "text": text}] if text else []
+    JSON, in the wire form the SDK's models dump to (tests/test_prompt_json.py). Text needs no
+    model; the other kinds are built by the schema's models, which check them, then dumped."""
+    blocks = [_text_json(text)] if text else []
     for block in content:
         if block.WhichOneof("block") == "text":
-            blocks.append({"type": "text", "text": block.text.text})
-        else:
-            model = to_acp_block(block)
-            blocks.append(
-                model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+            blocks.append(_text_json(block.text.text))
+        else:  # as the SDK's serialize_params dumps a request
+            dumped = _acp_model(block).model_dump(
+                mode="json", by_alias=True, exclude_none=True, exclude_defaults=True
             )
+            blocks.append(dumped)
     return blocks
 
 
-def to_acp_block(block: pb.ContentBlock) -> Any:
-    """One proto ContentBlock as an ACP content block. The caller has validated it."""
+def _text_json(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def _acp_model(block: pb.ContentBlock) -> Any:
+    """A proto ContentBlock that is not text as the ACP schema's model. The caller has validated it."""
     kind = block.WhichOneof("block")
-    if kind == "text":
-        return schema.TextContentBlock(type="text", text=block.text.text)
     if kind == "image":
         image = block.image
         return schema.ImageContentBlock(
