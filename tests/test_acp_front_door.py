@@ -140,11 +140,15 @@ async def test_permission_requests_reach_the_editor(gate: Gate) -> None:
 
 
 async def test_cancel_ends_the_turn_cancelled(gate: Gate) -> None:
-    async with front_door(gate.target) as (conn, _):
+    async with front_door(gate.target) as (conn, editor):
         await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
         new = await conn.new_session(cwd=str(gate.workdir), mcp_servers=[])
-        turn = asyncio.ensure_future(conn.prompt(session_id=new.session_id, prompt=text("/sleep 20")))
-        await asyncio.sleep(1.0)
+        words = " ".join(f"w{i}" for i in range(40))  # 20 s at one word per 0.5 s, unless cancelled
+        turn = asyncio.ensure_future(
+            conn.prompt(session_id=new.session_id, prompt=text(f"/pace 500 {words}"))
+        )
+        # Cancelled once the turn is under way (its first word came back), not after a guess.
+        await eventually(lambda: editor.text().startswith("w0"), 15, "the turn's first word")
         await conn.cancel(session_id=new.session_id)
         response = await asyncio.wait_for(turn, 15)
         assert response.stop_reason == "cancelled"
@@ -204,8 +208,11 @@ async def test_a_gateway_restart_mid_turn_ends_the_turn_as_reported_and_the_next
         async with server_process(tmp_path, extra_args=("--listen", target)) as server:
             await conn.initialize(protocol_version=acp.PROTOCOL_VERSION)
             new = await conn.new_session(cwd=str(tmp_path), mcp_servers=[])
-            turn = asyncio.ensure_future(conn.prompt(session_id=new.session_id, prompt=text("/sleep 30")))
-            await asyncio.sleep(1.5)
+            words = " ".join(f"w{i}" for i in range(60))  # 30 s at one word per 0.5 s
+            turn = asyncio.ensure_future(
+                conn.prompt(session_id=new.session_id, prompt=text(f"/pace 500 {words}"))
+            )
+            await eventually(lambda: editor.text().startswith("w0"), 15, "the turn's first word")
             assert await server.stop(signal.SIGTERM) == 0
             with pytest.raises(RequestError) as ended:
                 await asyncio.wait_for(turn, 30)

@@ -134,7 +134,7 @@ async def test_single_flight_create_survives_its_first_caller_giving_up(make_gat
     request = pb.CreateSessionRequest(agent="slowinit", request_id="dup")
 
     first = asyncio.create_task(expect_error(gate.stub.CreateSession(request, timeout=1)))
-    await eventually(lambda: len(gate.agent_pids()) == 1, 5, "the slowinit agent's start")
+    await eventually(lambda: len(gate.agent_pids()) == 1, 15, "the slowinit agent's start")
     second: pb.Session = await gate.stub.CreateSession(request, timeout=15)  # the start takes ~2 s
 
     assert (await first).code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -152,7 +152,7 @@ async def test_pending_creates_are_answered_shutting_down_when_the_pool_shuts_do
     request = pb.CreateSessionRequest(agent="slow", request_id="pending")
     calls = [gate.stub.CreateSession(request, timeout=60) for _ in range(2)]
     waits = [asyncio.create_task(expect_error(call)) for call in calls]
-    await eventually(lambda: len(gate.agent_pids()) == 1, 5, "the slow agent's start")
+    await eventually(lambda: len(gate.agent_pids()) == 1, 15, "the slow agent's start")
 
     await gate.running.pool.shutdown()
     done, pending = await asyncio.wait(waits, timeout=5)

@@ -422,8 +422,7 @@ async def test_a_create_cancelled_during_its_store_write_leaves_no_row(
 
     await asyncio.wait_for(agents.last.terminated.wait(), 5)
     await eventually(lambda: pool._slots.used == 0, what="the slot to be freed")
-    await asyncio.sleep(1.0)  # the queued delete runs after the write
-    assert stored_ids(path) == set()
+    await eventually(lambda: stored_ids(path) == set(), what="the queued delete, after the write")
     assert pool.sessions() == []
 
 
