@@ -70,9 +70,11 @@ KNOWN_UPDATES = frozenset(
 TEXT_CHUNKS = ("agent_message_chunk", "agent_thought_chunk")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TextRun:
-    """Text of one message: an agent's plain text chunk, or consecutive ones merged (turn.py)."""
+    """Text of one message: an agent's plain text chunk, or consecutive ones merged (turn.py).
+    Never changed once made; not frozen, whose __init__ (object.__setattr__ per field) took
+    three times as long, and one is made per chunk."""
 
     kind: str  # "agent_message_chunk" or "agent_thought_chunk"
     text: str

@@ -170,7 +170,10 @@ class Turn:
             self.on_end()
 
     def _append(self, item: TurnItem | _Last) -> None:
-        size = item_bytes(item)
+        if type(item) is TextRun:  # nearly every item of a flood: its size is a length
+            size, text = ITEM_BYTES + len(item.text), True
+        else:
+            size, text = item_bytes(item), False
         self._items.append(item)
         self._sizes.append(size)
         self._bytes += size
@@ -178,7 +181,7 @@ class Turn:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         waiter = self._not_text_waiter
-        if waiter is not None and not waiter.done() and _as_text(item) is None:
+        if waiter is not None and not text and not waiter.done() and _as_text(item) is None:
             waiter.set_result(None)
 
     # ---- the client side -------------------------------------------------------------
