@@ -3,13 +3,14 @@ the ACP schema's models read them, and anything else must go the models' way."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from acp import schema
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sessiongate.server.agents.transport import TextRun, text_chunk
+from sessiongate.server.agents.transport import TextRun, encode, text_chunk
 
 scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
 values = st.recursive(
@@ -87,3 +88,35 @@ def test_plain_chunks_take_the_fast_path_and_decorated_ones_the_models() -> None
     assert text_chunk({**plain, "_meta": {}}) is None
     wrong = {**plain, "update": {**plain["update"], "content": {"type": "text", "text": 5}}}
     assert text_chunk(wrong) is None and by_the_models(wrong) is None
+
+
+# ---- the other way: our messages to the agent (transport.encode) ----------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)  # JSON has neither
+    | st.text(st.characters(blacklist_categories=())),  # lone surrogates too
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_a_message_to_the_agent_is_one_line_of_the_same_json(value: Any) -> None:
+    """Whatever it holds (any text, lone surrogates, integers past 64 bits): one line, whose JSON
+    is the message, and no character a line reader may split at but its final newline."""
+    message = {"jsonrpc": "2.0", "id": 1, "result": value}
+    line = encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    text = line.decode("utf-8")
+    assert len(text.splitlines()) == 1, text
+    assert json.loads(text) == json.loads(json.dumps(message))
+
+
+def test_a_message_to_the_agent_keeps_its_text_as_utf8() -> None:
+    line = encode({"params": {"text": "héllo \u2028 \x85 \u2029 ✓"}})
+    assert line == '{"params":{"text":"héllo \\u2028 \\u0085 \\u2029 ✓"}}\n'.encode()
+    assert encode({"text": "\ud800"}) == b'{"text":"\\ud800"}\n'  # orjson refuses it: json's way

@@ -111,6 +111,26 @@ class RawUpdate:
     payload: dict[str, Any]
 
 
+# Characters a line reader may end a line at besides "\n" (Python's str.splitlines() does), which
+# JSON lets a string hold as they are; escaped, as json.dumps (ASCII only) always did.
+LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One JSON-RPC message to the agent, as one line: orjson's UTF-8 (a prompt's or a file's
+    text as it is, 10 MiB in milliseconds) with LINE_BREAKS escaped, or the standard library's
+    where orjson refuses a value (a lone surrogate, an integer past 64 bits, a key that is not
+    a string)."""
+    try:
+        data = orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    if not data.isascii():
+        for raw, escaped in LINE_BREAKS:
+            data = data.replace(raw, escaped)
+    return data
+
+
 class Violation(Exception):
     """The agent broke the protocol so that its connection cannot be used any more."""
 
@@ -153,7 +173,7 @@ class AgentTransport:
     # ---- to the agent ----------------------------------------------------------------------
 
     async def send(self, message: dict[str, Any]) -> None:
-        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        data = encode(message)
         if "method" in message or "id" not in message:  # a request or notification of ours
             await self._write(data)
             return
