@@ -169,8 +169,7 @@ class EchoAgent:
         self.known: set[str] = set()
         self.logged_in = False  # --auth-required: until `authenticate` with "echo-login"
         self.settings: dict[str, Settings] = {}
-        self.running: set[str] = set()  # sessions with a turn under way
-        self.prompts: dict[str, list[Any]] = {}  # each session's prompt under way (for /blocks)
+        self.running: dict[str, list[Any]] = {}  # sessions with a turn under way: its prompt (/blocks)
         self.terminals = 0  # /terminal tool calls so far (their ids: echo-term-<n>)
         # Each session's MCP servers, as the last session/new, /load or /resume passed them. Kept
         # in memory only: they hold secret values, and ACP passes them again on every load/resume.
@@ -315,16 +314,14 @@ class EchoAgent:
         handler = DIRECTIVES.get(directive) if directive.startswith("/") else None
         if directive == "/badresult":  # a dict is sent as is: the SDK validates only models
             return cast(schema.PromptResponse, {"stopReason": "bogus"})
-        self.running.add(session_id)
-        self.prompts[session_id] = prompt
+        self.running[session_id] = prompt
         try:
             if handler is not None:
                 reply, stop = await handler(self, session_id, rest, cancel)
             else:
                 reply, stop = await self._normal_turn(session_id, text, cancel)
         finally:
-            self.running.discard(session_id)
-            self.prompts.pop(session_id, None)
+            self.running.pop(session_id, None)
         self._remember(session_id, text, reply)
         words = len(text.split())
         usage = schema.Usage(input_tokens=words, output_tokens=len(reply.split()), total_tokens=words * 2)
@@ -482,7 +479,7 @@ class EchoAgent:
         return await self._reply(session_id, f"mode={settings.mode} model={settings.model} verbose={verbose}")
 
     async def _blocks(self, session_id: str, rest: str, cancel: asyncio.Event) -> tuple[str, StopReason]:
-        blocks = self.prompts.get(session_id, [])
+        blocks = self.running.get(session_id, [])
         return await self._reply(
             session_id, "\n".join(b.model_dump_json(by_alias=True, exclude_none=True) for b in blocks)
         )
