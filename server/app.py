@@ -25,6 +25,8 @@ from sessiongate.server.api.metrics import Metrics
 from sessiongate.server.api.service import SessionService
 from sessiongate.server.cluster.leases import Leases
 from sessiongate.server.cluster.router import Router
+from sessiongate.server.sandbox import priority
+from sessiongate.server.sandbox.idle_cgroup import IdleCgroup, open_idle_cgroup
 from sessiongate.server.sandbox.launcher import BWRAP_PACKAGE, Launcher
 from sessiongate.server.sandbox.network_proxy import NetworkProxy
 from sessiongate.server.sandbox.workdir import Roots
@@ -66,6 +68,7 @@ class RunningServer:
     metrics_port: int | None
     tokens: TokenTable | None = None
     network: NetworkProxy | None = None  # sandboxed agents' way out (network = "proxy")
+    idle: IdleCgroup | None = None  # where flooding agents run (idle_cgroup)
     _draining: asyncio.Future[None] | None = None
 
     async def drain(self, grace: float) -> None:
@@ -84,10 +87,18 @@ class RunningServer:
             self._draining.cancel()
         self.service.draining = True
         await self.pool.terminate()
+        self._remove_idle_cgroup()
         await self._close_network()
         await self.server.stop(0)
         await self._stop_watching_tokens()
         self.metrics.stop()
+
+    def _remove_idle_cgroup(self) -> None:
+        """Once our agents are ended: the idle cgroup goes (if we made it and it is empty)."""
+        if self.idle is not None:
+            self.idle.remove()
+            if priority.idle_cgroup is self.idle:
+                priority.idle_cgroup = None
 
     async def _close_network(self) -> None:
         if self.network is not None:
@@ -103,6 +114,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(s.wait_turn_over(grace) for s in self.pool.sessions()))
         await self.pool.shutdown()
+        self._remove_idle_cgroup()
         await self._close_network()
         await self.server.stop(SERVER_STOP_GRACE)
         await self._stop_watching_tokens()
@@ -324,6 +336,7 @@ async def start_server(settings: Settings) -> RunningServer:
     metrics = Metrics()  # agent starts and proxy decisions count here; sessions at serve, below
     tokens, launcher = checked.tokens, checked.launcher.with_network(NetworkProxy(metrics.proxy_decision))
     tighten_state_dir(settings.state_db.parent)
+    idle = open_idle(settings.idle_cgroup)
     secret_box = SecretBox.at(settings.mcp_key_path)  # read, or made, once the store has its directory
     say_sandboxes(launcher, settings.agents.values())
     logins = AgentLogins(settings.agents)
@@ -413,7 +426,23 @@ async def start_server(settings: Settings) -> RunningServer:
     )
     template, addresses = client_hint(settings, port)
     log.info(template, *addresses)
-    return RunningServer(server, port, pool, service, health, metrics, metrics_port, tokens, launcher.network)
+    return RunningServer(
+        server, port, pool, service, health, metrics, metrics_port, tokens, launcher.network, idle
+    )
+
+
+def open_idle(setting: str) -> IdleCgroup | None:
+    """The idle cgroup for flooding agents (idle_cgroup.py), made the serving process's; a
+    named one that cannot be made idle is a configuration error."""
+    try:
+        idle = open_idle_cgroup(setting)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"idle_cgroup {setting[:200]!r} cannot be made idle: {why}") from None
+    priority.idle_cgroup = idle
+    if idle is not None:
+        log.info("flooding agents run in the idle cgroup %s", idle.path)
+    return idle
 
 
 def bind(server: grpc.aio.Server, settings: Settings, certificates: CertificateFiles | None) -> int:

@@ -179,6 +179,9 @@ class Settings:
     # "asyncio" (the standard library's loop) or "uvloop" (libuv's, no faster here: see
     # docs/benchmarks.md; __main__ keeps grpc's fork handlers out of its agent starts).
     event_loop: str = "asyncio"
+    # Where agents that flood run, scheduled idle (sandbox/idle_cgroup.py): "auto" (a child of our
+    # own CPU cgroup, where we may make one), "off", or a cgroup directory the operator delegates.
+    idle_cgroup: str = "auto"
     metrics_listen: str = ""  # HOST:PORT for Prometheus /metrics; empty: off
     state_db: Path = field(default_factory=lambda: default_state_dir() / "sessions.db")
     state_url: str = ""  # postgresql://...: the shared PostgreSQL store of replicas instead of state_db
@@ -233,6 +236,7 @@ _SCALAR_KEYS = (
     "log_level",
     "log_format",
     "event_loop",
+    "idle_cgroup",
     "metrics_listen",
     "state_db",
     "state_url",
@@ -678,6 +682,8 @@ def _build(
         settings = replace(settings, log_format=str(raw["log_format"]).lower())
     if "event_loop" in raw:
         settings = replace(settings, event_loop=str(raw["event_loop"]).lower())
+    if "idle_cgroup" in raw:
+        settings = replace(settings, idle_cgroup=str(raw["idle_cgroup"]))
     if "metrics_listen" in raw:
         settings = replace(settings, metrics_listen=str(raw["metrics_listen"]))
     if "workdir" in raw:
@@ -761,6 +767,11 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"log_format must be text or json, got {settings.log_format!r}")
     if settings.event_loop not in EVENT_LOOPS:
         raise ConfigError(f"event_loop must be uvloop or asyncio, got {settings.event_loop[:40]!r}")
+    if settings.idle_cgroup not in ("auto", "off") and not settings.idle_cgroup.startswith("/"):
+        raise ConfigError(
+            "idle_cgroup must be auto, off or an absolute cgroup directory, "
+            f"got {settings.idle_cgroup[:80]!r}"
+        )
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("TLS needs a certificate and its key: set both (--tls-cert, --tls-key)")
     if settings.tls_client_ca is not None and settings.tls_cert is None:

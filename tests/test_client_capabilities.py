@@ -24,6 +24,7 @@ from acp import schema
 from sessiongate.server.sandbox import files as client_fs
 from sessiongate.server.sandbox import terminals
 from sessiongate.server.sandbox.files import FileWriteReport
+from sessiongate.server.sandbox.idle_cgroup import own_cpu_cgroup
 from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.terminals import TerminalReport, Terminals
 from sessiongate.server.settings import AgentConfig, ConfigError, _agent_from_toml
@@ -479,8 +480,9 @@ async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
     make_gate: GateFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past FLOOD_CHARS of text within a second an agent is demoted to nice 19 (its session's
-    autogroup too, where there are autogroups), whatever its `nice`; an agent that answers
-    stays where it started (the default: the gateway's own priority)."""
+    autogroup too, where there are autogroups) and into the idle cgroup (where the gateway may
+    make one: as root here and in CI), whatever its `nice`; an agent that answers stays where
+    it started (the default: the gateway's own priority and cgroup)."""
     caplog.set_level(logging.INFO, logger="sessiongate")
     agents = {name: capable(tmp_path / name, name) for name in ("quiet", "loud")}
     gate = await make_gate(agents=agents)
@@ -497,6 +499,13 @@ async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
         assert Path(f"/proc/{pids['quiet']}/autogroup").read_text().split()[-1] == "0"
         assert Path(f"/proc/{pids['loud']}/autogroup").read_text().split()[-1] == "19"
     assert f"agent=loud pid={pids['loud']} floods its output" in caplog.text
+    idle = gate.running.idle
+    if os.geteuid() == 0 and own_cpu_cgroup() is not None:  # "auto" can make one
+        assert idle is not None and (idle.path / "cpu.idle").read_text().strip() == "1"
+    if idle is not None:
+        assert idle.path.name in Path(f"/proc/{pids['loud']}/cgroup").read_text()
+        assert idle.path.name not in Path(f"/proc/{pids['quiet']}/cgroup").read_text()
+        assert str(pids["loud"]) in (idle.path / "cgroup.procs").read_text().split()
 
 
 @pytest.mark.skipif(

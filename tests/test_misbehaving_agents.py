@@ -26,6 +26,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import json_format
+from sessiongate.server.agents import transport
+from sessiongate.server.agents.connection import AgentConnection
 from sessiongate.server.settings import AgentConfig
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
@@ -37,6 +39,7 @@ from tests.conftest import (
     expect_error,
     kill_leftovers,
     kinds,
+    proc_stat,
     reply_text,
     wait_gone,
 )
@@ -190,6 +193,13 @@ async def test_a_flood_of_garbage_lines_costs_bounded_work_and_log_and_the_turn_
     await assert_next_prompt_works(gate, bad.session_id)
 
 
+def garbage_dropped(gate: Gate, session_id: str) -> int:
+    """Garbage lines the gateway dropped so far from the agent of `session_id`."""
+    agent = gate.running.pool.get(session_id).holder.agent
+    assert isinstance(agent, AgentConnection) and agent._transport is not None, "the session has no agent"
+    return agent._transport.dropped.get("garbage lines", 0)
+
+
 def rss_mib() -> float:
     """This process's resident memory (the server runs in it)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -199,20 +209,31 @@ def rss_mib() -> float:
 
 
 async def test_an_endless_garbage_writer_is_read_through_a_bounded_buffer_and_its_cancel_gets_through(
-    make_gate: GateFactory, pid_file: Path
+    make_gate: GateFactory, pid_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gateway reads an agent through a small buffer (its pipe fills, not our memory), and
-    the agent's answer to a cancel, written after the garbage, arrives within the cancel grace:
-    the agent is not ended as one that ignores cancels."""
+    """The gateway reads an agent through a small buffer (its pipe fills, not our memory), at
+    GARBAGE_RATE once its reads hold only garbage (dropping lines costs a bounded part of the
+    loop), lowers it as a flood (nice 19), and the agent's answer to a cancel, written after the
+    garbage, arrives within the cancel grace: the agent is not ended as one that ignores cancels."""
+    monkeypatch.setattr(transport, "GARBAGE_RATE", 256 * 1024)  # well below an unbounded read's
     gate = await bad_gate(make_gate, pid_file, stall_timeout=10.0)
     bad = await gate.create(agent="bad")
     async with healthy_beside(gate):
         call = prompt_call(gate, bad.session_id, "/garbageforever", timeout=60)
         first = await asyncio.wait_for(call.read(), 15)
         assert first.message_chunk.content.text.text == "garbage follows"
-        before = rss_mib()
+        before, dropped_before = rss_mib(), garbage_dropped(gate, bad.session_id)
+        started = time.monotonic()
         await asyncio.sleep(3)  # garbage as fast as the gateway reads it, beside the healthy turns
         grown = rss_mib() - before
+        lines = garbage_dropped(gate, bad.session_id) - dropped_before
+        took = time.monotonic() - started
+        # Lines of about 22 bytes: about 12,000 a second at this rate, plus a read buffer or two;
+        # unbounded, this gateway dropped over 50,000 a second, and 250,000 in the benchmark.
+        bound = (took * transport.GARBAGE_RATE + 2 * transport.READ_BUFFER) / 20
+        assert 0 < lines < bound, f"{lines} garbage lines dropped in {took:.1f}s (bound {bound:.0f})"
+        (agent,) = recorded(pid_file, "agent")
+        assert proc_stat(agent)[16] == "19", "the garbage writer was not lowered as a flood"
         assert await gate.state(bad.session_id) == pb.SESSION_STATE_BUSY
         await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=bad.session_id), timeout=10)
         events: list[pb.PromptEvent] = []

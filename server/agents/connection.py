@@ -52,7 +52,7 @@ from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.network_proxy import MAX_MCP_DESTINATIONS, address_refused
 from sessiongate.server.sandbox.terminals import Terminals
 from sessiongate.server.sandbox.workdir import WorkDir
-from sessiongate.server.settings import MAX_NICE, AgentConfig, McpServerConfig
+from sessiongate.server.settings import AgentConfig, McpServerConfig
 
 log = logging.getLogger("sessiongate.agent")
 
@@ -417,17 +417,24 @@ class AgentConnection:
         came first, or during the spawn, ends it (AgentProcessGroup.spawn)."""
         await self.group.spawn(self._connect)
 
+    def _count_garbage(self, size: int) -> None:
+        """A line dropped as garbage counts as output too: an agent writing garbage as fast as it
+        can costs the gateway as much as a flood of text (each line is parsed and dropped)."""
+        if not self._flooded:
+            self._count_text(size)
+
     def _count_text(self, chars: int) -> None:
-        """Text the agent streamed into a turn: past FLOOD_CHARS within FLOOD_WINDOW it floods, and
-        drops to the lowest CPU priority, so that on busy cores it waits for the agents that
-        answer their sessions, and for the gateway, not they for it."""
+        """Text the agent streamed into a turn (or garbage it wrote): past FLOOD_CHARS within
+        FLOOD_WINDOW it floods, and drops to the lowest CPU priority and the idle cgroup, so that
+        on busy cores it waits for the agents that answer their sessions, and for the gateway,
+        not they for it."""
         now = time.monotonic()
         if now - self._text_since > FLOOD_WINDOW:
             self._text_since, self._text_chars = now, 0
         self._text_chars += chars
         if self._text_chars > FLOOD_CHARS and (pid := self.group.pid) is not None:
             self._flooded = True
-            priority.lower(pid, MAX_NICE, lambda: self.group.alive)
+            priority.lower_flooding(pid, lambda: self.group.alive)
             log.info("agent=%s pid=%s floods its output: lowest CPU priority now", self.config.name, pid)
 
     def _connect(
@@ -441,6 +448,7 @@ class AgentConnection:
             self._connection_ended,
             self.route,
             pipe=pipe,
+            on_garbage=self._count_garbage,
         )
         # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
         self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)

@@ -52,6 +52,7 @@ DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clippe
 DROP_SUMMARY_EVERY = 100_000  # ...every this many more
 READ_GAP = 0.001  # seconds: a flood's reads are at least this far apart (see _read)
 STREAK = 3  # ...once this many reads in a row came within the gap
+GARBAGE_RATE = 1024 * 1024  # bytes a second: reads that hold only garbage are spaced to this rate
 LOGGED_BYTES = 200  # of one dropped line
 # The agent's requests to us: their count is what its own tool calls run in parallel (reads wait
 # for their lane, permissions for the client, terminal waits for a command), the bytes are the
@@ -147,6 +148,7 @@ class AgentTransport:
         on_update: Callable[[str, Any], None],
         *,
         pipe: asyncio.ReadTransport | None = None,
+        on_garbage: Callable[[int], None] | None = None,
     ) -> None:
         self._name = name
         self._pipe = pipe  # what `reader` reads: not polled while a flood's read waits (_read)
@@ -154,6 +156,7 @@ class AgentTransport:
         self._writer = writer
         self._on_broken = on_broken
         self._on_update = on_update
+        self._on_garbage = on_garbage  # the bytes of each line dropped as garbage (floods count it)
         self._share = loop_share()
         self._write_lock = asyncio.Lock()
         self._flowing = asyncio.Event()  # cleared while a turn holds the agent back (backpressure)
@@ -167,8 +170,11 @@ class AgentTransport:
         self._partial: list[bytes] = []  # a line whose newline has not come yet...
         self._partial_size = 0  # ...and its size so far (counted on past LINE_LIMIT)
         self._at_eof = False
-        self._read_at = 0.0  # loop time of the last read
+        self._read_at = 0.0  # loop time of the last read...
+        self._read_size = 0  # ...and its size
         self._streak = 0  # small reads in a row, each within READ_GAP of the one before
+        self._garbage = False  # a line was dropped as garbage since the last read...
+        self._parsed = False  # ...and one parsed as JSON (garbage alone slows the reads: _read)
 
     # ---- to the agent ----------------------------------------------------------------------
 
@@ -241,8 +247,12 @@ class AgentTransport:
                 message = orjson.loads(line)  # surrounding whitespace is JSON's too
             except (ValueError, RecursionError):
                 if line.strip():
+                    self._garbage = True
                     self._drop("garbage lines", "a line that is not JSON-RPC", line)
+                    if self._on_garbage is not None:
+                        self._on_garbage(len(line))
                 continue  # (an empty line is skipped)
+            self._parsed = True
             if type(message) is dict and message.get("method") == "session/update" and "id" not in message:
                 self._update(message.get("params"))
                 continue
@@ -352,9 +362,16 @@ class AgentTransport:
         """What the pipe has (up to READ_BUFFER). While the agent writes without a pause (STREAK
         small reads in a row each found data within READ_GAP), the next read waits until READ_GAP
         after the last: a flood is then read a gap's worth at a time, not a write at a time, and
-        a line after a pause is read at once."""
+        a line after a pause is read at once. After a read whose lines were all garbage, the
+        next waits as long as that read takes at GARBAGE_RATE: an agent writing garbage as fast
+        as it can is read at that rate (and blocks on its full pipe), so dropping its lines
+        costs a bounded part of the loop, not a buffer's parsing every loop pass."""
         loop = asyncio.get_running_loop()
-        if self._streak >= STREAK and (wait := self._read_at + READ_GAP - loop.time()) > 0:
+        gap = READ_GAP if self._streak >= STREAK else 0.0
+        if self._garbage and not self._parsed:
+            gap = max(gap, self._read_size / GARBAGE_RATE)
+        self._garbage = self._parsed = False
+        if gap and (wait := self._read_at + gap - loop.time()) > 0:
             # Unpolled meanwhile, or each of the agent's writes would wake the loop to read it.
             # (One the reader paused itself, its buffer full, is the reader's to resume.)
             pipe = self._pipe if self._pipe is not None and self._pipe.is_reading() else None
@@ -370,7 +387,7 @@ class AgentTransport:
         now = loop.time()
         streaming = now - asked < READ_GAP and len(data) < READ_BUFFER // 2  # the agent kept writing
         self._streak = self._streak + 1 if streaming else 0
-        self._read_at = now
+        self._read_at, self._read_size = now, len(data)
         return data
 
     def _gather(self, piece: bytes) -> None:
@@ -389,6 +406,8 @@ class AgentTransport:
         if size > LINE_LIMIT:
             overlong = f"<a line of {size} bytes, over {LINE_LIMIT}>"
             self._drop("garbage lines", "a line that is not JSON-RPC", overlong)
+            if self._on_garbage is not None:
+                self._on_garbage(size)
             return b""
         return b"".join(parts)
 
