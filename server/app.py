@@ -25,7 +25,6 @@ from sessiongate.server.api.metrics import Metrics
 from sessiongate.server.api.service import SessionService
 from sessiongate.server.cluster.leases import Leases
 from sessiongate.server.cluster.router import Router
-from sessiongate.server.sandbox import priority
 from sessiongate.server.sandbox.idle_cgroup import IdleCgroup, open_idle_cgroup
 from sessiongate.server.sandbox.launcher import BWRAP_PACKAGE, Launcher
 from sessiongate.server.sandbox.network_proxy import NetworkProxy
@@ -97,8 +96,6 @@ class RunningServer:
         """Once our agents are ended: the idle cgroup goes (if we made it and it is empty)."""
         if self.idle is not None:
             self.idle.remove()
-            if priority.idle_cgroup is self.idle:
-                priority.idle_cgroup = None
 
     async def _close_network(self) -> None:
         if self.network is not None:
@@ -331,12 +328,22 @@ def _wildcard_host(host: str) -> bool:
 
 async def start_server(settings: Settings) -> RunningServer:
     """Load stored sessions and start serving on `settings.listen` (port 0 picks a free port)."""
+    idle = open_idle(settings.idle_cgroup)
+    try:
+        return await _start_server(settings, idle)
+    except BaseException:  # a start that failed leaves no cgroup behind
+        if idle is not None:
+            idle.remove()
+        raise
+
+
+async def _start_server(settings: Settings, idle: IdleCgroup | None) -> RunningServer:
     use_pidfd_child_watcher()
     checked = preflight(settings)
     metrics = Metrics()  # agent starts and proxy decisions count here; sessions at serve, below
-    tokens, launcher = checked.tokens, checked.launcher.with_network(NetworkProxy(metrics.proxy_decision))
+    launcher = checked.launcher.with_network(NetworkProxy(metrics.proxy_decision)).with_idle(idle)
+    tokens = checked.tokens
     tighten_state_dir(settings.state_db.parent)
-    idle = open_idle(settings.idle_cgroup)
     secret_box = SecretBox.at(settings.mcp_key_path)  # read, or made, once the store has its directory
     say_sandboxes(launcher, settings.agents.values())
     logins = AgentLogins(settings.agents)
@@ -432,14 +439,13 @@ async def start_server(settings: Settings) -> RunningServer:
 
 
 def open_idle(setting: str) -> IdleCgroup | None:
-    """The idle cgroup for flooding agents (idle_cgroup.py), made the serving process's; a
-    named one that cannot be made idle is a configuration error."""
+    """The server's idle cgroup for flooding agents (idle_cgroup.py); a named one that cannot
+    be made idle is a configuration error."""
     try:
         idle = open_idle_cgroup(setting)
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         raise ConfigError(f"idle_cgroup {setting[:200]!r} cannot be made idle: {why}") from None
-    priority.idle_cgroup = idle
     if idle is not None:
         log.info("flooding agents run in the idle cgroup %s", idle.path)
     return idle

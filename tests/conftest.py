@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import re
@@ -26,6 +27,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sessiongate.server.app import RunningServer, start_server
+from sessiongate.server.sandbox.idle_cgroup import open_idle_cgroup
 from sessiongate.server.settings import AgentConfig, ServerLimits, Settings, validate
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
@@ -109,6 +111,18 @@ def proc_stat(pid: int) -> list[str]:
     is the state, [1] the parent, [16] the nice value (the file's 3rd, 4th and 19th fields)."""
     with open(f"/proc/{pid}/stat") as handle:
         return handle.read().rsplit(")", 1)[1].split()
+
+
+@functools.cache
+def idle_cgroup_parent() -> Path | None:
+    """Our own cgroup of the CPU controller where "auto" can make an idle cgroup (probed: one
+    made and removed), or None: the idle cgroup's tests and checks are skipped there (CI runs as
+    root, with cgroup v1's cpu hierarchy)."""
+    idle = open_idle_cgroup("auto")
+    if idle is None:
+        return None
+    idle.remove()
+    return idle.path.parent
 
 
 def alive(pid: int) -> bool:

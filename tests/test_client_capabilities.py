@@ -24,14 +24,23 @@ from acp import schema
 from sessiongate.server.sandbox import files as client_fs
 from sessiongate.server.sandbox import terminals
 from sessiongate.server.sandbox.files import FileWriteReport
-from sessiongate.server.sandbox.idle_cgroup import own_cpu_cgroup
 from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.terminals import TerminalReport, Terminals
 from sessiongate.server.settings import AgentConfig, ConfigError, _agent_from_toml
 from sessiongate.server.turns.translate import to_event
 from sessiongate.v1 import session_service_pb2 as pb
 
-from tests.conftest import ECHO, Gate, GateFactory, alive, echo_agent, eventually, proc_stat, reply_text
+from tests.conftest import (
+    ECHO,
+    Gate,
+    GateFactory,
+    alive,
+    echo_agent,
+    eventually,
+    idle_cgroup_parent,
+    proc_stat,
+    reply_text,
+)
 
 # ---- client_fs: confinement, unit level ------------------------------------------------------
 
@@ -480,32 +489,45 @@ async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
     make_gate: GateFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past FLOOD_CHARS of text within a second an agent is demoted to nice 19 (its session's
-    autogroup too, where there are autogroups) and into the idle cgroup (where the gateway may
-    make one: as root here and in CI), whatever its `nice`; an agent that answers stays where
-    it started (the default: the gateway's own priority and cgroup)."""
+    autogroup too, where there are autogroups), whatever its `nice`, and while it floods it runs
+    in the idle cgroup (where the gateway may make one: as root here and in CI), which it leaves
+    once its flood is over; an agent that answers stays where it started (the default: the
+    gateway's own priority and cgroup)."""
     caplog.set_level(logging.INFO, logger="sessiongate")
     agents = {name: capable(tmp_path / name, name) for name in ("quiet", "loud")}
     gate = await make_gate(agents=agents)
+    idle = gate.running.idle
+    if idle_cgroup_parent() is not None:  # "auto" can make one here
+        assert idle is not None and (idle.path / "cpu.idle").read_text().strip() == "1"
+
+    def idling(pid: int) -> bool:
+        return idle is not None and idle.path.name in Path(f"/proc/{pid}/cgroup").read_text()
+
     grouped = autogroups_on()
-    pids = {}
-    for name, text in (("quiet", "hi"), ("loud", "/flood 20000 64")):  # 1.25 MiB of text
-        sid = (await gate.create(agent=name)).session_id
+    pids, sids = {}, {}
+    for name in ("quiet", "loud"):
+        sids[name] = (await gate.create(agent=name)).session_id
         (pids[name],) = (int(p.name) for p in (tmp_path / name / "agent-state" / "pids").iterdir())
-        events = await gate.prompt(sid, text)
-        assert events[-1].HasField("result"), events[-1]
+    assert (await gate.prompt(sids["quiet"], "hi"))[-1].HasField("result")
+    flood = gate.stub.Prompt(pb.PromptRequest(session_id=sids["loud"], text="/flood 10000000 64"), timeout=60)
+    if idle is not None:
+        await eventually(lambda: idling(pids["loud"]), timeout=15, what="the flood in the idle cgroup")
+        assert str(pids["loud"]) in (idle.path / "cgroup.procs").read_text().split()
+    else:
+        await eventually(lambda: niceness(pids["loud"]) == 19, timeout=15, what="the flooding agent lowered")
+    await gate.stub.CancelPrompt(pb.CancelPromptRequest(session_id=sids["loud"]), timeout=10)
+    events = [event async for event in flood]
+    assert events[-1].result.stop_reason == pb.STOP_REASON_CANCELLED
     assert niceness(pids["quiet"]) == os.getpriority(os.PRIO_PROCESS, 0)
     assert niceness(pids["loud"]) == 19
     if grouped:
         assert Path(f"/proc/{pids['quiet']}/autogroup").read_text().split()[-1] == "0"
         assert Path(f"/proc/{pids['loud']}/autogroup").read_text().split()[-1] == "19"
     assert f"agent=loud pid={pids['loud']} floods its output" in caplog.text
-    idle = gate.running.idle
-    if os.geteuid() == 0 and own_cpu_cgroup() is not None:  # "auto" can make one
-        assert idle is not None and (idle.path / "cpu.idle").read_text().strip() == "1"
-    if idle is not None:
-        assert idle.path.name in Path(f"/proc/{pids['loud']}/cgroup").read_text()
-        assert idle.path.name not in Path(f"/proc/{pids['quiet']}/cgroup").read_text()
-        assert str(pids["loud"]) in (idle.path / "cgroup.procs").read_text().split()
+    assert not idling(pids["quiet"])
+    if idle is not None:  # the flood is over: back to the gateway's cgroup, nice 19 for good
+        await eventually(lambda: not idling(pids["loud"]), timeout=15, what="the agent out of it")
+        assert niceness(pids["loud"]) == 19
 
 
 @pytest.mark.skipif(

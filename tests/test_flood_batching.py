@@ -225,8 +225,11 @@ class Stdin:
 
 
 @contextlib.asynccontextmanager
-async def agent_pipe() -> AsyncIterator[tuple[int, asyncio.ReadTransport, list[str]]]:
-    """A real pipe read by an AgentTransport: (the agent's end, our transport, texts received)."""
+async def agent_pipe(
+    dropped: list[int] | None = None,
+) -> AsyncIterator[tuple[int, asyncio.ReadTransport, list[str]]]:
+    """A real pipe read by an AgentTransport: (the agent's end, our transport, texts received);
+    `dropped` collects the sizes of what it drops."""
     read_fd, write_fd = os.pipe()
     reader = asyncio.StreamReader(limit=READ_BUFFER)
     pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
@@ -240,6 +243,7 @@ async def agent_pipe() -> AsyncIterator[tuple[int, asyncio.ReadTransport, list[s
         lambda *_: None,
         lambda _sid, item: received.append(item.text),
         pipe=pipe,
+        on_dropped=dropped.append if dropped is not None else None,
     )
     task = asyncio.create_task(transport.receive())
     try:
@@ -283,3 +287,30 @@ async def test_a_line_after_the_agent_paused_is_read_at_once(monkeypatch: pytest
         os.write(agent, update_line("after"))  # ...so this one is read at once
         await eventually(lambda: received[-1] == "after", what="the line after the pause")
         assert loop.time() - started < GAP / 2
+
+
+@pytest.mark.parametrize("junk", [b"this is not json\n", b"\n"], ids=["garbage", "blank"])
+async def test_an_agent_writing_junk_is_read_at_the_garbage_rate_and_its_valid_lines_still_come(
+    monkeypatch: pytest.MonkeyPatch, junk: bytes
+) -> None:
+    """Lines dropped (garbage, blank lines: each one parsed) pace the reads to GARBAGE_RATE,
+    a valid line among them or not; the valid ones are still handed on."""
+    rate = 64 * 1024
+    monkeypatch.setattr(transport_module, "GARBAGE_RATE", rate)
+    loop = asyncio.get_running_loop()
+    dropped: list[int] = []
+    async with agent_pipe(dropped) as (agent, _pipe, received):
+        os.set_blocking(agent, False)
+        block = junk * (16 * 1024 // len(junk)) + update_line("valid")  # a valid line per 16 KiB
+        started = loop.time()
+        while loop.time() - started < 2:  # the agent writes as fast as its pipe takes it
+            try:
+                os.write(agent, block)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        took = loop.time() - started
+        read = sum(dropped)
+    # Unpaced, this reader drops tens of MiB a second; here at most the rate, and a buffer or
+    # two read before the pacing began.
+    assert 0 < read <= took * rate + 2 * READ_BUFFER, f"{read} bytes of junk read in {took:.1f}s"
+    assert "valid" in received

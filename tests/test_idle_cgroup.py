@@ -1,19 +1,20 @@
 """The idle cgroup for flooding agents (server/sandbox/idle_cgroup.py): where it is found, made
-at the server's start and removed at its end, "off", a directory the operator names, and what
-a gateway killed before its end left behind. (That a flooding agent is moved into it is in
-test_client_capabilities.py, beside its nice 19.)"""
+at the server's start and removed at its end (one per server), "off", a directory the operator
+names, and what a server killed before its end left behind. (That a flooding agent is moved
+into it is in test_client_capabilities.py, beside its nice 19.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
-from sessiongate.server.sandbox import idle_cgroup, priority
+from sessiongate.server.sandbox import idle_cgroup
 from sessiongate.server.sandbox.idle_cgroup import PREFIX, own_cpu_cgroup
 from sessiongate.server.settings import ConfigError, Settings, validate
 
-from tests.conftest import GateFactory, echo_agent
+from tests.conftest import GateFactory, echo_agent, idle_cgroup_parent, proc_stat
 
 V1_HYBRID = """\
 25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw
@@ -39,57 +40,70 @@ def test_our_cpu_cgroup_is_cgroup_v1s_cpu_hierarchy_where_there_is_one(tmp_path:
     assert own_cpu_cgroup(joined) == Path("/sys/fs/cgroup/cpu")
 
 
-def test_under_cgroup_v2_only_a_cgroup_with_the_cpu_controller_counts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mountinfos_escapes_and_a_mounts_root_are_read_as_the_kernel_writes_them(tmp_path: Path) -> None:
+    spaced = V1_HYBRID.replace("/sys/fs/cgroup/cpu ", "/sys/fs/my\\040cpu ")
+    assert own_cpu_cgroup(fake_proc(tmp_path / "s", spaced, "2:cpu:/x\n")) == Path("/sys/fs/my cpu/x")
+    rooted = V1_HYBRID.replace("0:23 / ", "0:23 /docker/abc ")  # a container's view of the hierarchy
+    inside = fake_proc(tmp_path / "r", rooted, "2:cpu:/docker/abc/x\n")
+    assert own_cpu_cgroup(inside) == Path("/sys/fs/cgroup/cpu/x")
+    beside = fake_proc(tmp_path / "o", rooted, "2:cpu:/docker/abcdef\n")  # a sibling, not below it
+    assert own_cpu_cgroup(beside) is None
+    outside = fake_proc(tmp_path / "n", V1_HYBRID, "2:cpu:/../other\n")  # outside the namespace's view
+    assert own_cpu_cgroup(outside) is None
+
+
+def test_under_cgroup_v2_only_a_cgroup_with_the_cpu_controller_counts(tmp_path: Path) -> None:
     mount = tmp_path / "cgroup2"
     (mount / "svc").mkdir(parents=True)
-    (mount / "svc" / "cgroup.controllers").write_text("memory pids\n")
     mountinfo = V2_ONLY.replace("/sys/fs/cgroup", str(mount))
-    assert own_cpu_cgroup(fake_proc(tmp_path, mountinfo, "0::/svc\n")) is None
+    assert own_cpu_cgroup(fake_proc(tmp_path / "missing", mountinfo, "0::/svc\n")) is None
+    (mount / "svc" / "cgroup.controllers").write_text("memory pids\n")
+    assert own_cpu_cgroup(fake_proc(tmp_path / "nocpu", mountinfo, "0::/svc\n")) is None
     (mount / "svc" / "cgroup.controllers").write_text("cpu memory pids\n")
-    assert own_cpu_cgroup(fake_proc(tmp_path / "again", mountinfo, "0::/svc\n")) == mount / "svc"
+    assert own_cpu_cgroup(fake_proc(tmp_path / "cpu", mountinfo, "0::/svc\n")) == mount / "svc"
     no_cgroups = "1 0 0:1 / / rw - ext4 /dev/vda rw\n"
     assert own_cpu_cgroup(fake_proc(tmp_path / "none", no_cgroups, "0::/\n")) is None
 
 
-def can_make_one() -> Path | None:
-    """Our own CPU cgroup where this process may make children in it (root here and in CI)."""
-    parent = own_cpu_cgroup()
-    if parent is None or not os.access(parent, os.W_OK):
-        return None
-    return parent
-
-
 needs_cgroup = pytest.mark.skipif(
-    can_make_one() is None, reason="no writable cgroup of the CPU controller (the tests run as root in CI)"
+    idle_cgroup_parent() is None, reason="no CPU cgroup we may make one in (CI runs as root)"
 )
 
 
 @needs_cgroup
-async def test_auto_makes_an_idle_cgroup_at_start_and_removes_it_at_the_end(make_gate: GateFactory) -> None:
-    parent = can_make_one()
+async def test_auto_makes_an_idle_cgroup_per_server_and_removes_it_at_the_end(make_gate: GateFactory) -> None:
+    parent = idle_cgroup_parent()
     assert parent is not None
-    stale = parent / f"{PREFIX}{2**22 + 1}"  # above any pid_max: a gateway gone without its end
+    stale = parent / f"{PREFIX}{2**22 + 1}-1"  # above any pid_max: a server gone without its end
     stale.mkdir(exist_ok=True)
-    gate = await make_gate()
-    idle = gate.running.idle
-    assert idle is not None and priority.idle_cgroup is idle
-    assert idle.path == parent / f"{PREFIX}{os.getpid()}"
-    assert (idle.path / "cpu.idle").read_text().strip() == "1"
-    assert not stale.exists(), "an empty idle cgroup of a gateway that is gone was left behind"
-    await gate.running.drain(0)
-    assert not idle.path.exists() and priority.idle_cgroup is None
+    first, second = await make_gate(), await make_gate()
+    assert first.running.idle is not None and second.running.idle is not None
+    paths = (first.running.idle.path, second.running.idle.path)
+    assert paths[0] != paths[1] and all(p.parent == parent for p in paths)
+    assert all(p.name.startswith(f"{PREFIX}{os.getpid()}-") for p in paths)
+    assert all((p / "cpu.idle").read_text().strip() == "1" for p in paths)
+    assert not stale.exists(), "an empty idle cgroup of a server that is gone was left behind"
+    await first.running.drain(0)
+    assert not paths[0].exists() and paths[1].exists()  # each server's own
+    await second.running.drain(0)
+    assert not paths[1].exists()
 
 
-async def test_off_leaves_agents_to_nice_alone(make_gate: GateFactory) -> None:
+async def test_off_leaves_flooding_agents_where_they_are(make_gate: GateFactory, tmp_path: Path) -> None:
     gate = await make_gate(settings={"idle_cgroup": "off"})
-    assert gate.running.idle is None and priority.idle_cgroup is None
+    assert gate.running.idle is None
+    sid = (await gate.create()).session_id
+    before = set(gate.agent_pids())
+    events = await gate.prompt(sid, "/flood 20000 64")  # 1.25 MiB of text: it floods
+    assert events[-1].HasField("result")
+    for pid in before:
+        assert proc_stat(pid)[16] == "19"  # lowered...
+        assert PREFIX not in Path(f"/proc/{pid}/cgroup").read_text()  # ...and nowhere else
 
 
 @needs_cgroup
 async def test_a_named_cgroup_is_made_idle_used_and_left_in_place(make_gate: GateFactory) -> None:
-    parent = can_make_one()
+    parent = idle_cgroup_parent()
     assert parent is not None
     named = parent / f"sessiongate-test-{os.getpid()}"
     try:
@@ -99,12 +113,19 @@ async def test_a_named_cgroup_is_made_idle_used_and_left_in_place(make_gate: Gat
         await gate.running.drain(0)
         assert named.exists(), "the operator's cgroup was removed"
     finally:
-        named.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            named.rmdir()
 
 
-async def test_a_named_cgroup_that_cannot_be_made_idle_refuses_to_start(make_gate: GateFactory) -> None:
-    with pytest.raises(ConfigError, match="idle_cgroup '/proc/nope' cannot be made idle"):
-        await make_gate(settings={"idle_cgroup": "/proc/nope"})
+@pytest.mark.parametrize("where", ["/proc/nope", "plain"])
+async def test_a_named_directory_that_is_no_cpu_cgroup_refuses_to_start(
+    make_gate: GateFactory, tmp_path: Path, where: str
+) -> None:
+    """Nothing is made where it is not a cgroup: no cpu.idle file in a plain directory."""
+    path = tmp_path / "plain" if where == "plain" else Path(where)
+    with pytest.raises(ConfigError, match="cannot be made idle"):
+        await make_gate(settings={"idle_cgroup": str(path)})
+    assert not path.exists()
 
 
 @pytest.mark.parametrize("value", ["relative/dir", "", "AUTO"])
@@ -113,8 +134,11 @@ def test_idle_cgroup_is_auto_off_or_an_absolute_directory(tmp_path: Path, value:
         validate(Settings(workdir=tmp_path, agents={"echo": echo_agent("echo", tmp_path)}, idle_cgroup=value))
 
 
-def test_only_the_agents_own_process_group_is_moved(tmp_path: Path) -> None:
-    """group_members reads each process's group from /proc: ours holds this process."""
+def test_only_the_process_group_asked_for_is_moved() -> None:
+    """group_members reads each process's group from /proc: ours holds this process, and not
+    the one that started it, which leads a group of its own (pytest's, make's or the shell's)."""
     members = idle_cgroup.group_members(os.getpgrp())
     assert os.getpid() in members
+    if os.getpgid(os.getppid()) != os.getpgrp():
+        assert os.getppid() not in members
     assert idle_cgroup.group_members(2**22 + 1) == []

@@ -216,7 +216,9 @@ async def test_an_endless_garbage_writer_is_read_through_a_bounded_buffer_and_it
     loop), lowers it as a flood (nice 19), and the agent's answer to a cancel, written after the
     garbage, arrives within the cancel grace: the agent is not ended as one that ignores cancels."""
     monkeypatch.setattr(transport, "GARBAGE_RATE", 256 * 1024)  # well below an unbounded read's
-    gate = await bad_gate(make_gate, pid_file, stall_timeout=10.0)
+    # The agent answers the cancel once what it wrote before is read (at that rate), and it runs
+    # in the idle cgroup by then: on busy cores it may wait for one longer than the 2 s default.
+    gate = await bad_gate(make_gate, pid_file, stall_timeout=10.0, cancel_grace=10.0)
     bad = await gate.create(agent="bad")
     async with healthy_beside(gate):
         call = prompt_call(gate, bad.session_id, "/garbageforever", timeout=60)

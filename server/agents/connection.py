@@ -16,13 +16,13 @@ import contextlib
 import ipaddress
 import logging
 import os
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import acp
 from acp import schema
+from sessiongate.server.agents.flood_watch import FloodWatch
 from sessiongate.server.agents.logins import AgentLogins
 from sessiongate.server.agents.process import INHERITED_ENV, AgentProcessGroup
 from sessiongate.server.agents.protocol import (
@@ -47,7 +47,6 @@ from sessiongate.server.errors import (
     NotSupported,
     clip,
 )
-from sessiongate.server.sandbox import priority
 from sessiongate.server.sandbox.launcher import Launcher
 from sessiongate.server.sandbox.network_proxy import MAX_MCP_DESTINATIONS, address_refused
 from sessiongate.server.sandbox.terminals import Terminals
@@ -60,11 +59,6 @@ EOF_EXIT_GRACE = 1.0  # an agent whose stdout ended and that has not exited by t
 AUTH_REQUIRED_CODE = -32000
 PROMPT_METHOD = acp.AGENT_METHODS["session_prompt"]
 HELD_UPDATES = 32  # state updates kept per session until it is watched (the latest)
-# An agent whose turns stream more text than this within FLOOD_WINDOW seconds floods (a model
-# streaming an answer writes a few KiB a second; a replayed history is not a turn's): it drops
-# to the lowest CPU priority (sandbox/priority.py), once.
-FLOOD_CHARS = 128 * 1024
-FLOOD_WINDOW = 1.0
 HELD_SESSIONS = 8  # sessions whose state updates are kept until watched
 STALE_ON_OPEN = ("current_mode_update", "config_option_update")  # what an open's answer supersedes
 
@@ -146,9 +140,6 @@ class AgentConnection:
         )
         self._conn: Any = None  # acp's ClientSideConnection
         self._sinks: dict[str, UpdateSink] = {}
-        self._flooded = False  # lowered already
-        self._text_since = 0.0  # when the current FLOOD_WINDOW began (monotonic)
-        self._text_chars = 0  # text streamed into turns within it
         self._watchers: dict[str, StateWatcher] = {}  # per ACP session, turn or not (agent_state.py)
         self._held: dict[str, collections.deque[Any]] = {}  # state updates of unwatched sessions
         self._askers: dict[str, Asker] = {}  # the running turn's questions, per ACP session
@@ -160,6 +151,9 @@ class AgentConnection:
         self.reading_paused = False
         self._cwds: dict[str, str] = {}  # each ACP session's directory, as opened (client fs, terminals)
         self.hidden_paths = launcher.hidden  # never served by the client fs, wherever they are
+        self._floods = FloodWatch(
+            config.name, lambda: self.group.pid, lambda: self.group.alive, launcher.idle
+        )
         self.terminals = Terminals(  # client_terminal: commands the agent runs through us
             config,
             launcher,
@@ -417,26 +411,6 @@ class AgentConnection:
         came first, or during the spawn, ends it (AgentProcessGroup.spawn)."""
         await self.group.spawn(self._connect)
 
-    def _count_garbage(self, size: int) -> None:
-        """A line dropped as garbage counts as output too: an agent writing garbage as fast as it
-        can costs the gateway as much as a flood of text (each line is parsed and dropped)."""
-        if not self._flooded:
-            self._count_text(size)
-
-    def _count_text(self, chars: int) -> None:
-        """Text the agent streamed into a turn (or garbage it wrote): past FLOOD_CHARS within
-        FLOOD_WINDOW it floods, and drops to the lowest CPU priority and the idle cgroup, so that
-        on busy cores it waits for the agents that answer their sessions, and for the gateway,
-        not they for it."""
-        now = time.monotonic()
-        if now - self._text_since > FLOOD_WINDOW:
-            self._text_since, self._text_chars = now, 0
-        self._text_chars += chars
-        if self._text_chars > FLOOD_CHARS and (pid := self.group.pid) is not None:
-            self._flooded = True
-            priority.lower_flooding(pid, lambda: self.group.alive)
-            log.info("agent=%s pid=%s floods its output: lowest CPU priority now", self.config.name, pid)
-
     def _connect(
         self, stdout: asyncio.StreamReader, pipe: asyncio.ReadTransport, stdin: asyncio.StreamWriter
     ) -> None:
@@ -448,7 +422,7 @@ class AgentConnection:
             self._connection_ended,
             self.route,
             pipe=pipe,
-            on_garbage=self._count_garbage,
+            on_dropped=self._floods.count,
         )
         # ACP 1.21 has elicitation/create stable; this SDK still routes it only as "unstable".
         self._conn = acp.connect_to_agent(client, self._transport, use_unstable_protocol=True)
@@ -600,8 +574,8 @@ class AgentConnection:
         sink = self._sinks.get(session_id)
         if sink is not None:
             sink(item)
-            if type(item) is TextRun and not self._flooded:
-                self._count_text(len(item.text))
+            if type(item) is TextRun:
+                self._floods.count(len(item.text))
         if type(item) is not TextRun and getattr(item, "session_update", None) in STATE_UPDATES:
             self._to_watcher(session_id, item)
 

@@ -148,7 +148,7 @@ class AgentTransport:
         on_update: Callable[[str, Any], None],
         *,
         pipe: asyncio.ReadTransport | None = None,
-        on_garbage: Callable[[int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self._name = name
         self._pipe = pipe  # what `reader` reads: not polled while a flood's read waits (_read)
@@ -156,7 +156,7 @@ class AgentTransport:
         self._writer = writer
         self._on_broken = on_broken
         self._on_update = on_update
-        self._on_garbage = on_garbage  # the bytes of each line dropped as garbage (floods count it)
+        self._on_dropped = on_dropped  # the bytes of each line dropped (a flood of them counts)
         self._share = loop_share()
         self._write_lock = asyncio.Lock()
         self._flowing = asyncio.Event()  # cleared while a turn holds the agent back (backpressure)
@@ -170,11 +170,9 @@ class AgentTransport:
         self._partial: list[bytes] = []  # a line whose newline has not come yet...
         self._partial_size = 0  # ...and its size so far (counted on past LINE_LIMIT)
         self._at_eof = False
-        self._read_at = 0.0  # loop time of the last read...
-        self._read_size = 0  # ...and its size
+        self._read_at = 0.0  # loop time of the last read
         self._streak = 0  # small reads in a row, each within READ_GAP of the one before
-        self._garbage = False  # a line was dropped as garbage since the last read...
-        self._parsed = False  # ...and one parsed as JSON (garbage alone slows the reads: _read)
+        self._dropped_bytes = 0  # of lines dropped since the last read (they slow the next: _read)
 
     # ---- to the agent ----------------------------------------------------------------------
 
@@ -247,14 +245,12 @@ class AgentTransport:
                 message = orjson.loads(line)  # surrounding whitespace is JSON's too
             except (ValueError, RecursionError):
                 if line.strip():
-                    self._garbage = True
-                    self._drop("garbage lines", "a line that is not JSON-RPC", line)
-                    if self._on_garbage is not None:
-                        self._on_garbage(len(line))
-                continue  # (an empty line is skipped)
-            self._parsed = True
+                    self._drop("garbage lines", "a line that is not JSON-RPC", line, len(line) + 1)
+                else:  # an empty line is skipped, not logged; a flood of them costs as garbage does
+                    self._charge(len(line) + 1)
+                continue
             if type(message) is dict and message.get("method") == "session/update" and "id" not in message:
-                self._update(message.get("params"))
+                self._update(message.get("params"), len(line) + 1)
                 continue
             try:
                 if self._sorted_out(message):
@@ -305,7 +301,7 @@ class AgentTransport:
             " unanswered or unread"
         )
 
-    def _update(self, params: Any) -> None:
+    def _update(self, params: Any, size: int) -> None:
         """One `session/update`, parsed and handed on now: in order, and within the slice."""
         item: Any = text_chunk(params) if type(params) is dict else None
         if item is not None:  # the bulk of a turn: no model, nothing else to check
@@ -321,7 +317,7 @@ class AgentTransport:
             try:
                 notification = schema.SessionNotification.model_validate(params)
             except (ValidationError, RecursionError) as exc:
-                self._drop("invalid updates", "a session/update that does not fit the ACP schema", exc)
+                self._drop("invalid updates", "a session/update that does not fit the ACP schema", exc, size)
                 return
             session_id, item = notification.session_id, notification.update
         self._route(session_id, item)
@@ -362,15 +358,14 @@ class AgentTransport:
         """What the pipe has (up to READ_BUFFER). While the agent writes without a pause (STREAK
         small reads in a row each found data within READ_GAP), the next read waits until READ_GAP
         after the last: a flood is then read a gap's worth at a time, not a write at a time, and
-        a line after a pause is read at once. After a read whose lines were all garbage, the
-        next waits as long as that read takes at GARBAGE_RATE: an agent writing garbage as fast
-        as it can is read at that rate (and blocks on its full pipe), so dropping its lines
+        a line after a pause is read at once. Lines dropped since the last read (garbage, blank,
+        invalid updates, an overlong line's bytes past LINE_LIMIT) delay the next read as long
+        as they take at GARBAGE_RATE: an agent writing them as fast as it can is read at that
+        rate (and blocks on its full pipe), whatever valid lines it mixes in, so dropping them
         costs a bounded part of the loop, not a buffer's parsing every loop pass."""
         loop = asyncio.get_running_loop()
-        gap = READ_GAP if self._streak >= STREAK else 0.0
-        if self._garbage and not self._parsed:
-            gap = max(gap, self._read_size / GARBAGE_RATE)
-        self._garbage = self._parsed = False
+        gap = max(READ_GAP if self._streak >= STREAK else 0.0, self._dropped_bytes / GARBAGE_RATE)
+        self._dropped_bytes = 0
         if gap and (wait := self._read_at + gap - loop.time()) > 0:
             # Unpolled meanwhile, or each of the agent's writes would wake the loop to read it.
             # (One the reader paused itself, its buffer full, is the reader's to resume.)
@@ -387,7 +382,7 @@ class AgentTransport:
         now = loop.time()
         streaming = now - asked < READ_GAP and len(data) < READ_BUFFER // 2  # the agent kept writing
         self._streak = self._streak + 1 if streaming else 0
-        self._read_at, self._read_size = now, len(data)
+        self._read_at = now
         return data
 
     def _gather(self, piece: bytes) -> None:
@@ -395,8 +390,9 @@ class AgentTransport:
         self._partial_size += len(piece)
         if self._partial_size <= LINE_LIMIT:
             self._partial.append(piece)
-        else:
-            self._partial.clear()  # overlong: what was kept goes, the rest is only counted
+        else:  # overlong: what was kept goes, the rest is only counted, and paced as dropped
+            self._partial.clear()
+            self._charge(min(len(piece), self._partial_size - LINE_LIMIT))
 
     def _finish_line(self, last: bytes) -> bytes:
         """The gathered line, with its `last` piece; b"" (and a drop) when it was overlong."""
@@ -406,13 +402,19 @@ class AgentTransport:
         if size > LINE_LIMIT:
             overlong = f"<a line of {size} bytes, over {LINE_LIMIT}>"
             self._drop("garbage lines", "a line that is not JSON-RPC", overlong)
-            if self._on_garbage is not None:
-                self._on_garbage(size)
             return b""
         return b"".join(parts)
 
-    def _drop(self, kind: str, what: str, detail: object) -> None:
-        """Count something the agent wrote that was dropped; log the first few and a summary now and then."""
+    def _charge(self, size: int) -> None:
+        """`size` bytes the agent wrote were dropped: they pace the reads, and count as its output."""
+        self._dropped_bytes += size
+        if self._on_dropped is not None:
+            self._on_dropped(size)
+
+    def _drop(self, kind: str, what: str, detail: object, size: int = 0) -> None:
+        """Count something the agent wrote that was dropped (`size` bytes of it not charged yet);
+        log the first few and a summary now and then."""
+        self._charge(size)
         count = self.dropped[kind] = self.dropped.get(kind, 0) + 1
         if count <= DROPS_LOGGED:
             if isinstance(detail, bytes):

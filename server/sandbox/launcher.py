@@ -54,6 +54,7 @@ from pathlib import Path
 
 from sessiongate.server import logs
 from sessiongate.server.errors import AgentUnavailable
+from sessiongate.server.sandbox.idle_cgroup import IdleCgroup
 from sessiongate.server.sandbox.network_proxy import NetworkProxy, SandboxNetwork
 from sessiongate.server.sandbox.workdir import WorkDir
 from sessiongate.server.settings import AgentConfig
@@ -165,20 +166,26 @@ class Launcher:
         homes: Path | None = None,
         principal: str = "",
         network: NetworkProxy | None = None,
+        idle: IdleCgroup | None = None,
     ) -> None:
         self.bwrap = bwrap  # the bwrap executable, or None where it is not installed
         self._hidden = tuple(Path(p) for p in hidden)  # the server's secrets, kept from agents
         self._homes = homes  # where agents without `home` or `user` get one of their own
         self.principal = principal  # whose agents these are ("": no one's, no authentication)
         self.network = network  # network = "proxy" goes through it; None: no network
+        self.idle = idle  # where agents that flood run (idle_cgroup.py); None: nice alone
 
     def for_principal(self, principal: str) -> Launcher:
         """This launcher for the agents (and their terminals) of `principal`'s sessions."""
-        return Launcher(self.bwrap, self._hidden, self._homes, principal, self.network)
+        return Launcher(self.bwrap, self._hidden, self._homes, principal, self.network, self.idle)
 
     def with_network(self, network: NetworkProxy) -> Launcher:
         """This launcher with the gateway's proxy for agents whose network is "proxy"."""
-        return Launcher(self.bwrap, self._hidden, self._homes, self.principal, network)
+        return Launcher(self.bwrap, self._hidden, self._homes, self.principal, network, self.idle)
+
+    def with_idle(self, idle: IdleCgroup | None) -> Launcher:
+        """This launcher with its server's idle cgroup for agents that flood."""
+        return Launcher(self.bwrap, self._hidden, self._homes, self.principal, self.network, idle)
 
     @property
     def hidden(self) -> tuple[Path, ...]:

@@ -23,14 +23,10 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from sessiongate.server.sandbox.idle_cgroup import IdleCgroup
 from sessiongate.server.settings import MAX_NICE
 
 AUTOGROUP_RETRY = 0.11  # seconds: the kernel's rate for unprivileged autogroup changes is 1/0.1 s
 AUTOGROUP_TRIES = 100  # ...so even many agents started together each get theirs within seconds
-
-# The serving process's idle cgroup for flooding agents (idle_cgroup.py), set by the server's start.
-idle_cgroup: IdleCgroup | None = None
 
 
 def lower(pgid: int, nice: int, alive: Callable[[], bool]) -> None:
@@ -41,13 +37,6 @@ def lower(pgid: int, nice: int, alive: Callable[[], bool]) -> None:
     with contextlib.suppress(OSError):  # gone meanwhile
         os.setpriority(os.PRIO_PGRP, pgid, min(os.getpriority(os.PRIO_PROCESS, 0) + nice, MAX_NICE))
     _lower_autogroup(pgid, nice, alive, AUTOGROUP_TRIES)
-
-
-def lower_flooding(pgid: int, alive: Callable[[], bool]) -> None:
-    """An agent that floods: the lowest priority, and into the idle cgroup where there is one."""
-    lower(pgid, MAX_NICE, alive)
-    if idle_cgroup is not None:
-        idle_cgroup.adopt(pgid, alive)
 
 
 def _lower_autogroup(pid: int, nice: int, alive: Callable[[], bool], tries: int) -> None:
