@@ -27,7 +27,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sessiongate.server.app import RunningServer, start_server
-from sessiongate.server.sandbox.idle_cgroup import open_idle_cgroup
+from sessiongate.server.sandbox.idle_cgroup import clear_stale, open_idle_cgroup
 from sessiongate.server.settings import AgentConfig, ServerLimits, Settings, validate
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
@@ -123,6 +123,15 @@ def idle_cgroup_parent() -> Path | None:
         return None
     idle.remove()
     return idle.path.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_idle_cgroups_left() -> Iterator[None]:
+    """A server a test SIGKILLs leaves its idle cgroup (the next start clears it): cleared here."""
+    yield
+    parent = idle_cgroup_parent()
+    if parent is not None:
+        clear_stale(parent)
 
 
 def alive(pid: int) -> bool:

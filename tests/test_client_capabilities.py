@@ -495,7 +495,7 @@ async def test_an_agent_that_floods_drops_to_the_lowest_cpu_priority(
     gateway's own priority and cgroup)."""
     caplog.set_level(logging.INFO, logger="sessiongate")
     agents = {name: capable(tmp_path / name, name) for name in ("quiet", "loud")}
-    gate = await make_gate(agents=agents)
+    gate = await make_gate(agents=agents, cancel_grace=10.0)  # the flood answers it at nice 19
     idle = gate.running.idle
     if idle_cgroup_parent() is not None:  # "auto" can make one here
         assert idle is not None and (idle.path / "cpu.idle").read_text().strip() == "1"

@@ -314,3 +314,22 @@ async def test_an_agent_writing_junk_is_read_at_the_garbage_rate_and_its_valid_l
     # two read before the pacing began.
     assert 0 < read <= took * rate + 2 * READ_BUFFER, f"{read} bytes of junk read in {took:.1f}s"
     assert "valid" in received
+
+
+async def test_one_long_dropped_line_holds_back_the_next_ones_for_a_read_at_most() -> None:
+    """A 4 MiB line that is not JSON is paid for a buffer's worth per read (about 60 ms at
+    GARBAGE_RATE), not all at once before the next read (4 s): the line after it comes soon."""
+    loop = asyncio.get_running_loop()
+    async with agent_pipe() as (agent, _pipe, received):
+        os.set_blocking(agent, False)
+        pending = b"x" * (4 * 1024 * 1024) + b"\n"
+        while pending:
+            try:
+                pending = pending[os.write(agent, pending) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.3)  # read and dropped by now: its cost is due
+        written = loop.time()
+        os.write(agent, update_line("after"))
+        await eventually(lambda: "after" in received, timeout=10, what="the line after the long one")
+        assert loop.time() - written < 2, "the long dropped line held back the next read for seconds"

@@ -76,7 +76,11 @@ async def test_auto_makes_an_idle_cgroup_per_server_and_removes_it_at_the_end(ma
     assert parent is not None
     stale = parent / f"{PREFIX}{2**22 + 1}-1"  # above any pid_max: a server gone without its end
     stale.mkdir(exist_ok=True)
-    first, second = await make_gate(), await make_gate()
+    try:
+        first, second = await make_gate(), await make_gate()
+    finally:
+        with contextlib.suppress(OSError):
+            stale.rmdir()
     assert first.running.idle is not None and second.running.idle is not None
     paths = (first.running.idle.path, second.running.idle.path)
     assert paths[0] != paths[1] and all(p.parent == parent for p in paths)
@@ -117,15 +121,18 @@ async def test_a_named_cgroup_is_made_idle_used_and_left_in_place(make_gate: Gat
             named.rmdir()
 
 
-@pytest.mark.parametrize("where", ["/proc/nope", "plain"])
+@pytest.mark.parametrize("where", ["/proc/nope", "new", "existing"])
 async def test_a_named_directory_that_is_no_cpu_cgroup_refuses_to_start(
     make_gate: GateFactory, tmp_path: Path, where: str
 ) -> None:
-    """Nothing is made where it is not a cgroup: no cpu.idle file in a plain directory."""
-    path = tmp_path / "plain" if where == "plain" else Path(where)
+    """Nothing is made where it is not a cgroup: a directory made for it goes again, and an
+    existing plain one is left empty (no cpu.idle file)."""
+    path = Path(where) if where.startswith("/") else tmp_path / where
+    if where == "existing":
+        path.mkdir()
     with pytest.raises(ConfigError, match="cannot be made idle"):
         await make_gate(settings={"idle_cgroup": str(path)})
-    assert not path.exists()
+    assert (list(path.iterdir()) == []) if where == "existing" else not path.exists()
 
 
 @pytest.mark.parametrize("value", ["relative/dir", "", "AUTO"])

@@ -64,7 +64,7 @@ class FloodWatch:
             self._lowered = True
             priority.lower(pid, MAX_NICE, self._alive)
             log.info("agent=%s pid=%s floods its output: lowest CPU priority now", self._name, pid)
-        if self._idle is not None:
+        if self._idle is not None and self._idle.home is not None:  # (one it could not leave: nice alone)
             self._move(self._idle.adopt, pid)
             self._checked = 0
             asyncio.get_running_loop().call_later(FLOOD_WINDOW, self._check)

@@ -172,7 +172,7 @@ class AgentTransport:
         self._at_eof = False
         self._read_at = 0.0  # loop time of the last read
         self._streak = 0  # small reads in a row, each within READ_GAP of the one before
-        self._dropped_bytes = 0  # of lines dropped since the last read (they slow the next: _read)
+        self._dropped_bytes = 0  # of lines dropped, not yet paid for by a read's wait (_read)
 
     # ---- to the agent ----------------------------------------------------------------------
 
@@ -358,14 +358,17 @@ class AgentTransport:
         """What the pipe has (up to READ_BUFFER). While the agent writes without a pause (STREAK
         small reads in a row each found data within READ_GAP), the next read waits until READ_GAP
         after the last: a flood is then read a gap's worth at a time, not a write at a time, and
-        a line after a pause is read at once. Lines dropped since the last read (garbage, blank,
-        invalid updates, an overlong line's bytes past LINE_LIMIT) delay the next read as long
-        as they take at GARBAGE_RATE: an agent writing them as fast as it can is read at that
-        rate (and blocks on its full pipe), whatever valid lines it mixes in, so dropping them
-        costs a bounded part of the loop, not a buffer's parsing every loop pass."""
+        a line after a pause is read at once. Lines dropped (garbage, blank, invalid updates, an
+        overlong line's bytes past LINE_LIMIT) delay the reads after them as long as they take
+        at GARBAGE_RATE, a buffer's worth per read: an agent writing them as fast as it can is
+        read at that rate (and blocks on its full pipe), whatever valid lines it mixes in, so
+        dropping them costs a bounded part of the loop, not a buffer's parsing every pass."""
         loop = asyncio.get_running_loop()
-        gap = max(READ_GAP if self._streak >= STREAK else 0.0, self._dropped_bytes / GARBAGE_RATE)
-        self._dropped_bytes = 0
+        # A read pays for at most a buffer's worth (one long dropped line must not hold back the
+        # lines after it for seconds); what is left is paid by the next reads, a second's at most.
+        paid = min(self._dropped_bytes, READ_BUFFER)
+        self._dropped_bytes = min(self._dropped_bytes - paid, GARBAGE_RATE)
+        gap = max(READ_GAP if self._streak >= STREAK else 0.0, paid / GARBAGE_RATE)
         if gap and (wait := self._read_at + gap - loop.time()) > 0:
             # Unpolled meanwhile, or each of the agent's writes would wake the loop to read it.
             # (One the reader paused itself, its buffer full, is the reader's to resume.)
@@ -402,6 +405,8 @@ class AgentTransport:
         if size > LINE_LIMIT:
             overlong = f"<a line of {size} bytes, over {LINE_LIMIT}>"
             self._drop("garbage lines", "a line that is not JSON-RPC", overlong)
+            if self._on_dropped is not None:  # the flood measure: what _gather did not charge
+                self._on_dropped(LINE_LIMIT)
             return b""
         return b"".join(parts)
 

@@ -59,17 +59,22 @@ class IdleCgroup:
 
     def _move(self, pgid: int, alive: Callable[[], bool], cgroup: Path) -> int:
         moved = 0
-        for pid in group_members(pgid) if alive() else ():
+        try:
+            members = group_members(pgid) if alive() else []
+        except OSError:  # no /proc to read
+            return 0
+        for pid in members:
             try:
                 write_control(cgroup / "cgroup.procs", str(pid))
                 moved += 1
             except ProcessLookupError:  # gone meanwhile
                 continue
-            except OSError as exc:  # the cgroup went, or we may not move into it
+            except OSError as exc:  # the cgroup went, or we may not move this one (another user's)
                 if not self._failed:
                     self._failed = True
                     log.warning("cannot move flooding agents into %s: %s", cgroup, exc.strerror or exc)
-                break
+                if exc.errno in (errno.ENOENT, errno.ENODEV):
+                    break
         return moved
 
     def remove(self) -> None:
@@ -108,10 +113,11 @@ def _unescape(field: str) -> str:
     return _ESCAPED.sub(lambda octal: chr(int(octal.group(1), 8)), field)
 
 
-def own_cpu_cgroup(proc: Path = Path("/proc/self")) -> Path | None:
+def own_cpu_cgroup(proc: Path = Path("/proc/self"), *, with_cpu: bool = True) -> Path | None:
     """The directory of our own cgroup of the CPU controller: cgroup v1's `cpu` hierarchy when
-    there is one, else cgroup v2's where it has the cpu controller; None if neither (or our
-    cgroup is outside the mount's view, as in a cgroup namespace's parent)."""
+    there is one, else cgroup v2's where it has the cpu controller (or without it: `with_cpu`
+    False, where agents go back to from a named idle cgroup); None if neither (or our cgroup
+    is outside the mount's view, as in a cgroup namespace's parent)."""
     mounts: dict[str, tuple[str, str]] = {}  # "v1" / "v2" -> (mount point, root within)
     for line in (proc / "mountinfo").read_text().splitlines():
         before, _, after = line.partition(" - ")
@@ -136,7 +142,7 @@ def own_cpu_cgroup(proc: Path = Path("/proc/self")) -> Path | None:
         if ".." in Path(path).parts:
             return None
         where = Path(point) / path.lstrip("/")
-        if version == "v1":
+        if version == "v1" or not with_cpu:
             return where
         try:
             return where if "cpu" in (where / "cgroup.controllers").read_text().split() else None
@@ -145,7 +151,7 @@ def own_cpu_cgroup(proc: Path = Path("/proc/self")) -> Path | None:
     return None
 
 
-def _clear_stale(parent: Path) -> None:
+def clear_stale(parent: Path) -> None:
     """Remove empty idle cgroups that servers now gone left behind (a crash, a SIGKILL)."""
     for child in parent.glob(PREFIX + "*"):
         pid = child.name[len(PREFIX) :].split("-")[0]
@@ -168,7 +174,9 @@ def _make_idle(path: Path) -> None:
             with contextlib.suppress(OSError):
                 path.rmdir()
         if exc.errno == errno.ENOENT:
-            raise OSError(errno.ENOTDIR, "not a cgroup of the CPU controller (no cpu.idle)") from None
+            raise OSError(
+                errno.ENOTDIR, "not a cgroup of the CPU controller (no cpu.idle: Linux 5.15 or later)"
+            ) from None
         raise
 
 
@@ -188,7 +196,7 @@ def open_idle_cgroup(setting: str) -> IdleCgroup | None:
         controls = parent / "cgroup.subtree_control"  # v2: the children need cpu enabled...
         if controls.exists() and "cpu" not in controls.read_text().split():  # ...not by us: host-wide
             raise OSError(errno.EPERM, f"the cpu controller is not enabled below {parent}")
-        _clear_stale(parent)
+        clear_stale(parent)
         path = parent / f"{PREFIX}{os.getpid()}-{next(_serial)}"
         _make_idle(path)
     except (OSError, ValueError) as exc:
@@ -199,7 +207,12 @@ def open_idle_cgroup(setting: str) -> IdleCgroup | None:
 
 
 def _own_or_none() -> Path | None:
+    """Where agents go back to from a named idle cgroup: the server's own cgroup; None (a
+    warning: none is moved into it then, as it could not leave) where it cannot be found."""
     try:
-        return own_cpu_cgroup()
+        home = own_cpu_cgroup(with_cpu=False)
     except (OSError, ValueError):
-        return None
+        home = None
+    if home is None:
+        log.warning("the server's own cgroup was not found: flooding agents stay out of idle_cgroup")
+    return home
