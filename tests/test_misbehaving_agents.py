@@ -212,7 +212,7 @@ async def test_an_endless_garbage_writer_is_read_through_a_bounded_buffer_and_it
     make_gate: GateFactory, pid_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The gateway reads an agent through a small buffer (its pipe fills, not our memory), at
-    GARBAGE_RATE once its reads hold only garbage (dropping lines costs a bounded part of the
+    GARBAGE_RATE while what it reads is dropped (dropping lines costs a bounded part of the
     loop), lowers it as a flood (nice 19), and the agent's answer to a cancel, written after the
     garbage, arrives within the cancel grace: the agent is not ended as one that ignores cancels."""
     monkeypatch.setattr(transport, "GARBAGE_RATE", 256 * 1024)  # well below an unbounded read's

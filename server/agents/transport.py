@@ -52,7 +52,7 @@ DROPS_LOGGED = 5  # dropped lines (or updates) logged per agent and kind, clippe
 DROP_SUMMARY_EVERY = 100_000  # ...every this many more
 READ_GAP = 0.001  # seconds: a flood's reads are at least this far apart (see _read)
 STREAK = 3  # ...once this many reads in a row came within the gap
-GARBAGE_RATE = 1024 * 1024  # bytes a second: reads that hold only garbage are spaced to this rate
+GARBAGE_RATE = 1024 * 1024  # bytes a second: dropped lines pace the reads after them to this rate
 LOGGED_BYTES = 200  # of one dropped line
 # The agent's requests to us: their count is what its own tool calls run in parallel (reads wait
 # for their lane, permissions for the client, terminal waits for a command), the bytes are the
