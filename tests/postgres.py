@@ -22,7 +22,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -78,31 +77,37 @@ def postgres_server() -> Iterator[PostgresServer]:
     bin_dir = binaries()
     root = Path(tempfile.mkdtemp(prefix="sessiongate-pg-"))
     data = root / "data"
-    as_user: dict[str, Any] = {}
-    if os.geteuid() == 0:  # PostgreSQL will not run as root
+    # PostgreSQL will not run as root: there it runs as nobody, through setpriv. Not Popen's
+    # user=, which makes Python fork() with grpc loaded: grpc's fork handlers then run in the
+    # child, and once a child died there before its exec ("epoll_wait error: Bad file descriptor").
+    as_user: list[str] = []
+    owner: tuple[int, int] | None = None
+    if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
-        os.chown(root, nobody.pw_uid, nobody.pw_gid)
-        as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        owner = (nobody.pw_uid, nobody.pw_gid)
+        os.chown(root, *owner)
+        as_user = ["setpriv", f"--reuid={owner[0]}", f"--regid={owner[1]}", "--clear-groups", "--"]
     process: subprocess.Popen[bytes] | None = None
     password = secrets.token_urlsafe(16)
     password_file = root / "password"
     password_file.write_text(password + "\n")
-    if as_user:
-        os.chown(password_file, as_user["user"], as_user["group"])
+    if owner is not None:
+        os.chown(password_file, *owner)
     try:
         subprocess.run(
             [
+                *as_user,
                 *(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=scram-sha-256"),
                 *("--pwfile", password_file, "-E", "UTF8", "--no-sync"),
             ],
             check=True,
             capture_output=True,
             timeout=120,
-            **as_user,
         )
         port = free_port()
         process = subprocess.Popen(
             [
+                *as_user,
                 *(bin_dir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port)),
                 *("-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "max_connections=200"),
                 *("-c", "logging_collector=off", "-c", "log_min_messages=warning"),
@@ -110,7 +115,6 @@ def postgres_server() -> Iterator[PostgresServer]:
             stdout=subprocess.DEVNULL,
             stderr=open(root / "server.log", "wb"),  # noqa: SIM115 (the child holds it)
             start_new_session=True,
-            **as_user,
         )
         server = PostgresServer(process, port, root, password)
         _wait_ready(server)
