@@ -110,7 +110,9 @@ def _shared_options() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     shared.add_argument("--target", help=f"server address (env SESSIONGATE_TARGET, default {DEFAULT_TARGET})")
     shared.add_argument(
-        "--token", help="bearer token for a server with authentication (env SESSIONGATE_TOKEN)"
+        "--token",
+        help="bearer token for a server with authentication (env SESSIONGATE_TOKEN); as --token=T, "
+        "a token that starts with '-' is not read as an option",
     )
     shared.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (TLS)")
     shared.add_argument("--tls-cert", help="PEM client certificate (mTLS), with --tls-key")

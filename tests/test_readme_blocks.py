@@ -297,3 +297,14 @@ def test_a_shown_message_chunks_words_count_whatever_the_chunking() -> None:
     shown += '{ "seq": "6", "message_chunk": { "content": { "text": { "text": " from" } } } }\n'
     shown += '{ "seq": "7", "result": { "stop_reason": "STOP_REASON_END_TURN" } }'
     assert salient(shown) == ["hello", "from", "seq", "result", "stop_reason", "STOP_REASON_END_TURN"]
+
+
+def test_shown_commands_give_a_token_in_one_word() -> None:
+    """A random token (secrets.token_urlsafe) starts with "-" one time in 64, and `--token
+    "$TOKEN"` then reads it as an option (exit 2: "expected one argument"); `--token="$TOKEN"`
+    takes any token. Once, a run of running-for-others.md drew such a token."""
+    split = re.compile(r"--token\s+[\"'$]")
+    shown = [block for path in FILES for block in parse(path)]  # every code block, not the prose
+    assert len(shown) > 10  # the parse found the files' blocks
+    found = [f"{block.where}: {match.group(0)}" for block in shown for match in split.finditer(block.text)]
+    assert not found, found
