@@ -169,10 +169,12 @@ async def test_pending_creates_are_answered_shutting_down_when_the_pool_shuts_do
 async def test_cancel_prompt_frees_a_session_whose_client_stopped_reading(gate: Gate) -> None:
     session = await gate.create()
     call = gate.stub.Prompt(
-        pb.PromptRequest(session_id=session.session_id, text="/flood 100000000 64"), timeout=60
+        pb.PromptRequest(session_id=session.session_id, text="/flood 100000 4096"), timeout=60
     )
     await asyncio.wait_for(call.read(), 10)  # then never read again: flow control stops the handler
-    # gRPC's flow-control windows take a few MB of 64-byte events first: slow on a loaded machine.
+    # gRPC's flow-control windows take a few MB first: in 4 KiB events, hundreds of them, not the
+    # tens of thousands of 64-byte ones that a flooding agent, idle beside a busy machine's other
+    # work, once did not write within the 30 s.
     await eventually(
         lambda: stuck_on_its_client(gate, session.session_id), 30, "a handler stuck on its client"
     )
