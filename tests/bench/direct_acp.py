@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import acp
 from acp import schema
 from sessiongate.server.agents.transport import LINE_LIMIT
+
+
+def agent_env(workdir: Path) -> dict[str, str]:
+    """An echo agent's environment outside the gateway: its state under `workdir`."""
+    env = {k: os.environ[k] for k in ("HOME", "PATH", "USER", "LANG") if k in os.environ}
+    env["ECHO_AGENT_STATE_DIR"] = str(workdir / "direct-agent-state")
+    return env
 
 
 class _Counter:

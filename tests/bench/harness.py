@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import signal
 import statistics
@@ -31,7 +32,7 @@ from sessiongate.echo.agent import flood_chunk
 from sessiongate.v1 import session_service_pb2 as pb
 from sessiongate.v1 import session_service_pb2_grpc as pb_grpc
 
-from tests.bench.direct_acp import DirectAgent
+from tests.bench.direct_acp import DirectAgent, agent_env
 from tests.postgres import PostgresServer, free_port, postgres_server
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the misbehaving agent's code
@@ -280,6 +281,35 @@ async def bare_server() -> AsyncIterator[BareServer]:
         await asyncio.wait_for(process.wait(), 10)
 
 
+@contextlib.asynccontextmanager
+async def relay_server(scratch: Path) -> AsyncIterator[BareServer]:
+    """A running tests/bench/relay_server.py, on its own echo agent."""
+    workdir = Path(tempfile.mkdtemp(dir=scratch))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.bench.relay_server",
+        str(workdir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout and process.stdin
+    try:
+        port = int((await asyncio.wait_for(process.stdout.readline(), 60)).decode())
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield BareServer(pb_grpc.SessionServiceStub(channel), process.pid)
+        finally:
+            await channel.close()
+        process.stdin.close()
+        await asyncio.wait_for(process.wait(), 10)
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -346,12 +376,6 @@ def expect(count: int, wanted: int, what: str) -> None:
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-def agent_env(workdir: Path) -> dict[str, str]:
-    env = {k: os.environ[k] for k in ("HOME", "PATH", "USER", "LANG") if k in os.environ}
-    env["ECHO_AGENT_STATE_DIR"] = str(workdir / "direct-agent-state")
-    return env
 
 
 async def sessions(gate: Gateway, count: int, agent: str = "echo") -> list[str]:
@@ -615,33 +639,37 @@ async def settled() -> float:
 
 
 async def time_to_first_event(scale: Scale, scratch: Path) -> list[Row]:
-    """Short turns ("hi"), three series interleaved turn by turn so that drift on the machine hits
-    all: a direct ACP client on its own echo agent, the gateway, and a bare grpc.aio stream of one
-    chunk (one gRPC hop with nothing behind it). The bare channel connects in an unmeasured warm-up."""
+    """Short turns ("hi"), four series interleaved turn by turn in a shuffled order, so that drift
+    on the machine hits all: a direct ACP client on its own echo agent, the gateway, a bare
+    grpc.aio stream of one chunk (one gRPC hop with nothing behind it), and a minimal relay (that
+    hop and a pipe to an echo agent, nothing else: the floor of any gateway like ours). Channels
+    connect in an unmeasured warm-up."""
     direct_agent = DirectAgent(agent_env(scratch))
     await direct_agent.start(str(scratch))
-    direct: list[float] = []
-    ours: list[float] = []
-    grpc_floor: list[float] = []
+    series: dict[str, list[float]] = {"direct": [], "ours": [], "bare": [], "relay": []}
     try:
-        async with bare_server() as bare, gateway(scratch) as gate:
+        async with bare_server() as bare, relay_server(scratch) as relay, gateway(scratch) as gate:
             (sid,) = await sessions(gate, 1)
             expect((await stream(bare.stub, pb.PromptRequest(text="1 64")))[0], 1, "bare warm-up")
+            await stream(relay.stub, pb.PromptRequest(text="hi"), chunk_size=1)
+            turns: dict[str, Callable[[], Awaitable[float]]] = {
+                "direct": lambda: _first(direct_agent.turn("hi")),
+                "ours": lambda: _first(stream(gate.stub, pb.PromptRequest(session_id=sid, text="hi"), 1)),
+                "bare": lambda: _first(stream(bare.stub, pb.PromptRequest(text="1 64"))),
+                "relay": lambda: _first(stream(relay.stub, pb.PromptRequest(text="hi"), 1)),
+            }
             await settled()
+            order, shuffled = list(turns), random.Random(0)
             for _ in range(scale.ttfe_turns):
-                _, first, _ = await direct_agent.turn("hi")
-                direct.append(first * 1000)
-                _, first, _ = await stream(
-                    gate.stub, pb.PromptRequest(session_id=sid, text="hi"), chunk_size=1
-                )
-                ours.append(first * 1000)
-                _, first, _ = await stream(bare.stub, pb.PromptRequest(text="1 64"))
-                grpc_floor.append(first * 1000)
+                shuffled.shuffle(order)  # the one after the gateway gets its turn's tail: by turns
+                for name in order:
+                    series[name].append(await turns[name]() * 1000)
     finally:
         await direct_agent.stop()
     rows = []
     for p, budget in ((50, 1.0), (99, 3.0)):
-        base, mine, floor = percentile(direct, p), percentile(ours, p), percentile(grpc_floor, p)
+        base, mine = percentile(series["direct"], p), percentile(series["ours"], p)
+        floor, relay_p = percentile(series["bare"], p), percentile(series["relay"], p)
         rows.append(
             Row(
                 f"time to first event, p{p} (added by the gateway)",
@@ -651,10 +679,12 @@ async def time_to_first_event(scale: Scale, scratch: Path) -> list[Row]:
                 f"<= +{budget:g} ms",
                 mine - base <= budget,
                 f"p{p} added {mine - base:+.2f} ms; a bare grpc.aio stream alone takes {floor:.2f} ms "
-                "to its first event",
+                f"to its first event; a minimal relay (that hop and a pipe to the agent, nothing else) adds "
+                f"{relay_p - base:+.2f} ms",
             )
         )
-    base, mine, floor = percentile(direct, 50), percentile(ours, 50), percentile(grpc_floor, 50)
+    base, mine = percentile(series["direct"], 50), percentile(series["ours"], 50)
+    floor, relay_p = percentile(series["bare"], 50), percentile(series["relay"], 50)
     share = mine - (base + floor)
     rows.append(
         Row(
@@ -666,10 +696,16 @@ async def time_to_first_event(scale: Scale, scratch: Path) -> list[Row]:
             share <= 0.3,
             f"p50 of {scale.ttfe_turns} turns each, interleaved: direct ACP client {base:.2f} ms, bare "
             f"grpc.aio hop {floor:.2f} ms, gateway {mine:.2f} ms; baseline = direct + bare hop "
-            f"{base + floor:.2f} ms; the gateway's own share {share:+.2f} ms",
+            f"{base + floor:.2f} ms; the gateway's own share {share:+.2f} ms; a minimal relay's "
+            f"{relay_p - (base + floor):+.2f} ms ({relay_p:.2f} ms)",
         )
     )
     return rows
+
+
+async def _first(turn: Awaitable[tuple[Any, ...]]) -> float:
+    """Seconds to the first event of a turn measured by `stream` or `DirectAgent.turn`."""
+    return float((await turn)[1])
 
 
 async def busy_rejection(scale: Scale, scratch: Path) -> Row:
