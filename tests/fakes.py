@@ -59,6 +59,7 @@ class FakeAgent:
         self.sessions: list[str] = []
         self.closed_sessions: list[str] = []  # session/close calls
         self.prompts: list[str] = []  # each prompt's text, noted in prompt()'s first step
+        self.prompt_cancelled = False  # a "wait" prompt's coroutine was cancelled where it waited
         self._on_exit: Callable[[Any], None] | None = None
         self._cancelled = asyncio.Event()
         self._finish = asyncio.Event()
@@ -135,6 +136,9 @@ class FakeAgent:
             cancel = asyncio.ensure_future(self._cancelled.wait())
             try:
                 await asyncio.wait({finish, cancel}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                self.prompt_cancelled = True
+                raise
             finally:
                 finish.cancel()
                 cancel.cancel()

@@ -11,7 +11,7 @@ SERVER = Path(__file__).resolve().parent.parent / "server"
 PREFIX = "sessiongate.server"
 # Bottom to top: a module may import its own layer's and the ones below, never one above.
 LAYERS = [
-    {"errors", "ids", "settings", "logs", "supervisor", "loop_share"},
+    {"errors", "ids", "settings", "logs", "supervisor", "loop_share", "eager"},
     {"sandbox"},
     {"security"},
     {"state"},

@@ -259,6 +259,30 @@ async def test_a_turn_is_underway_once_its_prompt_is_with_the_agent_or_its_agent
     assert (await drain(resumed))[-1].stop_reason == "end_turn"
 
 
+async def test_a_running_agent_has_the_prompt_when_the_turn_is_begun(pools: PoolFactory) -> None:
+    """The prompt leaves in the caller's own step (eager.py), before any task switch: the agent
+    works on it while the caller sends its headers. A turn that ends before its task ran
+    cancels the prompt it sent, and the session is free again."""
+    agents = FakeAgents()
+    pool = await pools(agents)
+    session = await new_session(pool)
+    turn = await session.begin_turn(text("wait"), 5, 0)
+    assert agents.last.prompts == ["wait"]  # nothing awaited since begin_turn returned
+    agents.last.finish_turn()
+    assert (await drain(turn))[-1].stop_reason == "end_turn"
+    await eventually(lambda: session.state is State.IDLE, what="the first turn to end")
+
+    cut = await session.begin_turn(text("wait"), 5, 0)
+    runner = session.runner
+    assert runner is not None and runner.task is not None
+    runner.task.cancel()  # before its first step: run() never starts
+    with pytest.raises(ShuttingDown):
+        await drain(cut)
+    await eventually(lambda: session.state is State.IDLE, what="the session to be free again")
+    assert agents.last.prompts == ["wait", "wait"]
+    assert agents.last.cancels == [] and agents.last.prompt_cancelled  # cancelled here, in-process
+
+
 # ---- 5. single-flight creates run in their own task ------------------------------------------
 
 

@@ -49,6 +49,7 @@ MAX_CWD = 4096  # characters (PATH_MAX)
 MAX_FILTER_NAME = 1024  # characters of ListSessions' agent and owner filters
 MAX_TURN_ID = 64  # characters (ids are 16)
 MAX_PAGE_TOKEN = 512  # characters of a ListTurns page token
+ON_DISCONNECT_VALUES = frozenset(pb.OnDisconnect.values())  # once: values() makes a list per call
 MAX_ANSWER_ID = 1024  # characters of a request id or option id in an answer (questions.MAX_OPTION_ID)
 MAX_ELICITATION_CONTENT = 64 * 1024  # bytes of an elicitation answer's content
 MAX_TOOL_DESCRIPTION = 4096  # characters of a client tool's description
@@ -322,7 +323,7 @@ def prompt(request: pb.PromptRequest, limits: ServerLimits) -> PromptOptions:
     stall = _clamped(request, "stall_timeout", limits.max_stall_timeout, violations)
     wait = _clamped(request, "wait_timeout", limits.max_wait_timeout, violations, allow_zero=True)
     permission_timeout = _clamped(request, "permission_timeout", limits.max_permission_timeout, violations)
-    if request.on_disconnect not in pb.OnDisconnect.values():
+    if request.on_disconnect not in ON_DISCONNECT_VALUES:
         violations.append(
             FieldViolation("on_disconnect", "must be ON_DISCONNECT_CANCEL or ON_DISCONNECT_CONTINUE")
         )

@@ -355,11 +355,16 @@ class Session:
         Raises SessionBusy (not free within `wait_timeout`), SessionNotFound or ShuttingDown
         (closed meanwhile). Everything after that reaches the caller through the Turn.
         """
+        await self._take_for_turn(wait_timeout)
+        return self._run_turn(blocks, stall_timeout, permission_policy, permission_timeout)
+
+    async def _take_for_turn(self, wait_timeout: float) -> None:
+        """The lock, for a turn (begin_turn's errors). The caller starts its runner (_run_turn)
+        without an await between: the runner's task then holds the lock."""
         logs.bind(session=self.session_id, agent=self.config.name)
         self._check_open()
         if not await self.lock.take("turn", wait_timeout):
             raise self._busy()
-        # The lock is ours: no await until the runner's task holds it.
         if self.closed or self.ending or self.draining:
             self._cancel_pending = False
             self.lock.release()
@@ -367,6 +372,16 @@ class Session:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         self.turns += 1
         logs.bind(turn=self.turns)
+
+    def _run_turn(
+        self,
+        blocks: list[dict[str, Any]],
+        stall_timeout: float,
+        permission_policy: str,
+        permission_timeout: float | None,
+    ) -> Turn:
+        """The turn and its runner, on the lock _take_for_turn took; its prompt is on its way
+        to the agent when this returns, if the agent runs."""
         turn = Turn(
             stall_timeout=stall_timeout,
             max_duration=self.limits.max_turn_duration,
@@ -375,10 +390,11 @@ class Session:
             permission_timeout=permission_timeout or self.limits.permission_timeout,
         )
         runner = self.runner = TurnRunner(self, turn, blocks)
-        runner.start(self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}"))
         if self._cancel_pending:  # cancelled while it was handed to us: it ends at once, CANCELLED
             self._cancel_pending = False
             runner.request_cancel()
+        runner.start_prompt_now()
+        runner.start(self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}"))
         self.last_active_time = time.time()
         self._changed()
         return turn
@@ -397,12 +413,18 @@ class Session:
         """A turn whose events go to a turn log (the Prompt RPC): its client, watchers and the
         transcript read them from there, by seq. Raises what `begin_turn` raises."""
         assert self.transcripts is not None, "the pool gives every session its transcripts"
-        turn = await self.begin_turn(
-            blocks, stall_timeout, wait_timeout, permission_policy, permission_timeout
-        )
-        # No await from here on: the log is the session's before anybody can ask for it.
-        log = self.turn_log = self.transcripts.start(self.session_id, prompt, on_disconnect)
+        await self._take_for_turn(wait_timeout)
+        # No await from here on: the log is the session's before anybody can ask for it. Its
+        # record goes to the store's queue before the prompt goes to the agent (_run_turn): the
+        # store's thread then works while the agent does, not when the agent's first answer
+        # comes back (queued after the prompt, it cost the first event 0.1-0.2 ms here).
+        try:
+            log = self.turn_log = self.transcripts.start(self.session_id, prompt, on_disconnect)
+        except BaseException:
+            self.lock.release()  # no runner holds it yet
+            raise
         self.live_logs[log.turn_id] = log
+        turn = self._run_turn(blocks, stall_timeout, permission_policy, permission_timeout)
         pumping = self._supervisor.spawn(self._pump_turn(turn, log), name=f"pump-{self.session_id}")
         self._pumps.add(pumping)
         pumping.add_done_callback(self._pumps.discard)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from sessiongate.server.agents.holder import AgentHolder
 from sessiongate.server.agents.protocol import AgentProcess
+from sessiongate.server.eager import start_eagerly
 from sessiongate.server.errors import AgentExited, SessionGateError, StreamStalled, TurnTimeout
 from sessiongate.server.settings import ServerLimits
 from sessiongate.server.turns.questions import Questions
@@ -82,8 +83,9 @@ class TurnRunner:
             self._settle()
 
     def _settle(self) -> None:
-        """End the turn and free the session without the task (it never ran, or is gone). Nothing
-        was started by a run that never began; a stop is its canceller's (close, kill, fence)."""
+        """End the turn and free the session without the task (it never ran, or is gone). A run
+        that never began started nothing but, at most, its prompt (start_prompt_now), cancelled
+        here; stopping the agent is its canceller's (a shutdown's close or kill, the reaper)."""
         self._over = True
         self.turn.end(self._forced or self.host.gone_error())
         self._stop_prompt()
@@ -133,18 +135,33 @@ class TurnRunner:
         await asyncio.wait({self.task}, timeout=timeout)
         return self.task.done()
 
+    def start_prompt_now(self) -> bool:
+        """Send the prompt now, in the caller's step, when the session's agent runs (the usual
+        turn): the prompt then leaves before the caller's other work and before any task
+        switch, and the agent's work on it overlaps ours. Before `start()`. False when the
+        task has to start or resume the agent first (it sends the prompt then)."""
+        agent = self.host.holder.agent
+        if agent is None or not self.host.holder.alive or self._cancel_requested or self.host.ending:
+            return False
+        notice = self.host.take_notice()
+        if notice is not None:
+            self.turn.notice(notice)
+        self._send_prompt(agent)
+        return True
+
     # ---- the task ---------------------------------------------------------------------
 
     async def run(self) -> None:
         turn = self.turn
         try:
             try:
-                if not self.host.holder.alive:
-                    turn.underway()  # an agent to start first: its client gets the headers meanwhile
-                await self.host.prepare_agent()
-                notice = self.host.take_notice()
-                if notice is not None:
-                    turn.notice(notice)
+                if self._prompt is None:  # not sent at once: an agent to start or resume first
+                    if not self.host.holder.alive:
+                        turn.underway()  # its client gets the headers meanwhile
+                    await self.host.prepare_agent()
+                    notice = self.host.take_notice()
+                    if notice is not None:
+                        turn.notice(notice)
                 turn.end(await self._prompt_turn())
             except SessionGateError as exc:
                 turn.end(exc)
@@ -171,12 +188,9 @@ class TurnRunner:
                 self._over = True
                 self.host.turn_over(self)
 
-    async def _prompt_turn(self) -> TurnEnd:
-        """Send the prompt and watch it: the agent's answer, a cancel, a stall or the deadline."""
-        if self._cancel_requested or self.host.ending:
-            return TurnEnd("cancelled")
-        agent = self.host.holder.agent
-        assert agent is not None, "prepare_agent leaves a running agent"
+    def _send_prompt(self, agent: AgentProcess) -> None:
+        """The prompt to `agent`: written before this returns, unless the agent's input is
+        busy or full (then its task writes it as soon as it can)."""
         turn, acp_session_id = self.turn, self.host.agent_session_id
         turn.agent = agent
         self._phase = "prompting"
@@ -184,12 +198,25 @@ class TurnRunner:
         turn.last_event_at = self._now()  # the stall clock starts with the prompt
         agent.subscribe(acp_session_id, turn.push)
         agent.ask_with(acp_session_id, self.host.questions.asker(turn))
-        self._prompt = asyncio.get_running_loop().create_task(agent.prompt(acp_session_id, self.blocks))
+        # The prompt's first step (the write) needs no task of its own (eager.py).
+        self._prompt = start_eagerly(agent.prompt(acp_session_id, self.blocks))
         self._prompt.add_done_callback(self._prompt_done)
-        turn.underway()  # the prompt task writes before whoever waits on this runs again
+        turn.underway()
+
+    async def _prompt_turn(self) -> TurnEnd:
+        """Send the prompt (if not sent yet) and watch it: the agent's answer, a cancel, a
+        stall or the deadline."""
+        if self._prompt is None:
+            if self._cancel_requested or self.host.ending:
+                return TurnEnd("cancelled")
+            agent = self.host.holder.agent
+            assert agent is not None, "prepare_agent leaves a running agent"
+            self._send_prompt(agent)
+        prompt, agent, turn = self._prompt, self.turn.agent, self.turn
+        assert prompt is not None and agent is not None
         while True:
-            if self._prompt.done():
-                return self._answer(self._prompt)
+            if prompt.done():
+                return self._answer(prompt)
             now = self._now()
             if self._cancel_requested and self._cancel_deadline is None:
                 self._cancel_deadline = now + self.limits.cancel_grace

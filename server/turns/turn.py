@@ -143,9 +143,10 @@ class Turn:
     # ---- the runner side -------------------------------------------------------------
 
     def underway(self) -> None:
-        """The prompt is on its way to the agent (its write goes before the waiting handler
-        runs again: asyncio runs callbacks in the order they were scheduled), or the turn has
-        to start its agent first, or it ended: its client's response headers need not wait."""
+        """The prompt is on its way to the agent (written, or its task writes it before the
+        waiting handler runs again: asyncio runs callbacks in the order they were scheduled),
+        or the turn has to start its agent first, or it ended: its client's response headers
+        need not wait."""
         self._underway.set()
 
     async def wait_underway(self, timeout: float) -> None:
