@@ -74,6 +74,11 @@ class _Continued(Coroutine[Any, Any, T]):
     def close(self) -> None:
         self._work.close()
 
+    def __getattr__(self, name: str) -> Any:
+        """The work's own attributes (`cr_frame`, `__qualname__`...): a task's repr and
+        `get_stack()` show the work, not this wrapper."""
+        return getattr(self._work, name)
+
     def __await__(self) -> Generator[Any, Any, T]:
         value: Any = None
         error: BaseException | None = None

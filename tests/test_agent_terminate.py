@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from sessiongate.server.agents.connection import AgentConnection
+from sessiongate.server.eager import start_eagerly
+from sessiongate.server.errors import AgentExited
 
 from tests.conftest import alive, echo_agent, kill_leftovers, wait_gone
 
@@ -65,5 +67,30 @@ async def test_a_caller_cancelled_while_waiting_on_terminate_does_not_cut_the_st
         assert agent.group._terminating is not None and not agent.group._terminating.cancelled()
         await asyncio.wait_for(agent.terminate(), 10)  # the same stop, not a CancelledError
         assert not await asyncio.to_thread(wait_gone, {pid}, 5)
+    finally:
+        kill_leftovers({pid})
+
+
+async def test_a_prompt_on_a_broken_connection_waits_for_the_exit_in_its_own_task(tmp_path: Path) -> None:
+    """A turn's prompt starts in its caller's step (eager.py). When the agent's input is already
+    gone, the prompt's error path waits up to the kill grace for the agent to exit, bounded by
+    `asyncio.timeout`: that bound belongs to the prompt's own task. Were it the caller's, the
+    caller (a Prompt handler) would be cancelled when the grace ran out."""
+    agent = AgentConnection(
+        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=1
+    )
+    await agent.start(15)
+    pid = agent.pid
+    assert pid is not None
+    try:
+        session_id = (await agent.new_session(str(tmp_path), 5)).session_id
+        transport = agent._transport
+        assert transport is not None
+        transport._writer.close()  # its input is gone; the process runs on
+        prompt = start_eagerly(agent.prompt(session_id, [{"type": "text", "text": "hi"}]))
+        await asyncio.sleep(2.5)  # well past the 1 s grace: not cancelled by it
+        with pytest.raises(AgentExited, match="exited during the turn"):
+            await asyncio.wait_for(prompt, 10)
+        await asyncio.wait_for(agent.terminate(force=True), 10)
     finally:
         kill_leftovers({pid})

@@ -25,6 +25,7 @@ async def test_the_first_step_runs_before_it_returns_and_the_rest_in_its_task() 
     task = start_eagerly(work(), name="eager-test")
     assert steps == ["first"]  # nothing awaited yet
     assert task.get_name() == "eager-test" and not task.done()
+    assert "work" in repr(task) and task.get_stack()  # the work's own name and frame, not a wrapper's
     go_on.set_result(1)
     assert await asyncio.wait_for(task, 5) == "done 1"
     assert steps == ["first", "rest"]

@@ -36,6 +36,7 @@ from sessiongate.server.agents.protocol import (
 from sessiongate.server.agents.requests import AgentRequests
 from sessiongate.server.agents.state import STATE_UPDATES, TurnUsage
 from sessiongate.server.agents.transport import AgentTransport, TextRun
+from sessiongate.server.eager import start_eagerly
 from sessiongate.server.errors import (
     AgentAuthRequired,
     AgentError,
@@ -515,11 +516,16 @@ class AgentConnection:
         JSON-RPC: the id, the answer or the error. It also skips the SDK's wait for its own
         session/update tasks, which never run: the transport hands every update on itself.
         `_conn` is the SDK's own attribute (its acp.connection.Connection), not its API: the SDK
-        is pinned below 0.13 in pyproject.toml, and every prompt in the tests goes this way."""
+        is pinned below 0.13 in pyproject.toml, and every prompt in the tests goes this way.
+
+        The request is written now, in the caller's step (eager.py), and answered in a task of
+        its own: `prompt()`'s first step (in which its runner sends it, eagerly too) always ends
+        waiting on that task, so its error handling, bounded by `asyncio.timeout`, runs in the
+        prompt's own task, never in its caller's."""
         connection = self._connection()._conn
-        return cast(
-            Awaitable[Any],
+        return start_eagerly(
             connection.send_request(PROMPT_METHOD, {"sessionId": session_id, "prompt": blocks}),
+            name=f"prompt-{session_id}",
         )
 
     async def cancel(self, session_id: str) -> None:

@@ -170,6 +170,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
     async def _prompt(self, request: pb.PromptRequest, context: Any) -> AsyncGenerator[pb.PromptEvent, None]:
         """Prompt served here: the turn's events, counted in the metrics once it ends."""
         started = time.monotonic()
+        first_event_at = 0.0
         agent, seq, outcome = "", 0, "client_gone"
         cut_off: ShuttingDown | None = None
         lease_mark = self._router.mark()
@@ -202,7 +203,7 @@ class SessionService(pb_grpc.SessionServiceServicer):
                     async for event in events:
                         self._router.check_lease(session.session_id)
                         if seq == 0:
-                            self._metrics.first_event.labels(agent).observe(time.monotonic() - started)
+                            first_event_at = time.monotonic()  # counted at the end: not on its way
                         if self._cut_off(session, event):
                             outcome = "cancelled"
                             cut_off = self._cut_off_error(session, turn_log.turn_id)
@@ -233,6 +234,8 @@ class SessionService(pb_grpc.SessionServiceServicer):
                 self._metrics.turns.labels(agent, outcome).inc()
                 self._metrics.events.labels(agent).inc(seq)  # once per turn: nothing per event
                 self._metrics.turn_duration.labels(agent).observe(took)
+                if first_event_at:
+                    self._metrics.first_event.labels(agent).observe(first_event_at - started)
                 log.info("turn ended outcome=%s events=%d seconds=%.3f", outcome, seq, took)
 
     async def WatchTurn(self, request: pb.WatchTurnRequest, context: Any) -> AsyncIterator[pb.PromptEvent]:

@@ -393,7 +393,10 @@ class Session:
         if self._cancel_pending:  # cancelled while it was handed to us: it ends at once, CANCELLED
             self._cancel_pending = False
             runner.request_cancel()
-        runner.start_prompt_now()
+        try:
+            runner.start_prompt_now()
+        except Exception:  # a bug: the runner's task (which frees the session) sends it instead
+            log.exception("sending the prompt at once failed session=%s", self.session_id)
         runner.start(self._supervisor.spawn(runner.run(), name=f"turn-{self.session_id}-{self.turns}"))
         self.last_active_time = time.time()
         self._changed()

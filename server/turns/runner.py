@@ -1,4 +1,5 @@
 """One turn, run in a task of its own: the prompt, its watchdog, and the recovery after it.
+(The prompt itself leaves at once, in the caller's step, when the session's agent runs.)
 
 The runner owns the session for the whole turn and is the only code that decides how a turn
 ends: the agent's answer, a stall (no update within the stall timeout), the turn deadline,
@@ -85,7 +86,8 @@ class TurnRunner:
     def _settle(self) -> None:
         """End the turn and free the session without the task (it never ran, or is gone). A run
         that never began started nothing but, at most, its prompt (start_prompt_now), cancelled
-        here; stopping the agent is its canceller's (a shutdown's close or kill, the reaper)."""
+        here; stopping the agent is its canceller's: a kill or fence (abort) and a shutdown
+        stop it themselves."""
         self._over = True
         self.turn.end(self._forced or self.host.gone_error())
         self._stop_prompt()
@@ -199,7 +201,9 @@ class TurnRunner:
         agent.subscribe(acp_session_id, turn.push)
         agent.ask_with(acp_session_id, self.host.questions.asker(turn))
         # The prompt's first step (the write) needs no task of its own (eager.py).
-        self._prompt = start_eagerly(agent.prompt(acp_session_id, self.blocks))
+        self._prompt = start_eagerly(
+            agent.prompt(acp_session_id, self.blocks), name=f"turn-prompt-{self.host.session_id}"
+        )
         self._prompt.add_done_callback(self._prompt_done)
         turn.underway()
 
