@@ -17,12 +17,18 @@ from tests.conftest import alive, echo_agent, kill_leftovers, wait_gone
 STUBBORN = ("--ignore-sigterm", "--ignore-stdin-eof")  # only SIGKILL ends it
 
 
-@pytest.fixture
-async def stubborn(tmp_path: Path) -> AsyncIterator[AgentConnection]:
+async def started_stubborn(tmp_path: Path, kill_grace: float) -> AgentConnection:
     agent = AgentConnection(
-        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=30
+        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=kill_grace
     )
     await agent.start(15)
+    assert agent.pid is not None
+    return agent
+
+
+@pytest.fixture
+async def stubborn(tmp_path: Path) -> AsyncIterator[AgentConnection]:
+    agent = await started_stubborn(tmp_path, kill_grace=30)
     assert agent.pid is not None
     yield agent
     kill_leftovers({agent.pid})
@@ -52,10 +58,7 @@ async def test_a_caller_cancelled_while_waiting_on_terminate_does_not_cut_the_st
 ) -> None:
     """A caller that goes away (a close whose client left) must not cancel the shared stop:
     a later caller still waits for the same stop, which ends the group after its grace."""
-    agent = AgentConnection(
-        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=1
-    )
-    await agent.start(15)
+    agent = await started_stubborn(tmp_path, kill_grace=1)
     pid = agent.pid
     assert pid is not None
     try:
@@ -76,10 +79,7 @@ async def test_a_prompt_on_a_broken_connection_waits_for_the_exit_in_its_own_tas
     gone, the prompt's error path waits up to the kill grace for the agent to exit, bounded by
     `asyncio.timeout`: that bound belongs to the prompt's own task. Were it the caller's, the
     caller (a Prompt handler) would be cancelled when the grace ran out."""
-    agent = AgentConnection(
-        echo_agent("stubborn", tmp_path / "state", *STUBBORN), request_timeout=5, kill_grace=1
-    )
-    await agent.start(15)
+    agent = await started_stubborn(tmp_path, kill_grace=1)
     pid = agent.pid
     assert pid is not None
     try:

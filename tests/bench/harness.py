@@ -265,31 +265,25 @@ class BareServer:
     pid: int
 
 
-@contextlib.asynccontextmanager
-async def bare_server() -> AsyncIterator[BareServer]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.bench.bare_server", stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert process.stdout and process.stdin
-    port = int((await process.stdout.readline()).decode())
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield BareServer(pb_grpc.SessionServiceStub(channel), process.pid)
-    finally:
-        await channel.close()
-        process.stdin.close()
-        await asyncio.wait_for(process.wait(), 10)
+def bare_server() -> contextlib.AbstractAsyncContextManager[BareServer]:
+    """A running tests/bench/bare_server.py."""
+    return served("tests.bench.bare_server")
 
 
-@contextlib.asynccontextmanager
-async def relay_server(scratch: Path) -> AsyncIterator[BareServer]:
+def relay_server(scratch: Path) -> contextlib.AbstractAsyncContextManager[BareServer]:
     """A running tests/bench/relay_server.py, on its own echo agent."""
-    workdir = Path(tempfile.mkdtemp(dir=scratch))
+    return served("tests.bench.relay_server", tempfile.mkdtemp(dir=scratch))
+
+
+@contextlib.asynccontextmanager
+async def served(module: str, *args: str) -> AsyncIterator[BareServer]:
+    """`python -m module args` (a server that prints its port, and ends when its stdin closes),
+    in a process group of its own that is killed if it does not end by itself."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.bench.relay_server",
-        str(workdir),
+        module,
+        *args,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         start_new_session=True,
