@@ -137,19 +137,18 @@ class TurnRunner:
         await asyncio.wait({self.task}, timeout=timeout)
         return self.task.done()
 
-    def start_prompt_now(self) -> bool:
+    def start_prompt_now(self) -> None:
         """Send the prompt now, in the caller's step, when the session's agent runs (the usual
         turn): the prompt then leaves before the caller's other work and before any task
-        switch, and the agent's work on it overlaps ours. Before `start()`. False when the
+        switch, and the agent's work on it overlaps ours. Before `start()`. Nothing when the
         task has to start or resume the agent first (it sends the prompt then)."""
         agent = self.host.holder.agent
         if agent is None or not self.host.holder.alive or self._cancel_requested or self.host.ending:
-            return False
+            return
         notice = self.host.take_notice()
         if notice is not None:
             self.turn.notice(notice)
         self._send_prompt(agent)
-        return True
 
     # ---- the task ---------------------------------------------------------------------
 

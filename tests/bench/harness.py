@@ -259,7 +259,8 @@ async def gateway(scratch: Path, **options: Any) -> AsyncIterator[Gateway]:
 
 @dataclass(frozen=True)
 class BareServer:
-    """A running tests/bench/bare_server.py: its stub, and its pid (for its CPU time)."""
+    """A running server of `served()` (the bare server, the relay): its stub, and its pid (for
+    its CPU time)."""
 
     stub: pb_grpc.SessionServiceStub
     pid: int
